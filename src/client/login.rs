@@ -1,0 +1,246 @@
+//! A client's way in: the startup packet (with SSLRequest/GSSENCRequest declined and
+//! CancelRequest forwarded), authentication, the database and pool it gets, and the welcome
+//! (ParameterStatus values of a real server, pgmux's own BackendKeyData).
+
+use crate::app::App;
+use crate::auth::{self, password::Secret, AuthError};
+use crate::cancel::{self, CancelHandle};
+use crate::params::{self, Params};
+use crate::pool::{Pool, PoolError};
+use crate::protocol::messages;
+use crate::protocol::startup::{self, Initial, StartupError, StartupPacket};
+use crate::protocol::PgError;
+use crate::server::ServerError;
+use bytes::BytesMut;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+pub struct LoggedIn {
+    pub user: String,
+    pub db: String,
+    pub pool: Arc<Pool>,
+    /// Settings the client expects on every server it is lent.
+    pub wants: Params,
+    pub cancel: Arc<CancelHandle>,
+}
+
+/// Why a login ended without a session; `error` (if any) goes to the client.
+#[derive(Debug)]
+pub struct Refusal {
+    pub error: Option<PgError>,
+    pub log: String,
+}
+
+impl Refusal {
+    fn silent(log: impl Into<String>) -> Refusal {
+        Refusal {
+            error: None,
+            log: log.into(),
+        }
+    }
+
+    fn with(error: PgError) -> Refusal {
+        Refusal {
+            log: error.to_string(),
+            error: Some(error),
+        }
+    }
+}
+
+/// Reads the startup packet, authenticates and welcomes the client.
+pub async fn login<S>(app: &App, stream: &mut S, over_limit: bool) -> Result<LoggedIn, Refusal>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let packet = read_startup(app, stream).await?;
+    if packet.minor > 0 || !packet.protocol_options.is_empty() {
+        let mut out = BytesMut::new();
+        messages::negotiate_protocol_version(&mut out, 0, &packet.protocol_options);
+        write(stream, &out).await?;
+    }
+    if over_limit {
+        return Err(Refusal::with(PgError::fatal(
+            "53300",
+            "sorry, too many clients already",
+        )));
+    }
+    let user = packet
+        .get("user")
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| {
+            Refusal::with(PgError::fatal(
+                "28000",
+                "no PostgreSQL user name specified in startup packet",
+            ))
+        })?
+        .to_string();
+    let db = packet
+        .get("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or(&user)
+        .to_string();
+    let settings = startup_settings(app, &packet)?;
+
+    let known = app.config.user(&user);
+    let secret = known.and_then(|u| u.password.as_deref()).map(Secret::parse);
+    let method = app.config.pgmux.auth_type;
+    match auth::authenticate(
+        stream,
+        method,
+        &user,
+        known.is_some(),
+        secret.as_ref(),
+        &app.verifiers,
+    )
+    .await
+    {
+        Ok(()) => {}
+        Err(AuthError::Failed) => {
+            return Err(Refusal::with(PgError::fatal(
+                "28P01",
+                format!("password authentication failed for user \"{user}\""),
+            )))
+        }
+        Err(AuthError::Protocol(m)) => return Err(Refusal::with(PgError::fatal("08P01", m))),
+        Err(e) => return Err(Refusal::silent(e.to_string())),
+    }
+    let mut out = BytesMut::new();
+    messages::auth_ok(&mut out);
+
+    let Some(database) = app.config.database(&db) else {
+        write(stream, &out).await?;
+        return Err(Refusal::with(PgError::fatal(
+            "3D000",
+            format!("database \"{db}\" does not exist"),
+        )));
+    };
+    let pool = app.pool(database, &user);
+    let baseline = match baseline(&pool).await {
+        Ok(b) => b,
+        Err(e) => {
+            write(stream, &out).await?;
+            return Err(Refusal::with(e));
+        }
+    };
+    let wants = params::client_wants(&baseline, &settings);
+    let cancel = app.cancels.register();
+    welcome(&mut out, &baseline, &wants, &cancel);
+    if let Err(r) = write(stream, &out).await {
+        app.cancels.unregister(cancel.pid);
+        return Err(r);
+    }
+    Ok(LoggedIn {
+        user,
+        db,
+        pool,
+        wants,
+        cancel,
+    })
+}
+
+async fn write<S: AsyncWrite + Unpin>(stream: &mut S, b: &[u8]) -> Result<(), Refusal> {
+    stream
+        .write_all(b)
+        .await
+        .map_err(|e| Refusal::silent(format!("client write failed: {e}")))
+}
+
+/// The StartupMessage, after declining encryption requests; a CancelRequest is served here.
+async fn read_startup<S>(app: &App, stream: &mut S) -> Result<StartupPacket, Refusal>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    // one SSLRequest and one GSSENCRequest at most, as libpq may send both
+    for _ in 0..3 {
+        match startup::read_initial(stream).await {
+            Ok(Initial::SslRequest) | Ok(Initial::GssEncRequest) => write(stream, b"N").await?,
+            Ok(Initial::Cancel { pid, secret }) => {
+                if let Some(t) = app.cancels.lookup(pid, secret) {
+                    if let Err(e) = cancel::send_cancel(t).await {
+                        tracing::warn!("sending cancel to {} failed: {e}", t.addr);
+                    }
+                }
+                return Err(Refusal::silent("cancel request served"));
+            }
+            Ok(Initial::Startup(p)) => return Ok(p),
+            Err(StartupError::Closed) => return Err(Refusal::silent("closed before startup")),
+            Err(StartupError::Io(e)) => {
+                return Err(Refusal::silent(format!("startup read failed: {e}")))
+            }
+            Err(e) => return Err(Refusal::with(PgError::fatal("08P01", e.to_string()))),
+        }
+    }
+    Err(Refusal::with(PgError::fatal(
+        "08P01",
+        "too many encryption requests",
+    )))
+}
+
+/// The settings a client asked for at startup, `options` unpacked.
+fn startup_settings(app: &App, p: &StartupPacket) -> Result<Vec<(String, String)>, Refusal> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for (k, v) in &p.params {
+        match k.as_str() {
+            "user" | "database" | "fallback_application_name" => {}
+            "replication" => {
+                return Err(Refusal::with(PgError::fatal(
+                    "0A000",
+                    "replication connections are not supported by pgmux",
+                )))
+            }
+            "options" => {
+                let opts = startup::parse_options(v)
+                    .map_err(|m| Refusal::with(PgError::fatal("08P01", m)))?;
+                out.extend(opts);
+            }
+            _ => out.push((k.clone(), v.clone())),
+        }
+    }
+    if !out.iter().any(|(k, _)| k == "application_name") {
+        if let Some(v) = p.get("fallback_application_name") {
+            out.push(("application_name".into(), v.into()));
+        }
+    }
+    if out.len() > app.config.pgmux.max_startup_parameters as usize {
+        return Err(Refusal::with(PgError::fatal(
+            "08P01",
+            "too many startup parameters",
+        )));
+    }
+    Ok(out)
+}
+
+/// The parameters of a real server of this pool, connecting once if none has yet.
+async fn baseline(pool: &Arc<Pool>) -> Result<Arc<Params>, PgError> {
+    if let Some(b) = pool.baseline() {
+        return Ok(b);
+    }
+    let conn = pool.checkout().await.map_err(server_unavailable)?;
+    conn.release();
+    pool.baseline()
+        .ok_or_else(|| PgError::fatal("08006", "server parameters unavailable"))
+}
+
+/// The error a client sees when its pool cannot give it a server.
+pub fn server_unavailable(e: PoolError) -> PgError {
+    match e {
+        PoolError::Server(ServerError::Refused(f)) => PgError {
+            severity: "FATAL",
+            code: f.code,
+            message: f.message,
+        },
+        PoolError::WaitTimeout => PgError::fatal("08P01", "query_wait_timeout"),
+        PoolError::Closed => PgError::fatal("57P01", "pool is closed"),
+        PoolError::Server(e) => {
+            PgError::fatal("08006", format!("pgmux could not connect to server: {e}"))
+        }
+    }
+}
+
+fn welcome(out: &mut BytesMut, baseline: &Params, wants: &Params, cancel: &CancelHandle) {
+    for (k, v) in baseline.iter() {
+        messages::parameter_status(out, k.as_bytes(), wants.get(k).unwrap_or(v).as_bytes());
+    }
+    messages::backend_key_data(out, cancel.pid, cancel.secret);
+    messages::ready_for_query(out, b'I');
+}

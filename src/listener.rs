@@ -1,0 +1,64 @@
+//! Accepting clients: the listening socket, the max_client_conn count, and the stop of
+//! accepting at shutdown.
+
+use crate::app::App;
+use crate::client;
+use socket2::{Domain, Protocol, Socket, Type};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tracing::warn;
+
+/// Binds the listening socket; `reuse_port` lets a new process share the port while an old
+/// one drains.
+pub fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Counts a client from accept to the end of its task.
+struct ClientSlot(Arc<App>);
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        if self.0.clients.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.no_clients.notify_waiters();
+        }
+    }
+}
+
+/// Accepts until shutdown begins.
+pub async fn run(app: Arc<App>, listener: TcpListener) {
+    let mut shutdown = app.shutdown_signal();
+    let max = app.config.pgmux.max_client_conn as usize;
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    let n = app.clients.fetch_add(1, Ordering::AcqRel) + 1;
+                    let slot = ClientSlot(app.clone());
+                    let app = app.clone();
+                    tokio::spawn(async move {
+                        let _slot = slot;
+                        client::serve(app, stream, peer, n > max).await;
+                    });
+                }
+                Err(e) => {
+                    // out of file descriptors and the like: back off instead of spinning
+                    warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! Session parameters (GUCs) as pgmux tracks them: what a server reported or was told, and
+//! what a client expects, so a server lent to a client is first brought to the client's
+//! values with one round trip.
+
+/// Reported parameters a client may change and pgmux keeps in step between servers.
+/// Read-only ones (server_version, is_superuser, ...) are excluded: they cannot be SET.
+pub const TRACKED: &[&str] = &[
+    "client_encoding",
+    "DateStyle",
+    "TimeZone",
+    "IntervalStyle",
+    "standard_conforming_strings",
+    "application_name",
+];
+
+/// Startup parameters that are not settings.
+pub const NOT_SETTINGS: &[&str] = &["user", "database", "options", "replication"];
+
+pub fn is_tracked(name: &str) -> bool {
+    TRACKED.iter().any(|t| t.eq_ignore_ascii_case(name))
+}
+
+/// Name/value pairs, names compared without regard to case as PostgreSQL does.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Params(Vec<(String, String)>);
+
+impl Params {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn set(&mut self, name: &str, value: &str) {
+        match self
+            .0
+            .iter_mut()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        {
+            Some((_, v)) if v == value => {}
+            Some((_, v)) => *v = value.to_string(),
+            None => self.0.push((name.to_string(), value.to_string())),
+        }
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        self.0.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The settings a client expects on any server it is lent: the tracked values of the pool's
+/// baseline, overridden by what the client sent at startup or changed since.
+pub fn client_wants(baseline: &Params, startup: &[(String, String)]) -> Params {
+    let mut wants = Params::default();
+    for name in TRACKED {
+        if let Some(v) = baseline.get(name) {
+            wants.set(name, v);
+        }
+    }
+    for (k, v) in startup {
+        wants.set(k, v);
+    }
+    wants
+}
+
+/// The statement that brings a server from `has` (plus the extra settings pgmux applied to
+/// it earlier, `extras`) to `wants`, or None when they already agree.
+pub fn sync_statement(wants: &Params, has: &Params, extras: &[String]) -> Option<String> {
+    let mut sql = String::new();
+    for (name, value) in wants.iter() {
+        if has.get(name) != Some(value) {
+            sql.push_str("SET ");
+            quote_ident(&mut sql, name);
+            sql.push_str(" TO ");
+            quote_literal(&mut sql, value);
+            sql.push(';');
+        }
+    }
+    for name in extras {
+        if wants.get(name).is_none() {
+            sql.push_str("RESET ");
+            quote_ident(&mut sql, name);
+            sql.push(';');
+        }
+    }
+    (!sql.is_empty()).then_some(sql)
+}
+
+pub fn quote_ident(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        if c == '"' {
+            out.push('"');
+        }
+        out.push(c);
+    }
+    out.push('"');
+}
+
+/// An E'' literal, whose meaning does not depend on standard_conforming_strings.
+pub fn quote_literal(out: &mut String, s: &str) {
+    out.push_str("E'");
+    for c in s.chars() {
+        if c == '\'' || c == '\\' {
+            out.push(c);
+        }
+        out.push(c);
+    }
+    out.push('\'');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(pairs: &[(&str, &str)]) -> Params {
+        let mut ps = Params::default();
+        for (k, v) in pairs {
+            ps.set(k, v);
+        }
+        ps
+    }
+
+    #[test]
+    fn wants_merge_baseline_and_startup() {
+        let base = p(&[
+            ("TimeZone", "UTC"),
+            ("server_version", "15"),
+            ("application_name", ""),
+        ]);
+        let w = client_wants(
+            &base,
+            &[
+                ("timezone".into(), "Europe/Paris".into()),
+                ("search_path".into(), "s".into()),
+            ],
+        );
+        assert_eq!(w.get("TimeZone"), Some("Europe/Paris"));
+        assert_eq!(w.get("server_version"), None);
+        assert_eq!(w.get("search_path"), Some("s"));
+        assert_eq!(w.get("application_name"), Some(""));
+    }
+
+    #[test]
+    fn sync_sets_what_differs_and_resets_stale_extras() {
+        let wants = p(&[("TimeZone", "UTC"), ("application_name", "it's\\x")]);
+        let has = p(&[("TimeZone", "UTC"), ("application_name", "")]);
+        let sql = sync_statement(&wants, &has, &["search_path".into()]).unwrap();
+        assert_eq!(
+            sql,
+            "SET \"application_name\" TO E'it''s\\\\x';RESET \"search_path\";"
+        );
+        assert_eq!(sync_statement(&has, &has, &[]), None);
+    }
+}

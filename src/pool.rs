@@ -1,0 +1,451 @@
+//! Bounded pools of server connections, one per (database, user): checkout with first-in
+//! first-out waiting, a reserve after reserve_pool_timeout, max_db_connections across a
+//! database's pools, and upkeep (min_pool_size, server_idle_timeout, server_lifetime).
+//! A checked-out connection is a guard: released explicitly when clean, closed on drop.
+
+use crate::config::PoolMode;
+use crate::params::Params;
+use crate::server::{ServerConn, ServerError, ServerTarget};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+use tokio::sync::{oneshot, Semaphore};
+use tokio::time::Instant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("query_wait_timeout")]
+    WaitTimeout,
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    #[error("pool is closed")]
+    Closed,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub mode: PoolMode,
+    pub size: u32,
+    pub min_size: u32,
+    pub reserve_size: u32,
+    pub reserve_timeout: Option<Duration>,
+    pub query_wait_timeout: Option<Duration>,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    pub lifetime: Option<Duration>,
+}
+
+enum Grant {
+    Conn(ServerConn),
+    /// Permission to open one connection, counted in `open` already.
+    Slot,
+}
+
+struct Waiter {
+    id: u64,
+    tx: oneshot::Sender<Grant>,
+}
+
+#[derive(Default)]
+struct State {
+    idle: Vec<ServerConn>,
+    /// Idle, lent and being opened.
+    open: u32,
+    connecting: u32,
+    waiters: VecDeque<Waiter>,
+    next_waiter: u64,
+    baseline: Option<Arc<Params>>,
+    closed: bool,
+}
+
+/// Counts as the admin console and metrics show them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolCounts {
+    pub idle: u32,
+    pub active: u32,
+    pub connecting: u32,
+    pub waiting: u32,
+}
+
+/// max_db_connections: a semaphore shared by the pools of one database.
+pub struct DbLimit {
+    sem: Arc<Semaphore>,
+    pools: Mutex<Vec<Weak<Pool>>>,
+}
+
+impl DbLimit {
+    pub fn new(max: u32) -> Arc<DbLimit> {
+        Arc::new(DbLimit {
+            sem: Arc::new(Semaphore::new(max as usize)),
+            pools: Mutex::new(Vec::new()),
+        })
+    }
+}
+
+pub struct Pool {
+    pub db: String,
+    pub user: String,
+    pub target: ServerTarget,
+    pub settings: PoolSettings,
+    state: Mutex<State>,
+    db_limit: Option<Arc<DbLimit>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Pool {
+    pub fn new(
+        db: String,
+        user: String,
+        target: ServerTarget,
+        settings: PoolSettings,
+        db_limit: Option<Arc<DbLimit>>,
+    ) -> Arc<Pool> {
+        let pool = Arc::new(Pool {
+            db,
+            user,
+            target,
+            settings,
+            state: Mutex::new(State::default()),
+            db_limit,
+        });
+        if let Some(l) = &pool.db_limit {
+            lock(&l.pools).push(Arc::downgrade(&pool));
+        }
+        pool
+    }
+
+    pub fn counts(&self) -> PoolCounts {
+        let s = lock(&self.state);
+        let idle = s.idle.len() as u32;
+        PoolCounts {
+            idle,
+            active: s.open - idle - s.connecting,
+            connecting: s.connecting,
+            waiting: s.waiters.len() as u32,
+        }
+    }
+
+    /// The parameters a fresh server connection reported, once one has logged in.
+    pub fn baseline(&self) -> Option<Arc<Params>> {
+        lock(&self.state).baseline.clone()
+    }
+
+    /// Lends a connection: an idle one, a new one while under size, else waits in line.
+    pub async fn checkout(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
+        let deadline = self.settings.query_wait_timeout.map(|d| Instant::now() + d);
+        loop {
+            let grant = match self.take()? {
+                Ok(g) => g,
+                Err((id, rx)) => self.wait(id, rx, deadline).await?,
+            };
+            match grant {
+                Grant::Conn(c) if c.is_broken() => self.discard(c),
+                Grant::Conn(c) => return Ok(self.guard(c)),
+                Grant::Slot => return self.open_slot(deadline).await,
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn take(&self) -> Result<Result<Grant, (u64, oneshot::Receiver<Grant>)>, PoolError> {
+        let mut expired = Vec::new();
+        let mut s = lock(&self.state);
+        if s.closed {
+            return Err(PoolError::Closed);
+        }
+        let now = Instant::now();
+        let mut found = None;
+        while let Some(c) = s.idle.pop() {
+            if self.too_old(&c, now) {
+                s.open -= 1;
+                expired.push(c);
+            } else {
+                found = Some(c);
+                break;
+            }
+        }
+        let r = if let Some(c) = found {
+            Ok(Grant::Conn(c))
+        } else if s.open < self.settings.size {
+            s.open += 1;
+            Ok(Grant::Slot)
+        } else {
+            let (tx, rx) = oneshot::channel();
+            s.next_waiter += 1;
+            let id = s.next_waiter;
+            s.waiters.push_back(Waiter { id, tx });
+            Err((id, rx))
+        };
+        drop(s);
+        expired.into_iter().for_each(ServerConn::close);
+        Ok(r)
+    }
+
+    fn too_old(&self, c: &ServerConn, now: Instant) -> bool {
+        self.settings
+            .lifetime
+            .is_some_and(|l| now.duration_since(c.created) >= l)
+    }
+
+    async fn wait(
+        &self,
+        id: u64,
+        mut rx: oneshot::Receiver<Grant>,
+        deadline: Option<Instant>,
+    ) -> Result<Grant, PoolError> {
+        let mut reserve_at = match (self.settings.reserve_size, self.settings.reserve_timeout) {
+            (0, _) => None,
+            (_, t) => Some(Instant::now() + t.unwrap_or_default()),
+        };
+        loop {
+            let wake = match (deadline, reserve_at) {
+                (Some(d), Some(r)) => Some(d.min(r)),
+                (d, r) => d.or(r),
+            };
+            let got = match wake {
+                Some(w) => tokio::time::timeout_at(w, &mut rx).await.ok(),
+                None => Some((&mut rx).await),
+            };
+            match got {
+                Some(Ok(g)) => return Ok(g),
+                Some(Err(_)) => return Err(PoolError::Closed),
+                None => {}
+            }
+            let now = Instant::now();
+            let mut s = lock(&self.state);
+            // grants are only sent under the lock: anything sent is in rx by now
+            if let Ok(g) = rx.try_recv() {
+                return Ok(g);
+            }
+            if reserve_at.is_some_and(|r| now >= r) {
+                reserve_at = None;
+                if s.open < self.settings.size + self.settings.reserve_size {
+                    s.waiters.retain(|w| w.id != id);
+                    s.open += 1;
+                    return Ok(Grant::Slot);
+                }
+            }
+            if deadline.is_some_and(|d| now >= d) {
+                s.waiters.retain(|w| w.id != id);
+                return Err(PoolError::WaitTimeout);
+            }
+        }
+    }
+
+    /// Opens a connection in a slot already counted in `open`.
+    async fn open_slot(
+        self: &Arc<Self>,
+        deadline: Option<Instant>,
+    ) -> Result<PooledConn, PoolError> {
+        lock(&self.state).connecting += 1;
+        let r = self.open_conn(deadline).await;
+        lock(&self.state).connecting -= 1;
+        match r {
+            Ok(c) => Ok(self.guard(c)),
+            Err(e) => {
+                self.slot_freed();
+                Err(e)
+            }
+        }
+    }
+
+    async fn open_conn(&self, deadline: Option<Instant>) -> Result<ServerConn, PoolError> {
+        let permit = match &self.db_limit {
+            Some(l) => Some(self.db_permit(l, deadline).await?),
+            None => None,
+        };
+        let mut c = ServerConn::connect(&self.target, self.settings.connect_timeout).await?;
+        c.db_permit = permit;
+        let mut s = lock(&self.state);
+        if s.baseline.is_none() {
+            s.baseline = Some(Arc::new(c.params.clone()));
+        }
+        Ok(c)
+    }
+
+    async fn db_permit(
+        &self,
+        l: &Arc<DbLimit>,
+        deadline: Option<Instant>,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, PoolError> {
+        if let Ok(p) = l.sem.clone().try_acquire_owned() {
+            return Ok(p);
+        }
+        // an idle connection of another pool of this database makes room
+        let siblings: Vec<_> = lock(&l.pools).iter().filter_map(Weak::upgrade).collect();
+        for p in siblings {
+            if let Some(c) = p.evict_idle() {
+                c.close();
+                if let Ok(p) = l.sem.clone().try_acquire_owned() {
+                    return Ok(p);
+                }
+            }
+        }
+        let acquire = l.sem.clone().acquire_owned();
+        let r = match deadline {
+            Some(d) => tokio::time::timeout_at(d, acquire)
+                .await
+                .map_err(|_| PoolError::WaitTimeout)?,
+            None => acquire.await,
+        };
+        r.map_err(|_| PoolError::Closed)
+    }
+
+    fn evict_idle(&self) -> Option<ServerConn> {
+        let mut s = lock(&self.state);
+        if s.idle.is_empty() {
+            return None;
+        }
+        s.open -= 1;
+        Some(s.idle.remove(0))
+    }
+
+    fn guard(self: &Arc<Self>, c: ServerConn) -> PooledConn {
+        PooledConn {
+            conn: Some(c),
+            pool: self.clone(),
+        }
+    }
+
+    /// Takes back a clean, idle connection.
+    fn put(&self, mut c: ServerConn) {
+        let now = Instant::now();
+        if self.too_old(&c, now) {
+            return self.discard(c);
+        }
+        c.last_used = now;
+        let mut s = lock(&self.state);
+        if s.closed {
+            drop(s);
+            return self.discard(c);
+        }
+        while let Some(w) = s.waiters.pop_front() {
+            match w.tx.send(Grant::Conn(c)) {
+                Ok(()) => return,
+                Err(Grant::Conn(back)) => c = back,
+                Err(Grant::Slot) => unreachable!("sent a connection"),
+            }
+        }
+        s.idle.push(c);
+    }
+
+    /// Closes a connection and hands its slot to the first waiter, if any.
+    fn discard(&self, c: ServerConn) {
+        c.close();
+        self.slot_freed();
+    }
+
+    fn slot_freed(&self) {
+        let mut s = lock(&self.state);
+        while let Some(w) = s.waiters.pop_front() {
+            if w.tx.send(Grant::Slot).is_ok() {
+                return;
+            }
+        }
+        s.open -= 1;
+    }
+
+    /// Periodic upkeep: close idle connections past server_idle_timeout (down to
+    /// min_pool_size) or server_lifetime, and open connections up to min_pool_size.
+    pub fn maintain(self: &Arc<Self>) {
+        let now = Instant::now();
+        let mut closing = Vec::new();
+        let need;
+        {
+            let mut s = lock(&self.state);
+            let mut i = 0;
+            while i < s.idle.len() {
+                let c = &s.idle[i];
+                let idle_for = now.duration_since(c.last_used);
+                let stale = self.settings.idle_timeout.is_some_and(|t| idle_for >= t)
+                    && s.open > self.settings.min_size;
+                if stale || self.too_old(c, now) {
+                    closing.push(s.idle.remove(i));
+                    s.open -= 1;
+                } else {
+                    i += 1;
+                }
+            }
+            need = if s.closed || !s.waiters.is_empty() {
+                0
+            } else {
+                self.settings
+                    .min_size
+                    .min(self.settings.size)
+                    .saturating_sub(s.open)
+            };
+            s.open += need;
+        }
+        closing.into_iter().for_each(ServerConn::close);
+        for _ in 0..need {
+            let pool = self.clone();
+            tokio::spawn(async move {
+                match pool.open_slot(None).await {
+                    Ok(c) => c.release(),
+                    Err(e) => {
+                        tracing::warn!(db = %pool.db, user = %pool.user, "min_pool_size connect failed: {e}")
+                    }
+                }
+            });
+        }
+    }
+
+    /// Closes idle connections and refuses new checkouts (shutdown, removed database).
+    pub fn close(&self) {
+        let idle = {
+            let mut s = lock(&self.state);
+            s.closed = true;
+            s.open -= s.idle.len() as u32;
+            s.waiters.clear();
+            std::mem::take(&mut s.idle)
+        };
+        idle.into_iter().for_each(ServerConn::close);
+    }
+}
+
+/// A lent connection. `release` returns it (it must be idle and clean); dropping it
+/// otherwise closes it, so a connection in an unknown state is never lent again.
+pub struct PooledConn {
+    conn: Option<ServerConn>,
+    pool: Arc<Pool>,
+}
+
+impl PooledConn {
+    pub fn release(mut self) {
+        if let Some(c) = self.conn.take() {
+            self.pool.put(c);
+        }
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+}
+
+impl std::ops::Deref for PooledConn {
+    type Target = ServerConn;
+    fn deref(&self) -> &ServerConn {
+        self.conn
+            .as_ref()
+            .expect("connection present until release")
+    }
+}
+
+impl std::ops::DerefMut for PooledConn {
+    fn deref_mut(&mut self) -> &mut ServerConn {
+        self.conn
+            .as_mut()
+            .expect("connection present until release")
+    }
+}
+
+impl Drop for PooledConn {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take() {
+            self.pool.discard(c);
+        }
+    }
+}

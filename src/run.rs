@@ -1,0 +1,94 @@
+//! The process's life: start listening, keep pools in shape, and on SIGINT/SIGTERM stop
+//! accepting, let clients finish within shutdown_timeout, then close.
+
+use crate::app::App;
+use crate::config::Config;
+use crate::listener;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{info, warn};
+
+/// How often pools are checked for min_pool_size, idle and lifetime limits.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("invalid listen_addr {0:?}")]
+    ListenAddr(String),
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error("cannot install signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+pub async fn run(config: Config) -> Result<(), RunError> {
+    let g = &config.pgmux;
+    let ip: IpAddr = g
+        .listen_addr
+        .parse()
+        .map_err(|_| RunError::ListenAddr(g.listen_addr.clone()))?;
+    let addr = SocketAddr::new(ip, g.listen_port);
+    let listener = listener::bind(addr, g.so_reuseport).map_err(|e| RunError::Bind(addr, e))?;
+    let app = App::new(config);
+    info!("pgmux {} listening on {addr}", env!("CARGO_PKG_VERSION"));
+
+    let mut term = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(RunError::Signal)?;
+    let maintenance = tokio::spawn(maintain(app.clone()));
+    let accepting = tokio::spawn(listener::run(app.clone(), listener));
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => warn!("SIGHUP: configuration reload is not supported yet; ignored"),
+        }
+    }
+    info!(
+        "shutting down: no new clients; waiting for {} client(s)",
+        app.client_count()
+    );
+    app.begin_shutdown();
+    let _ = accepting.await;
+    drain(&app).await;
+    maintenance.abort();
+    for p in app.all_pools() {
+        p.close();
+    }
+    info!("shutdown complete");
+    Ok(())
+}
+
+async fn maintain(app: Arc<App>) {
+    let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for p in app.all_pools() {
+            p.maintain();
+        }
+    }
+}
+
+/// Waits until every client has left, or shutdown_timeout.
+async fn drain(app: &App) {
+    let wait = async {
+        loop {
+            let notified = app.no_clients.notified();
+            if app.client_count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    };
+    match app.config.pgmux.shutdown_timeout.get() {
+        Some(t) => {
+            if tokio::time::timeout(t, wait).await.is_err() {
+                warn!("shutdown_timeout: closing {} client(s)", app.client_count());
+            }
+        }
+        None => wait.await,
+    }
+}

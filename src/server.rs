@@ -1,0 +1,307 @@
+//! One server connection: connect, authenticate (trust, cleartext, md5, SCRAM-SHA-256), the
+//! parameters the server reported, its cancel key, and the internal queries pgmux runs on it
+//! (parameter sync, reset) whose results no client sees.
+
+use crate::auth::password::{md5_response, Secret};
+use crate::cancel::CancelTarget;
+use crate::params::Params;
+use crate::protocol::messages::{self, parse_error_fields, parse_parameter_status, ErrorFields};
+use bytes::{Buf, Bytes, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::frontend;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Largest message pgmux reads whole from a server outside the relay (login, internal queries).
+const MAX_INTERNAL_MESSAGE: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot connect to server {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("timed out connecting to server {0}")]
+    ConnectTimeout(String),
+    #[error("server refused: {} ({})", .0.message, .0.code)]
+    Refused(ErrorFields),
+    #[error("server connection lost: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("server protocol violation: {0}")]
+    Protocol(&'static str),
+    #[error("cannot authenticate to server: {0}")]
+    Auth(&'static str),
+}
+
+/// Where and as whom a pool's connections log in.
+#[derive(Debug, Clone)]
+pub struct ServerTarget {
+    pub host: String,
+    pub port: u16,
+    pub dbname: String,
+    pub user: String,
+    pub secret: Option<Secret>,
+}
+
+impl ServerTarget {
+    pub fn addr_string(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+pub struct ServerConn {
+    pub id: u64,
+    pub stream: TcpStream,
+    pub addr: SocketAddr,
+    pub pid: i32,
+    pub secret: i32,
+    /// Values the server reported through ParameterStatus, or pgmux set on it.
+    pub params: Params,
+    /// Non-reported settings pgmux applied for a client, to reset for the next one.
+    pub extras: Vec<String>,
+    pub created: Instant,
+    pub last_used: Instant,
+    /// A share of the database's max_db_connections, held while the connection lives.
+    pub db_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl std::fmt::Debug for ServerConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ServerConn#{}({}, pid {})", self.id, self.addr, self.pid)
+    }
+}
+
+impl ServerConn {
+    pub async fn connect(
+        target: &ServerTarget,
+        timeout: Duration,
+    ) -> Result<ServerConn, ServerError> {
+        match tokio::time::timeout(timeout, Self::connect_inner(target)).await {
+            Ok(r) => r,
+            Err(_) => Err(ServerError::ConnectTimeout(target.addr_string())),
+        }
+    }
+
+    async fn connect_inner(target: &ServerTarget) -> Result<ServerConn, ServerError> {
+        let stream = TcpStream::connect((target.host.as_str(), target.port))
+            .await
+            .map_err(|source| ServerError::Connect {
+                addr: target.addr_string(),
+                source,
+            })?;
+        stream.set_nodelay(true)?;
+        let addr = stream.peer_addr()?;
+        let now = Instant::now();
+        let mut conn = ServerConn {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            stream,
+            addr,
+            pid: 0,
+            secret: 0,
+            params: Params::default(),
+            extras: Vec::new(),
+            created: now,
+            last_used: now,
+            db_permit: None,
+        };
+        conn.login(target).await?;
+        Ok(conn)
+    }
+
+    async fn login(&mut self, target: &ServerTarget) -> Result<(), ServerError> {
+        let mut out = BytesMut::new();
+        let params = [
+            ("user", target.user.as_str()),
+            ("database", target.dbname.as_str()),
+        ];
+        frontend::startup_message(params, &mut out)?;
+        self.stream.write_all(&out).await?;
+        let mut buf = BytesMut::with_capacity(1024);
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let (tag, body) = self.read_message(&mut buf).await?;
+            match tag {
+                b'R' => self.auth_step(target, &body, &mut scram).await?,
+                b'S' => self.note_parameter(&body),
+                b'K' if body.len() == 8 => {
+                    self.pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                    self.secret = i32::from_be_bytes([body[4], body[5], body[6], body[7]]);
+                }
+                b'E' => return Err(ServerError::Refused(parse_error_fields(&body))),
+                b'Z' => return Ok(()),
+                b'N' | b'v' => {}
+                _ => return Err(ServerError::Protocol("unexpected message during login")),
+            }
+        }
+    }
+
+    async fn auth_step(
+        &mut self,
+        target: &ServerTarget,
+        body: &[u8],
+        scram: &mut Option<ScramSha256>,
+    ) -> Result<(), ServerError> {
+        if body.len() < 4 {
+            return Err(ServerError::Protocol("short authentication message"));
+        }
+        let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+        let data = &body[4..];
+        let mut out = BytesMut::new();
+        match code {
+            0 => return Ok(()),
+            3 => {
+                let Some(Secret::Plain(pw)) = &target.secret else {
+                    return Err(ServerError::Auth(
+                        "server asks for a password; plain text password needed",
+                    ));
+                };
+                frontend::password_message(pw.as_bytes(), &mut out)?;
+            }
+            5 => {
+                let salt: [u8; 4] = data
+                    .try_into()
+                    .map_err(|_| ServerError::Protocol("bad md5 salt"))?;
+                let response = match &target.secret {
+                    Some(Secret::Plain(pw)) => postgres_protocol::authentication::md5_hash(
+                        target.user.as_bytes(),
+                        pw.as_bytes(),
+                        salt,
+                    ),
+                    Some(Secret::Md5(digest)) => md5_response(digest, salt),
+                    _ => return Err(ServerError::Auth("server asks for md5; no usable password")),
+                };
+                frontend::password_message(response.as_bytes(), &mut out)?;
+            }
+            10 => {
+                let Some(Secret::Plain(pw)) = &target.secret else {
+                    return Err(ServerError::Auth(
+                        "server asks for SCRAM; plain text password needed",
+                    ));
+                };
+                if !sasl_offers(data, "SCRAM-SHA-256") {
+                    return Err(ServerError::Auth(
+                        "server offers no supported SASL mechanism",
+                    ));
+                }
+                let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
+                frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)?;
+                *scram = Some(s);
+            }
+            11 => {
+                let s = scram
+                    .as_mut()
+                    .ok_or(ServerError::Protocol("SASL continue out of order"))?;
+                s.update(data)
+                    .map_err(|_| ServerError::Auth("SCRAM exchange failed"))?;
+                frontend::sasl_response(s.message(), &mut out)?;
+            }
+            12 => {
+                let s = scram
+                    .as_mut()
+                    .ok_or(ServerError::Protocol("SASL final out of order"))?;
+                s.finish(data)
+                    .map_err(|_| ServerError::Auth("server's SCRAM signature is invalid"))?;
+                return Ok(());
+            }
+            _ => return Err(ServerError::Auth("server asks for an unsupported method")),
+        }
+        self.stream.write_all(&out).await?;
+        Ok(())
+    }
+
+    /// Records a ParameterStatus body.
+    pub fn note_parameter(&mut self, body: &[u8]) {
+        if let Some((k, v)) = parse_parameter_status(body) {
+            if let (Ok(k), Ok(v)) = (std::str::from_utf8(k), std::str::from_utf8(v)) {
+                self.params.set(k, v);
+            }
+        }
+    }
+
+    /// Reads one whole message, returning its tag and body.
+    async fn read_message(&mut self, buf: &mut BytesMut) -> Result<(u8, Bytes), ServerError> {
+        loop {
+            if buf.len() >= 5 {
+                let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+                if !(4..=MAX_INTERNAL_MESSAGE).contains(&len) {
+                    return Err(ServerError::Protocol("bad message length"));
+                }
+                if buf.len() > len {
+                    let tag = buf[0];
+                    let mut msg = buf.split_to(len + 1);
+                    msg.advance(5);
+                    return Ok((tag, msg.freeze()));
+                }
+                buf.reserve(len + 1 - buf.len());
+            } else {
+                buf.reserve(1024);
+            }
+            if self.stream.read_buf(buf).await? == 0 {
+                return Err(ServerError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+
+    /// Runs a simple query whose results nobody sees; returns the server's first error.
+    /// The connection is idle again afterwards unless an I/O error is returned.
+    pub async fn run_internal(&mut self, sql: &str) -> Result<Option<ErrorFields>, ServerError> {
+        let mut out = BytesMut::new();
+        messages::query(&mut out, sql);
+        self.stream.write_all(&out).await?;
+        let mut buf = BytesMut::with_capacity(512);
+        let mut error = None;
+        loop {
+            let (tag, body) = self.read_message(&mut buf).await?;
+            match tag {
+                b'S' => self.note_parameter(&body),
+                b'E' if error.is_none() => error = Some(parse_error_fields(&body)),
+                b'Z' => {
+                    if !buf.is_empty() {
+                        return Err(ServerError::Protocol("data after ReadyForQuery"));
+                    }
+                    return Ok(error);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// True when the server closed the connection or sent something unprompted (such as a
+    /// FATAL error before a shutdown) while it sat idle: either way it cannot be lent.
+    pub fn is_broken(&self) -> bool {
+        let mut b = [0u8; 1];
+        !matches!(self.stream.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    pub fn cancel_target(&self) -> CancelTarget {
+        CancelTarget {
+            addr: self.addr,
+            pid: self.pid,
+            secret: self.secret,
+        }
+    }
+
+    /// Says goodbye without waiting: a Terminate if the socket takes it now.
+    pub fn close(self) {
+        let _ = self.stream.try_write(&[b'X', 0, 0, 0, 4]);
+    }
+}
+
+fn sasl_offers(mut data: &[u8], mechanism: &str) -> bool {
+    while let Some(m) = messages::take_cstr(&mut data) {
+        if m.is_empty() {
+            break;
+        }
+        if m == mechanism.as_bytes() {
+            return true;
+        }
+    }
+    false
+}
