@@ -7,6 +7,7 @@ use crate::config::PoolMode;
 use crate::params::Params;
 use crate::server::{ServerConn, ServerError, ServerTarget};
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 use tokio::sync::{oneshot, Semaphore};
@@ -71,6 +72,8 @@ pub struct PoolCounts {
 pub struct DbLimit {
     sem: Arc<Semaphore>,
     pools: Mutex<Vec<Weak<Pool>>>,
+    /// Pools waiting for a share: idle connections are closed rather than kept for them.
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 impl DbLimit {
@@ -78,6 +81,7 @@ impl DbLimit {
         Arc::new(DbLimit {
             sem: Arc::new(Semaphore::new(max as usize)),
             pools: Mutex::new(Vec::new()),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 }
@@ -285,13 +289,14 @@ impl Pool {
             }
         }
         let acquire = l.sem.clone().acquire_owned();
+        l.waiting.fetch_add(1, Ordering::AcqRel);
         let r = match deadline {
-            Some(d) => tokio::time::timeout_at(d, acquire)
-                .await
-                .map_err(|_| PoolError::WaitTimeout)?,
-            None => acquire.await,
+            Some(d) => tokio::time::timeout_at(d, acquire).await,
+            None => Ok(acquire.await),
         };
-        r.map_err(|_| PoolError::Closed)
+        l.waiting.fetch_sub(1, Ordering::AcqRel);
+        r.map_err(|_| PoolError::WaitTimeout)?
+            .map_err(|_| PoolError::Closed)
     }
 
     fn evict_idle(&self) -> Option<ServerConn> {
@@ -328,6 +333,15 @@ impl Pool {
                 Err(Grant::Conn(back)) => c = back,
                 Err(Grant::Slot) => unreachable!("sent a connection"),
             }
+        }
+        let db_wants = self
+            .db_limit
+            .as_ref()
+            .is_some_and(|l| l.waiting.load(Ordering::Acquire) > 0);
+        if db_wants {
+            // another pool of this database waits for a connection share: free ours
+            drop(s);
+            return self.discard(c);
         }
         s.idle.push(c);
     }

@@ -96,6 +96,9 @@ pub enum Event {
     NeedServer,
     /// Transaction mode: the server is idle with nothing in flight and may go back.
     Release,
+    /// The server answered everything and keeps serving this client (inside a transaction,
+    /// or in session mode): idle timeouts start now.
+    Quiet,
     /// The client closed its socket.
     ClientClosed,
     /// The client sent Terminate and everything before it has been answered.
@@ -269,6 +272,7 @@ impl Relay {
 
     fn scan_server(&mut self, server_params: &mut Params, wants: &mut Params) -> Option<Event> {
         let ch = &mut self.s2c;
+        let mut quiet = false;
         loop {
             let step = match ch.scanner.step(
                 &ch.buf,
@@ -300,12 +304,13 @@ impl Relay {
                         ch.buf.truncate(ch.scanned);
                         return Some(Event::Release);
                     }
+                    quiet = self.flow.quiet();
                 }
                 Step::Message { body, .. } => note_parameter(body, server_params, wants),
                 Step::Passed { .. } => {}
                 Step::NeedMore { reserve } => {
                     reserve_for(&mut ch.buf, ch.scanned, reserve);
-                    return None;
+                    return quiet.then_some(Event::Quiet);
                 }
             }
         }

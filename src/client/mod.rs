@@ -152,6 +152,7 @@ impl Session {
                 self.detach().await;
                 self.closing.then(shutdown_error).map(Some)
             }
+            Event::Quiet => None,
             Event::ClientClosed | Event::Terminated => Some(None),
             Event::ClientIo(e) => {
                 debug!("client i/o error: {e}");
