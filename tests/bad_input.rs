@@ -1,0 +1,279 @@
+//! Hostile and broken clients on a raw socket: each gets a clear ErrorResponse (where the
+//! protocol allows) and is closed, no server connection leaks, and a well-behaved client
+//! running alongside is never disturbed.
+
+mod common;
+
+use common::{wait_until, PgCluster, Pgmux};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+fn start(db: &str, auth: &str) -> Pgmux {
+    let pg = PgCluster::shared();
+    pg.create_database(db, "app");
+    Pgmux::start(&format!(
+        r#"
+[pgmux]
+listen_port = {{port}}
+auth_type = "{auth}"
+default_pool_size = 1
+query_wait_timeout = 10
+max_message_size = 4096
+auth_timeout = 0.5
+[[users]]
+name = "app"
+password = "secret"
+[[users]]
+name = "trusty"
+[[databases]]
+name = "{db}"
+host = "127.0.0.1"
+port = {}
+server_user = "postgres"
+"#,
+        pg.primary().port
+    ))
+}
+
+fn raw(px: &Pgmux) -> TcpStream {
+    let s = TcpStream::connect(("127.0.0.1", px.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
+fn startup(params: &[(&str, &str)], version: u32) -> Vec<u8> {
+    let mut body = version.to_be_bytes().to_vec();
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    out.extend(body);
+    out
+}
+
+fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag];
+    v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+/// Every message until pgmux closes the connection.
+fn read_all(s: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
+    let mut data = Vec::new();
+    let _ = s.read_to_end(&mut data);
+    let mut out = Vec::new();
+    let mut rest = &data[..];
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        if rest.len() < len + 1 {
+            break;
+        }
+        out.push((rest[0], rest[5..len + 1].to_vec()));
+        rest = &rest[len + 1..];
+    }
+    out
+}
+
+fn read_msg(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut head = [0u8; 5];
+    s.read_exact(&mut head).unwrap();
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    let mut body = vec![0u8; len - 4];
+    s.read_exact(&mut body).unwrap();
+    (head[0], body)
+}
+
+/// The SQLSTATE of the first ErrorResponse.
+fn error_code(msgs: &[(u8, Vec<u8>)]) -> Option<String> {
+    let (_, body) = msgs.iter().find(|(t, _)| *t == b'E')?;
+    body.split(|&b| b == 0)
+        .find(|f| f.first() == Some(&b'C'))
+        .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
+}
+
+fn refused_with(px: &Pgmux, bytes: &[u8]) -> Option<String> {
+    let mut s = raw(px);
+    let _ = s.write_all(bytes);
+    error_code(&read_all(&mut s))
+}
+
+/// Logs in as the trusted user; returns the stream after the first ReadyForQuery.
+fn logged_in(px: &Pgmux, db: &str) -> TcpStream {
+    let mut s = raw(px);
+    s.write_all(&startup(&[("user", "trusty"), ("database", db)], 196608))
+        .unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "closed during login: {buf:?}");
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() >= 6 && buf[buf.len() - 6] == b'Z' {
+            return s;
+        }
+    }
+}
+
+/// A well-behaved client keeps working the whole time.
+fn bystander(px: &Pgmux, db: &str) -> std::thread::JoinHandle<()> {
+    let url = px.conn_str("app", db, Some("secret"));
+    let stop_file = px.config_path.with_extension("stop");
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let mut n = 0u64;
+            while !stop_file.exists() || n < 10 {
+                let r = c.simple_query("SELECT 1").await.expect("bystander query");
+                assert!(!r.is_empty());
+                n += 1;
+            }
+        })
+    })
+}
+
+#[test]
+fn bad_startups_are_refused_with_clear_errors() {
+    let db = "badstart";
+    let px = start(db, "trust");
+    // a wrong port or protocol: HTTP instead of a startup packet
+    assert_eq!(
+        refused_with(&px, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").as_deref(),
+        Some("08P01")
+    );
+    assert_eq!(
+        refused_with(&px, &startup(&[("database", db)], 196608)).as_deref(),
+        Some("28000")
+    );
+    assert_eq!(
+        refused_with(&px, &startup(&[("user", "trusty")], 2 << 16)).as_deref(),
+        Some("08P01")
+    );
+    let mut huge = 20_000u32.to_be_bytes().to_vec();
+    huge.extend(vec![0u8; 19_996]);
+    assert_eq!(refused_with(&px, &huge).as_deref(), Some("08P01"));
+    let mut unterminated = startup(&[("user", "trusty")], 196608);
+    unterminated.pop();
+    assert_eq!(refused_with(&px, &unterminated).as_deref(), Some("08P01"));
+    // a password message before any challenge, and a SASL response naming another mechanism
+    let scram = start(db, "scram-sha-256");
+    let mut early = startup(&[("user", "app"), ("database", db)], 196608);
+    early.extend(msg(b'p', b"garbage"));
+    assert_eq!(refused_with(&scram, &early).as_deref(), Some("08P01"));
+    let mut other_mech = startup(&[("user", "app"), ("database", db)], 196608);
+    other_mech.extend(msg(b'p', b"SCRAM-SHA-256-PLUS\0\0\0\0\x04n,,x"));
+    assert_eq!(refused_with(&scram, &other_mech).as_deref(), Some("08P01"));
+    // unknown users and wrong passwords are refused alike, with 28P01
+    let mut wrong = startup(&[("user", "trusty"), ("database", db)], 196608);
+    wrong.extend(msg(b'p', b"SCRAM-SHA-256\0\0\0\0\x0cn,,n=,r=abcd"));
+    let msgs = {
+        let mut s = raw(&scram);
+        s.write_all(&wrong).unwrap();
+        // the server-first message arrives; answer it with a bogus proof
+        let (tag, sasl) = read_msg(&mut s);
+        assert_eq!(
+            (tag, &sasl[..4]),
+            (b'R', &[0, 0, 0, 10][..]),
+            "AuthenticationSASL"
+        );
+        let (tag, cont) = read_msg(&mut s);
+        assert_eq!(
+            (tag, &cont[..4]),
+            (b'R', &[0, 0, 0, 11][..]),
+            "AuthenticationSASLContinue"
+        );
+        let text = String::from_utf8_lossy(&cont[4..]).into_owned();
+        let nonce = text
+            .split(',')
+            .find_map(|f| f.strip_prefix("r="))
+            .unwrap()
+            .to_string();
+        let fin = format!("c=biws,r={nonce},p=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=");
+        s.write_all(&msg(b'p', fin.as_bytes())).unwrap();
+        read_all(&mut s)
+    };
+    assert_eq!(error_code(&msgs).as_deref(), Some("28P01"));
+    // a client that connects and sends nothing is cut off by auth_timeout
+    assert_eq!(refused_with(&px, b"").as_deref(), Some("08P01"));
+    // an SSL request is declined, then the session works
+    let mut s = raw(&px);
+    s.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).unwrap();
+    let mut answer = [0u8; 1];
+    s.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"N");
+    s.write_all(&startup(&[("user", "trusty"), ("database", db)], 196608))
+        .unwrap();
+    s.write_all(&msg(b'X', b"")).unwrap();
+    let msgs = read_all(&mut s);
+    assert_eq!(
+        msgs.last().map(|m| m.0),
+        Some(b'Z'),
+        "logged in, then Terminate closed it"
+    );
+}
+
+#[test]
+fn bad_messages_after_login_close_only_that_client() {
+    let db = "badmsg";
+    let px = start(db, "trust");
+    let watcher = bystander(&px, db);
+    let cases: Vec<Vec<u8>> = vec![
+        msg(b'Y', b"unknown type"),
+        msg(b'Q', &vec![b'x'; 5000]),       // over max_message_size
+        vec![b'Q', 0, 0, 0, 2],             // length below 4
+        vec![b'Q', 0x7f, 0xff, 0xff, 0xff], // absurd length
+    ];
+    for bytes in cases {
+        let mut s = logged_in(&px, db);
+        s.write_all(&bytes).unwrap();
+        let msgs = read_all(&mut s);
+        assert_eq!(
+            error_code(&msgs).as_deref(),
+            Some("08P01"),
+            "for {:?}",
+            &bytes[..5]
+        );
+    }
+    // vanishing halfway through a message, and mid-transaction, leak nothing
+    for bytes in [
+        msg(b'Q', b"SELECT 1;\0")[..8].to_vec(),
+        msg(b'Q', b"BEGIN\0"),
+    ] {
+        let mut s = logged_in(&px, db);
+        s.write_all(&bytes).unwrap();
+        drop(s);
+    }
+    std::fs::write(px.config_path.with_extension("stop"), "").unwrap();
+    watcher.join().expect("the bystander never failed");
+    // the pool of one is whole: a new client is served
+    let mut s = logged_in(&px, db);
+    s.write_all(&msg(b'Q', b"SELECT 42\0")).unwrap();
+    s.write_all(&msg(b'X', b"")).unwrap();
+    let msgs = read_all(&mut s);
+    assert!(
+        msgs.iter().any(|(t, b)| *t == b'D' && b.ends_with(b"42")),
+        "{msgs:?}"
+    );
+    let pg = PgCluster::shared();
+    wait_until("no server left busy", Duration::from_secs(20), || {
+        pg.psql(
+            pg.primary(),
+            "postgres",
+            &format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND state <> 'idle'"
+            ),
+        ) == "0"
+    });
+}

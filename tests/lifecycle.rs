@@ -1,0 +1,103 @@
+//! The process: --check, --version, and shutdown on SIGTERM that lets a running transaction
+//! finish while refusing new clients.
+
+mod common;
+
+use common::{wait_until_async, PgCluster, Pgmux};
+use std::process::Command;
+use std::time::Duration;
+use tokio_postgres::NoTls;
+
+fn pgmux_cmd() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_pgmux"))
+}
+
+#[test]
+fn check_validates_and_names_the_bad_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "[pgmux]\nlisten_port = 7000\n[[databases]]\nname = \"a\"\nhost = \"h\"\n",
+    )
+    .unwrap();
+    let out = pgmux_cmd()
+        .arg("--config")
+        .arg(&good)
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[pgmux]\nlisten_port = 7000\n\ndefault_pool_sise = 3\n",
+    )
+    .unwrap();
+    let out = pgmux_cmd()
+        .arg("--config")
+        .arg(&bad)
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("default_pool_sise") && err.contains("line 4") && err.contains("column 1"),
+        "{err}"
+    );
+
+    let missing = pgmux_cmd()
+        .args(["--config", "/nonexistent/pgmux.toml", "--check"])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+
+    let v = pgmux_cmd().arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&v.stdout).contains(env!("CARGO_PKG_VERSION")));
+    assert!(pgmux_cmd().arg("--help").output().unwrap().status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_running_transaction_finish() {
+    let pg = PgCluster::shared();
+    let mut px = Pgmux::start(&format!(
+        "[pgmux]\nlisten_port = {{port}}\nauth_type = \"trust\"\nshutdown_timeout = 60\n[[users]]\nname = \"postgres\"\n[[databases]]\nname = \"app\"\nhost = \"127.0.0.1\"\nport = {}\n",
+        pg.primary().port
+    ));
+    let url = px.conn_str("postgres", "app", None);
+    let (c, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let (idle, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    idle.simple_query("SELECT 1").await.unwrap();
+    c.simple_query(
+        "CREATE TABLE IF NOT EXISTS shutdown_t(x int); BEGIN; INSERT INTO shutdown_t VALUES (1)",
+    )
+    .await
+    .unwrap();
+    px.signal(libc::SIGTERM);
+    // new clients are turned away, a client between transactions is closed...
+    wait_until_async("listener closed", Duration::from_secs(20), || async {
+        tokio_postgres::connect(&url, NoTls).await.is_err()
+    })
+    .await;
+    wait_until_async("idle client closed", Duration::from_secs(20), || async {
+        idle.is_closed()
+    })
+    .await;
+    // ...and the one inside a transaction finishes it
+    c.simple_query("INSERT INTO shutdown_t VALUES (2); COMMIT")
+        .await
+        .unwrap();
+    let status = px.wait_exit(Duration::from_secs(30)).expect("pgmux exits");
+    assert!(status.success(), "{status:?}");
+    assert!(c.is_closed() || c.simple_query("SELECT 1").await.is_err());
+    let n = pg.psql(pg.primary(), "app", "SELECT count(*) >= 2 FROM shutdown_t");
+    assert_eq!(n, "t");
+}
