@@ -78,6 +78,17 @@ pub fn client_wants(baseline: &Params, startup: &[(String, String)]) -> Params {
 
 /// The statement that brings a server from `has` (plus the extra settings pgmux applied to
 /// it earlier, `extras`) to `wants`, or None when they already agree.
+///
+/// ```
+/// use pgmux::params::{sync_statement, Params};
+/// let mut wants = Params::default();
+/// wants.set("TimeZone", "UTC");
+/// let has = Params::default();
+/// assert_eq!(
+///     sync_statement(&wants, &has, &["search_path".into()]).unwrap(),
+///     "SET \"TimeZone\" TO E'UTC';RESET \"search_path\";"
+/// );
+/// ```
 pub fn sync_statement(wants: &Params, has: &Params, extras: &[String]) -> Option<String> {
     let mut sql = String::new();
     for (name, value) in wants.iter() {

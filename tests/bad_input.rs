@@ -277,3 +277,63 @@ fn bad_messages_after_login_close_only_that_client() {
         ) == "0"
     });
 }
+
+#[test]
+fn newer_protocol_minor_and_encryption_requests_are_negotiated() {
+    let db = "badproto";
+    let px = start(db, "trust");
+    // 3.2 with a protocol option: NegotiateProtocolVersion(3.0, [the option]), then a session
+    let mut s = raw(&px);
+    s.write_all(&startup(
+        &[("user", "trusty"), ("database", db), ("_pq_.future", "1")],
+        (3 << 16) | 2,
+    ))
+    .unwrap();
+    let (tag, body) = read_msg(&mut s);
+    assert_eq!(tag, b'v');
+    assert_eq!(&body[..8], &[0, 0, 0, 0, 0, 0, 0, 1]);
+    assert_eq!(&body[8..], b"_pq_.future\0");
+    s.write_all(&msg(b'Q', b"SELECT 1\0")).unwrap();
+    s.write_all(&msg(b'X', b"")).unwrap();
+    let msgs = read_all(&mut s);
+    assert!(msgs.iter().any(|(t, _)| *t == b'D'), "{msgs:?}");
+    // GSSENCRequest then SSLRequest, both declined, then a normal startup
+    let mut s = raw(&px);
+    for code in [80877104u32, 80877103] {
+        let mut req = 8u32.to_be_bytes().to_vec();
+        req.extend(code.to_be_bytes());
+        s.write_all(&req).unwrap();
+        let mut answer = [0u8; 1];
+        s.read_exact(&mut answer).unwrap();
+        assert_eq!(&answer, b"N");
+    }
+    s.write_all(&startup(&[("user", "trusty"), ("database", db)], 196608))
+        .unwrap();
+    s.write_all(&msg(b'X', b"")).unwrap();
+    assert_eq!(read_all(&mut s).last().map(|m| m.0), Some(b'Z'));
+}
+
+#[test]
+fn unreachable_or_silent_servers_give_a_clear_error() {
+    // a server that accepts TCP but never answers: server_connect_timeout applies
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let closed_port = common::free_port();
+    let px = Pgmux::start(&format!(
+        "[pgmux]\nlisten_port = {{port}}\nauth_type = \"trust\"\nserver_connect_timeout = 0.5\n[[users]]\nname = \"trusty\"\n\
+         [[databases]]\nname = \"silent\"\nhost = \"127.0.0.1\"\nport = {silent_port}\n\
+         [[databases]]\nname = \"closed\"\nhost = \"127.0.0.1\"\nport = {closed_port}\n"
+    ));
+    for db in ["silent", "closed"] {
+        let mut s = raw(&px);
+        s.write_all(&startup(&[("user", "trusty"), ("database", db)], 196608))
+            .unwrap();
+        let msgs = read_all(&mut s);
+        assert_eq!(
+            error_code(&msgs).as_deref(),
+            Some("08006"),
+            "{db}: {msgs:?}"
+        );
+    }
+    drop(silent);
+}

@@ -322,3 +322,117 @@ async fn psql_scripts_run_through_pgmux() {
     assert!(text.lines().any(|l| l == "3"), "{text}");
     assert!(text.lines().any(|l| l == "42"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_queries_and_notices_on_one_connection() {
+    let px = start("transaction", 1, "");
+    let (c, mut conn) = tokio_postgres::connect(&px.conn_str("app", "app", Some("secret")), NoTls)
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            if let AsyncMessage::Notice(n) = m {
+                let _ = tx.send(n.message().to_string());
+            }
+        }
+    });
+    // tokio-postgres pipelines concurrent queries: many Syncs in flight on one server
+    let queries = (0..50i32).map(|i| {
+        let c = &c;
+        async move {
+            let r = c
+                .query_typed("SELECT $1::int * 10", &[(&i, Type::INT4)])
+                .await
+                .unwrap();
+            r[0].get::<_, i32>(0)
+        }
+    });
+    let got = futures_util::future::join_all(queries).await;
+    assert_eq!(got, (0..50).map(|i| i * 10).collect::<Vec<_>>());
+    c.simple_query("DO $$ BEGIN RAISE NOTICE 'hello from plpgsql'; END $$")
+        .await
+        .unwrap();
+    let notice = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(notice, "hello from plpgsql");
+}
+
+#[test]
+fn function_calls_through_psql_large_objects() {
+    // psql's \lo_import and \lo_export use libpq's fast-path FunctionCall messages
+    let px = start("transaction", 2, "");
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("in.bin");
+    let dst = dir.path().join("out.bin");
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&src, &data).unwrap();
+    let psql = |cmd: &str| {
+        let out = std::process::Command::new("psql")
+            .arg(px.conn_str("app", "app", Some("secret")))
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", cmd])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let imported = psql(&format!("\\lo_import {}", src.display()));
+    let oid = imported.rsplit(' ').next().unwrap().to_string();
+    psql(&format!("\\lo_export {oid} {}", dst.display()));
+    assert_eq!(std::fs::read(&dst).unwrap(), data);
+    psql(&format!("\\lo_unlink {oid}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_resets_the_server_for_the_next_client() {
+    let px = start("session", 1, "");
+    let first = connect(&px).await;
+    first
+        .simple_query(
+            "SET search_path = pg_catalog; PREPARE p AS SELECT 1; CREATE TEMP TABLE tmp_x(a int)",
+        )
+        .await
+        .unwrap();
+    let pid = rows_of(&first.simple_query("SELECT pg_backend_pid()").await.unwrap());
+    drop(first);
+    let second = connect(&px).await;
+    // the same server (a pool of one), wiped by DISCARD ALL
+    assert_eq!(
+        rows_of(
+            &second
+                .simple_query("SELECT pg_backend_pid()")
+                .await
+                .unwrap()
+        ),
+        pid
+    );
+    assert_eq!(
+        rows_of(&second.simple_query("SHOW search_path").await.unwrap()),
+        vec!["\"$user\", public"]
+    );
+    assert_eq!(
+        rows_of(
+            &second
+                .simple_query("SELECT count(*) FROM pg_prepared_statements")
+                .await
+                .unwrap()
+        ),
+        vec!["0"]
+    );
+    assert_eq!(
+        rows_of(
+            &second
+                .simple_query("SELECT count(*) FROM pg_class WHERE relname = 'tmp_x'")
+                .await
+                .unwrap()
+        ),
+        vec!["0"]
+    );
+}

@@ -129,6 +129,14 @@ fn parse_params(mut b: &[u8]) -> Result<Params, StartupError> {
 
 /// Splits a startup `options` value into `name=value` settings (`-c name=value` or
 /// `--name=value`, with backslash escaping spaces as libpq does). Anything else is refused.
+///
+/// ```
+/// use pgmux::protocol::startup::parse_options;
+/// let s = parse_options("-c search_path=a\\ b --work-mem=4MB").unwrap();
+/// assert_eq!(s[0], ("search_path".to_string(), "a b".to_string()));
+/// assert_eq!(s[1], ("work_mem".to_string(), "4MB".to_string()));
+/// assert!(parse_options("-x").is_err());
+/// ```
 pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, String> {
     let words = split_words(options);
     let mut out = Vec::new();
