@@ -13,6 +13,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// Shutdown stages, in order. SIGTERM drains: no new clients, connected ones are served
+/// until they leave. SIGINT is safe shutdown: each client is also closed as soon as it
+/// holds no server (in transaction mode, after its current transaction).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Shutdown {
+    Running,
+    Drain,
+    Safe,
+}
+
 pub struct App {
     pub config: Arc<Config>,
     pub cancels: CancelRegistry,
@@ -21,7 +31,7 @@ pub struct App {
     pub clients: AtomicUsize,
     pools: Mutex<HashMap<(String, String), Arc<Pool>>>,
     db_limits: Mutex<HashMap<String, Arc<DbLimit>>>,
-    shutdown: watch::Sender<bool>,
+    shutdown: watch::Sender<Shutdown>,
     /// Woken when the last client leaves.
     pub no_clients: tokio::sync::Notify,
 }
@@ -35,20 +45,27 @@ impl App {
             clients: AtomicUsize::new(0),
             pools: Mutex::new(HashMap::new()),
             db_limits: Mutex::new(HashMap::new()),
-            shutdown: watch::channel(false).0,
+            shutdown: watch::channel(Shutdown::Running).0,
             no_clients: tokio::sync::Notify::new(),
         })
     }
 
-    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+    pub fn shutdown_signal(&self) -> watch::Receiver<Shutdown> {
         self.shutdown.subscribe()
     }
 
-    pub fn begin_shutdown(&self) {
-        self.shutdown.send_replace(true);
+    /// Moves to a later shutdown stage; never back.
+    pub fn begin_shutdown(&self, stage: Shutdown) {
+        self.shutdown.send_if_modified(|s| {
+            let later = stage > *s;
+            if later {
+                *s = stage;
+            }
+            later
+        });
     }
 
-    pub fn shutting_down(&self) -> bool {
+    pub fn shutdown_stage(&self) -> Shutdown {
         *self.shutdown.borrow()
     }
 

@@ -1,7 +1,7 @@
 //! Accepting clients: the listening socket, the max_client_conn count, and the stop of
 //! accepting at shutdown.
 
-use crate::app::App;
+use crate::app::{App, Shutdown};
 use crate::client;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::net::SocketAddr;
@@ -36,29 +36,40 @@ impl Drop for ClientSlot {
     }
 }
 
-/// Accepts until shutdown begins.
+/// Accepts until shutdown begins, then takes in what already waits in the backlog (closing
+/// the socket would reset those connections) and stops.
 pub async fn run(app: Arc<App>, listener: TcpListener) {
     let mut shutdown = app.shutdown_signal();
-    let max = app.config.pgmux.max_client_conn as usize;
     loop {
         tokio::select! {
             r = listener.accept() => match r {
-                Ok((stream, peer)) => {
-                    let n = app.clients.fetch_add(1, Ordering::AcqRel) + 1;
-                    let slot = ClientSlot(app.clone());
-                    let app = app.clone();
-                    tokio::spawn(async move {
-                        let _slot = slot;
-                        client::serve(app, stream, peer, n > max).await;
-                    });
-                }
+                Ok((stream, peer)) => spawn_client(&app, stream, peer),
                 Err(e) => {
                     // out of file descriptors and the like: back off instead of spinning
                     warn!("accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() != Shutdown::Running {
+                    break;
+                }
+            }
         }
     }
+    while let Ok(Ok((stream, peer))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await
+    {
+        spawn_client(&app, stream, peer);
+    }
+}
+
+fn spawn_client(app: &Arc<App>, stream: tokio::net::TcpStream, peer: SocketAddr) {
+    let n = app.clients.fetch_add(1, Ordering::AcqRel) + 1;
+    let over_limit = n > app.config.pgmux.max_client_conn as usize;
+    let slot = ClientSlot(app.clone());
+    let app = app.clone();
+    tokio::spawn(async move {
+        let _slot = slot;
+        client::serve(app, stream, peer, over_limit).await;
+    });
 }

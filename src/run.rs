@@ -1,7 +1,7 @@
-//! The process's life: start listening, keep pools in shape, and on SIGINT/SIGTERM stop
-//! accepting, let clients finish within shutdown_timeout, then close.
+//! The process's life: start listening, keep pools in shape, and on SIGTERM (drain) or
+//! SIGINT (safe shutdown) stop accepting and let clients finish within shutdown_timeout.
 
-use crate::app::App;
+use crate::app::{App, Shutdown};
 use crate::config::Config;
 use crate::listener;
 use std::net::{IpAddr, SocketAddr};
@@ -39,20 +39,29 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let mut hup = signal(SignalKind::hangup()).map_err(RunError::Signal)?;
     let maintenance = tokio::spawn(maintain(app.clone()));
     let accepting = tokio::spawn(listener::run(app.clone(), listener));
-    loop {
+    let stage = loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = term.recv() => break Shutdown::Drain,
+            _ = int.recv() => break Shutdown::Safe,
             _ = hup.recv() => warn!("SIGHUP: configuration reload is not supported yet; ignored"),
         }
-    }
+    };
     info!(
-        "shutting down: no new clients; waiting for {} client(s)",
+        "shutting down ({stage:?}): no new clients; waiting for {} client(s)",
         app.client_count()
     );
-    app.begin_shutdown();
+    app.begin_shutdown(stage);
     let _ = accepting.await;
-    drain(&app).await;
+    let escalate = async {
+        // SIGINT after SIGTERM: stop waiting for idle clients to leave
+        let _ = int.recv().await;
+        app.begin_shutdown(Shutdown::Safe);
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        _ = drain(&app) => {}
+        _ = escalate => {}
+    }
     maintenance.abort();
     for p in app.all_pools() {
         p.close();

@@ -63,25 +63,34 @@ fn check_validates_and_names_the_bad_key() {
     assert!(pgmux_cmd().arg("--help").output().unwrap().status.success());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_lets_the_running_transaction_finish() {
+fn start_trust(shutdown_timeout: u32) -> Pgmux {
     let pg = PgCluster::shared();
-    let mut px = Pgmux::start(&format!(
-        "[pgmux]\nlisten_port = {{port}}\nauth_type = \"trust\"\nshutdown_timeout = 60\n[[users]]\nname = \"postgres\"\n[[databases]]\nname = \"app\"\nhost = \"127.0.0.1\"\nport = {}\n",
+    Pgmux::start(&format!(
+        "[pgmux]\nlisten_port = {{port}}\nauth_type = \"trust\"\nshutdown_timeout = {shutdown_timeout}\n[[users]]\nname = \"postgres\"\n[[databases]]\nname = \"app\"\nhost = \"127.0.0.1\"\nport = {}\n",
         pg.primary().port
-    ));
+    ))
+}
+
+async fn connect(url: &str) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(url, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_lets_the_running_transaction_finish_then_closes() {
+    let pg = PgCluster::shared();
+    let mut px = start_trust(60);
     let url = px.conn_str("postgres", "app", None);
-    let (c, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
-    tokio::spawn(conn);
-    let (idle, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
-    tokio::spawn(conn);
+    let c = connect(&url).await;
+    let idle = connect(&url).await;
     idle.simple_query("SELECT 1").await.unwrap();
     c.simple_query(
         "CREATE TABLE IF NOT EXISTS shutdown_t(x int); BEGIN; INSERT INTO shutdown_t VALUES (1)",
     )
     .await
     .unwrap();
-    px.signal(libc::SIGTERM);
+    px.signal(libc::SIGINT);
     // new clients are turned away, a client between transactions is closed...
     wait_until_async("listener closed", Duration::from_secs(20), || async {
         tokio_postgres::connect(&url, NoTls).await.is_err()
@@ -91,7 +100,7 @@ async fn sigterm_lets_the_running_transaction_finish() {
         idle.is_closed()
     })
     .await;
-    // ...and the one inside a transaction finishes it
+    // ...and the one inside a transaction finishes it, then is closed
     c.simple_query("INSERT INTO shutdown_t VALUES (2); COMMIT")
         .await
         .unwrap();
@@ -100,4 +109,32 @@ async fn sigterm_lets_the_running_transaction_finish() {
     assert!(c.is_closed() || c.simple_query("SELECT 1").await.is_err());
     let n = pg.psql(pg.primary(), "app", "SELECT count(*) >= 2 FROM shutdown_t");
     assert_eq!(n, "t");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_serving_connected_clients_until_they_leave() {
+    let mut px = start_trust(60);
+    let url = px.conn_str("postgres", "app", None);
+    let a = connect(&url).await;
+    let b = connect(&url).await;
+    px.signal(libc::SIGTERM);
+    wait_until_async("listener closed", Duration::from_secs(20), || async {
+        tokio_postgres::connect(&url, NoTls).await.is_err()
+    })
+    .await;
+    // connected clients keep working, transactions included
+    for c in [&a, &b] {
+        c.simple_query("BEGIN; SELECT 1; COMMIT").await.unwrap();
+    }
+    drop(a);
+    b.simple_query("SELECT 2").await.unwrap();
+    assert!(
+        px.wait_exit(Duration::from_millis(1)).is_none(),
+        "exited while a client remained"
+    );
+    drop(b);
+    let status = px
+        .wait_exit(Duration::from_secs(30))
+        .expect("pgmux exits once the last client left");
+    assert!(status.success(), "{status:?}");
 }

@@ -5,7 +5,7 @@
 
 pub mod login;
 
-use crate::app::App;
+use crate::app::{App, Shutdown};
 use crate::config::PoolMode;
 use crate::params;
 use crate::pool::PooledConn;
@@ -92,7 +92,7 @@ struct Session {
     relay: Relay,
     server: Option<PooledConn>,
     mode: PoolMode,
-    shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<Shutdown>,
     closing: bool,
 }
 
@@ -119,7 +119,7 @@ impl Session {
     /// Runs until the client leaves (None) or must be told why it is disconnected.
     async fn run(&mut self) -> Option<PgError> {
         loop {
-            if !self.closing && *self.shutdown.borrow() {
+            if !self.closing && *self.shutdown.borrow() == Shutdown::Safe {
                 if let Some(e) = self.begin_closing() {
                     return Some(e);
                 }
@@ -136,8 +136,10 @@ impl Session {
                     }
                 }
                 Wake::Shutdown => {
-                    if let Some(e) = self.begin_closing() {
-                        return Some(e);
+                    if *self.shutdown.borrow_and_update() == Shutdown::Safe {
+                        if let Some(e) = self.begin_closing() {
+                            return Some(e);
+                        }
                     }
                 }
             }
@@ -225,7 +227,7 @@ impl Session {
         })
     }
 
-    /// Shutdown: a client without a server leaves now, others after their transaction.
+    /// Safe shutdown: a client without a server leaves now, others after their transaction.
     fn begin_closing(&mut self) -> Option<PgError> {
         self.closing = true;
         (self.server.is_none() && self.relay.c2s.buf.is_empty()).then(shutdown_error)
