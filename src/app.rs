@@ -27,6 +27,8 @@ pub struct App {
     pub config: Arc<Config>,
     pub cancels: CancelRegistry,
     pub verifiers: VerifierCache,
+    /// Every distinct named statement clients prepared (transaction mode).
+    pub statements: Arc<crate::prepared::Registry>,
     /// Connected clients (counted from accept, so max_client_conn holds during login too).
     pub clients: AtomicUsize,
     pools: Mutex<HashMap<(String, String), Arc<Pool>>>,
@@ -42,6 +44,7 @@ impl App {
             config: Arc::new(config),
             cancels: CancelRegistry::default(),
             verifiers: VerifierCache::default(),
+            statements: Arc::default(),
             clients: AtomicUsize::new(0),
             pools: Mutex::new(HashMap::new()),
             db_limits: Mutex::new(HashMap::new()),

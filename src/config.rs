@@ -81,6 +81,7 @@ pub struct General {
     pub shutdown_timeout: Seconds,
     pub max_message_size: u32,
     pub max_startup_parameters: u32,
+    pub max_prepared_statements: u32,
     pub log_level: String,
     pub log_format: LogFormat,
 }
@@ -111,6 +112,7 @@ impl Default for General {
             shutdown_timeout: Seconds(30.0),
             max_message_size: 256 * 1024 * 1024,
             max_startup_parameters: 64,
+            max_prepared_statements: 200,
             log_level: "info".into(),
             log_format: LogFormat::Text,
         }

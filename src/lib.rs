@@ -9,6 +9,7 @@ pub mod config;
 pub mod listener;
 pub mod params;
 pub mod pool;
+pub mod prepared;
 pub mod protocol;
 pub mod relay;
 pub mod run;

@@ -68,6 +68,8 @@ pub struct ServerConn {
     pub extras: Vec<String>,
     pub created: Instant,
     pub last_used: Instant,
+    /// Statements pgmux prepared here under its own names (transaction mode).
+    pub statements: crate::prepared::ServerStatements,
     /// A share of the database's max_db_connections, held while the connection lives.
     pub db_permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
@@ -109,6 +111,7 @@ impl ServerConn {
             extras: Vec::new(),
             created: now,
             last_used: now,
+            statements: Default::default(),
             db_permit: None,
         };
         conn.login(target).await?;

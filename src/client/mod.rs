@@ -102,6 +102,8 @@ impl Session {
         let relay = Relay::new(
             app.config.pgmux.max_message_size as usize,
             mode == PoolMode::Transaction,
+            app.statements.clone(),
+            app.config.pgmux.max_prepared_statements as usize,
         );
         let shutdown = app.shutdown_signal();
         Session {
@@ -190,6 +192,7 @@ impl Session {
             let side = server.as_deref_mut().map(|s| ServerSide {
                 stream: &mut s.stream,
                 params: &mut s.params,
+                statements: &mut s.statements,
             });
             relay.poll(cx, stream, side, &mut login.wants)
         });
@@ -261,7 +264,7 @@ impl Session {
             }
         }
         self.login.cancel.set_target(Some(conn.cancel_target()));
-        self.relay.flow.status = b'I';
+        self.relay.attached(&conn.statements);
         self.server = Some(conn);
         Ok(())
     }
@@ -304,13 +307,7 @@ impl Session {
     async fn finish(&mut self, error: Option<PgError>) {
         if let Some(conn) = self.server.take() {
             self.login.cancel.set_target(None);
-            let r = &self.relay;
-            let clean = r.flow.quiet()
-                && r.flow.status == b'I'
-                && r.c2s.scanned == 0
-                && r.c2s.scanner.at_boundary()
-                && r.s2c.scanner.at_boundary();
-            if !clean {
+            if !self.relay.server_clean() {
                 drop(conn);
             } else if self.mode == PoolMode::Session
                 || self.app.config.pgmux.server_reset_query_always
@@ -320,9 +317,9 @@ impl Session {
                 conn.release();
             }
         }
-        let pending = &self.relay.s2c.buf[..self.relay.s2c.scanned];
+        let pending = self.relay.s2c.take_ready();
         if error.is_some() || !pending.is_empty() {
-            farewell(&mut self.stream, pending, error.as_ref()).await;
+            farewell(&mut self.stream, &pending, error.as_ref()).await;
         }
     }
 }

@@ -19,8 +19,9 @@ pub enum Step<'a> {
         body: &'a [u8],
         start: usize,
     },
-    /// The start of a message passed through without its body being read.
-    Passed { tag: u8, len: usize },
+    /// The start of a message passed through without its body being read; `start` is its
+    /// offset and `len` its whole length (which may reach past the buffer).
+    Passed { tag: u8, len: usize, start: usize },
     /// Nothing more can be scanned until more bytes arrive; `reserve` is how many bytes the
     /// buffer must be able to hold beyond `pos` for an inspected message to fit.
     NeedMore { reserve: usize },
@@ -80,10 +81,15 @@ impl Scanner {
                 start,
             });
         }
+        let start = *pos;
         let n = total.min(rest.len());
         *pos += n;
         self.remaining = total - n;
-        Ok(Step::Passed { tag, len: total })
+        Ok(Step::Passed {
+            tag,
+            len: total,
+            start,
+        })
     }
 }
 
@@ -106,7 +112,11 @@ mod tests {
         let insp = |t| t == b'Z';
         assert_eq!(
             s.step(&buf, &mut pos, insp, 1 << 20).unwrap(),
-            Step::Passed { tag: b'D', len: 12 }
+            Step::Passed {
+                tag: b'D',
+                len: 12,
+                start: 0
+            }
         );
         assert_eq!(
             s.step(&buf, &mut pos, insp, 1 << 20).unwrap(),
@@ -141,7 +151,11 @@ mod tests {
         let mut pos = 0;
         assert_eq!(
             s.step(&next, &mut pos, |_| false, 1000).unwrap(),
-            Step::Passed { tag: b'S', len: 5 }
+            Step::Passed {
+                tag: b'S',
+                len: 5,
+                start: 75
+            }
         );
         assert!(s.at_boundary());
         assert_eq!(pos, next.len());

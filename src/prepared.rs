@@ -1,0 +1,226 @@
+//! Named prepared statements under transaction pooling. A client's statement names are its
+//! own; on servers pgmux prepares each distinct statement (same query text and parameter
+//! types) once under a name of its own choosing (`pgmux_<id>`), shared by every client, and
+//! keeps per server a bounded, least-recently-used set of what is prepared there. This file
+//! owns that bookkeeping and the few message bodies it reads and writes; `relay` decides
+//! when to rewrite, inject or answer.
+
+use crate::protocol::messages::{self, take_cstr};
+use bytes::{BufMut, Bytes, BytesMut};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// One distinct statement: what a Parse carries after the statement name.
+#[derive(Debug)]
+pub struct StmtDef {
+    pub id: u64,
+    /// Query string (with its NUL) and parameter types, exactly as the client sent them.
+    pub body: Bytes,
+}
+
+impl StmtDef {
+    /// The Parse message that prepares this statement under pgmux's name.
+    pub fn parse_message(&self, out: &mut BytesMut) {
+        messages::message(out, b'P', |b| {
+            put_server_name(b, self.id);
+            b.put_slice(&self.body);
+        });
+    }
+}
+
+/// Writes `pgmux_<id>` and its NUL.
+pub fn put_server_name(b: &mut BytesMut, id: u64) {
+    b.put_slice(b"pgmux_");
+    let mut digits = [0u8; 20];
+    let mut n = id;
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    b.put_slice(&digits[i..]);
+    b.put_u8(0);
+}
+
+/// Every distinct statement any client prepared, so equal statements share one id.
+#[derive(Default)]
+pub struct Registry {
+    by_body: Mutex<HashMap<Bytes, Arc<StmtDef>>>,
+    next_id: AtomicU64,
+}
+
+/// Past this many distinct statements, ones no client holds any more are forgotten.
+const REGISTRY_SWEEP_AT: usize = 10_000;
+
+impl Registry {
+    pub fn intern(&self, body: &[u8]) -> Arc<StmtDef> {
+        let mut map = self.by_body.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = map.get(body) {
+            return d.clone();
+        }
+        if map.len() >= REGISTRY_SWEEP_AT {
+            map.retain(|_, d| Arc::strong_count(d) > 1);
+        }
+        let body = Bytes::copy_from_slice(body);
+        let d = Arc::new(StmtDef {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed) + 1,
+            body: body.clone(),
+        });
+        map.insert(body, d.clone());
+        d
+    }
+}
+
+/// A client's named statements.
+#[derive(Default)]
+pub struct ClientStatements {
+    by_name: HashMap<Box<[u8]>, Arc<StmtDef>>,
+}
+
+impl ClientStatements {
+    pub fn insert(&mut self, name: &[u8], d: Arc<StmtDef>) {
+        self.by_name.insert(name.into(), d);
+    }
+
+    pub fn get(&self, name: &[u8]) -> Option<&Arc<StmtDef>> {
+        self.by_name.get(name)
+    }
+
+    pub fn remove(&mut self, name: &[u8]) {
+        self.by_name.remove(name);
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+}
+
+/// What one server has prepared under pgmux's names, with use ticks for LRU eviction.
+#[derive(Debug, Default)]
+pub struct ServerStatements {
+    ticks: HashMap<u64, u64>,
+    clock: u64,
+}
+
+impl ServerStatements {
+    pub fn contains(&self, id: u64) -> bool {
+        self.ticks.contains_key(&id)
+    }
+
+    /// Marks a statement prepared (or just used): it becomes the most recently used.
+    pub fn touch(&mut self, id: u64) {
+        self.clock += 1;
+        self.ticks.insert(id, self.clock);
+    }
+
+    pub fn forget(&mut self, id: u64) {
+        self.ticks.remove(&id);
+    }
+
+    pub fn clear(&mut self) {
+        self.ticks.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.ticks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ticks.is_empty()
+    }
+
+    /// The clock now: statements touched after this are in use by the current batch.
+    pub fn now(&self) -> u64 {
+        self.clock
+    }
+
+    /// The least recently used statement not used since `since`, to close when over budget.
+    pub fn evictable(&self, since: u64) -> Option<u64> {
+        self.ticks
+            .iter()
+            .filter(|(_, &t)| t <= since)
+            .min_by_key(|(_, &t)| t)
+            .map(|(&id, _)| id)
+    }
+}
+
+/// The statement name a Parse body names, and the rest (query and types).
+pub fn split_parse(mut body: &[u8]) -> Option<(&[u8], &[u8])> {
+    let name = take_cstr(&mut body)?;
+    Some((name, body))
+}
+
+/// The (portal, statement) names at the start of a Bind body, and how many bytes they take.
+pub fn bind_names(mut body: &[u8]) -> Option<(&[u8], &[u8], usize)> {
+    let total = body.len();
+    let portal = take_cstr(&mut body)?;
+    let stmt = take_cstr(&mut body)?;
+    Some((portal, stmt, total - body.len()))
+}
+
+/// Describe or Close: ('S' or 'P', name).
+pub fn target(body: &[u8]) -> Option<(u8, &[u8])> {
+    let (&kind, mut rest) = body.split_first()?;
+    let name = take_cstr(&mut rest)?;
+    rest.is_empty().then_some((kind, name))
+}
+
+pub fn close_statement(out: &mut BytesMut, id: u64) {
+    messages::message(out, b'C', |b| {
+        b.put_u8(b'S');
+        put_server_name(b, id);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_bodies() {
+        let mut b = BytesMut::new();
+        put_server_name(&mut b, 0);
+        put_server_name(&mut b, 1234567);
+        assert_eq!(&b[..], b"pgmux_0\0pgmux_1234567\0");
+        assert_eq!(
+            split_parse(b"s1\0SELECT 1\0\0\0"),
+            Some((&b"s1"[..], &b"SELECT 1\0\0\0"[..]))
+        );
+        assert_eq!(bind_names(b"p\0s1\0rest"), Some((&b"p"[..], &b"s1"[..], 5)));
+        assert_eq!(target(b"Ss1\0"), Some((b'S', &b"s1"[..])));
+        assert_eq!(target(b"S"), None);
+        assert_eq!(bind_names(b"p\0"), None);
+    }
+
+    #[test]
+    fn equal_statements_share_an_id() {
+        let r = Registry::default();
+        let a = r.intern(b"SELECT 1\0\0\0");
+        let b = r.intern(b"SELECT 1\0\0\0");
+        let c = r.intern(b"SELECT 2\0\0\0");
+        assert_eq!(a.id, b.id);
+        assert_ne!(a.id, c.id);
+    }
+
+    #[test]
+    fn lru_eviction_spares_the_current_batch() {
+        let mut s = ServerStatements::default();
+        s.touch(1);
+        s.touch(2);
+        let batch_start = s.now();
+        s.touch(3);
+        s.touch(1);
+        assert_eq!(s.evictable(batch_start), Some(2));
+        s.forget(2);
+        assert_eq!(s.evictable(batch_start), None);
+    }
+}

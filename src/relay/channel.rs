@@ -1,0 +1,161 @@
+//! One direction of the relay: bytes read from one peer and not yet written to the other.
+//! `buf[..scanned]` has been scanned and may be written; `out` holds chunks spliced ahead of
+//! it (bytes sealed off the front of `buf`, messages pgmux wrote in), so rewriting a message
+//! moves pointers instead of copying the stream.
+
+use crate::protocol::scan::Scanner;
+use bytes::{Buf, Bytes, BytesMut};
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// Bytes asked of the kernel per read.
+pub const READ_CHUNK: usize = 16 * 1024;
+/// First read of an idle connection: most requests are small, and idle memory matters.
+const FIRST_READ: usize = 512;
+/// Unwritten bytes in one direction beyond which its source is not read.
+pub const HIGH_WATER: usize = 64 * 1024;
+
+#[derive(Default)]
+pub struct Channel {
+    pub buf: BytesMut,
+    pub scanned: usize,
+    pub scanner: Scanner,
+    out: VecDeque<Bytes>,
+    out_len: usize,
+}
+
+impl Channel {
+    /// Bytes ready to be written.
+    pub fn ready_len(&self) -> usize {
+        self.out_len + self.scanned
+    }
+
+    /// Nothing buffered and not inside a message.
+    pub fn is_idle(&self) -> bool {
+        self.buf.is_empty() && self.out.is_empty() && self.scanner.at_boundary()
+    }
+
+    /// Gives the memory back while the connection sits idle.
+    pub fn shrink_if_empty(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > 0 {
+            self.buf = BytesMut::new();
+        }
+    }
+
+    /// Moves the scanned bytes `buf[..at]` to the queue of chunks to write.
+    pub fn seal(&mut self, at: usize) {
+        if at > 0 {
+            let chunk = self.buf.split_to(at).freeze();
+            self.scanned -= at;
+            self.push(chunk);
+        }
+    }
+
+    /// Queues bytes to write after everything sealed so far.
+    pub fn push(&mut self, chunk: Bytes) {
+        self.out_len += chunk.len();
+        self.out.push_back(chunk);
+    }
+
+    /// Drops `n` scanned bytes from the front of `buf` (after a `seal`).
+    pub fn skip(&mut self, n: usize) {
+        self.buf.advance(n);
+        self.scanned -= n;
+    }
+
+    /// Inserts a message at the scanned position, which must be a message boundary.
+    pub fn insert(&mut self, msg: Bytes) {
+        self.seal(self.scanned);
+        self.push(msg);
+    }
+
+    /// Everything ready is dropped (the reader is gone).
+    pub fn discard_ready(&mut self) {
+        self.out.clear();
+        self.out_len = 0;
+        self.skip(self.scanned);
+    }
+
+    /// All ready bytes as one buffer, for a last write outside the relay.
+    pub fn take_ready(&mut self) -> BytesMut {
+        let mut all = BytesMut::with_capacity(self.ready_len());
+        for c in self.out.drain(..) {
+            all.extend_from_slice(&c);
+        }
+        self.out_len = 0;
+        all.extend_from_slice(&self.buf[..self.scanned]);
+        self.skip(self.scanned);
+        all
+    }
+
+    /// Writes what is ready; Ok(true) when some bytes went out.
+    pub fn write_to<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        w: &mut W,
+    ) -> io::Result<bool> {
+        let mut progress = false;
+        loop {
+            let chunk: &[u8] = match self.out.front() {
+                Some(c) => c,
+                None if self.scanned > 0 => &self.buf[..self.scanned],
+                None => break,
+            };
+            let n = match Pin::new(&mut *w).poll_write(cx, chunk) {
+                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => return Ok(progress),
+            };
+            progress = true;
+            match self.out.front_mut() {
+                Some(c) => {
+                    c.advance(n);
+                    self.out_len -= n;
+                    if c.is_empty() {
+                        self.out.pop_front();
+                    }
+                }
+                None => self.skip(n),
+            }
+        }
+        if progress {
+            if let Poll::Ready(Err(e)) = Pin::new(w).poll_flush(cx) {
+                return Err(e);
+            }
+        }
+        Ok(progress)
+    }
+
+    /// Reads more unless too much is waiting; Some(0) is end of stream, None nothing yet.
+    pub fn read_from<R: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+    ) -> io::Result<Option<usize>> {
+        if self.ready_len() >= HIGH_WATER {
+            return Ok(None);
+        }
+        if self.buf.capacity() == 0 {
+            self.buf.reserve(FIRST_READ);
+        } else if self.buf.capacity() - self.buf.len() < 256 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        match tokio_util::io::poll_read_buf(Pin::new(r), cx, &mut self.buf) {
+            Poll::Ready(Ok(n)) => Ok(Some(n)),
+            Poll::Ready(Err(e)) => Err(e),
+            Poll::Pending => Ok(None),
+        }
+    }
+
+    /// Makes room for an inspected message of `need` bytes starting at `scanned`.
+    pub fn reserve_for(&mut self, need: usize) {
+        let have = self.buf.len() - self.scanned;
+        if need > have {
+            self.buf.reserve(need - have);
+        }
+    }
+}

@@ -1,0 +1,418 @@
+//! The byte pump between a client and the server lent to it. One buffer per direction
+//! (`channel`) holds bytes as read; a scanner walks message headers in place, acting on the
+//! few messages that matter (ReadyForQuery, ParameterStatus, Terminate, and in transaction
+//! mode the named-statement messages `statements` rewrites) and counting requests in flight.
+//! Scanned bytes are written on from the same buffer. Reads stop while a direction has
+//! `HIGH_WATER` bytes unwritten, so a slow reader holds back its writer instead of growing
+//! pgmux's memory.
+
+pub mod channel;
+pub mod statements;
+
+use crate::params::{self, Params};
+use crate::prepared::{Registry, ServerStatements};
+use crate::protocol::messages::parse_parameter_status;
+use crate::protocol::scan::{ScanError, Step};
+pub use channel::{Channel, HIGH_WATER, READ_CHUNK};
+use statements::Tracker;
+use std::io;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+
+/// Rounds of work in one poll before yielding to other tasks.
+const POLL_BUDGET: u32 = 32;
+
+/// What the session must act on.
+#[derive(Debug)]
+pub enum Event {
+    /// Detached, and the client sent something a server must answer.
+    NeedServer,
+    /// Transaction mode: the server is idle with nothing in flight and may go back.
+    Release,
+    /// The server answered everything and keeps serving this client (inside a transaction,
+    /// or in session mode): idle timeouts start now.
+    Quiet,
+    /// The client closed its socket.
+    ClientClosed,
+    /// The client sent Terminate and everything before it has been answered.
+    Terminated,
+    ClientIo(io::Error),
+    ServerClosed,
+    ServerIo(io::Error),
+    /// The client broke framing: bad length, oversized or unknown message.
+    Protocol(String),
+}
+
+/// Request/response bookkeeping between a client and its server.
+pub struct Flow {
+    /// Queries, Syncs and FunctionCalls sent minus ReadyForQuery received.
+    pub pending: u32,
+    /// Extended-protocol messages sent since the last Sync.
+    pub unsynced: bool,
+    /// The server's last transaction status ('I', 'T' or 'E').
+    pub status: u8,
+    /// The client sent Terminate.
+    pub terminated: bool,
+    /// Last client input or server ReadyForQuery: when idling started.
+    pub idle_since: Instant,
+    /// COPY FROM STDIN bookkeeping: the server ignores Syncs while it is in copy-in mode.
+    last_was_execute: bool,
+    syncs_since_execute: u32,
+    copy_done_sent: bool,
+    copy_in: bool,
+}
+
+impl Flow {
+    /// The server owes the client nothing and the client is between requests.
+    pub fn quiet(&self) -> bool {
+        self.pending == 0 && !self.unsynced
+    }
+}
+
+/// The server side as the relay sees it.
+pub struct ServerSide<'a, S> {
+    pub stream: &'a mut S,
+    pub params: &'a mut Params,
+    pub statements: &'a mut ServerStatements,
+}
+
+pub struct Relay {
+    pub c2s: Channel,
+    pub s2c: Channel,
+    pub flow: Flow,
+    pub max_message: usize,
+    pub transaction_mode: bool,
+    /// Named-statement rewriting (transaction mode with max_prepared_statements > 0).
+    pub tracker: Option<Tracker>,
+}
+
+impl Relay {
+    pub fn new(
+        max_message: usize,
+        transaction_mode: bool,
+        registry: Arc<Registry>,
+        max_prepared: usize,
+    ) -> Relay {
+        let tracker =
+            (transaction_mode && max_prepared > 0).then(|| Tracker::new(registry, max_prepared));
+        Relay {
+            c2s: Channel::default(),
+            s2c: Channel::default(),
+            flow: Flow {
+                pending: 0,
+                unsynced: false,
+                status: b'I',
+                terminated: false,
+                idle_since: Instant::now(),
+                last_was_execute: false,
+                syncs_since_execute: 0,
+                copy_done_sent: false,
+                copy_in: false,
+            },
+            max_message,
+            transaction_mode,
+            tracker,
+        }
+    }
+
+    /// A server was just lent to the client.
+    pub fn attached(&mut self, statements: &ServerStatements) {
+        self.flow.status = b'I';
+        if let Some(t) = self.tracker.as_mut() {
+            t.attach(statements);
+        }
+    }
+
+    /// The server may go back: it owes nothing and nothing is half-sent to it.
+    pub fn server_clean(&self) -> bool {
+        self.flow.quiet()
+            && self.flow.status == b'I'
+            && self.c2s.ready_len() == 0
+            && self.c2s.scanner.at_boundary()
+            && self.s2c.scanner.at_boundary()
+            && self.tracker.as_ref().is_none_or(Tracker::is_settled)
+    }
+
+    /// Moves bytes until something needs the session's attention.
+    pub fn poll<C, S>(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &mut C,
+        mut server: Option<ServerSide<'_, S>>,
+        wants: &mut Params,
+    ) -> Poll<Event>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        for _ in 0..POLL_BUDGET {
+            let mut progress = match self.s2c.write_to(cx, client) {
+                Ok(p) => p,
+                Err(_) if self.flow.terminated => {
+                    // after Terminate the client may be gone: drop its replies, drain the server
+                    self.s2c.discard_ready();
+                    true
+                }
+                Err(e) => return Poll::Ready(Event::ClientIo(e)),
+            };
+            if let Some(s) = server.as_mut() {
+                match self.c2s.write_to(cx, &mut *s.stream) {
+                    Ok(p) => progress |= p,
+                    Err(e) => return Poll::Ready(Event::ServerIo(e)),
+                }
+                match self.s2c.read_from(cx, &mut *s.stream) {
+                    Ok(Some(0)) => return Poll::Ready(Event::ServerClosed),
+                    Ok(Some(_)) => {
+                        progress = true;
+                        if let Some(ev) = self.scan_server(s, wants) {
+                            return Poll::Ready(ev);
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Poll::Ready(Event::ServerIo(e)),
+                }
+            }
+            if !self.flow.terminated {
+                match self.c2s.read_from(cx, client) {
+                    Ok(Some(0)) => return Poll::Ready(Event::ClientClosed),
+                    Ok(Some(_)) => {
+                        progress = true;
+                        self.flow.idle_since = Instant::now();
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Poll::Ready(Event::ClientIo(e)),
+                }
+                if let Some(s) = server.as_mut() {
+                    if self.c2s.buf.len() > self.c2s.scanned {
+                        let before = self.c2s.ready_len();
+                        if let Err(e) = self.scan_client(s) {
+                            return Poll::Ready(Event::Protocol(e));
+                        }
+                        progress |= self.c2s.ready_len() != before;
+                    }
+                }
+            }
+            if server.is_none() {
+                if let Some(ev) = self.detached_input() {
+                    return Poll::Ready(ev);
+                }
+                if !progress && self.s2c.ready_len() == 0 {
+                    self.s2c.shrink_if_empty();
+                    self.c2s.shrink_if_empty();
+                }
+            } else if self.flow.terminated && self.c2s.ready_len() == 0 && self.flow.pending == 0 {
+                return Poll::Ready(Event::Terminated);
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Without a server, input is only looked at: a whole header means work for a server,
+    /// except a Terminate, which ends the session.
+    fn detached_input(&mut self) -> Option<Event> {
+        if self.flow.terminated {
+            return Some(Event::Terminated);
+        }
+        let head = self.c2s.buf.get(..5)?;
+        if head[0] == b'X' {
+            self.flow.terminated = true;
+            return Some(Event::Terminated);
+        }
+        Some(Event::NeedServer)
+    }
+
+    /// Scans what the client sent, now that a server is attached (a client's messages are
+    /// only scanned once it is known which server they go to).
+    pub fn scan_client<S>(&mut self, server: &mut ServerSide<'_, S>) -> Result<(), String> {
+        let tracking = self.tracker.is_some();
+        loop {
+            let ch = &mut self.c2s;
+            let step = ch
+                .scanner
+                .step(
+                    &ch.buf,
+                    &mut ch.scanned,
+                    |t| t == b'X' || (tracking && statements::inspects_client(t)),
+                    self.max_message,
+                )
+                .map_err(scan_error)?;
+            let (tag, start) = match step {
+                Step::Message {
+                    tag: b'X', start, ..
+                } => {
+                    // Terminate is pgmux's to act on; a server never sees it
+                    ch.buf.truncate(start);
+                    ch.scanned = start;
+                    self.flow.terminated = true;
+                    return Ok(());
+                }
+                Step::Message { tag, start, .. } => (tag, Some(start)),
+                Step::Passed { tag, .. } => (tag, None),
+                Step::NeedMore { reserve } => {
+                    ch.reserve_for(reserve);
+                    return Ok(());
+                }
+            };
+            if !self.count_request(tag)? {
+                continue;
+            }
+            if let Some(t) = self.tracker.as_mut() {
+                match start {
+                    Some(start) => t.client_message(
+                        tag,
+                        start,
+                        &mut self.c2s,
+                        &mut self.s2c,
+                        server.statements,
+                    ),
+                    None => t.client_passed(tag, server.statements),
+                }
+            }
+        }
+    }
+
+    /// Counts a client message; Ok(false) when the server will ignore it (a Sync during
+    /// COPY FROM STDIN), so nothing is owed for it.
+    fn count_request(&mut self, tag: u8) -> Result<bool, String> {
+        let f = &mut self.flow;
+        match tag {
+            b'Q' | b'F' => {
+                f.pending += 1;
+                f.last_was_execute = false;
+            }
+            b'S' if f.copy_in => return Ok(false),
+            b'S' => {
+                f.pending += 1;
+                f.unsynced = false;
+                if !f.copy_done_sent {
+                    f.syncs_since_execute += 1;
+                }
+            }
+            b'E' => {
+                f.unsynced = true;
+                f.last_was_execute = true;
+                f.syncs_since_execute = 0;
+                f.copy_done_sent = false;
+            }
+            b'P' | b'B' | b'D' | b'C' | b'H' => f.unsynced = true,
+            b'c' | b'f' => {
+                f.copy_done_sent = true;
+                f.copy_in = false;
+            }
+            b'd' => {}
+            other => return Err(format!("invalid frontend message type {}", other as char)),
+        }
+        Ok(true)
+    }
+
+    /// The server entered COPY FROM STDIN. Started by an Execute, it ignores every Sync that
+    /// arrives before CopyDone or CopyFail: those sent already are owed nothing, and later
+    /// ones are not counted.
+    fn copy_in_started(&mut self) {
+        let f = &mut self.flow;
+        if !f.last_was_execute {
+            return;
+        }
+        let ignored = f.syncs_since_execute;
+        f.pending = f.pending.saturating_sub(ignored);
+        f.syncs_since_execute = 0;
+        f.copy_in = !f.copy_done_sent;
+        if let Some(t) = self.tracker.as_mut() {
+            t.syncs_ignored(ignored);
+        }
+    }
+
+    fn scan_server<S>(
+        &mut self,
+        server: &mut ServerSide<'_, S>,
+        wants: &mut Params,
+    ) -> Option<Event> {
+        let tracking = self.tracker.is_some();
+        let mut quiet = false;
+        loop {
+            let ch = &mut self.s2c;
+            let step = ch.scanner.step(
+                &ch.buf,
+                &mut ch.scanned,
+                |t| t == b'Z' || t == b'S' || (tracking && statements::inspects_server(t)),
+                usize::MAX,
+            );
+            let (tag, start) = match step {
+                Ok(Step::Message {
+                    tag: b'S', body, ..
+                }) => {
+                    note_parameter(body, server.params, wants);
+                    continue;
+                }
+                Ok(Step::Message {
+                    tag: b'Z',
+                    body,
+                    start,
+                }) => {
+                    self.flow.status = body.first().copied().unwrap_or(b'I');
+                    (b'Z', start)
+                }
+                Ok(Step::Message { tag, start, .. }) | Ok(Step::Passed { tag, start, .. }) => {
+                    (tag, start)
+                }
+                Ok(Step::NeedMore { reserve }) => {
+                    ch.reserve_for(reserve);
+                    return quiet.then_some(Event::Quiet);
+                }
+                Err(e) => {
+                    return Some(Event::ServerIo(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        e,
+                    )));
+                }
+            };
+            if tag == b'G' {
+                self.copy_in_started();
+            }
+            if let Some(t) = self.tracker.as_mut() {
+                t.server_message(tag, start, &mut self.s2c, server.statements);
+                t.answer_ready(&mut self.s2c);
+            }
+            if tag == b'Z' {
+                self.flow.pending = self.flow.pending.saturating_sub(1);
+                self.flow.idle_since = Instant::now();
+                if self.transaction_mode && self.server_clean() {
+                    // whatever follows belongs to the server, not to this client
+                    let ch = &mut self.s2c;
+                    ch.buf.truncate(ch.scanned);
+                    return Some(Event::Release);
+                }
+                quiet = self.flow.quiet();
+            }
+        }
+    }
+}
+
+fn scan_error(e: ScanError) -> String {
+    match e {
+        ScanError::BadLength(n) => format!("invalid message length {n}"),
+        ScanError::TooLarge(n, max) => {
+            format!("message of {n} bytes exceeds max_message_size {max}")
+        }
+    }
+}
+
+/// A parameter the server reported while serving the client is now what both hold.
+fn note_parameter(body: &[u8], server_params: &mut Params, wants: &mut Params) {
+    let Some((k, v)) = parse_parameter_status(body) else {
+        return;
+    };
+    let (Ok(k), Ok(v)) = (std::str::from_utf8(k), std::str::from_utf8(v)) else {
+        return;
+    };
+    server_params.set(k, v);
+    if params::is_tracked(k) || wants.get(k).is_some() {
+        wants.set(k, v);
+    }
+}

@@ -1,0 +1,328 @@
+//! Transaction-mode rewriting of the extended protocol so named prepared statements survive
+//! moving between servers. A client's Parse is renamed to pgmux's shared name (or dropped
+//! and answered by pgmux when the server already has the statement); Bind and Describe are
+//! renamed, with a Parse sent first where the server lacks the statement; Close of a
+//! statement is answered by pgmux (other clients may share it). To put pgmux's answers, and
+//! remove the server's answers to pgmux's own messages, at the right place in the response
+//! stream, every request that gets an answer is queued here and matched against what the
+//! server sends back.
+
+use super::channel::Channel;
+use crate::prepared::{self, ClientStatements, Registry, ServerStatements, StmtDef};
+use bytes::{BufMut, Bytes, BytesMut};
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+const PARSE_COMPLETE: &[u8] = &[b'1', 0, 0, 0, 4];
+const CLOSE_COMPLETE: &[u8] = &[b'3', 0, 0, 0, 4];
+
+/// An answer the server owes, oldest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// ParseComplete. `id` is the statement the Parse prepares (0: unnamed or malformed);
+    /// `ours`: pgmux sent it, so its answer is not the client's.
+    Parse {
+        id: u64,
+        ours: bool,
+    },
+    Bind,
+    Describe,
+    Execute,
+    Close {
+        ours: bool,
+    },
+    /// Sync, Query or FunctionCall: answered by ReadyForQuery.
+    Ready,
+    /// pgmux answers this one itself once everything before it is answered.
+    Answer(&'static [u8]),
+}
+
+pub struct Tracker {
+    expect: VecDeque<Expect>,
+    pub stmts: ClientStatements,
+    registry: Arc<Registry>,
+    max_prepared: usize,
+    /// Statements used since this server clock tick belong to the batch being sent.
+    batch_tick: u64,
+}
+
+/// The message types the tracker must read whole on the client side.
+pub fn inspects_client(tag: u8) -> bool {
+    matches!(tag, b'P' | b'B' | b'D' | b'C')
+}
+
+/// The message types the tracker must read whole on the server side.
+pub fn inspects_server(tag: u8) -> bool {
+    matches!(tag, b'1' | b'3' | b'E')
+}
+
+impl Tracker {
+    pub fn new(registry: Arc<Registry>, max_prepared: usize) -> Tracker {
+        Tracker {
+            expect: VecDeque::new(),
+            stmts: ClientStatements::default(),
+            registry,
+            max_prepared,
+            batch_tick: 0,
+        }
+    }
+
+    /// Nothing owed: safe to hand the server back.
+    pub fn is_settled(&self) -> bool {
+        self.expect.is_empty()
+    }
+
+    /// A new server: anything owed by the last one is gone with it.
+    pub fn attach(&mut self, server: &ServerStatements) {
+        self.expect.clear();
+        self.batch_tick = server.now();
+    }
+
+    /// A client message the tracker does not read whole.
+    pub fn client_passed(&mut self, tag: u8, server: &ServerStatements) {
+        match tag {
+            b'E' => self.expect.push_back(Expect::Execute),
+            b'Q' | b'F' => self.expect.push_back(Expect::Ready),
+            b'S' => {
+                self.expect.push_back(Expect::Ready);
+                self.batch_tick = server.now();
+            }
+            _ => {}
+        }
+    }
+
+    /// A whole Parse, Bind, Describe or Close at `c2s.buf[start..c2s.scanned]`.
+    pub fn client_message(
+        &mut self,
+        tag: u8,
+        start: usize,
+        c2s: &mut Channel,
+        s2c: &mut Channel,
+        server: &mut ServerStatements,
+    ) {
+        let end = c2s.scanned;
+        let body = &c2s.buf[start + 5..end];
+        match tag {
+            b'P' => self.on_parse(body.to_vec(), start, end, c2s, server),
+            b'B' => self.on_bind(start, end, c2s, server),
+            b'D' => self.on_describe(start, end, c2s, server),
+            b'C' => self.on_close(start, end, c2s),
+            _ => {}
+        }
+        self.answer_ready(s2c);
+    }
+
+    fn on_parse(
+        &mut self,
+        body: Vec<u8>,
+        start: usize,
+        end: usize,
+        c2s: &mut Channel,
+        server: &mut ServerStatements,
+    ) {
+        let Some((name, rest)) = prepared::split_parse(&body).filter(|(n, _)| !n.is_empty()) else {
+            self.expect.push_back(Expect::Parse { id: 0, ours: false });
+            return;
+        };
+        let def = self.registry.intern(rest);
+        self.stmts.insert(name, def.clone());
+        c2s.seal(start);
+        c2s.skip(end - start);
+        if server.contains(def.id) {
+            server.touch(def.id);
+            self.expect.push_back(Expect::Answer(PARSE_COMPLETE));
+        } else {
+            self.make_room(c2s, server);
+            let mut msg = BytesMut::new();
+            def.parse_message(&mut msg);
+            c2s.push(msg.freeze());
+            server.touch(def.id);
+            self.expect.push_back(Expect::Parse {
+                id: def.id,
+                ours: false,
+            });
+        }
+    }
+
+    fn on_bind(
+        &mut self,
+        start: usize,
+        end: usize,
+        c2s: &mut Channel,
+        server: &mut ServerStatements,
+    ) {
+        let body = &c2s.buf[start + 5..end];
+        let Some((portal, stmt, names_len)) = prepared::bind_names(body) else {
+            self.expect.push_back(Expect::Bind);
+            return;
+        };
+        let Some(def) = (!stmt.is_empty())
+            .then(|| self.stmts.get(stmt))
+            .flatten()
+            .cloned()
+        else {
+            self.expect.push_back(Expect::Bind);
+            return;
+        };
+        // the new start of the message: header, portal, pgmux's statement name
+        let mut head = BytesMut::with_capacity(5 + portal.len() + 32);
+        head.put_u8(b'B');
+        head.put_u32(0);
+        head.put_slice(portal);
+        head.put_u8(0);
+        prepared::put_server_name(&mut head, def.id);
+        let rest_len = (end - start) - 5 - names_len;
+        let len = (head.len() - 1 + rest_len) as u32;
+        head[1..5].copy_from_slice(&len.to_be_bytes());
+        c2s.seal(start);
+        self.ensure_prepared(&def, c2s, server);
+        c2s.push(head.freeze());
+        c2s.skip(5 + names_len);
+        self.expect.push_back(Expect::Bind);
+    }
+
+    fn on_describe(
+        &mut self,
+        start: usize,
+        end: usize,
+        c2s: &mut Channel,
+        server: &mut ServerStatements,
+    ) {
+        let body = &c2s.buf[start + 5..end];
+        let def = match prepared::target(body) {
+            Some((b'S', name)) if !name.is_empty() => self.stmts.get(name).cloned(),
+            _ => None,
+        };
+        if let Some(def) = def {
+            c2s.seal(start);
+            c2s.skip(end - start);
+            self.ensure_prepared(&def, c2s, server);
+            let mut msg = BytesMut::new();
+            crate::protocol::messages::message(&mut msg, b'D', |b| {
+                b.put_u8(b'S');
+                prepared::put_server_name(b, def.id);
+            });
+            c2s.push(msg.freeze());
+        }
+        self.expect.push_back(Expect::Describe);
+    }
+
+    fn on_close(&mut self, start: usize, end: usize, c2s: &mut Channel) {
+        let body = &c2s.buf[start + 5..end];
+        match prepared::target(body) {
+            Some((b'S', name)) if !name.is_empty() => {
+                // other clients may use the same server-side statement: it stays
+                self.stmts.remove(name);
+                c2s.seal(start);
+                c2s.skip(end - start);
+                self.expect.push_back(Expect::Answer(CLOSE_COMPLETE));
+            }
+            _ => self.expect.push_back(Expect::Close { ours: false }),
+        }
+    }
+
+    /// Sends a Parse first if this server lacks the statement.
+    fn ensure_prepared(&mut self, def: &StmtDef, c2s: &mut Channel, server: &mut ServerStatements) {
+        if server.contains(def.id) {
+            server.touch(def.id);
+            return;
+        }
+        self.make_room(c2s, server);
+        let mut msg = BytesMut::new();
+        def.parse_message(&mut msg);
+        c2s.push(msg.freeze());
+        server.touch(def.id);
+        self.expect.push_back(Expect::Parse {
+            id: def.id,
+            ours: true,
+        });
+    }
+
+    /// Closes the least recently used statement when the server holds its quota.
+    fn make_room(&mut self, c2s: &mut Channel, server: &mut ServerStatements) {
+        if server.len() < self.max_prepared {
+            return;
+        }
+        if let Some(old) = server.evictable(self.batch_tick) {
+            server.forget(old);
+            let mut msg = BytesMut::new();
+            prepared::close_statement(&mut msg, old);
+            c2s.push(msg.freeze());
+            self.expect.push_back(Expect::Close { ours: true });
+        }
+    }
+
+    /// A server message at `s2c.buf[start..s2c.scanned]` (whole if `inspects_server`).
+    pub fn server_message(
+        &mut self,
+        tag: u8,
+        start: usize,
+        s2c: &mut Channel,
+        server: &mut ServerStatements,
+    ) {
+        match (tag, self.expect.front().copied()) {
+            (b'E', Some(front)) if front != Expect::Ready => self.failed(server),
+            (b'1', Some(Expect::Parse { ours, .. })) | (b'3', Some(Expect::Close { ours })) => {
+                self.expect.pop_front();
+                if ours {
+                    let end = s2c.scanned;
+                    s2c.seal(start);
+                    s2c.skip(end - start);
+                }
+            }
+            (b'2', Some(Expect::Bind))
+            | (b'T' | b'n', Some(Expect::Describe))
+            | (b'C' | b'I' | b's', Some(Expect::Execute))
+            | (b'Z', Some(Expect::Ready)) => {
+                self.expect.pop_front();
+            }
+            _ => {}
+        }
+    }
+
+    /// The server entered COPY FROM STDIN and ignores the `n` Syncs that followed the
+    /// Execute at the front: it owes nothing for them.
+    pub fn syncs_ignored(&mut self, mut n: u32) {
+        let mut i = 1;
+        while n > 0 && i < self.expect.len() {
+            if self.expect[i] == Expect::Ready {
+                self.expect.remove(i);
+                n -= 1;
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// After an error the server skips to the next Sync: so do the expectations.
+    fn failed(&mut self, server: &mut ServerStatements) {
+        while let Some(front) = self.expect.front().copied() {
+            if front == Expect::Ready {
+                break;
+            }
+            self.expect.pop_front();
+            if let Expect::Parse { id, .. } = front {
+                if id != 0 {
+                    server.forget(id);
+                }
+            }
+        }
+    }
+
+    /// Writes pgmux's own answers that are due, at a message boundary of the response stream.
+    pub fn answer_ready(&mut self, s2c: &mut Channel) {
+        // unscanned bytes past `scanned` can only be a message nobody asked for (a notice)
+        if !s2c.scanner.at_boundary() {
+            return;
+        }
+        while let Some(Expect::Answer(msg)) = self.expect.front().copied() {
+            s2c.insert(Bytes::from_static(msg));
+            self.expect.pop_front();
+        }
+    }
+
+    /// DISCARD ALL or DEALLOCATE ALL ran: the server has none of pgmux's statements now.
+    pub fn server_forgot_all(server: &mut ServerStatements) {
+        server.clear();
+    }
+}
