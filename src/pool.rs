@@ -36,6 +36,8 @@ pub struct PoolSettings {
     pub lifetime: Option<Duration>,
 }
 
+// a grant moves once through a oneshot; boxing the connection would allocate per handoff
+#[allow(clippy::large_enum_variant)]
 enum Grant {
     Conn(ServerConn),
     /// Permission to open one connection, counted in `open` already.
