@@ -8,7 +8,7 @@
 use crate::protocol::messages::{self, take_cstr};
 use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// One distinct statement: what a Parse carries after the statement name.
@@ -17,9 +17,19 @@ pub struct StmtDef {
     pub id: u64,
     /// Query string (with its NUL) and parameter types, exactly as the client sent them.
     pub body: Bytes,
+    /// Some server accepted it: a client preparing it again may be answered by pgmux alone.
+    validated: AtomicBool,
 }
 
 impl StmtDef {
+    pub fn validated(&self) -> bool {
+        self.validated.load(Ordering::Relaxed)
+    }
+
+    pub fn mark_validated(&self) {
+        self.validated.store(true, Ordering::Relaxed);
+    }
+
     /// The Parse message that prepares this statement under pgmux's name.
     pub fn parse_message(&self, out: &mut BytesMut) {
         messages::message(out, b'P', |b| {
@@ -70,6 +80,7 @@ impl Registry {
         let d = Arc::new(StmtDef {
             id: self.next_id.fetch_add(1, Ordering::Relaxed) + 1,
             body: body.clone(),
+            validated: AtomicBool::new(false),
         });
         map.insert(body, d.clone());
         d

@@ -72,6 +72,12 @@ impl Channel {
         self.push(msg);
     }
 
+    /// Drops `n` bytes not yet scanned from the front (pgmux answered them itself).
+    pub fn consume_unscanned(&mut self, n: usize) {
+        debug_assert!(self.scanned == 0 && self.scanner.at_boundary());
+        self.buf.advance(n);
+    }
+
     /// Everything ready is dropped (the reader is gone).
     pub fn discard_ready(&mut self) {
         self.out.clear();

@@ -186,15 +186,21 @@ impl Relay {
                 }
                 if let Some(s) = server.as_mut() {
                     if self.c2s.buf.len() > self.c2s.scanned {
-                        let before = self.c2s.ready_len();
+                        let before = (self.c2s.ready_len(), self.s2c.ready_len());
                         if let Err(e) = self.scan_client(s) {
                             return Poll::Ready(Event::Protocol(e));
                         }
-                        progress |= self.c2s.ready_len() != before;
+                        progress |= (self.c2s.ready_len(), self.s2c.ready_len()) != before;
                     }
                 }
             }
             if server.is_none() {
+                if let Some(t) = self.tracker.as_mut() {
+                    if !self.flow.terminated && t.answer_prepare_alone(&mut self.c2s, &mut self.s2c)
+                    {
+                        continue;
+                    }
+                }
                 if let Some(ev) = self.detached_input() {
                     return Poll::Ready(ev);
                 }

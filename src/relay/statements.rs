@@ -15,14 +15,15 @@ use std::sync::Arc;
 
 const PARSE_COMPLETE: &[u8] = &[b'1', 0, 0, 0, 4];
 const CLOSE_COMPLETE: &[u8] = &[b'3', 0, 0, 0, 4];
+const READY_IDLE: &[u8] = &[b'Z', 0, 0, 0, 5, b'I'];
 
 /// An answer the server owes, oldest first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 enum Expect {
-    /// ParseComplete. `id` is the statement the Parse prepares (0: unnamed or malformed);
+    /// ParseComplete. `def` is the statement the Parse prepares (None: unnamed or malformed);
     /// `ours`: pgmux sent it, so its answer is not the client's.
     Parse {
-        id: u64,
+        def: Option<Arc<StmtDef>>,
         ours: bool,
     },
     Bind,
@@ -121,7 +122,10 @@ impl Tracker {
         server: &mut ServerStatements,
     ) {
         let Some((name, rest)) = prepared::split_parse(&body).filter(|(n, _)| !n.is_empty()) else {
-            self.expect.push_back(Expect::Parse { id: 0, ours: false });
+            self.expect.push_back(Expect::Parse {
+                def: None,
+                ours: false,
+            });
             return;
         };
         let def = self.registry.intern(rest);
@@ -138,7 +142,7 @@ impl Tracker {
             c2s.push(msg.freeze());
             server.touch(def.id);
             self.expect.push_back(Expect::Parse {
-                id: def.id,
+                def: Some(def),
                 ours: false,
             });
         }
@@ -222,7 +226,12 @@ impl Tracker {
     }
 
     /// Sends a Parse first if this server lacks the statement.
-    fn ensure_prepared(&mut self, def: &StmtDef, c2s: &mut Channel, server: &mut ServerStatements) {
+    fn ensure_prepared(
+        &mut self,
+        def: &Arc<StmtDef>,
+        c2s: &mut Channel,
+        server: &mut ServerStatements,
+    ) {
         if server.contains(def.id) {
             server.touch(def.id);
             return;
@@ -233,7 +242,7 @@ impl Tracker {
         c2s.push(msg.freeze());
         server.touch(def.id);
         self.expect.push_back(Expect::Parse {
-            id: def.id,
+            def: Some(def.clone()),
             ours: true,
         });
     }
@@ -260,24 +269,78 @@ impl Tracker {
         s2c: &mut Channel,
         server: &mut ServerStatements,
     ) {
-        match (tag, self.expect.front().copied()) {
-            (b'E', Some(front)) if front != Expect::Ready => self.failed(server),
-            (b'1', Some(Expect::Parse { ours, .. })) | (b'3', Some(Expect::Close { ours })) => {
-                self.expect.pop_front();
-                if ours {
-                    let end = s2c.scanned;
-                    s2c.seal(start);
-                    s2c.skip(end - start);
+        let Some(front) = self.expect.front() else {
+            return;
+        };
+        let ours = match (tag, front) {
+            (b'E', Expect::Ready) => return,
+            (b'E', _) => return self.failed(server),
+            (b'1', Expect::Parse { def, ours }) => {
+                if let Some(d) = def {
+                    d.mark_validated();
                 }
+                *ours
             }
-            (b'2', Some(Expect::Bind))
-            | (b'T' | b'n', Some(Expect::Describe))
-            | (b'C' | b'I' | b's', Some(Expect::Execute))
-            | (b'Z', Some(Expect::Ready)) => {
-                self.expect.pop_front();
-            }
-            _ => {}
+            (b'3', Expect::Close { ours }) => *ours,
+            (b'2', Expect::Bind)
+            | (b'T' | b'n', Expect::Describe)
+            | (b'C' | b'I' | b's', Expect::Execute)
+            | (b'Z', Expect::Ready) => false,
+            _ => return,
+        };
+        self.expect.pop_front();
+        if ours {
+            let end = s2c.scanned;
+            s2c.seal(start);
+            s2c.skip(end - start);
         }
+    }
+
+    /// Without a server: a batch of nothing but Parses of statements some server already
+    /// accepted, and a Sync, is answered by pgmux (so preparing never waits for a server
+    /// that other clients hold). Returns whether the batch was consumed.
+    pub fn answer_prepare_alone(&mut self, c2s: &mut Channel, s2c: &mut Channel) -> bool {
+        let mut at = 0;
+        let mut parsed = Vec::new();
+        loop {
+            let Some(head) = c2s.buf.get(at..at + 5) else {
+                return false;
+            };
+            let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+            if len < 4 {
+                return false;
+            }
+            let Some(body) = c2s.buf.get(at + 5..at + 1 + len) else {
+                return false;
+            };
+            match head[0] {
+                b'P' => {
+                    let Some((name, rest)) =
+                        prepared::split_parse(body).filter(|(n, _)| !n.is_empty())
+                    else {
+                        return false;
+                    };
+                    let def = self.registry.intern(rest);
+                    if !def.validated() {
+                        return false;
+                    }
+                    parsed.push((name.to_vec(), def));
+                }
+                b'S' if !parsed.is_empty() => {
+                    at += 1 + len;
+                    break;
+                }
+                _ => return false,
+            }
+            at += 1 + len;
+        }
+        for (name, def) in parsed {
+            self.stmts.insert(&name, def);
+            s2c.insert(Bytes::from_static(PARSE_COMPLETE));
+        }
+        s2c.insert(Bytes::from_static(READY_IDLE));
+        c2s.consume_unscanned(at);
+        true
     }
 
     /// The server entered COPY FROM STDIN and ignores the `n` Syncs that followed the
@@ -285,7 +348,7 @@ impl Tracker {
     pub fn syncs_ignored(&mut self, mut n: u32) {
         let mut i = 1;
         while n > 0 && i < self.expect.len() {
-            if self.expect[i] == Expect::Ready {
+            if matches!(self.expect[i], Expect::Ready) {
                 self.expect.remove(i);
                 n -= 1;
             } else {
@@ -296,16 +359,14 @@ impl Tracker {
 
     /// After an error the server skips to the next Sync: so do the expectations.
     fn failed(&mut self, server: &mut ServerStatements) {
-        while let Some(front) = self.expect.front().copied() {
-            if front == Expect::Ready {
+        while let Some(front) = self.expect.front() {
+            if matches!(front, Expect::Ready) {
                 break;
             }
-            self.expect.pop_front();
-            if let Expect::Parse { id, .. } = front {
-                if id != 0 {
-                    server.forget(id);
-                }
+            if let Expect::Parse { def: Some(d), .. } = front {
+                server.forget(d.id);
             }
+            self.expect.pop_front();
         }
     }
 
@@ -315,7 +376,7 @@ impl Tracker {
         if !s2c.scanner.at_boundary() {
             return;
         }
-        while let Some(Expect::Answer(msg)) = self.expect.front().copied() {
+        while let Some(&Expect::Answer(msg)) = self.expect.front() {
             s2c.insert(Bytes::from_static(msg));
             self.expect.pop_front();
         }

@@ -1,0 +1,303 @@
+//! Transaction pooling that clients cannot tell from PostgreSQL: named prepared statements
+//! follow each client across servers (tokio-postgres, pgbench -M prepared), statements are
+//! evicted within max_prepared_statements, and Close behaves as PostgreSQL's.
+
+mod common;
+
+use common::{PgCluster, Pgmux};
+use std::sync::Arc;
+use tokio_postgres::{types::Type, Client, NoTls, SimpleQueryMessage};
+
+fn start(db: &str, pool_size: u32, extra: &str) -> Pgmux {
+    let pg = PgCluster::shared();
+    pg.create_database(db, "app");
+    Pgmux::start(&format!(
+        r#"
+[pgmux]
+listen_port = {{port}}
+pool_mode = "transaction"
+default_pool_size = {pool_size}
+auth_type = "trust"
+{extra}
+[[users]]
+name = "app"
+password = "secret"
+[[databases]]
+name = "{db}"
+host = "127.0.0.1"
+port = {}
+"#,
+        pg.primary().port
+    ))
+}
+
+async fn connect(px: &Pgmux, db: &str) -> Client {
+    let (c, conn) = tokio_postgres::connect(&px.conn_str("app", db, Some("secret")), NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    c
+}
+
+fn first(msgs: &[SimpleQueryMessage]) -> String {
+    msgs.iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("").to_string()),
+            _ => None,
+        })
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokio_postgres_named_statements_move_between_servers() {
+    let db = "prep_tp";
+    let px = Arc::new(start(db, 2, ""));
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let px = px.clone();
+            tokio::spawn(async move {
+                let c = connect(&px, db).await;
+                // prepared once, executed many times, on whichever server is free
+                let double = c.prepare("SELECT $1::int8 * 2").await.unwrap();
+                let concat = c
+                    .prepare_typed("SELECT $1 || $2", &[Type::TEXT, Type::TEXT])
+                    .await
+                    .unwrap();
+                for j in 0..40i64 {
+                    let v = i * 1000 + j;
+                    assert_eq!(
+                        c.query_one(&double, &[&v]).await.unwrap().get::<_, i64>(0),
+                        v * 2
+                    );
+                    // query() prepares and binds in two round trips: a statement per call
+                    let r = c
+                        .query("SELECT $1::int8 + 1, $2::text", &[&v, &"x"])
+                        .await
+                        .unwrap();
+                    assert_eq!(r[0].get::<_, i64>(0), v + 1);
+                    let s: String = c
+                        .query_one(&concat, &[&"a", &j.to_string()])
+                        .await
+                        .unwrap()
+                        .get(0);
+                    assert_eq!(s, format!("a{j}"));
+                    let t = c
+                        .query_typed("SELECT $1::int8", &[(&v, Type::INT8)])
+                        .await
+                        .unwrap();
+                    assert_eq!(t[0].get::<_, i64>(0), v);
+                    assert_eq!(
+                        first(&c.simple_query(&format!("SELECT {v}")).await.unwrap()),
+                        v.to_string()
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_inside_transactions_and_after_errors() {
+    let db = "prep_tx";
+    let px = start(db, 1, "");
+    let mut c = connect(&px, db).await;
+    let stmt = c.prepare("SELECT $1::int / $2::int").await.unwrap();
+    let tx = c.transaction().await.unwrap();
+    assert_eq!(
+        tx.query_one(&stmt, &[&10i32, &2i32])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        5
+    );
+    let err = tx.query_one(&stmt, &[&1i32, &0i32]).await.unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "22012");
+    tx.rollback().await.unwrap();
+    // the statement still works afterwards, from another client's turn on the server too
+    let other = connect(&px, db).await;
+    let o = other.prepare("SELECT $1::int / $2::int").await.unwrap();
+    assert_eq!(
+        other
+            .query_one(&o, &[&9i32, &3i32])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        3
+    );
+    assert_eq!(
+        c.query_one(&stmt, &[&8i32, &4i32])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        2
+    );
+    // a Parse that fails leaves nothing behind that later calls trip over
+    assert!(c.prepare("SELECT * FROM no_such_table_here").await.is_err());
+    assert_eq!(
+        c.query_one(&stmt, &[&6i32, &3i32])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_statement_name_means_different_queries_for_different_clients() {
+    // both clients name their first statement s0; on the one shared server they must not mix
+    let db = "prep_names";
+    let px = start(db, 1, "");
+    let a = connect(&px, db).await;
+    let b = connect(&px, db).await;
+    let sa = a.prepare("SELECT 'a:' || $1::text").await.unwrap();
+    let sb = b.prepare("SELECT 'b:' || $1::text").await.unwrap();
+    for i in 0..10 {
+        let i = i.to_string();
+        assert_eq!(
+            a.query_one(&sa, &[&i]).await.unwrap().get::<_, String>(0),
+            format!("a:{i}")
+        );
+        assert_eq!(
+            b.query_one(&sb, &[&i]).await.unwrap().get::<_, String>(0),
+            format!("b:{i}")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_keeps_each_server_within_max_prepared_statements() {
+    let db = "prep_evict";
+    let px = start(db, 1, "max_prepared_statements = 3");
+    let c = connect(&px, db).await;
+    let mut stmts = Vec::new();
+    for k in 0..8 {
+        stmts.push(
+            c.prepare_typed(&format!("SELECT $1::int + {k}"), &[Type::INT4])
+                .await
+                .unwrap(),
+        );
+    }
+    for round in 0..3 {
+        for (k, s) in stmts.iter().enumerate() {
+            let v: i32 = c.query_one(s, &[&round]).await.unwrap().get(0);
+            assert_eq!(v, round + k as i32);
+        }
+    }
+    let on_server = first(
+        &c.simple_query("SELECT count(*) FROM pg_prepared_statements")
+            .await
+            .unwrap(),
+    );
+    assert!(
+        on_server.parse::<u32>().unwrap() <= 3,
+        "{on_server} statements on the server"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_statements_are_gone_for_that_client_only() {
+    let db = "prep_close";
+    let px = start(db, 1, "");
+    let a = connect(&px, db).await;
+    let b = connect(&px, db).await;
+    let sa = a.prepare("SELECT 42").await.unwrap();
+    let sb = b.prepare("SELECT 42").await.unwrap();
+    drop(sa); // tokio-postgres sends Close for it
+              // b's identical statement shares the server-side one and survives a's Close
+    for _ in 0..3 {
+        assert_eq!(b.query_one(&sb, &[]).await.unwrap().get::<_, i32>(0), 42);
+        assert_eq!(first(&a.simple_query("SELECT 1").await.unwrap()), "1");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_in_through_the_extended_protocol_returns_the_server() {
+    use futures_util::SinkExt;
+    let db = "prep_copy";
+    let pg = PgCluster::shared();
+    let px = start(db, 1, "query_wait_timeout = 20");
+    pg.psql(
+        pg.primary(),
+        db,
+        "CREATE TABLE IF NOT EXISTS c(x int); GRANT ALL ON c TO app",
+    );
+    let a = connect(&px, db).await;
+    // tokio-postgres sends Sync right after Execute; PostgreSQL ignores it in copy-in mode
+    let sink = a.copy_in("COPY c FROM STDIN").await.unwrap();
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"1\n2\n"))
+        .await
+        .unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 2);
+    // the only server went back to the pool: another client gets it
+    let b = connect(&px, db).await;
+    assert_eq!(
+        first(&b.simple_query("SELECT 'served'").await.unwrap()),
+        "served"
+    );
+}
+
+#[test]
+fn pgbench_in_every_query_mode() {
+    let db = "prep_bench";
+    let pg = PgCluster::shared();
+    let px = start(db, 4, "");
+    let init = std::process::Command::new("pgbench")
+        .args([
+            "-i",
+            "-s",
+            "1",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.primary().port.to_string(),
+            "-U",
+            "postgres",
+            db,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    pg.psql(
+        pg.primary(),
+        db,
+        "GRANT ALL ON ALL TABLES IN SCHEMA public TO app",
+    );
+    for mode in ["simple", "extended", "prepared"] {
+        for script in [&["-S"][..], &[][..]] {
+            let out = std::process::Command::new("pgbench")
+                .args(["-n", "-M", mode, "-c", "20", "-j", "2", "-t", "50"])
+                .args(script)
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &px.port.to_string(),
+                    "-U",
+                    "app",
+                    db,
+                ])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "-M {mode} {script:?}: {text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                text.contains("number of transactions actually processed: 1000/1000"),
+                "{text}"
+            );
+            assert!(text.contains("number of failed transactions: 0"), "{text}");
+        }
+    }
+}
