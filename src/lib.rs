@@ -11,5 +11,6 @@ pub mod params;
 pub mod pool;
 pub mod protocol;
 pub mod relay;
+pub mod router;
 pub mod run;
 pub mod server;
