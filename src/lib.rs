@@ -14,3 +14,4 @@ pub mod relay;
 pub mod router;
 pub mod run;
 pub mod server;
+pub mod topology;
