@@ -3,6 +3,7 @@
 //! `crate::topology`; choosing a server from both is the session's job.
 
 pub mod classify;
+pub mod config;
 pub mod lsn;
 
 pub use classify::{classify, Class, Classified, Command, Hint, Route};
