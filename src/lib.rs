@@ -12,5 +12,7 @@ pub mod pool;
 pub mod prepared;
 pub mod protocol;
 pub mod relay;
+pub mod router;
 pub mod run;
 pub mod server;
+pub mod topology;
