@@ -1,15 +1,18 @@
 //! pgmux: a PostgreSQL connection-pooling proxy. The binary in `main.rs` wires these modules;
 //! tests and benchmarks use them directly.
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod cancel;
 pub mod client;
 pub mod config;
 pub mod listener;
+pub mod metrics;
 pub mod params;
 pub mod pool;
 pub mod protocol;
 pub mod relay;
 pub mod run;
 pub mod server;
+pub mod stats;

@@ -8,6 +8,7 @@
 use crate::params::{self, Params};
 use crate::protocol::messages::parse_parameter_status;
 use crate::protocol::scan::{ScanError, Scanner, Step};
+use crate::stats::Meter;
 use bytes::{Buf, BytesMut};
 use std::io;
 use std::pin::Pin;
@@ -143,6 +144,8 @@ pub struct Relay {
     pub flow: Flow,
     pub max_message: usize,
     pub transaction_mode: bool,
+    /// Statistics hook (bytes, query and transaction clocks); see `stats::Meter`.
+    pub meter: Meter,
 }
 
 impl Relay {
@@ -159,6 +162,7 @@ impl Relay {
             },
             max_message,
             transaction_mode,
+            meter: Meter::default(),
         }
     }
 
@@ -187,8 +191,9 @@ impl Relay {
                 }
                 match self.s2c.read_from(cx, &mut *s.stream) {
                     Ok(Some(0)) => return Poll::Ready(Event::ServerClosed),
-                    Ok(Some(_)) => {
+                    Ok(Some(n)) => {
                         progress = true;
+                        self.meter.sent(n);
                         if let Some(ev) = self.scan_server(s.params, wants) {
                             return Poll::Ready(ev);
                         }
@@ -200,8 +205,9 @@ impl Relay {
             if !self.flow.terminated {
                 match self.c2s.read_from(cx, client) {
                     Ok(Some(0)) => return Poll::Ready(Event::ClientClosed),
-                    Ok(Some(_)) => {
+                    Ok(Some(n)) => {
                         progress = true;
+                        self.meter.received(n);
                         self.flow.idle_since = Instant::now();
                         if let Err(e) = self.scan_client() {
                             return Poll::Ready(Event::Protocol(e));
@@ -251,10 +257,14 @@ impl Relay {
                     return Ok(());
                 }
                 Step::Passed { tag, .. } => match tag {
-                    b'Q' | b'F' => self.flow.pending += 1,
+                    b'Q' | b'F' => {
+                        self.flow.pending += 1;
+                        self.meter.request();
+                    }
                     b'S' => {
                         self.flow.pending += 1;
                         self.flow.unsynced = false;
+                        self.meter.request();
                     }
                     b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => self.flow.unsynced = true,
                     b'd' | b'c' | b'f' => {}
@@ -294,6 +304,7 @@ impl Relay {
                 } => {
                     self.flow.status = body.first().copied().unwrap_or(b'I');
                     self.flow.pending = self.flow.pending.saturating_sub(1);
+                    self.meter.ready(self.flow.status, self.flow.pending > 0);
                     self.flow.idle_since = Instant::now();
                     if self.transaction_mode
                         && self.flow.status == b'I'
