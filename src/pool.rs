@@ -165,8 +165,20 @@ impl Pool {
 
     /// New settings (reload, SET) for checkouts and upkeep from now on.
     pub fn set_settings(&self, settings: PoolSettings) {
-        if *self.settings.load_full() != settings {
-            self.settings.store(Arc::new(settings));
+        if *self.settings.load_full() == settings {
+            return;
+        }
+        let size = settings.size;
+        self.settings.store(Arc::new(settings));
+        // a bigger pool serves clients already in line at once, not at the next release
+        let mut s = lock(&self.state);
+        while s.open < size {
+            let Some(w) = s.waiters.pop_front() else {
+                break;
+            };
+            if w.tx.send(Grant::Slot).is_ok() {
+                s.open += 1;
+            }
         }
     }
 
@@ -577,7 +589,7 @@ impl Pool {
                     i += 1;
                 }
             }
-            need = if s.closed || !s.waiters.is_empty() || self.is_retired() {
+            need = if s.closed || !s.waiters.is_empty() || self.is_retired() || self.is_paused() {
                 0
             } else {
                 settings.min_size.min(settings.size).saturating_sub(s.open)

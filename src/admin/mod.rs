@@ -301,12 +301,12 @@ impl Session {
         let mut tick = tokio::time::interval(PAUSE_POLL);
         loop {
             tick.tick().await;
-            let mut busy = false;
-            for p in &pools {
-                p.close_idle();
+            // counted before closing idle ones: once nothing is lent, nothing can come back
+            let busy = pools.iter().any(|p| {
                 let c = p.counts();
-                busy |= c.active > 0 || c.connecting > 0;
-            }
+                c.active > 0 || c.connecting > 0
+            });
+            pools.iter().for_each(|p| p.close_idle());
             if !busy {
                 return Ok(());
             }

@@ -254,12 +254,11 @@ impl Session {
 
     async fn attach(&mut self) -> Result<(), PgError> {
         let waiting_since = self.client.waiting();
-        let mut conn = self
-            .login
-            .pool
-            .checkout()
-            .await
-            .map_err(login::server_unavailable)?;
+        let mut conn = tokio::select! {
+            r = self.login.pool.checkout() => r.map_err(login::server_unavailable)?,
+            // KILL reaches clients waiting for a (paused) pool too
+            _ = self.client.killed() => return Err(shutdown_error()),
+        };
         let wants = &self.login.wants;
         if let Some(sql) = params::sync_statement(wants, &conn.params, &conn.extras) {
             match conn.run_internal(&sql).await {
