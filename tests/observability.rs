@@ -218,6 +218,22 @@ async fn pgbench_moves_counters_and_gauges_agree_with_postgres_and_show_pools() 
     assert!(metric(&after, "pgmux_server_connects_total", &l) <= 5.0);
     assert!(metric(&after, "process_resident_memory_bytes", &[]) > 0.0);
     assert!(metric(&after, "process_open_fds", &[]) > 0.0);
+    // the Grafana dashboard only charts metrics that exist
+    let dashboard = include_str!("../deploy/grafana/pgmux.json");
+    for (i, _) in dashboard
+        .match_indices("pgmux_")
+        .chain(dashboard.match_indices("process_"))
+    {
+        let name: String = dashboard[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let family = name.strip_suffix("_bucket").unwrap_or(&name);
+        assert!(
+            after.contains(&format!("# TYPE {family} ")),
+            "dashboard uses {name}, not exported"
+        );
+    }
 
     // the console shows what /metrics exports
     let admin = console(&s.px).await;
