@@ -243,6 +243,14 @@ pub fn render(app: &App) -> String {
             &sl,
             s.server_connect_failures.load(Ordering::Relaxed) as f64,
         );
+        for (class, n) in s.errors_by_class() {
+            f.counter(
+                "pgmux_server_errors_total",
+                "ErrorResponses relayed from servers to clients, by SQLSTATE class",
+                &[("database", db), ("user", user), ("class", &class)],
+                n as f64,
+            );
+        }
         f.merge(s.wait_hist.collect());
         f.merge(s.query_hist.collect());
         f.merge(s.xact_hist.collect());

@@ -287,7 +287,7 @@ impl Relay {
             let step = match ch.scanner.step(
                 &ch.buf,
                 &mut ch.scanned,
-                |t| t == b'Z' || t == b'S',
+                |t| t == b'Z' || t == b'S' || t == b'E',
                 usize::MAX,
             ) {
                 Ok(s) => s,
@@ -317,6 +317,10 @@ impl Relay {
                     }
                     quiet = self.flow.quiet();
                 }
+                // errors are rare and small: read for their SQLSTATE class (stats)
+                Step::Message {
+                    tag: b'E', body, ..
+                } => self.meter.error(body),
                 Step::Message { body, .. } => note_parameter(body, server_params, wants),
                 Step::Passed { .. } => {}
                 Step::NeedMore { reserve } => {

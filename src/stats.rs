@@ -8,7 +8,7 @@
 //! atomics, so the console and the metrics cannot disagree about what was counted.
 
 use prometheus::{Histogram, HistogramOpts};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -156,6 +156,9 @@ pub struct PoolStats {
     pub xact_hist: Histogram,
     /// Written by the stats ticker every stats_period, read by SHOW STATS.
     averages: Mutex<(Totals, Averages)>,
+    /// ErrorResponses relayed from servers, by SQLSTATE class (errors are rare: a lock is
+    /// fine here, and the map holds at most the few dozen classes PostgreSQL defines).
+    errors: Mutex<BTreeMap<[u8; 2], u64>>,
 }
 
 fn histogram(name: &str, help: &str, db: &str, user: &str) -> Histogram {
@@ -201,6 +204,7 @@ impl PoolStats {
                 user,
             ),
             averages: Mutex::new(Default::default()),
+            errors: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -238,6 +242,16 @@ impl PoolStats {
             query_time_us: l(&self.query_time_us),
             wait_time_us: l(&self.wait_time_us),
         }
+    }
+
+    /// Server errors relayed so far, by SQLSTATE class ("42", "23", ...).
+    pub fn errors_by_class(&self) -> Vec<(String, u64)> {
+        self.errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(c, n)| (String::from_utf8_lossy(c).into_owned(), *n))
+            .collect()
     }
 
     pub fn averages(&self) -> Averages {
@@ -335,6 +349,19 @@ impl Meter {
         }
     }
 
+    /// An ErrorResponse body on its way to the client: counted by SQLSTATE class.
+    pub fn error(&self, body: &[u8]) {
+        let Some(s) = &self.stats else { return };
+        let Some(class) = sqlstate_class(body) else {
+            return;
+        };
+        *s.errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(class)
+            .or_insert(0) += 1;
+    }
+
     /// A server was just attached: time spent waiting for it is not query time.
     pub fn attached(&mut self) {
         let now = Instant::now();
@@ -345,6 +372,23 @@ impl Meter {
             self.xact_start = Some(now);
         }
     }
+}
+
+/// The first two characters of the `C` (SQLSTATE) field of an ErrorResponse body.
+fn sqlstate_class(mut body: &[u8]) -> Option<[u8; 2]> {
+    while let Some((&tag, rest)) = body.split_first() {
+        if tag == 0 {
+            return None;
+        }
+        let end = rest.iter().position(|&b| b == 0)?;
+        if tag == b'C' {
+            let code = &rest[..end];
+            let class = [*code.first()?, *code.get(1)?];
+            return class.iter().all(u8::is_ascii_alphanumeric).then_some(class);
+        }
+        body = &rest[end + 1..];
+    }
+    None
 }
 
 /// One logged-in client as SHOW CLIENTS lists it.
@@ -571,6 +615,21 @@ mod tests {
         m.sent(20);
         let t = stats.totals();
         assert_eq!((t.received, t.sent), (10, 20));
+    }
+
+    #[test]
+    fn errors_count_by_sqlstate_class() {
+        let stats = PoolStats::new("db", "u");
+        let m = Meter::new(stats.clone());
+        m.error(b"SERROR\0VERROR\0C42P01\0Mrelation does not exist\0\0");
+        m.error(b"SERROR\0C42601\0Msyntax\0\0");
+        m.error(b"SERROR\0C23505\0\0");
+        m.error(b"SERROR\0Mno code\0\0");
+        m.error(b"C4");
+        assert_eq!(
+            stats.errors_by_class(),
+            vec![("23".to_string(), 1), ("42".to_string(), 2)]
+        );
     }
 
     #[test]

@@ -317,6 +317,21 @@ async fn pgbench_moves_counters_and_gauges_agree_with_postgres_and_show_pools() 
             "idle in transaction"
         );
     }
+    // server errors are counted by SQLSTATE class
+    let err = idle
+        .simple_query("SELECT * FROM no_such_table")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "42P01");
+    let m = scrape(s.metrics_port);
+    assert_eq!(
+        metric(
+            &m,
+            "pgmux_server_errors_total",
+            &[("database", db), ("class", "42")]
+        ),
+        1.0
+    );
     for c in &held {
         c.simple_query("COMMIT").await.unwrap();
     }
@@ -681,4 +696,17 @@ async fn a_database_removed_by_reload_drains() {
     })
     .await;
     wait_until("its servers closed", WAIT, || server_conns(db) == 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_from_the_console_stops_pgmux() {
+    let db = "obsshutdown";
+    let mut s = start(db, "shutdown_timeout = 10", "");
+    let app = connect(&s.px, "app", db).await.unwrap();
+    app.simple_query("SELECT 1").await.unwrap();
+    let admin = console(&s.px).await;
+    admin.simple_query("SHUTDOWN").await.unwrap();
+    let status = tokio::task::block_in_place(|| s.px.wait_exit(WAIT)).expect("pgmux exited");
+    assert!(status.success(), "{status}");
+    assert!(app.simple_query("SELECT 1").await.is_err());
 }
