@@ -1,17 +1,21 @@
-//! The state shared by every task: configuration, pools, cancel keys, client counts and the
-//! shutdown signal.
+//! The state shared by every task: the live configuration (swapped whole on reload), pools,
+//! cancel keys, client counts and registry, pause state and the shutdown signal.
 
 use crate::auth::password::Secret;
 use crate::auth::VerifierCache;
 use crate::cancel::CancelRegistry;
-use crate::config::{Config, Database};
+use crate::config::{Config, ConfigError, Database};
 use crate::pool::{DbLimit, Pool, PoolSettings};
 use crate::server::ServerTarget;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use crate::stats::ClientRegistry;
+use arc_swap::{ArcSwap, Guard};
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-use tokio::sync::watch;
+use std::time::{Duration, SystemTime};
+use tokio::sync::{watch, Notify};
+use tracing::{info, warn};
 
 /// Shutdown stages, in order. SIGTERM drains: no new clients, connected ones are served
 /// until they leave. SIGINT is safe shutdown: each client is also closed as soon as it
@@ -23,34 +27,96 @@ pub enum Shutdown {
     Safe,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("no configuration file to reload from")]
+    NoPath,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// Settings that only take effect at start: a reload keeps the running values.
+pub const RESTART_ONLY: &[&str] = &[
+    "listen_addr",
+    "listen_port",
+    "so_reuseport",
+    "metrics_listen_addr",
+    "metrics_listen_port",
+    "log_level",
+    "log_format",
+    "max_db_connections",
+];
+
+#[derive(Default)]
+struct PauseState {
+    all: bool,
+    dbs: HashSet<String>,
+}
+
 pub struct App {
-    pub config: Arc<Config>,
+    config: ArcSwap<Config>,
+    /// Where the configuration came from, for SIGHUP and RELOAD.
+    pub config_path: Option<PathBuf>,
     pub cancels: CancelRegistry,
     pub verifiers: VerifierCache,
     /// Every distinct named statement clients prepared (transaction mode).
     pub statements: Arc<crate::prepared::Registry>,
     /// Connected clients (counted from accept, so max_client_conn holds during login too).
     pub clients: AtomicUsize,
+    /// Logged-in clients, for SHOW CLIENTS and KILL.
+    pub registry: Arc<ClientRegistry>,
     pools: Mutex<HashMap<(String, String), Arc<Pool>>>,
+    /// Pools whose database (or user) left the configuration, serving their last clients.
+    retired: Mutex<Vec<Arc<Pool>>>,
     db_limits: Mutex<HashMap<String, Arc<DbLimit>>>,
+    pause: Mutex<PauseState>,
+    /// Serialises reloads (SIGHUP, RELOAD, SET) so none is lost.
+    reloading: Mutex<()>,
     shutdown: watch::Sender<Shutdown>,
+    /// SHUTDOWN from the admin console: `run` treats it as SIGINT.
+    pub shutdown_requested: Notify,
     /// Woken when the last client leaves.
     pub no_clients: tokio::sync::Notify,
+    pub started: SystemTime,
+    /// Clients refused for a wrong password or unknown user.
+    pub auth_failures: AtomicU64,
 }
 
 impl App {
     pub fn new(config: Config) -> Arc<App> {
+        App::with_path(config, None)
+    }
+
+    pub fn with_path(config: Config, config_path: Option<PathBuf>) -> Arc<App> {
         Arc::new(App {
-            config: Arc::new(config),
+            config: ArcSwap::from_pointee(config),
+            config_path,
             cancels: CancelRegistry::default(),
             verifiers: VerifierCache::default(),
             statements: Arc::default(),
             clients: AtomicUsize::new(0),
+            registry: Arc::new(ClientRegistry::default()),
             pools: Mutex::new(HashMap::new()),
+            retired: Mutex::new(Vec::new()),
             db_limits: Mutex::new(HashMap::new()),
+            pause: Mutex::new(PauseState::default()),
+            reloading: Mutex::new(()),
             shutdown: watch::channel(Shutdown::Running).0,
+            shutdown_requested: Notify::new(),
             no_clients: tokio::sync::Notify::new(),
+            started: SystemTime::now(),
+            auth_failures: AtomicU64::new(0),
         })
+    }
+
+    /// The configuration in force. Cheap (no reference count is touched); do not hold it
+    /// for long, take `config_arc` for that.
+    pub fn config(&self) -> Guard<Arc<Config>> {
+        self.config.load()
+    }
+
+    pub fn config_arc(&self) -> Arc<Config> {
+        self.config.load_full()
     }
 
     pub fn shutdown_signal(&self) -> watch::Receiver<Shutdown> {
@@ -76,83 +142,47 @@ impl App {
         self.clients.load(Ordering::Relaxed)
     }
 
+    /// Every pool, the retired ones (still serving their last clients) included.
     pub fn all_pools(&self) -> Vec<Arc<Pool>> {
-        lock(&self.pools).values().cloned().collect()
+        let mut v: Vec<Arc<Pool>> = lock(&self.pools).values().cloned().collect();
+        v.extend(lock(&self.retired).iter().cloned());
+        v.sort_by(|a, b| (&a.db, &a.user).cmp(&(&b.db, &b.user)));
+        v
     }
 
     /// The pool serving `user` on `db`, created on first use.
     pub fn pool(&self, db: &Database, user: &str) -> Arc<Pool> {
-        let target = self.target(db, user);
+        let config = self.config_arc();
+        let target = target(&config, db, user);
         let key = (db.name.clone(), target.user.clone());
         if let Some(p) = lock(&self.pools).get(&key) {
             return p.clone();
         }
-        let settings = self.pool_settings(db, user);
-        let limit = self.db_limit(db);
+        let settings = pool_settings(&config, db, user);
+        let limit = self.db_limit(&config, db);
         let mut pools = lock(&self.pools);
         pools
             .entry(key)
             .or_insert_with(|| {
-                Pool::new(
+                let p = Pool::new(
                     db.name.clone(),
                     target.user.clone(),
                     target,
                     settings,
                     limit,
-                )
+                );
+                if self.is_paused(&db.name) {
+                    p.pause();
+                }
+                p
             })
             .clone()
     }
 
-    fn target(&self, db: &Database, user: &str) -> ServerTarget {
-        let (server_user, secret) = match &db.server_user {
-            Some(u) => (u.clone(), db.server_password.as_deref().map(Secret::parse)),
-            None => (
-                user.to_string(),
-                self.config
-                    .user(user)
-                    .and_then(|u| u.password.as_deref())
-                    .map(Secret::parse),
-            ),
-        };
-        ServerTarget {
-            host: db.host.clone(),
-            port: db.port,
-            dbname: db.dbname.clone().unwrap_or_else(|| db.name.clone()),
-            user: server_user,
-            secret,
-        }
-    }
-
-    fn pool_settings(&self, db: &Database, user: &str) -> PoolSettings {
-        let g = &self.config.pgmux;
-        let u = self.config.user(user);
-        PoolSettings {
-            mode: u
-                .and_then(|u| u.pool_mode)
-                .or(db.pool_mode)
-                .unwrap_or(g.pool_mode),
-            size: u
-                .and_then(|u| u.pool_size)
-                .or(db.pool_size)
-                .unwrap_or(g.default_pool_size),
-            min_size: db.min_pool_size.unwrap_or(g.min_pool_size),
-            reserve_size: db.reserve_pool_size.unwrap_or(g.reserve_pool_size),
-            reserve_timeout: g.reserve_pool_timeout.get(),
-            query_wait_timeout: g.query_wait_timeout.get(),
-            connect_timeout: g
-                .server_connect_timeout
-                .get()
-                .unwrap_or(Duration::from_secs(15)),
-            idle_timeout: g.server_idle_timeout.get(),
-            lifetime: g.server_lifetime.get(),
-        }
-    }
-
-    fn db_limit(&self, db: &Database) -> Option<Arc<DbLimit>> {
+    fn db_limit(&self, config: &Config, db: &Database) -> Option<Arc<DbLimit>> {
         let max = db
             .max_db_connections
-            .unwrap_or(self.config.pgmux.max_db_connections);
+            .unwrap_or(config.pgmux.max_db_connections);
         if max == 0 {
             return None;
         }
@@ -162,6 +192,227 @@ impl App {
                 .or_insert_with(|| DbLimit::new(max))
                 .clone(),
         )
+    }
+
+    pub fn is_paused(&self, db: &str) -> bool {
+        let p = lock(&self.pause);
+        p.all || p.dbs.contains(db)
+    }
+
+    /// PAUSE [db]: new checkouts wait; returns the pools now paused.
+    pub fn pause(&self, db: Option<&str>) -> Vec<Arc<Pool>> {
+        {
+            let mut p = lock(&self.pause);
+            match db {
+                None => p.all = true,
+                Some(d) => {
+                    p.dbs.insert(d.to_string());
+                }
+            }
+        }
+        let pools: Vec<_> = self
+            .all_pools()
+            .into_iter()
+            .filter(|p| db.is_none_or(|d| p.db == d))
+            .collect();
+        pools.iter().for_each(|p| p.pause());
+        pools
+    }
+
+    /// RESUME [db]. Resuming everything also clears per-database pauses.
+    pub fn resume(&self, db: Option<&str>) {
+        {
+            let mut p = lock(&self.pause);
+            match db {
+                None => {
+                    p.all = false;
+                    p.dbs.clear();
+                }
+                Some(d) => {
+                    p.dbs.remove(d);
+                }
+            }
+        }
+        for p in self.all_pools() {
+            if !self.is_paused(&p.db) {
+                p.resume();
+            }
+        }
+    }
+
+    /// Re-reads the configuration file and applies it; on error the running one stays.
+    pub fn reload(&self) -> Result<(), ReloadError> {
+        let path = self.config_path.as_ref().ok_or(ReloadError::NoPath)?;
+        let new = Config::load(path)?;
+        self.apply(new);
+        info!("configuration reloaded from {}", path.display());
+        Ok(())
+    }
+
+    /// Puts a validated configuration in force: settings and targets of existing pools are
+    /// updated in place (their clients stay connected), pools of removed databases retire.
+    pub fn apply(&self, mut new: Config) {
+        let _serial = lock(&self.reloading);
+        let old = self.config_arc();
+        keep_restart_only(&old, &mut new);
+        let new = Arc::new(new);
+        self.config.store(new.clone());
+
+        let mut pools = lock(&self.pools);
+        let mut retire = Vec::new();
+        for (key, pool) in pools.iter() {
+            let Some(db) = new.database(&pool.db) else {
+                retire.push(key.clone());
+                continue;
+            };
+            // the pool's user: the server_user everyone shares, or the client's own
+            let (still_valid, client_user) = match &db.server_user {
+                Some(su) => (*su == pool.user, pool.user.clone()),
+                None => {
+                    let was_shared = old
+                        .database(&pool.db)
+                        .is_some_and(|d| d.server_user.is_some());
+                    (
+                        !was_shared && new.user(&pool.user).is_some(),
+                        pool.user.clone(),
+                    )
+                }
+            };
+            if !still_valid {
+                retire.push(key.clone());
+                continue;
+            }
+            let secret_changed = secret_source(&old, old.database(&pool.db), &pool.user)
+                != secret_source(&new, Some(db), &pool.user);
+            pool.set_target(target(&new, db, &client_user), secret_changed);
+            pool.set_settings(pool_settings(&new, db, &client_user));
+        }
+        let mut retired = lock(&self.retired);
+        for key in retire {
+            if let Some(p) = pools.remove(&key) {
+                info!(db = %p.db, user = %p.user, "pool retired by reload: serving its clients until they leave");
+                p.retire();
+                retired.push(p);
+            }
+        }
+    }
+
+    /// Upkeep of retired pools: closed and forgotten once their last client has left.
+    pub fn sweep_retired(&self) {
+        let done: Vec<Arc<Pool>> = {
+            let mut r = lock(&self.retired);
+            let (done, keep) = r
+                .drain(..)
+                .partition(|p| p.stats.client_total() == 0 && p.counts().active == 0);
+            *r = keep;
+            done
+        };
+        for p in done {
+            info!(db = %p.db, user = %p.user, "retired pool closed");
+            p.close();
+        }
+    }
+
+    /// Every stats_period: SHOW STATS averages move on.
+    pub fn roll_stats(&self, period: Duration) {
+        for p in self.all_pools() {
+            p.stats.roll_averages(period);
+        }
+    }
+
+    /// Whether `user` may use the console, and with which rights.
+    pub fn console_role(&self, user: &str) -> Option<crate::admin::Role> {
+        let c = self.config();
+        if c.pgmux.admin_users.iter().any(|u| u == user) {
+            Some(crate::admin::Role::Admin)
+        } else if c.pgmux.stats_users.iter().any(|u| u == user) {
+            Some(crate::admin::Role::Stats)
+        } else {
+            None
+        }
+    }
+}
+
+/// Restart-only settings keep their running values, with a warning when the file differs.
+fn keep_restart_only(old: &Config, new: &mut Config) {
+    let (o, n) = (&old.pgmux, &mut new.pgmux);
+    macro_rules! keep {
+        ($($f:ident),*) => {$(
+            if o.$f != n.$f {
+                warn!(concat!(stringify!($f), " changed: takes effect at restart; keeping the running value"));
+                n.$f = o.$f.clone();
+            }
+        )*};
+    }
+    keep!(
+        listen_addr,
+        listen_port,
+        so_reuseport,
+        metrics_listen_addr,
+        metrics_listen_port,
+        log_level,
+        log_format,
+        max_db_connections
+    );
+    for d in &mut new.databases {
+        let before = old.database(&d.name).and_then(|od| od.max_db_connections);
+        if old.database(&d.name).is_some() && d.max_db_connections != before {
+            warn!(db = %d.name, "max_db_connections changed: takes effect at restart");
+            d.max_db_connections = before;
+        }
+    }
+}
+
+/// The configured text a pool's server login secret comes from.
+fn secret_source(config: &Config, db: Option<&Database>, user: &str) -> Option<String> {
+    match db.and_then(|d| d.server_user.as_ref()) {
+        Some(_) => db.and_then(|d| d.server_password.clone()),
+        None => config.user(user).and_then(|u| u.password.clone()),
+    }
+}
+
+fn target(config: &Config, db: &Database, user: &str) -> ServerTarget {
+    let (server_user, secret) = match &db.server_user {
+        Some(u) => (u.clone(), db.server_password.as_deref().map(Secret::parse)),
+        None => (
+            user.to_string(),
+            config
+                .user(user)
+                .and_then(|u| u.password.as_deref())
+                .map(Secret::parse),
+        ),
+    };
+    ServerTarget {
+        host: db.host.clone(),
+        port: db.port,
+        dbname: db.dbname.clone().unwrap_or_else(|| db.name.clone()),
+        user: server_user,
+        secret,
+    }
+}
+
+pub fn pool_settings(config: &Config, db: &Database, user: &str) -> PoolSettings {
+    let g = &config.pgmux;
+    let u = config.user(user);
+    PoolSettings {
+        mode: u
+            .and_then(|u| u.pool_mode)
+            .or(db.pool_mode)
+            .unwrap_or(g.pool_mode),
+        size: u
+            .and_then(|u| u.pool_size)
+            .or(db.pool_size)
+            .unwrap_or(g.default_pool_size),
+        min_size: db.min_pool_size.unwrap_or(g.min_pool_size),
+        reserve_size: db.reserve_pool_size.unwrap_or(g.reserve_pool_size),
+        reserve_timeout: g.reserve_pool_timeout.get(),
+        query_wait_timeout: g.query_wait_timeout.get(),
+        connect_timeout: g
+            .server_connect_timeout
+            .get()
+            .unwrap_or(Duration::from_secs(15)),
+        idle_timeout: g.server_idle_timeout.get(),
+        lifetime: g.server_lifetime.get(),
     }
 }
 

@@ -1,7 +1,7 @@
 //! The TOML configuration: schema (serde, unknown keys refused), defaults that follow
 //! PgBouncer's names and meanings, and validation that names what is wrong.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
@@ -19,14 +19,14 @@ pub enum ConfigError {
     Invalid { path: String, message: String },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PoolMode {
     Session,
     Transaction,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum AuthType {
     #[serde(rename = "trust")]
     Trust,
@@ -36,7 +36,7 @@ pub enum AuthType {
     ScramSha256,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
@@ -44,7 +44,7 @@ pub enum LogFormat {
 }
 
 /// Seconds as PgBouncer writes them; fractions allowed, 0 disables where that makes sense.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
 #[serde(transparent)]
 pub struct Seconds(pub f64);
 
@@ -55,7 +55,7 @@ impl Seconds {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct General {
     pub listen_addr: String,
@@ -84,6 +84,16 @@ pub struct General {
     pub max_prepared_statements: u32,
     pub log_level: String,
     pub log_format: LogFormat,
+    /// Address of the HTTP listener for /metrics, /health and /ready.
+    pub metrics_listen_addr: String,
+    /// Its port; 0 turns the listener off.
+    pub metrics_listen_port: u16,
+    /// Users (from [[users]]) who get every admin console command.
+    pub admin_users: Vec<String>,
+    /// Users (from [[users]]) who may only run SHOW commands on the console.
+    pub stats_users: Vec<String>,
+    /// How often the averages of SHOW STATS are recomputed.
+    pub stats_period: Seconds,
 }
 
 impl Default for General {
@@ -115,6 +125,11 @@ impl Default for General {
             max_prepared_statements: 200,
             log_level: "info".into(),
             log_format: LogFormat::Text,
+            metrics_listen_addr: "127.0.0.1".into(),
+            metrics_listen_port: 9930,
+            admin_users: Vec::new(),
+            stats_users: Vec::new(),
+            stats_period: Seconds(60.0),
         }
     }
 }
@@ -184,6 +199,15 @@ impl Config {
         Ok(config)
     }
 
+    /// Checks a configuration built in memory (SET on the console) as a loaded one is.
+    pub fn validated(self, origin: &str) -> Result<Config, ConfigError> {
+        self.validate().map_err(|message| ConfigError::Invalid {
+            path: origin.to_string(),
+            message,
+        })?;
+        Ok(self)
+    }
+
     fn validate(&self) -> Result<(), String> {
         let g = &self.pgmux;
         if g.default_pool_size == 0 {
@@ -194,6 +218,32 @@ impl Config {
         }
         if g.server_reset_query.contains('\0') {
             return Err("server_reset_query must not contain NUL".into());
+        }
+        if g.stats_period.0 < 1.0 {
+            return Err("stats_period must be at least 1 second".into());
+        }
+        if !g.metrics_listen_addr.is_empty()
+            && g.metrics_listen_addr.parse::<std::net::IpAddr>().is_err()
+        {
+            return Err(format!(
+                "metrics_listen_addr {:?} is not an IP address",
+                g.metrics_listen_addr
+            ));
+        }
+        for name in g.admin_users.iter().chain(&g.stats_users) {
+            if self.user(name).is_none() {
+                return Err(format!(
+                    "admin_users/stats_users: {name:?} is not a user in [[users]]"
+                ));
+            }
+        }
+        for db in &self.databases {
+            if crate::admin::is_console_db(&db.name) {
+                return Err(format!(
+                    "database {:?} is reserved for the admin console",
+                    db.name
+                ));
+            }
         }
         unique(self.users.iter().map(|u| u.name.as_str()), "user")?;
         unique(self.databases.iter().map(|d| d.name.as_str()), "database")?;

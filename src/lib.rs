@@ -1,12 +1,14 @@
 //! pgmux: a PostgreSQL connection-pooling proxy. The binary in `main.rs` wires these modules;
 //! tests and benchmarks use them directly.
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod cancel;
 pub mod client;
 pub mod config;
 pub mod listener;
+pub mod metrics;
 pub mod params;
 pub mod pool;
 pub mod prepared;
@@ -15,4 +17,5 @@ pub mod relay;
 pub mod router;
 pub mod run;
 pub mod server;
+pub mod stats;
 pub mod topology;

@@ -65,7 +65,7 @@ pub async fn run(app: Arc<App>, listener: TcpListener) {
 
 fn spawn_client(app: &Arc<App>, stream: tokio::net::TcpStream, peer: SocketAddr) {
     let n = app.clients.fetch_add(1, Ordering::AcqRel) + 1;
-    let over_limit = n > app.config.pgmux.max_client_conn as usize;
+    let over_limit = n > app.config().pgmux.max_client_conn as usize;
     let slot = ClientSlot(app.clone());
     let app = app.clone();
     tokio::spawn(async move {

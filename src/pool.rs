@@ -2,15 +2,21 @@
 //! first-out waiting, a reserve after reserve_pool_timeout, max_db_connections across a
 //! database's pools, and upkeep (min_pool_size, server_idle_timeout, server_lifetime).
 //! A checked-out connection is a guard: released explicitly when clean, closed on drop.
+//! Settings and target can be swapped live (reload); PAUSE holds checkouts; RECONNECT
+//! retires connections opened before it. The pool keeps a small record of each open
+//! connection for SHOW SERVERS, and its `PoolStats` for the console and metrics.
 
 use crate::config::PoolMode;
 use crate::params::Params;
 use crate::server::{ServerConn, ServerError, ServerTarget};
-use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use crate::stats::PoolStats;
+use arc_swap::ArcSwap;
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::Duration;
-use tokio::sync::{oneshot, Semaphore};
+use std::time::{Duration, SystemTime};
+use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio::time::Instant;
 
 #[derive(Debug, thiserror::Error)]
@@ -23,7 +29,7 @@ pub enum PoolError {
     Closed,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PoolSettings {
     pub mode: PoolMode,
     pub size: u32,
@@ -59,6 +65,24 @@ struct State {
     next_waiter: u64,
     baseline: Option<Arc<Params>>,
     closed: bool,
+    /// Every open connection (idle or lent), for SHOW SERVERS.
+    servers: HashMap<u64, ServerInfo>,
+    /// Bumped by RECONNECT and target changes: older connections close when released.
+    generation: u64,
+}
+
+/// What SHOW SERVERS shows of one server connection.
+#[derive(Debug, Clone)]
+pub struct ServerInfo {
+    pub id: u64,
+    pub addr: SocketAddr,
+    pub local: Option<SocketAddr>,
+    pub pid: i32,
+    pub connect_time: SystemTime,
+    pub generation: u64,
+    /// In the idle list (as opposed to lent to a client).
+    pub idle: bool,
+    pub close_needed: bool,
 }
 
 /// Counts as the admin console and metrics show them.
@@ -91,10 +115,15 @@ impl DbLimit {
 pub struct Pool {
     pub db: String,
     pub user: String,
-    pub target: ServerTarget,
-    pub settings: PoolSettings,
+    target: ArcSwap<ServerTarget>,
+    settings: ArcSwap<PoolSettings>,
     state: Mutex<State>,
     db_limit: Option<Arc<DbLimit>>,
+    pub stats: Arc<PoolStats>,
+    paused: AtomicBool,
+    resumed: Notify,
+    /// The pool's database left the configuration: it serves its clients until they leave.
+    retired: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -109,18 +138,133 @@ impl Pool {
         settings: PoolSettings,
         db_limit: Option<Arc<DbLimit>>,
     ) -> Arc<Pool> {
+        let stats = PoolStats::new(&db, &user);
         let pool = Arc::new(Pool {
             db,
             user,
-            target,
-            settings,
+            target: ArcSwap::from_pointee(target),
+            settings: ArcSwap::from_pointee(settings),
             state: Mutex::new(State::default()),
             db_limit,
+            stats,
+            paused: AtomicBool::new(false),
+            resumed: Notify::new(),
+            retired: AtomicBool::new(false),
         });
         if let Some(l) = &pool.db_limit {
             lock(&l.pools).push(Arc::downgrade(&pool));
         }
         pool
+    }
+
+    pub fn settings(&self) -> Arc<PoolSettings> {
+        self.settings.load_full()
+    }
+
+    pub fn target(&self) -> Arc<ServerTarget> {
+        self.target.load_full()
+    }
+
+    /// New settings (reload, SET) for checkouts and upkeep from now on.
+    pub fn set_settings(&self, settings: PoolSettings) {
+        if *self.settings.load_full() == settings {
+            return;
+        }
+        let size = settings.size;
+        self.settings.store(Arc::new(settings));
+        // a bigger pool serves clients already in line at once, not at the next release
+        let mut s = lock(&self.state);
+        while s.open < size {
+            let Some(w) = s.waiters.pop_front() else {
+                break;
+            };
+            if w.tx.send(Grant::Slot).is_ok() {
+                s.open += 1;
+            }
+        }
+    }
+
+    /// A new server address or login (`secret_changed`: the password in the configuration
+    /// changed): connections made the old way close as they come back.
+    pub fn set_target(&self, target: ServerTarget, secret_changed: bool) {
+        let old = self.target.load_full();
+        let same = old.host == target.host
+            && old.port == target.port
+            && old.dbname == target.dbname
+            && old.user == target.user
+            && !secret_changed;
+        if !same {
+            self.target.store(Arc::new(target));
+            self.reconnect();
+        }
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+
+    /// PAUSE: checkouts wait until resume(); running transactions go on.
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::Release);
+    }
+
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::Release);
+        self.resumed.notify_waiters();
+    }
+
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    /// RECONNECT: idle connections close now, lent ones when they are released.
+    pub fn reconnect(&self) {
+        let idle = {
+            let mut s = lock(&self.state);
+            s.generation += 1;
+            let idle = std::mem::take(&mut s.idle);
+            s.open -= idle.len() as u32;
+            for c in &idle {
+                s.servers.remove(&c.id);
+            }
+            idle
+        };
+        idle.into_iter().for_each(ServerConn::close);
+    }
+
+    /// Closes idle connections (PAUSE, so the server can restart); lent ones stay.
+    pub fn close_idle(&self) {
+        let idle = {
+            let mut s = lock(&self.state);
+            let idle = std::mem::take(&mut s.idle);
+            s.open -= idle.len() as u32;
+            for c in &idle {
+                s.servers.remove(&c.id);
+            }
+            idle
+        };
+        idle.into_iter().for_each(ServerConn::close);
+    }
+
+    /// Open connections as SHOW SERVERS lists them.
+    pub fn servers(&self) -> Vec<ServerInfo> {
+        let s = lock(&self.state);
+        let idle: std::collections::HashSet<u64> = s.idle.iter().map(|c| c.id).collect();
+        let mut v: Vec<ServerInfo> = s
+            .servers
+            .values()
+            .map(|i| ServerInfo {
+                idle: idle.contains(&i.id),
+                close_needed: i.generation < s.generation,
+                ..i.clone()
+            })
+            .collect();
+        v.sort_by_key(|i| i.id);
+        v
     }
 
     pub fn counts(&self) -> PoolCounts {
@@ -141,7 +285,12 @@ impl Pool {
 
     /// Lends a connection: an idle one, a new one while under size, else waits in line.
     pub async fn checkout(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
-        let deadline = self.settings.query_wait_timeout.map(|d| Instant::now() + d);
+        let deadline = self
+            .settings
+            .load()
+            .query_wait_timeout
+            .map(|d| Instant::now() + d);
+        self.wait_resumed(deadline).await?;
         loop {
             let grant = match self.take()? {
                 Ok(g) => g,
@@ -155,6 +304,24 @@ impl Pool {
         }
     }
 
+    /// While paused, waits for RESUME (bounded by query_wait_timeout like any wait).
+    async fn wait_resumed(&self, deadline: Option<Instant>) -> Result<(), PoolError> {
+        loop {
+            let resumed = self.resumed.notified();
+            if !self.is_paused() {
+                return Ok(());
+            }
+            match deadline {
+                Some(d) => {
+                    if tokio::time::timeout_at(d, resumed).await.is_err() {
+                        return Err(PoolError::WaitTimeout);
+                    }
+                }
+                None => resumed.await,
+            }
+        }
+    }
+
     #[allow(clippy::type_complexity)]
     fn take(&self) -> Result<Result<Grant, (u64, oneshot::Receiver<Grant>)>, PoolError> {
         let mut expired = Vec::new();
@@ -163,10 +330,12 @@ impl Pool {
             return Err(PoolError::Closed);
         }
         let now = Instant::now();
+        let size = self.settings.load().size;
         let mut found = None;
         while let Some(c) = s.idle.pop() {
             if self.too_old(&c, now) {
                 s.open -= 1;
+                s.servers.remove(&c.id);
                 expired.push(c);
             } else {
                 found = Some(c);
@@ -175,7 +344,7 @@ impl Pool {
         }
         let r = if let Some(c) = found {
             Ok(Grant::Conn(c))
-        } else if s.open < self.settings.size {
+        } else if s.open < size {
             s.open += 1;
             Ok(Grant::Slot)
         } else {
@@ -192,6 +361,7 @@ impl Pool {
 
     fn too_old(&self, c: &ServerConn, now: Instant) -> bool {
         self.settings
+            .load()
             .lifetime
             .is_some_and(|l| now.duration_since(c.created) >= l)
     }
@@ -202,7 +372,8 @@ impl Pool {
         mut rx: oneshot::Receiver<Grant>,
         deadline: Option<Instant>,
     ) -> Result<Grant, PoolError> {
-        let mut reserve_at = match (self.settings.reserve_size, self.settings.reserve_timeout) {
+        let settings = self.settings.load_full();
+        let mut reserve_at = match (settings.reserve_size, settings.reserve_timeout) {
             (0, _) => None,
             (_, t) => Some(Instant::now() + t.unwrap_or_default()),
         };
@@ -228,7 +399,7 @@ impl Pool {
             }
             if reserve_at.is_some_and(|r| now >= r) {
                 reserve_at = None;
-                if s.open < self.settings.size + self.settings.reserve_size {
+                if s.open < settings.size + settings.reserve_size {
                     s.waiters.retain(|w| w.id != id);
                     s.open += 1;
                     return Ok(Grant::Slot);
@@ -263,12 +434,37 @@ impl Pool {
             Some(l) => Some(self.db_permit(l, deadline).await?),
             None => None,
         };
-        let mut c = ServerConn::connect(&self.target, self.settings.connect_timeout).await?;
+        let target = self.target.load_full();
+        let connect_timeout = self.settings.load().connect_timeout;
+        let mut c = match ServerConn::connect(&target, connect_timeout).await {
+            Ok(c) => c,
+            Err(e) => {
+                self.stats
+                    .server_connect_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(e.into());
+            }
+        };
+        self.stats.server_connects.fetch_add(1, Ordering::Relaxed);
         c.db_permit = permit;
         let mut s = lock(&self.state);
         if s.baseline.is_none() {
             s.baseline = Some(Arc::new(c.params.clone()));
         }
+        let generation = s.generation;
+        s.servers.insert(
+            c.id,
+            ServerInfo {
+                id: c.id,
+                addr: c.addr,
+                local: c.stream.local_addr().ok(),
+                pid: c.pid,
+                connect_time: SystemTime::now(),
+                generation,
+                idle: false,
+                close_needed: false,
+            },
+        );
         Ok(c)
     }
 
@@ -307,7 +503,9 @@ impl Pool {
             return None;
         }
         s.open -= 1;
-        Some(s.idle.remove(0))
+        let c = s.idle.remove(0);
+        s.servers.remove(&c.id);
+        Some(c)
     }
 
     fn guard(self: &Arc<Self>, c: ServerConn) -> PooledConn {
@@ -325,7 +523,11 @@ impl Pool {
         }
         c.last_used = now;
         let mut s = lock(&self.state);
-        if s.closed {
+        let stale = s
+            .servers
+            .get(&c.id)
+            .is_none_or(|i| i.generation < s.generation);
+        if s.closed || stale {
             drop(s);
             return self.discard(c);
         }
@@ -350,6 +552,7 @@ impl Pool {
 
     /// Closes a connection and hands its slot to the first waiter, if any.
     fn discard(&self, c: ServerConn) {
+        lock(&self.state).servers.remove(&c.id);
         c.close();
         self.slot_freed();
     }
@@ -368,6 +571,7 @@ impl Pool {
     /// min_pool_size) or server_lifetime, and open connections up to min_pool_size.
     pub fn maintain(self: &Arc<Self>) {
         let now = Instant::now();
+        let settings = self.settings.load_full();
         let mut closing = Vec::new();
         let need;
         {
@@ -376,22 +580,21 @@ impl Pool {
             while i < s.idle.len() {
                 let c = &s.idle[i];
                 let idle_for = now.duration_since(c.last_used);
-                let stale = self.settings.idle_timeout.is_some_and(|t| idle_for >= t)
-                    && s.open > self.settings.min_size;
+                let stale = settings.idle_timeout.is_some_and(|t| idle_for >= t)
+                    && s.open > settings.min_size;
                 if stale || self.too_old(c, now) {
-                    closing.push(s.idle.remove(i));
+                    let c = s.idle.remove(i);
+                    s.servers.remove(&c.id);
+                    closing.push(c);
                     s.open -= 1;
                 } else {
                     i += 1;
                 }
             }
-            need = if s.closed || !s.waiters.is_empty() {
+            need = if s.closed || !s.waiters.is_empty() || self.is_retired() || self.is_paused() {
                 0
             } else {
-                self.settings
-                    .min_size
-                    .min(self.settings.size)
-                    .saturating_sub(s.open)
+                settings.min_size.min(settings.size).saturating_sub(s.open)
             };
             s.open += need;
         }
@@ -416,8 +619,14 @@ impl Pool {
             s.closed = true;
             s.open -= s.idle.len() as u32;
             s.waiters.clear();
-            std::mem::take(&mut s.idle)
+            let idle = std::mem::take(&mut s.idle);
+            for c in &idle {
+                s.servers.remove(&c.id);
+            }
+            idle
         };
+        // paused checkouts must see the pool closed rather than wait for a RESUME
+        self.resume();
         idle.into_iter().for_each(ServerConn::close);
     }
 }

@@ -1,14 +1,18 @@
-//! The process's life: start listening, keep pools in shape, and on SIGTERM (drain) or
-//! SIGINT (safe shutdown) stop accepting and let clients finish within shutdown_timeout.
+//! The process's life: start listening (clients, and the metrics endpoint), keep pools in
+//! shape and statistics rolling, reload the configuration on SIGHUP, and on SIGTERM (drain),
+//! SIGINT or the console's SHUTDOWN (safe shutdown) stop accepting and let clients finish
+//! within shutdown_timeout.
 
 use crate::app::{App, Shutdown};
 use crate::config::Config;
 use crate::listener;
+use crate::metrics;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// How often pools are checked for min_pool_size, idle and lifetime limits.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(500);
@@ -21,9 +25,12 @@ pub enum RunError {
     Bind(SocketAddr, std::io::Error),
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("cannot listen for metrics: {0}")]
+    Metrics(std::io::Error),
 }
 
-pub async fn run(config: Config) -> Result<(), RunError> {
+/// Runs pgmux; `config_path` is where SIGHUP and RELOAD read the configuration again.
+pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), RunError> {
     let g = &config.pgmux;
     let ip: IpAddr = g
         .listen_addr
@@ -31,8 +38,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .map_err(|_| RunError::ListenAddr(g.listen_addr.clone()))?;
     let addr = SocketAddr::new(ip, g.listen_port);
     let listener = listener::bind(addr, g.so_reuseport).map_err(|e| RunError::Bind(addr, e))?;
-    let app = App::new(config);
+    let app = App::with_path(config, config_path);
+    let metrics_listener = metrics::bind(&app).await.map_err(RunError::Metrics)?;
     info!("pgmux {} listening on {addr}", env!("CARGO_PKG_VERSION"));
+    let metrics_task = metrics_listener.map(|(l, maddr)| {
+        info!("metrics on http://{maddr}/metrics");
+        tokio::spawn(metrics::serve(app.clone(), l))
+    });
 
     let mut term = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
@@ -43,7 +55,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         tokio::select! {
             _ = term.recv() => break Shutdown::Drain,
             _ = int.recv() => break Shutdown::Safe,
-            _ = hup.recv() => warn!("SIGHUP: configuration reload is not supported yet; ignored"),
+            _ = app.shutdown_requested.notified() => break Shutdown::Safe,
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading the configuration");
+                if let Err(e) = app.reload() {
+                    error!("reload refused, the running configuration stays: {e}");
+                }
+            }
         }
     };
     info!(
@@ -63,6 +81,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         _ = escalate => {}
     }
     maintenance.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     for p in app.all_pools() {
         p.close();
     }
@@ -73,10 +94,23 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 async fn maintain(app: Arc<App>) {
     let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_roll = tokio::time::Instant::now();
     loop {
         tick.tick().await;
         for p in app.all_pools() {
             p.maintain();
+        }
+        app.sweep_retired();
+        let period = app
+            .config()
+            .pgmux
+            .stats_period
+            .get()
+            .unwrap_or(Duration::from_secs(60));
+        let since = last_roll.elapsed();
+        if since >= period {
+            app.roll_stats(since);
+            last_roll = tokio::time::Instant::now();
         }
     }
 }
@@ -92,7 +126,8 @@ async fn drain(app: &App) {
             notified.await;
         }
     };
-    match app.config.pgmux.shutdown_timeout.get() {
+    let timeout = app.config().pgmux.shutdown_timeout.get();
+    match timeout {
         Some(t) => {
             if tokio::time::timeout(t, wait).await.is_err() {
                 warn!("shutdown_timeout: closing {} client(s)", app.client_count());

@@ -15,6 +15,12 @@ use bytes::BytesMut;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
+/// Where a logged-in client goes: a pool, or the admin console (virtual database `pgmux`).
+pub enum Entry {
+    Pool(LoggedIn),
+    Console(crate::admin::Console),
+}
+
 pub struct LoggedIn {
     pub user: String,
     pub db: String,
@@ -48,7 +54,7 @@ impl Refusal {
 }
 
 /// Reads the startup packet, authenticates and welcomes the client.
-pub async fn login<S>(app: &App, stream: &mut S, over_limit: bool) -> Result<LoggedIn, Refusal>
+pub async fn login<S>(app: &App, stream: &mut S, over_limit: bool) -> Result<Entry, Refusal>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -81,9 +87,10 @@ where
         .to_string();
     let settings = startup_settings(app, &packet)?;
 
-    let known = app.config.user(&user);
+    let config = app.config_arc();
+    let known = config.user(&user);
     let secret = known.and_then(|u| u.password.as_deref()).map(Secret::parse);
-    let method = app.config.pgmux.auth_type;
+    let method = config.pgmux.auth_type;
     match auth::authenticate(
         stream,
         method,
@@ -96,10 +103,12 @@ where
     {
         Ok(()) => {}
         Err(AuthError::Failed) => {
+            app.auth_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Err(Refusal::with(PgError::fatal(
                 "28P01",
                 format!("password authentication failed for user \"{user}\""),
-            )))
+            )));
         }
         Err(AuthError::Protocol(m)) => return Err(Refusal::with(PgError::fatal("08P01", m))),
         Err(e) => return Err(Refusal::silent(e.to_string())),
@@ -107,7 +116,12 @@ where
     let mut out = BytesMut::new();
     messages::auth_ok(&mut out);
 
-    let Some(database) = app.config.database(&db) else {
+    if crate::admin::is_console_db(&db) {
+        let console = crate::admin::admit(app, &user).map_err(Refusal::with)?;
+        write(stream, &out).await?;
+        return Ok(Entry::Console(console));
+    }
+    let Some(database) = config.database(&db) else {
         write(stream, &out).await?;
         return Err(Refusal::with(PgError::fatal(
             "3D000",
@@ -129,13 +143,13 @@ where
         app.cancels.unregister(cancel.pid);
         return Err(r);
     }
-    Ok(LoggedIn {
+    Ok(Entry::Pool(LoggedIn {
         user,
         db,
         pool,
         wants,
         cancel,
-    })
+    }))
 }
 
 async fn write<S: AsyncWrite + Unpin>(stream: &mut S, b: &[u8]) -> Result<(), Refusal> {
@@ -201,7 +215,7 @@ fn startup_settings(app: &App, p: &StartupPacket) -> Result<Vec<(String, String)
             out.push(("application_name".into(), v.into()));
         }
     }
-    if out.len() > app.config.pgmux.max_startup_parameters as usize {
+    if out.len() > app.config().pgmux.max_startup_parameters as usize {
         return Err(Refusal::with(PgError::fatal(
             "08P01",
             "too many startup parameters",

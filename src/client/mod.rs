@@ -11,8 +11,9 @@ use crate::params;
 use crate::pool::PooledConn;
 use crate::protocol::PgError;
 use crate::relay::{Event, Relay, ServerSide};
+use crate::stats::{ClientHandle, Meter};
 use bytes::BytesMut;
-use login::{LoggedIn, Refusal};
+use login::{Entry, LoggedIn, Refusal};
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,7 +32,8 @@ const RESET_TIMEOUT: Duration = Duration::from_secs(10);
 /// Serves one accepted connection to its end.
 pub async fn serve(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr, over_limit: bool) {
     let _ = stream.set_nodelay(true);
-    let login = match app.config.pgmux.auth_timeout.get() {
+    let auth_timeout = app.config().pgmux.auth_timeout.get();
+    let login = match auth_timeout {
         Some(t) => tokio::time::timeout(t, login::login(&app, &mut stream, over_limit))
             .await
             .unwrap_or_else(|_| {
@@ -43,7 +45,8 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr, over_
         None => login::login(&app, &mut stream, over_limit).await,
     };
     let login = match login {
-        Ok(l) => l,
+        Ok(Entry::Pool(l)) => l,
+        Ok(Entry::Console(c)) => return crate::admin::serve(app, stream, peer, c).await,
         Err(r) => {
             if let Some(e) = &r.error {
                 warn!(%peer, "login refused: {}", r.log);
@@ -56,7 +59,14 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr, over_
     };
     info!(%peer, db = %login.db, user = %login.user, "client connected");
     let pid = login.cancel.pid;
-    let mut session = Session::new(app.clone(), stream, login);
+    // registry entry for SHOW CLIENTS and the pool's client counts, until the session ends
+    let client = app.registry.register(
+        login.pool.stats.clone(),
+        peer,
+        stream.local_addr().ok(),
+        login.wants.get("application_name").unwrap_or(""),
+    );
+    let mut session = Session::new(app.clone(), stream, login, client);
     let error = session.run().await;
     if let Some(e) = &error {
         info!(%peer, db = %session.login.db, user = %session.login.user, "closing client: {e}");
@@ -83,6 +93,8 @@ enum Wake {
     Relay(Event),
     Timer,
     Shutdown,
+    /// KILL on the admin console.
+    Killed,
 }
 
 struct Session {
@@ -94,17 +106,19 @@ struct Session {
     mode: PoolMode,
     shutdown: watch::Receiver<Shutdown>,
     closing: bool,
+    client: ClientHandle,
 }
 
 impl Session {
-    fn new(app: Arc<App>, stream: TcpStream, login: LoggedIn) -> Session {
-        let mode = login.pool.settings.mode;
-        let relay = Relay::new(
-            app.config.pgmux.max_message_size as usize,
+    fn new(app: Arc<App>, stream: TcpStream, login: LoggedIn, client: ClientHandle) -> Session {
+        let mode = login.pool.settings().mode;
+        let mut relay = Relay::new(
+            app.config().pgmux.max_message_size as usize,
             mode == PoolMode::Transaction,
             app.statements.clone(),
-            app.config.pgmux.max_prepared_statements as usize,
+            app.config().pgmux.max_prepared_statements as usize,
         );
+        relay.meter = Meter::new(login.pool.stats.clone());
         let shutdown = app.shutdown_signal();
         Session {
             app,
@@ -115,6 +129,7 @@ impl Session {
             mode,
             shutdown,
             closing: false,
+            client,
         }
     }
 
@@ -144,6 +159,7 @@ impl Session {
                         }
                     }
                 }
+                Wake::Killed => return Some(shutdown_error()),
             }
         }
     }
@@ -186,6 +202,7 @@ impl Session {
             login,
             shutdown,
             closing,
+            client,
             ..
         } = self;
         let pump = poll_fn(|cx| {
@@ -200,12 +217,14 @@ impl Session {
             ev = pump => Wake::Relay(ev),
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => Wake::Timer,
             _ = shutdown.changed(), if !*closing => Wake::Shutdown,
+            _ = client.killed() => Wake::Killed,
         }
     }
 
     /// When the client's idleness runs out, if a timeout applies now.
     fn deadline(&self) -> Option<Instant> {
-        let g = &self.app.config.pgmux;
+        let config = self.app.config();
+        let g = &config.pgmux;
         let f = &self.relay.flow;
         let timeout = match &self.server {
             Some(_) if !f.quiet() => None,
@@ -237,12 +256,12 @@ impl Session {
     }
 
     async fn attach(&mut self) -> Result<(), PgError> {
-        let mut conn = self
-            .login
-            .pool
-            .checkout()
-            .await
-            .map_err(login::server_unavailable)?;
+        let waiting_since = self.client.waiting();
+        let mut conn = tokio::select! {
+            r = self.login.pool.checkout() => r.map_err(login::server_unavailable)?,
+            // KILL reaches clients waiting for a (paused) pool too
+            _ = self.client.killed() => return Err(shutdown_error()),
+        };
         let wants = &self.login.wants;
         if let Some(sql) = params::sync_statement(wants, &conn.params, &conn.extras) {
             match conn.run_internal(&sql).await {
@@ -264,6 +283,8 @@ impl Session {
             }
         }
         self.login.cancel.set_target(Some(conn.cancel_target()));
+        self.client
+            .active(waiting_since, conn.id, &mut self.relay.meter);
         self.relay.attached(&conn.statements);
         self.server = Some(conn);
         Ok(())
@@ -274,8 +295,9 @@ impl Session {
         let Some(conn) = self.server.take() else {
             return;
         };
+        self.client.idle();
         self.login.cancel.set_target(None);
-        if self.app.config.pgmux.server_reset_query_always {
+        if self.app.config().pgmux.server_reset_query_always {
             self.reset_and_release(conn).await;
         } else {
             conn.release();
@@ -283,7 +305,8 @@ impl Session {
     }
 
     async fn reset_and_release(&self, mut conn: PooledConn) {
-        let sql = self.app.config.pgmux.server_reset_query.trim();
+        let config = self.app.config_arc();
+        let sql = config.pgmux.server_reset_query.trim();
         if sql.is_empty() {
             return conn.release();
         }
@@ -310,7 +333,7 @@ impl Session {
             if !self.relay.server_clean() {
                 drop(conn);
             } else if self.mode == PoolMode::Session
-                || self.app.config.pgmux.server_reset_query_always
+                || self.app.config().pgmux.server_reset_query_always
             {
                 self.reset_and_release(conn).await;
             } else {

@@ -13,6 +13,7 @@ use crate::params::{self, Params};
 use crate::prepared::{Registry, ServerStatements};
 use crate::protocol::messages::parse_parameter_status;
 use crate::protocol::scan::{ScanError, Step};
+use crate::stats::Meter;
 pub use channel::{Channel, HIGH_WATER, READ_CHUNK};
 use statements::Tracker;
 use std::io;
@@ -86,6 +87,8 @@ pub struct Relay {
     pub transaction_mode: bool,
     /// Named-statement rewriting (transaction mode with max_prepared_statements > 0).
     pub tracker: Option<Tracker>,
+    /// Statistics hook (bytes, query and transaction clocks); see `stats::Meter`.
+    pub meter: Meter,
 }
 
 impl Relay {
@@ -114,6 +117,7 @@ impl Relay {
             max_message,
             transaction_mode,
             tracker,
+            meter: Meter::default(),
         }
     }
 
@@ -164,8 +168,9 @@ impl Relay {
                 }
                 match self.s2c.read_from(cx, &mut *s.stream) {
                     Ok(Some(0)) => return Poll::Ready(Event::ServerClosed),
-                    Ok(Some(_)) => {
+                    Ok(Some(n)) => {
                         progress = true;
+                        self.meter.sent(n);
                         if let Some(ev) = self.scan_server(s, wants) {
                             return Poll::Ready(ev);
                         }
@@ -177,8 +182,9 @@ impl Relay {
             if !self.flow.terminated {
                 match self.c2s.read_from(cx, client) {
                     Ok(Some(0)) => return Poll::Ready(Event::ClientClosed),
-                    Ok(Some(_)) => {
+                    Ok(Some(n)) => {
                         progress = true;
+                        self.meter.received(n);
                         self.flow.idle_since = Instant::now();
                     }
                     Ok(None) => {}
@@ -291,6 +297,7 @@ impl Relay {
             b'Q' | b'F' => {
                 f.pending += 1;
                 f.last_was_execute = false;
+                self.meter.request();
             }
             b'S' if f.copy_in => return Ok(false),
             b'S' => {
@@ -299,6 +306,7 @@ impl Relay {
                 if !f.copy_done_sent {
                     f.syncs_since_execute += 1;
                 }
+                self.meter.request();
             }
             b'E' => {
                 f.unsynced = true;
@@ -346,7 +354,13 @@ impl Relay {
             let step = ch.scanner.step(
                 &ch.buf,
                 &mut ch.scanned,
-                |t| t == b'Z' || t == b'S' || (tracking && statements::inspects_server(t)),
+                // errors are rare and small: always read for their SQLSTATE class (stats)
+                |t| {
+                    t == b'Z'
+                        || t == b'S'
+                        || t == b'E'
+                        || (tracking && statements::inspects_server(t))
+                },
                 usize::MAX,
             );
             let (tag, start) = match step {
@@ -363,6 +377,14 @@ impl Relay {
                 }) => {
                     self.flow.status = body.first().copied().unwrap_or(b'I');
                     (b'Z', start)
+                }
+                Ok(Step::Message {
+                    tag: b'E',
+                    body,
+                    start,
+                }) => {
+                    self.meter.error(body);
+                    (b'E', start)
                 }
                 Ok(Step::Message { tag, start, .. }) | Ok(Step::Passed { tag, start, .. }) => {
                     (tag, start)
@@ -387,6 +409,7 @@ impl Relay {
             }
             if tag == b'Z' {
                 self.flow.pending = self.flow.pending.saturating_sub(1);
+                self.meter.ready(self.flow.status, self.flow.pending > 0);
                 self.flow.idle_since = Instant::now();
                 if self.transaction_mode && self.server_clean() {
                     // whatever follows belongs to the server, not to this client

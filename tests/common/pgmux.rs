@@ -61,6 +61,7 @@ impl Pgmux {
             config.contains("{port}"),
             "pgmux config needs a {{port}} placeholder for the listen port:\n{config}"
         );
+        let config = &without_default_metrics_port(config);
         static REAP: Once = Once::new();
         REAP.call_once(|| reap_orphans(DIR_PREFIX, reap_orphan));
         ensure_exit_hook();
@@ -184,6 +185,25 @@ impl Drop for Pgmux {
                 tail(&self.log_path, 60)
             );
         }
+    }
+}
+
+/// Tests run many pgmux processes at once: unless a config chooses its metrics port, the
+/// metrics listener (default 9930, which they would all fight over) is turned off.
+fn without_default_metrics_port(config: &str) -> String {
+    if config.contains("metrics_listen_port") {
+        return config.to_string();
+    }
+    match config.find("[pgmux]") {
+        Some(at) => {
+            let end = at + "[pgmux]".len();
+            format!(
+                "{}\nmetrics_listen_port = 0{}",
+                &config[..end],
+                &config[end..]
+            )
+        }
+        None => format!("[pgmux]\nmetrics_listen_port = 0\n{config}"),
     }
 }
 

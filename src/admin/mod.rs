@@ -1,0 +1,438 @@
+//! The admin console: a client that logs in to the virtual database `pgmux` (or
+//! `pgbouncer`) as one of `admin_users` or `stats_users` talks to pgmux itself over the
+//! simple query protocol. SHOW commands (`show`) read the same counters as `/metrics`;
+//! control commands (PAUSE, RESUME, RELOAD, KILL, RECONNECT, SHUTDOWN, SET) act on the
+//! shared `App`. Extended-protocol messages are refused with an error.
+
+mod settings;
+mod show;
+pub mod wire;
+
+pub use show::probe;
+
+use crate::app::{App, Shutdown};
+use crate::protocol::messages;
+use crate::protocol::PgError;
+use bytes::{Buf, BytesMut};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{info, warn};
+
+/// Largest console message accepted; commands are short.
+const MAX_MESSAGE: usize = 64 * 1024;
+/// How often PAUSE checks whether the paused pools have given back their servers.
+const PAUSE_POLL: Duration = Duration::from_millis(20);
+
+/// The names of the console's virtual database.
+pub fn is_console_db(name: &str) -> bool {
+    name == "pgmux" || name == "pgbouncer"
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Every command.
+    Admin,
+    /// SHOW only.
+    Stats,
+}
+
+/// A client admitted to the console.
+#[derive(Debug)]
+pub struct Console {
+    pub user: String,
+    pub role: Role,
+}
+
+/// Whether `user` may open the console; anyone else gets 42501 (as PgBouncer refuses).
+pub fn admit(app: &App, user: &str) -> Result<Console, PgError> {
+    match app.console_role(user) {
+        Some(role) => Ok(Console {
+            user: user.to_string(),
+            role,
+        }),
+        None => Err(PgError::fatal(
+            "42501",
+            format!("user \"{user}\" is not allowed to use the admin console"),
+        )),
+    }
+}
+
+/// Serves a console session after AuthenticationOk has been sent.
+pub async fn serve(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr, console: Console) {
+    info!(%peer, user = %console.user, "admin console connected");
+    let mut out = BytesMut::new();
+    for (k, v) in [
+        (
+            "server_version",
+            concat!(env!("CARGO_PKG_VERSION"), "/pgmux"),
+        ),
+        ("server_encoding", "UTF8"),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO, MDY"),
+        ("TimeZone", "UTC"),
+        ("integer_datetimes", "on"),
+        ("standard_conforming_strings", "on"),
+        ("application_name", ""),
+    ] {
+        messages::parameter_status(&mut out, k.as_bytes(), v.as_bytes());
+    }
+    messages::backend_key_data(
+        &mut out,
+        rand::random::<i32>() & 0x7fff_ffff,
+        rand::random(),
+    );
+    messages::ready_for_query(&mut out, b'I');
+    if stream.write_all(&out).await.is_err() {
+        return;
+    }
+    let mut session = Session {
+        app: app.clone(),
+        console,
+        skipping: false,
+    };
+    let mut shutdown = app.shutdown_signal();
+    let mut buf = BytesMut::with_capacity(1024);
+    loop {
+        match next_message(&mut buf) {
+            Err(e) => {
+                let mut out = BytesMut::new();
+                e.encode(&mut out);
+                let _ = stream.write_all(&out).await;
+                break;
+            }
+            Ok(Some((tag, body))) => {
+                if tag == b'X' {
+                    break;
+                }
+                let out = session.handle(tag, &body).await;
+                if stream.write_all(&out).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            Ok(None) => {}
+        }
+        tokio::select! {
+            r = stream.read_buf(&mut buf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            },
+            _ = shutdown.changed() => {
+                if *shutdown.borrow_and_update() >= Shutdown::Safe {
+                    let mut out = BytesMut::new();
+                    PgError::fatal("57P01", "terminating connection due to administrator command")
+                        .encode(&mut out);
+                    let _ = stream.write_all(&out).await;
+                    break;
+                }
+            }
+        }
+    }
+    info!(%peer, "admin console disconnected");
+}
+
+/// Splits one whole message off the buffer.
+fn next_message(buf: &mut BytesMut) -> Result<Option<(u8, BytesMut)>, PgError> {
+    if buf.len() < 5 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+    if !(4..=MAX_MESSAGE).contains(&len) {
+        return Err(PgError::fatal("08P01", "invalid message length"));
+    }
+    if buf.len() < len + 1 {
+        buf.reserve(len + 1 - buf.len());
+        return Ok(None);
+    }
+    let tag = buf[0];
+    let mut msg = buf.split_to(len + 1);
+    msg.advance(5);
+    Ok(Some((tag, msg)))
+}
+
+struct Session {
+    app: Arc<App>,
+    console: Console,
+    /// After an extended-protocol message: everything up to Sync is ignored.
+    skipping: bool,
+}
+
+impl Session {
+    async fn handle(&mut self, tag: u8, body: &[u8]) -> BytesMut {
+        let mut out = BytesMut::new();
+        match tag {
+            b'Q' => {
+                let sql = body.strip_suffix(&[0]).unwrap_or(body);
+                let sql = String::from_utf8_lossy(sql);
+                self.query(&sql, &mut out).await;
+                messages::ready_for_query(&mut out, b'I');
+            }
+            b'S' if self.skipping => {
+                self.skipping = false;
+                messages::ready_for_query(&mut out, b'I');
+            }
+            b'S' => messages::ready_for_query(&mut out, b'I'),
+            _ if self.skipping => {}
+            b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'F' => {
+                self.skipping = tag != b'F';
+                PgError::error(
+                    "0A000",
+                    "the admin console supports only the simple query protocol",
+                )
+                .encode(&mut out);
+                if tag == b'F' {
+                    messages::ready_for_query(&mut out, b'I');
+                }
+            }
+            _ => PgError::error("08P01", format!("unexpected message type {}", tag as char))
+                .encode(&mut out),
+        }
+        out
+    }
+
+    /// Runs each statement of a query string; the first error ends it.
+    async fn query(&mut self, sql: &str, out: &mut BytesMut) {
+        let statements = split_statements(sql);
+        if statements.is_empty() {
+            messages::message(out, b'I', |_| {});
+            return;
+        }
+        for stmt in statements {
+            match self.command(&stmt).await {
+                Ok(bytes) => out.extend_from_slice(&bytes),
+                Err(e) => {
+                    warn!(user = %self.console.user, "admin command {stmt:?} failed: {}", e.message);
+                    e.encode(out);
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn command(&mut self, stmt: &str) -> Result<BytesMut, PgError> {
+        let words: Vec<&str> = stmt.split_whitespace().collect();
+        let verb = words[0].to_ascii_uppercase();
+        if verb == "SHOW" {
+            let what = words.get(1).map(|w| w.to_ascii_uppercase());
+            let arg = words.get(2).map(|w| unquote_ident(w));
+            if words.len() > 3 {
+                return Err(syntax(stmt));
+            }
+            return show::run(&self.app, what.as_deref().unwrap_or(""), arg.as_deref()).await;
+        }
+        if self.console.role != Role::Admin {
+            return Err(PgError::error("42501", "admin access needed"));
+        }
+        let arg = words.get(1).map(|w| unquote_ident(w));
+        let one_arg = words.len() <= 2;
+        let done = |tag: &str| {
+            let mut b = BytesMut::new();
+            wire::command_complete(&mut b, tag);
+            b
+        };
+        match verb.as_str() {
+            "SET" => {
+                let (key, value) = parse_set(stmt).ok_or_else(|| syntax(stmt))?;
+                settings::set(&self.app, &key, &value).map_err(|m| PgError::error("22023", m))?;
+                info!(user = %self.console.user, "SET {key} = {value:?}");
+                Ok(done("SET"))
+            }
+            "PAUSE" if one_arg => {
+                self.pause(arg.as_deref()).await?;
+                Ok(done("PAUSE"))
+            }
+            "RESUME" if one_arg => {
+                self.known_db(arg.as_deref())?;
+                self.app.resume(arg.as_deref());
+                info!(user = %self.console.user, db = ?arg, "RESUME");
+                Ok(done("RESUME"))
+            }
+            "RELOAD" if words.len() == 1 => {
+                self.app
+                    .reload()
+                    .map_err(|e| PgError::error("F0000", format!("RELOAD failed: {e}")))?;
+                Ok(done("RELOAD"))
+            }
+            "KILL" if words.len() == 2 => {
+                let db = arg.as_deref().unwrap_or_default();
+                self.known_db(Some(db))?;
+                self.kill(db);
+                Ok(done("KILL"))
+            }
+            "RECONNECT" if one_arg => {
+                self.known_db(arg.as_deref())?;
+                for p in self.app.all_pools() {
+                    if arg.as_deref().is_none_or(|d| p.db == d) {
+                        p.reconnect();
+                    }
+                }
+                info!(user = %self.console.user, db = ?arg, "RECONNECT");
+                Ok(done("RECONNECT"))
+            }
+            "SHUTDOWN" if words.len() == 1 => {
+                warn!(user = %self.console.user, "SHUTDOWN from the admin console");
+                self.app.shutdown_requested.notify_one();
+                Ok(done("SHUTDOWN"))
+            }
+            "PAUSE" | "RESUME" | "RELOAD" | "KILL" | "RECONNECT" | "SHUTDOWN" => Err(syntax(stmt)),
+            _ => Err(syntax(stmt)),
+        }
+    }
+
+    fn known_db(&self, db: Option<&str>) -> Result<(), PgError> {
+        match db {
+            Some(d) if self.app.config().database(d).is_none() => Err(PgError::error(
+                "3D000",
+                format!("database \"{d}\" does not exist"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// PAUSE: new checkouts wait; returns once no server of the paused pools is lent, and
+    /// their idle servers are closed (so the database can be restarted).
+    async fn pause(&self, db: Option<&str>) -> Result<(), PgError> {
+        self.known_db(db)?;
+        info!(user = %self.console.user, db = ?db, "PAUSE: waiting for running transactions");
+        let pools = self.app.pause(db);
+        let mut tick = tokio::time::interval(PAUSE_POLL);
+        loop {
+            tick.tick().await;
+            // counted before closing idle ones: once nothing is lent, nothing can come back
+            let busy = pools.iter().any(|p| {
+                let c = p.counts();
+                c.active > 0 || c.connecting > 0
+            });
+            pools.iter().for_each(|p| p.close_idle());
+            if !busy {
+                return Ok(());
+            }
+            if self.app.shutdown_stage() >= Shutdown::Safe {
+                return Err(PgError::error("57P01", "shutting down"));
+            }
+            if !pools.iter().any(|p| p.is_paused()) {
+                return Err(PgError::error(
+                    "57014",
+                    "PAUSE was resumed before it completed",
+                ));
+            }
+        }
+    }
+
+    /// KILL db: its clients are disconnected now, its servers closed, and new clients wait
+    /// for RESUME.
+    fn kill(&self, db: &str) {
+        warn!(user = %self.console.user, db, "KILL");
+        let pools = self.app.pause(Some(db));
+        for c in self.app.registry.snapshot() {
+            if c.db == db {
+                c.kill();
+            }
+        }
+        for p in pools {
+            p.reconnect();
+        }
+    }
+}
+
+fn syntax(stmt: &str) -> PgError {
+    PgError::error("42601", format!("invalid command '{stmt}', use SHOW HELP;"))
+}
+
+/// Statements separated by `;` outside single quotes, trimmed, empty ones dropped.
+fn split_statements(sql: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    for c in sql.chars() {
+        match c {
+            '\'' => {
+                quoted = !quoted;
+                cur.push(c);
+            }
+            ';' if !quoted => out.push(std::mem::take(&mut cur)),
+            _ => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out.into_iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// A database name, with or without double quotes; names match the configuration exactly.
+fn unquote_ident(w: &str) -> String {
+    match w.strip_prefix('"').and_then(|w| w.strip_suffix('"')) {
+        Some(inner) => inner.replace("\"\"", "\""),
+        None => w.to_string(),
+    }
+}
+
+/// `SET key = value` or `SET key TO value`; value a word or a '...' string.
+fn parse_set(stmt: &str) -> Option<(String, String)> {
+    let rest = stmt.get(3..)?.trim_start();
+    if !stmt[..3].eq_ignore_ascii_case("set") {
+        return None;
+    }
+    let key_end = rest.find(|c: char| c.is_whitespace() || c == '=')?;
+    let key = rest[..key_end].to_ascii_lowercase();
+    let rest = rest[key_end..].trim_start();
+    let rest = if let Some(r) = rest.strip_prefix('=') {
+        r
+    } else if rest.len() > 2 && rest[..2].eq_ignore_ascii_case("to") {
+        &rest[2..]
+    } else {
+        return None;
+    };
+    let v = rest.trim();
+    let value = if let Some(inner) = v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')) {
+        inner.replace("''", "'")
+    } else if v.is_empty() || v.contains(char::is_whitespace) {
+        return None;
+    } else {
+        v.to_string()
+    };
+    Some((key, value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_split_outside_quotes() {
+        assert_eq!(
+            split_statements("show pools; set a = 'x;y';;"),
+            vec!["show pools", "set a = 'x;y'"]
+        );
+        assert!(split_statements(" ; ").is_empty());
+    }
+
+    #[test]
+    fn set_forms() {
+        assert_eq!(
+            parse_set("SET default_pool_size = 5"),
+            Some(("default_pool_size".into(), "5".into()))
+        );
+        assert_eq!(
+            parse_set("set server_reset_query TO 'DISCARD ALL'"),
+            Some(("server_reset_query".into(), "DISCARD ALL".into()))
+        );
+        assert_eq!(
+            parse_set("set q='it''s'"),
+            Some(("q".into(), "it's".into()))
+        );
+        assert_eq!(parse_set("set x"), None);
+        assert_eq!(parse_set("set x = a b"), None);
+    }
+
+    #[test]
+    fn identifiers() {
+        assert_eq!(unquote_ident("App"), "App");
+        assert_eq!(unquote_ident("\"App\""), "App");
+    }
+}

@@ -1,0 +1,652 @@
+//! The shared counters behind both the admin console and `/metrics`: one `PoolStats` per
+//! pool (client counts by state, transactions, queries, bytes, wait/query/transaction time
+//! and their histograms), the relay's `Meter` that feeds them, and the registry of live
+//! clients (`ClientRegistry`, one entry per logged-in client) that SHOW CLIENTS lists.
+//!
+//! Recording is a handful of relaxed atomic adds on the pool's own counters: no lock shared
+//! by all connections, no allocation per message. Readers (SHOW, scrape) load the same
+//! atomics, so the console and the metrics cannot disagree about what was counted.
+
+use prometheus::{Histogram, HistogramOpts};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// Bucket bounds (seconds) of the wait, query and transaction histograms.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// Microseconds on a monotonic clock since the process's first use of it.
+pub fn mono_us() -> u64 {
+    EPOCH.elapsed().as_micros() as u64
+}
+
+pub fn unix_us(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// A client's state as PgBouncer names it: `active` holds a server, `waiting` waits for one,
+/// `idle` holds none and wants none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ClientState {
+    Idle = 0,
+    Waiting = 1,
+    Active = 2,
+}
+
+impl ClientState {
+    pub fn name(self) -> &'static str {
+        match self {
+            ClientState::Idle => "idle",
+            ClientState::Waiting => "waiting",
+            ClientState::Active => "active",
+        }
+    }
+
+    fn from_u8(v: u8) -> ClientState {
+        match v {
+            1 => ClientState::Waiting,
+            2 => ClientState::Active,
+            _ => ClientState::Idle,
+        }
+    }
+}
+
+/// Totals of one pool since it was created. Counts, bytes and microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub server_assignments: u64,
+    pub xacts: u64,
+    pub queries: u64,
+    pub received: u64,
+    pub sent: u64,
+    pub xact_time_us: u64,
+    pub query_time_us: u64,
+    pub wait_time_us: u64,
+}
+
+impl Totals {
+    pub fn add(&mut self, o: &Totals) {
+        self.server_assignments += o.server_assignments;
+        self.xacts += o.xacts;
+        self.queries += o.queries;
+        self.received += o.received;
+        self.sent += o.sent;
+        self.xact_time_us += o.xact_time_us;
+        self.query_time_us += o.query_time_us;
+        self.wait_time_us += o.wait_time_us;
+    }
+}
+
+/// PgBouncer's `avg_*` columns: rates per second over the last `stats_period`, and mean
+/// durations (microseconds) of what finished in it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Averages {
+    pub server_assignments: u64,
+    pub xacts: u64,
+    pub queries: u64,
+    pub recv: u64,
+    pub sent: u64,
+    pub xact_time_us: u64,
+    pub query_time_us: u64,
+    pub wait_time_us: u64,
+}
+
+impl Averages {
+    /// Averages between two snapshots of totals taken `period` apart.
+    pub fn between(old: &Totals, new: &Totals, period: Duration) -> Averages {
+        let secs = period.as_secs_f64().max(1e-6);
+        let rate = |a: u64, b: u64| ((b.saturating_sub(a)) as f64 / secs).round() as u64;
+        let mean = |t0: u64, t1: u64, n0: u64, n1: u64| {
+            t1.saturating_sub(t0)
+                .checked_div(n1.saturating_sub(n0))
+                .unwrap_or(0)
+        };
+        Averages {
+            server_assignments: rate(old.server_assignments, new.server_assignments),
+            xacts: rate(old.xacts, new.xacts),
+            queries: rate(old.queries, new.queries),
+            recv: rate(old.received, new.received),
+            sent: rate(old.sent, new.sent),
+            xact_time_us: mean(old.xact_time_us, new.xact_time_us, old.xacts, new.xacts),
+            query_time_us: mean(
+                old.query_time_us,
+                new.query_time_us,
+                old.queries,
+                new.queries,
+            ),
+            wait_time_us: mean(
+                old.wait_time_us,
+                new.wait_time_us,
+                old.server_assignments,
+                new.server_assignments,
+            ),
+        }
+    }
+}
+
+/// Counters of one pool (database, user).
+pub struct PoolStats {
+    pub db: String,
+    pub user: String,
+    clients: [AtomicI64; 3],
+    server_assignments: AtomicU64,
+    xacts: AtomicU64,
+    queries: AtomicU64,
+    received: AtomicU64,
+    sent: AtomicU64,
+    xact_time_us: AtomicU64,
+    query_time_us: AtomicU64,
+    wait_time_us: AtomicU64,
+    pub server_connects: AtomicU64,
+    pub server_connect_failures: AtomicU64,
+    pub wait_hist: Histogram,
+    pub query_hist: Histogram,
+    pub xact_hist: Histogram,
+    /// Written by the stats ticker every stats_period, read by SHOW STATS.
+    averages: Mutex<(Totals, Averages)>,
+    /// ErrorResponses relayed from servers, by SQLSTATE class (errors are rare: a lock is
+    /// fine here, and the map holds at most the few dozen classes PostgreSQL defines).
+    errors: Mutex<BTreeMap<[u8; 2], u64>>,
+}
+
+fn histogram(name: &str, help: &str, db: &str, user: &str) -> Histogram {
+    let opts = HistogramOpts::new(name, help)
+        .buckets(DURATION_BUCKETS.to_vec())
+        .const_label("database", db)
+        .const_label("user", user);
+    Histogram::with_opts(opts).expect("valid histogram options")
+}
+
+impl PoolStats {
+    pub fn new(db: &str, user: &str) -> Arc<PoolStats> {
+        Arc::new(PoolStats {
+            db: db.to_string(),
+            user: user.to_string(),
+            clients: Default::default(),
+            server_assignments: AtomicU64::new(0),
+            xacts: AtomicU64::new(0),
+            queries: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            xact_time_us: AtomicU64::new(0),
+            query_time_us: AtomicU64::new(0),
+            wait_time_us: AtomicU64::new(0),
+            server_connects: AtomicU64::new(0),
+            server_connect_failures: AtomicU64::new(0),
+            wait_hist: histogram(
+                "pgmux_client_wait_seconds",
+                "Time clients waited for a server connection",
+                db,
+                user,
+            ),
+            query_hist: histogram(
+                "pgmux_query_duration_seconds",
+                "Time from a request to its ReadyForQuery while a server was attached",
+                db,
+                user,
+            ),
+            xact_hist: histogram(
+                "pgmux_transaction_duration_seconds",
+                "Time from a transaction's first request to the ReadyForQuery that ends it",
+                db,
+                user,
+            ),
+            averages: Mutex::new(Default::default()),
+            errors: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// Clients of this pool in `state` now.
+    pub fn clients(&self, state: ClientState) -> u64 {
+        self.clients[state as usize].load(Ordering::Relaxed).max(0) as u64
+    }
+
+    pub fn client_total(&self) -> u64 {
+        self.clients
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum::<i64>()
+            .max(0) as u64
+    }
+
+    fn move_client(&self, from: Option<ClientState>, to: Option<ClientState>) {
+        if let Some(f) = from {
+            self.clients[f as usize].fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some(t) = to {
+            self.clients[t as usize].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn totals(&self) -> Totals {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Totals {
+            server_assignments: l(&self.server_assignments),
+            xacts: l(&self.xacts),
+            queries: l(&self.queries),
+            received: l(&self.received),
+            sent: l(&self.sent),
+            xact_time_us: l(&self.xact_time_us),
+            query_time_us: l(&self.query_time_us),
+            wait_time_us: l(&self.wait_time_us),
+        }
+    }
+
+    /// Server errors relayed so far, by SQLSTATE class ("42", "23", ...).
+    pub fn errors_by_class(&self) -> Vec<(String, u64)> {
+        self.errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(c, n)| (String::from_utf8_lossy(c).into_owned(), *n))
+            .collect()
+    }
+
+    pub fn averages(&self) -> Averages {
+        self.averages.lock().unwrap_or_else(|e| e.into_inner()).1
+    }
+
+    /// Called every stats_period: the averages now cover the period that just ended.
+    pub fn roll_averages(&self, period: Duration) {
+        let now = self.totals();
+        let mut a = self.averages.lock().unwrap_or_else(|e| e.into_inner());
+        a.1 = Averages::between(&a.0, &now, period);
+        a.0 = now;
+    }
+
+    fn record_wait(&self, waited: Duration) {
+        self.server_assignments.fetch_add(1, Ordering::Relaxed);
+        self.wait_time_us
+            .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+        self.wait_hist.observe(waited.as_secs_f64());
+    }
+}
+
+/// The relay's hook into its pool's counters: bytes as they are read, and the clocks of the
+/// running query and transaction. A default `Meter` (no pool) records nothing.
+#[derive(Default)]
+pub struct Meter {
+    stats: Option<Arc<PoolStats>>,
+    query_start: Option<Instant>,
+    xact_start: Option<Instant>,
+}
+
+impl Meter {
+    pub fn new(stats: Arc<PoolStats>) -> Meter {
+        Meter {
+            stats: Some(stats),
+            query_start: None,
+            xact_start: None,
+        }
+    }
+
+    /// Bytes read from the client.
+    #[inline]
+    pub fn received(&self, n: usize) {
+        if let Some(s) = &self.stats {
+            s.received.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Bytes read from the server, on their way to the client.
+    #[inline]
+    pub fn sent(&self, n: usize) {
+        if let Some(s) = &self.stats {
+            s.sent.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// A Query, Sync or FunctionCall: starts the query clock (and the transaction's) unless
+    /// one is running.
+    #[inline]
+    pub fn request(&mut self) {
+        if self.query_start.is_none() {
+            let now = Instant::now();
+            self.query_start = Some(now);
+            self.xact_start.get_or_insert(now);
+        }
+    }
+
+    /// A ReadyForQuery with transaction status `status`; `more` when other requests are
+    /// still in flight (pipelining), whose clock starts now.
+    #[inline]
+    pub fn ready(&mut self, status: u8, more: bool) {
+        let Some(s) = &self.stats else { return };
+        let now = Instant::now();
+        s.queries.fetch_add(1, Ordering::Relaxed);
+        if let Some(t) = self.query_start.take() {
+            let d = now.saturating_duration_since(t);
+            s.query_time_us
+                .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+            s.query_hist.observe(d.as_secs_f64());
+        }
+        if more {
+            self.query_start = Some(now);
+        }
+        if status == b'I' {
+            s.xacts.fetch_add(1, Ordering::Relaxed);
+            if let Some(t) = self.xact_start.take() {
+                let d = now.saturating_duration_since(t);
+                s.xact_time_us
+                    .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+                s.xact_hist.observe(d.as_secs_f64());
+            }
+            if more {
+                self.xact_start = Some(now);
+            }
+        }
+    }
+
+    /// An ErrorResponse body on its way to the client: counted by SQLSTATE class.
+    pub fn error(&self, body: &[u8]) {
+        let Some(s) = &self.stats else { return };
+        let Some(class) = sqlstate_class(body) else {
+            return;
+        };
+        *s.errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(class)
+            .or_insert(0) += 1;
+    }
+
+    /// A server was just attached: time spent waiting for it is not query time.
+    pub fn attached(&mut self) {
+        let now = Instant::now();
+        if self.query_start.is_some() {
+            self.query_start = Some(now);
+        }
+        if self.xact_start.is_some() {
+            self.xact_start = Some(now);
+        }
+    }
+}
+
+/// The first two characters of the `C` (SQLSTATE) field of an ErrorResponse body.
+fn sqlstate_class(mut body: &[u8]) -> Option<[u8; 2]> {
+    while let Some((&tag, rest)) = body.split_first() {
+        if tag == 0 {
+            return None;
+        }
+        let end = rest.iter().position(|&b| b == 0)?;
+        if tag == b'C' {
+            let code = &rest[..end];
+            let class = [*code.first()?, *code.get(1)?];
+            return class.iter().all(u8::is_ascii_alphanumeric).then_some(class);
+        }
+        body = &rest[end + 1..];
+    }
+    None
+}
+
+/// One logged-in client as SHOW CLIENTS lists it.
+pub struct ClientInfo {
+    pub id: u64,
+    pub db: String,
+    pub user: String,
+    pub addr: SocketAddr,
+    pub local: Option<SocketAddr>,
+    pub connect_time: SystemTime,
+    pub application_name: String,
+    pub stats: Arc<PoolStats>,
+    state: AtomicU8,
+    /// mono_us() when the client started waiting (valid while waiting).
+    wait_since: AtomicU64,
+    /// unix_us() of the client's last request for a server.
+    request_time: AtomicU64,
+    /// Id of the server connection lent to it, 0 for none.
+    server: AtomicU64,
+    kill: Notify,
+}
+
+impl ClientInfo {
+    pub fn state(&self) -> ClientState {
+        ClientState::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    /// How long the client has been waiting, if it is.
+    pub fn waiting_for(&self) -> Option<Duration> {
+        (self.state() == ClientState::Waiting).then(|| {
+            Duration::from_micros(mono_us().saturating_sub(self.wait_since.load(Ordering::Relaxed)))
+        })
+    }
+
+    pub fn request_time_us(&self) -> u64 {
+        self.request_time.load(Ordering::Relaxed)
+    }
+
+    pub fn server_id(&self) -> Option<u64> {
+        match self.server.load(Ordering::Relaxed) {
+            0 => None,
+            id => Some(id),
+        }
+    }
+
+    /// Asks the client's session to end (KILL).
+    pub fn kill(&self) {
+        self.kill.notify_one();
+    }
+}
+
+/// All logged-in clients. Locked once at login and once at logout, never per message.
+#[derive(Default)]
+pub struct ClientRegistry {
+    map: Mutex<HashMap<u64, Arc<ClientInfo>>>,
+    next_id: AtomicU64,
+}
+
+impl ClientRegistry {
+    pub fn snapshot(&self) -> Vec<Arc<ClientInfo>> {
+        let mut v: Vec<_> = self
+            .map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by_key(|c| c.id);
+        v
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Registers a client (idle) until the returned handle is dropped.
+    pub fn register(
+        self: &Arc<Self>,
+        stats: Arc<PoolStats>,
+        addr: SocketAddr,
+        local: Option<SocketAddr>,
+        application_name: &str,
+    ) -> ClientHandle {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = SystemTime::now();
+        let info = Arc::new(ClientInfo {
+            id,
+            db: stats.db.clone(),
+            user: stats.user.clone(),
+            addr,
+            local,
+            connect_time: now,
+            application_name: application_name.to_string(),
+            stats: stats.clone(),
+            state: AtomicU8::new(ClientState::Idle as u8),
+            wait_since: AtomicU64::new(0),
+            request_time: AtomicU64::new(unix_us(now)),
+            server: AtomicU64::new(0),
+            kill: Notify::new(),
+        });
+        stats.move_client(None, Some(ClientState::Idle));
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, info.clone());
+        ClientHandle {
+            info,
+            registry: self.clone(),
+        }
+    }
+}
+
+/// A session's entry in the registry; state changes keep its pool's client counts in step,
+/// and dropping it takes the client out of both.
+pub struct ClientHandle {
+    info: Arc<ClientInfo>,
+    registry: Arc<ClientRegistry>,
+}
+
+impl ClientHandle {
+    pub fn info(&self) -> &Arc<ClientInfo> {
+        &self.info
+    }
+
+    fn set_state(&self, to: ClientState) {
+        let from = ClientState::from_u8(self.info.state.swap(to as u8, Ordering::Relaxed));
+        if from != to {
+            self.info.stats.move_client(Some(from), Some(to));
+        }
+    }
+
+    /// The client asks for a server; returns when it started waiting.
+    pub fn waiting(&self) -> Instant {
+        self.info.wait_since.store(mono_us(), Ordering::Relaxed);
+        self.info
+            .request_time
+            .store(unix_us(SystemTime::now()), Ordering::Relaxed);
+        self.set_state(ClientState::Waiting);
+        Instant::now()
+    }
+
+    /// The client got server `server_id` after waiting since `since`.
+    pub fn active(&self, since: Instant, server_id: u64, meter: &mut Meter) {
+        self.info.stats.record_wait(since.elapsed());
+        self.info.server.store(server_id, Ordering::Relaxed);
+        self.set_state(ClientState::Active);
+        meter.attached();
+    }
+
+    /// The client's server went back to the pool.
+    pub fn idle(&self) {
+        self.info.server.store(0, Ordering::Relaxed);
+        self.set_state(ClientState::Idle);
+    }
+
+    /// Resolves when KILL (or a removed database) asks this session to end.
+    pub async fn killed(&self) {
+        self.info.kill.notified().await
+    }
+}
+
+impl Drop for ClientHandle {
+    fn drop(&mut self) {
+        let state = self.info.state();
+        self.info.stats.move_client(Some(state), None);
+        self.registry
+            .map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.info.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_states_move_between_counts_and_leave_with_the_handle() {
+        let reg = Arc::new(ClientRegistry::default());
+        let stats = PoolStats::new("db", "u");
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let h = reg.register(stats.clone(), addr, None, "");
+        assert_eq!(stats.clients(ClientState::Idle), 1);
+        let since = h.waiting();
+        assert_eq!(stats.clients(ClientState::Waiting), 1);
+        assert_eq!(stats.clients(ClientState::Idle), 0);
+        assert!(h.info().waiting_for().is_some());
+        let mut m = Meter::new(stats.clone());
+        h.active(since, 7, &mut m);
+        assert_eq!(stats.clients(ClientState::Active), 1);
+        assert_eq!(h.info().server_id(), Some(7));
+        assert_eq!(stats.totals().server_assignments, 1);
+        assert_eq!(reg.len(), 1);
+        drop(h);
+        assert_eq!(stats.client_total(), 0);
+        assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn meter_counts_queries_and_transactions() {
+        let stats = PoolStats::new("db", "u");
+        let mut m = Meter::new(stats.clone());
+        // autocommit query
+        m.request();
+        m.ready(b'I', false);
+        // BEGIN; SELECT; COMMIT as three round trips
+        m.request();
+        m.ready(b'T', false);
+        m.request();
+        m.ready(b'T', false);
+        m.request();
+        m.ready(b'I', false);
+        let t = stats.totals();
+        assert_eq!(t.queries, 4);
+        assert_eq!(t.xacts, 2);
+        assert_eq!(stats.query_hist.get_sample_count(), 4);
+        assert_eq!(stats.xact_hist.get_sample_count(), 2);
+        m.received(10);
+        m.sent(20);
+        let t = stats.totals();
+        assert_eq!((t.received, t.sent), (10, 20));
+    }
+
+    #[test]
+    fn errors_count_by_sqlstate_class() {
+        let stats = PoolStats::new("db", "u");
+        let m = Meter::new(stats.clone());
+        m.error(b"SERROR\0VERROR\0C42P01\0Mrelation does not exist\0\0");
+        m.error(b"SERROR\0C42601\0Msyntax\0\0");
+        m.error(b"SERROR\0C23505\0\0");
+        m.error(b"SERROR\0Mno code\0\0");
+        m.error(b"C4");
+        assert_eq!(
+            stats.errors_by_class(),
+            vec![("23".to_string(), 1), ("42".to_string(), 2)]
+        );
+    }
+
+    #[test]
+    fn averages_are_rates_and_means() {
+        let old = Totals::default();
+        let new = Totals {
+            xacts: 120,
+            xact_time_us: 1200,
+            queries: 60,
+            query_time_us: 600,
+            ..Default::default()
+        };
+        let a = Averages::between(&old, &new, Duration::from_secs(60));
+        assert_eq!(a.xacts, 2);
+        assert_eq!(a.queries, 1);
+        assert_eq!(a.xact_time_us, 10);
+        assert_eq!(a.query_time_us, 10);
+        assert_eq!(a.wait_time_us, 0);
+    }
+}

@@ -1,0 +1,711 @@
+//! Observability and operations against real PostgreSQL: /metrics scraped over HTTP around a
+//! pgbench run, the admin console (psql and tokio-postgres), PAUSE/RESUME, KILL, RECONNECT,
+//! SET, and live reload (RELOAD and SIGHUP, valid and invalid).
+
+mod common;
+
+use common::{free_port, wait_until, wait_until_async, PgCluster, Pgmux};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::time::Duration;
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Setup {
+    px: Pgmux,
+    metrics_port: u16,
+}
+
+fn config(db: &str, metrics_port: u16, general: &str, extra: &str) -> String {
+    let pg = PgCluster::shared();
+    format!(
+        r#"
+[pgmux]
+listen_port = {{port}}
+auth_type = "trust"
+metrics_listen_port = {metrics_port}
+admin_users = ["admin"]
+stats_users = ["watcher"]
+{general}
+[[users]]
+name = "app"
+password = "secret"
+[[users]]
+name = "postgres"
+[[users]]
+name = "admin"
+[[users]]
+name = "watcher"
+[[databases]]
+name = "{db}"
+host = "127.0.0.1"
+port = {}
+{extra}
+"#,
+        pg.primary().port
+    )
+}
+
+/// A pgmux with database `db` (created on the shared cluster) and its metrics endpoint.
+fn start(db: &str, general: &str, extra: &str) -> Setup {
+    let pg = PgCluster::shared();
+    pg.create_database(db, "app");
+    let metrics_port = free_port();
+    let px = Pgmux::start(&config(db, metrics_port, general, extra));
+    Setup { px, metrics_port }
+}
+
+/// The body of an HTTP GET, and its status code.
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect metrics");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad response: {resp}"));
+    let body = resp.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    (status, body.to_string())
+}
+
+fn scrape(port: u16) -> String {
+    let (status, body) = http_get(port, "/metrics");
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// Sum of the samples of `name` whose labels include all of `labels` (0 when none).
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = match series.find('{') {
+                Some(i) => (&series[..i], &series[i..]),
+                None => (series, ""),
+            };
+            if n != name {
+                return None;
+            }
+            let ok = labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            ok.then(|| value.parse::<f64>().unwrap())
+        })
+        .sum()
+}
+
+async fn connect(px: &Pgmux, user: &str, db: &str) -> Result<Client, tokio_postgres::Error> {
+    let (c, conn) = tokio_postgres::connect(&px.conn_str(user, db, Some("secret")), NoTls).await?;
+    tokio::spawn(conn);
+    Ok(c)
+}
+
+async fn console(px: &Pgmux) -> Client {
+    connect(px, "admin", "pgmux").await.expect("console login")
+}
+
+/// Rows of a console command as column -> value maps.
+async fn rows(c: &Client, sql: &str) -> Vec<HashMap<String, Option<String>>> {
+    let msgs = c
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    msgs.iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(
+                r.columns()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, col)| (col.name().to_string(), r.get(i).map(str::to_string)))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+/// One pool's row of SHOW POOLS, as numbers where they are numbers.
+async fn pool_row(c: &Client, db: &str, user: &str) -> HashMap<String, String> {
+    rows(c, "SHOW POOLS")
+        .await
+        .into_iter()
+        .find(|r| r["database"].as_deref() == Some(db) && r["user"].as_deref() == Some(user))
+        .map(|r| {
+            r.into_iter()
+                .map(|(k, v)| (k, v.unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn num(row: &HashMap<String, String>, col: &str) -> i64 {
+    row.get(col)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no numeric {col} in {row:?}"))
+}
+
+fn server_conns(db: &str) -> i64 {
+    let pg = PgCluster::shared();
+    pg.psql(
+        pg.primary(),
+        "postgres",
+        &format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND backend_type = 'client backend'"),
+    )
+    .parse()
+    .unwrap()
+}
+
+fn first(msgs: &[SimpleQueryMessage]) -> String {
+    msgs.iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("").to_string()),
+            _ => None,
+        })
+        .expect("a row")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_moves_counters_and_gauges_agree_with_postgres_and_show_pools() {
+    let db = "obsbench";
+    let s = start(db, "pool_mode = \"transaction\"\ndefault_pool_size = 5", "");
+    let l = [("database", db), ("user", "postgres")];
+    let before = scrape(s.metrics_port);
+
+    // exactly known work: 4 requests per transaction, 2 of them inside BEGIN..END
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("obs.sql");
+    std::fs::write(&script, "BEGIN;\nSELECT 1;\nSELECT 2;\nEND;\n").unwrap();
+    let (clients, per_client) = (8u32, 25u32);
+    let out = std::process::Command::new("pgbench")
+        .args(["-n", "-c", &clients.to_string(), "-j", "2", "-t"])
+        .arg(per_client.to_string())
+        .arg("-f")
+        .arg(&script)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &s.px.port.to_string(),
+            "-U",
+            "postgres",
+            db,
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let xacts = f64::from(clients * per_client);
+    let after = scrape(s.metrics_port);
+    let delta = |name: &str| metric(&after, name, &l) - metric(&before, name, &l);
+    assert_eq!(delta("pgmux_transactions_total"), xacts, "{after}");
+    assert_eq!(delta("pgmux_queries_total"), 4.0 * xacts);
+    assert_eq!(delta("pgmux_transaction_duration_seconds_count"), xacts);
+    assert_eq!(delta("pgmux_query_duration_seconds_count"), 4.0 * xacts);
+    // transaction mode: one server assignment per transaction
+    assert_eq!(delta("pgmux_server_assignments_total"), xacts);
+    assert_eq!(delta("pgmux_client_wait_seconds_count"), xacts);
+    assert!(delta("pgmux_received_bytes_total") > 0.0);
+    assert!(delta("pgmux_sent_bytes_total") > delta("pgmux_received_bytes_total"));
+    assert!(metric(&after, "pgmux_server_connects_total", &l) <= 5.0);
+    assert!(metric(&after, "process_resident_memory_bytes", &[]) > 0.0);
+    assert!(metric(&after, "process_open_fds", &[]) > 0.0);
+    // the Grafana dashboard only charts metrics that exist
+    let dashboard = include_str!("../deploy/grafana/pgmux.json");
+    for (i, _) in dashboard
+        .match_indices("pgmux_")
+        .chain(dashboard.match_indices("process_"))
+    {
+        let name: String = dashboard[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let family = name.strip_suffix("_bucket").unwrap_or(&name);
+        assert!(
+            after.contains(&format!("# TYPE {family} ")),
+            "dashboard uses {name}, not exported"
+        );
+    }
+
+    // the console shows what /metrics exports
+    let admin = console(&s.px).await;
+    let stats = rows(&admin, &format!("SHOW STATS_TOTALS {db}")).await;
+    assert_eq!(stats.len(), 1, "{stats:?}");
+    let col = |c: &str| stats[0][c].as_deref().unwrap().parse::<f64>().unwrap();
+    assert_eq!(
+        col("xact_count"),
+        metric(&after, "pgmux_transactions_total", &[("database", db)])
+    );
+    assert_eq!(
+        col("query_count"),
+        metric(&after, "pgmux_queries_total", &[("database", db)])
+    );
+    assert_eq!(
+        col("bytes_received"),
+        metric(&after, "pgmux_received_bytes_total", &[("database", db)])
+    );
+
+    // gauges: three clients, two of them inside a transaction (holding a server)
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let c = connect(&s.px, "postgres", db).await.unwrap();
+        c.simple_query("BEGIN; SELECT 1").await.unwrap();
+        held.push(c);
+    }
+    let idle = connect(&s.px, "postgres", db).await.unwrap();
+    idle.simple_query("SELECT 1").await.unwrap();
+    let m = scrape(s.metrics_port);
+    let state = |name: &str, st: &str| {
+        metric(
+            &m,
+            name,
+            &[("database", db), ("user", "postgres"), ("state", st)],
+        )
+    };
+    assert_eq!(state("pgmux_clients", "active"), 2.0);
+    assert_eq!(state("pgmux_clients", "idle"), 1.0);
+    assert_eq!(state("pgmux_clients", "waiting"), 0.0);
+    assert_eq!(state("pgmux_servers", "active"), 2.0);
+    let pool = pool_row(&admin, db, "postgres").await;
+    assert_eq!(num(&pool, "cl_active"), 3);
+    assert_eq!(num(&pool, "cl_waiting"), 0);
+    assert_eq!(num(&pool, "sv_active"), 2);
+    assert_eq!(num(&pool, "sv_idle") as f64, state("pgmux_servers", "idle"));
+    assert_eq!(num(&pool, "sv_login"), 0);
+    // PostgreSQL sees exactly the connections pgmux counts (closed ones may take a moment
+    // to leave pg_stat_activity)
+    let open = num(&pool, "sv_active") + num(&pool, "sv_idle");
+    wait_until("pg_stat_activity matches SHOW POOLS", WAIT, || {
+        server_conns(db) == open
+    });
+    // SHOW CLIENTS lists the same three, two linked to the servers SHOW SERVERS lists
+    let clients = rows(&admin, "SHOW CLIENTS").await;
+    let mine: Vec<_> = clients
+        .iter()
+        .filter(|r| r["database"].as_deref() == Some(db))
+        .collect();
+    assert_eq!(mine.len(), 3, "{clients:?}");
+    let linked: Vec<String> = mine
+        .iter()
+        .filter(|r| r["state"].as_deref() == Some("active"))
+        .map(|r| r["link"].clone().unwrap())
+        .collect();
+    assert_eq!(linked.len(), 2);
+    let servers = rows(&admin, "SHOW SERVERS").await;
+    for link in &linked {
+        let s = servers
+            .iter()
+            .find(|r| r["ptr"].as_ref() == Some(link))
+            .unwrap_or_else(|| panic!("server {link} in {servers:?}"));
+        assert_eq!(s["state"].as_deref(), Some("active"));
+        let pid = s["remote_pid"].as_deref().unwrap();
+        let pg = PgCluster::shared();
+        assert_eq!(
+            pg.psql(
+                pg.primary(),
+                "postgres",
+                &format!("SELECT state FROM pg_stat_activity WHERE pid = {pid}")
+            ),
+            "idle in transaction"
+        );
+    }
+    // server errors are counted by SQLSTATE class
+    let err = idle
+        .simple_query("SELECT * FROM no_such_table")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "42P01");
+    let m = scrape(s.metrics_port);
+    assert_eq!(
+        metric(
+            &m,
+            "pgmux_server_errors_total",
+            &[("database", db), ("class", "42")]
+        ),
+        1.0
+    );
+    for c in &held {
+        c.simple_query("COMMIT").await.unwrap();
+    }
+    wait_until("no server active after the commits", WAIT, || {
+        let m = scrape(s.metrics_port);
+        metric(
+            &m,
+            "pgmux_servers",
+            &[("database", db), ("state", "active")],
+        ) == 0.0
+    });
+}
+
+#[test]
+fn health_and_ready_follow_the_servers() {
+    let db = "obsready";
+    let ghost_port = free_port();
+    let s = start(
+        db,
+        "",
+        &format!("[[databases]]\nname = \"ghost\"\nhost = \"127.0.0.1\"\nport = {ghost_port}\n"),
+    );
+    assert_eq!(http_get(s.metrics_port, "/health"), (200, "ok\n".into()));
+    let (status, body) = http_get(s.metrics_port, "/ready");
+    assert_eq!(status, 503);
+    assert!(body.contains(&ghost_port.to_string()), "{body}");
+    assert_eq!(http_get(s.metrics_port, "/nope").0, 404);
+    // without the unreachable database, pgmux is ready
+    std::fs::write(
+        &s.px.config_path,
+        config(db, s.metrics_port, "", "").replace("{port}", &s.px.port.to_string()),
+    )
+    .unwrap();
+    s.px.signal(libc::SIGHUP);
+    wait_until("ready after reload", WAIT, || {
+        http_get(s.metrics_port, "/ready").0 == 200
+    });
+}
+
+fn psql(px: &Pgmux, user: &str, sql: &str) -> std::process::Output {
+    std::process::Command::new("psql")
+        .args(["-X", "-A", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+        .args([
+            "-p",
+            &px.port.to_string(),
+            "-U",
+            user,
+            "-d",
+            "pgmux",
+            "-c",
+            sql,
+        ])
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .expect("run psql")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_runs_every_console_command() {
+    let db = "obspsql";
+    let s = start(db, "", "");
+    let c = connect(&s.px, "app", db).await.unwrap();
+    c.simple_query("SELECT 1").await.unwrap();
+    for (cmd, header) in [
+        ("SHOW POOLS", "database|user|cl_active|cl_waiting|cl_active_cancel_req|cl_waiting_cancel_req|sv_active|sv_active_cancel|sv_being_canceled|sv_idle|sv_used|sv_tested|sv_login|maxwait|maxwait_us|pool_mode|load_balance_hosts"),
+        ("SHOW STATS", "database|total_server_assignment_count|total_xact_count|total_query_count|total_received|total_sent|total_xact_time|total_query_time|total_wait_time"),
+        ("SHOW STATS_TOTALS", "database|server_assignment_count|xact_count|query_count|bytes_received|bytes_sent|xact_time|query_time|wait_time"),
+        ("SHOW STATS_AVERAGES", "database|server_assignment_count|xact_count|query_count|bytes_received|bytes_sent|xact_time|query_time|wait_time"),
+        ("SHOW CLIENTS", "type|user|database|replication|state|addr|port|local_addr|local_port|connect_time|request_time|wait|wait_us|close_needed|ptr|link|remote_pid|tls|application_name|prepared_statements|id"),
+        ("SHOW SERVERS", "type|user|database|replication|state|addr|port|local_addr|local_port|connect_time|request_time|wait|wait_us|close_needed|ptr|link|remote_pid|tls|application_name|prepared_statements|id"),
+        ("SHOW DATABASES", "name|host|port|database|force_user|pool_size|min_pool_size|reserve_pool_size|server_lifetime|pool_mode|load_balance_hosts|max_connections|current_connections|max_client_connections|current_client_connections|paused|disabled"),
+        ("SHOW USERS", "name|pool_size|reserve_pool_size|pool_mode|max_user_connections|current_connections|max_user_client_connections|current_client_connections"),
+        ("SHOW CONFIG", "key|value|default|changeable"),
+        ("SHOW LISTS", "list|items"),
+        ("SHOW VERSION", "version"),
+        ("SHOW HOSTS", "host|port|role|health|lag_bytes|lag_seconds|banned"),
+        ("SHOW STATE", "key|value"),
+    ] {
+        let out = psql(&s.px, "admin", cmd);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{cmd}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.starts_with(header),
+            "{cmd} header:\n{stdout}\nexpected to start with {header}"
+        );
+    }
+    let pools = String::from_utf8_lossy(&psql(&s.px, "watcher", "SHOW POOLS").stdout).into_owned();
+    assert!(pools.contains(&format!("{db}|app|1|0|")), "{pools}");
+    let hosts = String::from_utf8_lossy(&psql(&s.px, "admin", "SHOW HOSTS").stdout).into_owned();
+    assert!(hosts.contains("|primary|up|"), "{hosts}");
+    let version =
+        String::from_utf8_lossy(&psql(&s.px, "admin", "SHOW VERSION").stdout).into_owned();
+    assert!(version.contains("pgmux"), "{version}");
+
+    // control commands answer with their tag
+    for cmd in [
+        "RECONNECT",
+        "RELOAD",
+        "SET default_pool_size = 7",
+        "PAUSE",
+        "RESUME",
+    ] {
+        let out = psql(&s.px, "admin", cmd);
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // RELOAD re-read the file, then SET changed the running value
+    let cfg = String::from_utf8_lossy(&psql(&s.px, "admin", "SHOW CONFIG").stdout).into_owned();
+    assert!(cfg.contains("default_pool_size|7|20|yes"), "{cfg}");
+    assert!(cfg.contains("listen_port|"), "{cfg}");
+
+    // errors: unknown command, stats user's control command, non-console user
+    let out = psql(&s.px, "admin", "FROB");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid command"));
+    let out = psql(&s.px, "watcher", "PAUSE");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("admin access needed"));
+    let out = psql(&s.px, "app", "SHOW POOLS");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not allowed to use the admin console"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // the `pgbouncer` alias
+    let out = std::process::Command::new("psql")
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &s.px.port.to_string(),
+        ])
+        .args(["-U", "watcher", "-d", "pgbouncer", "-c", "SHOW LISTS"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("pools|1"));
+
+    // the extended protocol is refused with an error, the session survives
+    let admin = console(&s.px).await;
+    let err = admin.query("SHOW POOLS", &[]).await.unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "0A000");
+    assert_eq!(rows(&admin, "SHOW VERSION").await.len(), 1);
+    // the application's client was never disturbed
+    assert_eq!(
+        first(&c.simple_query("SELECT 'still'").await.unwrap()),
+        "still"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_holds_new_transactions_and_resume_releases_them() {
+    let db = "obspause";
+    let s = start(db, "pool_mode = \"transaction\"\ndefault_pool_size = 2", "");
+    let admin = console(&s.px).await;
+    let busy = connect(&s.px, "app", db).await.unwrap();
+    busy.simple_query("BEGIN; SELECT 1").await.unwrap();
+    let later = connect(&s.px, "app", db).await.unwrap();
+    later.simple_query("SELECT 1").await.unwrap();
+
+    let pausing = {
+        let px_admin = console(&s.px).await;
+        tokio::spawn(async move { px_admin.simple_query("PAUSE").await.map(|_| ()) })
+    };
+    wait_until_async("database paused", WAIT, || async {
+        rows(&admin, "SHOW DATABASES")
+            .await
+            .iter()
+            .any(|r| r["name"].as_deref() == Some(db) && r["paused"].as_deref() == Some("1"))
+    })
+    .await;
+    // the open transaction holds its server, so PAUSE cannot have finished
+    assert!(!pausing.is_finished());
+    assert_eq!(num(&pool_row(&admin, db, "app").await, "sv_active"), 1);
+
+    // a new transaction waits
+    let held = tokio::spawn(async move { later.simple_query("SELECT 'after resume'").await });
+    wait_until_async("new transaction waiting", WAIT, || async {
+        num(&pool_row(&admin, db, "app").await, "cl_waiting") == 1
+    })
+    .await;
+
+    // the running transaction finishes normally; then PAUSE completes
+    busy.simple_query("SELECT 2; COMMIT").await.unwrap();
+    pausing.await.unwrap().expect("PAUSE completes");
+    let pool = pool_row(&admin, db, "app").await;
+    assert_eq!(num(&pool, "sv_active"), 0);
+    assert_eq!(num(&pool, "sv_idle"), 0, "PAUSE closes idle servers");
+    assert_eq!(num(&pool, "cl_waiting"), 1, "still held while paused");
+    assert!(!held.is_finished());
+    wait_until("servers closed", WAIT, || server_conns(db) == 0);
+
+    admin.simple_query("RESUME").await.unwrap();
+    let msgs = held.await.unwrap().expect("no client error after RESUME");
+    assert_eq!(first(&msgs), "after resume");
+    assert_eq!(first(&busy.simple_query("SELECT 3").await.unwrap()), "3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_disconnects_a_databases_clients_and_reconnect_replaces_servers() {
+    let db = "obskill";
+    let s = start(db, "pool_mode = \"session\"", "");
+    let admin = console(&s.px).await;
+    let c = connect(&s.px, "app", db).await.unwrap();
+    let pid_before = first(&c.simple_query("SELECT pg_backend_pid()").await.unwrap());
+    // RECONNECT: a lent server is closed once it comes back, not under its client
+    admin
+        .simple_query(&format!("RECONNECT {db}"))
+        .await
+        .unwrap();
+    let servers = rows(&admin, "SHOW SERVERS").await;
+    let mine: Vec<_> = servers
+        .iter()
+        .filter(|r| r["database"].as_deref() == Some(db))
+        .collect();
+    assert_eq!(mine.len(), 1);
+    assert_eq!(mine[0]["close_needed"].as_deref(), Some("1"));
+    assert_eq!(
+        first(&c.simple_query("SELECT pg_backend_pid()").await.unwrap()),
+        pid_before
+    );
+    drop(c);
+    wait_until("old server closed after its client left", WAIT, || {
+        server_conns(db) == 0
+    });
+
+    let victim = connect(&s.px, "app", db).await.unwrap();
+    victim.simple_query("SELECT 1").await.unwrap();
+    admin.simple_query(&format!("KILL {db}")).await.unwrap();
+    let err = victim.simple_query("SELECT 1").await.unwrap_err();
+    assert!(
+        err.as_db_error().map(|e| e.code().code()) == Some("57P01") || victim.is_closed(),
+        "{err}"
+    );
+    wait_until("killed client's server closed", WAIT, || {
+        server_conns(db) == 0
+    });
+    // KILL leaves the database paused until RESUME, like PgBouncer
+    let waiting = connect(&s.px, "app", db).await.unwrap();
+    let q = tokio::spawn(async move { waiting.simple_query("SELECT 'back'").await });
+    wait_until_async("client held after KILL", WAIT, || async {
+        num(&pool_row(&admin, db, "app").await, "cl_waiting") == 1
+    })
+    .await;
+    admin.simple_query(&format!("RESUME {db}")).await.unwrap();
+    assert_eq!(first(&q.await.unwrap().unwrap()), "back");
+    // unknown database
+    let err = admin.simple_query("KILL nosuchdb").await.unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "3D000");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_changes_pool_size_live_and_refuses_an_invalid_config() {
+    let db = "obsreload";
+    let s = start(db, "pool_mode = \"transaction\"", "pool_size = 2");
+    let admin = console(&s.px).await;
+    let mut holders = Vec::new();
+    for _ in 0..2 {
+        let c = connect(&s.px, "app", db).await.unwrap();
+        c.simple_query("BEGIN; SELECT 1").await.unwrap();
+        holders.push(c);
+    }
+    let third = connect(&s.px, "app", db).await.unwrap();
+    let q = tokio::spawn(async move {
+        let r = third.simple_query("SELECT 'third'").await;
+        (third, r)
+    });
+    wait_until_async("third client waiting", WAIT, || async {
+        num(&pool_row(&admin, db, "app").await, "cl_waiting") == 1
+    })
+    .await;
+    assert_eq!(server_conns(db), 2);
+
+    // an invalid file is refused; the old configuration keeps running
+    let good = config(
+        db,
+        s.metrics_port,
+        "pool_mode = \"transaction\"",
+        "pool_size = 3",
+    )
+    .replace("{port}", &s.px.port.to_string());
+    std::fs::write(&s.px.config_path, "[pgmux]\ndefault_pool_size = 0\n").unwrap();
+    let err = admin.simple_query("RELOAD").await.unwrap_err();
+    let msg = err.as_db_error().unwrap().message().to_string();
+    assert!(msg.contains("default_pool_size"), "{msg}");
+    std::fs::write(&s.px.config_path, "[pgmux\n").unwrap();
+    s.px.signal(libc::SIGHUP);
+    wait_until("SIGHUP refusal logged", WAIT, || {
+        s.px.log().contains("reload refused")
+    });
+    let dbs = rows(&admin, "SHOW DATABASES").await;
+    let row = dbs
+        .iter()
+        .find(|r| r["name"].as_deref() == Some(db))
+        .unwrap();
+    assert_eq!(row["pool_size"].as_deref(), Some("2"));
+    assert_eq!(num(&pool_row(&admin, db, "app").await, "cl_waiting"), 1);
+
+    // a valid one takes effect at once: the waiting client gets a third server
+    std::fs::write(&s.px.config_path, good).unwrap();
+    admin.simple_query("RELOAD").await.unwrap();
+    let (third, r) = q.await.unwrap();
+    assert_eq!(first(&r.unwrap()), "third");
+    let dbs = rows(&admin, "SHOW DATABASES").await;
+    let row = dbs
+        .iter()
+        .find(|r| r["name"].as_deref() == Some(db))
+        .unwrap();
+    assert_eq!(row["pool_size"].as_deref(), Some("3"));
+    let pool = pool_row(&admin, db, "app").await;
+    assert_eq!(num(&pool, "sv_active"), 2);
+    assert_eq!(num(&pool, "sv_active") + num(&pool, "sv_idle"), 3);
+    assert_eq!(server_conns(db), 3);
+    let m = scrape(s.metrics_port);
+    assert_eq!(
+        metric(&m, "pgmux_pool_size", &[("database", db), ("user", "app")]),
+        3.0
+    );
+    // nobody was dropped
+    for c in &holders {
+        assert_eq!(
+            first(&c.simple_query("SELECT 5; COMMIT").await.unwrap()),
+            "5"
+        );
+    }
+    assert_eq!(first(&third.simple_query("SELECT 6").await.unwrap()), "6");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_removed_by_reload_drains() {
+    let db = "obsdrain";
+    let s = start(db, "pool_mode = \"session\"", "");
+    let admin = console(&s.px).await;
+    let c = connect(&s.px, "app", db).await.unwrap();
+    c.simple_query("SELECT 1").await.unwrap();
+    // the database leaves the configuration
+    let without = config(db, s.metrics_port, "pool_mode = \"session\"", "")
+        .replace("{port}", &s.px.port.to_string());
+    let cut = without.find("[[databases]]").unwrap();
+    std::fs::write(&s.px.config_path, &without[..cut]).unwrap();
+    admin.simple_query("RELOAD").await.unwrap();
+    // its client goes on; new ones are refused
+    assert_eq!(first(&c.simple_query("SELECT 'on'").await.unwrap()), "on");
+    let err = connect(&s.px, "app", db).await.unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "3D000");
+    assert!(!pool_row(&admin, db, "app").await.is_empty());
+    drop(c);
+    wait_until_async("drained pool gone", WAIT, || async {
+        pool_row(&admin, db, "app").await.is_empty()
+    })
+    .await;
+    wait_until("its servers closed", WAIT, || server_conns(db) == 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_from_the_console_stops_pgmux() {
+    let db = "obsshutdown";
+    let mut s = start(db, "shutdown_timeout = 10", "");
+    let app = connect(&s.px, "app", db).await.unwrap();
+    app.simple_query("SELECT 1").await.unwrap();
+    let admin = console(&s.px).await;
+    admin.simple_query("SHUTDOWN").await.unwrap();
+    let status = tokio::task::block_in_place(|| s.px.wait_exit(WAIT)).expect("pgmux exited");
+    assert!(status.success(), "{status}");
+    assert!(app.simple_query("SELECT 1").await.is_err());
+}
