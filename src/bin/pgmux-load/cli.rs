@@ -150,6 +150,8 @@ pub enum ArgsError {
     SqlWithOtherWorkload(WorkloadKind),
     #[error("--hold applies to the idle workload only")]
     HoldWithWorkload,
+    #[error("--transactions needs a workload (-w select, tpcb or --sql); idle runs use --hold")]
+    TransactionsWhenIdle,
 }
 
 impl Args {
@@ -189,6 +191,9 @@ impl Args {
         }
         if self.hold.is_some() && self.workload != WorkloadKind::Idle {
             return Err(ArgsError::HoldWithWorkload);
+        }
+        if self.transactions.is_some() && self.workload == WorkloadKind::Idle {
+            return Err(ArgsError::TransactionsWhenIdle);
         }
         Ok(self)
     }
@@ -324,7 +329,11 @@ mod tests {
             parse(&["-c", "2", "-w", "select", "--hold", "1"]),
             Err(ArgsError::HoldWithWorkload)
         ));
-        let a = parse(&["-c", "2", "--sql", "f.sql"]).unwrap();
+        assert!(matches!(
+            parse(&["-c", "2", "-t", "5"]),
+            Err(ArgsError::TransactionsWhenIdle)
+        ));
+        let a = parse(&["-c", "2", "--sql", "f.sql", "-t", "5"]).unwrap();
         assert_eq!(a.workload, WorkloadKind::Sql);
     }
 }
