@@ -9,6 +9,8 @@
 #   - each proxy's CPU time (utime+stime from /proc/PID/stat) per 1,000 transactions;
 #   - each proxy's resident memory per idle client: VmRSS before and after pgmux-load opens
 #     IDLE_CLIENTS idle connections (measured first, on fresh processes);
+#   - p99 latency and TPS with BUSY_CLIENTS clients running pgmux-load's select workload for T
+#     seconds through each proxy;
 #
 # then prints a table with the ratios pgmux/PgBouncer. Everything lives in $COMPARE_DIR and is
 # removed at the end (KEEP=1 keeps it). All traffic stays on 127.0.0.1.
@@ -19,6 +21,7 @@
 #   SCALE=10             pgbench scale factor (1,000,000 accounts)
 #   POOL_SIZE=20         server connections per pool, both proxies
 #   IDLE_CLIENTS=5000    idle connections for the memory figure
+#   BUSY_CLIENTS=10000   clients of the latency figure (0 skips it)
 #   PG_MAX_CONNECTIONS=600  so the direct run at 500 clients can work (it is reported as
 #                        failed if it does not)
 #   COMPARE_DIR=/tmp/pgmux-compare   state dir (must not exist, or be one this script made)
@@ -35,6 +38,8 @@ JOBS=${JOBS:-2}
 SCALE=${SCALE:-10}
 POOL_SIZE=${POOL_SIZE:-20}
 IDLE_CLIENTS=${IDLE_CLIENTS:-5000}
+BUSY_CLIENTS=${BUSY_CLIENTS:-10000}
+MAX_CLIENTS=$(( (IDLE_CLIENTS > BUSY_CLIENTS ? IDLE_CLIENTS : BUSY_CLIENTS) + 1000 ))
 PG_MAX_CONNECTIONS=${PG_MAX_CONNECTIONS:-600}
 DIR=${COMPARE_DIR:-/tmp/pgmux-compare}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
@@ -144,7 +149,7 @@ auth_type = trust
 auth_file = $DIR/bouncer/userlist.txt
 pool_mode = transaction
 default_pool_size = $POOL_SIZE
-max_client_conn = $((IDLE_CLIENTS + 1000))
+max_client_conn = $MAX_CLIENTS
 log_connections = 0
 log_disconnections = 0
 logfile = $DIR/bouncer/pgbouncer.log
@@ -170,7 +175,7 @@ listen_addr = "127.0.0.1"
 listen_port = $PGMUX_PORT
 pool_mode = "transaction"
 default_pool_size = $POOL_SIZE
-max_client_conn = $((IDLE_CLIENTS + 1000))
+max_client_conn = $MAX_CLIENTS
 auth_type = "trust"
 log_level = "warn"
 
@@ -193,7 +198,7 @@ cpu_ticks() {  # utime+stime of PID, in clock ticks (all threads)
 }
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
-declare -A TPS CPU RSS
+declare -A TPS CPU RSS P99 BUSY
 CLK_TCK=$(getconf CLK_TCK)
 
 # run_pgbench NAME PORT PID KEY ARGS... : TPS[KEY,NAME], CPU[KEY,NAME] (ms per 1,000 tx)
@@ -242,6 +247,24 @@ idle_memory() {
   fi
 }
 
+# busy_latency NAME PORT: P99[NAME] (ms) and BUSY[NAME] (TPS) of BUSY_CLIENTS select clients
+busy_latency() {
+  local name=$1 port=$2 out="$DIR/log/busy-$1.json" line errors
+  log "$BUSY_CLIENTS busy clients (pgmux-load -w select -T $T) -> $name"
+  if "$LOAD" --host 127.0.0.1 --port "$port" -U postgres -d bench -c "$BUSY_CLIENTS" -w select \
+      --duration "$T" --json --quiet >"$out" 2>"$DIR/log/busy-$name.log"; then
+    line=$(tail -n 1 "$out")
+    P99[$name]=$(sed -n 's/.*"latency_us":{[^}]*"p99":\([0-9]*\).*/\1/p' <<<"$line" \
+      | awk '{printf "%.1f", $1 / 1000}')
+    BUSY[$name]=$(sed -n 's/.*"tps":\([0-9.]*\).*/\1/p' <<<"$line" | awk '{printf "%.0f", $1}')
+    errors=$(sed -n 's/.*"errors":\([0-9]*\).*/\1/p' <<<"$line")
+    [ "${errors:-0}" = 0 ] || { P99[$name]="${P99[$name]} ($errors errors)"; }
+  else
+    P99[$name]=failed BUSY[$name]=failed
+    log "  failed; see $DIR/log/busy-$name.log"
+  fi
+}
+
 ratio() {  # ratio A B -> A/B with 2 decimals, or -
   awk -v a="$1" -v b="$2" 'BEGIN { if (a+0 > 0 && b+0 > 0) printf "%.2fx", a / b; else print "-" }'
 }
@@ -271,6 +294,10 @@ print_table() {
     echo "| $label | - | ${CPU[$k,pgbouncer]:--} | ${CPU[$k,pgmux]:--} | $(ratio "${CPU[$k,pgmux]:-}" "${CPU[$k,pgbouncer]:-}") |"
   done
   echo "| resident memory per idle client, $IDLE_CLIENTS idle (KiB) | - | ${RSS[pgbouncer]} | ${RSS[pgmux]} | $(ratio "${RSS[pgmux]}" "${RSS[pgbouncer]}") |"
+  if [ "$BUSY_CLIENTS" -gt 0 ]; then
+    echo "| pgmux-load select, $BUSY_CLIENTS busy clients (TPS) | - | ${BUSY[pgbouncer]} | ${BUSY[pgmux]} | $(ratio "${BUSY[pgmux]}" "${BUSY[pgbouncer]}") |"
+    echo "| pgmux-load select, $BUSY_CLIENTS busy clients: p99 latency (ms) | - | ${P99[pgbouncer]} | ${P99[pgmux]} | $(ratio "${P99[pgmux]}" "${P99[pgbouncer]}") |"
+  fi
 }
 
 main() {
@@ -281,8 +308,8 @@ main() {
   fi
   build
   ulimit -n "$(ulimit -Hn)"
-  [ "$(ulimit -n)" -ge $((IDLE_CLIENTS + 1000)) ] \
-    || die "open-file limit $(ulimit -n) is too small for $IDLE_CLIENTS idle clients"
+  [ "$(ulimit -n)" -ge "$MAX_CLIENTS" ] \
+    || die "open-file limit $(ulimit -n) is too small for $((MAX_CLIENTS - 1000)) clients"
   rm -rf "$DIR"
   mkdir -p "$DIR/run" "$DIR/log" "$DIR/bouncer"
   touch "$DIR/.pgmux-compare"
@@ -310,6 +337,10 @@ main() {
     run_pgbench pgbouncer "$BOUNCER_PORT" "$BOUNCER_PID" "$k" "${args[@]}"
     run_pgbench pgmux "$PGMUX_PORT" "$PGMUX_PID" "$k" "${args[@]}"
   done
+  if [ "$BUSY_CLIENTS" -gt 0 ]; then
+    busy_latency pgbouncer "$BOUNCER_PORT"
+    busy_latency pgmux "$PGMUX_PORT"
+  fi
   print_table | tee "$DIR/table.md"
   if [ "$KEEP" = 1 ]; then log "logs and table in $DIR"; fi
 }
