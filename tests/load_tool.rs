@@ -7,6 +7,7 @@ mod common;
 use common::{PgCluster, Pgmux};
 use serde_json::Value;
 use std::process::Command;
+use std::sync::Mutex;
 
 fn start(db: &str, general: &str) -> Pgmux {
     let pg = PgCluster::shared();
@@ -52,29 +53,43 @@ fn n(v: &Value, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("{key} is not a count in {v}"))
 }
 
+/// pgbench's tables (scale 1) in `db`, created once per test binary. Tests that count server
+/// connections or rows each have their own database, so concurrent tests do not add to them.
+fn pgbench_tables(db: &str) {
+    static DONE: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
+    if done.iter().any(|d| d == db) {
+        return;
+    }
+    let pg = PgCluster::shared();
+    pg.create_database(db, "app");
+    let st = Command::new("pgbench")
+        .args(["-i", "-s", "1", "-q", "-h", "127.0.0.1", "-p"])
+        .arg(pg.primary().port.to_string())
+        .args(["-U", "postgres", db])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    done.push(db.to_string());
+}
+
+fn history_rows(db: &str) -> u64 {
+    let pg = PgCluster::shared();
+    pg.psql(pg.primary(), db, "SELECT count(*) FROM pgbench_history")
+        .parse()
+        .unwrap()
+}
+
 #[test]
 fn select_workload_through_pgmux_reports_every_transaction_and_the_server_peak() {
-    let db = "loadtool";
+    let db = "loadselect";
+    pgbench_tables(db);
     let px = start(db, "default_pool_size = 5");
     let pg = PgCluster::shared();
-    if pg.psql(
-        pg.primary(),
-        db,
-        "SELECT count(*) FROM pg_class WHERE relname = 'pgbench_accounts'",
-    ) == "0"
-    {
-        let st = Command::new("pgbench")
-            .args(["-i", "-s", "1", "-q", "-h", "127.0.0.1", "-p"])
-            .arg(pg.primary().port.to_string())
-            .args(["-U", "postgres", db])
-            .output()
-            .unwrap();
-        assert!(
-            st.status.success(),
-            "{}",
-            String::from_utf8_lossy(&st.stderr)
-        );
-    }
     let direct = pg.primary().conn_str("postgres", "postgres", None);
 
     for mode in ["extended", "simple"] {
@@ -164,4 +179,59 @@ fn clients_turned_away_are_counted_by_sqlstate() {
     assert_eq!(n(&s, "failed"), 10, "{s}");
     assert_eq!(n(&s, "errors"), 10, "{s}");
     assert_eq!(n(&s["errors_by_kind"]["53300"], "count"), 10, "{s}");
+}
+
+#[test]
+fn tpcb_and_sql_file_workloads_commit_what_they_report() {
+    let db = "loadtpcb";
+    pgbench_tables(db);
+    let px = start(db, "default_pool_size = 5");
+    // Only this test uses the database, so the growth of pgbench_history is what the tool
+    // committed.
+    let mut rows = history_rows(db);
+    for mode in ["extended", "simple"] {
+        let s = load(
+            &px,
+            db,
+            &["-c", "10", "-w", "tpcb", "--query-mode", mode, "-t", "10"],
+        );
+        assert_eq!(n(&s, "transactions"), 100, "{s}");
+        assert_eq!(n(&s, "errors"), 0, "{s}");
+        let now = history_rows(db);
+        assert_eq!(
+            now - rows,
+            100,
+            "{mode}: one history row per TPC-B transaction"
+        );
+        rows = now;
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("tx.sql");
+    std::fs::write(
+        &script,
+        "BEGIN;\nINSERT INTO pgbench_history (tid, bid, aid, delta, mtime)\n  \
+         VALUES (:tid, :bid, :aid, :delta, now());\nSELECT :aid::int + 0;\nCOMMIT;\n",
+    )
+    .unwrap();
+    let s = load(
+        &px,
+        db,
+        &["-c", "5", "--sql", script.to_str().unwrap(), "-t", "4"],
+    );
+    assert_eq!(n(&s, "transactions"), 20, "{s}");
+    assert_eq!(n(&s, "errors"), 0, "{s}");
+    assert_eq!(history_rows(db) - rows, 20);
+
+    // a failing statement is counted under its SQLSTATE, and the connections go on
+    let bad = dir.path().join("bad.sql");
+    std::fs::write(&bad, "SELECT 1 / (:aid - :aid);\n").unwrap();
+    let s = load(
+        &px,
+        db,
+        &["-c", "2", "--sql", bad.to_str().unwrap(), "-t", "3"],
+    );
+    assert_eq!(n(&s, "transactions"), 0, "{s}");
+    assert_eq!(n(&s, "errors"), 6, "{s}");
+    assert_eq!(n(&s["errors_by_kind"]["22012"], "count"), 6, "{s}");
 }
