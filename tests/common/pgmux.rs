@@ -305,3 +305,89 @@ fn reap_orphan(dir: &Path) {
     }
     let _ = fs::remove_dir_all(dir);
 }
+
+/// A second process on a port that is already taken, for SO_REUSEPORT handovers.
+impl Pgmux {
+    /// Start another pgmux of the same binary on this one's port, with `config`'s `{port}`
+    /// replaced by that port (both configs need `so_reuseport = true`). Probing the port would
+    /// reach either process, so the new one counts as ready once it holds a listening socket on
+    /// the port itself. Panics with its log if it exits or is not listening within 20 s.
+    pub fn start_beside(&self, config: &str) -> Pgmux {
+        assert!(
+            config.contains("{port}"),
+            "pgmux config needs a {{port}} placeholder for the listen port:\n{config}"
+        );
+        let bin = fs::read_link(format!("/proc/{}/exe", self.pid())).expect("read pgmux's exe");
+        let dir = tempfile::Builder::new()
+            .prefix(DIR_PREFIX)
+            .tempdir_in(temp_base())
+            .expect("create pgmux temp dir");
+        write_owner(dir.path());
+        let config_path = dir.path().join("pgmux.toml");
+        let log_path = dir.path().join("pgmux.log");
+        let config = without_default_metrics_port(config);
+        fs::write(
+            &config_path,
+            config.replace("{port}", &self.port.to_string()),
+        )
+        .expect("write pgmux config");
+        let mut child = spawn(&bin, &config_path, &log_path);
+        let deadline = Instant::now() + STARTUP_DEADLINE;
+        let failure = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break format!("exited during startup with {status}");
+            }
+            if listens_on(child.id(), self.port) {
+                return Pgmux {
+                    port: self.port,
+                    config_path,
+                    log_path,
+                    child,
+                    reaped: AtomicBool::new(false),
+                    dir,
+                };
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break format!(
+                    "not listening on port {} after {STARTUP_DEADLINE:?}",
+                    self.port
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        lock(&LIVE_CHILDREN).remove(&child.id());
+        let log = String::from_utf8_lossy(&fs::read(&log_path).unwrap_or_default()).into_owned();
+        panic!("second pgmux ({}) {failure}; log:\n{log}", bin.display());
+    }
+}
+
+/// Whether process `pid` holds a TCP socket listening on `port`: the LISTEN entries of
+/// /proc/net/tcp{,6} on that port, matched by inode against the process's open fds.
+fn listens_on(pid: u32, port: u16) -> bool {
+    let mut inodes = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let local_port = f.get(1).and_then(|a| a.rsplit(':').next());
+            if f.get(3) == Some(&"0A")
+                && local_port.and_then(|p| u16::from_str_radix(p, 16).ok()) == Some(port)
+            {
+                if let Some(inode) = f.get(9) {
+                    inodes.push(format!("socket:[{inode}]"));
+                }
+            }
+        }
+    }
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        fs::read_link(fd.path())
+            .map(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+            .unwrap_or(false)
+    })
+}

@@ -1,0 +1,348 @@
+#!/usr/bin/env bash
+# benches/compare.sh - pgmux against PgBouncer and direct PostgreSQL, side by side in one run
+# (issue 6). On a fresh Debian machine it installs what is missing (PostgreSQL 15, pgbench,
+# PgBouncer), starts a throwaway PostgreSQL 15, builds pgmux and pgmux-load in release, runs
+# PgBouncer and pgmux on free ports (transaction mode, pool size 20, trust auth), and measures:
+#
+#   - pgbench -S at 50 and 500 clients and the default TPC-B-like script at 50 clients, against
+#     direct, PgBouncer and pgmux (TPS, "without initial connection time");
+#   - each proxy's CPU time (utime+stime from /proc/PID/stat) per 1,000 transactions;
+#   - each proxy's resident memory per idle client: VmRSS before and after pgmux-load opens
+#     IDLE_CLIENTS idle connections (measured first, on fresh processes);
+#   - p99 latency and TPS with BUSY_CLIENTS clients running pgmux-load's select workload for T
+#     seconds through each proxy;
+#
+# then prints a table with the ratios pgmux/PgBouncer. Everything lives in $COMPARE_DIR and is
+# removed at the end (KEEP=1 keeps it). All traffic stays on 127.0.0.1.
+#
+# Settings (environment):
+#   T=15                 seconds per pgbench run
+#   JOBS=2               pgbench -j
+#   SCALE=10             pgbench scale factor (1,000,000 accounts)
+#   POOL_SIZE=20         server connections per pool, both proxies
+#   IDLE_CLIENTS=5000    idle connections for the memory figure
+#   BUSY_CLIENTS=10000   clients of the latency figure (0 skips it)
+#   PG_MAX_CONNECTIONS=600  so the direct run at 500 clients can work (it is reported as
+#                        failed if it does not)
+#   COMPARE_DIR=/tmp/pgmux-compare   state dir (must not exist, or be one this script made)
+#   PGBIN=/usr/lib/postgresql/15/bin
+#   KEEP=0               1 keeps the dir, servers stopped
+#   CARGO_BUILD_JOBS     honoured by cargo; 1 on small machines
+#
+# Usage: benches/compare.sh            (as root or a user that can run PostgreSQL; root runs
+#                                       PostgreSQL and PgBouncer as `postgres`)
+set -euo pipefail
+
+T=${T:-15}
+JOBS=${JOBS:-2}
+SCALE=${SCALE:-10}
+POOL_SIZE=${POOL_SIZE:-20}
+IDLE_CLIENTS=${IDLE_CLIENTS:-5000}
+BUSY_CLIENTS=${BUSY_CLIENTS:-10000}
+MAX_CLIENTS=$(( (IDLE_CLIENTS > BUSY_CLIENTS ? IDLE_CLIENTS : BUSY_CLIENTS) + 1000 ))
+PG_MAX_CONNECTIONS=${PG_MAX_CONNECTIONS:-600}
+DIR=${COMPARE_DIR:-/tmp/pgmux-compare}
+PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
+KEEP=${KEEP:-0}
+PG_OS_USER=postgres
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+log() { echo "[compare] $*" >&2; }
+die() { echo "[compare] error: $*" >&2; exit 1; }
+is_root() { [ "$(id -u)" = 0 ]; }
+# PostgreSQL and PgBouncer refuse to run as root. runuser's PAM session may reset the
+# open-file limit, so it is set again inside.
+as_pg() {
+  if is_root; then
+    runuser -u "$PG_OS_USER" -- sh -c 'ulimit -n "$0" 2>/dev/null; exec "$@"' "$(ulimit -n)" "$@"
+  else
+    "$@"
+  fi
+}
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+free_port() {
+  local p
+  for p in $(shuf -i 20000-60000 -n 200); do
+    port_in_use "$p" || { echo "$p"; return; }
+  done
+  die "no free port found"
+}
+
+install_missing() {
+  local pkgs=()
+  [ -x "$PGBIN/postgres" ] || pkgs+=(postgresql-15)
+  command -v pgbench >/dev/null || pkgs+=(postgresql-client-15)
+  command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || pkgs+=(pgbouncer)
+  [ ${#pkgs[@]} = 0 ] && return
+  is_root || die "need root to apt-get install ${pkgs[*]}"
+  log "installing ${pkgs[*]}"
+  apt-get update -q
+  # No service is started: policy-rc.d or the lack of systemd keeps Debian's pgbouncer off.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${pkgs[@]}"
+}
+
+PGMUX_PID="" BOUNCER_PID="" PG_STARTED=0
+cleanup() {
+  set +e
+  [ -n "$PGMUX_PID" ] && kill -TERM "$PGMUX_PID" 2>/dev/null && wait "$PGMUX_PID" 2>/dev/null
+  [ -n "$BOUNCER_PID" ] && kill -TERM "$BOUNCER_PID" 2>/dev/null
+  [ "$PG_STARTED" = 1 ] && as_pg "$PGBIN/pg_ctl" -D "$DIR/pg" -m fast -w stop >/dev/null 2>&1
+  if [ "$KEEP" = 1 ]; then log "kept $DIR"; elif [ -f "$DIR/.pgmux-compare" ]; then rm -rf "$DIR"; fi
+}
+
+build() {
+  log "building pgmux and pgmux-load (release)"
+  local out
+  out=$(cd "$REPO" && cargo build --release --bin pgmux --bin pgmux-load \
+        --message-format=json-render-diagnostics | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p')
+  PGMUX=$(grep '/pgmux$' <<<"$out" | tail -n 1)
+  LOAD=$(grep '/pgmux-load$' <<<"$out" | tail -n 1)
+  [ -x "$PGMUX" ] && [ -x "$LOAD" ] || die "cargo build did not produce pgmux and pgmux-load"
+}
+
+start_postgres() {
+  PG_PORT=$(free_port)
+  as_pg "$PGBIN/initdb" -D "$DIR/pg" -U postgres -A trust -E UTF8 --no-locale --no-sync >/dev/null
+  cat >> "$DIR/pg/postgresql.conf" <<EOF
+# ---- benches/compare.sh ----
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$DIR/run'
+max_connections = $PG_MAX_CONNECTIONS
+shared_buffers = 256MB
+synchronous_commit = off
+fsync = off
+full_page_writes = off
+logging_collector = off
+EOF
+  as_pg "$PGBIN/pg_ctl" -D "$DIR/pg" -l "$DIR/log/postgres.log" -w -t 60 start >/dev/null \
+    || die "PostgreSQL did not start; see $DIR/log/postgres.log"
+  PG_STARTED=1
+  as_pg "$PGBIN/psql" -X -q -h "$DIR/run" -p "$PG_PORT" -U postgres -d postgres \
+    -c "CREATE DATABASE bench" >/dev/null
+  log "PostgreSQL on 127.0.0.1:$PG_PORT; pgbench -i -s $SCALE"
+  pgbench -i -q -s "$SCALE" -h 127.0.0.1 -p "$PG_PORT" -U postgres bench >"$DIR/log/init.log" 2>&1 \
+    || die "pgbench -i failed; see $DIR/log/init.log"
+}
+
+wait_port() {  # wait_port PORT PID NAME LOG
+  local deadline=$((SECONDS + 30))
+  until port_in_use "$1"; do
+    kill -0 "$2" 2>/dev/null || { tail -n 20 "$4" >&2; die "$3 exited during startup"; }
+    [ $SECONDS -lt $deadline ] || die "$3 not listening on $1 after 30 s; see $4"
+    sleep 0.1
+  done
+}
+
+start_pgbouncer() {
+  BOUNCER_PORT=$(free_port)
+  echo '"postgres" ""' > "$DIR/bouncer/userlist.txt"
+  cat > "$DIR/bouncer/pgbouncer.ini" <<EOF
+[databases]
+bench = host=127.0.0.1 port=$PG_PORT dbname=bench
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $BOUNCER_PORT
+unix_socket_dir =
+auth_type = trust
+auth_file = $DIR/bouncer/userlist.txt
+pool_mode = transaction
+default_pool_size = $POOL_SIZE
+max_client_conn = $MAX_CLIENTS
+log_connections = 0
+log_disconnections = 0
+logfile = $DIR/bouncer/pgbouncer.log
+pidfile = $DIR/bouncer/pgbouncer.pid
+EOF
+  is_root && chown -R "$PG_OS_USER": "$DIR/bouncer"
+  as_pg pgbouncer -d "$DIR/bouncer/pgbouncer.ini"
+  local deadline=$((SECONDS + 30))
+  until [ -s "$DIR/bouncer/pgbouncer.pid" ]; do
+    [ $SECONDS -lt $deadline ] || die "PgBouncer wrote no pid file; see $DIR/bouncer/pgbouncer.log"
+    sleep 0.1
+  done
+  BOUNCER_PID=$(cat "$DIR/bouncer/pgbouncer.pid")
+  wait_port "$BOUNCER_PORT" "$BOUNCER_PID" PgBouncer "$DIR/bouncer/pgbouncer.log"
+  log "PgBouncer $(pgbouncer --version | head -n 1 | awk '{print $2}') (pid $BOUNCER_PID) on 127.0.0.1:$BOUNCER_PORT"
+}
+
+start_pgmux() {
+  PGMUX_PORT=$(free_port)
+  cat > "$DIR/pgmux.toml" <<EOF
+[pgmux]
+listen_addr = "127.0.0.1"
+listen_port = $PGMUX_PORT
+pool_mode = "transaction"
+default_pool_size = $POOL_SIZE
+max_client_conn = $MAX_CLIENTS
+auth_type = "trust"
+log_level = "warn"
+
+[[users]]
+name = "postgres"
+
+[[databases]]
+name = "bench"
+host = "127.0.0.1"
+port = $PG_PORT
+EOF
+  RUST_LOG=warn "$PGMUX" --config "$DIR/pgmux.toml" </dev/null >>"$DIR/log/pgmux.log" 2>&1 &
+  PGMUX_PID=$!
+  wait_port "$PGMUX_PORT" "$PGMUX_PID" pgmux "$DIR/log/pgmux.log"
+  log "pgmux (pid $PGMUX_PID) on 127.0.0.1:$PGMUX_PORT"
+}
+
+cpu_ticks() {  # utime+stime of PID, in clock ticks (all threads)
+  sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'
+}
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+
+declare -A TPS CPU RSS P99 BUSY
+CLK_TCK=$(getconf CLK_TCK)
+
+# run_pgbench NAME PORT PID KEY ARGS... : TPS[KEY,NAME], CPU[KEY,NAME] (ms per 1,000 tx)
+run_pgbench() {
+  local name=$1 port=$2 pid=$3 key=$4; shift 4
+  local out="$DIR/log/pgbench-$key-$name.log" before after tx tps
+  log "pgbench $* -T $T -j $JOBS -> $name"
+  [ -n "$pid" ] && before=$(cpu_ticks "$pid")
+  if pgbench -n -h 127.0.0.1 -p "$port" -U postgres -T "$T" -j "$JOBS" "$@" bench >"$out" 2>&1; then
+    tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p' "$out")
+    tx=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out")
+    TPS[$key,$name]=$(printf '%.0f' "${tps:-0}")
+    if [ -n "$pid" ] && [ "${tx:-0}" -gt 0 ]; then
+      after=$(cpu_ticks "$pid")
+      CPU[$key,$name]=$(awk -v d=$((after - before)) -v hz="$CLK_TCK" -v tx="$tx" \
+        'BEGIN {printf "%.1f", d * 1000 / hz / (tx / 1000)}')
+    fi
+  else
+    TPS[$key,$name]=failed
+    log "  failed: $(grep -m1 -iE 'error|fatal' "$out" || tail -n 1 "$out")"
+  fi
+}
+
+# idle_memory NAME PORT PID: RSS[NAME] in KiB per idle client
+idle_memory() {
+  local name=$1 port=$2 pid=$3 before after ready="$DIR/ready-$1" made
+  before=$(rss_kib "$pid")
+  log "$IDLE_CLIENTS idle clients -> $name (VmRSS before: $before KiB)"
+  "$LOAD" --host 127.0.0.1 --port "$port" -U postgres -d bench -c "$IDLE_CLIENTS" \
+    --duration 120 --hold 3 --ready-file "$ready" --quiet --json \
+    >"$DIR/log/idle-$name.json" 2>"$DIR/log/idle-$name.log" &
+  local load_pid=$! deadline=$((SECONDS + 120))
+  until [ -f "$ready" ]; do
+    kill -0 "$load_pid" 2>/dev/null || break
+    [ $SECONDS -lt $deadline ] || break
+    sleep 0.2
+  done
+  after=$(rss_kib "$pid")
+  made=$(cat "$ready" 2>/dev/null || echo 0)
+  wait "$load_pid" || log "  pgmux-load failed; see $DIR/log/idle-$name.log"
+  if [ "${made:-0}" -gt 0 ]; then
+    RSS[$name]=$(awk -v a="$after" -v b="$before" -v n="$made" 'BEGIN {printf "%.2f", (a - b) / n}')
+    log "  $made open, VmRSS after: $after KiB"
+  else
+    RSS[$name]=failed
+  fi
+}
+
+# busy_latency NAME PORT: P99[NAME] (ms) and BUSY[NAME] (TPS) of BUSY_CLIENTS select clients
+busy_latency() {
+  local name=$1 port=$2 out="$DIR/log/busy-$1.json" line errors
+  log "$BUSY_CLIENTS busy clients (pgmux-load -w select -T $T) -> $name"
+  if "$LOAD" --host 127.0.0.1 --port "$port" -U postgres -d bench -c "$BUSY_CLIENTS" -w select \
+      --duration "$T" --json --quiet >"$out" 2>"$DIR/log/busy-$name.log"; then
+    line=$(tail -n 1 "$out")
+    P99[$name]=$(sed -n 's/.*"latency_us":{[^}]*"p99":\([0-9]*\).*/\1/p' <<<"$line" \
+      | awk '{printf "%.1f", $1 / 1000}')
+    BUSY[$name]=$(sed -n 's/.*"tps":\([0-9.]*\).*/\1/p' <<<"$line" | awk '{printf "%.0f", $1}')
+    errors=$(sed -n 's/.*"errors":\([0-9]*\).*/\1/p' <<<"$line")
+    [ "${errors:-0}" = 0 ] || { P99[$name]="${P99[$name]} ($errors errors)"; }
+  else
+    P99[$name]=failed BUSY[$name]=failed
+    log "  failed; see $DIR/log/busy-$name.log"
+  fi
+}
+
+ratio() {  # ratio A B -> A/B with 2 decimals, or -
+  awk -v a="$1" -v b="$2" 'BEGIN { if (a+0 > 0 && b+0 > 0) printf "%.2fx", a / b; else print "-" }'
+}
+
+print_table() {
+  local k label
+  echo
+  echo "pgmux vs PgBouncer $(pgbouncer --version | head -n 1 | awk '{print $2}') vs direct PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}'):" \
+       "pgbench -T $T -j $JOBS, scale $SCALE, transaction mode, pool size $POOL_SIZE, $(nproc) cores"
+  echo
+  echo "| workload | direct | PgBouncer | pgmux | pgmux/PgBouncer |"
+  echo "|---|---|---|---|---|"
+  for k in S50 S500 TPCB50; do
+    case $k in
+      S50) label="pgbench -S, 50 clients (TPS)";;
+      S500) label="pgbench -S, 500 clients (TPS)";;
+      TPCB50) label="TPC-B-like, 50 clients (TPS)";;
+    esac
+    echo "| $label | ${TPS[$k,direct]} | ${TPS[$k,pgbouncer]} | ${TPS[$k,pgmux]} | $(ratio "${TPS[$k,pgmux]}" "${TPS[$k,pgbouncer]}") |"
+  done
+  for k in S50 S500 TPCB50; do
+    case $k in
+      S50) label="proxy CPU per 1,000 tx, -S 50 clients (ms)";;
+      S500) label="proxy CPU per 1,000 tx, -S 500 clients (ms)";;
+      TPCB50) label="proxy CPU per 1,000 tx, TPC-B 50 clients (ms)";;
+    esac
+    echo "| $label | - | ${CPU[$k,pgbouncer]:--} | ${CPU[$k,pgmux]:--} | $(ratio "${CPU[$k,pgmux]:-}" "${CPU[$k,pgbouncer]:-}") |"
+  done
+  echo "| resident memory per idle client, $IDLE_CLIENTS idle (KiB) | - | ${RSS[pgbouncer]} | ${RSS[pgmux]} | $(ratio "${RSS[pgmux]}" "${RSS[pgbouncer]}") |"
+  if [ "$BUSY_CLIENTS" -gt 0 ]; then
+    echo "| pgmux-load select, $BUSY_CLIENTS busy clients (TPS) | - | ${BUSY[pgbouncer]} | ${BUSY[pgmux]} | $(ratio "${BUSY[pgmux]}" "${BUSY[pgbouncer]}") |"
+    echo "| pgmux-load select, $BUSY_CLIENTS busy clients: p99 latency (ms) | - | ${P99[pgbouncer]} | ${P99[pgmux]} | $(ratio "${P99[pgmux]}" "${P99[pgbouncer]}") |"
+  fi
+}
+
+main() {
+  install_missing
+  command -v cargo >/dev/null || die "cargo not found: install Rust from https://rustup.rs"
+  if [ -e "$DIR" ] && [ ! -f "$DIR/.pgmux-compare" ]; then
+    die "$DIR exists and was not made by this script; set COMPARE_DIR"
+  fi
+  build
+  ulimit -n "$(ulimit -Hn)"
+  [ "$(ulimit -n)" -ge "$MAX_CLIENTS" ] \
+    || die "open-file limit $(ulimit -n) is too small for $((MAX_CLIENTS - 1000)) clients"
+  rm -rf "$DIR"
+  mkdir -p "$DIR/run" "$DIR/log" "$DIR/bouncer"
+  touch "$DIR/.pgmux-compare"
+  is_root && chown "$PG_OS_USER": "$DIR" "$DIR/run" "$DIR/log"
+  trap cleanup EXIT
+  cd /  # tools run as postgres must not inherit an unreadable working directory
+
+  start_postgres
+  start_pgbouncer
+  start_pgmux
+
+  # Memory first, on fresh processes: after pgbench their allocators hold freed memory that
+  # idle clients would reuse unseen.
+  idle_memory pgbouncer "$BOUNCER_PORT" "$BOUNCER_PID"
+  idle_memory pgmux "$PGMUX_PORT" "$PGMUX_PID"
+
+  local k args
+  for k in S50 S500 TPCB50; do
+    case $k in
+      S50) args=(-S -c 50);;
+      S500) args=(-S -c 500);;
+      TPCB50) args=(-c 50);;
+    esac
+    run_pgbench direct "$PG_PORT" "" "$k" "${args[@]}"
+    run_pgbench pgbouncer "$BOUNCER_PORT" "$BOUNCER_PID" "$k" "${args[@]}"
+    run_pgbench pgmux "$PGMUX_PORT" "$PGMUX_PID" "$k" "${args[@]}"
+  done
+  if [ "$BUSY_CLIENTS" -gt 0 ]; then
+    busy_latency pgbouncer "$BOUNCER_PORT"
+    busy_latency pgmux "$PGMUX_PORT"
+  fi
+  print_table | tee "$DIR/table.md"
+  if [ "$KEEP" = 1 ]; then log "logs and table in $DIR"; fi
+}
+
+main "$@"

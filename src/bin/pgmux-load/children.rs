@@ -1,0 +1,125 @@
+//! --processes K: re-run this program K times, each with its share of the connections, read
+//! their JSON progress and summary lines, print the combined progress, and merge the summaries.
+
+use crate::cli::Args;
+use crate::observe::Observed;
+use crate::run::{report, ChildMsg, Report, GRACE};
+use crate::stats::{Progress, Summary};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChildError {
+    #[error("cannot find this program to re-run it: {0}")]
+    Exe(std::io::Error),
+    #[error("cannot start child process {0}: {1}")]
+    Spawn(u32, std::io::Error),
+    #[error("child process {0} ended ({1}) without a summary")]
+    NoSummary(u32, String),
+    #[error("child process {0} did not finish in time and was killed")]
+    Timeout(u32),
+}
+
+#[derive(Default)]
+struct Slot {
+    progress: Progress,
+    summary: Option<Summary>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub async fn run(
+    args: &Args,
+    scale: Option<u32>,
+    observed: Option<Arc<Observed>>,
+) -> Result<Summary, ChildError> {
+    let exe = std::env::current_exe().map_err(ChildError::Exe)?;
+    let slots: Arc<Vec<Mutex<Slot>>> =
+        Arc::new((0..args.processes).map(|_| Mutex::default()).collect());
+    let mut children = Vec::new();
+    for i in 0..args.processes {
+        let (child_args, _) = args.child_args(i, scale);
+        let mut cmd = Command::new(&exe);
+        cmd.args(child_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        match &args.password {
+            Some(pw) => cmd.env("PGPASSWORD", pw),
+            None => cmd.env_remove("PGPASSWORD"),
+        };
+        let mut child = cmd.spawn().map_err(|e| ChildError::Spawn(i, e))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let slots2 = slots.clone();
+        let reader = tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                match serde_json::from_str::<ChildMsg>(&line) {
+                    Ok(ChildMsg::Progress(p)) => lock(&slots2[i as usize]).progress = p,
+                    Ok(ChildMsg::Summary(s)) => lock(&slots2[i as usize]).summary = Some(*s),
+                    Err(_) => eprintln!("pgmux-load[{i}]: {line}"),
+                }
+            }
+        });
+        children.push((child, reader));
+    }
+
+    let requested = u64::from(args.connections);
+    let reporter = {
+        let slots = slots.clone();
+        let out = if args.quiet {
+            Report::Quiet
+        } else {
+            Report::Stderr
+        };
+        tokio::spawn(report(
+            move || {
+                let mut sum = Progress::default();
+                for s in slots.iter() {
+                    sum.add(&lock(s).progress);
+                }
+                sum
+            },
+            requested,
+            out,
+            observed,
+            args.ready_file.clone(),
+        ))
+    };
+
+    // Children stop by themselves at --duration plus the grace for closing; this is the
+    // backstop against a wedged one.
+    let limit = args.duration() + args.connect_timeout() + GRACE + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut parts = Vec::new();
+    let mut failure = None;
+    for (i, (mut child, reader)) in children.into_iter().enumerate() {
+        let i = i as u32;
+        let status = match tokio::time::timeout_at(deadline, child.wait()).await {
+            Ok(s) => s.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+            Err(_) => {
+                let _ = child.kill().await;
+                failure.get_or_insert(ChildError::Timeout(i));
+                continue;
+            }
+        };
+        let _ = reader.await;
+        match lock(&slots[i as usize]).summary.take() {
+            Some(s) => parts.push(s),
+            None => {
+                failure.get_or_insert(ChildError::NoSummary(i, status));
+            }
+        }
+    }
+    reporter.abort();
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    Ok(Summary::merge(&parts, requested))
+}
