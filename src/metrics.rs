@@ -115,6 +115,21 @@ pub fn render(app: &App) -> String {
                 s.clients(state) as f64,
             );
         }
+        f.gauge(
+            "pgmux_clients_pinned",
+            "Transaction-mode clients keeping their server (LISTEN, SQL PREPARE, temporary objects, WITH HOLD cursors, session advisory locks)",
+            &l,
+            clients_by_pool
+                .iter()
+                .filter(|c| c.db == db && c.user == user && !c.pinned().is_empty())
+                .count() as f64,
+        );
+        f.counter(
+            "pgmux_client_pins_total",
+            "Times a transaction-mode client became pinned to its server",
+            &l,
+            s.pins.load(std::sync::atomic::Ordering::Relaxed) as f64,
+        );
         let c = p.counts();
         let target = p.target();
         let host = target.addr_string();

@@ -44,6 +44,10 @@ impl Params {
         }
     }
 
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.0.retain(|(k, _)| keep(k));
+    }
+
     pub fn remove(&mut self, name: &str) {
         self.0.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
     }
@@ -86,19 +90,25 @@ pub fn client_wants(baseline: &Params, startup: &[(String, String)]) -> Params {
 /// let has = Params::default();
 /// assert_eq!(
 ///     sync_statement(&wants, &has, &["search_path".into()]).unwrap(),
-///     "SET \"TimeZone\" TO E'UTC';RESET \"search_path\";"
+///     "SELECT pg_catalog.set_config(E'TimeZone', E'UTC', false);RESET \"search_path\";"
 /// );
 /// ```
 pub fn sync_statement(wants: &Params, has: &Params, extras: &[String]) -> Option<String> {
     let mut sql = String::new();
+    // set_config takes a value as postgresql.conf would (lists such as search_path included),
+    // which is also the form pg_settings reports
     for (name, value) in wants.iter() {
         if has.get(name) != Some(value) {
-            sql.push_str("SET ");
-            quote_ident(&mut sql, name);
-            sql.push_str(" TO ");
+            sql.push_str(if sql.is_empty() { "SELECT " } else { ", " });
+            sql.push_str("pg_catalog.set_config(");
+            quote_literal(&mut sql, name);
+            sql.push_str(", ");
             quote_literal(&mut sql, value);
-            sql.push(';');
+            sql.push_str(", false)");
         }
+    }
+    if !sql.is_empty() {
+        sql.push(';');
     }
     for name in extras {
         if wants.get(name).is_none() {
@@ -172,7 +182,7 @@ mod tests {
         let sql = sync_statement(&wants, &has, &["search_path".into()]).unwrap();
         assert_eq!(
             sql,
-            "SET \"application_name\" TO E'it''s\\\\x';RESET \"search_path\";"
+            "SELECT pg_catalog.set_config(E'application_name', E'it''s\\\\x', false);RESET \"search_path\";"
         );
         assert_eq!(sync_statement(&has, &has, &[]), None);
     }

@@ -6,6 +6,7 @@
 //! when to rewrite, inject or answer.
 
 use crate::protocol::messages::{self, take_cstr};
+use crate::router::effects::{effects, Effects};
 use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,6 +20,8 @@ pub struct StmtDef {
     pub body: Bytes,
     /// Some server accepted it: a client preparing it again may be answered by pgmux alone.
     validated: AtomicBool,
+    /// What running it does to the session (read once, at first sight).
+    pub effects: Effects,
 }
 
 impl StmtDef {
@@ -79,6 +82,7 @@ impl Registry {
         let body = Bytes::copy_from_slice(body);
         let d = Arc::new(StmtDef {
             id: self.next_id.fetch_add(1, Ordering::Relaxed) + 1,
+            effects: effects(query_text(&body)),
             body: body.clone(),
             validated: AtomicBool::new(false),
         });
@@ -162,6 +166,14 @@ impl ServerStatements {
             .min_by_key(|(_, &t)| t)
             .map(|(&id, _)| id)
     }
+}
+
+/// The query text at the start of a Parse body after the name (or of a Query body); text
+/// that is not UTF-8 reads as empty, which the effects reader treats as harmless.
+pub fn query_text(mut body: &[u8]) -> &str {
+    take_cstr(&mut body)
+        .and_then(|q| std::str::from_utf8(q).ok())
+        .unwrap_or("")
 }
 
 /// The statement name a Parse body names, and the rest (query and types).

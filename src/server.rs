@@ -255,6 +255,15 @@ impl ServerConn {
     /// Runs a simple query whose results nobody sees; returns the server's first error.
     /// The connection is idle again afterwards unless an I/O error is returned.
     pub async fn run_internal(&mut self, sql: &str) -> Result<Option<ErrorFields>, ServerError> {
+        self.query_internal(sql, None).await
+    }
+
+    /// Like `run_internal`, collecting the rows (text columns, NULL as empty) into `rows`.
+    pub async fn query_internal(
+        &mut self,
+        sql: &str,
+        mut rows: Option<&mut Vec<Vec<String>>>,
+    ) -> Result<Option<ErrorFields>, ServerError> {
         let mut out = BytesMut::new();
         messages::query(&mut out, sql);
         self.stream.write_all(&out).await?;
@@ -265,6 +274,11 @@ impl ServerConn {
             match tag {
                 b'S' => self.note_parameter(&body),
                 b'E' if error.is_none() => error = Some(parse_error_fields(&body)),
+                b'D' => {
+                    if let Some(rows) = rows.as_deref_mut() {
+                        rows.push(data_row(&body).ok_or(ServerError::Protocol("bad DataRow"))?);
+                    }
+                }
                 b'Z' => {
                     if !buf.is_empty() {
                         return Err(ServerError::Protocol("data after ReadyForQuery"));
@@ -295,6 +309,25 @@ impl ServerConn {
     pub fn close(self) {
         let _ = self.stream.try_write(&[b'X', 0, 0, 0, 4]);
     }
+}
+
+/// A DataRow's columns as text.
+fn data_row(body: &[u8]) -> Option<Vec<String>> {
+    let n = i16::from_be_bytes([*body.first()?, *body.get(1)?]);
+    let mut at = 2usize;
+    let mut cols = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let len = i32::from_be_bytes(body.get(at..at + 4)?.try_into().ok()?);
+        at += 4;
+        if len < 0 {
+            cols.push(String::new());
+            continue;
+        }
+        let v = body.get(at..at + len as usize)?;
+        cols.push(String::from_utf8_lossy(v).into_owned());
+        at += len as usize;
+    }
+    Some(cols)
 }
 
 fn sasl_offers(mut data: &[u8], mechanism: &str) -> bool {

@@ -151,6 +151,8 @@ pub struct PoolStats {
     wait_time_us: AtomicU64,
     pub server_connects: AtomicU64,
     pub server_connect_failures: AtomicU64,
+    /// Clients that became pinned to their server in transaction mode.
+    pub pins: AtomicU64,
     pub wait_hist: Histogram,
     pub query_hist: Histogram,
     pub xact_hist: Histogram,
@@ -185,6 +187,7 @@ impl PoolStats {
             wait_time_us: AtomicU64::new(0),
             server_connects: AtomicU64::new(0),
             server_connect_failures: AtomicU64::new(0),
+            pins: AtomicU64::new(0),
             wait_hist: histogram(
                 "pgmux_client_wait_seconds",
                 "Time clients waited for a server connection",
@@ -408,10 +411,17 @@ pub struct ClientInfo {
     request_time: AtomicU64,
     /// Id of the server connection lent to it, 0 for none.
     server: AtomicU64,
+    /// Why the client keeps its server in transaction mode (a PinReason), empty if it does not.
+    pinned: std::sync::Mutex<&'static str>,
     kill: Notify,
 }
 
 impl ClientInfo {
+    /// Why the client is pinned to its server ("" when it is not).
+    pub fn pinned(&self) -> &'static str {
+        *self.pinned.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn state(&self) -> ClientState {
         ClientState::from_u8(self.state.load(Ordering::Relaxed))
     }
@@ -491,6 +501,7 @@ impl ClientRegistry {
             wait_since: AtomicU64::new(0),
             request_time: AtomicU64::new(unix_us(now)),
             server: AtomicU64::new(0),
+            pinned: std::sync::Mutex::new(""),
             kill: Notify::new(),
         });
         stats.move_client(None, Some(ClientState::Idle));
@@ -540,6 +551,15 @@ impl ClientHandle {
         self.info.server.store(server_id, Ordering::Relaxed);
         self.set_state(ClientState::Active);
         meter.attached();
+    }
+
+    /// The client keeps its server (transaction mode) for `reason`, or no longer ("").
+    pub fn set_pinned(&self, reason: &'static str) {
+        let mut p = self.info.pinned.lock().unwrap_or_else(|e| e.into_inner());
+        if p.is_empty() && !reason.is_empty() {
+            self.info.stats.pins.fetch_add(1, Ordering::Relaxed);
+        }
+        *p = reason;
     }
 
     /// The client's server went back to the pool.

@@ -276,7 +276,7 @@ fn totals(app: &App) -> BytesMut {
     rs.finish("SHOW")
 }
 
-const SOCKET_COLUMNS: [(&str, Type); 21] = [
+const SOCKET_COLUMNS: [(&str, Type); 22] = [
     ("type", Text),
     ("user", Text),
     ("database", Text),
@@ -298,6 +298,8 @@ const SOCKET_COLUMNS: [(&str, Type); 21] = [
     ("application_name", Text),
     ("prepared_statements", Int4),
     ("id", Int8),
+    // pgmux's own: why a transaction-mode client keeps its server ("" if it does not)
+    ("pinned", Text),
 ];
 
 fn clients(app: &App) -> BytesMut {
@@ -329,6 +331,7 @@ fn clients(app: &App) -> BytesMut {
             c.application_name.as_str().into(),
             0i32.into(),
             c.id.into(),
+            c.pinned().into(),
         ]);
     }
     rs.finish("SHOW")
@@ -372,6 +375,7 @@ fn servers(app: &App) -> BytesMut {
                     .into(),
                 0i32.into(),
                 s.id.into(),
+                client.map(|c| c.pinned()).unwrap_or_default().into(),
             ]);
         }
     }

@@ -106,6 +106,8 @@ struct Session {
     mode: PoolMode,
     shutdown: watch::Receiver<Shutdown>,
     closing: bool,
+    /// Pin reason last shown in the client registry.
+    pinned: &'static str,
     client: ClientHandle,
 }
 
@@ -129,6 +131,7 @@ impl Session {
             mode,
             shutdown,
             closing: false,
+            pinned: "",
             client,
         }
     }
@@ -172,7 +175,10 @@ impl Session {
                 self.detach().await;
                 self.closing.then(shutdown_error).map(Some)
             }
-            Event::Quiet => None,
+            Event::Quiet => {
+                self.show_pin();
+                None
+            }
             Event::ClientClosed | Event::Terminated => Some(None),
             Event::ClientIo(e) => {
                 debug!("client i/o error: {e}");
@@ -292,11 +298,19 @@ impl Session {
 
     /// Transaction mode: the server is idle and clean; back to the pool.
     async fn detach(&mut self) {
-        let Some(conn) = self.server.take() else {
+        let Some(mut conn) = self.server.take() else {
             return;
         };
         self.client.idle();
+        self.show_pin();
         self.login.cancel.set_target(None);
+        if std::mem::take(&mut self.relay.session.settings_changed) {
+            if let Err(e) = self.read_back_settings(&mut conn).await {
+                // the server's session state is unknown: it must not serve anyone else
+                warn!(db = %self.login.db, "reading back session settings failed: {e}");
+                return;
+            }
+        }
         if self.app.config().pgmux.server_reset_query_always {
             self.reset_and_release(conn).await;
         } else {
@@ -304,9 +318,55 @@ impl Session {
         }
     }
 
-    async fn reset_and_release(&self, mut conn: PooledConn) {
+    /// The client changed settings (SET, RESET, set_config...): what the server now holds
+    /// becomes what the client expects on any server, and what this server must shed before
+    /// it serves another client.
+    async fn read_back_settings(&mut self, conn: &mut PooledConn) -> Result<(), String> {
+        let mut rows = Vec::new();
+        let sql = "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session'";
+        match conn.query_internal(sql, Some(&mut rows)).await {
+            Ok(None) => {}
+            Ok(Some(e)) => return Err(e.message),
+            Err(e) => return Err(e.to_string()),
+        }
+        let wants = &mut self.login.wants;
+        wants.retain(params::is_tracked);
+        for name in std::mem::take(&mut conn.extras) {
+            conn.params.remove(&name);
+        }
+        for row in rows {
+            let [name, value] = &row[..] else {
+                return Err("unexpected pg_settings row".into());
+            };
+            if params::is_tracked(name) {
+                continue;
+            }
+            wants.set(name, value);
+            conn.params.set(name, value);
+            conn.extras.push(name.clone());
+        }
+        Ok(())
+    }
+
+    /// Shows in SHOW CLIENTS and the metrics whether the client keeps its server.
+    fn show_pin(&mut self) {
+        let reason = self.relay.session.pin.map_or("", |p| p.as_str());
+        if reason != self.pinned {
+            if !reason.is_empty() {
+                info!(db = %self.login.db, user = %self.login.user, "client pinned to its server ({reason})");
+            }
+            self.client.set_pinned(reason);
+            self.pinned = reason;
+        }
+    }
+
+    async fn reset_and_release(&self, conn: PooledConn) {
         let config = self.app.config_arc();
-        let sql = config.pgmux.server_reset_query.trim();
+        self.reset_with(conn, config.pgmux.server_reset_query.trim())
+            .await;
+    }
+
+    async fn reset_with(&self, mut conn: PooledConn, sql: &str) {
         if sql.is_empty() {
             return conn.release();
         }
@@ -315,6 +375,9 @@ impl Session {
                 let upper = sql.to_ascii_uppercase();
                 if upper.contains("DISCARD ALL") || upper.contains("RESET ALL") {
                     conn.extras.clear();
+                }
+                if upper.contains("DISCARD ALL") || upper.contains("DEALLOCATE ALL") {
+                    conn.statements.clear();
                 }
                 conn.release();
             }
@@ -330,12 +393,17 @@ impl Session {
     async fn finish(&mut self, error: Option<PgError>) {
         if let Some(conn) = self.server.take() {
             self.login.cancel.set_target(None);
+            let session = &self.relay.session;
             if !self.relay.server_clean() {
                 drop(conn);
             } else if self.mode == PoolMode::Session
+                || session.pin.is_some()
                 || self.app.config().pgmux.server_reset_query_always
             {
+                // what pinned the client (temporary tables, LISTEN...) goes with DISCARD ALL
                 self.reset_and_release(conn).await;
+            } else if session.settings_changed {
+                self.reset_with(conn, "RESET ALL").await;
             } else {
                 conn.release();
             }

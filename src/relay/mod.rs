@@ -10,9 +10,10 @@ pub mod channel;
 pub mod statements;
 
 use crate::params::{self, Params};
-use crate::prepared::{Registry, ServerStatements};
+use crate::prepared::{self, Registry, ServerStatements};
 use crate::protocol::messages::parse_parameter_status;
 use crate::protocol::scan::{ScanError, Step};
+use crate::router::effects::{effects, Effects, PinReason};
 use crate::stats::Meter;
 pub use channel::{Channel, HIGH_WATER, READ_CHUNK};
 use statements::Tracker;
@@ -89,6 +90,17 @@ pub struct Relay {
     pub tracker: Option<Tracker>,
     /// Statistics hook (bytes, query and transaction clocks); see `stats::Meter`.
     pub meter: Meter,
+    /// What the client's queries did to the server session (transaction mode).
+    pub session: SessionState,
+}
+
+/// Session state a transaction-mode client left on its server.
+#[derive(Debug, Default)]
+pub struct SessionState {
+    /// Settings may have changed since the server was lent: read them back before it goes.
+    pub settings_changed: bool,
+    /// State that cannot follow the client to another server: it keeps this one.
+    pub pin: Option<PinReason>,
 }
 
 impl Relay {
@@ -118,6 +130,7 @@ impl Relay {
             transaction_mode,
             tracker,
             meter: Meter::default(),
+            session: SessionState::default(),
         }
     }
 
@@ -243,6 +256,7 @@ impl Relay {
     /// only scanned once it is known which server they go to).
     pub fn scan_client<S>(&mut self, server: &mut ServerSide<'_, S>) -> Result<(), String> {
         let tracking = self.tracker.is_some();
+        let transaction_mode = self.transaction_mode;
         loop {
             let ch = &mut self.c2s;
             let step = ch
@@ -250,7 +264,11 @@ impl Relay {
                 .step(
                     &ch.buf,
                     &mut ch.scanned,
-                    |t| t == b'X' || (tracking && statements::inspects_client(t)),
+                    |t| {
+                        t == b'X'
+                            || (t == b'Q' && transaction_mode)
+                            || (tracking && statements::inspects_client(t))
+                    },
                     self.max_message,
                 )
                 .map_err(scan_error)?;
@@ -264,6 +282,13 @@ impl Relay {
                     self.flow.terminated = true;
                     return Ok(());
                 }
+                Step::Message {
+                    tag: b'Q', body, ..
+                } => {
+                    let fx = effects(prepared::query_text(body));
+                    self.apply_effects(fx, server.statements);
+                    (b'Q', None)
+                }
                 Step::Message { tag, start, .. } => (tag, Some(start)),
                 Step::Passed { tag, .. } => (tag, None),
                 Step::NeedMore { reserve } => {
@@ -276,16 +301,36 @@ impl Relay {
             }
             if let Some(t) = self.tracker.as_mut() {
                 match start {
-                    Some(start) => t.client_message(
-                        tag,
-                        start,
-                        &mut self.c2s,
-                        &mut self.s2c,
-                        server.statements,
-                    ),
+                    Some(start) => {
+                        let fx = t.client_message(
+                            tag,
+                            start,
+                            &mut self.c2s,
+                            &mut self.s2c,
+                            server.statements,
+                        );
+                        self.apply_effects(fx, server.statements);
+                    }
                     None => t.client_passed(tag, server.statements),
                 }
             }
+        }
+    }
+
+    /// Session effects of a query the client sent (transaction mode).
+    fn apply_effects(&mut self, fx: Effects, server: &mut ServerStatements) {
+        if !fx.any() {
+            return;
+        }
+        if fx.statements_dropped {
+            server.clear();
+        }
+        self.session.settings_changed |= fx.settings;
+        if fx.discard_all {
+            self.session.pin = None;
+        }
+        if let Some(p) = fx.pin {
+            self.session.pin.get_or_insert(p);
         }
     }
 
@@ -411,7 +456,7 @@ impl Relay {
                 self.flow.pending = self.flow.pending.saturating_sub(1);
                 self.meter.ready(self.flow.status, self.flow.pending > 0);
                 self.flow.idle_since = Instant::now();
-                if self.transaction_mode && self.server_clean() {
+                if self.transaction_mode && self.session.pin.is_none() && self.server_clean() {
                     // whatever follows belongs to the server, not to this client
                     let ch = &mut self.s2c;
                     ch.buf.truncate(ch.scanned);

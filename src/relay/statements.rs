@@ -9,6 +9,7 @@
 
 use super::channel::Channel;
 use crate::prepared::{self, ClientStatements, Registry, ServerStatements, StmtDef};
+use crate::router::effects::{effects, Effects};
 use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -100,17 +101,24 @@ impl Tracker {
         c2s: &mut Channel,
         s2c: &mut Channel,
         server: &mut ServerStatements,
-    ) {
+    ) -> Effects {
         let end = c2s.scanned;
         let body = &c2s.buf[start + 5..end];
-        match tag {
+        let fx = match tag {
             b'P' => self.on_parse(body.to_vec(), start, end, c2s, server),
             b'B' => self.on_bind(start, end, c2s, server),
-            b'D' => self.on_describe(start, end, c2s, server),
-            b'C' => self.on_close(start, end, c2s),
-            _ => {}
-        }
+            b'D' => {
+                self.on_describe(start, end, c2s, server);
+                Effects::default()
+            }
+            b'C' => {
+                self.on_close(start, end, c2s);
+                Effects::default()
+            }
+            _ => Effects::default(),
+        };
         self.answer_ready(s2c);
+        fx
     }
 
     fn on_parse(
@@ -120,13 +128,15 @@ impl Tracker {
         end: usize,
         c2s: &mut Channel,
         server: &mut ServerStatements,
-    ) {
+    ) -> Effects {
         let Some((name, rest)) = prepared::split_parse(&body).filter(|(n, _)| !n.is_empty()) else {
             self.expect.push_back(Expect::Parse {
                 def: None,
                 ours: false,
             });
-            return;
+            let text =
+                prepared::split_parse(&body).map_or("", |(_, rest)| prepared::query_text(rest));
+            return effects(text);
         };
         let def = self.registry.intern(rest);
         self.stmts.insert(name, def.clone());
@@ -142,10 +152,11 @@ impl Tracker {
             c2s.push(msg.freeze());
             server.touch(def.id);
             self.expect.push_back(Expect::Parse {
-                def: Some(def),
+                def: Some(def.clone()),
                 ours: false,
             });
         }
+        def.effects
     }
 
     fn on_bind(
@@ -154,11 +165,11 @@ impl Tracker {
         end: usize,
         c2s: &mut Channel,
         server: &mut ServerStatements,
-    ) {
+    ) -> Effects {
         let body = &c2s.buf[start + 5..end];
         let Some((portal, stmt, names_len)) = prepared::bind_names(body) else {
             self.expect.push_back(Expect::Bind);
-            return;
+            return Effects::default();
         };
         let Some(def) = (!stmt.is_empty())
             .then(|| self.stmts.get(stmt))
@@ -166,7 +177,7 @@ impl Tracker {
             .cloned()
         else {
             self.expect.push_back(Expect::Bind);
-            return;
+            return Effects::default();
         };
         // the new start of the message: header, portal, pgmux's statement name
         let mut head = BytesMut::with_capacity(5 + portal.len() + 32);
@@ -183,6 +194,7 @@ impl Tracker {
         c2s.push(head.freeze());
         c2s.skip(5 + names_len);
         self.expect.push_back(Expect::Bind);
+        def.effects
     }
 
     fn on_describe(

@@ -188,7 +188,7 @@ fn merge_hints(a: Option<Hint>, b: Option<Hint>) -> Option<Hint> {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Backslash {
+pub(super) enum Backslash {
     /// standard_conforming_strings = on (PostgreSQL's default): backslash is an ordinary
     /// character in '' strings.
     Literal,
@@ -287,7 +287,7 @@ fn combine(a: Class, b: Class) -> Class {
 // Lexer
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Tok<'a> {
+pub(super) enum Tok<'a> {
     /// An unquoted identifier or keyword, as written.
     Word(&'a str),
     /// A "quoted identifier": the text between the quotes.
@@ -307,9 +307,9 @@ enum Tok<'a> {
 }
 
 #[derive(Debug)]
-struct Unterminated;
+pub(super) struct Unterminated;
 
-struct Lexer<'a> {
+pub(super) struct Lexer<'a> {
     src: &'a str,
     pos: usize,
     mode: Backslash,
@@ -349,7 +349,7 @@ fn is_op_char(b: u8) -> bool {
 }
 
 impl<'a> Lexer<'a> {
-    fn new(src: &'a str, mode: Backslash) -> Lexer<'a> {
+    pub(super) fn new(src: &'a str, mode: Backslash) -> Lexer<'a> {
         Lexer {
             src,
             pos: 0,
@@ -381,7 +381,7 @@ impl<'a> Lexer<'a> {
     // Inlined so tokens stay in registers: returned through memory, each one cost a
     // store-forwarding stall (measured with perf on benches/classify.rs).
     #[inline(always)]
-    fn next(&mut self) -> Result<Option<Tok<'a>>, Unterminated> {
+    pub(super) fn next(&mut self) -> Result<Option<Tok<'a>>, Unterminated> {
         let b = self.bytes();
         loop {
             while self.pos < b.len() && matches!(b[self.pos], b' ' | b'\t' | b'\n' | b'\r' | 0x0c) {

@@ -4,6 +4,7 @@
 
 pub mod classify;
 pub mod config;
+pub mod effects;
 pub mod lsn;
 
 pub use classify::{classify, Class, Classified, Command, Hint, Route};

@@ -1,0 +1,222 @@
+//! What a query does to its server session beyond the statement itself, for transaction
+//! pooling: settings changed (SET, RESET, set_config, DISCARD), pgmux's prepared statements
+//! dropped (DISCARD ALL, DEALLOCATE ALL), or state that cannot move to another server and
+//! so pins the client to this one (LISTEN, SQL PREPARE, temporary objects, WITH HOLD
+//! cursors, session advisory locks). Built on the classifier's lexer, so strings, comments
+//! and dollar quotes cannot fool it; unlexable text is reported as pinning (when in doubt,
+//! keep the server).
+
+use super::classify::{Backslash, Lexer, Tok};
+
+/// Effects found in one query string (one or more statements).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Effects {
+    /// Session settings may have changed: read them back before the server is reused.
+    pub settings: bool,
+    /// The server no longer has the statements pgmux prepared on it.
+    pub statements_dropped: bool,
+    /// State that cannot follow the client: it keeps this server until it leaves.
+    pub pin: Option<PinReason>,
+    /// DISCARD ALL ran: whatever pinned before it is gone (`pin` is what came after it).
+    pub discard_all: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinReason {
+    Listen,
+    Prepare,
+    TempObject,
+    HoldCursor,
+    AdvisoryLock,
+    /// The text could not be read (unterminated string or comment).
+    Unreadable,
+}
+
+impl PinReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PinReason::Listen => "listen",
+            PinReason::Prepare => "prepare",
+            PinReason::TempObject => "temp_object",
+            PinReason::HoldCursor => "hold_cursor",
+            PinReason::AdvisoryLock => "advisory_lock",
+            PinReason::Unreadable => "unreadable",
+        }
+    }
+}
+
+impl Effects {
+    pub fn any(&self) -> bool {
+        *self != Effects::default()
+    }
+}
+
+/// The effects of `sql`.
+pub fn effects(sql: &str) -> Effects {
+    let mut fx = Effects::default();
+    let mut lexer = Lexer::new(sql, Backslash::Literal);
+    // the first words of the current statement, enough for every rule below
+    let mut head: [Option<Tok<'_>>; 4] = [None; 4];
+    let mut n = 0usize;
+    let mut declare_seen_with = false;
+    loop {
+        let tok = match lexer.next() {
+            Ok(Some(t)) => t,
+            Ok(None) => break,
+            Err(_) => {
+                fx.pin = Some(PinReason::Unreadable);
+                return fx;
+            }
+        };
+        if tok == Tok::Semi {
+            statement(&head, n, &mut fx);
+            head = [None; 4];
+            n = 0;
+            declare_seen_with = false;
+            continue;
+        }
+        if n < head.len() {
+            head[n] = Some(tok);
+        }
+        n += 1;
+        if let Tok::Word(w) = tok {
+            // rules that look anywhere in the statement
+            if w.eq_ignore_ascii_case("set_config") {
+                fx.settings = true;
+            } else if is_session_advisory_lock(w) {
+                fx.pin.get_or_insert(PinReason::AdvisoryLock);
+            } else if word(&head[0], "declare") {
+                if w.eq_ignore_ascii_case("with") {
+                    declare_seen_with = true;
+                } else if declare_seen_with && w.eq_ignore_ascii_case("hold") {
+                    fx.pin.get_or_insert(PinReason::HoldCursor);
+                } else {
+                    declare_seen_with = false;
+                }
+            }
+        }
+    }
+    statement(&head, n, &mut fx);
+    fx
+}
+
+/// Rules decided by a statement's first words.
+fn statement(head: &[Option<Tok<'_>>; 4], n: usize, fx: &mut Effects) {
+    if n == 0 {
+        return;
+    }
+    let w = |i: usize, k: &str| word(&head[i], k);
+    if w(0, "set") {
+        // SET LOCAL, SET TRANSACTION and SET CONSTRAINTS end with the transaction
+        if !(w(1, "local") || w(1, "transaction") || w(1, "constraints")) {
+            fx.settings = true;
+        }
+    } else if w(0, "reset") {
+        fx.settings = true;
+    } else if w(0, "discard") {
+        fx.settings = true;
+        if w(1, "all") {
+            fx.statements_dropped = true;
+            fx.discard_all = true;
+            // what pinned before this statement is gone; what follows may pin again
+            fx.pin = None;
+        }
+    } else if w(0, "deallocate") {
+        if w(1, "all") || (w(1, "prepare") && w(2, "all")) {
+            fx.statements_dropped = true;
+        }
+    } else if w(0, "prepare") && !w(1, "transaction") {
+        fx.pin.get_or_insert(PinReason::Prepare);
+    } else if w(0, "listen") {
+        fx.pin.get_or_insert(PinReason::Listen);
+    } else if w(0, "create") && creates_temp(head) {
+        fx.pin.get_or_insert(PinReason::TempObject);
+    }
+}
+
+/// CREATE [GLOBAL|LOCAL] TEMP|TEMPORARY ..., CREATE [OR REPLACE] TEMP VIEW ...
+fn creates_temp(head: &[Option<Tok<'_>>; 4]) -> bool {
+    head[1..]
+        .iter()
+        .any(|t| word(t, "temp") || word(t, "temporary"))
+}
+
+/// pg_advisory_lock, pg_try_advisory_lock and their _shared forms; the _xact_ ones end
+/// with the transaction and do not pin.
+fn is_session_advisory_lock(w: &str) -> bool {
+    let b = w.as_bytes();
+    let starts = |p: &str| b.len() >= p.len() && b[..p.len()].eq_ignore_ascii_case(p.as_bytes());
+    (starts("pg_advisory_lock") || starts("pg_try_advisory_lock"))
+        && !b.windows(4).any(|x| x.eq_ignore_ascii_case(b"xact"))
+}
+
+fn word(t: &Option<Tok<'_>>, k: &str) -> bool {
+    matches!(t, Some(Tok::Word(w)) if w.eq_ignore_ascii_case(k))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pin(sql: &str) -> Option<PinReason> {
+        effects(sql).pin
+    }
+
+    #[test]
+    fn settings_changes() {
+        assert!(effects("SET search_path = a, b").settings);
+        assert!(effects("set session statement_timeout = 5").settings);
+        assert!(effects("RESET ALL").settings);
+        assert!(effects("select set_config('a.b', '1', false)").settings);
+        assert!(!effects("SET LOCAL statement_timeout = 5").settings);
+        assert!(!effects("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE").settings);
+        assert!(!effects("SELECT 'SET x = 1'").settings);
+        assert!(!effects("SELECT 1 -- SET x = 1").settings);
+        assert!(effects("BEGIN; SET x.y = 1; COMMIT").settings);
+    }
+
+    #[test]
+    fn pins() {
+        assert_eq!(pin("LISTEN chan"), Some(PinReason::Listen));
+        assert_eq!(pin("PREPARE p AS SELECT 1"), Some(PinReason::Prepare));
+        assert_eq!(pin("PREPARE TRANSACTION 'x'"), None);
+        assert_eq!(
+            pin("CREATE TEMP TABLE t(a int)"),
+            Some(PinReason::TempObject)
+        );
+        assert_eq!(
+            pin("create global temporary table t(a int)"),
+            Some(PinReason::TempObject)
+        );
+        assert_eq!(pin("CREATE TABLE t(a int)"), None);
+        assert_eq!(
+            pin("DECLARE c CURSOR WITH HOLD FOR SELECT 1"),
+            Some(PinReason::HoldCursor)
+        );
+        assert_eq!(pin("DECLARE c CURSOR WITHOUT HOLD FOR SELECT 1"), None);
+        assert_eq!(pin("DECLARE c CURSOR FOR SELECT 1"), None);
+        assert_eq!(
+            pin("SELECT pg_advisory_lock(1)"),
+            Some(PinReason::AdvisoryLock)
+        );
+        assert_eq!(
+            pin("SELECT pg_try_advisory_lock_shared(1)"),
+            Some(PinReason::AdvisoryLock)
+        );
+        assert_eq!(pin("SELECT pg_advisory_xact_lock(1)"), None);
+        assert_eq!(pin("SELECT $$ LISTEN x $$"), None);
+        assert_eq!(pin("SELECT 'unterminated"), Some(PinReason::Unreadable));
+    }
+
+    #[test]
+    fn statements_dropped() {
+        let d = effects("DISCARD ALL");
+        assert!(d.statements_dropped && d.discard_all && d.settings);
+        assert!(effects("deallocate all").statements_dropped);
+        assert!(effects("DEALLOCATE PREPARE ALL").statements_dropped);
+        assert!(!effects("DEALLOCATE p1").statements_dropped);
+        assert!(!effects("DISCARD PLANS").statements_dropped);
+        assert_eq!(pin("LISTEN a; DISCARD ALL"), None);
+        assert_eq!(pin("DISCARD ALL; LISTEN a"), Some(PinReason::Listen));
+    }
+}

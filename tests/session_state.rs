@@ -1,0 +1,253 @@
+//! Session state under transaction pooling: settings a client changes (SET, RESET,
+//! set_config) follow it to whichever server it is lent and never leak to other clients,
+//! and state that cannot move (LISTEN, temporary tables, SQL PREPARE, advisory locks,
+//! WITH HOLD cursors) pins the client to its server, visibly, until it leaves or runs
+//! DISCARD ALL.
+
+mod common;
+
+use common::{wait_until_async, PgCluster, Pgmux};
+use futures_util::StreamExt;
+use std::time::Duration;
+use tokio_postgres::{AsyncMessage, Client, NoTls, SimpleQueryMessage};
+
+fn start(db: &str, pool_size: u32) -> Pgmux {
+    let pg = PgCluster::shared();
+    pg.create_database(db, "app");
+    Pgmux::start(&format!(
+        r#"
+[pgmux]
+listen_port = {{port}}
+pool_mode = "transaction"
+default_pool_size = {pool_size}
+auth_type = "trust"
+admin_users = ["postgres"]
+[[users]]
+name = "app"
+password = "secret"
+[[users]]
+name = "postgres"
+[[databases]]
+name = "{db}"
+host = "127.0.0.1"
+port = {}
+"#,
+        pg.primary().port
+    ))
+}
+
+async fn connect(px: &Pgmux, user: &str, db: &str) -> Client {
+    let (c, conn) = tokio_postgres::connect(&px.conn_str(user, db, Some("secret")), NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    c
+}
+
+async fn one(c: &Client, sql: &str) -> String {
+    c.simple_query(sql)
+        .await
+        .unwrap()
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("").to_string()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// The `pinned` column of SHOW CLIENTS for clients of `db`.
+async fn pinned(admin: &Client, db: &str) -> Vec<String> {
+    let msgs = admin.simple_query("SHOW CLIENTS").await.unwrap();
+    msgs.iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) if r.get("database") == Some(db) => {
+                Some(r.get("pinned").unwrap_or("").to_string())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_follow_the_client_and_never_leak() {
+    let db = "ss_settings";
+    let px = start(db, 1);
+    let a = connect(&px, "app", db).await;
+    let b = connect(&px, "app", db).await;
+    let default_path = one(&b, "SHOW search_path").await;
+    a.simple_query("SET search_path = pg_catalog, public")
+        .await
+        .unwrap();
+    a.simple_query("SET statement_timeout = '1234ms'")
+        .await
+        .unwrap();
+    a.simple_query("SELECT set_config('work_mem', '7MB', false)")
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        // one server shared by both: each sees only its own settings
+        assert_eq!(one(&a, "SHOW search_path").await, "pg_catalog, public");
+        assert_eq!(one(&a, "SHOW statement_timeout").await, "1234ms");
+        assert_eq!(one(&a, "SHOW work_mem").await, "7MB");
+        assert_eq!(one(&b, "SHOW search_path").await, default_path);
+        assert_eq!(one(&b, "SHOW statement_timeout").await, "0");
+        assert_eq!(one(&b, "SHOW work_mem").await, "4MB");
+    }
+    // SET LOCAL and a SET rolled back with its transaction leave nothing behind
+    a.simple_query("BEGIN; SET LOCAL work_mem = '9MB'; COMMIT")
+        .await
+        .unwrap();
+    a.simple_query("BEGIN; SET search_path = public; ROLLBACK")
+        .await
+        .unwrap();
+    assert_eq!(one(&a, "SHOW work_mem").await, "7MB");
+    assert_eq!(one(&a, "SHOW search_path").await, "pg_catalog, public");
+    // RESET and RESET ALL are followed too
+    a.simple_query("RESET search_path").await.unwrap();
+    assert_eq!(one(&a, "SHOW search_path").await, default_path);
+    assert_eq!(one(&a, "SHOW statement_timeout").await, "1234ms");
+    a.simple_query("RESET ALL").await.unwrap();
+    assert_eq!(one(&a, "SHOW statement_timeout").await, "0");
+    // a client that leaves with settings changed hands back a clean server
+    a.simple_query("SET statement_timeout = '55s'")
+        .await
+        .unwrap();
+    drop(a);
+    let c = connect(&px, "app", db).await;
+    assert_eq!(one(&c, "SHOW statement_timeout").await, "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_move_between_servers_under_load() {
+    let db = "ss_moving";
+    let px = std::sync::Arc::new(start(db, 2));
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let px = px.clone();
+            tokio::spawn(async move {
+                let c = connect(&px, "app", db).await;
+                c.simple_query(&format!("SET application_name = 'c{i}'; SET statement_timeout = '{}ms'", 1001 + i))
+                    .await
+                    .unwrap();
+                for _ in 0..30 {
+                    let got = one(&c, "SELECT current_setting('application_name') || '/' || current_setting('statement_timeout')").await;
+                    assert_eq!(got, format!("c{i}/{}ms", 1001 + i));
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_pins_the_client_and_notifications_arrive() {
+    let db = "ss_listen";
+    let px = start(db, 2);
+    let admin = connect(&px, "postgres", "pgmux").await;
+    let (listener, mut conn) =
+        tokio_postgres::connect(&px.conn_str("app", db, Some("secret")), NoTls)
+            .await
+            .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            if let AsyncMessage::Notification(n) = m {
+                let _ = tx.send(n.payload().to_string());
+            }
+        }
+    });
+    let pid = one(&listener, "SELECT pg_backend_pid()").await;
+    listener.simple_query("LISTEN ss_chan").await.unwrap();
+    assert_eq!(pinned(&admin, db).await, vec!["listen".to_string()]);
+    let other = connect(&px, "app", db).await;
+    for n in 0..3 {
+        other
+            .simple_query(&format!("NOTIFY ss_chan, 'n{n}'"))
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, format!("n{n}"));
+        // the listener keeps its server, transaction after transaction
+        assert_eq!(one(&listener, "SELECT pg_backend_pid()").await, pid);
+    }
+    let metrics = admin.simple_query("SHOW CLIENTS").await.unwrap();
+    assert!(!metrics.is_empty());
+    // DISCARD ALL lets go of everything that pinned it
+    listener.simple_query("DISCARD ALL").await.unwrap();
+    wait_until_async("unpinned", Duration::from_secs(10), || async {
+        pinned(&admin, db).await.iter().all(String::is_empty)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn temp_tables_prepare_cursors_and_locks_pin_until_the_client_leaves() {
+    let db = "ss_pins";
+    let px = start(db, 1);
+    let admin = connect(&px, "postgres", "pgmux").await;
+    let cases = [
+        (
+            "CREATE TEMP TABLE t(x int); INSERT INTO t VALUES (1)",
+            "SELECT count(*) FROM t",
+            "temp_object",
+        ),
+        ("PREPARE p AS SELECT 41 + 1", "EXECUTE p", "prepare"),
+        (
+            "SELECT pg_advisory_lock(4242)",
+            "SELECT pg_advisory_unlock(4242)",
+            "advisory_lock",
+        ),
+        (
+            "BEGIN; DECLARE cur CURSOR WITH HOLD FOR SELECT 7; COMMIT",
+            "FETCH cur",
+            "hold_cursor",
+        ),
+    ];
+    for (setup, again, reason) in cases {
+        let a = connect(&px, "app", db).await;
+        let pid = one(&a, "SELECT pg_backend_pid()").await;
+        a.simple_query(setup).await.unwrap();
+        assert_eq!(
+            pinned(&admin, db).await,
+            vec![reason.to_string()],
+            "{setup}"
+        );
+        // works across transactions: the state stayed where it was made
+        let first = one(&a, again).await;
+        assert!(!first.is_empty(), "{again}");
+        assert_eq!(one(&a, "SELECT pg_backend_pid()").await, pid);
+        drop(a);
+        // the server went back cleaned: no temporary table, prepared statement or lock left
+        let b = connect(&px, "app", db).await;
+        assert_eq!(one(&b, "SELECT pg_backend_pid()").await, pid, "pool of one");
+        assert_eq!(
+            one(&b, "SELECT to_regclass('pg_temp.t') IS NULL").await,
+            "t"
+        );
+        assert_eq!(
+            one(
+                &b,
+                "SELECT count(*) FROM pg_prepared_statements WHERE name = 'p'"
+            )
+            .await,
+            "0"
+        );
+        assert_eq!(
+            one(
+                &b,
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+            )
+            .await,
+            "0"
+        );
+        assert_eq!(one(&b, "SELECT count(*) FROM pg_cursors").await, "0");
+        assert!(pinned(&admin, db).await.iter().all(String::is_empty));
+    }
+}
