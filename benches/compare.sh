@@ -17,6 +17,9 @@
 #
 # Settings (environment):
 #   T=15                 seconds per pgbench run
+#   WORKLOADS="S50 SX50 SP50 S500 TPCB50"   which pgbench rows to run: -S at 50 clients in
+#                        -M simple / extended / prepared, -S at 500, TPC-B-like at 50
+#   IDLE_CLIENTS=0 and BUSY_CLIENTS=0 skip the memory and latency figures
 #   JOBS=2               pgbench -j
 #   SCALE=10             pgbench scale factor (1,000,000 accounts)
 #   POOL_SIZE=20         server connections per pool, both proxies
@@ -34,6 +37,7 @@
 set -euo pipefail
 
 T=${T:-15}
+WORKLOADS=${WORKLOADS:-S50 SX50 SP50 S500 TPCB50}
 JOBS=${JOBS:-2}
 SCALE=${SCALE:-10}
 POOL_SIZE=${POOL_SIZE:-20}
@@ -269,6 +273,28 @@ ratio() {  # ratio A B -> A/B with 2 decimals, or -
   awk -v a="$1" -v b="$2" 'BEGIN { if (a+0 > 0 && b+0 > 0) printf "%.2fx", a / b; else print "-" }'
 }
 
+label() {  # label KEY -> the workload's name in the table
+  case $1 in
+    S50) echo "pgbench -S, 50 clients";;
+    SX50) echo "pgbench -S -M extended, 50 clients";;
+    SP50) echo "pgbench -S -M prepared, 50 clients";;
+    S500) echo "pgbench -S, 500 clients";;
+    TPCB50) echo "TPC-B-like, 50 clients";;
+    *) die "unknown workload $1";;
+  esac
+}
+
+args_of() {  # args_of KEY -> pgbench arguments
+  case $1 in
+    S50) echo "-S -c 50";;
+    SX50) echo "-S -M extended -c 50";;
+    SP50) echo "-S -M prepared -c 50";;
+    S500) echo "-S -c 500";;
+    TPCB50) echo "-c 50";;
+    *) die "unknown workload $1";;
+  esac
+}
+
 print_table() {
   local k label
   echo
@@ -277,23 +303,15 @@ print_table() {
   echo
   echo "| workload | direct | PgBouncer | pgmux | pgmux/PgBouncer |"
   echo "|---|---|---|---|---|"
-  for k in S50 S500 TPCB50; do
-    case $k in
-      S50) label="pgbench -S, 50 clients (TPS)";;
-      S500) label="pgbench -S, 500 clients (TPS)";;
-      TPCB50) label="TPC-B-like, 50 clients (TPS)";;
-    esac
-    echo "| $label | ${TPS[$k,direct]} | ${TPS[$k,pgbouncer]} | ${TPS[$k,pgmux]} | $(ratio "${TPS[$k,pgmux]}" "${TPS[$k,pgbouncer]}") |"
+  for k in $WORKLOADS; do
+    echo "| $(label "$k") (TPS) | ${TPS[$k,direct]} | ${TPS[$k,pgbouncer]} | ${TPS[$k,pgmux]} | $(ratio "${TPS[$k,pgmux]}" "${TPS[$k,pgbouncer]}") |"
   done
-  for k in S50 S500 TPCB50; do
-    case $k in
-      S50) label="proxy CPU per 1,000 tx, -S 50 clients (ms)";;
-      S500) label="proxy CPU per 1,000 tx, -S 500 clients (ms)";;
-      TPCB50) label="proxy CPU per 1,000 tx, TPC-B 50 clients (ms)";;
-    esac
-    echo "| $label | - | ${CPU[$k,pgbouncer]:--} | ${CPU[$k,pgmux]:--} | $(ratio "${CPU[$k,pgmux]:-}" "${CPU[$k,pgbouncer]:-}") |"
+  for k in $WORKLOADS; do
+    echo "| proxy CPU per 1,000 tx, $(label "$k") (ms) | - | ${CPU[$k,pgbouncer]:--} | ${CPU[$k,pgmux]:--} | $(ratio "${CPU[$k,pgmux]:-}" "${CPU[$k,pgbouncer]:-}") |"
   done
-  echo "| resident memory per idle client, $IDLE_CLIENTS idle (KiB) | - | ${RSS[pgbouncer]} | ${RSS[pgmux]} | $(ratio "${RSS[pgmux]}" "${RSS[pgbouncer]}") |"
+  if [ "$IDLE_CLIENTS" -gt 0 ]; then
+    echo "| resident memory per idle client, $IDLE_CLIENTS idle (KiB) | - | ${RSS[pgbouncer]} | ${RSS[pgmux]} | $(ratio "${RSS[pgmux]}" "${RSS[pgbouncer]}") |"
+  fi
   if [ "$BUSY_CLIENTS" -gt 0 ]; then
     echo "| pgmux-load select, $BUSY_CLIENTS busy clients (TPS) | - | ${BUSY[pgbouncer]} | ${BUSY[pgmux]} | $(ratio "${BUSY[pgmux]}" "${BUSY[pgbouncer]}") |"
     echo "| pgmux-load select, $BUSY_CLIENTS busy clients: p99 latency (ms) | - | ${P99[pgbouncer]} | ${P99[pgmux]} | $(ratio "${P99[pgmux]}" "${P99[pgbouncer]}") |"
@@ -323,16 +341,14 @@ main() {
 
   # Memory first, on fresh processes: after pgbench their allocators hold freed memory that
   # idle clients would reuse unseen.
-  idle_memory pgbouncer "$BOUNCER_PORT" "$BOUNCER_PID"
-  idle_memory pgmux "$PGMUX_PORT" "$PGMUX_PID"
+  if [ "$IDLE_CLIENTS" -gt 0 ]; then
+    idle_memory pgbouncer "$BOUNCER_PORT" "$BOUNCER_PID"
+    idle_memory pgmux "$PGMUX_PORT" "$PGMUX_PID"
+  fi
 
   local k args
-  for k in S50 S500 TPCB50; do
-    case $k in
-      S50) args=(-S -c 50);;
-      S500) args=(-S -c 500);;
-      TPCB50) args=(-c 50);;
-    esac
+  for k in $WORKLOADS; do
+    read -r -a args <<<"$(args_of "$k")"
     run_pgbench direct "$PG_PORT" "" "$k" "${args[@]}"
     run_pgbench pgbouncer "$BOUNCER_PORT" "$BOUNCER_PID" "$k" "${args[@]}"
     run_pgbench pgmux "$PGMUX_PORT" "$PGMUX_PID" "$k" "${args[@]}"
