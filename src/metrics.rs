@@ -433,6 +433,7 @@ pub async fn bind(app: &App) -> std::io::Result<Option<(TcpListener, SocketAddr)
         )
     })?;
     let addr = SocketAddr::new(ip, g.metrics_listen_port);
-    let l = TcpListener::bind(addr).await?;
+    // with so_reuseport a new process shares this port too while the old one drains
+    let l = crate::listener::bind(addr, g.so_reuseport)?;
     Ok(Some((l, addr)))
 }
