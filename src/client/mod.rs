@@ -33,8 +33,9 @@ const RESET_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn serve(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr, over_limit: bool) {
     let _ = stream.set_nodelay(true);
     let auth_timeout = app.config().pgmux.auth_timeout.get();
+    // rarely-run steps are boxed: an idle client's task is as large as its largest state
     let login = match auth_timeout {
-        Some(t) => tokio::time::timeout(t, login::login(&app, &mut stream, over_limit))
+        Some(t) => tokio::time::timeout(t, Box::pin(login::login(&app, &mut stream, over_limit)))
             .await
             .unwrap_or_else(|_| {
                 Err(Refusal {
@@ -42,15 +43,15 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr, over_
                     log: "authentication timeout".into(),
                 })
             }),
-        None => login::login(&app, &mut stream, over_limit).await,
+        None => Box::pin(login::login(&app, &mut stream, over_limit)).await,
     };
     let login = match login {
         Ok(Entry::Pool(l)) => l,
-        Ok(Entry::Console(c)) => return crate::admin::serve(app, stream, peer, c).await,
+        Ok(Entry::Console(c)) => return Box::pin(crate::admin::serve(app, stream, peer, c)).await,
         Err(r) => {
             if let Some(e) = &r.error {
                 warn!(%peer, "login refused: {}", r.log);
-                farewell(&mut stream, &[], Some(e)).await;
+                Box::pin(farewell(&mut stream, &[], Some(e))).await;
             } else {
                 debug!(%peer, "login ended: {}", r.log);
             }
@@ -71,7 +72,7 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr, over_
     if let Some(e) = &error {
         info!(%peer, db = %session.login.db, user = %session.login.user, "closing client: {e}");
     }
-    session.finish(error).await;
+    Box::pin(session.finish(error)).await;
     app.cancels.unregister(pid);
     info!(%peer, db = %session.login.db, user = %session.login.user, "client disconnected");
 }
@@ -170,9 +171,9 @@ impl Session {
     /// Some(outcome) ends the session.
     async fn on_event(&mut self, ev: Event) -> Option<Option<PgError>> {
         match ev {
-            Event::NeedServer => self.attach().await.err().map(Some),
+            Event::NeedServer => Box::pin(self.attach()).await.err().map(Some),
             Event::Release => {
-                self.detach().await;
+                Box::pin(self.detach()).await;
                 self.closing.then(shutdown_error).map(Some)
             }
             Event::Quiet => {
