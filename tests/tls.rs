@@ -468,6 +468,29 @@ async fn server_tls_modes() {
         &[("by_name", "localhost"), ("by_address", "127.0.0.1")],
     ));
     assert_eq!(run(&full, "by_name"), Ok("true".into()));
+    // an idle TLS server connection the server ends is noticed (is_broken) and replaced
+    let pid = psql(
+        &format!(
+            "host=127.0.0.1 port={} user=app dbname=by_name sslmode=disable",
+            full.port
+        ),
+        "SELECT pg_backend_pid()",
+    )
+    .unwrap();
+    pg.primary().psql(
+        "postgres",
+        &format!("SELECT pg_terminate_backend({pid}, 30000)"),
+    );
+    assert_eq!(run(&full, "by_name"), Ok("true".into()));
+    let pid_after = psql(
+        &format!(
+            "host=127.0.0.1 port={} user=app dbname=by_name sslmode=disable",
+            full.port
+        ),
+        "SELECT pg_backend_pid()",
+    )
+    .unwrap();
+    assert_ne!(pid, pid_after);
     // verify-full: the certificate does not name 127.0.0.1
     let e = run(&full, "by_address").unwrap_err();
     assert!(
