@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_rustls::rustls::{
     self,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
@@ -44,6 +45,8 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 /// The first byte of a TLS handshake record: a client opening with TLS directly.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+/// Bound on writing a refusal to a client that may have stopped reading.
+const REFUSAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
 /// `client_tls_sslmode`, PgBouncer's names: allow and prefer both accept TLS when the client
@@ -400,14 +403,29 @@ pub struct Opened {
 pub enum OpenError {
     #[error("{0}")]
     Startup(#[from] StartupError),
-    #[error("unencrypted data after SSL request")]
-    Pipelined,
+    #[error("{0}")]
+    Refused(String),
+    #[error("authentication timeout")]
+    Timeout,
     #[error("TLS handshake failed: {0}")]
     Handshake(io::Error),
     #[error("direct TLS connection without ALPN protocol \"postgresql\"")]
     NoAlpn,
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),
+}
+
+impl OpenError {
+    /// Ends that say nothing about the client's intent (a probe that connects and leaves, a
+    /// failed handshake) are not worth a warning.
+    pub fn is_quiet(&self) -> bool {
+        matches!(
+            self,
+            OpenError::Startup(StartupError::Closed | StartupError::Io(_))
+                | OpenError::Io(_)
+                | OpenError::Handshake(_)
+        )
+    }
 }
 
 /// Settles encryption with a new client: SSLRequest and GSSENCRequest are answered (`S` when
@@ -417,6 +435,7 @@ pub async fn open(
     security: &Security,
     tcp: TcpStream,
     addr: SocketAddr,
+    deadline: Option<Instant>,
 ) -> Result<Opened, OpenError> {
     let mut tcp = tcp;
     let mut peer = Peer {
@@ -426,30 +445,39 @@ pub async fn open(
     };
     if let Some(tls) = &security.client {
         let mut b = [0u8; 1];
-        if tcp.peek(&mut b).await? == 1 && b[0] == TLS_HANDSHAKE_RECORD {
-            let s = handshake(tls, tcp, &mut peer).await?;
+        let peeked = match within(deadline, tcp.peek(&mut b)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                refuse(&mut tcp, timeout_error()).await;
+                return Err(OpenError::Timeout);
+            }
+        };
+        if peeked == 1 && b[0] == TLS_HANDSHAKE_RECORD {
+            let s = within(deadline, handshake(tls, tcp, &mut peer))
+                .await
+                .map_err(|_| OpenError::Timeout)??;
             if s.get_ref().1.alpn_protocol() != Some(ALPN_POSTGRESQL) {
                 return Err(OpenError::NoAlpn);
             }
-            return after_handshake(s, peer).await;
+            return after_handshake(s, peer, deadline).await;
         }
     }
     // one SSLRequest and one GSSENCRequest at most, as libpq may send both
     for _ in 0..2 {
-        match startup::read_initial(&mut tcp).await? {
+        match read_first(&mut tcp, deadline).await? {
             Initial::SslRequest if security.client.is_some() => {
                 if has_buffered(&tcp)? {
-                    let mut out = BytesMut::new();
-                    PgError::fatal("08P01", "received unencrypted data after SSL request")
-                        .encode(&mut out);
-                    let _ = tcp.write_all(&out).await;
-                    linger(tcp).await;
-                    return Err(OpenError::Pipelined);
+                    let error =
+                        PgError::fatal("08P01", "received unencrypted data after SSL request");
+                    refuse(&mut tcp, error.clone()).await;
+                    return Err(OpenError::Refused(error.message));
                 }
                 tcp.write_all(b"S").await?;
                 let tls = security.client.as_ref().expect("checked above");
-                let s = handshake(tls, tcp, &mut peer).await?;
-                return after_handshake(s, peer).await;
+                let s = within(deadline, handshake(tls, tcp, &mut peer))
+                    .await
+                    .map_err(|_| OpenError::Timeout)??;
+                return after_handshake(s, peer, deadline).await;
             }
             Initial::SslRequest | Initial::GssEncRequest => tcp.write_all(b"N").await?,
             first => {
@@ -461,12 +489,59 @@ pub async fn open(
             }
         }
     }
-    let first = startup::read_initial(&mut tcp).await?;
+    let first = read_first(&mut tcp, deadline).await?;
     Ok(Opened {
         stream: ClientStream::Plain(tcp),
         first,
         peer,
     })
+}
+
+/// Reads an initial packet within the deadline; a malformed or late one gets its FATAL 08P01
+/// here, since the caller has no stream left to say it on.
+async fn read_first<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    deadline: Option<Instant>,
+) -> Result<Initial, OpenError> {
+    match within(deadline, startup::read_initial(s)).await {
+        Ok(Ok(i)) => Ok(i),
+        Ok(Err(e @ (StartupError::Closed | StartupError::Io(_)))) => Err(e.into()),
+        Ok(Err(e)) => {
+            let error = PgError::fatal("08P01", e.to_string());
+            refuse(s, error).await;
+            Err(e.into())
+        }
+        Err(_) => {
+            refuse(s, timeout_error()).await;
+            Err(OpenError::Timeout)
+        }
+    }
+}
+
+fn timeout_error() -> PgError {
+    PgError::fatal("08P01", "authentication timeout")
+}
+
+/// Tells the client why it is closed, within a bound of its own (the deadline may be past).
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, error: PgError) {
+    let mut out = BytesMut::new();
+    error.encode(&mut out);
+    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, async {
+        if s.write_all(&out).await.is_ok() {
+            linger(s).await;
+        }
+    })
+    .await;
+}
+
+async fn within<F: std::future::Future>(
+    deadline: Option<Instant>,
+    f: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, f).await,
+        None => Ok(f.await),
+    }
 }
 
 /// True when the client sent more than its SSLRequest before our answer: those bytes would
@@ -481,15 +556,15 @@ fn has_buffered(tcp: &TcpStream) -> io::Result<bool> {
 }
 
 /// Closes after a refusal without resetting: unread bytes at close would make the kernel send
-/// RST, which can discard the error before the client reads it. A few KiB are drained; the
-/// caller's auth_timeout bounds the wait.
-async fn linger(mut tcp: TcpStream) {
-    if tcp.shutdown().await.is_err() {
+/// RST, which can discard the error before the client reads it. Up to 64 KiB are drained,
+/// within the caller's time bound.
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) {
+    if s.shutdown().await.is_err() {
         return;
     }
-    let mut sink = [0u8; 1024];
+    let mut sink = [0u8; 4096];
     for _ in 0..16 {
-        match tcp.read(&mut sink).await {
+        match s.read(&mut sink).await {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
@@ -519,9 +594,10 @@ async fn handshake(
 async fn after_handshake(
     s: tokio_rustls::server::TlsStream<TcpStream>,
     peer: Peer,
+    deadline: Option<Instant>,
 ) -> Result<Opened, OpenError> {
     let mut stream = ClientStream::Tls(Box::new(s));
-    let first = startup::read_initial(&mut stream).await?;
+    let first = read_first(&mut stream, deadline).await?;
     Ok(Opened {
         stream,
         first,

@@ -42,19 +42,15 @@ pub async fn serve(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, over_limit: 
         .get()
         .map(|t| Instant::now() + t);
     let security = app.config().security.clone();
-    let opening = crate::tls::open(&security, tcp, peer);
-    let opened = match deadline {
-        Some(d) => tokio::time::timeout_at(d, opening).await.ok(),
-        None => Some(opening.await),
-    };
+    let opened = crate::tls::open(&security, tcp, peer, deadline).await;
     let Opened {
         mut stream,
         first,
         peer: conn,
     } = match opened {
-        Some(Ok(o)) => o,
-        Some(Err(e)) => return debug!(%peer, "connection ended before startup: {e}"),
-        None => return debug!(%peer, "authentication timeout before startup"),
+        Ok(o) => o,
+        Err(e) if e.is_quiet() => return debug!(%peer, "connection ended before startup: {e}"),
+        Err(e) => return warn!(%peer, "login refused: {e}"),
     };
     let logging_in = login::login(&app, &mut stream, over_limit, first, &conn);
     let login = match deadline {
