@@ -88,6 +88,7 @@ impl App {
     }
 
     pub fn with_path(config: Config, config_path: Option<PathBuf>) -> Arc<App> {
+        crate::tls::install(&config.security);
         Arc::new(App {
             config: ArcSwap::from_pointee(config),
             config_path,
@@ -256,6 +257,7 @@ impl App {
         let old = self.config_arc();
         keep_restart_only(&old, &mut new);
         let new = Arc::new(new);
+        crate::tls::install(&new.security);
         self.config.store(new.clone());
 
         let mut pools = lock(&self.pools);

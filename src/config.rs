@@ -94,6 +94,16 @@ pub struct General {
     pub stats_users: Vec<String>,
     /// How often the averages of SHOW STATS are recomputed.
     pub stats_period: Seconds,
+    // TLS and hba (issue 7); loaded into `Config::security`, see src/tls.rs
+    pub client_tls_sslmode: crate::tls::ClientSslMode,
+    pub client_tls_cert_file: String,
+    pub client_tls_key_file: String,
+    pub client_tls_ca_file: String,
+    pub server_tls_sslmode: crate::tls::ServerSslMode,
+    pub server_tls_ca_file: String,
+    pub server_tls_cert_file: String,
+    pub server_tls_key_file: String,
+    pub auth_hba_file: String,
 }
 
 impl Default for General {
@@ -130,6 +140,16 @@ impl Default for General {
             admin_users: Vec::new(),
             stats_users: Vec::new(),
             stats_period: Seconds(60.0),
+            client_tls_sslmode: crate::tls::ClientSslMode::Disable,
+            client_tls_cert_file: String::new(),
+            client_tls_key_file: String::new(),
+            client_tls_ca_file: String::new(),
+            // as PgBouncer and libpq: TLS when the server offers it
+            server_tls_sslmode: crate::tls::ServerSslMode::Prefer,
+            server_tls_ca_file: String::new(),
+            server_tls_cert_file: String::new(),
+            server_tls_key_file: String::new(),
+            auth_hba_file: String::new(),
         }
     }
 }
@@ -175,6 +195,9 @@ pub struct Config {
     pub users: Vec<User>,
     #[serde(default)]
     pub databases: Vec<Database>,
+    /// TLS configs and hba rules built from the settings above when the file is loaded.
+    #[serde(skip)]
+    pub security: crate::tls::Security,
 }
 
 impl Config {
@@ -192,19 +215,17 @@ impl Config {
             path: origin.to_string(),
             message: e.to_string().trim_end().to_string(),
         })?;
-        config.validate().map_err(|message| ConfigError::Invalid {
-            path: origin.to_string(),
-            message,
-        })?;
-        Ok(config)
+        config.validated(origin)
     }
 
     /// Checks a configuration built in memory (SET on the console) as a loaded one is.
-    pub fn validated(self, origin: &str) -> Result<Config, ConfigError> {
-        self.validate().map_err(|message| ConfigError::Invalid {
+    pub fn validated(mut self, origin: &str) -> Result<Config, ConfigError> {
+        let invalid = |message| ConfigError::Invalid {
             path: origin.to_string(),
             message,
-        })?;
+        };
+        self.validate().map_err(invalid)?;
+        self.security = crate::tls::Security::load(&self.pgmux).map_err(invalid)?;
         Ok(self)
     }
 

@@ -6,6 +6,7 @@ use crate::auth::password::{md5_response, Secret};
 use crate::cancel::CancelTarget;
 use crate::params::Params;
 use crate::protocol::messages::{self, parse_error_fields, parse_parameter_status, ErrorFields};
+use crate::tls::ServerStream;
 use bytes::{Buf, Bytes, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
@@ -36,6 +37,8 @@ pub enum ServerError {
     Protocol(&'static str),
     #[error("cannot authenticate to server: {0}")]
     Auth(&'static str),
+    #[error("TLS to server: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Where and as whom a pool's connections log in.
@@ -58,7 +61,7 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 pub struct ServerConn {
     pub id: u64,
-    pub stream: TcpStream,
+    pub stream: ServerStream,
     pub addr: SocketAddr,
     pub pid: i32,
     pub secret: i32,
@@ -100,6 +103,7 @@ impl ServerConn {
             })?;
         stream.set_nodelay(true)?;
         let addr = stream.peer_addr()?;
+        let stream = crate::tls::connect_server(stream, &target.host).await?;
         let now = Instant::now();
         let mut conn = ServerConn {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -293,8 +297,7 @@ impl ServerConn {
     /// True when the server closed the connection or sent something unprompted (such as a
     /// FATAL error before a shutdown) while it sat idle: either way it cannot be lent.
     pub fn is_broken(&self) -> bool {
-        let mut b = [0u8; 1];
-        !matches!(self.stream.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        self.stream.is_broken()
     }
 
     pub fn cancel_target(&self) -> CancelTarget {
@@ -306,8 +309,8 @@ impl ServerConn {
     }
 
     /// Says goodbye without waiting: a Terminate if the socket takes it now.
-    pub fn close(self) {
-        let _ = self.stream.try_write(&[b'X', 0, 0, 0, 4]);
+    pub fn close(mut self) {
+        self.stream.write_now(&[b'X', 0, 0, 0, 4]);
     }
 }
 

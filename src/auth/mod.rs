@@ -1,6 +1,7 @@
 //! Authenticating clients (trust, md5, SCRAM-SHA-256 with pgmux as the SCRAM server) and the
 //! stored secrets both sides use. pgmux's own login to servers lives in `server`.
 
+pub mod hba;
 pub mod password;
 pub mod scram;
 

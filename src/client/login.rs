@@ -1,8 +1,10 @@
-//! A client's way in: the startup packet (with SSLRequest/GSSENCRequest declined and
-//! CancelRequest forwarded), authentication, the database and pool it gets, and the welcome
+//! A client's way in: the startup packet (after `tls::open` settled encryption; a late
+//! SSLRequest/GSSENCRequest is declined, a CancelRequest forwarded), authentication (the
+//! method from `auth_hba_file` when set, else `auth_type`), the database and pool it gets, and the welcome
 //! (ParameterStatus values of a real server, pgmux's own BackendKeyData).
 
 use crate::app::App;
+use crate::auth::hba::{self, Decision};
 use crate::auth::{self, password::Secret, AuthError};
 use crate::cancel::{self, CancelHandle};
 use crate::params::{self, Params};
@@ -11,6 +13,7 @@ use crate::protocol::messages;
 use crate::protocol::startup::{self, Initial, StartupError, StartupPacket};
 use crate::protocol::PgError;
 use crate::server::ServerError;
+use crate::tls::Peer;
 use bytes::BytesMut;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -54,11 +57,19 @@ impl Refusal {
 }
 
 /// Reads the startup packet, authenticates and welcomes the client.
-pub async fn login<S>(app: &App, stream: &mut S, over_limit: bool) -> Result<Entry, Refusal>
+/// `first` is the packet that followed the encryption negotiation (`tls::open`), which also
+/// tells how the client came (`conn`).
+pub async fn login<S>(
+    app: &App,
+    stream: &mut S,
+    over_limit: bool,
+    first: Initial,
+    conn: &Peer,
+) -> Result<Entry, Refusal>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let packet = read_startup(app, stream).await?;
+    let packet = read_startup(app, stream, first).await?;
     if packet.minor > 0 || !packet.protocol_options.is_empty() {
         let mut out = BytesMut::new();
         messages::negotiate_protocol_version(&mut out, 0, &packet.protocol_options);
@@ -88,19 +99,34 @@ where
     let settings = startup_settings(app, &packet)?;
 
     let config = app.config_arc();
+    if !conn.tls && config.security.client_requires_tls() {
+        return Err(Refusal::with(PgError::fatal("28000", "SSL required")));
+    }
+    let decision = hba::decide(
+        config.security.hba.as_deref(),
+        config.pgmux.auth_type,
+        conn,
+        &db,
+        &user,
+    )
+    .map_err(Refusal::with)?;
     let known = config.user(&user);
     let secret = known.and_then(|u| u.password.as_deref()).map(Secret::parse);
-    let method = config.pgmux.auth_type;
-    match auth::authenticate(
-        stream,
-        method,
-        &user,
-        known.is_some(),
-        secret.as_ref(),
-        &app.verifiers,
-    )
-    .await
-    {
+    let outcome = match decision {
+        Decision::Exchange(method) => {
+            auth::authenticate(
+                stream,
+                method,
+                &user,
+                known.is_some(),
+                secret.as_ref(),
+                &app.verifiers,
+            )
+            .await
+        }
+        Decision::Certified => Ok(()),
+    };
+    match outcome {
         Ok(()) => {}
         Err(AuthError::Failed) => {
             app.auth_failures
@@ -160,13 +186,22 @@ async fn write<S: AsyncWrite + Unpin>(stream: &mut S, b: &[u8]) -> Result<(), Re
 }
 
 /// The StartupMessage, after declining encryption requests; a CancelRequest is served here.
-async fn read_startup<S>(app: &App, stream: &mut S) -> Result<StartupPacket, Refusal>
+async fn read_startup<S>(
+    app: &App,
+    stream: &mut S,
+    first: Initial,
+) -> Result<StartupPacket, Refusal>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut next = Some(Ok(first));
     // one SSLRequest and one GSSENCRequest at most, as libpq may send both
     for _ in 0..3 {
-        match startup::read_initial(stream).await {
+        let initial = match next.take() {
+            Some(i) => i,
+            None => startup::read_initial(stream).await,
+        };
+        match initial {
             Ok(Initial::SslRequest) | Ok(Initial::GssEncRequest) => write(stream, b"N").await?,
             Ok(Initial::Cancel { pid, secret }) => {
                 if let Some(t) = app.cancels.lookup(pid, secret) {

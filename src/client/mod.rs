@@ -12,6 +12,7 @@ use crate::pool::PooledConn;
 use crate::protocol::PgError;
 use crate::relay::{Event, Relay, ServerSide};
 use crate::stats::{ClientHandle, Meter};
+use crate::tls::{ClientStream, Opened};
 use bytes::BytesMut;
 use login::{Entry, LoggedIn, Refusal};
 use std::future::poll_fn;
@@ -30,12 +31,31 @@ const FAREWELL_TIMEOUT: Duration = Duration::from_secs(5);
 const RESET_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves one accepted connection to its end.
-pub async fn serve(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr, over_limit: bool) {
-    let _ = stream.set_nodelay(true);
-    let auth_timeout = app.config().pgmux.auth_timeout.get();
+pub async fn serve(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, over_limit: bool) {
+    let _ = tcp.set_nodelay(true);
+    let local = tcp.local_addr().ok();
+    // settling encryption and logging in share one auth_timeout
+    let deadline = app
+        .config()
+        .pgmux
+        .auth_timeout
+        .get()
+        .map(|t| Instant::now() + t);
+    let security = app.config().security.clone();
+    let opened = Box::pin(crate::tls::open(&security, tcp, peer, deadline)).await;
+    let Opened {
+        mut stream,
+        first,
+        peer: conn,
+    } = match opened {
+        Ok(o) => o,
+        Err(e) if e.is_quiet() => return debug!(%peer, "connection ended before startup: {e}"),
+        Err(e) => return warn!(%peer, "login refused: {e}"),
+    };
     // rarely-run steps are boxed: an idle client's task is as large as its largest state
-    let login = match auth_timeout {
-        Some(t) => tokio::time::timeout(t, Box::pin(login::login(&app, &mut stream, over_limit)))
+    let logging_in = Box::pin(login::login(&app, &mut stream, over_limit, first, &conn));
+    let login = match deadline {
+        Some(d) => tokio::time::timeout_at(d, logging_in)
             .await
             .unwrap_or_else(|_| {
                 Err(Refusal {
@@ -43,7 +63,7 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr, over_
                     log: "authentication timeout".into(),
                 })
             }),
-        None => Box::pin(login::login(&app, &mut stream, over_limit)).await,
+        None => logging_in.await,
     };
     let login = match login {
         Ok(Entry::Pool(l)) => l,
@@ -64,7 +84,7 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr, over_
     let client = app.registry.register(
         login.pool.stats.clone(),
         peer,
-        stream.local_addr().ok(),
+        local,
         login.wants.get("application_name").unwrap_or(""),
     );
     let mut session = Session::new(app.clone(), stream, login, client);
@@ -78,7 +98,7 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr, over_
 }
 
 /// Writes what is left for the client and a last error, within a bound.
-async fn farewell(stream: &mut TcpStream, pending: &[u8], error: Option<&PgError>) {
+async fn farewell(stream: &mut ClientStream, pending: &[u8], error: Option<&PgError>) {
     let mut out = BytesMut::from(pending);
     if let Some(e) = error {
         e.encode(&mut out);
@@ -100,7 +120,7 @@ enum Wake {
 
 struct Session {
     app: Arc<App>,
-    stream: TcpStream,
+    stream: ClientStream,
     login: LoggedIn,
     relay: Relay,
     server: Option<PooledConn>,
@@ -113,7 +133,7 @@ struct Session {
 }
 
 impl Session {
-    fn new(app: Arc<App>, stream: TcpStream, login: LoggedIn, client: ClientHandle) -> Session {
+    fn new(app: Arc<App>, stream: ClientStream, login: LoggedIn, client: ClientHandle) -> Session {
         let mode = login.pool.settings().mode;
         let mut relay = Relay::new(
             app.config().pgmux.max_message_size as usize,

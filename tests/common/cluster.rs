@@ -216,6 +216,48 @@ impl PgInstance {
         conn_str(self.port, user, db, password)
     }
 
+    /// Turns TLS on for this server (issue 7): writes the PEM certificate and key into the data
+    /// dir, `ALTER SYSTEM SET ssl = on` with them, reloads, and returns once a TLS connection
+    /// over TCP works. Other tests of the binary then reach it with TLS when they ask for it.
+    pub fn enable_ssl(&self, cert_pem: &str, key_pem: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let cert = self.data_dir.join("pgmux-test-server.crt");
+        let key = self.data_dir.join("pgmux-test-server.key");
+        fs::write(&cert, cert_pem).expect("write server certificate");
+        fs::write(&key, key_pem).expect("write server key");
+        // PostgreSQL refuses a key file that others can read
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).expect("chmod server key");
+        give_to_pg(&cert);
+        give_to_pg(&key);
+        for (name, value) in [
+            ("ssl_cert_file", cert.to_string_lossy().into_owned()),
+            ("ssl_key_file", key.to_string_lossy().into_owned()),
+            ("ssl", "on".to_string()),
+        ] {
+            self.psql(
+                "postgres",
+                &format!("ALTER SYSTEM SET {name} = {}", quote_literal(&value)),
+            );
+        }
+        self.psql("postgres", "SELECT pg_reload_conf()");
+        // the postmaster rereads its files asynchronously after the signal
+        wait_until(
+            &format!("{} to accept TLS", self.name),
+            Duration::from_secs(30),
+            || {
+                let mut cmd = Command::new(psql_program());
+                cmd.args(["-X", "-A", "-t", "-q", "-c", "SELECT 1"])
+                    .arg(format!(
+                        "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=require",
+                        self.port
+                    ))
+                    .stdin(Stdio::null());
+                scrub_libpq_env(&mut cmd);
+                cmd.output().is_ok_and(|o| o.status.success())
+            },
+        );
+    }
+
     /// Server log so far.
     pub fn log(&self) -> String {
         String::from_utf8_lossy(&fs::read(&self.log_path).unwrap_or_default()).into_owned()
