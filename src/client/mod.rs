@@ -11,6 +11,7 @@ use crate::params;
 use crate::pool::PooledConn;
 use crate::protocol::PgError;
 use crate::relay::{Event, Relay, ServerSide};
+use crate::router::session::RouteState;
 use crate::stats::{ClientHandle, Meter};
 use bytes::BytesMut;
 use login::{Entry, LoggedIn, Refusal};
@@ -107,6 +108,8 @@ struct Session {
     shutdown: watch::Receiver<Shutdown>,
     closing: bool,
     client: ClientHandle,
+    /// Read/write routing, for a database with replicas (see `router::session`).
+    route: Option<RouteState>,
 }
 
 impl Session {
@@ -120,6 +123,7 @@ impl Session {
         );
         relay.meter = Meter::new(login.pool.stats.clone());
         let shutdown = app.shutdown_signal();
+        let route = route_state(&app, &login, mode);
         Session {
             app,
             stream,
@@ -130,6 +134,7 @@ impl Session {
             shutdown,
             closing: false,
             client,
+            route,
         }
     }
 
@@ -257,10 +262,34 @@ impl Session {
 
     async fn attach(&mut self) -> Result<(), PgError> {
         let waiting_since = self.client.waiting();
-        let mut conn = tokio::select! {
-            r = self.login.pool.checkout() => r.map_err(login::server_unavailable)?,
+        let Session {
+            route,
+            relay,
+            login,
+            client,
+            ..
+        } = self;
+        let checkout = async {
+            match route {
+                // which server: decided from the waiting work (router::session)
+                Some(r) => r.checkout(relay).await,
+                None => login
+                    .pool
+                    .checkout()
+                    .await
+                    .map(Some)
+                    .map_err(login::server_unavailable),
+            }
+        };
+        let conn = tokio::select! {
+            r = checkout => r?,
             // KILL reaches clients waiting for a (paused) pool too
-            _ = self.client.killed() => return Err(shutdown_error()),
+            _ = client.killed() => return Err(shutdown_error()),
+        };
+        let Some(mut conn) = conn else {
+            // pgmux answered the work itself
+            self.client.idle();
+            return Ok(());
         };
         let wants = &self.login.wants;
         if let Some(sql) = params::sync_statement(wants, &conn.params, &conn.extras) {
@@ -297,6 +326,9 @@ impl Session {
         };
         self.client.idle();
         self.login.cancel.set_target(None);
+        if let Some(r) = self.route.as_mut() {
+            r.released();
+        }
         if self.app.config().pgmux.server_reset_query_always {
             self.reset_and_release(conn).await;
         } else {
@@ -345,6 +377,20 @@ impl Session {
             farewell(&mut self.stream, &pending, error.as_ref()).await;
         }
     }
+}
+
+/// Routing state for a database with replicas: its router and a pool per host.
+fn route_state(app: &App, login: &LoggedIn, mode: PoolMode) -> Option<RouteState> {
+    let config = app.config_arc();
+    let db = config.database(&login.db)?;
+    let router = app.router(db, &login.user)?;
+    let pools = app.host_pools(db, &login.user);
+    Some(RouteState::new(
+        router,
+        pools,
+        mode == PoolMode::Session,
+        login.route,
+    ))
 }
 
 fn shutdown_error() -> PgError {
