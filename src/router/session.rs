@@ -139,7 +139,7 @@ fn inspect(buf: &[u8], stmts: Option<&ClientStatements>, write_functions: &[Stri
                 text(rest)
             }),
             b'B' => match prepared::bind_names(body) {
-                Some((_, stmt, _)) if stmt.is_empty() => {
+                Some((_, b"", _)) => {
                     // the unnamed statement only exists if this batch parses it
                     (!parsed_unnamed).then_some(None)
                 }
