@@ -463,4 +463,45 @@ pool_size = 20
             .to_string()
             .contains("twice"));
     }
+
+    #[test]
+    fn routing_keys_parse_and_are_validated() {
+        let base = "[[users]]\nname='a'\n[[databases]]\nname='app'\n";
+        let c = Config::parse(
+            &format!(
+                "{base}host='p'\nread_write_split=true\nreplicas=[{{host='r1'}},{{host='r2',port=5433,weight=2}}]\n\
+                 [[databases]]\nname='app_ro'\ndbname='app'\nhost='p'\nroute='replica'\nreplicas=[{{host='r1'}}]\n"
+            ),
+            "t",
+        )
+        .unwrap();
+        let db = c.database("app").unwrap();
+        assert!(db.read_write_split && db.has_replicas());
+        assert_eq!(db.consistency, Consistency::ReadYourWrites);
+        assert_eq!(db.max_replica_lag_ms, 1000);
+        let hosts = db.server_hosts();
+        assert_eq!(hosts.len(), 3);
+        assert_eq!((hosts[2].host.as_str(), hosts[2].port), ("r2", 5433));
+        assert_eq!(c.database("app_ro").unwrap().route, DbRoute::Replica);
+        // hosts without host
+        let c = Config::parse(&format!("{base}hosts=[{{host='a'}},{{host='b'}}]\n"), "t").unwrap();
+        assert_eq!(c.database("app").unwrap().server_hosts().len(), 2);
+        for (bad, needle) in [
+            ("port=1\n", "needs a host"),
+            ("host='p'\nhosts=[{host='a'}]\n", "not both"),
+            ("host='p'\nroute='replica'\n", "needs replicas"),
+            (
+                "host='p'\nread_write_split=true\n",
+                "read_write_split needs",
+            ),
+            ("host='p'\nreplicas=[{host='p'}]\n", "listed twice"),
+            ("host='p'\nconsistency='strong'\n", "consistency"),
+            ("host='p'\nroute='sideways'\n", "route"),
+        ] {
+            let err = Config::parse(&format!("{base}{bad}"), "t")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{bad}: {err}");
+        }
+    }
 }
