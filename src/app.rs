@@ -6,8 +6,10 @@ use crate::auth::VerifierCache;
 use crate::cancel::CancelRegistry;
 use crate::config::{Config, ConfigError, Database};
 use crate::pool::{DbLimit, Pool, PoolSettings};
+use crate::router::balance::DbRouter;
 use crate::server::ServerTarget;
 use crate::stats::ClientRegistry;
+use crate::topology::{HostConfig, Topology, TopologyConfig};
 use arc_swap::{ArcSwap, Guard};
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -65,7 +67,10 @@ pub struct App {
     pub clients: AtomicUsize,
     /// Logged-in clients, for SHOW CLIENTS and KILL.
     pub registry: Arc<ClientRegistry>,
-    pools: Mutex<HashMap<(String, String), Arc<Pool>>>,
+    /// Keyed by (database, user, host index): a database with replicas has a pool per host.
+    pools: Mutex<HashMap<(String, String, usize), Arc<Pool>>>,
+    /// Read/write routing of the databases with replicas (topology monitor, balancing).
+    routers: Mutex<HashMap<String, Arc<DbRouter>>>,
     /// Pools whose database (or user) left the configuration, serving their last clients.
     retired: Mutex<Vec<Arc<Pool>>>,
     db_limits: Mutex<HashMap<String, Arc<DbLimit>>>,
@@ -98,6 +103,7 @@ impl App {
             clients: AtomicUsize::new(0),
             registry: Arc::new(ClientRegistry::default()),
             pools: Mutex::new(HashMap::new()),
+            routers: Mutex::new(HashMap::new()),
             retired: Mutex::new(Vec::new()),
             db_limits: Mutex::new(HashMap::new()),
             pause: Mutex::new(PauseState::default()),
@@ -151,33 +157,127 @@ impl App {
         v
     }
 
-    /// The pool serving `user` on `db`, created on first use.
+    /// The pool serving `user` on `db`, created on first use. With replicas: the pool of the
+    /// current primary (of the first host until the monitor has found one).
     pub fn pool(&self, db: &Database, user: &str) -> Arc<Pool> {
+        let pools = self.host_pools(db, user);
+        let primary = self
+            .router(db, user)
+            .and_then(|r| r.topology.snapshot().primary)
+            .unwrap_or(0);
+        pools[primary.min(pools.len() - 1)].clone()
+    }
+
+    /// One pool per server of `db` for `user`, in host order (`Database::server_hosts`);
+    /// they share one `PoolStats`, since they serve the same clients.
+    pub fn host_pools(&self, db: &Database, user: &str) -> Vec<Arc<Pool>> {
         let config = self.config_arc();
-        let target = target(&config, db, user);
-        let key = (db.name.clone(), target.user.clone());
-        if let Some(p) = lock(&self.pools).get(&key) {
-            return p.clone();
+        let hosts = if db.has_replicas() {
+            db.server_hosts()
+        } else {
+            Vec::new()
+        };
+        let n = hosts.len().max(1);
+        let first = target(&config, db, user, hosts.first());
+        let server_user = first.user.clone();
+        {
+            let pools = lock(&self.pools);
+            let found: Vec<Arc<Pool>> = (0..n)
+                .map_while(|i| {
+                    pools
+                        .get(&(db.name.clone(), server_user.clone(), i))
+                        .cloned()
+                })
+                .collect();
+            if found.len() == n {
+                return found;
+            }
         }
         let settings = pool_settings(&config, db, user);
         let limit = self.db_limit(&config, db);
         let mut pools = lock(&self.pools);
-        pools
-            .entry(key)
-            .or_insert_with(|| {
-                let p = Pool::new(
-                    db.name.clone(),
-                    target.user.clone(),
-                    target,
-                    settings,
-                    limit,
-                );
-                if self.is_paused(&db.name) {
-                    p.pause();
-                }
-                p
-            })
-            .clone()
+        let mut stats = None;
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let key = (db.name.clone(), server_user.clone(), i);
+            let p = pools
+                .entry(key)
+                .or_insert_with(|| {
+                    let t = target(&config, db, user, hosts.get(i));
+                    let p = match &stats {
+                        None => Pool::new(
+                            db.name.clone(),
+                            server_user.clone(),
+                            t,
+                            settings.clone(),
+                            limit.clone(),
+                        ),
+                        Some(s) => Pool::with_stats(
+                            db.name.clone(),
+                            server_user.clone(),
+                            t,
+                            settings.clone(),
+                            limit.clone(),
+                            Arc::clone(s),
+                        ),
+                    };
+                    if self.is_paused(&db.name) {
+                        p.pause();
+                    }
+                    p
+                })
+                .clone();
+            stats.get_or_insert_with(|| p.stats.clone());
+            out.push(p);
+        }
+        out
+    }
+
+    /// The router of a database with replicas, its topology monitor started on first use
+    /// (logging in as this user's server login).
+    pub fn router(&self, db: &Database, user: &str) -> Option<Arc<DbRouter>> {
+        if !db.has_replicas() {
+            return None;
+        }
+        let mut routers = lock(&self.routers);
+        if let Some(r) = routers.get(&db.name) {
+            return Some(r.clone());
+        }
+        let config = self.config_arc();
+        let hosts = db.server_hosts();
+        let t = target(&config, db, user, hosts.first());
+        let g = &config.pgmux;
+        let topology = Topology::start(TopologyConfig {
+            hosts: hosts.clone(),
+            dbname: t.dbname,
+            user: t.user,
+            secret: t.secret,
+            check_interval: db
+                .lag_check_interval
+                .get()
+                .unwrap_or(Duration::from_secs(1)),
+            ban_time: Duration::from_secs_f64(db.ban_time.0.max(0.0)),
+            timeout: g
+                .server_connect_timeout
+                .get()
+                .unwrap_or(Duration::from_secs(15)),
+        });
+        let r = Arc::new(DbRouter::new(
+            db.name.clone(),
+            topology,
+            db.routing(),
+            db.route,
+            hosts,
+        ));
+        routers.insert(db.name.clone(), r.clone());
+        Some(r)
+    }
+
+    /// Routers in use, for SHOW HOSTS and the metrics.
+    pub fn routers(&self) -> Vec<Arc<DbRouter>> {
+        let mut v: Vec<_> = lock(&self.routers).values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
     }
 
     fn db_limit(&self, config: &Config, db: &Database) -> Option<Arc<DbLimit>> {
@@ -284,11 +384,29 @@ impl App {
                 retire.push(key.clone());
                 continue;
             }
+            let hosts = if db.has_replicas() {
+                db.server_hosts()
+            } else {
+                Vec::new()
+            };
+            if key.2 >= hosts.len().max(1) {
+                retire.push(key.clone());
+                continue;
+            }
             let secret_changed = secret_source(&old, old.database(&pool.db), &pool.user)
                 != secret_source(&new, Some(db), &pool.user);
-            pool.set_target(target(&new, db, &client_user), secret_changed);
+            pool.set_target(
+                target(&new, db, &client_user, hosts.get(key.2)),
+                secret_changed,
+            );
             pool.set_settings(pool_settings(&new, db, &client_user));
         }
+        // changed routing settings: sessions that start from now on get a new router (and
+        // monitor); running ones keep theirs until they end
+        lock(&self.routers).retain(|name, r| {
+            new.database(name)
+                .is_some_and(|d| d.has_replicas() && d.routing() == r.routing && d.route == r.route)
+        });
         let mut retired = lock(&self.retired);
         for key in retire {
             if let Some(p) = pools.remove(&key) {
@@ -373,7 +491,9 @@ fn secret_source(config: &Config, db: Option<&Database>, user: &str) -> Option<S
     }
 }
 
-fn target(config: &Config, db: &Database, user: &str) -> ServerTarget {
+/// Where `user`'s connections to `db` go: `host` (one of several servers), else the
+/// database's own host and port.
+fn target(config: &Config, db: &Database, user: &str, host: Option<&HostConfig>) -> ServerTarget {
     let (server_user, secret) = match &db.server_user {
         Some(u) => (u.clone(), db.server_password.as_deref().map(Secret::parse)),
         None => (
@@ -385,8 +505,8 @@ fn target(config: &Config, db: &Database, user: &str) -> ServerTarget {
         ),
     };
     ServerTarget {
-        host: db.host.clone(),
-        port: db.port,
+        host: host.map_or_else(|| db.host.clone(), |h| h.host.clone()),
+        port: host.map_or(db.port, |h| h.port),
         dbname: db.dbname.clone().unwrap_or_else(|| db.name.clone()),
         user: server_user,
         secret,

@@ -6,6 +6,9 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
+pub use crate::router::config::{Consistency, HostSpec, PrimaryReads, RoutingConfig};
+use crate::topology::HostConfig;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
@@ -169,6 +172,8 @@ pub struct User {
 #[serde(deny_unknown_fields)]
 pub struct Database {
     pub name: String,
+    /// The primary (or only) server. Optional when `hosts` lists the servers instead.
+    #[serde(default)]
     pub host: String,
     #[serde(default = "default_pg_port")]
     pub port: u16,
@@ -180,6 +185,87 @@ pub struct Database {
     pub pool_mode: Option<PoolMode>,
     pub server_user: Option<String>,
     pub server_password: Option<String>,
+    // ---- read/write splitting (issue 3): the keys of `router::config::RoutingConfig`,
+    // copied because serde cannot combine `flatten` with `deny_unknown_fields`. Defaults and
+    // meanings are RoutingConfig's; `Database::routing()` gives them back as one.
+    #[serde(default)]
+    pub read_write_split: bool,
+    #[serde(default)]
+    pub primary_reads: PrimaryReads,
+    #[serde(default)]
+    pub consistency: Consistency,
+    #[serde(default = "routing_default::max_replica_lag_bytes")]
+    pub max_replica_lag_bytes: u64,
+    #[serde(default = "routing_default::max_replica_lag_ms")]
+    pub max_replica_lag_ms: u64,
+    #[serde(default)]
+    pub write_functions: Vec<String>,
+    #[serde(default)]
+    pub replicas: Vec<HostSpec>,
+    #[serde(default)]
+    pub hosts: Vec<HostSpec>,
+    #[serde(default = "routing_default::lag_check_interval")]
+    pub lag_check_interval: Seconds,
+    #[serde(default = "routing_default::ban_time")]
+    pub ban_time: Seconds,
+    /// Where this database's clients go: `auto` (by statement), `primary`, or `replica` (a
+    /// replica-only alias such as `app_ro`).
+    #[serde(default)]
+    pub route: DbRoute,
+}
+
+/// A database's fixed route (`route = ...`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DbRoute {
+    #[default]
+    Auto,
+    Primary,
+    Replica,
+}
+
+mod routing_default {
+    use crate::router::config::RoutingConfig;
+    pub fn max_replica_lag_bytes() -> u64 {
+        RoutingConfig::default().max_replica_lag_bytes
+    }
+    pub fn max_replica_lag_ms() -> u64 {
+        RoutingConfig::default().max_replica_lag_ms
+    }
+    pub fn lag_check_interval() -> super::Seconds {
+        RoutingConfig::default().lag_check_interval
+    }
+    pub fn ban_time() -> super::Seconds {
+        RoutingConfig::default().ban_time
+    }
+}
+
+impl Database {
+    /// The routing keys as one `RoutingConfig`.
+    pub fn routing(&self) -> RoutingConfig {
+        RoutingConfig {
+            read_write_split: self.read_write_split,
+            primary_reads: self.primary_reads,
+            consistency: self.consistency,
+            max_replica_lag_bytes: self.max_replica_lag_bytes,
+            max_replica_lag_ms: self.max_replica_lag_ms,
+            write_functions: self.write_functions.clone(),
+            replicas: self.replicas.clone(),
+            hosts: self.hosts.clone(),
+            lag_check_interval: self.lag_check_interval,
+            ban_time: self.ban_time,
+        }
+    }
+
+    /// Several servers (replicas or a host list): a topology monitor and a pool per host.
+    pub fn has_replicas(&self) -> bool {
+        !self.replicas.is_empty() || !self.hosts.is_empty()
+    }
+
+    /// Every server of the database, in pool order: the `hosts`, or `host` then `replicas`.
+    pub fn server_hosts(&self) -> Vec<HostConfig> {
+        self.routing().monitored_hosts((&self.host, self.port))
+    }
 }
 
 fn default_pg_port() -> u16 {
@@ -269,8 +355,30 @@ impl Config {
         unique(self.users.iter().map(|u| u.name.as_str()), "user")?;
         unique(self.databases.iter().map(|d| d.name.as_str()), "database")?;
         for db in &self.databases {
-            if db.name.is_empty() || db.host.is_empty() {
-                return Err("every database needs a name and a host".into());
+            if db.name.is_empty() {
+                return Err("every database needs a name".into());
+            }
+            if db.host.is_empty() && db.hosts.is_empty() {
+                return Err(format!(
+                    "database {:?} needs a host (or a hosts list)",
+                    db.name
+                ));
+            }
+            if !db.host.is_empty() && !db.hosts.is_empty() {
+                return Err(format!(
+                    "database {:?}: give either host/port (with replicas) or hosts, not both",
+                    db.name
+                ));
+            }
+            let primary = (!db.host.is_empty()).then_some((db.host.as_str(), db.port));
+            db.routing()
+                .validate(primary)
+                .map_err(|e| format!("database {:?}: {e}", db.name))?;
+            if db.route == DbRoute::Replica && !db.has_replicas() {
+                return Err(format!(
+                    "database {:?}: route = \"replica\" needs replicas or hosts",
+                    db.name
+                ));
             }
             if db.pool_size == Some(0) {
                 return Err(format!(
@@ -375,5 +483,46 @@ pool_size = 20
             .unwrap_err()
             .to_string()
             .contains("twice"));
+    }
+
+    #[test]
+    fn routing_keys_parse_and_are_validated() {
+        let base = "[[users]]\nname='a'\n[[databases]]\nname='app'\n";
+        let c = Config::parse(
+            &format!(
+                "{base}host='p'\nread_write_split=true\nreplicas=[{{host='r1'}},{{host='r2',port=5433,weight=2}}]\n\
+                 [[databases]]\nname='app_ro'\ndbname='app'\nhost='p'\nroute='replica'\nreplicas=[{{host='r1'}}]\n"
+            ),
+            "t",
+        )
+        .unwrap();
+        let db = c.database("app").unwrap();
+        assert!(db.read_write_split && db.has_replicas());
+        assert_eq!(db.consistency, Consistency::ReadYourWrites);
+        assert_eq!(db.max_replica_lag_ms, 1000);
+        let hosts = db.server_hosts();
+        assert_eq!(hosts.len(), 3);
+        assert_eq!((hosts[2].host.as_str(), hosts[2].port), ("r2", 5433));
+        assert_eq!(c.database("app_ro").unwrap().route, DbRoute::Replica);
+        // hosts without host
+        let c = Config::parse(&format!("{base}hosts=[{{host='a'}},{{host='b'}}]\n"), "t").unwrap();
+        assert_eq!(c.database("app").unwrap().server_hosts().len(), 2);
+        for (bad, needle) in [
+            ("port=1\n", "needs a host"),
+            ("host='p'\nhosts=[{host='a'}]\n", "not both"),
+            ("host='p'\nroute='replica'\n", "needs replicas"),
+            (
+                "host='p'\nread_write_split=true\n",
+                "read_write_split needs",
+            ),
+            ("host='p'\nreplicas=[{host='p'}]\n", "listed twice"),
+            ("host='p'\nconsistency='strong'\n", "consistency"),
+            ("host='p'\nroute='sideways'\n", "route"),
+        ] {
+            let err = Config::parse(&format!("{base}{bad}"), "t")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{bad}: {err}");
+        }
     }
 }

@@ -99,10 +99,44 @@ pub fn render(app: &App) -> String {
     let mut f = Families::default();
     let config = app.config_arc();
     let clients_by_pool = app.registry.snapshot();
+    let roles = host_roles(app);
+    let mut seen = std::collections::HashSet::new();
     for p in app.all_pools() {
         let (db, user) = (p.db.as_str(), p.user.as_str());
         let l = [("database", db), ("user", user)];
         let s = &p.stats;
+        let c = p.counts();
+        let target = p.target();
+        let host = target.addr_string();
+        let role = roles
+            .get(&(p.db.clone(), host.clone()))
+            .copied()
+            .unwrap_or("primary");
+        for (state, n) in [
+            ("active", c.active),
+            ("idle", c.idle),
+            ("used", 0),
+            ("tested", 0),
+            ("login", c.connecting),
+        ] {
+            f.gauge(
+                "pgmux_servers",
+                "Server connections by state (PgBouncer's sv_*; pgmux has no used/tested states)",
+                &[
+                    ("database", db),
+                    ("user", user),
+                    ("host", &host),
+                    ("role", role),
+                    ("state", state),
+                ],
+                n as f64,
+            );
+        }
+        // The pools of one (database, user) on several hosts share their statistics: the
+        // per-pool families below come once, from the first of them.
+        if !seen.insert(Arc::as_ptr(&p.stats)) {
+            continue;
+        }
         for state in [
             crate::stats::ClientState::Active,
             crate::stats::ClientState::Waiting,
@@ -130,29 +164,6 @@ pub fn render(app: &App) -> String {
             &l,
             s.pins.load(std::sync::atomic::Ordering::Relaxed) as f64,
         );
-        let c = p.counts();
-        let target = p.target();
-        let host = target.addr_string();
-        for (state, n) in [
-            ("active", c.active),
-            ("idle", c.idle),
-            ("used", 0),
-            ("tested", 0),
-            ("login", c.connecting),
-        ] {
-            f.gauge(
-                "pgmux_servers",
-                "Server connections by state (PgBouncer's sv_*; pgmux has no used/tested states)",
-                &[
-                    ("database", db),
-                    ("user", user),
-                    ("host", &host),
-                    ("role", "primary"),
-                    ("state", state),
-                ],
-                n as f64,
-            );
-        }
         let settings = p.settings();
         f.gauge(
             "pgmux_pool_size",
@@ -244,7 +255,7 @@ pub fn render(app: &App) -> String {
             ("database", db),
             ("user", user),
             ("host", host.as_str()),
-            ("role", "primary"),
+            ("role", role),
         ];
         f.counter(
             "pgmux_server_connects_total",
@@ -270,6 +281,7 @@ pub fn render(app: &App) -> String {
         f.merge(s.query_hist.collect());
         f.merge(s.xact_hist.collect());
     }
+    routing_metrics(app, &mut f);
     f.gauge(
         "pgmux_client_connections",
         "Client connections open (logging in, pooled and console)",
@@ -302,6 +314,98 @@ pub fn render(app: &App) -> String {
         warn!("encoding metrics failed: {e}");
     }
     String::from_utf8(out).unwrap_or_default()
+}
+
+/// Each routed host's role as its database's monitor last saw it, by (database, "host:port").
+fn host_roles(app: &App) -> std::collections::HashMap<(String, String), &'static str> {
+    let mut m = std::collections::HashMap::new();
+    for r in app.routers() {
+        for h in &r.topology.snapshot().hosts {
+            m.insert((r.name.clone(), h.addr()), role_name(h.role));
+        }
+    }
+    m
+}
+
+fn role_name(r: crate::topology::Role) -> &'static str {
+    match r {
+        crate::topology::Role::Primary => "primary",
+        crate::topology::Role::Replica => "replica",
+        crate::topology::Role::Unknown => "unknown",
+    }
+}
+
+/// Read/write routing: decisions by target and reason, retries, refusals, and each host's
+/// health, ban and replica lag from the topology monitor.
+fn routing_metrics(app: &App, f: &mut Families) {
+    let now = std::time::Instant::now();
+    for r in app.routers() {
+        let db = r.name.as_str();
+        for (target, reason, n) in r.stats.snapshot() {
+            let target = match target {
+                crate::router::balance::Target::Primary => "primary",
+                crate::router::balance::Target::Replica => "replica",
+            };
+            f.counter(
+                "pgmux_route_decisions_total",
+                "Units of work routed, by target and reason",
+                &[
+                    ("database", db),
+                    ("target", target),
+                    ("reason", reason.name()),
+                ],
+                n as f64,
+            );
+        }
+        f.counter(
+            "pgmux_route_retries_total",
+            "Reads retried on another host after a checkout failed",
+            &[("database", db)],
+            r.stats.retries.load(Ordering::Relaxed) as f64,
+        );
+        f.counter(
+            "pgmux_route_refused_total",
+            "Units of work answered with an error because no server could take them",
+            &[("database", db)],
+            r.stats.refused.load(Ordering::Relaxed) as f64,
+        );
+        for h in &r.topology.snapshot().hosts {
+            let addr = h.addr();
+            let l = [
+                ("database", db),
+                ("host", addr.as_str()),
+                ("role", role_name(h.role)),
+            ];
+            f.gauge(
+                "pgmux_host_healthy",
+                "1 when the host's last check succeeded",
+                &l,
+                f64::from(u8::from(h.healthy)),
+            );
+            f.gauge(
+                "pgmux_host_banned",
+                "1 while the host is banned (a failed check or connect)",
+                &l,
+                f64::from(u8::from(h.is_banned(now))),
+            );
+            if let Some(b) = h.lag_bytes {
+                f.gauge(
+                    "pgmux_replica_lag_bytes",
+                    "WAL bytes a replica is behind the primary",
+                    &l,
+                    b as f64,
+                );
+            }
+            if let Some(s) = h.lag_seconds {
+                f.gauge(
+                    "pgmux_replica_lag_seconds",
+                    "Age of a replica's last replayed transaction while it has WAL to replay",
+                    &l,
+                    s,
+                );
+            }
+        }
+    }
 }
 
 /// Serves /metrics, /health and /ready until the process ends.

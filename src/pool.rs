@@ -139,6 +139,19 @@ impl Pool {
         db_limit: Option<Arc<DbLimit>>,
     ) -> Arc<Pool> {
         let stats = PoolStats::new(&db, &user);
+        Pool::with_stats(db, user, target, settings, db_limit, stats)
+    }
+
+    /// A pool counting into `stats`: the pools of one (database, user) on several hosts
+    /// (read replicas) share one set of statistics, as they serve the same clients.
+    pub fn with_stats(
+        db: String,
+        user: String,
+        target: ServerTarget,
+        settings: PoolSettings,
+        db_limit: Option<Arc<DbLimit>>,
+        stats: Arc<PoolStats>,
+    ) -> Arc<Pool> {
         let pool = Arc::new(Pool {
             db,
             user,

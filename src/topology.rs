@@ -70,7 +70,7 @@ pub struct HostState {
     /// Set when a check fails (or [`Topology::ban`] is called); the host should get no traffic
     /// before then, even if a later check succeeds.
     pub banned_until: Option<Instant>,
-    /// Primary: `pg_current_wal_lsn()`; replica: `pg_last_wal_replay_lsn()`.
+    /// Primary: `pg_current_wal_insert_lsn()`; replica: `pg_last_wal_replay_lsn()`.
     pub lsn: Option<Lsn>,
     /// Replica: `pg_last_wal_receive_lsn()`.
     pub receive_lsn: Option<Lsn>,
@@ -92,6 +92,11 @@ pub struct HostState {
 }
 
 impl HostState {
+    /// A host not checked yet: unknown role, unhealthy.
+    pub fn for_config(c: &HostConfig) -> HostState {
+        HostState::new(c)
+    }
+
     fn new(c: &HostConfig) -> HostState {
         HostState {
             host: c.host.clone(),
@@ -175,8 +180,13 @@ struct Probe {
 /// One round trip. The subquery with OFFSET 0 evaluates pg_is_in_recovery() once, so a
 /// promotion between two calls cannot mix a replica's answer with a primary's; WAL functions
 /// that fail on the other role are only called in their branch.
+///
+/// The primary's position is the WAL *insert* position, not the write position: with
+/// `synchronous_commit = off` a committed transaction's record can sit in WAL buffers past the
+/// write position, and read-your-writes needs a position at or after every commit that
+/// completed before the check started.
 const CHECK_SQL: &str = "SELECT r, \
-     CASE WHEN r THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, \
+     CASE WHEN r THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_insert_lsn() END, \
      CASE WHEN r THEN pg_last_wal_receive_lsn() END, \
      CASE WHEN r THEN extract(epoch from now() - pg_last_xact_replay_timestamp()) END, \
      CASE WHEN r THEN NULL ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END \
@@ -210,6 +220,16 @@ impl Topology {
     /// Starts one monitoring task per host on the current tokio runtime. The first checks run
     /// at once; until a host answers it is `Unknown` and unhealthy.
     pub fn start(config: TopologyConfig) -> Topology {
+        let topo = Topology::detached(config);
+        for i in 0..topo.shared.config.hosts.len() {
+            tokio::spawn(monitor_host(topo.shared.clone(), i));
+        }
+        topo
+    }
+
+    /// A monitor that checks nothing: every host stays unknown until `ban` or a test changes
+    /// it. For unit tests of what reads snapshots, outside a runtime.
+    pub fn detached(config: TopologyConfig) -> Topology {
         let hosts: Vec<HostState> = config.hosts.iter().map(HostState::new).collect();
         let initial = Arc::new(Snapshot {
             hosts: hosts.clone(),
@@ -217,7 +237,6 @@ impl Topology {
             version: 0,
         });
         let (tx, rx) = watch::channel(initial);
-        let n = hosts.len();
         let shared = Arc::new(Shared {
             config,
             state: Mutex::new(State {
@@ -227,9 +246,6 @@ impl Topology {
             }),
             tx,
         });
-        for i in 0..n {
-            tokio::spawn(monitor_host(shared.clone(), i));
-        }
         Topology { shared, rx }
     }
 

@@ -326,9 +326,11 @@ async fn direct_tls_without_alpn_is_refused() {
     let _ = tls.read_to_end(&mut rest).await;
     assert!(rest.is_empty(), "{rest:?}");
     // the log line may be written just after the socket closes
-    common::wait_until("the refusal is logged", std::time::Duration::from_secs(20), || {
-        px.log().contains("ALPN")
-    });
+    common::wait_until(
+        "the refusal is logged",
+        std::time::Duration::from_secs(20),
+        || px.log().contains("ALPN"),
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # deploy/local/up.sh - the README quick start: build pgmux, start a throwaway PostgreSQL 15
-# primary with 2 streaming replicas, and run pgmux in front of the primary. Everything lives in
-# one directory; deploy/local/down.sh stops it all and removes that directory.
+# primary with 2 streaming replicas, and run pgmux in front of the primary and both replicas
+# (writes to the primary, reads to the replicas). Everything lives in one directory; deploy/local/down.sh stops it all and removes that directory.
 #
 # Safe to re-run: a running cluster is reused, pgmux is rebuilt and restarted.
 #
@@ -161,7 +161,9 @@ EOF
 
 write_config() {
   local replicas="" i
-  for i in $(seq 1 "$NREPLICAS"); do replicas+="${replicas:+, }\"127.0.0.1:$((PG_PORT + i))\""; done
+  for i in $(seq 1 "$NREPLICAS"); do
+    replicas+="${replicas:+, }{ host = \"127.0.0.1\", port = $((PG_PORT + i)) }"
+  done
   cat > "$DIR/pgmux.toml" <<EOF
 # Written by deploy/local/up.sh; regenerated on every run.
 [pgmux]
@@ -175,12 +177,22 @@ auth_type = "scram-sha-256"
 name = "app"
 password = "secret"
 
+# Reads go to the replicas, writes to the primary; each client reads its own writes.
 [[databases]]
 name = "app"
 host = "127.0.0.1"
 port = $PG_PORT
-# Streaming replicas, for when read/write split exists:
-# replicas = [$replicas]
+read_write_split = true
+replicas = [$replicas]
+
+# The same database, replicas only (reporting, analytics).
+[[databases]]
+name = "app_ro"
+dbname = "app"
+host = "127.0.0.1"
+port = $PG_PORT
+route = "replica"
+replicas = [$replicas]
 EOF
   chmod 600 "$DIR/pgmux.toml"
 }

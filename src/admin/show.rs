@@ -129,7 +129,12 @@ enum Kind {
 /// weighted by how many transactions, queries or assignments each pool had.
 fn per_database(app: &App) -> BTreeMap<String, (Totals, Averages)> {
     let mut m: BTreeMap<String, (Totals, Averages, [u64; 3])> = BTreeMap::new();
+    let mut seen = std::collections::HashSet::new();
     for p in app.all_pools() {
+        // the per-host pools of a database with replicas share one PoolStats
+        if !seen.insert(Arc::as_ptr(&p.stats)) {
+            continue;
+        }
         let e = m.entry(p.db.clone()).or_default();
         e.0.add(&p.stats.totals());
         let a = p.stats.averages();
@@ -407,11 +412,14 @@ fn databases(app: &App) -> BytesMut {
     ]);
     for d in &config.databases {
         let mine = pools.iter().filter(|p| p.db == d.name);
+        let mut seen = std::collections::HashSet::new();
         let (servers, clients) = mine.fold((0u64, 0u64), |(s, c), p| {
             let n = p.counts();
+            // per-host pools share their PoolStats: count its clients once
+            let first = seen.insert(Arc::as_ptr(&p.stats));
             (
                 s + (n.idle + n.active + n.connecting) as u64,
-                c + p.stats.client_total(),
+                c + if first { p.stats.client_total() } else { 0 },
             )
         });
         rs.row(vec![
@@ -557,16 +565,10 @@ fn state(app: &App) -> BytesMut {
     rs.finish("SHOW")
 }
 
-/// Every configured server host with its role and whether it accepts connections now.
+/// Every configured server host. Hosts of databases with replicas are shown as their
+/// topology monitor last saw them (role, health, lag, ban); the others are probed now.
 async fn hosts(app: &App) -> BytesMut {
     let config = app.config_arc();
-    let mut hosts: Vec<(String, u16)> = config
-        .databases
-        .iter()
-        .map(|d| (d.host.clone(), d.port))
-        .collect();
-    hosts.sort();
-    hosts.dedup();
     let mut rs = ResultSet::new(&[
         ("host", Text),
         ("port", Int4),
@@ -575,18 +577,65 @@ async fn hosts(app: &App) -> BytesMut {
         ("lag_bytes", Int8),
         ("lag_seconds", Int8),
         ("banned", Int4),
+        ("database", Text),
+        ("last_error", Text),
     ]);
-    for (host, port) in hosts {
-        let up = probe(&host, port).await;
-        rs.row(vec![
-            host.into(),
-            port.into(),
-            "primary".into(),
-            if up { "up" } else { "down" }.into(),
-            Value::Null,
-            Value::Null,
-            0i32.into(),
-        ]);
+    let routers = app.routers();
+    let now = std::time::Instant::now();
+    for d in &config.databases {
+        if let Some(r) = routers.iter().find(|r| r.name == d.name) {
+            for h in &r.topology.snapshot().hosts {
+                let role = match h.role {
+                    crate::topology::Role::Primary => "primary",
+                    crate::topology::Role::Replica => "replica",
+                    crate::topology::Role::Unknown => "unknown",
+                };
+                rs.row(vec![
+                    h.host.as_str().into(),
+                    h.port.into(),
+                    role.into(),
+                    if h.healthy { "up" } else { "down" }.into(),
+                    h.lag_bytes.map_or(Value::Null, |b| (b as i64).into()),
+                    h.lag_seconds
+                        .map_or(Value::Null, |s| (s.round() as i64).into()),
+                    i32::from(h.is_banned(now)).into(),
+                    d.name.as_str().into(),
+                    h.last_error.as_deref().map_or(Value::Null, Into::into),
+                ]);
+            }
+            continue;
+        }
+        let mut servers: Vec<(String, u16)> = if d.has_replicas() {
+            d.server_hosts()
+                .into_iter()
+                .map(|h| (h.host, h.port))
+                .collect()
+        } else {
+            vec![(d.host.clone(), d.port)]
+        };
+        servers.dedup();
+        for (i, (host, port)) in servers.into_iter().enumerate() {
+            let up = probe(&host, port).await;
+            // not monitored yet (no client has used the database): the configured role
+            let role = if i == 0 && d.hosts.is_empty() {
+                "primary"
+            } else if d.hosts.is_empty() {
+                "replica"
+            } else {
+                "unknown"
+            };
+            rs.row(vec![
+                host.into(),
+                port.into(),
+                role.into(),
+                if up { "up" } else { "down" }.into(),
+                Value::Null,
+                Value::Null,
+                0i32.into(),
+                d.name.as_str().into(),
+                Value::Null,
+            ]);
+        }
     }
     rs.finish("SHOW")
 }

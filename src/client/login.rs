@@ -31,6 +31,8 @@ pub struct LoggedIn {
     /// Settings the client expects on every server it is lent.
     pub wants: Params,
     pub cancel: Arc<CancelHandle>,
+    /// pgmux's own startup settings (`-c pgmux.route=replica`), kept from servers.
+    pub route: crate::router::session::StartupRoute,
 }
 
 /// Why a login ended without a session; `error` (if any) goes to the client.
@@ -96,7 +98,9 @@ where
         .filter(|d| !d.is_empty())
         .unwrap_or(&user)
         .to_string();
-    let settings = startup_settings(app, &packet)?;
+    let mut settings = startup_settings(app, &packet)?;
+    let route = crate::router::session::take_startup(&mut settings)
+        .map_err(|m| Refusal::with(PgError::fatal("22023", m)))?;
 
     let config = app.config_arc();
     if !conn.tls && config.security.client_requires_tls() {
@@ -175,6 +179,7 @@ where
         pool,
         wants,
         cancel,
+        route,
     }))
 }
 

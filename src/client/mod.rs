@@ -11,6 +11,7 @@ use crate::params;
 use crate::pool::PooledConn;
 use crate::protocol::PgError;
 use crate::relay::{Event, Relay, ServerSide};
+use crate::router::session::RouteState;
 use crate::stats::{ClientHandle, Meter};
 use crate::tls::{ClientStream, Opened};
 use bytes::BytesMut;
@@ -130,6 +131,8 @@ struct Session {
     /// Pin reason last shown in the client registry.
     pinned: &'static str,
     client: ClientHandle,
+    /// Read/write routing, for a database with replicas (see `router::session`).
+    route: Option<RouteState>,
 }
 
 impl Session {
@@ -143,6 +146,7 @@ impl Session {
         );
         relay.meter = Meter::new(login.pool.stats.clone());
         let shutdown = app.shutdown_signal();
+        let route = route_state(&app, &login, mode);
         Session {
             app,
             stream,
@@ -154,6 +158,7 @@ impl Session {
             closing: false,
             pinned: "",
             client,
+            route,
         }
     }
 
@@ -284,10 +289,34 @@ impl Session {
 
     async fn attach(&mut self) -> Result<(), PgError> {
         let waiting_since = self.client.waiting();
-        let mut conn = tokio::select! {
-            r = self.login.pool.checkout() => r.map_err(login::server_unavailable)?,
+        let Session {
+            route,
+            relay,
+            login,
+            client,
+            ..
+        } = self;
+        let checkout = async {
+            match route {
+                // which server: decided from the waiting work (router::session)
+                Some(r) => r.checkout(relay).await,
+                None => login
+                    .pool
+                    .checkout()
+                    .await
+                    .map(Some)
+                    .map_err(login::server_unavailable),
+            }
+        };
+        let conn = tokio::select! {
+            r = checkout => r?,
             // KILL reaches clients waiting for a (paused) pool too
-            _ = self.client.killed() => return Err(shutdown_error()),
+            _ = client.killed() => return Err(shutdown_error()),
+        };
+        let Some(mut conn) = conn else {
+            // pgmux answered the work itself
+            self.client.idle();
+            return Ok(());
         };
         let wants = &self.login.wants;
         if let Some(sql) = params::sync_statement(wants, &conn.params, &conn.extras) {
@@ -325,6 +354,9 @@ impl Session {
         self.client.idle();
         self.show_pin();
         self.login.cancel.set_target(None);
+        if let Some(r) = self.route.as_mut() {
+            r.released();
+        }
         if std::mem::take(&mut self.relay.session.settings_changed) {
             if let Err(e) = self.read_back_settings(&mut conn).await {
                 // the server's session state is unknown: it must not serve anyone else
@@ -434,6 +466,20 @@ impl Session {
             farewell(&mut self.stream, &pending, error.as_ref()).await;
         }
     }
+}
+
+/// Routing state for a database with replicas: its router and a pool per host.
+fn route_state(app: &App, login: &LoggedIn, mode: PoolMode) -> Option<RouteState> {
+    let config = app.config_arc();
+    let db = config.database(&login.db)?;
+    let router = app.router(db, &login.user)?;
+    let pools = app.host_pools(db, &login.user);
+    Some(RouteState::new(
+        router,
+        pools,
+        mode == PoolMode::Session,
+        login.route,
+    ))
 }
 
 fn shutdown_error() -> PgError {

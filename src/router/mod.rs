@@ -1,11 +1,14 @@
-//! Read/write splitting: what a statement needs (`classify`), WAL positions (`lsn`) and the
-//! per-database routing settings (`config`). The background view of the hosts lives in
-//! `crate::topology`; choosing a server from both is the session's job.
+//! Read/write splitting: what a statement needs (`classify`), WAL positions (`lsn`), the
+//! per-database routing settings (`config`), a database's hosts and the choice among them
+//! (`balance`), and one client's routing state and decision per unit of work (`session`).
+//! The background view of the hosts lives in `crate::topology`.
 
+pub mod balance;
 pub mod classify;
 pub mod config;
 pub mod effects;
 pub mod lsn;
+pub mod session;
 
 pub use classify::{classify, Class, Classified, Command, Hint, Route};
 pub use lsn::{Lsn, LsnError};

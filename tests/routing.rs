@@ -1,0 +1,619 @@
+//! Read/write splitting through pgmux against a real primary with two streaming replicas.
+//! Where a statement ran is proven by the server that answered it (`inet_server_port()`,
+//! `pg_is_in_recovery()`, `pg_stat_database`), never by pgmux's logs. Tests that pause replay,
+//! stop or promote servers start their own cluster; the others share one.
+
+mod common;
+
+use common::{wait_until, wait_until_async, PgCluster, Pgmux};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A pgmux in front of `cluster`'s primary with its replicas. `dbs` are extra lines for each
+/// [[databases]] entry `app` (and `app_ro`, a replica-only alias); `general` goes to [pgmux].
+fn start(cluster: &PgCluster, general: &str, app_extra: &str) -> Pgmux {
+    let replicas: Vec<String> = cluster
+        .replicas()
+        .iter()
+        .map(|r| format!("{{ host = \"127.0.0.1\", port = {} }}", r.port))
+        .collect();
+    let replicas = replicas.join(", ");
+    let p = cluster.primary().port;
+    Pgmux::start(&format!(
+        r#"
+[pgmux]
+listen_port = {{port}}
+auth_type = "trust"
+admin_users = ["postgres"]
+{general}
+[[users]]
+name = "app"
+password = "secret"
+[[users]]
+name = "postgres"
+[[databases]]
+name = "app"
+host = "127.0.0.1"
+port = {p}
+read_write_split = true
+replicas = [ {replicas} ]
+lag_check_interval = 0.1
+ban_time = 1
+{app_extra}
+[[databases]]
+name = "app_ro"
+dbname = "app"
+host = "127.0.0.1"
+port = {p}
+route = "replica"
+replicas = [ {replicas} ]
+lag_check_interval = 0.1
+[[databases]]
+name = "app_session"
+dbname = "app"
+host = "127.0.0.1"
+port = {p}
+pool_mode = "session"
+read_write_split = true
+replicas = [ {replicas} ]
+lag_check_interval = 0.1
+"#
+    ))
+}
+
+async fn connect_str(s: &str) -> Client {
+    let (c, conn) = tokio_postgres::connect(s, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {s}: {e}"));
+    tokio::spawn(conn);
+    c
+}
+
+async fn connect(px: &Pgmux, db: &str) -> Client {
+    connect_str(&px.conn_str("app", db, Some("secret"))).await
+}
+
+/// The first column of the first row of a simple query.
+async fn one(c: &Client, sql: &str) -> String {
+    try_one(c, sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+async fn try_one(c: &Client, sql: &str) -> Result<String, tokio_postgres::Error> {
+    let msgs = c.simple_query(sql).await?;
+    Ok(msgs
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("NULL").to_string()),
+            _ => None,
+        })
+        .expect("a row"))
+}
+
+fn ports(cluster: &PgCluster) -> (u16, Vec<u16>) {
+    (
+        cluster.primary().port,
+        cluster.replicas().iter().map(|r| r.port).collect(),
+    )
+}
+
+/// Waits until pgmux's monitor has checked every host of `app` (a first client starts it).
+async fn warm_up(px: &Pgmux, cluster: &PgCluster) {
+    let c = connect(px, "app").await;
+    let (_, replicas) = ports(cluster);
+    wait_until_async("reads to reach a replica", WAIT, || async {
+        let p: u16 = one(&c, "SELECT inet_server_port()").await.parse().unwrap();
+        replicas.contains(&p)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_to_replicas_and_writes_to_the_primary() {
+    let cluster = PgCluster::shared_with_replicas();
+    let px = start(cluster, "", "consistency = \"eventual\"");
+    warm_up(&px, cluster).await;
+    let (primary, replicas) = ports(cluster);
+    let c = connect(&px, "app").await;
+    c.simple_query("CREATE TABLE IF NOT EXISTS rw_split (id serial PRIMARY KEY, port int)")
+        .await
+        .unwrap();
+    let mut seen: HashMap<u16, u32> = HashMap::new();
+    for _ in 0..60 {
+        let row = c
+            .simple_query("SELECT pg_is_in_recovery(), inet_server_port()")
+            .await
+            .unwrap();
+        let Some(r) = row.iter().find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        }) else {
+            panic!("no row")
+        };
+        assert_eq!(r.get(0), Some("t"), "a read ran on the primary");
+        *seen.entry(r.get(1).unwrap().parse().unwrap()).or_default() += 1;
+    }
+    assert!(
+        replicas
+            .iter()
+            .all(|p| seen.get(p).copied().unwrap_or(0) > 0),
+        "reads did not spread over both replicas: {seen:?}"
+    );
+    for _ in 0..5 {
+        let p = one(
+            &c,
+            "INSERT INTO rw_split (port) VALUES (inet_server_port()) RETURNING port",
+        )
+        .await;
+        assert_eq!(p, primary.to_string(), "a write ran elsewhere");
+    }
+    // an explicit transaction stays on the primary; BEGIN READ ONLY on one replica
+    c.simple_query("BEGIN").await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            one(&c, "SELECT inet_server_port()").await,
+            primary.to_string()
+        );
+    }
+    c.simple_query("COMMIT").await.unwrap();
+    c.simple_query("BEGIN READ ONLY").await.unwrap();
+    let first: u16 = one(&c, "SELECT inet_server_port()").await.parse().unwrap();
+    assert!(replicas.contains(&first));
+    for _ in 0..3 {
+        assert_eq!(
+            one(&c, "SELECT inet_server_port()").await,
+            first.to_string()
+        );
+    }
+    c.simple_query("COMMIT").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_prepared_statements_are_routed_by_their_text_each_time() {
+    let cluster = PgCluster::shared_with_replicas();
+    let px = start(cluster, "", "consistency = \"eventual\"");
+    warm_up(&px, cluster).await;
+    let (primary, replicas) = ports(cluster);
+    let c = connect(&px, "app").await;
+    c.batch_execute("CREATE TABLE IF NOT EXISTS rw_prep (port int)")
+        .await
+        .unwrap();
+    // tokio-postgres prepares named statements and binds them by name
+    let read = c.prepare("SELECT inet_server_port()").await.unwrap();
+    let write = c
+        .prepare("INSERT INTO rw_prep VALUES (inet_server_port()) RETURNING port")
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        let p: i32 = c.query_one(&read, &[]).await.unwrap().get(0);
+        assert!(replicas.contains(&(p as u16)), "read on {p}");
+        let p: i32 = c.query_one(&write, &[]).await.unwrap().get(0);
+        assert_eq!(p as u16, primary, "write on {p}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hints_settings_options_and_alias_override_the_classifier() {
+    let cluster = PgCluster::shared_with_replicas();
+    let px = start(cluster, "", "consistency = \"eventual\"");
+    warm_up(&px, cluster).await;
+    let (primary, replicas) = ports(cluster);
+    let on_replica = |p: String| replicas.contains(&p.parse::<u16>().unwrap());
+    let c = connect(&px, "app").await;
+
+    // comment hints
+    assert_eq!(
+        one(&c, "/* pgmux:primary */ SELECT inet_server_port()").await,
+        primary.to_string()
+    );
+    let rows = c
+        .simple_query("/* pgmux:replica */ BEGIN; SELECT inet_server_port(); COMMIT")
+        .await
+        .unwrap();
+    let p = rows
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .unwrap();
+    assert!(
+        on_replica(p),
+        "a BEGIN hinted to a replica ran on the primary"
+    );
+
+    // SET pgmux.route: answered by pgmux, never seen by a server
+    c.simple_query("SET pgmux.route = primary").await.unwrap();
+    for _ in 0..5 {
+        assert_eq!(
+            one(&c, "SELECT inet_server_port()").await,
+            primary.to_string()
+        );
+    }
+    assert_eq!(
+        one(&c, "SELECT current_setting('pgmux.route', true)").await,
+        "NULL",
+        "the SET reached the server"
+    );
+    c.simple_query("RESET pgmux.route").await.unwrap();
+    assert!(on_replica(one(&c, "SELECT inet_server_port()").await));
+    let err = c
+        .simple_query("SET pgmux.route = sideways")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.as_db_error().map(|e| e.code().code()),
+        Some("22023"),
+        "{err}"
+    );
+    // the session survives the error
+    assert!(on_replica(one(&c, "SELECT inet_server_port()").await));
+
+    // startup option
+    let s = format!(
+        "{} options='-c pgmux.route=primary'",
+        px.conn_str("app", "app", Some("secret"))
+    );
+    let o = connect_str(&s).await;
+    assert_eq!(
+        one(&o, "SELECT inet_server_port()").await,
+        primary.to_string()
+    );
+    assert_eq!(
+        one(&o, "SELECT current_setting('pgmux.route', true)").await,
+        "NULL"
+    );
+
+    // the replica-only alias: reads on replicas, a write refused by the replica itself
+    let ro = connect(&px, "app_ro").await;
+    assert!(on_replica(one(&ro, "SELECT inet_server_port()").await));
+    let err = ro
+        .simple_query("CREATE TABLE rw_never (a int)")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.as_db_error().map(|e| e.code().code()),
+        Some("25006"),
+        "{err}"
+    );
+
+    // session mode: the primary unless the client asks for replicas at startup
+    let sm = connect(&px, "app_session").await;
+    assert_eq!(
+        one(&sm, "SELECT inet_server_port()").await,
+        primary.to_string()
+    );
+    let s = format!(
+        "{} options='-c pgmux.route=replica'",
+        px.conn_str("app", "app_session", Some("secret"))
+    );
+    let sr = connect_str(&s).await;
+    assert!(on_replica(one(&sr, "SELECT inet_server_port()").await));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_select_only_spreads_over_the_replicas() {
+    let cluster = PgCluster::shared_with_replicas();
+    cluster.create_database("rw_bench", "app");
+    let out = std::process::Command::new("pgbench")
+        .args(["-i", "-s", "1", "-q", "-h", "127.0.0.1", "-U", "app"])
+        .args(["-p", &cluster.primary().port.to_string(), "rw_bench"])
+        .env("PGPASSWORD", "secret")
+        .output()
+        .expect("run pgbench -i");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cluster.wait_replicas_caught_up();
+    let (_, replicas) = ports(cluster);
+    let px = start(
+        cluster,
+        "max_client_conn = 200",
+        &format!(
+            "consistency = \"eventual\"\n[[databases]]\nname = \"rw_bench\"\nhost = \"127.0.0.1\"\nport = {}\nread_write_split = true\nreplicas = [ {} ]\nlag_check_interval = 0.1\npool_size = 10\n",
+            cluster.primary().port,
+            replicas
+                .iter()
+                .map(|p| format!("{{ host = \"127.0.0.1\", port = {p} }}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
+    let commits = |inst: &common::PgInstance| -> u64 {
+        inst.psql(
+            "postgres",
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = 'rw_bench'",
+        )
+        .parse()
+        .unwrap()
+    };
+    let before: Vec<u64> = cluster.replicas().iter().map(commits).collect();
+    let (clients, per_client) = (50u64, 40u64);
+    let out = std::process::Command::new("pgbench")
+        .args([
+            "-S",
+            "-n",
+            "-c",
+            "50",
+            "-j",
+            "2",
+            "-t",
+            "40",
+            "-h",
+            "127.0.0.1",
+        ])
+        .args(["-U", "app", "-p", &px.port.to_string(), "rw_bench"])
+        .env("PGPASSWORD", "secret")
+        .output()
+        .expect("run pgbench -S");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let total = clients * per_client;
+    // statistics reach pg_stat_database within about a second of a backend going idle
+    let mut deltas = Vec::new();
+    wait_until("replica statistics to show the run", WAIT, || {
+        deltas = cluster
+            .replicas()
+            .iter()
+            .zip(&before)
+            .map(|(r, b)| commits(r) - b)
+            .collect();
+        deltas.iter().sum::<u64>() >= total
+    });
+    for d in &deltas {
+        assert!(
+            *d >= total / 5,
+            "reads not spread over the replicas: {deltas:?} of {total}"
+        );
+    }
+}
+
+/// Replay paused on one replica: under read_your_writes no client reads stale data; under
+/// eventual, the lagging replica gets no reads. Then the other replica is stopped under load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_lag_and_a_replica_stopped_under_load() {
+    let cluster = PgCluster::start(2);
+    let (primary, replicas) = ports(&cluster);
+    // `app` has no lag limits: only read-your-writes keeps stale replicas out of its reads;
+    // `app_ev` (same servers) is eventual with a 1-byte lag limit
+    let px = {
+        let reps = replicas
+            .iter()
+            .map(|p| format!("{{ host = \"127.0.0.1\", port = {p} }}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        start(
+            &cluster,
+            "",
+            &format!(
+                "max_replica_lag_bytes = 0\nmax_replica_lag_ms = 0\n\
+                 [[databases]]\nname = \"app_ev\"\ndbname = \"app\"\nhost = \"127.0.0.1\"\n\
+                 port = {primary}\nread_write_split = true\nconsistency = \"eventual\"\n\
+                 max_replica_lag_bytes = 1\nmax_replica_lag_ms = 0\nlag_check_interval = 0.1\n\
+                 ban_time = 1\nreplicas = [ {reps} ]\n"
+            ),
+        )
+    };
+    warm_up(&px, &cluster).await;
+    cluster.primary().psql(
+        "app",
+        "CREATE TABLE ryw (id int PRIMARY KEY, v int); GRANT ALL ON ryw TO app",
+    );
+    cluster.wait_replicas_caught_up();
+    let paused = replicas[0];
+    cluster.replicas()[0].psql("postgres", "SELECT pg_wal_replay_pause()");
+
+    // many clients, each writing then reading at once, many times
+    let px = Arc::new(px);
+    let mut tasks = Vec::new();
+    for id in 0..20 {
+        let px = px.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = connect(&px, "app").await;
+            let mut on_replica = 0;
+            for v in 1..=4 {
+                c.simple_query(&format!(
+                    "INSERT INTO ryw VALUES ({id}, {v}) ON CONFLICT (id) DO UPDATE SET v = {v}"
+                ))
+                .await
+                .unwrap();
+                // read until a replica serves it: every answer on the way must be fresh. The
+                // primary serves them until the monitor has sampled its WAL after the write
+                // and the unpaused replica has replayed that far.
+                let deadline = tokio::time::Instant::now() + WAIT;
+                while tokio::time::Instant::now() < deadline {
+                    let rows = c
+                        .simple_query(&format!(
+                            "SELECT v, inet_server_port() FROM ryw WHERE id = {id}"
+                        ))
+                        .await
+                        .unwrap();
+                    let got = rows.iter().find_map(|m| match m {
+                        SimpleQueryMessage::Row(r) => {
+                            Some((r.get(0).unwrap().to_string(), r.get(1).unwrap().to_string()))
+                        }
+                        _ => None,
+                    });
+                    let (seen, port) = got.unwrap_or_else(|| ("none".into(), "0".into()));
+                    assert_eq!(seen, v.to_string(), "client {id} read stale data on {port}");
+                    let port: u16 = port.parse().unwrap();
+                    assert_ne!(port, paused, "a read went to the paused replica");
+                    if port != primary {
+                        on_replica += 1;
+                        break;
+                    }
+                }
+            }
+            on_replica
+        }));
+    }
+    let mut replica_reads = 0;
+    for t in tasks {
+        replica_reads += t.await.unwrap();
+    }
+    // read-your-writes did not simply send everything to the primary: every write was
+    // followed by a fresh read on the replica that was not paused
+    assert_eq!(
+        replica_reads,
+        20 * 4,
+        "reads after writes that never reached a replica"
+    );
+
+    // eventual: the paused replica is over max_replica_lag_bytes once the monitor sees it
+    let admin = connect_str(&px.conn_str("postgres", "pgmux", None)).await;
+    // app_ev's monitor starts with its first client
+    let ev = connect(&px, "app_ev").await;
+    one(&ev, "SELECT 1").await;
+    let paused_s = paused.to_string();
+    wait_until_async("the paused replica's lag to show", WAIT, || async {
+        let rows = admin.simple_query("SHOW HOSTS").await.unwrap();
+        rows.iter().any(|m| match m {
+            SimpleQueryMessage::Row(r) => {
+                r.get(1) == Some(paused_s.as_str())
+                    && r.get(7) == Some("app_ev")
+                    && r.get(4)
+                        .and_then(|b| b.parse::<u64>().ok())
+                        .is_some_and(|b| b > 1)
+            }
+            _ => false,
+        })
+    })
+    .await;
+    for _ in 0..40 {
+        let p: u16 = one(&ev, "SELECT inet_server_port()").await.parse().unwrap();
+        assert_ne!(p, paused, "an eventual read went to the lagging replica");
+        assert_eq!(p, replicas[1]);
+    }
+    cluster.replicas()[0].psql("postgres", "SELECT pg_wal_replay_resume()");
+    cluster.wait_replicas_caught_up();
+
+    // a replica stopped under load: reads after the stop see no error, the replica is banned
+    // and used again once it is back
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..6 {
+        let px = px.clone();
+        let stop = stop.clone();
+        load.push(tokio::spawn(async move {
+            let mut c = connect(&px, "app_ev").await;
+            let mut errors = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Err(e) = try_one(&c, "SELECT inet_server_port()").await {
+                    // a query in flight on the server being stopped loses its connection
+                    errors.push(e.to_string());
+                    c = connect(&px, "app_ev").await;
+                }
+            }
+            errors
+        }));
+    }
+    let victim = &cluster.replicas()[1];
+    victim.stop("fast");
+    let victim_s = victim.port.to_string();
+    wait_until_async("the stopped replica to be banned", WAIT, || async {
+        let rows = admin.simple_query("SHOW HOSTS").await.unwrap();
+        rows.iter().any(|m| match m {
+            SimpleQueryMessage::Row(r) => {
+                r.get(1) == Some(victim_s.as_str())
+                    && r.get(7) == Some("app_ev")
+                    && r.get(6) == Some("1")
+            }
+            _ => false,
+        })
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut in_flight = 0;
+    for t in load {
+        let errors = t.await.unwrap();
+        assert!(
+            errors.len() <= 1,
+            "more than the query in flight failed: {errors:?}"
+        );
+        in_flight += errors.len();
+    }
+    assert!(in_flight <= 6);
+    // now with the replica down: every read succeeds, none on the stopped one
+    let c = connect(&px, "app_ev").await;
+    for _ in 0..30 {
+        let p: u16 = one(&c, "SELECT inet_server_port()").await.parse().unwrap();
+        assert_ne!(p, victim.port);
+    }
+    victim.start();
+    wait_until_async(
+        "the restarted replica to take reads again",
+        WAIT,
+        || async {
+            let p: u16 = one(&c, "SELECT inet_server_port()").await.parse().unwrap();
+            p == victim.port
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_follow_a_promotion_without_touching_pgmux() {
+    let cluster = PgCluster::start(2);
+    let hosts = std::iter::once(cluster.primary().port)
+        .chain(cluster.replicas().iter().map(|r| r.port))
+        .map(|p| format!("{{ host = \"127.0.0.1\", port = {p} }}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let px = Pgmux::start(&format!(
+        r#"
+[pgmux]
+listen_port = {{port}}
+auth_type = "trust"
+server_connect_timeout = 2
+[[users]]
+name = "app"
+password = "secret"
+[[databases]]
+name = "app"
+hosts = [ {hosts} ]
+read_write_split = true
+lag_check_interval = 0.1
+ban_time = 1
+"#
+    ));
+    let c = connect(&px, "app").await;
+    c.batch_execute("CREATE TABLE failover (port int)")
+        .await
+        .unwrap();
+    let write = "INSERT INTO failover VALUES (inet_server_port()) RETURNING port";
+    assert_eq!(one(&c, write).await, cluster.primary().port.to_string());
+
+    cluster.primary().stop("fast");
+    // during the switch a write gets a clear error, never silence
+    let c = connect(&px, "app").await;
+    let err = c.simple_query(write).await.unwrap_err();
+    let code = err.as_db_error().map(|e| e.code().code().to_string());
+    assert!(
+        matches!(code.as_deref(), Some("57P03") | Some("08006")),
+        "unexpected error: {err:?}"
+    );
+
+    let new = &cluster.replicas()[0];
+    new.promote();
+    let new_port = new.port.to_string();
+    wait_until_async(
+        "writes to succeed on the promoted replica",
+        WAIT,
+        || async {
+            let c = connect(&px, "app").await;
+            matches!(try_one(&c, write).await, Ok(p) if p == new_port)
+        },
+    )
+    .await;
+}
