@@ -6,6 +6,7 @@ pub mod classify;
 pub mod config;
 pub mod effects;
 pub mod lsn;
+pub mod normalize;
 
 pub use classify::{classify, Class, Classified, Command, Hint, Route};
 pub use lsn::{Lsn, LsnError};
