@@ -88,6 +88,7 @@ impl App {
     }
 
     pub fn with_path(config: Config, config_path: Option<PathBuf>) -> Arc<App> {
+        crate::queries::set_log_min_duration_ms(config.pgmux.log_min_duration_ms);
         Arc::new(App {
             config: ArcSwap::from_pointee(config),
             config_path,
@@ -257,6 +258,7 @@ impl App {
         keep_restart_only(&old, &mut new);
         let new = Arc::new(new);
         self.config.store(new.clone());
+        crate::queries::set_log_min_duration_ms(new.pgmux.log_min_duration_ms);
 
         let mut pools = lock(&self.pools);
         let mut retire = Vec::new();

@@ -94,6 +94,8 @@ pub struct General {
     pub stats_users: Vec<String>,
     /// How often the averages of SHOW STATS are recomputed.
     pub stats_period: Seconds,
+    /// Statements running at least this long (milliseconds) are logged; 0 turns it off.
+    pub log_min_duration_ms: u64,
 }
 
 impl Default for General {
@@ -130,6 +132,7 @@ impl Default for General {
             admin_users: Vec::new(),
             stats_users: Vec::new(),
             stats_period: Seconds(60.0),
+            log_min_duration_ms: 0,
         }
     }
 }

@@ -294,7 +294,10 @@ mod tests {
         differ("SELECT \"A\" FROM t", "SELECT \"a\" FROM t");
         differ("SELECT 1, 2", "SELECT 1");
         differ("SELECT f(1)", "SELECT f(1, 2)");
-        assert_eq!(normalize("SELECT \"My Col\" FROM s.t"), "SELECT \"My Col\" FROM s.t");
+        assert_eq!(
+            normalize("SELECT \"My Col\" FROM s.t"),
+            "SELECT \"My Col\" FROM s.t"
+        );
     }
 
     #[test]
@@ -308,8 +311,14 @@ mod tests {
             normalize("SELECT 1 WHERE x IN (SELECT 2)"),
             "SELECT $1 WHERE x IN (SELECT $2)"
         );
-        assert_eq!(normalize("SELECT 1 WHERE x IN (1, a)"), "SELECT $1 WHERE x IN ($2, a)");
-        assert_eq!(normalize("SELECT 1 WHERE x IN ()"), "SELECT $1 WHERE x IN ()");
+        assert_eq!(
+            normalize("SELECT 1 WHERE x IN (1, a)"),
+            "SELECT $1 WHERE x IN ($2, a)"
+        );
+        assert_eq!(
+            normalize("SELECT 1 WHERE x IN ()"),
+            "SELECT $1 WHERE x IN ()"
+        );
         differ(q, "SELECT * FROM t WHERE id IN (1, a)");
     }
 
@@ -318,7 +327,10 @@ mod tests {
         let q = "SELECT 1 -- one\n /* two */ ;";
         assert_eq!(normalize(q), "SELECT $1");
         same(q, "SELECT 1");
-        assert_eq!(normalize("BEGIN; SELECT 1;COMMIT;"), "BEGIN; SELECT $1; COMMIT");
+        assert_eq!(
+            normalize("BEGIN; SELECT 1;COMMIT;"),
+            "BEGIN; SELECT $1; COMMIT"
+        );
         differ("BEGIN; SELECT 1", "BEGIN SELECT 1");
     }
 
