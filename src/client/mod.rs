@@ -61,8 +61,8 @@ async fn serve_in_span(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr, o
         Ok(Entry::Pool(l)) => l,
         Ok(Entry::Console(c)) => {
             let span = tracing::Span::current();
-            span.record("db", "pgmux");
-            span.record("user", c.user.as_str());
+            span.record("db", tracing::field::display("pgmux"));
+            span.record("user", tracing::field::display(&c.user));
             return crate::admin::serve(app, stream, peer, c).await;
         }
         Err(r) => {
@@ -76,8 +76,8 @@ async fn serve_in_span(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr, o
         }
     };
     let span = tracing::Span::current();
-    span.record("db", login.db.as_str());
-    span.record("user", login.user.as_str());
+    span.record("db", tracing::field::display(&login.db));
+    span.record("user", tracing::field::display(&login.user));
     info!("client connected");
     let pid = login.cancel.pid;
     // registry entry for SHOW CLIENTS and the pool's client counts, until the session ends

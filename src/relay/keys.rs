@@ -53,7 +53,7 @@ impl Keys {
     /// and statement names at its start are read).
     pub fn bind(&mut self, meter: &mut Meter, head: &[u8], tracked: Option<&ClientStatements>) {
         self.bound = match prepared::bind_names(head) {
-            Some((_, stmt, _)) if stmt.is_empty() => self.unnamed,
+            Some((_, [], _)) => self.unnamed,
             Some((_, stmt, _)) => match tracked {
                 Some(stmts) => stmts
                     .get(stmt)
