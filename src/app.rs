@@ -94,6 +94,7 @@ impl App {
 
     pub fn with_path(config: Config, config_path: Option<PathBuf>) -> Arc<App> {
         crate::tls::install(&config.security);
+        crate::queries::set_log_min_duration_ms(config.pgmux.log_min_duration_ms);
         Arc::new(App {
             config: ArcSwap::from_pointee(config),
             config_path,
@@ -359,6 +360,7 @@ impl App {
         let new = Arc::new(new);
         crate::tls::install(&new.security);
         self.config.store(new.clone());
+        crate::queries::set_log_min_duration_ms(new.pgmux.log_min_duration_ms);
 
         let mut pools = lock(&self.pools);
         let mut retire = Vec::new();

@@ -107,6 +107,8 @@ pub struct General {
     pub server_tls_cert_file: String,
     pub server_tls_key_file: String,
     pub auth_hba_file: String,
+    /// Statements running at least this long (milliseconds) are logged; 0 turns it off.
+    pub log_min_duration_ms: u64,
 }
 
 impl Default for General {
@@ -153,6 +155,7 @@ impl Default for General {
             server_tls_cert_file: String::new(),
             server_tls_key_file: String::new(),
             auth_hba_file: String::new(),
+            log_min_duration_ms: 0,
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod params;
 pub mod pool;
 pub mod prepared;
 pub mod protocol;
+pub mod queries;
 pub mod relay;
 pub mod router;
 pub mod run;

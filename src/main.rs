@@ -61,7 +61,9 @@ fn init_logging(config: &Config) {
         .unwrap_or_else(|_| EnvFilter::new(&config.pgmux.log_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // colour codes only for a terminal: log files and collectors get plain text
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match config.pgmux.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

@@ -161,6 +161,8 @@ pub struct PoolStats {
     /// ErrorResponses relayed from servers, by SQLSTATE class (errors are rare: a lock is
     /// fine here, and the map holds at most the few dozen classes PostgreSQL defines).
     errors: Mutex<BTreeMap<[u8; 2], u64>>,
+    /// Statements run, by normalized text (SHOW QUERIES).
+    pub statements: crate::queries::QueryTable,
 }
 
 fn histogram(name: &str, help: &str, db: &str, user: &str) -> Histogram {
@@ -208,6 +210,7 @@ impl PoolStats {
             ),
             averages: Mutex::new(Default::default()),
             errors: Mutex::new(BTreeMap::new()),
+            statements: Default::default(),
         })
     }
 
@@ -284,6 +287,8 @@ pub struct Meter {
     stats: Option<Arc<PoolStats>>,
     query_start: Option<Instant>,
     xact_start: Option<Instant>,
+    /// Which statement each request in flight runs (SHOW QUERIES, slow log).
+    pub statements: crate::queries::Recorder,
 }
 
 impl Meter {
@@ -292,6 +297,7 @@ impl Meter {
             stats: Some(stats),
             query_start: None,
             xact_start: None,
+            statements: Default::default(),
         }
     }
 
@@ -311,10 +317,13 @@ impl Meter {
         }
     }
 
-    /// A Query, Sync or FunctionCall: starts the query clock (and the transaction's) unless
-    /// one is running.
+    /// A Query, Sync or FunctionCall running statement `fp` (0: none known, see
+    /// `statement`): starts the query clock (and the transaction's) unless one is running.
     #[inline]
-    pub fn request(&mut self) {
+    pub fn request(&mut self, fp: u64) {
+        if self.stats.is_some() {
+            self.statements.request(fp);
+        }
         if self.query_start.is_none() {
             let now = Instant::now();
             self.query_start = Some(now);
@@ -329,12 +338,14 @@ impl Meter {
         let Some(s) = &self.stats else { return };
         let now = Instant::now();
         s.queries.fetch_add(1, Ordering::Relaxed);
-        if let Some(t) = self.query_start.take() {
+        let took = self.query_start.take().map(|t| {
             let d = now.saturating_duration_since(t);
             s.query_time_us
                 .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
             s.query_hist.observe(d.as_secs_f64());
-        }
+            d
+        });
+        self.statements.ready(&s.statements, &s.db, &s.user, took);
         if more {
             self.query_start = Some(now);
         }
@@ -349,6 +360,15 @@ impl Meter {
             if more {
                 self.xact_start = Some(now);
             }
+        }
+    }
+
+    /// The fingerprint of a statement about to run (its text goes into the pool's table if
+    /// new); 0 when there is nothing to record.
+    pub fn statement(&mut self, sql: &str) -> u64 {
+        match &self.stats {
+            Some(s) => self.statements.statement(&s.statements, sql),
+            None => 0,
         }
     }
 
@@ -617,14 +637,14 @@ mod tests {
         let stats = PoolStats::new("db", "u");
         let mut m = Meter::new(stats.clone());
         // autocommit query
-        m.request();
+        m.request(0);
         m.ready(b'I', false);
         // BEGIN; SELECT; COMMIT as three round trips
-        m.request();
+        m.request(0);
         m.ready(b'T', false);
-        m.request();
+        m.request(0);
         m.ready(b'T', false);
-        m.request();
+        m.request(0);
         m.ready(b'I', false);
         let t = stats.totals();
         assert_eq!(t.queries, 4);

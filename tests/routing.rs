@@ -492,8 +492,9 @@ async fn read_your_writes_lag_and_a_replica_stopped_under_load() {
     .await;
     for _ in 0..40 {
         let p: u16 = one(&ev, "SELECT inet_server_port()").await.parse().unwrap();
+        // the other replica may briefly lag too (then the primary serves): what must never
+        // happen is a read on the replica whose replay is paused
         assert_ne!(p, paused, "an eventual read went to the lagging replica");
-        assert_eq!(p, replicas[1]);
     }
     cluster.replicas()[0].psql("postgres", "SELECT pg_wal_replay_resume()");
     cluster.wait_replicas_caught_up();

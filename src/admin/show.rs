@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use Type::{Int4, Int8, Text, Timestamptz};
+use Type::{Float8, Int4, Int8, Text, Timestamptz};
 
 /// How long SHOW HOSTS waits for a host to accept a TCP connection.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -35,6 +35,7 @@ pub async fn run(app: &App, what: &str, arg: Option<&str>) -> Result<BytesMut, P
         "VERSION" => version(),
         "STATE" => state(app),
         "HOSTS" => hosts(app).await,
+        "QUERIES" => queries(app),
         "HELP" => help(),
         "" => return Err(super::syntax("SHOW")),
         other => {
@@ -648,12 +649,51 @@ pub async fn probe(host: &str, port: u16) -> bool {
     )
 }
 
+/// pgmux's own: statements by normalized text, per pool, most total time first.
+fn queries(app: &App) -> BytesMut {
+    let mut rs = ResultSet::new(&[
+        ("database", Text),
+        ("user", Text),
+        ("query", Text),
+        ("calls", Int8),
+        ("total_time", Float8),
+        ("mean_time", Float8),
+        ("max_time", Float8),
+        ("rows", Int8),
+    ]);
+    let mut all = Vec::new();
+    for p in app.all_pools() {
+        for e in p.stats.statements.snapshot() {
+            all.push((p.db.clone(), p.user.clone(), e));
+        }
+    }
+    all.sort_by(|a, b| {
+        b.2.total_us
+            .cmp(&a.2.total_us)
+            .then(b.2.calls.cmp(&a.2.calls))
+    });
+    let ms = |us: u64| Value::Text(format!("{:.3}", us as f64 / 1000.0));
+    for (db, user, e) in all {
+        rs.row(vec![
+            db.into(),
+            user.into(),
+            e.text.to_string().into(),
+            e.calls.into(),
+            ms(e.total_us),
+            ms(e.total_us / e.calls.max(1)),
+            ms(e.max_us),
+            e.rows.into(),
+        ]);
+    }
+    rs.finish("SHOW")
+}
+
 fn help() -> BytesMut {
     let mut out = BytesMut::new();
     notice(
         &mut out,
         "Console usage\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION\n\
-         \tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|LISTS|STATE|HOSTS\n\
+         \tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|LISTS|STATE|HOSTS|QUERIES\n\
          \tSET key = arg\n\tRELOAD\n\tPAUSE [<db>]\n\tRESUME [<db>]\n\tKILL <db>\n\
          \tRECONNECT [<db>]\n\tSHUTDOWN",
     );

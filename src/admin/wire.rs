@@ -11,6 +11,8 @@ pub enum Type {
     Int4,
     Int8,
     Timestamptz,
+    /// float8 (milliseconds in SHOW QUERIES), sent as text like every value.
+    Float8,
 }
 
 impl Type {
@@ -20,6 +22,7 @@ impl Type {
             Type::Int4 => 23,
             Type::Int8 => 20,
             Type::Timestamptz => 1184,
+            Type::Float8 => 701,
         }
     }
 
@@ -27,7 +30,7 @@ impl Type {
         match self {
             Type::Text => -1,
             Type::Int4 => 4,
-            Type::Int8 | Type::Timestamptz => 8,
+            Type::Int8 | Type::Timestamptz | Type::Float8 => 8,
         }
     }
 }

@@ -24,15 +24,28 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 /// Bound on writing a last message to a client that may have stopped reading.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on the reset query run before a server goes back to its pool.
 const RESET_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves one accepted connection to its end.
-pub async fn serve(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, over_limit: bool) {
+/// Serves one accepted connection to its end. Everything it logs is inside a `client` span
+/// carrying the client's address, and its database and user once logged in.
+pub async fn serve(app: Arc<App>, stream: TcpStream, peer: SocketAddr, over_limit: bool) {
+    let span = tracing::info_span!(
+        "client",
+        client_addr = %peer,
+        db = tracing::field::Empty,
+        user = tracing::field::Empty
+    );
+    serve_in_span(app, stream, peer, over_limit)
+        .instrument(span)
+        .await
+}
+
+async fn serve_in_span(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, over_limit: bool) {
     let _ = tcp.set_nodelay(true);
     let local = tcp.local_addr().ok();
     // settling encryption and logging in share one auth_timeout
@@ -68,18 +81,26 @@ pub async fn serve(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, over_limit: 
     };
     let login = match login {
         Ok(Entry::Pool(l)) => l,
-        Ok(Entry::Console(c)) => return Box::pin(crate::admin::serve(app, stream, peer, c)).await,
+        Ok(Entry::Console(c)) => {
+            let span = tracing::Span::current();
+            span.record("db", tracing::field::display("pgmux"));
+            span.record("user", tracing::field::display(&c.user));
+            return Box::pin(crate::admin::serve(app, stream, peer, c)).await;
+        }
         Err(r) => {
             if let Some(e) = &r.error {
-                warn!(%peer, "login refused: {}", r.log);
+                warn!("login refused: {}", r.log);
                 Box::pin(farewell(&mut stream, &[], Some(e))).await;
             } else {
-                debug!(%peer, "login ended: {}", r.log);
+                debug!("login ended: {}", r.log);
             }
             return;
         }
     };
-    info!(%peer, db = %login.db, user = %login.user, "client connected");
+    let span = tracing::Span::current();
+    span.record("db", tracing::field::display(&login.db));
+    span.record("user", tracing::field::display(&login.user));
+    info!("client connected");
     let pid = login.cancel.pid;
     // registry entry for SHOW CLIENTS and the pool's client counts, until the session ends
     let client = app.registry.register(
@@ -91,11 +112,11 @@ pub async fn serve(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, over_limit: 
     let mut session = Session::new(app.clone(), stream, login, client);
     let error = session.run().await;
     if let Some(e) = &error {
-        info!(%peer, db = %session.login.db, user = %session.login.user, "closing client: {e}");
+        info!("closing client: {e}");
     }
     Box::pin(session.finish(error)).await;
     app.cancels.unregister(pid);
-    info!(%peer, db = %session.login.db, user = %session.login.user, "client disconnected");
+    info!("client disconnected");
 }
 
 /// Writes what is left for the client and a last error, within a bound.
@@ -341,6 +362,7 @@ impl Session {
         self.login.cancel.set_target(Some(conn.cancel_target()));
         self.client
             .active(waiting_since, conn.id, &mut self.relay.meter);
+        self.relay.meter.statements.server = Some(conn.addr);
         self.relay.attached(&conn.statements);
         self.server = Some(conn);
         Ok(())

@@ -7,6 +7,7 @@
 //! pgmux's memory.
 
 pub mod channel;
+mod keys;
 pub mod statements;
 
 use crate::params::{self, Params};
@@ -92,6 +93,8 @@ pub struct Relay {
     pub meter: Meter,
     /// What the client's queries did to the server session (transaction mode).
     pub session: SessionState,
+    /// Which statement each request runs (SHOW QUERIES).
+    keys: keys::Keys,
 }
 
 /// Session state a transaction-mode client left on its server.
@@ -131,6 +134,7 @@ impl Relay {
             tracker,
             meter: Meter::default(),
             session: SessionState::default(),
+            keys: keys::Keys::default(),
         }
     }
 
@@ -265,8 +269,10 @@ impl Relay {
                     &ch.buf,
                     &mut ch.scanned,
                     |t| {
+                        // Query and Parse texts for SHOW QUERIES (bounded by max_message_size)
                         t == b'X'
-                            || (t == b'Q' && transaction_mode)
+                            || t == b'Q'
+                            || t == b'P'
                             || (tracking && statements::inspects_client(t))
                     },
                     self.max_message,
@@ -285,12 +291,33 @@ impl Relay {
                 Step::Message {
                     tag: b'Q', body, ..
                 } => {
-                    let fx = effects(prepared::query_text(body));
-                    self.apply_effects(fx, server.statements);
+                    let text = prepared::query_text(body);
+                    self.keys.query(&mut self.meter, text);
+                    if transaction_mode {
+                        let fx = effects(text);
+                        self.apply_effects(fx, server.statements);
+                    }
                     (b'Q', None)
                 }
-                Step::Message { tag, start, .. } => (tag, Some(start)),
-                Step::Passed { tag, .. } => (tag, None),
+                Step::Message { tag, start, body } => {
+                    match tag {
+                        b'P' => self.keys.parse(&mut self.meter, body, tracking),
+                        b'B' => {
+                            let stmts = self.tracker.as_ref().map(|t| &t.stmts);
+                            self.keys.bind(&mut self.meter, body, stmts);
+                        }
+                        _ => {}
+                    }
+                    (tag, Some(start))
+                }
+                Step::Passed { tag, start, .. } => {
+                    if tag == b'B' {
+                        // the names lead the body and have usually arrived with the header
+                        let head = ch.buf.get(start + 5..ch.scanned).unwrap_or(&[]);
+                        self.keys.bind(&mut self.meter, head, None);
+                    }
+                    (tag, None)
+                }
                 Step::NeedMore { reserve } => {
                     ch.reserve_for(reserve);
                     return Ok(());
@@ -342,7 +369,12 @@ impl Relay {
             b'Q' | b'F' => {
                 f.pending += 1;
                 f.last_was_execute = false;
-                self.meter.request();
+                let fp = if tag == b'Q' {
+                    self.keys.take_query()
+                } else {
+                    0
+                };
+                self.meter.request(fp);
             }
             b'S' if f.copy_in => return Ok(false),
             b'S' => {
@@ -351,9 +383,10 @@ impl Relay {
                 if !f.copy_done_sent {
                     f.syncs_since_execute += 1;
                 }
-                self.meter.request();
+                self.meter.request(self.keys.sync());
             }
             b'E' => {
+                self.keys.execute();
                 f.unsynced = true;
                 f.last_was_execute = true;
                 f.syncs_since_execute = 0;
@@ -382,6 +415,7 @@ impl Relay {
         f.pending = f.pending.saturating_sub(ignored);
         f.syncs_since_execute = 0;
         f.copy_in = !f.copy_done_sent;
+        self.meter.statements.ignored(ignored);
         if let Some(t) = self.tracker.as_mut() {
             t.syncs_ignored(ignored);
         }
@@ -404,6 +438,8 @@ impl Relay {
                     t == b'Z'
                         || t == b'S'
                         || t == b'E'
+                        // CommandComplete: small, carries the row count (SHOW QUERIES)
+                        || t == b'C'
                         || (tracking && statements::inspects_server(t))
                 },
                 usize::MAX,
@@ -430,6 +466,14 @@ impl Relay {
                 }) => {
                     self.meter.error(body);
                     (b'E', start)
+                }
+                Ok(Step::Message {
+                    tag: b'C',
+                    body,
+                    start,
+                }) => {
+                    self.meter.statements.command_complete(body);
+                    (b'C', start)
                 }
                 Ok(Step::Message { tag, start, .. }) | Ok(Step::Passed { tag, start, .. }) => {
                     (tag, start)

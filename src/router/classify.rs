@@ -360,6 +360,11 @@ impl<'a> Lexer<'a> {
         }
     }
 
+    /// Byte offset just past the last token returned (`router::normalize` needs spans).
+    pub(super) fn pos(&self) -> usize {
+        self.pos
+    }
+
     fn hint(&self) -> Option<Hint> {
         if self.hint_primary {
             Some(Hint::Primary)

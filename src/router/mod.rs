@@ -8,6 +8,7 @@ pub mod classify;
 pub mod config;
 pub mod effects;
 pub mod lsn;
+pub mod normalize;
 pub mod session;
 
 pub use classify::{classify, Class, Classified, Command, Hint, Route};
