@@ -50,7 +50,8 @@ pub fn check_scan(data: &[u8]) {
     };
     let max_len = [5usize, 64, 1024, 1 << 20][limit as usize % 4];
     // inspect a data-chosen subset of tags, always including the ones the relay reads
-    let inspect = move |tag: u8| matches!(tag, b'Z' | b'S' | b'E') || (tag ^ mask) % 3 == 0;
+    let inspect =
+        move |tag: u8| matches!(tag, b'Z' | b'S' | b'E') || (tag ^ mask).is_multiple_of(3);
     let whole = scan_chunks(stream, &[stream.len()], inspect, max_len);
     let mut sizes = Vec::new();
     let mut state = u32::from(seed).wrapping_mul(2654435761) | 1;
@@ -151,7 +152,7 @@ pub fn check_scram(data: &[u8]) {
         Some(i) => (&data[..i], &data[i + 1..]),
         None => (data, &[][..]),
     };
-    let known = data.len() % 2 == 0;
+    let known = data.len().is_multiple_of(2);
     let mut server = ScramServer::new(known.then(|| verifier().clone()), "fuzz");
     let Ok(server_first) = server.client_first(first) else {
         assert!(
