@@ -74,10 +74,14 @@ impl FaultRelay {
             .enable_all()
             .build()
             .expect("fault relay runtime");
-        let listener = runtime
-            .block_on(TcpListener::bind("127.0.0.1:0"))
-            .expect("bind fault relay");
-        let port = listener.local_addr().expect("relay addr").port();
+        // bound with std and handed over: block_on would panic inside an async test
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind fault relay");
+        std_listener.set_nonblocking(true).expect("nonblocking");
+        let port = std_listener.local_addr().expect("relay addr").port();
+        let listener = {
+            let _context = runtime.enter();
+            TcpListener::from_std(std_listener).expect("relay listener")
+        };
         let shared = Arc::new(Shared {
             target: SocketAddr::from(([127, 0, 0, 1], target_port)),
             new_fault: Mutex::new(Fault::Pass),
