@@ -7,8 +7,7 @@
 //! before. Recovery times are printed (`RECOVERY ...` lines), not asserted; see
 //! docs/reliability.md.
 //!
-//! Not here: the primary stalled with a query_timeout (pgmux has none yet), and replica
-//! partitions (routing is not wired yet).
+//! Not here: replica partitions (routing is not wired yet).
 
 mod common;
 
@@ -290,6 +289,69 @@ async fn server_stalled_mid_query_holds_only_its_client() {
     s.console.wait_idle(&s.db, 0).await;
     s.recovery("server stalled mid-query (client gave up)")
         .await;
+    s.settled().await;
+}
+
+/// The primary stalls under a write: with query_timeout the client gets a clear error instead
+/// of waiting forever, the stuck server is closed, and other clients keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_primary_write_hits_query_timeout() {
+    let pg = PgCluster::shared();
+    let db = "flt_query_timeout";
+    pg.create_database(db, "app");
+    pg.primary().psql(
+        db,
+        "CREATE TABLE IF NOT EXISTS t (x int); GRANT ALL ON t TO app",
+    );
+    let relay = FaultRelay::start(pg.primary().port);
+    let px = Pgmux::start(&config(db, relay.port(), "query_timeout = 1"));
+    let console = Console::connect(&px, "admin", None).await;
+    let warm = client(&px, db).await;
+    warm.simple_query("SELECT 1").await.unwrap();
+    drop(warm);
+    console.wait_idle(db, 0).await;
+    console.empty_pool(db).await;
+    wait_until("relay connections closed", Duration::from_secs(30), || {
+        relay.open() == 0
+    });
+    let fds = fd_count(px.pid());
+    let s = Scene {
+        db: db.to_string(),
+        relay,
+        px,
+        console,
+        fds,
+    };
+
+    let c = s.client().await;
+    c.simple_query("BEGIN").await.unwrap();
+    let ids = s.relay.conn_ids();
+    assert_eq!(ids.len(), 1, "one server, the writer's");
+    s.relay.set_conn(ids[0], Fault::Stall);
+    let e = c
+        .simple_query("INSERT INTO t VALUES (1)")
+        .await
+        .expect_err("a stalled server cannot answer");
+    println!("CLIENT SEES primary stalled mid-write: {}", told(&e));
+    assert_eq!(kind(&e), "08P01", "{e}");
+    assert!(told(&e).contains("query_timeout"), "{e}");
+    // others are served on another server meanwhile
+    let other = s.client().await;
+    other.simple_query("SELECT 1").await.unwrap();
+    drop(other);
+    // a query that is merely slow gets the same answer
+    let slow = s.client().await;
+    let e = slow
+        .simple_query("SELECT pg_sleep(5)")
+        .await
+        .expect_err("slower than query_timeout");
+    assert_eq!(kind(&e), "08P01", "{e}");
+    drop((c, slow));
+    s.console.wait_idle(&s.db, 0).await;
+    s.relay.clear();
+    s.recovery("primary stalled mid-write (query_timeout 1 s)")
+        .await;
+    assert_eq!(s.rows(), 0, "the stalled write is not committed");
     s.settled().await;
 }
 
