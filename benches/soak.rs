@@ -16,8 +16,8 @@
 //! a transaction (UPDATE + INSERT), a named prepared statement (pgmux tracks it across
 //! servers), a query cancelled while it runs, and a reconnect; then it thinks for a random
 //! time up to `--think-ms`. Faults, one every `--fault-every` seconds on average: reset one
-//! server connection, reset one mid-response, stall one for 2 s, half-close one, or 20 ms of
-//! latency on all of them for 3 s.
+//! server connection, reset one mid-response, stall one for 2 s, half-close one, blackhole one
+//! (pgmux's `query_timeout = 10` frees its client), or 20 ms of latency on all of them for 3 s.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -64,12 +64,19 @@ fn opts() -> Option<Opts> {
     })
 }
 
-/// Error kinds a server connection lost to a fault explains: pgmux's FATAL 08006, and the
-/// driver's words for the connection pgmux closes after it.
-fn explained(kind: &str) -> bool {
-    kind == "08006"
-        || kind.contains("connection closed")
-        || kind.contains("error communicating with the server")
+/// Whether the faults injected so far explain an error kind: a server connection lost (pgmux's
+/// FATAL 08006, and the driver's words for the connection pgmux closes after it), or a
+/// blackholed server that never answers (FATAL 08P01 query_timeout).
+fn explained(kind: &str, injected: &BTreeMap<&str, u64>) -> bool {
+    let lost = ["reset", "reset mid-response", "half-close", "blackhole"]
+        .iter()
+        .any(|f| injected.contains_key(f));
+    let timed_out = injected.contains_key("blackhole");
+    (lost
+        && (kind == "08006"
+            || kind.contains("connection closed")
+            || kind.contains("error communicating with the server")))
+        || (timed_out && kind == "08P01")
 }
 
 fn kind(e: &tokio_postgres::Error) -> String {
@@ -158,7 +165,7 @@ async fn client_loop(url: String, think_ms: u64, stop: Arc<AtomicBool>, tally: A
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     token.cancel_query(NoTls).await
                 });
-                let r = c.simple_query("SELECT pg_sleep(2)").await;
+                let r = c.simple_query("SELECT pg_sleep(0.5)").await;
                 let _ = canceller.await;
                 match r {
                     Err(e) if kind(&e) == "57014" => {
@@ -198,7 +205,7 @@ async fn fault_loop(
             let mut r = rand::thread_rng();
             (
                 r.gen_range(0.0..2.0 * every),
-                r.gen_range(0..5u32),
+                r.gen_range(0..6u32),
                 r.gen::<usize>(),
             )
         };
@@ -226,6 +233,11 @@ async fn fault_loop(
             3 => {
                 relay.set_conn(id, Fault::HalfClose);
                 "half-close"
+            }
+            4 => {
+                // the server vanishes without a reset: only query_timeout frees its client
+                relay.set_conn(id, Fault::Blackhole);
+                "blackhole"
             }
             _ => {
                 relay.set_all(Fault::Latency(Duration::from_millis(20)));
@@ -278,6 +290,7 @@ default_pool_size = 40
 max_client_conn = {}
 query_wait_timeout = 60
 server_connect_timeout = 5
+query_timeout = 10
 admin_users = ["admin"]
 [[users]]
 name = "app"
@@ -387,9 +400,8 @@ server_user = "postgres"
     }
     let errors = tally.errors.lock().unwrap().clone();
     let injected = injected.lock().unwrap().clone();
-    let faults_total: u64 = injected.values().sum();
     for (k, n) in &errors {
-        if !(explained(k) && faults_total > 0) {
+        if !explained(k, &injected) {
             failures.push(format!("{n} errors the faults do not explain: {k}"));
         }
     }
@@ -401,7 +413,10 @@ server_user = "postgres"
         tally.cancels.load(Ordering::Relaxed),
         tally.reconnects.load(Ordering::Relaxed)
     );
-    println!("faults injected: {injected:?}");
+    println!(
+        "faults injected: {} {injected:?}",
+        injected.values().sum::<u64>()
+    );
     println!("errors by kind: {errors:?}");
     println!(
         "pgmux at rest: {fds0} fds / {rss0} KiB before, {fds_end} fds / {rss_end} KiB after; RSS peak {first_peak} KiB (first half), {second_peak} KiB (second half)"
