@@ -355,6 +355,10 @@ impl Session {
             }
         }
         let pending = self.relay.s2c.take_ready();
+        // A server lost in the middle of a message leaves the client inside it: an error
+        // appended there would be read as that message's bytes (drivers report a parse error),
+        // so such a client gets the cut bytes and EOF.
+        let error = error.filter(|_| self.relay.s2c.scanner.at_boundary());
         if error.is_some() || !pending.is_empty() {
             farewell(&mut self.stream, &pending, error.as_ref()).await;
         }
