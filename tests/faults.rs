@@ -200,7 +200,7 @@ async fn server_reset_mid_query() {
     }
     println!(
         "CLIENT SEES reset mid-query: {rows} whole rows, messages {tags:?}, then {} bytes of a \
-         cut message and EOF",
+         cut DataRow and EOF",
         bytes.len() - at
     );
     assert!(
@@ -208,6 +208,15 @@ async fn server_reset_mid_query() {
         "a cut result must never look complete: {tags:?}"
     );
     assert!(rows < 5000);
+    // the tail is the start of a DataRow (header, 1 column, length 1000, then 'x's) and
+    // nothing else: no error appended inside it, which drivers would misread
+    let tail = &bytes[at..];
+    assert_eq!(tail.first(), Some(&b'D'), "{tail:?}");
+    assert!(
+        tail.len() <= 11 || tail[11..].iter().all(|&b| b == b'x'),
+        "bytes that are not the row's appended after the cut: {:?}",
+        String::from_utf8_lossy(&tail[11.min(tail.len())..])
+    );
     s.relay.clear();
     s.recovery("server reset mid-query").await;
     s.settled().await;
