@@ -79,6 +79,8 @@ pub struct General {
     pub server_lifetime: Seconds,
     pub client_idle_timeout: Seconds,
     pub idle_transaction_timeout: Seconds,
+    /// A request a server has not answered within this closes the client and the server.
+    pub query_timeout: Seconds,
     pub server_reset_query: String,
     pub server_reset_query_always: bool,
     pub shutdown_timeout: Seconds,
@@ -132,6 +134,7 @@ impl Default for General {
             server_lifetime: Seconds(3600.0),
             client_idle_timeout: Seconds(0.0),
             idle_transaction_timeout: Seconds(0.0),
+            query_timeout: Seconds(0.0),
             server_reset_query: "DISCARD ALL".into(),
             server_reset_query_always: false,
             shutdown_timeout: Seconds(30.0),

@@ -280,11 +280,22 @@ impl Session {
         let g = &config.pgmux;
         let f = &self.relay.flow;
         let timeout = match &self.server {
-            Some(_) if !f.quiet() => None,
+            // a request unanswered since the client last sent: query_timeout
+            Some(_) if !f.quiet() => g.query_timeout.get(),
             Some(_) if f.status != b'I' => g.idle_transaction_timeout.get(),
             _ => g.client_idle_timeout.get(),
         };
-        timeout.map(|t| f.idle_since + t)
+        let idle = timeout.map(|t| f.idle_since + t);
+        // The relay starts requests without waking the session, so with a server attached
+        // and quiet, look again within query_timeout to time a request begun meanwhile.
+        let recheck = match &self.server {
+            Some(_) if f.quiet() => g.query_timeout.get().map(|t| Instant::now() + t),
+            _ => None,
+        };
+        match (idle, recheck) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn expired(&self) -> Option<PgError> {
@@ -292,7 +303,10 @@ impl Session {
         if Instant::now() < deadline {
             return None;
         }
-        Some(if self.server.is_some() && self.relay.flow.status != b'I' {
+        Some(if self.server.is_some() && !self.relay.flow.quiet() {
+            // PgBouncer's answer; the server, still busy, is closed rather than pooled
+            PgError::fatal("08P01", "query_timeout")
+        } else if self.server.is_some() && self.relay.flow.status != b'I' {
             PgError::fatal(
                 "25P03",
                 "terminating connection due to idle-in-transaction timeout",
@@ -484,6 +498,10 @@ impl Session {
             }
         }
         let pending = self.relay.s2c.take_ready();
+        // A server lost in the middle of a message leaves the client inside it: an error
+        // appended there would be read as that message's bytes (drivers report a parse error),
+        // so such a client gets the cut bytes and EOF.
+        let error = error.filter(|_| self.relay.s2c.scanner.at_boundary());
         if error.is_some() || !pending.is_empty() {
             farewell(&mut self.stream, &pending, error.as_ref()).await;
         }

@@ -16,3 +16,8 @@ pub use cluster::{PgCluster, PgInstance};
 pub use pgmux::Pgmux;
 #[allow(unused_imports)]
 pub use util::{conn_str, free_port, wait_until, wait_until_async};
+
+// The reliability harness (issue 9): a fault-injecting relay and outside views of pgmux.
+pub mod faults;
+pub mod probe;
+pub mod raw;

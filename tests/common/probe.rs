@@ -1,0 +1,138 @@
+//! Looking at a running pgmux from outside, for tests that must show it came back to where it
+//! was: its pools through the admin console (SHOW POOLS), its open file descriptors and its
+//! resident memory through /proc.
+
+use std::collections::HashMap;
+use std::fs;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+
+use super::pgmux::Pgmux;
+use super::util::wait_until_async;
+
+/// Open file descriptors of a process.
+pub fn fd_count(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Resident set size of a process in KiB (VmRSS).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A logged-in admin console session (`dbname=pgmux`).
+pub struct Console {
+    pub client: Client,
+}
+
+impl Console {
+    pub async fn connect(px: &Pgmux, user: &str, password: Option<&str>) -> Console {
+        let (client, conn) = tokio_postgres::connect(&px.conn_str(user, "pgmux", password), NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("admin console login as {user}: {e}"));
+        tokio::spawn(conn);
+        Console { client }
+    }
+
+    /// Rows of a SHOW command as column -> text maps.
+    pub async fn show(&self, what: &str) -> Vec<HashMap<String, String>> {
+        let msgs = self
+            .client
+            .simple_query(what)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        msgs.into_iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(r) => Some(
+                    r.columns()
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| (c.name().to_string(), r.get(i).unwrap_or("").to_string()))
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// SHOW POOLS' row for `db`, numbers only (pool_mode dropped); None while no pool exists.
+    pub async fn pool(&self, db: &str) -> Option<HashMap<String, i64>> {
+        self.show("SHOW POOLS")
+            .await
+            .into_iter()
+            .find(|r| r.get("database").map(String::as_str) == Some(db))
+            .map(|r| {
+                r.into_iter()
+                    .filter_map(|(k, v)| v.parse().ok().map(|n| (k, n)))
+                    .collect()
+            })
+    }
+
+    /// Waits until `db`'s pool is at rest: `clients` clients connected and none waiting, no
+    /// server lent or logging in. Returns the pool row; panics with the last row after 30 s.
+    pub async fn wait_idle(&self, db: &str, clients: i64) -> HashMap<String, i64> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let row = self.pool(db).await;
+            if let Some(r) = &row {
+                if r["cl_active"] == clients
+                    && r["cl_waiting"] == 0
+                    && r["sv_active"] == 0
+                    && r["sv_login"] == 0
+                {
+                    return row.unwrap();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pool {db} not idle with {clients} clients after 30 s: {row:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Closes the idle servers of `db` and waits until the pool holds none, so fd counts
+    /// taken before and after compare like with like.
+    pub async fn empty_pool(&self, db: &str) {
+        self.client
+            .simple_query(&format!("RECONNECT {db}"))
+            .await
+            .expect("RECONNECT");
+        wait_until_async(
+            &format!("pool {db} without servers"),
+            Duration::from_secs(30),
+            || async {
+                self.pool(db)
+                    .await
+                    .is_none_or(|r| r["sv_idle"] == 0 && r["sv_active"] == 0 && r["sv_login"] == 0)
+            },
+        )
+        .await;
+    }
+}
+
+/// Waits until pgmux holds no more than `baseline` fds (sockets close asynchronously, and
+/// the baseline itself may have included one still closing); panics after 30 s.
+pub async fn wait_fds(pid: u32, baseline: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = fd_count(pid);
+        if now <= baseline {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pgmux holds {now} fds, {baseline} before"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

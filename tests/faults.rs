@@ -1,0 +1,697 @@
+//! Network and server faults between pgmux and a real PostgreSQL, injected by the relay in
+//! tests/common/faults.rs (pgmux's `[[databases]]` point at it), and clients that vanish
+//! halfway through their work. Each scenario asserts what the client sees, that nothing
+//! half-done is committed, and that pgmux recovers: afterwards its pool is at rest (no server
+//! lent, logging in or leaked, no client waiting), PostgreSQL holds no backend for the pool
+//! once pgmux closes its idle servers, and pgmux holds exactly the file descriptors it held
+//! before. Recovery times are printed (`RECOVERY ...` lines), not asserted; see
+//! docs/reliability.md.
+//!
+//! Not here: replica partitions (routing is not wired yet).
+
+mod common;
+
+use common::faults::{Fault, FaultRelay};
+use common::probe::{fd_count, rss_kib, wait_fds, Console};
+use common::raw;
+use common::{wait_until, wait_until_async, PgCluster, Pgmux};
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+use tokio_postgres::{Client, NoTls};
+
+fn config(db: &str, port: u16, extra: &str) -> String {
+    format!(
+        r#"
+[pgmux]
+listen_port = {{port}}
+auth_type = "trust"
+pool_mode = "transaction"
+default_pool_size = 2
+server_connect_timeout = 2
+query_wait_timeout = 20
+admin_users = ["admin"]
+{extra}
+[[users]]
+name = "app"
+[[users]]
+name = "admin"
+[[databases]]
+name = "{db}"
+host = "127.0.0.1"
+port = {port}
+server_user = "postgres"
+"#
+    )
+}
+
+/// pgmux in front of a relay in front of the shared cluster, its pool warmed and emptied.
+struct Scene {
+    db: String,
+    relay: FaultRelay,
+    px: Pgmux,
+    console: Console,
+    fds: usize,
+}
+
+impl Scene {
+    async fn start(db: &str) -> Scene {
+        let pg = PgCluster::shared();
+        pg.create_database(db, "app");
+        pg.primary().psql(
+            db,
+            "CREATE TABLE IF NOT EXISTS t (x int); GRANT ALL ON t TO app",
+        );
+        let relay = FaultRelay::start(pg.primary().port);
+        let px = Pgmux::start(&config(db, relay.port(), ""));
+        let console = Console::connect(&px, "admin", None).await;
+        // the pool exists (and knows its server parameters) from the first login on
+        let c = client(&px, db).await;
+        c.simple_query("SELECT 1").await.unwrap();
+        drop(c);
+        console.wait_idle(db, 0).await;
+        console.empty_pool(db).await;
+        wait_until("relay connections closed", Duration::from_secs(30), || {
+            relay.open() == 0
+        });
+        let fds = fd_count(px.pid());
+        Scene {
+            db: db.to_string(),
+            relay,
+            px,
+            console,
+            fds,
+        }
+    }
+
+    async fn client(&self) -> Client {
+        client(&self.px, &self.db).await
+    }
+
+    /// Rows of t, read directly from PostgreSQL.
+    fn rows(&self) -> i64 {
+        let pg = PgCluster::shared();
+        pg.primary()
+            .psql(&self.db, "SELECT count(*) FROM t")
+            .parse()
+            .unwrap()
+    }
+
+    /// The idle baseline: no client, nothing lent or waiting, no server left once idle ones
+    /// are closed, no backend left in PostgreSQL, no relay connection, fds as before.
+    async fn settled(&self) {
+        self.relay.clear();
+        self.console.wait_idle(&self.db, 0).await;
+        self.console.empty_pool(&self.db).await;
+        let pg = PgCluster::shared();
+        let sql = format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND pid <> pg_backend_pid()",
+            self.db
+        );
+        wait_until_async(
+            "no backend left for the pool",
+            Duration::from_secs(30),
+            || {
+                let n = pg.primary().psql(&self.db, &sql);
+                async move { n == "0" }
+            },
+        )
+        .await;
+        wait_until("relay connections closed", Duration::from_secs(30), || {
+            self.relay.open() == 0
+        });
+        wait_fds(self.px.pid(), self.fds).await;
+    }
+
+    /// Time until a new client's query succeeds, from now.
+    async fn recovery(&self, scenario: &str) -> Duration {
+        let t0 = Instant::now();
+        let deadline = t0 + Duration::from_secs(60);
+        loop {
+            if let Ok(c) = try_client(&self.px, &self.db).await {
+                if c.simple_query("SELECT 1").await.is_ok() {
+                    let took = t0.elapsed();
+                    println!("RECOVERY {scenario}: {} ms", took.as_millis());
+                    return took;
+                }
+            }
+            assert!(Instant::now() < deadline, "{scenario}: no recovery in 60 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+async fn try_client(px: &Pgmux, db: &str) -> Result<Client, tokio_postgres::Error> {
+    let (c, conn) = tokio_postgres::connect(&px.conn_str("app", db, None), NoTls).await?;
+    tokio::spawn(conn);
+    Ok(c)
+}
+
+async fn client(px: &Pgmux, db: &str) -> Client {
+    try_client(px, db).await.expect("client login")
+}
+
+/// SQLSTATE, or the driver's own words when the error is not from a server.
+fn kind(e: &tokio_postgres::Error) -> String {
+    match e.code() {
+        Some(c) => c.code().to_string(),
+        None => e.to_string(),
+    }
+}
+
+/// What the client was told: severity, SQLSTATE and message, or the driver's words.
+fn told(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{} {} {}", d.severity(), d.code().code(), d.message()),
+        None => e.to_string(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_reset_mid_query() {
+    let s = Scene::start("flt_reset_query").await;
+    // well inside the result set, in the middle of some DataRow
+    s.relay.set_all(Fault::ResetAfter(100_003));
+    let port = s.px.port;
+    let db = s.db.clone();
+    let bytes = tokio::task::spawn_blocking(move || {
+        let (mut c, _) = raw::login(port, "app", &db);
+        c.write_all(&raw::query(
+            "SELECT repeat('x', 1000) FROM generate_series(1, 5000)",
+        ))
+        .unwrap();
+        let mut all = Vec::new();
+        let _ = c.read_to_end(&mut all);
+        all
+    })
+    .await
+    .unwrap();
+    // walk what arrived: whole messages, then perhaps the start of one cut off
+    let (mut rows, mut tags, mut at) = (0, Vec::new(), 0);
+    while bytes.len() - at >= 5 {
+        let len = u32::from_be_bytes(bytes[at + 1..at + 5].try_into().unwrap()) as usize;
+        if bytes.len() - at < len + 1 {
+            break;
+        }
+        match bytes[at] {
+            b'D' => rows += 1,
+            t => tags.push(t as char),
+        }
+        at += len + 1;
+    }
+    println!(
+        "CLIENT SEES reset mid-query: {rows} whole rows, messages {tags:?}, then {} bytes of a \
+         cut DataRow and EOF",
+        bytes.len() - at
+    );
+    assert!(
+        !tags.contains(&'C') && !tags.contains(&'Z'),
+        "a cut result must never look complete: {tags:?}"
+    );
+    assert!(rows < 5000);
+    // the tail is the start of a DataRow (header, 1 column, length 1000, then 'x's) and
+    // nothing else: no error appended inside it, which drivers would misread
+    let tail = &bytes[at..];
+    assert_eq!(tail.first(), Some(&b'D'), "{tail:?}");
+    assert!(
+        tail.len() <= 11 || tail[11..].iter().all(|&b| b == b'x'),
+        "bytes that are not the row's appended after the cut: {:?}",
+        String::from_utf8_lossy(&tail[11.min(tail.len())..])
+    );
+    s.relay.clear();
+    s.recovery("server reset mid-query").await;
+    s.settled().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_reset_mid_transaction_commits_nothing() {
+    let s = Scene::start("flt_reset_xact").await;
+    let port = s.px.port;
+    let db = s.db.clone();
+    let mut c = tokio::task::spawn_blocking(move || {
+        let (mut c, _) = raw::login(port, "app", &db);
+        c.write_all(&raw::query("BEGIN; INSERT INTO t VALUES (1)"))
+            .unwrap();
+        let msgs = raw::until_ready(&mut c);
+        assert_eq!(msgs.last().map(|m| m.1.clone()), Some(b"T".to_vec()));
+        c
+    })
+    .await
+    .unwrap();
+    let applied = s.relay.applied();
+    s.relay.set_all(Fault::Reset);
+    wait_until("the reset", Duration::from_secs(10), || {
+        s.relay.applied() > applied
+    });
+    // the client learns at once, without sending anything: pgmux watches its server
+    let msgs = tokio::task::block_in_place(|| raw::until_eof(&mut c));
+    let code = raw::error_code(&msgs);
+    println!("CLIENT SEES reset mid-transaction: {code:?} then EOF");
+    assert_eq!(code.as_deref(), Some("08006"), "{msgs:?}");
+    s.relay.clear();
+    drop(c);
+    s.recovery("server reset mid-transaction").await;
+    assert_eq!(s.rows(), 0, "nothing of the transaction is committed");
+    s.settled().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_stalled_mid_query_holds_only_its_client() {
+    let s = Scene::start("flt_stall_query").await;
+    let port = s.px.port;
+    let db = s.db.clone();
+    let (mut stuck, _) = tokio::task::spawn_blocking(move || raw::login(port, "app", &db))
+        .await
+        .unwrap();
+    stuck.write_all(&raw::query("BEGIN")).unwrap();
+    let mut stuck = tokio::task::spawn_blocking(move || {
+        raw::until_ready(&mut stuck);
+        stuck
+    })
+    .await
+    .unwrap();
+    let ids = s.relay.conn_ids();
+    assert_eq!(
+        ids.len(),
+        1,
+        "the pool was emptied: one server, the stuck client's"
+    );
+    s.relay.set_conn(ids[0], Fault::Stall);
+    stuck.write_all(&raw::query("SELECT 1")).unwrap();
+    // with no query_timeout in pgmux, only the client's own patience ends the wait
+    stuck
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let waited = tokio::task::block_in_place(|| stuck.read(&mut byte));
+    assert!(
+        waited.is_err(),
+        "no answer through a stalled server: {waited:?}"
+    );
+    // others are served meanwhile, on another server
+    let other = s.client().await;
+    for _ in 0..20 {
+        other.simple_query("SELECT 1").await.unwrap();
+    }
+    drop(other);
+    // the stuck client gives up and closes its socket: its server is closed, never lent again
+    drop(stuck);
+    s.console.wait_idle(&s.db, 0).await;
+    s.recovery("server stalled mid-query (client gave up)")
+        .await;
+    s.settled().await;
+}
+
+/// The primary stalls under a write: with query_timeout the client gets a clear error instead
+/// of waiting forever, the stuck server is closed, and other clients keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_primary_write_hits_query_timeout() {
+    let pg = PgCluster::shared();
+    let db = "flt_query_timeout";
+    pg.create_database(db, "app");
+    pg.primary().psql(
+        db,
+        "CREATE TABLE IF NOT EXISTS t (x int); GRANT ALL ON t TO app",
+    );
+    let relay = FaultRelay::start(pg.primary().port);
+    let px = Pgmux::start(&config(db, relay.port(), "query_timeout = 1"));
+    let console = Console::connect(&px, "admin", None).await;
+    let warm = client(&px, db).await;
+    warm.simple_query("SELECT 1").await.unwrap();
+    drop(warm);
+    console.wait_idle(db, 0).await;
+    console.empty_pool(db).await;
+    wait_until("relay connections closed", Duration::from_secs(30), || {
+        relay.open() == 0
+    });
+    let fds = fd_count(px.pid());
+    let s = Scene {
+        db: db.to_string(),
+        relay,
+        px,
+        console,
+        fds,
+    };
+
+    let c = s.client().await;
+    c.simple_query("BEGIN").await.unwrap();
+    let ids = s.relay.conn_ids();
+    assert_eq!(ids.len(), 1, "one server, the writer's");
+    s.relay.set_conn(ids[0], Fault::Stall);
+    let e = c
+        .simple_query("INSERT INTO t VALUES (1)")
+        .await
+        .expect_err("a stalled server cannot answer");
+    println!("CLIENT SEES primary stalled mid-write: {}", told(&e));
+    assert_eq!(kind(&e), "08P01", "{e}");
+    assert!(told(&e).contains("query_timeout"), "{e}");
+    // others are served on another server meanwhile
+    let other = s.client().await;
+    other.simple_query("SELECT 1").await.unwrap();
+    drop(other);
+    // a query that is merely slow gets the same answer
+    let slow = s.client().await;
+    let e = slow
+        .simple_query("SELECT pg_sleep(5)")
+        .await
+        .expect_err("slower than query_timeout");
+    assert_eq!(kind(&e), "08P01", "{e}");
+    drop((c, slow));
+    s.console.wait_idle(&s.db, 0).await;
+    s.relay.clear();
+    s.recovery("primary stalled mid-write (query_timeout 1 s)")
+        .await;
+    assert_eq!(s.rows(), 0, "the stalled write is not committed");
+    s.settled().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_idle_servers_are_replaced_unseen() {
+    let s = Scene::start("flt_idle").await;
+    let c = s.client().await;
+    for fault in [Fault::Reset, Fault::HalfClose] {
+        c.simple_query("SELECT 1").await.unwrap();
+        s.console.wait_idle(&s.db, 1).await;
+        assert_eq!(s.relay.open(), 1, "one idle server in the pool");
+        let applied = s.relay.applied();
+        s.relay.set_all(fault);
+        wait_until("the fault", Duration::from_secs(10), || {
+            s.relay.applied() > applied
+        });
+        s.relay.clear();
+        // pgmux checks an idle server before lending it: the client sees nothing
+        let t0 = Instant::now();
+        let rows = c.simple_query("SELECT 2").await;
+        assert!(rows.is_ok(), "{fault:?} of an idle server: {rows:?}");
+        println!(
+            "RECOVERY idle server {fault:?}: first query {} ms, no error",
+            t0.elapsed().as_millis()
+        );
+    }
+    drop(c);
+    s.settled().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_reset_or_stalled_during_login() {
+    let s = Scene::start("flt_login").await;
+    // the server's login answer is cut a few bytes in, then the server does not answer at all
+    for (fault, what) in [
+        (Fault::ResetAfter(23), "reset during login"),
+        (Fault::Stall, "stalled during login"),
+    ] {
+        // no idle server to fall back on: the query needs a new login through the fault
+        s.console.empty_pool(&s.db).await;
+        s.relay.set_new(fault);
+        let c = s.client().await;
+        let e = c
+            .simple_query("SELECT 1")
+            .await
+            .expect_err("no server to run it");
+        println!("CLIENT SEES {what}: {}", told(&e));
+        assert_eq!(kind(&e), "08006", "{what}: {e}");
+        drop(c);
+        s.relay.clear();
+        s.recovery(what).await;
+        s.console.wait_idle(&s.db, 0).await;
+    }
+    s.settled().await;
+}
+
+/// A client that reads a 50 MB result slowly: pgmux's memory stays bounded (the relay stops
+/// reading the server while 64 KiB wait for the client) and another client is unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_reader_of_a_huge_result_is_held_back() {
+    let s = Scene::start("flt_slow_reader").await;
+    let rss_before = rss_kib(s.px.pid());
+    let port = s.px.port;
+    let db = s.db.clone();
+    let (mut slow, _) = tokio::task::spawn_blocking(move || raw::login(port, "app", &db))
+        .await
+        .unwrap();
+    let rows = 50_000;
+    slow.write_all(&raw::query(&format!(
+        "SELECT repeat('x', 1000) FROM generate_series(1, {rows})"
+    )))
+    .unwrap();
+    // PostgreSQL blocks writing to pgmux: the backpressure reached the server
+    let pg = PgCluster::shared();
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND wait_event = 'ClientWrite'",
+        s.db
+    );
+    wait_until_async(
+        "the server blocked on writing",
+        Duration::from_secs(30),
+        || {
+            let n = pg.primary().psql(&s.db, &sql);
+            async move { n == "1" }
+        },
+    )
+    .await;
+    let rss_held = rss_kib(s.px.pid());
+    let other = s.client().await;
+    for _ in 0..50 {
+        other.simple_query("SELECT 1").await.unwrap();
+    }
+    drop(other);
+    // now read it all, in small bites, and check nothing was lost
+    let pid = s.px.pid();
+    let counted = tokio::task::spawn_blocking(move || {
+        let mut data_rows = 0;
+        let mut peak = 0;
+        let mut buf = [0u8; 4096];
+        let mut pending = Vec::new();
+        loop {
+            let n = slow.read(&mut buf).unwrap();
+            assert!(n > 0, "closed before ReadyForQuery");
+            pending.extend_from_slice(&buf[..n]);
+            let mut at = 0;
+            let mut done = false;
+            while pending.len() - at >= 5 {
+                let len = u32::from_be_bytes(pending[at + 1..at + 5].try_into().unwrap()) as usize;
+                if pending.len() - at < len + 1 {
+                    break;
+                }
+                match pending[at] {
+                    b'D' => data_rows += 1,
+                    b'Z' => done = true,
+                    _ => {}
+                }
+                at += len + 1;
+            }
+            pending.drain(..at);
+            if data_rows % 5000 == 0 {
+                peak = peak.max(rss_kib(pid));
+            }
+            if done {
+                return (data_rows, peak);
+            }
+        }
+    });
+    let (data_rows, peak) = counted.await.unwrap();
+    println!(
+        "SLOW READER: pgmux RSS {rss_before} KiB before, {rss_held} KiB while the server was \
+         blocked, at most {peak} KiB while 50 MB were relayed"
+    );
+    assert_eq!(data_rows, rows, "every row arrives");
+    // a whole result held in memory would be 50 MB; pgmux may hold a few buffers
+    assert!(
+        rss_held.max(peak) < rss_before + 16 * 1024,
+        "pgmux's memory grew with the result: {rss_before} -> {rss_held} / {peak} KiB"
+    );
+    s.settled().await;
+}
+
+/// Clients that vanish mid-COPY, mid-transaction and mid-extended-batch: nothing they did is
+/// committed, and the server is closed rather than lent to the next client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vanishing_clients_leave_nothing_half_done() {
+    let s = Scene::start("flt_vanish").await;
+    let unsynced_insert = [
+        raw::msg(b'P', b"\0INSERT INTO t VALUES (3)\0\0\0"),
+        raw::msg(b'B', b"\0\0\0\0\0\0\0\0"),
+        raw::msg(b'E', b"\0\0\0\0\0"),
+        raw::msg(b'H', b""),
+    ]
+    .concat();
+    let cases: Vec<(&str, Vec<u8>, u8)> = vec![
+        // (what, bytes, the message to wait for before vanishing)
+        ("mid-COPY", raw::query("COPY t FROM STDIN"), b'G'),
+        (
+            "mid-transaction",
+            raw::query("BEGIN; INSERT INTO t VALUES (2)"),
+            b'Z',
+        ),
+        ("mid-extended-batch", unsynced_insert, b'C'),
+    ];
+    for (what, bytes, wait_for) in cases {
+        let port = s.px.port;
+        let db = s.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let (mut c, _) = raw::login(port, "app", &db);
+            c.write_all(&bytes).unwrap();
+            loop {
+                let (tag, body) = raw::read_msg(&mut c).expect("an answer");
+                assert_ne!(tag, b'E', "{what}: {}", String::from_utf8_lossy(&body));
+                if tag == wait_for {
+                    break;
+                }
+            }
+            if wait_for == b'G' {
+                // some rows, then gone without CopyDone
+                c.write_all(&raw::msg(b'd', b"1\n2\n3\n")).unwrap();
+            }
+            // gone without Terminate
+        })
+        .await
+        .unwrap();
+        let row = s.console.wait_idle(&s.db, 0).await;
+        assert_eq!(
+            row["sv_idle"], 0,
+            "{what}: the server was closed, not pooled"
+        );
+        // the next client gets a clean server: not in a transaction, not in COPY
+        // (a simple Query: its transaction starts with its statement unless one was open)
+        let c = s.client().await;
+        let rows = c
+            .simple_query("SELECT count(*), now() = statement_timestamp() FROM t")
+            .await
+            .unwrap();
+        let Some(row) = rows.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        }) else {
+            panic!("{what}: no row: {rows:?}");
+        };
+        assert_eq!(row.get(0), Some("0"), "{what}: nothing committed");
+        assert_eq!(row.get(1), Some("t"), "{what}: no transaction left open");
+        drop(c);
+        assert_eq!(s.rows(), 0, "{what}: nothing committed");
+        println!("CLIENT VANISHED {what}: nothing committed, server closed");
+        s.settled().await;
+    }
+}
+
+/// PostgreSQL stopped (fast, then immediate) and started again while clients keep working:
+/// they see errors that name the shutdown or the lost connection, then work again, and the
+/// pool comes back to rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restart_under_load() {
+    let pg = PgCluster::start(0);
+    let db = "app";
+    let px = Pgmux::start(&config(db, pg.primary().port, ""));
+    let console = Console::connect(&px, "admin", None).await;
+    let warm = client(&px, db).await;
+    warm.simple_query("CREATE TABLE IF NOT EXISTS load (x int)")
+        .await
+        .unwrap();
+    drop(warm);
+    console.wait_idle(db, 0).await;
+    console.empty_pool(db).await;
+    let fds = fd_count(px.pid());
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ok = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let errors = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<
+        String,
+        u64,
+    >::new()));
+    // ms since `base` of the first success after an outage began (u64::MAX: none yet)
+    let base = Instant::now();
+    let first_ok = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+    let mut workers = Vec::new();
+    for i in 0..8 {
+        let url = px.conn_str("app", db, None);
+        let (stop, ok, errors) = (stop.clone(), ok.clone(), errors.clone());
+        let first_ok = first_ok.clone();
+        workers.push(tokio::spawn(async move {
+            let mut c: Option<Client> = None;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if c.as_ref().is_none_or(Client::is_closed) {
+                    match tokio_postgres::connect(&url, NoTls).await {
+                        Ok((client, conn)) => {
+                            tokio::spawn(conn);
+                            c = Some(client);
+                        }
+                        Err(e) => {
+                            *errors.lock().unwrap().entry(kind(&e)).or_default() += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        }
+                    }
+                }
+                let sql = if i % 2 == 0 {
+                    "SELECT count(*) FROM load"
+                } else {
+                    "BEGIN; INSERT INTO load VALUES (1); COMMIT"
+                };
+                match c.as_ref().unwrap().simple_query(sql).await {
+                    Ok(_) => {
+                        ok.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let at = base.elapsed().as_millis() as u64;
+                        first_ok.fetch_min(at, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    Err(e) => {
+                        *errors.lock().unwrap().entry(kind(&e)).or_default() += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        }));
+    }
+    let count_ok = || ok.load(std::sync::atomic::Ordering::SeqCst);
+    for mode in ["fast", "immediate"] {
+        let before = count_ok();
+        wait_until_async("load running", Duration::from_secs(30), || {
+            let n = count_ok();
+            async move { n > before + 50 }
+        })
+        .await;
+        let primary = pg.primary();
+        let stopping = base.elapsed().as_millis() as u64;
+        tokio::task::block_in_place(|| primary.stop(mode));
+        let down = count_ok();
+        // nothing can succeed while the server is down: the next success is the recovery
+        first_ok.store(u64::MAX, std::sync::atomic::Ordering::SeqCst);
+        let starting = base.elapsed().as_millis() as u64;
+        tokio::task::block_in_place(|| primary.start());
+        let started = base.elapsed().as_millis() as u64;
+        wait_until_async("load running again", Duration::from_secs(60), || {
+            let n = count_ok();
+            async move { n > down + 50 }
+        })
+        .await;
+        let back = first_ok.load(std::sync::atomic::Ordering::SeqCst);
+        println!(
+            "RECOVERY postgres stop -m {mode} + start: stop took {} ms, start {} ms; first client \
+             query ok {} ms after the stop began, {} ms after pg_ctl start began",
+            starting - stopping,
+            started - starting,
+            back - stopping,
+            back as i64 - starting as i64,
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let errors = errors.lock().unwrap().clone();
+    println!(
+        "CLIENT SEES postgres restarts: {} queries ok, errors by kind {errors:?}",
+        count_ok()
+    );
+    // 57P01: terminating connection due to administrator command (fast); 08006: pgmux's
+    // server-lost or cannot-connect error; 57P03: the database system is starting up or
+    // shutting down; the rest: the driver's words for a connection pgmux closed after a FATAL
+    for k in errors.keys() {
+        assert!(
+            ["57P01", "57P02", "57P03", "08006", "08P01"].contains(&k.as_str())
+                || k.contains("connection closed")
+                || k.contains("error communicating with the server"),
+            "an error the restart does not explain: {k} ({errors:?})"
+        );
+    }
+    console.wait_idle(db, 0).await;
+    console.empty_pool(db).await;
+    wait_fds(px.pid(), fds).await;
+}
