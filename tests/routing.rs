@@ -271,6 +271,14 @@ async fn hints_settings_options_and_alias_override_the_classifier() {
 
     // the replica-only alias: reads on replicas, a write refused by the replica itself
     let ro = connect(&px, "app_ro").await;
+    // the alias's own host monitor starts with its first client; until its first check the
+    // replicas' state is unknown and reads fall back to the primary
+    wait_until_async(
+        "the alias reads on a replica",
+        Duration::from_secs(30),
+        || async { on_replica(one(&ro, "SELECT inet_server_port()").await) },
+    )
+    .await;
     assert!(on_replica(one(&ro, "SELECT inet_server_port()").await));
     let err = ro
         .simple_query("CREATE TABLE rw_never (a int)")
