@@ -63,17 +63,7 @@ fn pgbench_tables(db: &str) {
     }
     let pg = PgCluster::shared();
     pg.create_database(db, "app");
-    let st = Command::new("pgbench")
-        .args(["-i", "-s", "1", "-q", "-h", "127.0.0.1", "-p"])
-        .arg(pg.primary().port.to_string())
-        .args(["-U", "postgres", db])
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    pg.pgbench_init(db);
     done.push(db.to_string());
 }
 

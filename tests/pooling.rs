@@ -138,27 +138,7 @@ fn pgbench_two_hundred_clients_on_ten_servers() {
         "SELECT count(*) FROM pg_class WHERE relname = 'pgbench_accounts'",
     ) == "0"
     {
-        let st = std::process::Command::new("pgbench")
-            .args([
-                "-i",
-                "-s",
-                "1",
-                "-q",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &pg.primary().port.to_string(),
-                "-U",
-                "postgres",
-                db,
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            st.status.success(),
-            "{}",
-            String::from_utf8_lossy(&st.stderr)
-        );
+        pg.pgbench_init(db);
     }
     let stop = Arc::new(AtomicUsize::new(0));
     let watcher = watch_max(db, stop.clone());

@@ -245,27 +245,7 @@ fn pgbench_in_every_query_mode() {
     let db = "prep_bench";
     let pg = PgCluster::shared();
     let px = start(db, 4, "");
-    let init = std::process::Command::new("pgbench")
-        .args([
-            "-i",
-            "-s",
-            "1",
-            "-q",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &pg.primary().port.to_string(),
-            "-U",
-            "postgres",
-            db,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    pg.pgbench_init(db);
     pg.psql(
         pg.primary(),
         db,

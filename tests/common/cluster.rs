@@ -439,6 +439,21 @@ impl PgCluster {
         self.wait_replicas_caught_up();
     }
 
+    /// `pgbench -i -s 1` into `db` on the primary, as postgres; panics with pgbench's stderr.
+    pub fn pgbench_init(&self, db: &str) {
+        let out = Command::new("pgbench")
+            .args(["-i", "-s", "1", "-q", "-h", "127.0.0.1", "-p"])
+            .arg(self.primary().port.to_string())
+            .args(["-U", "postgres", db])
+            .output()
+            .expect("run pgbench -i");
+        assert!(
+            out.status.success(),
+            "pgbench -i: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     pub fn create_database(&self, name: &str, owner: &str) {
         let guard = lock(&self.admin);
         let exists = self.primary().psql(
