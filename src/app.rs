@@ -1,6 +1,7 @@
 //! The state shared by every task: the live configuration (swapped whole on reload), pools,
 //! cancel keys, client counts and registry, pause state and the shutdown signal.
 
+use crate::auth::lookup::SecretCache;
 use crate::auth::password::Secret;
 use crate::auth::VerifierCache;
 use crate::cancel::CancelRegistry;
@@ -61,6 +62,10 @@ pub struct App {
     pub config_path: Option<PathBuf>,
     pub cancels: CancelRegistry,
     pub verifiers: VerifierCache,
+    /// Secrets of users not in the config, found by auth_query.
+    pub auth_lookups: SecretCache,
+    /// Server login secrets clients taught pgmux, by user (see `learn_server_secret`).
+    learned: Mutex<HashMap<String, Secret>>,
     /// Every distinct named statement clients prepared (transaction mode).
     pub statements: Arc<crate::prepared::Registry>,
     /// Connected clients (counted from accept, so max_client_conn holds during login too).
@@ -100,6 +105,8 @@ impl App {
             config_path,
             cancels: CancelRegistry::default(),
             verifiers: VerifierCache::default(),
+            auth_lookups: SecretCache::default(),
+            learned: Mutex::new(HashMap::new()),
             statements: Arc::default(),
             clients: AtomicUsize::new(0),
             registry: Arc::new(ClientRegistry::default()),
@@ -179,7 +186,7 @@ impl App {
             Vec::new()
         };
         let n = hosts.len().max(1);
-        let first = target(&config, db, user, hosts.first());
+        let first = target(&config, None, db, user, hosts.first());
         let server_user = first.user.clone();
         {
             let pools = lock(&self.pools);
@@ -204,7 +211,7 @@ impl App {
             let p = pools
                 .entry(key)
                 .or_insert_with(|| {
-                    let t = target(&config, db, user, hosts.get(i));
+                    let t = target(&config, self.learned(user), db, user, hosts.get(i));
                     let p = match &stats {
                         None => Pool::new(
                             db.name.clone(),
@@ -246,7 +253,7 @@ impl App {
         }
         let config = self.config_arc();
         let hosts = db.server_hosts();
-        let t = target(&config, db, user, hosts.first());
+        let t = target(&config, self.learned(user), db, user, hosts.first());
         let g = &config.pgmux;
         let topology = Topology::start(TopologyConfig {
             hosts: hosts.clone(),
@@ -272,6 +279,41 @@ impl App {
         ));
         routers.insert(db.name.clone(), r.clone());
         Some(r)
+    }
+
+    fn learned(&self, user: &str) -> Option<Secret> {
+        lock(&self.learned).get(user).cloned()
+    }
+
+    /// A client proved a login secret for `user` that the config does not hold (a SCRAM
+    /// ClientKey, or the secret auth_query found): that user's pools log in with it from now
+    /// on. A changed secret (the role's password changed) retargets them, so connections made
+    /// with the old one close as they come back.
+    pub fn learn_server_secret(&self, user: &str, secret: Secret) {
+        {
+            let mut learned = lock(&self.learned);
+            if learned.get(user) == Some(&secret) {
+                return;
+            }
+            learned.insert(user.to_string(), secret.clone());
+        }
+        let config = self.config_arc();
+        let pools = lock(&self.pools);
+        for ((db_name, pool_user, i), pool) in pools.iter() {
+            let Some(db) = config.database(db_name) else {
+                continue;
+            };
+            if pool_user != user || db.server_user.is_some() {
+                continue;
+            }
+            let hosts = if db.has_replicas() {
+                db.server_hosts()
+            } else {
+                Vec::new()
+            };
+            let t = target(&config, Some(secret.clone()), db, user, hosts.get(*i));
+            pool.set_target(t, true);
+        }
     }
 
     /// Routers in use, for SHOW HOSTS and the metrics.
@@ -376,10 +418,8 @@ impl App {
                     let was_shared = old
                         .database(&pool.db)
                         .is_some_and(|d| d.server_user.is_some());
-                    (
-                        !was_shared && new.user(&pool.user).is_some(),
-                        pool.user.clone(),
-                    )
+                    let known = new.user(&pool.user).is_some() || new.auth_user_for(db).is_some();
+                    (!was_shared && known, pool.user.clone())
                 }
             };
             if !still_valid {
@@ -398,7 +438,13 @@ impl App {
             let secret_changed = secret_source(&old, old.database(&pool.db), &pool.user)
                 != secret_source(&new, Some(db), &pool.user);
             pool.set_target(
-                target(&new, db, &client_user, hosts.get(key.2)),
+                target(
+                    &new,
+                    self.learned(&client_user),
+                    db,
+                    &client_user,
+                    hosts.get(key.2),
+                ),
                 secret_changed,
             );
             pool.set_settings(pool_settings(&new, db, &client_user));
@@ -495,16 +541,28 @@ fn secret_source(config: &Config, db: Option<&Database>, user: &str) -> Option<S
 
 /// Where `user`'s connections to `db` go: `host` (one of several servers), else the
 /// database's own host and port.
-fn target(config: &Config, db: &Database, user: &str, host: Option<&HostConfig>) -> ServerTarget {
+/// `learned`: a login secret clients taught pgmux for `user` (see `App::learn_server_secret`),
+/// used unless the config holds the plain password.
+fn target(
+    config: &Config,
+    learned: Option<Secret>,
+    db: &Database,
+    user: &str,
+    host: Option<&HostConfig>,
+) -> ServerTarget {
     let (server_user, secret) = match &db.server_user {
         Some(u) => (u.clone(), db.server_password.as_deref().map(Secret::parse)),
-        None => (
-            user.to_string(),
-            config
+        None => {
+            let configured = config
                 .user(user)
                 .and_then(|u| u.password.as_deref())
-                .map(Secret::parse),
-        ),
+                .map(Secret::parse);
+            let secret = match configured {
+                Some(Secret::Plain(pw)) => Some(Secret::Plain(pw)),
+                other => learned.or(other),
+            };
+            (user.to_string(), secret)
+        }
     };
     ServerTarget {
         host: host.map_or_else(|| db.host.clone(), |h| h.host.clone()),

@@ -58,6 +58,12 @@ impl Seconds {
     }
 }
 
+/// The secret of a role that may log in now (a role whose VALID UNTIL has passed gets no
+/// row), as PostgreSQL stores it. Reading pg_shadow takes a superuser: see docs/security.md
+/// for a SECURITY DEFINER function that an unprivileged auth_user can call instead.
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT usename, passwd FROM pg_catalog.pg_shadow \
+     WHERE usename = $1 AND (valuntil IS NULL OR valuntil > now())";
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct General {
@@ -109,6 +115,16 @@ pub struct General {
     pub server_tls_cert_file: String,
     pub server_tls_key_file: String,
     pub auth_hba_file: String,
+    /// A user of [[users]] as whom pgmux looks up the secrets of users not in the config
+    /// with `auth_query` (PgBouncer's auth_user); empty turns the lookup off.
+    pub auth_user: String,
+    /// The lookup: `$1` is the user name; it returns (name, secret) and no row for a user
+    /// who may not log in.
+    pub auth_query: String,
+    /// The database the lookup runs in; empty means the database the client asked for.
+    pub auth_dbname: String,
+    /// How long a looked-up secret is reused before it is looked up again.
+    pub auth_cache_ttl: Seconds,
     /// Statements running at least this long (milliseconds) are logged; 0 turns it off.
     pub log_min_duration_ms: u64,
 }
@@ -158,6 +174,10 @@ impl Default for General {
             server_tls_cert_file: String::new(),
             server_tls_key_file: String::new(),
             auth_hba_file: String::new(),
+            auth_user: String::new(),
+            auth_query: DEFAULT_AUTH_QUERY.into(),
+            auth_dbname: String::new(),
+            auth_cache_ttl: Seconds(10.0),
             log_min_duration_ms: 0,
         }
     }
@@ -191,6 +211,8 @@ pub struct Database {
     pub pool_mode: Option<PoolMode>,
     pub server_user: Option<String>,
     pub server_password: Option<String>,
+    /// This database's auth_user, instead of the global one.
+    pub auth_user: Option<String>,
     // ---- read/write splitting (issue 3): the keys of `router::config::RoutingConfig`,
     // copied because serde cannot combine `flatten` with `deny_unknown_fields`. Defaults and
     // meanings are RoutingConfig's; `Database::routing()` gives them back as one.
@@ -399,6 +421,12 @@ impl Config {
                 ));
             }
         }
+        let auth_db = &self.pgmux.auth_dbname;
+        if !auth_db.is_empty() && self.database(auth_db).is_none() {
+            return Err(format!(
+                "auth_dbname {auth_db:?} is not a [[databases]] entry"
+            ));
+        }
         for u in &self.users {
             if u.name.is_empty() {
                 return Err("every user needs a name".into());
@@ -408,6 +436,14 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The user whose connections look up unknown users for `db`, if auth_query is on there.
+    pub fn auth_user_for<'a>(&'a self, db: &'a Database) -> Option<&'a str> {
+        db.auth_user
+            .as_deref()
+            .or(Some(self.pgmux.auth_user.as_str()))
+            .filter(|u| !u.is_empty())
     }
 
     pub fn user(&self, name: &str) -> Option<&User> {

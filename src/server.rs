@@ -3,6 +3,7 @@
 //! (parameter sync, reset) whose results no client sees.
 
 use crate::auth::password::{md5_response, Secret};
+use crate::auth::scram_client::KeyedScramClient;
 use crate::cancel::CancelTarget;
 use crate::params::Params;
 use crate::protocol::messages::{self, parse_error_fields, parse_parameter_status, ErrorFields};
@@ -37,6 +38,8 @@ pub enum ServerError {
     Protocol(&'static str),
     #[error("cannot authenticate to server: {0}")]
     Auth(&'static str),
+    #[error("SCRAM login to server: {0}")]
+    Scram(crate::auth::scram_client::ScramClientError),
     #[error("TLS to server: {0}")]
     Tls(#[from] crate::tls::TlsError),
 }
@@ -131,7 +134,7 @@ impl ServerConn {
         frontend::startup_message(params, &mut out)?;
         self.stream.write_all(&out).await?;
         let mut buf = BytesMut::with_capacity(1024);
-        let mut scram: Option<ScramSha256> = None;
+        let mut scram: Option<ScramLogin> = None;
         loop {
             let (tag, body) = self.read_message(&mut buf).await?;
             match tag {
@@ -153,7 +156,7 @@ impl ServerConn {
         &mut self,
         target: &ServerTarget,
         body: &[u8],
-        scram: &mut Option<ScramSha256>,
+        scram: &mut Option<ScramLogin>,
     ) -> Result<(), ServerError> {
         if body.len() < 4 {
             return Err(ServerError::Protocol("short authentication message"));
@@ -187,34 +190,27 @@ impl ServerConn {
                 frontend::password_message(response.as_bytes(), &mut out)?;
             }
             10 => {
-                let Some(Secret::Plain(pw)) = &target.secret else {
-                    return Err(ServerError::Auth(
-                        "server asks for SCRAM; plain text password needed",
-                    ));
-                };
                 if !sasl_offers(data, "SCRAM-SHA-256") {
                     return Err(ServerError::Auth(
                         "server offers no supported SASL mechanism",
                     ));
                 }
-                let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
-                frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)?;
+                let s = ScramLogin::start(target.secret.as_ref())?;
+                frontend::sasl_initial_response("SCRAM-SHA-256", &s.first_message(), &mut out)?;
                 *scram = Some(s);
             }
             11 => {
                 let s = scram
                     .as_mut()
                     .ok_or(ServerError::Protocol("SASL continue out of order"))?;
-                s.update(data)
-                    .map_err(|_| ServerError::Auth("SCRAM exchange failed"))?;
-                frontend::sasl_response(s.message(), &mut out)?;
+                let reply = s.server_first(data)?;
+                frontend::sasl_response(&reply, &mut out)?;
             }
             12 => {
                 let s = scram
                     .as_mut()
                     .ok_or(ServerError::Protocol("SASL final out of order"))?;
-                s.finish(data)
-                    .map_err(|_| ServerError::Auth("server's SCRAM signature is invalid"))?;
+                s.server_final(data)?;
                 return Ok(());
             }
             _ => return Err(ServerError::Auth("server asks for an unsupported method")),
@@ -266,11 +262,49 @@ impl ServerConn {
     pub async fn query_internal(
         &mut self,
         sql: &str,
-        mut rows: Option<&mut Vec<Vec<String>>>,
+        rows: Option<&mut Vec<Vec<String>>>,
     ) -> Result<Option<ErrorFields>, ServerError> {
         let mut out = BytesMut::new();
         messages::query(&mut out, sql);
-        self.stream.write_all(&out).await?;
+        self.exchange_internal(&out, rows).await
+    }
+
+    /// Runs one statement with text parameters ($1, ...) through the extended protocol, so
+    /// values never need quoting; rows as `query_internal`.
+    pub async fn query_params_internal(
+        &mut self,
+        sql: &str,
+        params: &[&str],
+        rows: &mut Vec<Vec<String>>,
+    ) -> Result<Option<ErrorFields>, ServerError> {
+        let mut out = BytesMut::new();
+        let bad = |_| ServerError::Protocol("internal statement too large to encode");
+        frontend::parse("", sql, std::iter::empty(), &mut out).map_err(bad)?;
+        frontend::bind(
+            "",
+            "",
+            std::iter::empty::<i16>(),
+            params.iter(),
+            |p, buf| {
+                buf.extend_from_slice(p.as_bytes());
+                Ok(postgres_protocol::IsNull::No)
+            },
+            std::iter::empty::<i16>(),
+            &mut out,
+        )
+        .map_err(|_| ServerError::Protocol("internal statement too large to encode"))?;
+        frontend::execute("", 0, &mut out).map_err(bad)?;
+        frontend::sync(&mut out);
+        self.exchange_internal(&out, Some(rows)).await
+    }
+
+    /// Sends `request` and reads the answers up to ReadyForQuery.
+    async fn exchange_internal(
+        &mut self,
+        request: &[u8],
+        mut rows: Option<&mut Vec<Vec<String>>>,
+    ) -> Result<Option<ErrorFields>, ServerError> {
+        self.stream.write_all(request).await?;
         let mut buf = BytesMut::with_capacity(512);
         let mut error = None;
         loop {
@@ -331,6 +365,60 @@ fn data_row(body: &[u8]) -> Option<Vec<String>> {
         at += len as usize;
     }
     Some(cols)
+}
+
+/// pgmux's side of a SCRAM login: with the password, or with a ClientKey a client proved.
+enum ScramLogin {
+    Password(ScramSha256),
+    Keys(KeyedScramClient),
+}
+
+impl ScramLogin {
+    fn start(secret: Option<&Secret>) -> Result<ScramLogin, ServerError> {
+        match secret {
+            Some(Secret::Plain(pw)) => Ok(ScramLogin::Password(ScramSha256::new(
+                pw.as_bytes(),
+                ChannelBinding::unsupported(),
+            ))),
+            Some(Secret::ScramKeys {
+                verifier,
+                client_key,
+            }) => Ok(ScramLogin::Keys(KeyedScramClient::new(
+                verifier.clone(),
+                *client_key,
+            ))),
+            _ => Err(ServerError::Auth(
+                "server asks for SCRAM; pgmux has neither the password nor a client's proof",
+            )),
+        }
+    }
+
+    fn first_message(&self) -> Vec<u8> {
+        match self {
+            ScramLogin::Password(s) => s.message().to_vec(),
+            ScramLogin::Keys(k) => k.client_first(),
+        }
+    }
+
+    fn server_first(&mut self, data: &[u8]) -> Result<Vec<u8>, ServerError> {
+        match self {
+            ScramLogin::Password(s) => {
+                s.update(data)
+                    .map_err(|_| ServerError::Auth("SCRAM exchange failed"))?;
+                Ok(s.message().to_vec())
+            }
+            ScramLogin::Keys(k) => k.server_first(data).map_err(ServerError::Scram),
+        }
+    }
+
+    fn server_final(&mut self, data: &[u8]) -> Result<(), ServerError> {
+        match self {
+            ScramLogin::Password(s) => s
+                .finish(data)
+                .map_err(|_| ServerError::Auth("server's SCRAM signature is invalid")),
+            ScramLogin::Keys(k) => k.server_final(data).map_err(ServerError::Scram),
+        }
+    }
 }
 
 fn sasl_offers(mut data: &[u8], mechanism: &str) -> bool {

@@ -2,8 +2,10 @@
 //! stored secrets both sides use. pgmux's own login to servers lives in `server`.
 
 pub mod hba;
+pub mod lookup;
 pub mod password;
 pub mod scram;
+pub mod scram_client;
 
 use crate::config::AuthType;
 use crate::protocol::messages;
@@ -40,7 +42,7 @@ pub struct VerifierCache {
 impl VerifierCache {
     fn verifier(&self, user: &str, secret: &Secret) -> Option<ScramVerifier> {
         let pw = match secret {
-            Secret::Scram(v) => return Some(v.clone()),
+            Secret::Scram(v) | Secret::ScramKeys { verifier: v, .. } => return Some(v.clone()),
             Secret::Md5(_) => return None,
             Secret::Plain(pw) => pw,
         };
@@ -54,6 +56,27 @@ impl VerifierCache {
     }
 }
 
+/// What a successful exchange taught pgmux: with a SCRAM verifier, the client's ClientKey,
+/// which logs in to servers as this user without the password.
+#[derive(Debug, Default)]
+pub struct Proven {
+    pub client_key: Option<[u8; 32]>,
+}
+
+impl Proven {
+    /// The secret that logs in to servers as this user, when the exchange taught one that the
+    /// stored `secret` alone is not (a SCRAM verifier cannot answer a server's SCRAM).
+    pub fn server_secret(&self, secret: Option<&Secret>) -> Option<Secret> {
+        match (secret, self.client_key) {
+            (Some(Secret::Scram(v)), Some(client_key)) => Some(Secret::ScramKeys {
+                verifier: v.clone(),
+                client_key,
+            }),
+            _ => None,
+        }
+    }
+}
+
 /// Runs the exchange that `method` calls for. `secret` is None for an unknown user or one
 /// without a password, whose exchange looks like any other and then fails. On Ok the caller
 /// sends AuthenticationOk.
@@ -64,20 +87,27 @@ pub async fn authenticate<S>(
     known: bool,
     secret: Option<&Secret>,
     cache: &VerifierCache,
-) -> Result<(), AuthError>
+) -> Result<Proven, AuthError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     match (method, secret) {
-        (AuthType::Trust, _) if known => Ok(()),
+        (AuthType::Trust, _) if known => Ok(Proven::default()),
         (AuthType::Trust, _) => Err(AuthError::Failed),
         // as PostgreSQL does: md5 with a SCRAM secret runs SCRAM
-        (AuthType::Md5, Some(Secret::Scram(_))) | (AuthType::ScramSha256, _) => {
+        (AuthType::Md5, Some(Secret::Scram(_) | Secret::ScramKeys { .. }))
+        | (AuthType::ScramSha256, _) => {
             let verifier = secret.and_then(|s| cache.verifier(user, s));
             let known = secret.is_some();
-            scram_exchange(stream, user, verifier, known).await
+            let client_key = scram_exchange(stream, user, verifier, known).await?;
+            Ok(Proven {
+                client_key: Some(client_key),
+            })
         }
-        (AuthType::Md5, _) => md5_exchange(stream, user, secret).await,
+        (AuthType::Md5, _) => {
+            md5_exchange(stream, user, secret).await?;
+            Ok(Proven::default())
+        }
     }
 }
 
@@ -106,7 +136,7 @@ async fn scram_exchange<S>(
     user: &str,
     verifier: Option<ScramVerifier>,
     known: bool,
-) -> Result<(), AuthError>
+) -> Result<[u8; 32], AuthError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -126,13 +156,14 @@ where
 
     let body = read_password_message(stream).await?;
     let fin = server.client_final(&body).map_err(scram_error)?;
-    if !(usable && known) {
-        return Err(AuthError::Failed);
-    }
+    let client_key = match server.client_key() {
+        Some(k) if usable && known => k,
+        _ => return Err(AuthError::Failed),
+    };
     out.clear();
     messages::auth_sasl_final(&mut out, &fin);
     stream.write_all(&out).await?;
-    Ok(())
+    Ok(client_key)
 }
 
 fn scram_error(e: scram::ScramError) -> AuthError {

@@ -18,12 +18,18 @@ const MD5_PREFIX: &str = "md5";
 /// A user's secret as written in pgmux's config: plain text, `"md5"` + 32 hex
 /// (md5(password || username)), or a SCRAM verifier
 /// `"SCRAM-SHA-256$<iter>:<salt b64>$<StoredKey b64>:<ServerKey b64>"`.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum Secret {
     Plain(String),
     /// The md5(password || user) digest.
     Md5([u8; 16]),
     Scram(ScramVerifier),
+    /// A verifier with the ClientKey a client proved it holds: enough to log in to a server
+    /// by SCRAM without the password. Never parsed from a config, only learned.
+    ScramKeys {
+        verifier: ScramVerifier,
+        client_key: [u8; 32],
+    },
 }
 
 // Hand-written so that a stray `{:?}` in a log line never prints a password.
@@ -33,6 +39,7 @@ impl fmt::Debug for Secret {
             Secret::Plain(_) => f.write_str("Secret::Plain(<redacted>)"),
             Secret::Md5(_) => f.write_str("Secret::Md5(<redacted>)"),
             Secret::Scram(v) => f.debug_tuple("Secret::Scram").field(v).finish(),
+            Secret::ScramKeys { .. } => f.write_str("Secret::ScramKeys(<redacted>)"),
         }
     }
 }
@@ -282,7 +289,7 @@ pub fn md5_verify(secret: &Secret, user: &str, salt: [u8; 4], client_response: &
     let digest = match secret {
         Secret::Plain(password) => md5_secret(password, user),
         Secret::Md5(digest) => *digest,
-        Secret::Scram(_) => return false,
+        Secret::Scram(_) | Secret::ScramKeys { .. } => return false,
     };
     ct_eq(md5_response(&digest, salt).as_bytes(), client_response)
 }

@@ -5,6 +5,7 @@
 
 use crate::app::App;
 use crate::auth::hba::{self, Decision};
+use crate::auth::lookup::LookupPlan;
 use crate::auth::{self, password::Secret, AuthError};
 use crate::cancel::{self, CancelHandle};
 use crate::params::{self, Params};
@@ -114,25 +115,49 @@ where
         &user,
     )
     .map_err(Refusal::with)?;
-    let known = config.user(&user);
-    let secret = known.and_then(|u| u.password.as_deref()).map(Secret::parse);
+    let plan = match config.user(&user) {
+        Some(_) => None,
+        None if crate::admin::is_console_db(&db) => None,
+        None => config
+            .database(&db)
+            .and_then(|d| LookupPlan::new(&config, d)),
+    };
+    let (known, secret) = match config.user(&user) {
+        Some(u) => (true, u.password.as_deref().map(Secret::parse)),
+        None => match (&plan, &decision) {
+            (Some(plan), Decision::Exchange(_)) => look_up(app, plan, &user).await?,
+            _ => (false, None),
+        },
+    };
     let outcome = match decision {
         Decision::Exchange(method) => {
             auth::authenticate(
                 stream,
                 method,
                 &user,
-                known.is_some(),
+                known,
                 secret.as_ref(),
                 &app.verifiers,
             )
             .await
         }
-        Decision::Certified => Ok(()),
+        Decision::Certified => Ok(auth::Proven::default()),
     };
     match outcome {
-        Ok(()) => {}
+        Ok(proven) => {
+            // a user found by auth_query logs in to servers with what was found, unless the
+            // exchange taught something better (a SCRAM verifier alone cannot log in)
+            let learned = proven
+                .server_secret(secret.as_ref())
+                .or_else(|| plan.as_ref().and(secret.clone()));
+            if let Some(s) = learned {
+                app.learn_server_secret(&user, s);
+            }
+        }
         Err(AuthError::Failed) => {
+            if let Some(plan) = &plan {
+                app.auth_lookups.forget(plan, &user);
+            }
             app.auth_failures
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Err(Refusal::with(PgError::fatal(
@@ -181,6 +206,26 @@ where
         cancel,
         route,
     }))
+}
+
+/// A user's secret through auth_query: (found, secret). A failed lookup refuses the client
+/// without the server's words, which may say more about the server than it should hear.
+async fn look_up(
+    app: &App,
+    plan: &LookupPlan<'_>,
+    user: &str,
+) -> Result<(bool, Option<Secret>), Refusal> {
+    match app.auth_lookups.secret(app, plan, user).await {
+        Ok(Some(secret)) => Ok((true, Some(secret))),
+        Ok(None) => Ok((false, None)),
+        Err(e) => {
+            tracing::warn!(auth_user = plan.auth_user, db = %plan.db.name, "{e}");
+            Err(Refusal::with(PgError::fatal(
+                "08006",
+                "pgmux could not look up the user: auth_query failed",
+            )))
+        }
+    }
 }
 
 async fn write<S: AsyncWrite + Unpin>(stream: &mut S, b: &[u8]) -> Result<(), Refusal> {
