@@ -2,6 +2,7 @@
 //! parameters the server reported, its cancel key, and the internal queries pgmux runs on it
 //! (parameter sync, reset) whose results no client sees.
 
+use crate::auth::channel_binding;
 use crate::auth::password::{md5_response, Secret};
 use crate::auth::scram_client::KeyedScramClient;
 use crate::cancel::CancelTarget;
@@ -190,13 +191,23 @@ impl ServerConn {
                 frontend::password_message(response.as_bytes(), &mut out)?;
             }
             10 => {
-                if !sasl_offers(data, "SCRAM-SHA-256") {
-                    return Err(ServerError::Auth(
-                        "server offers no supported SASL mechanism",
-                    ));
-                }
-                let s = ScramLogin::start(target.secret.as_ref())?;
-                frontend::sasl_initial_response("SCRAM-SHA-256", &s.first_message(), &mut out)?;
+                // bind to the server's certificate when it offers to, as libpq's default
+                // channel_binding=prefer does
+                let binding = self
+                    .stream
+                    .tls_end_point()
+                    .filter(|_| sasl_offers(data, channel_binding::MECHANISM_PLUS));
+                let mechanism = match binding {
+                    Some(_) => channel_binding::MECHANISM_PLUS,
+                    None if sasl_offers(data, "SCRAM-SHA-256") => "SCRAM-SHA-256",
+                    None => {
+                        return Err(ServerError::Auth(
+                            "server offers no supported SASL mechanism",
+                        ))
+                    }
+                };
+                let s = ScramLogin::start(target.secret.as_ref(), binding)?;
+                frontend::sasl_initial_response(mechanism, &s.first_message(), &mut out)?;
                 *scram = Some(s);
             }
             11 => {
@@ -374,18 +385,23 @@ enum ScramLogin {
 }
 
 impl ScramLogin {
-    fn start(secret: Option<&Secret>) -> Result<ScramLogin, ServerError> {
+    /// `binding`: the server's certificate hash when the exchange is to be bound.
+    fn start(secret: Option<&Secret>, binding: Option<Vec<u8>>) -> Result<ScramLogin, ServerError> {
         match secret {
-            Some(Secret::Plain(pw)) => Ok(ScramLogin::Password(ScramSha256::new(
-                pw.as_bytes(),
-                ChannelBinding::unsupported(),
-            ))),
+            Some(Secret::Plain(pw)) => {
+                let cb = match binding {
+                    Some(hash) => ChannelBinding::tls_server_end_point(hash),
+                    None => ChannelBinding::unsupported(),
+                };
+                Ok(ScramLogin::Password(ScramSha256::new(pw.as_bytes(), cb)))
+            }
             Some(Secret::ScramKeys {
                 verifier,
                 client_key,
             }) => Ok(ScramLogin::Keys(KeyedScramClient::new(
                 verifier.clone(),
                 *client_key,
+                binding,
             ))),
             _ => Err(ServerError::Auth(
                 "server asks for SCRAM; pgmux has neither the password nor a client's proof",

@@ -108,6 +108,8 @@ impl std::fmt::Debug for Security {
 pub struct ClientTls {
     pub mode: ClientSslMode,
     acceptor: TlsAcceptor,
+    /// SCRAM channel binding data of our certificate (tls-server-end-point), if it has one.
+    end_point: Option<Arc<[u8]>>,
 }
 
 pub struct ServerTls {
@@ -120,10 +122,15 @@ impl Security {
     pub fn load(g: &General) -> Result<Security, String> {
         let client = match g.client_tls_sslmode {
             ClientSslMode::Disable => None,
-            mode => Some(Arc::new(ClientTls {
-                mode,
-                acceptor: client_acceptor(g).map_err(|e| format!("client TLS: {e}"))?,
-            })),
+            mode => {
+                let (acceptor, end_point) =
+                    client_acceptor(g).map_err(|e| format!("client TLS: {e}"))?;
+                Some(Arc::new(ClientTls {
+                    mode,
+                    acceptor,
+                    end_point,
+                }))
+            }
         };
         let server = match g.server_tls_sslmode {
             ServerSslMode::Disable => None,
@@ -194,13 +201,17 @@ fn setup(e: impl std::fmt::Display) -> TlsError {
     TlsError::Setup(e.to_string())
 }
 
-fn client_acceptor(g: &General) -> Result<TlsAcceptor, TlsError> {
+fn client_acceptor(g: &General) -> Result<(TlsAcceptor, Option<Arc<[u8]>>), TlsError> {
     if g.client_tls_cert_file.is_empty() || g.client_tls_key_file.is_empty() {
         return Err(setup(
             "client_tls_sslmode other than disable needs client_tls_cert_file and client_tls_key_file",
         ));
     }
     let certs = read_certs(&g.client_tls_cert_file)?;
+    let end_point = certs
+        .first()
+        .and_then(|c| crate::auth::channel_binding::end_point_hash(c))
+        .map(Arc::from);
     let key = read_key(&g.client_tls_key_file)?;
     let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -223,7 +234,7 @@ fn client_acceptor(g: &General) -> Result<TlsAcceptor, TlsError> {
     // Required for direct TLS; clients negotiating with SSLRequest may send it or not, and
     // rustls only refuses a client that offers ALPN without "postgresql".
     config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok((TlsAcceptor::from(Arc::new(config)), end_point))
 }
 
 fn server_connector(g: &General, mode: ServerSslMode) -> Result<TlsConnector, TlsError> {
@@ -382,6 +393,8 @@ pub struct Peer {
     pub tls: bool,
     /// The common name of the client's certificate, verified against client_tls_ca_file.
     pub cert_cn: Option<String>,
+    /// Over TLS, the channel binding data SCRAM-SHA-256-PLUS binds to.
+    pub tls_end_point: Option<Arc<[u8]>>,
 }
 
 /// A client connection, plain or TLS.
@@ -442,6 +455,7 @@ pub async fn open(
         addr,
         tls: false,
         cert_cn: None,
+        tls_end_point: None,
     };
     if let Some(tls) = &security.client {
         let mut b = [0u8; 1];
@@ -582,6 +596,7 @@ async fn handshake(
         .await
         .map_err(OpenError::Handshake)?;
     peer.tls = true;
+    peer.tls_end_point = tls.end_point.clone();
     peer.cert_cn = s
         .get_ref()
         .1
@@ -700,6 +715,20 @@ impl ServerStream {
         matches!(self, ServerStream::Tls(_))
     }
 
+    /// Over TLS, the tls-server-end-point hash of the server's certificate, for SCRAM
+    /// channel binding.
+    pub fn tls_end_point(&self) -> Option<Vec<u8>> {
+        match self {
+            ServerStream::Plain(_) => None,
+            ServerStream::Tls(s) => s
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| crate::auth::channel_binding::end_point_hash(c)),
+        }
+    }
+
     /// True when the server closed the connection or sent something unprompted while it sat
     /// idle. Under TLS the bytes are only peeked: they are records rustls must decrypt, and
     /// any record at all on an idle connection (an alert, a FATAL error) means it is done.
@@ -813,7 +842,7 @@ pub fn subject_common_name(der: &[u8]) -> Option<String> {
 }
 
 /// One DER element: its tag, its content, and what follows it.
-fn der_next(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+pub(crate) fn der_next(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let tag = *b.first()?;
     let first = *b.get(1)?;
     let (len, head) = if first < 0x80 {

@@ -35,6 +35,11 @@ fn roles() -> &'static PgCluster {
     static ONCE: std::sync::Once = std::sync::Once::new();
     let pg = PgCluster::shared();
     ONCE.call_once(|| {
+        // TLS on the server: pgmux's default server_tls_sslmode (prefer) then uses it, and
+        // binds its SCRAM logins to the server's certificate (SCRAM-SHA-256-PLUS)
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        pg.primary()
+            .enable_ssl(&cert.cert.pem(), &cert.key_pair.serialize_pem());
         pg.create_role("aq_auth", "auth-pw", "scram-sha-256");
         pg.create_role("aq_scram", "scram-pw", "scram-sha-256");
         pg.create_role("aq_md5", "md5-pw", "md5");
@@ -103,6 +108,12 @@ async fn scram_user_logs_in_end_to_end_without_pgmux_knowing_the_password() {
         "SELECT count(*) FROM pg_stat_activity WHERE usename = 'aq_pool'",
     );
     assert_eq!(backends, "2", "two server connections logged in as aq_pool");
+    let over_tls = pg.primary().psql(
+        "postgres",
+        "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.usename = 'aq_pool'",
+    );
+    assert_eq!(over_tls, "t", "SCRAM-SHA-256-PLUS logins over TLS");
     for c in &held {
         c.batch_execute("COMMIT").await.unwrap();
     }

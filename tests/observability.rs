@@ -204,6 +204,18 @@ async fn pgbench_moves_counters_and_gauges_agree_with_postgres_and_show_pools() 
         String::from_utf8_lossy(&out.stderr)
     );
     let xacts = f64::from(clients * per_client);
+    // pgbench's Terminate messages may still be in flight when it exits: wait until pgmux
+    // has seen every client leave, so the byte counters are final when compared below
+    wait_until("pgbench's clients gone from pgmux", WAIT, || {
+        let m = scrape(s.metrics_port);
+        ["active", "idle", "waiting"].iter().all(|st| {
+            metric(
+                &m,
+                "pgmux_clients",
+                &[("database", db), ("user", "postgres"), ("state", st)],
+            ) == 0.0
+        })
+    });
     let after = scrape(s.metrics_port);
     let delta = |name: &str| metric(&after, name, &l) - metric(&before, name, &l);
     assert_eq!(delta("pgmux_transactions_total"), xacts, "{after}");

@@ -297,6 +297,44 @@ fn psql_with_sslmode_require_and_verify_full() {
     assert!(e.contains("SSL required"), "{e}");
 }
 
+#[test]
+fn scram_with_channel_binding_over_tls() {
+    // libpq with channel_binding=require picks SCRAM-SHA-256-PLUS and checks that pgmux bound
+    // the exchange to the certificate it presented: a wrong hash on pgmux's side fails it
+    let px = start("prefer", false);
+    let ca = pki().file("ca.pem");
+    let bound = format!("sslmode=verify-full sslrootcert={ca} channel_binding=require");
+    assert_eq!(
+        psql(&conninfo(&px, "app", &bound), "SELECT current_user"),
+        Ok("app".to_string())
+    );
+    // a wrong password still fails under binding
+    let e = psql(
+        &format!(
+            "host=localhost hostaddr=127.0.0.1 port={} user=app dbname=app password=wrong {bound}",
+            px.port
+        ),
+        "SELECT 1",
+    )
+    .unwrap_err();
+    assert!(e.contains("password authentication failed"), "{e}");
+    // without TLS there is nothing to bind to: libpq refuses to go on
+    let e = psql(
+        &conninfo(&px, "app", "sslmode=disable channel_binding=require"),
+        "SELECT 1",
+    )
+    .unwrap_err();
+    assert!(e.contains("channel binding"), "{e}");
+    // and clients that do not ask for binding are served as before
+    assert_eq!(
+        psql(
+            &conninfo(&px, "app", "sslmode=require channel_binding=disable"),
+            "SELECT current_user"
+        ),
+        Ok("app".to_string())
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_tls_with_alpn_is_served() {
     let px = start("prefer", false);

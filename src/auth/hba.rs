@@ -441,6 +441,7 @@ mod tests {
             addr: "127.0.0.1:5000".parse().unwrap(),
             tls: false,
             cert_cn: None,
+            tls_end_point: None,
         };
         let d = |peer: &Peer, user: &str| decide(Some(&hba), AuthType::Trust, peer, "db", user);
         assert_eq!(d(&peer, "app"), Ok(Decision::Exchange(AuthType::Md5)));

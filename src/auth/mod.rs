@@ -1,6 +1,7 @@
 //! Authenticating clients (trust, md5, SCRAM-SHA-256 with pgmux as the SCRAM server) and the
 //! stored secrets both sides use. pgmux's own login to servers lives in `server`.
 
+pub mod channel_binding;
 pub mod hba;
 pub mod lookup;
 pub mod password;
@@ -80,6 +81,9 @@ impl Proven {
 /// Runs the exchange that `method` calls for. `secret` is None for an unknown user or one
 /// without a password, whose exchange looks like any other and then fails. On Ok the caller
 /// sends AuthenticationOk.
+///
+/// `tls_end_point`: on a TLS connection, the tls-server-end-point hash of pgmux's
+/// certificate, which makes SCRAM offer channel binding (SCRAM-SHA-256-PLUS).
 pub async fn authenticate<S>(
     stream: &mut S,
     method: AuthType,
@@ -87,6 +91,7 @@ pub async fn authenticate<S>(
     known: bool,
     secret: Option<&Secret>,
     cache: &VerifierCache,
+    tls_end_point: Option<&[u8]>,
 ) -> Result<Proven, AuthError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -99,7 +104,7 @@ where
         | (AuthType::ScramSha256, _) => {
             let verifier = secret.and_then(|s| cache.verifier(user, s));
             let known = secret.is_some();
-            let client_key = scram_exchange(stream, user, verifier, known).await?;
+            let client_key = scram_exchange(stream, user, verifier, known, tls_end_point).await?;
             Ok(Proven {
                 client_key: Some(client_key),
             })
@@ -136,19 +141,30 @@ async fn scram_exchange<S>(
     user: &str,
     verifier: Option<ScramVerifier>,
     known: bool,
+    tls_end_point: Option<&[u8]>,
 ) -> Result<[u8; 32], AuthError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     // a known user whose secret cannot do SCRAM (md5) still gets a normal-looking exchange
     let usable = verifier.is_some();
-    let mut server = scram::ScramServer::new(verifier, user);
     let mut out = BytesMut::new();
-    messages::auth_sasl(&mut out, scram::MECHANISM);
+    // as PostgreSQL lists them: the bound mechanism first
+    let offered: &[&str] = match tls_end_point {
+        Some(_) => &[channel_binding::MECHANISM_PLUS, scram::MECHANISM],
+        None => &[scram::MECHANISM],
+    };
+    messages::auth_sasl(&mut out, offered);
     stream.write_all(&out).await?;
 
     let body = read_password_message(stream).await?;
-    let data = sasl_initial_data(&body)?;
+    let (plus, data) = sasl_initial_data(&body, offered)?;
+    let binding = match (plus, tls_end_point) {
+        (true, Some(hash)) => scram::Binding::Selected(hash.to_vec()),
+        (false, Some(_)) => scram::Binding::Offered,
+        _ => scram::Binding::NotOffered,
+    };
+    let mut server = scram::ScramServer::new(verifier, user).with_binding(binding);
     let first = server.client_first(data).map_err(scram_error)?;
     out.clear();
     messages::auth_sasl_continue(&mut out, &first);
@@ -173,15 +189,20 @@ fn scram_error(e: scram::ScramError) -> AuthError {
     }
 }
 
-/// The data of a SASLInitialResponse, after checking the mechanism.
-fn sasl_initial_data(mut body: &[u8]) -> Result<&[u8], AuthError> {
+/// The data of a SASLInitialResponse, after checking the mechanism is one `offered`; true
+/// when the client chose channel binding.
+fn sasl_initial_data<'a>(
+    mut body: &'a [u8],
+    offered: &[&str],
+) -> Result<(bool, &'a [u8]), AuthError> {
     let mech = messages::take_cstr(&mut body)
         .ok_or_else(|| AuthError::Protocol("malformed SASLInitialResponse".into()))?;
-    if mech != scram::MECHANISM.as_bytes() {
+    if !offered.iter().any(|m| m.as_bytes() == mech) {
         return Err(AuthError::Protocol(
             "client selected an invalid SASL authentication mechanism".into(),
         ));
     }
+    let plus = mech == channel_binding::MECHANISM_PLUS.as_bytes();
     let len = body
         .get(..4)
         .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
@@ -190,7 +211,7 @@ fn sasl_initial_data(mut body: &[u8]) -> Result<&[u8], AuthError> {
     if len < 0 || len as usize != data.len() {
         return Err(AuthError::Protocol("malformed SASLInitialResponse".into()));
     }
-    Ok(data)
+    Ok((plus, data))
 }
 
 /// Reads one 'p' message (password, SASL initial or SASL response) body.

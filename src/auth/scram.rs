@@ -12,8 +12,8 @@ use sha2::{Digest as _, Sha256};
 
 use super::password::{ct_eq, ScramVerifier};
 
-/// The only mechanism pgmux advertises: no `-PLUS`, since it does not bind
-/// the exchange to a TLS channel.
+/// The mechanism without channel binding; over TLS pgmux offers `SCRAM-SHA-256-PLUS` too
+/// (see `channel_binding`).
 pub const MECHANISM: &str = "SCRAM-SHA-256";
 
 /// Real SCRAM messages are ~100 bytes; anything this large is an attack or a
@@ -37,6 +37,10 @@ pub enum ScramError {
     TooLong,
     #[error("SCRAM channel binding is not supported")]
     ChannelBindingUnsupported,
+    /// The client's flag contradicts the mechanism it chose, or claims the server cannot
+    /// bind when it offered to (a downgrade).
+    #[error("SCRAM channel binding negotiation error")]
+    ChannelBindingNegotiation,
     #[error("SCRAM authorization identity is not supported")]
     AuthzidUnsupported,
     #[error("SCRAM mandatory extension is not supported")]
@@ -51,11 +55,23 @@ pub enum ScramError {
     OutOfOrder,
 }
 
+/// Channel binding as negotiated by the mechanism the client chose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Binding {
+    /// Only SCRAM-SHA-256 was offered (no TLS, or a certificate with no usable hash).
+    NotOffered,
+    /// SCRAM-SHA-256-PLUS was offered, the client chose SCRAM-SHA-256.
+    Offered,
+    /// The client chose SCRAM-SHA-256-PLUS; the tls-server-end-point hash of our certificate.
+    Selected(Vec<u8>),
+}
+
 /// One SCRAM exchange with one client. Call [`ScramServer::client_first`],
 /// then [`ScramServer::client_final`]. A malformed or wrong message kills the
 /// exchange; a call out of order (`OutOfOrder`) leaves it as it was.
 pub struct ScramServer {
     verifier: ScramVerifier,
+    binding: Binding,
     /// Set for unknown users: the exchange runs normally but can never pass.
     doomed: bool,
     state: State,
@@ -102,9 +118,16 @@ impl ScramServer {
         let verifier = verifier.unwrap_or_else(|| fake_verifier(user_for_fake_salt));
         ScramServer {
             verifier,
+            binding: Binding::NotOffered,
             doomed,
             state: State::AwaitingClientFirst,
         }
+    }
+
+    /// What was negotiated about channel binding before the exchange (default: not offered).
+    pub fn with_binding(mut self, binding: Binding) -> ScramServer {
+        self.binding = binding;
+        self
     }
 
     /// Takes the client-first-message (the SASLInitialResponse data) and
@@ -115,16 +138,35 @@ impl ScramServer {
         }
         self.state = State::Failed;
         let first = parse_client_first(msg)?;
+        let expected_cbind = self.expected_cbind(first.gs2_header)?;
         let mut nonce = first.client_nonce.to_vec();
         nonce.extend_from_slice(server_nonce().as_bytes());
         let server_first = self.server_first_message(&nonce);
         self.state = State::AwaitingClientFinal(Exchange {
             client_first_bare: first.bare.to_vec(),
             server_first: server_first.clone(),
-            expected_cbind: STANDARD.encode(first.gs2_header),
+            expected_cbind,
             nonce,
         });
         Ok(server_first)
+    }
+
+    /// The c= attribute the client-final-message must carry: base64 of the gs2 header, and
+    /// of the certificate hash after it when the client bound the exchange.
+    fn expected_cbind(&self, gs2_header: &[u8]) -> Result<String, ScramError> {
+        let binds = gs2_header.starts_with(b"p=");
+        match (&self.binding, gs2_header.first()) {
+            (Binding::Selected(hash), Some(b'p')) => {
+                let mut data = gs2_header.to_vec();
+                data.extend_from_slice(hash);
+                Ok(STANDARD.encode(data))
+            }
+            (Binding::Selected(_), _) => Err(ScramError::ChannelBindingNegotiation),
+            // "y": the client could bind but thinks the server cannot, while it offered to
+            (Binding::Offered, Some(b'y')) => Err(ScramError::ChannelBindingNegotiation),
+            (_, _) if binds => Err(ScramError::ChannelBindingNegotiation),
+            _ => Ok(STANDARD.encode(gs2_header)),
+        }
     }
 
     fn server_first_message(&self, nonce: &[u8]) -> Vec<u8> {
@@ -233,9 +275,10 @@ fn parse_client_first(msg: &[u8]) -> Result<ClientFirst<'_>, ScramError> {
     let (flag, rest) = split_first_field(msg)?;
     let gs2_header: &'static [u8] = match flag {
         b"n" => b"n,,",
-        // The client could bind but believes we cannot; true, as we
-        // advertise no -PLUS mechanism, so there is no downgrade to detect.
+        // The client could bind but believes we cannot: a downgrade when -PLUS was offered,
+        // which `expected_cbind` checks.
         b"y" => b"y,,",
+        b"p=tls-server-end-point" => b"p=tls-server-end-point,,",
         [b'p', b'=', ..] => return Err(ScramError::ChannelBindingUnsupported),
         _ => return Err(ScramError::Malformed("invalid channel binding flag")),
     };
@@ -557,10 +600,12 @@ mod tests {
             (b"n,,n=,r=abc,1=x", Malformed("invalid attribute")),
             (b"x,,n=,r=abc", Malformed("invalid channel binding flag")),
             (b"N,,n=,r=abc", Malformed("invalid channel binding flag")),
+            // binding data although -PLUS was not offered (here: no TLS)
             (
                 b"p=tls-server-end-point,,n=,r=abc",
-                ChannelBindingUnsupported,
+                ChannelBindingNegotiation,
             ),
+            (b"p=tls-unique,,n=,r=abc", ChannelBindingUnsupported),
             (b"n,a=admin,n=,r=abc", AuthzidUnsupported),
             (b"n,x,n=,r=abc", Malformed("invalid authorization identity")),
             (b"n,,m=ext,n=,r=abc", ExtensionUnsupported),
@@ -726,5 +771,67 @@ mod tests {
         mac.update(b"Client Key");
         let expected: [u8; 32] = mac.finalize().into_bytes().into();
         assert_eq!(hmac_sha256(&key, &[b"Client", b" Key"]), expected);
+    }
+
+    #[test]
+    fn channel_binding_is_checked_against_the_negotiation() {
+        let hash = vec![9u8; 32];
+        let bound = |b: Binding| ScramServer::new(Some(pg_verifier()), "u").with_binding(b);
+        // chose -PLUS: the flag must bind, with our hash in c=
+        let mut server = bound(Binding::Selected(hash.clone()));
+        let first = server
+            .client_first(b"p=tls-server-end-point,,n=,r=abc")
+            .unwrap();
+        let nonce = attr_value(&first, "r=");
+        let mut cbind = b"p=tls-server-end-point,,".to_vec();
+        cbind.extend_from_slice(&hash);
+        let wrong = format!(
+            "c=cD10bHMtc2VydmVyLWVuZC1wb2ludCws,r={nonce},p={}",
+            STANDARD.encode([0u8; 32])
+        );
+        assert_eq!(
+            server.client_final(wrong.as_bytes()),
+            Err(ScramError::ChannelBindingMismatch)
+        );
+        let mut server = bound(Binding::Selected(hash.clone()));
+        let first = server
+            .client_first(b"p=tls-server-end-point,,n=,r=abc")
+            .unwrap();
+        let nonce = attr_value(&first, "r=");
+        let right = format!(
+            "c={},r={nonce},p={}",
+            STANDARD.encode(&cbind),
+            STANDARD.encode([0u8; 32])
+        );
+        // the binding matches; only the (made-up) proof is wrong
+        assert_eq!(
+            server.client_final(right.as_bytes()),
+            Err(ScramError::InvalidProof)
+        );
+        // chose -PLUS but did not bind, or bound without choosing it, or claimed we cannot bind
+        for (b, msg) in [
+            (Binding::Selected(hash.clone()), &b"n,,n=,r=abc"[..]),
+            (Binding::NotOffered, b"p=tls-server-end-point,,n=,r=abc"),
+            (Binding::Offered, b"p=tls-server-end-point,,n=,r=abc"),
+            (Binding::Offered, b"y,,n=,r=abc"),
+        ] {
+            assert_eq!(
+                bound(b).client_first(msg),
+                Err(ScramError::ChannelBindingNegotiation)
+            );
+        }
+        assert!(bound(Binding::Offered).client_first(b"n,,n=,r=abc").is_ok());
+        assert_eq!(
+            bound(Binding::Selected(hash)).client_first(b"p=tls-unique,,n=,r=abc"),
+            Err(ScramError::ChannelBindingUnsupported)
+        );
+    }
+
+    fn attr_value(msg: &[u8], name: &str) -> String {
+        let text = std::str::from_utf8(msg).unwrap();
+        text.split(',')
+            .find_map(|f| f.strip_prefix(name))
+            .unwrap()
+            .to_string()
     }
 }

@@ -31,25 +31,48 @@ pub enum ScramClientError {
 pub struct KeyedScramClient {
     verifier: ScramVerifier,
     client_key: [u8; 32],
+    /// The server's tls-server-end-point hash when the exchange is bound (SCRAM-SHA-256-PLUS).
+    binding: Option<Vec<u8>>,
     nonce: String,
     auth_message: Option<Vec<u8>>,
 }
 
 impl KeyedScramClient {
-    pub fn new(verifier: ScramVerifier, client_key: [u8; 32]) -> KeyedScramClient {
+    pub fn new(
+        verifier: ScramVerifier,
+        client_key: [u8; 32],
+        binding: Option<Vec<u8>>,
+    ) -> KeyedScramClient {
         let raw: [u8; NONCE_LEN] = rand::random();
         KeyedScramClient {
             verifier,
             client_key,
+            binding,
             nonce: STANDARD.encode(raw),
             auth_message: None,
         }
     }
 
-    /// gs2 header "n,," (no channel binding) and an empty user name: PostgreSQL takes the
-    /// user from the startup packet, as libpq relies on.
+    /// An empty user name: PostgreSQL takes the user from the startup packet, as libpq
+    /// relies on.
     pub fn client_first(&self) -> Vec<u8> {
-        format!("n,,{}", self.client_first_bare()).into_bytes()
+        format!("{}{}", self.gs2_header(), self.client_first_bare()).into_bytes()
+    }
+
+    fn gs2_header(&self) -> &'static str {
+        match self.binding {
+            Some(_) => "p=tls-server-end-point,,",
+            None => "n,,",
+        }
+    }
+
+    /// c=: the gs2 header, and the certificate hash when bound.
+    fn cbind(&self) -> String {
+        let mut data = self.gs2_header().as_bytes().to_vec();
+        if let Some(hash) = &self.binding {
+            data.extend_from_slice(hash);
+        }
+        STANDARD.encode(data)
     }
 
     fn client_first_bare(&self) -> String {
@@ -76,7 +99,7 @@ impl KeyedScramClient {
         if salt != self.verifier.salt || iterations != self.verifier.iterations {
             return Err(ScramClientError::SecretMismatch);
         }
-        let without_proof = format!("c=biws,r={nonce}");
+        let without_proof = format!("c={},r={nonce}", self.cbind());
         let auth_message = format!("{},{text},{without_proof}", self.client_first_bare());
         let signature = hmac_sha256(&self.verifier.stored_key, &[auth_message.as_bytes()]);
         let mut proof = self.client_key;
@@ -138,7 +161,7 @@ mod tests {
         let (v, key) = keys("pa55");
         assert!(KeyedScramClient::key_matches(&v, &key));
         let mut server = ScramServer::new(Some(v.clone()), "u");
-        let mut client = KeyedScramClient::new(v, key);
+        let mut client = KeyedScramClient::new(v, key, None);
         let first = server.client_first(&client.client_first()).unwrap();
         let fin = client.server_first(&first).unwrap();
         let server_final = server.client_final(&fin).unwrap();
@@ -147,10 +170,32 @@ mod tests {
     }
 
     #[test]
+    fn a_bound_exchange_carries_the_certificate_hash() {
+        use crate::auth::scram::Binding;
+        let (v, key) = keys("pa55");
+        let hash = vec![3u8; 32];
+        let mut server =
+            ScramServer::new(Some(v.clone()), "u").with_binding(Binding::Selected(hash.clone()));
+        let mut client = KeyedScramClient::new(v.clone(), key, Some(hash));
+        let first = server.client_first(&client.client_first()).unwrap();
+        let fin = client.server_first(&first).unwrap();
+        client
+            .server_final(&server.client_final(&fin).unwrap())
+            .unwrap();
+        // another certificate (a man in the middle) does not match
+        let mut server =
+            ScramServer::new(Some(v.clone()), "u").with_binding(Binding::Selected(vec![4u8; 32]));
+        let mut client = KeyedScramClient::new(v, key, Some(vec![3u8; 32]));
+        let first = server.client_first(&client.client_first()).unwrap();
+        let fin = client.server_first(&first).unwrap();
+        assert!(server.client_final(&fin).is_err());
+    }
+
+    #[test]
     fn a_wrong_key_fails_the_server_check() {
         let (v, _) = keys("pa55");
         let mut server = ScramServer::new(Some(v.clone()), "u");
-        let mut client = KeyedScramClient::new(v, [7; 32]);
+        let mut client = KeyedScramClient::new(v, [7; 32], None);
         let first = server.client_first(&client.client_first()).unwrap();
         let fin = client.server_first(&first).unwrap();
         assert!(server.client_final(&fin).is_err());
@@ -161,7 +206,7 @@ mod tests {
         let (old, key) = keys("old");
         let new = ScramVerifier::from_password("new", b"another-salt-123", 64);
         let mut server = ScramServer::new(Some(new), "u");
-        let mut client = KeyedScramClient::new(old, key);
+        let mut client = KeyedScramClient::new(old, key, None);
         let first = server.client_first(&client.client_first()).unwrap();
         assert_eq!(
             client.server_first(&first),
@@ -173,7 +218,7 @@ mod tests {
     fn a_forged_server_signature_is_refused() {
         let (v, key) = keys("pa55");
         let mut server = ScramServer::new(Some(v.clone()), "u");
-        let mut client = KeyedScramClient::new(v, key);
+        let mut client = KeyedScramClient::new(v, key, None);
         let first = server.client_first(&client.client_first()).unwrap();
         client.server_first(&first).unwrap();
         let forged = format!("v={}", STANDARD.encode([0u8; 32]));
@@ -194,10 +239,10 @@ mod tests {
             b"\xff\xfe",
             b"r=abc,s=AA==,i=1",
         ] {
-            let mut client = KeyedScramClient::new(v.clone(), key);
+            let mut client = KeyedScramClient::new(v.clone(), key, None);
             assert!(client.server_first(msg).is_err());
         }
-        let client = KeyedScramClient::new(v, key);
+        let client = KeyedScramClient::new(v, key, None);
         assert_eq!(
             client.server_final(b"v=AA=="),
             Err(ScramClientError::OutOfOrder)

@@ -138,6 +138,7 @@ where
                 known,
                 secret.as_ref(),
                 &app.verifiers,
+                conn.tls_end_point.as_deref(),
             )
             .await
         }

@@ -94,10 +94,12 @@ pub fn auth_md5(out: &mut BytesMut, salt: [u8; 4]) {
     });
 }
 
-pub fn auth_sasl(out: &mut BytesMut, mechanism: &str) {
+pub fn auth_sasl(out: &mut BytesMut, mechanisms: &[&str]) {
     message(out, b'R', |b| {
         b.put_i32(10);
-        put_cstr(b, mechanism.as_bytes());
+        for m in mechanisms {
+            put_cstr(b, m.as_bytes());
+        }
         b.put_u8(0);
     });
 }
