@@ -109,7 +109,7 @@ pub struct ClientTls {
     pub mode: ClientSslMode,
     acceptor: TlsAcceptor,
     /// SCRAM channel binding data of our certificate (tls-server-end-point), if it has one.
-    end_point: Option<Arc<[u8]>>,
+    end_point: EndPoint,
 }
 
 pub struct ServerTls {
@@ -201,7 +201,10 @@ fn setup(e: impl std::fmt::Display) -> TlsError {
     TlsError::Setup(e.to_string())
 }
 
-fn client_acceptor(g: &General) -> Result<(TlsAcceptor, Option<Arc<[u8]>>), TlsError> {
+/// A certificate's tls-server-end-point hash, when it has one (SCRAM channel binding).
+pub type EndPoint = Option<Arc<[u8]>>;
+
+fn client_acceptor(g: &General) -> Result<(TlsAcceptor, EndPoint), TlsError> {
     if g.client_tls_cert_file.is_empty() || g.client_tls_key_file.is_empty() {
         return Err(setup(
             "client_tls_sslmode other than disable needs client_tls_cert_file and client_tls_key_file",
@@ -394,7 +397,7 @@ pub struct Peer {
     /// The common name of the client's certificate, verified against client_tls_ca_file.
     pub cert_cn: Option<String>,
     /// Over TLS, the channel binding data SCRAM-SHA-256-PLUS binds to.
-    pub tls_end_point: Option<Arc<[u8]>>,
+    pub tls_end_point: EndPoint,
 }
 
 /// A client connection, plain or TLS.
