@@ -281,3 +281,68 @@ fn pgbench_in_every_query_mode() {
         }
     }
 }
+
+/// What a client sees for a batch: each message's tag, with the SQLSTATE of errors, the
+/// status of ReadyForQuery and the first column of rows.
+fn batch(s: &mut std::net::TcpStream, msgs: &[Vec<u8>]) -> Vec<String> {
+    use std::io::Write;
+    s.write_all(&msgs.concat()).unwrap();
+    common::raw::until_ready(s)
+        .iter()
+        .map(|(tag, body)| match tag {
+            b'E' => format!(
+                "E{}",
+                common::raw::error_code(&[(b'E', body.clone())]).unwrap()
+            ),
+            b'Z' => format!("Z{}", body[0] as char),
+            b'D' => format!("D{}", String::from_utf8_lossy(&body[6..])),
+            t => (*t as char).to_string(),
+        })
+        .collect()
+}
+
+#[test]
+fn a_statement_name_in_use_is_refused_as_postgresql_refuses_it() {
+    use common::raw::{login, msg, query};
+    let parse = |name: &str, sql: &str| {
+        msg(
+            b'P',
+            &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat(),
+        )
+    };
+    let bind = |stmt: &str| msg(b'B', &[b"\0", stmt.as_bytes(), b"\0\0\0\0\0\0\0"].concat());
+    let exec = || msg(b'E', b"\0\0\0\0\0");
+    let sync = || msg(b'S', b"");
+    let script = |s: &mut std::net::TcpStream| {
+        vec![
+            batch(s, &[parse("s1", "select 1"), sync()]),
+            // again, alone (pgmux may answer Parse-only batches without a server)
+            batch(s, &[parse("s1", "select 1"), sync()]),
+            // other text, with more behind it: all skipped to Sync
+            batch(s, &[parse("s1", "select 2"), bind("s1"), exec(), sync()]),
+            batch(s, &[query("begin")]),
+            batch(s, &[parse("s1", "select 3"), bind("s1"), exec(), sync()]),
+            batch(s, &[query("rollback")]),
+            // the statement is still the first one
+            batch(s, &[bind("s1"), exec(), sync()]),
+            // Close frees the name
+            batch(
+                s,
+                &[
+                    msg(b'C', b"Ss1\0"),
+                    parse("s1", "select 4"),
+                    bind("s1"),
+                    exec(),
+                    sync(),
+                ],
+            ),
+        ]
+    };
+    let pg = PgCluster::shared();
+    let (mut direct, _) = login(pg.primary().port, "postgres", "postgres");
+    let expected = script(&mut direct);
+    assert!(expected[1].contains(&"E42P05".to_string()), "{expected:?}");
+    let px = start("prepdup", 2, "");
+    let (mut through, _) = login(px.port, "app", "prepdup");
+    assert_eq!(script(&mut through), expected);
+}

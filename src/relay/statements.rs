@@ -37,6 +37,12 @@ enum Expect {
     Ready,
     /// pgmux answers this one itself once everything before it is answered.
     Answer(&'static [u8]),
+    /// A Parse of a name the client already uses, sent on so that the server refuses it
+    /// (and skips to Sync as PostgreSQL would); its error is replaced by `error`, which names
+    /// the client's statement rather than pgmux's.
+    Duplicate {
+        error: Bytes,
+    },
 }
 
 pub struct Tracker {
@@ -138,6 +144,10 @@ impl Tracker {
                 prepared::split_parse(&body).map_or("", |(_, rest)| prepared::query_text(rest));
             return effects(text);
         };
+        if let Some(existing) = self.stmts.get(name).cloned() {
+            self.refuse_duplicate(name, &existing, start, end, c2s, server);
+            return Effects::default();
+        }
         let def = self.registry.intern(rest);
         self.stmts.insert(name, def.clone());
         c2s.seal(start);
@@ -157,6 +167,38 @@ impl Tracker {
             });
         }
         def.effects
+    }
+
+    /// PostgreSQL refuses to redefine a named statement (42P05) and skips the rest of the
+    /// batch. pgmux makes the server do exactly that by preparing the client's existing
+    /// statement twice under pgmux's name, and tells the client in its own names.
+    fn refuse_duplicate(
+        &mut self,
+        name: &[u8],
+        existing: &Arc<StmtDef>,
+        start: usize,
+        end: usize,
+        c2s: &mut Channel,
+        server: &mut ServerStatements,
+    ) {
+        c2s.seal(start);
+        c2s.skip(end - start);
+        self.ensure_prepared(existing, c2s, server);
+        let mut msg = BytesMut::new();
+        existing.parse_message(&mut msg);
+        c2s.push(msg.freeze());
+        let mut error = BytesMut::new();
+        crate::protocol::PgError::error(
+            "42P05",
+            format!(
+                "prepared statement \"{}\" already exists",
+                String::from_utf8_lossy(name)
+            ),
+        )
+        .encode(&mut error);
+        self.expect.push_back(Expect::Duplicate {
+            error: error.freeze(),
+        });
     }
 
     fn on_bind(
@@ -286,6 +328,13 @@ impl Tracker {
         };
         let ours = match (tag, front) {
             (b'E', Expect::Ready) => return,
+            (b'E', Expect::Duplicate { error }) => {
+                let (error, end) = (error.clone(), s2c.scanned);
+                s2c.seal(start);
+                s2c.skip(end - start);
+                s2c.push(error);
+                return self.failed(server);
+            }
             (b'E', _) => return self.failed(server),
             (b'1', Expect::Parse { def, ours }) => {
                 if let Some(d) = def {
@@ -333,7 +382,8 @@ impl Tracker {
                         return false;
                     };
                     let def = self.registry.intern(rest);
-                    if !def.validated() {
+                    // a name in use is refused by a server (refuse_duplicate)
+                    if !def.validated() || self.stmts.get(name).is_some() {
                         return false;
                     }
                     parsed.push((name.to_vec(), def));
