@@ -122,6 +122,8 @@ pub struct DbRouter {
     /// Checkouts lent and not yet returned, per host.
     outstanding: Vec<AtomicU32>,
     pub stats: RouteStats,
+    /// The monitor logs in as a client's login (else as one guessed at start).
+    pub from_client: bool,
 }
 
 /// A checkout counted against its host until dropped.
@@ -161,7 +163,17 @@ impl DbRouter {
             weights,
             outstanding,
             stats: RouteStats::default(),
+            from_client: true,
         }
+    }
+
+    /// No host has answered a check yet, and every one has failed at least once.
+    pub fn never_answered(&self) -> bool {
+        self.topology
+            .snapshot()
+            .hosts
+            .iter()
+            .all(|h| h.checks == 0 && h.failures > 0)
     }
 
     pub fn lease(self: &Arc<Self>, host: usize) -> Lease {
