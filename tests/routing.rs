@@ -507,8 +507,9 @@ async fn read_your_writes_lag_and_a_replica_stopped_under_load() {
     cluster.replicas()[0].psql("postgres", "SELECT pg_wal_replay_resume()");
     cluster.wait_replicas_caught_up();
 
-    // a replica stopped under load: reads after the stop see no error, the replica is banned
-    // and used again once it is back
+    // a replica stopped under load: no read sees an error (one in flight on the stopped
+    // replica is sent again elsewhere), the replica is banned and used again once it is back
+    // (tests/read_retry.rs does this with more clients, every query form and pgbench)
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut load = Vec::new();
     for _ in 0..6 {
@@ -519,7 +520,6 @@ async fn read_your_writes_lag_and_a_replica_stopped_under_load() {
             let mut errors = Vec::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 if let Err(e) = try_one(&c, "SELECT inet_server_port()").await {
-                    // a query in flight on the server being stopped loses its connection
                     errors.push(e.to_string());
                     c = connect(&px, "app_ev").await;
                 }
@@ -543,16 +543,10 @@ async fn read_your_writes_lag_and_a_replica_stopped_under_load() {
     })
     .await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut in_flight = 0;
     for t in load {
         let errors = t.await.unwrap();
-        assert!(
-            errors.len() <= 1,
-            "more than the query in flight failed: {errors:?}"
-        );
-        in_flight += errors.len();
+        assert!(errors.is_empty(), "reads failed: {errors:?}");
     }
-    assert!(in_flight <= 6);
     // now with the replica down: every read succeeds, none on the stopped one
     let c = connect(&px, "app_ev").await;
     for _ in 0..30 {

@@ -208,6 +208,9 @@ pub struct RouteState {
     mark: Option<WriteMark>,
     /// The host of the server lent now, and whether the work may have written.
     lease: Option<(Lease, bool)>,
+    /// The server lent now is a replica serving an autocommit read: if it fails before
+    /// answering, the read may be sent again elsewhere (`relay::retry`).
+    retryable: bool,
 }
 
 /// How a unit of work ends up on a server.
@@ -233,6 +236,7 @@ impl RouteState {
             floor: None,
             mark: None,
             lease: None,
+            retryable: false,
         }
     }
 
@@ -241,9 +245,44 @@ impl RouteState {
         self.lease.as_ref().map(|(l, _)| l.host)
     }
 
+    /// Whether the unit on the server lent now is a replica read that may be retried.
+    pub fn retryable(&self) -> bool {
+        self.retryable && self.lease.is_some()
+    }
+
+    /// Whether `buf` (complete client messages) holds nothing but autocommit reads.
+    pub fn is_read(&self, buf: &[u8], stmts: Option<&ClientStatements>) -> bool {
+        !self.session_mode
+            && matches!(
+                inspect(buf, stmts, &self.router.routing.write_functions),
+                Need::Work {
+                    class: Class::Read,
+                    ..
+                }
+            )
+    }
+
+    /// The server lent now failed (before answering anything the client saw): its host is
+    /// banned and its lease dropped, so the work can be routed again elsewhere.
+    pub fn server_failed(&mut self, why: &str) {
+        self.retryable = false;
+        let Some((lease, _)) = self.lease.take() else {
+            return;
+        };
+        let h = &self.router.hosts[lease.host];
+        tracing::warn!(db = %self.router.name, host = %h.host, port = h.port,
+            "replica failed under a read, sending it again elsewhere: {why}");
+        self.router.topology.ban(lease.host, why);
+        self.router
+            .stats
+            .retries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The server went back to its pool: a unit that may have written on the primary now
     /// counts for read-your-writes.
     pub fn released(&mut self) {
+        self.retryable = false;
         let Some((lease, may_write)) = self.lease.take() else {
             return;
         };
@@ -287,6 +326,8 @@ impl RouteState {
                 self.router.stats.count(target, reason);
                 let may_write = choice.may_write && target == Target::Primary;
                 self.lease = Some((self.router.lease(host), may_write));
+                // only replicas: the primary is never banned away, so a retry could loop
+                self.retryable = class == Class::Read && target == Target::Replica;
                 Ok(Some(conn))
             }
             Err(e) => {
