@@ -271,8 +271,8 @@ async fn hints_settings_options_and_alias_override_the_classifier() {
 
     // the replica-only alias: reads on replicas, a write refused by the replica itself
     let ro = connect(&px, "app_ro").await;
-    // the alias's own host monitor starts with its first client; until its first check the
-    // replicas' state is unknown and reads fall back to the primary
+    // the alias's own host monitor starts with pgmux; until its first check the replicas'
+    // state is unknown and reads fall back to the primary
     wait_until_async(
         "the alias reads on a replica",
         Duration::from_secs(30),
@@ -619,4 +619,70 @@ ban_time = 1
         },
     )
     .await;
+}
+
+/// The host monitors run from pgmux's start, without any client: the very first query of the
+/// first client of a replica-only alias runs on a replica. A database added by a reload is
+/// monitored at once too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_monitors_run_from_start_so_the_first_read_finds_a_replica() {
+    let cluster = PgCluster::shared_with_replicas();
+    let px = start(cluster, "", "consistency = \"eventual\"");
+    let (primary, replicas) = ports(cluster);
+    let admin = common::probe::Console::connect(&px, "postgres", None).await;
+    // monitored hosts show their lag; hosts nobody monitors are only probed (lag NULL)
+    let monitored = |db: &'static str| {
+        let admin = &admin;
+        let replicas = &replicas;
+        move || async move {
+            let hosts = admin.show("SHOW HOSTS").await;
+            replicas.iter().all(|p| {
+                hosts.iter().any(|r| {
+                    r["database"] == db
+                        && r["port"] == p.to_string()
+                        && r["role"] == "replica"
+                        && r["health"] == "up"
+                        && !r["lag_bytes"].is_empty()
+                })
+            })
+        }
+    };
+    wait_until_async("app_ro's replicas to be checked", WAIT, monitored("app_ro")).await;
+    let pools = admin.show("SHOW POOLS").await;
+    assert!(
+        pools.iter().all(|p| p["database"] != "app_ro"),
+        "a client used app_ro before the check: {pools:?}"
+    );
+    let ro = connect(&px, "app_ro").await;
+    let first: u16 = one(&ro, "SELECT inet_server_port()").await.parse().unwrap();
+    assert!(
+        replicas.contains(&first),
+        "the first read ran on {first}, not a replica"
+    );
+
+    // a reload that adds a database starts its monitor at once
+    let config = std::fs::read_to_string(&px.config_path).unwrap();
+    let reps = replicas
+        .iter()
+        .map(|p| format!("{{ host = \"127.0.0.1\", port = {p} }}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let added = format!(
+        "{config}\n[[databases]]\nname = \"app_ro2\"\ndbname = \"app\"\nhost = \"127.0.0.1\"\n\
+         port = {primary}\nroute = \"replica\"\nreplicas = [ {reps} ]\nlag_check_interval = 0.1\n"
+    );
+    std::fs::write(&px.config_path, added).unwrap();
+    admin.client.simple_query("RELOAD").await.unwrap();
+    wait_until_async(
+        "app_ro2's replicas to be checked",
+        WAIT,
+        monitored("app_ro2"),
+    )
+    .await;
+    let ro2 = connect(&px, "app_ro2").await;
+    let first: u16 = one(&ro2, "SELECT inet_server_port()")
+        .await
+        .parse()
+        .unwrap();
+    assert!(replicas.contains(&first), "the first read ran on {first}");
 }
