@@ -686,3 +686,133 @@ async fn host_monitors_run_from_start_so_the_first_read_finds_a_replica() {
         .unwrap();
     assert!(replicas.contains(&first), "the first read ran on {first}");
 }
+
+/// `SET pgmux.route` / `pgmux.min_lsn` in every form: inside a transaction (kept at COMMIT,
+/// dropped at ROLLBACK, SET LOCAL routes nothing), among other statements of one simple
+/// Query, over the extended protocol (`query`, `query_typed`) and from psql; a value set on a
+/// server never reaches another client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgmux_settings_are_honoured_in_every_form() {
+    let cluster = PgCluster::shared_with_replicas();
+    let px = start(cluster, "", "consistency = \"eventual\"");
+    warm_up(&px, cluster).await;
+    let (primary, replicas) = ports(cluster);
+    let c = connect(&px, "app").await;
+    // every one of a few reads on the primary, or every one on a replica
+    async fn reads_on(c: &Client, primary: u16, want_primary: bool, what: &str) {
+        for _ in 0..5 {
+            let p: u16 = one(c, "SELECT inet_server_port()").await.parse().unwrap();
+            assert_eq!(p == primary, want_primary, "{what}: a read ran on {p}");
+        }
+    }
+    let first: u16 = one(&c, "SELECT inet_server_port()").await.parse().unwrap();
+    assert!(replicas.contains(&first));
+
+    // in a transaction: taken at COMMIT (PRIMARY is a reserved word in PostgreSQL's grammar:
+    // the server wants it quoted)
+    for sql in ["BEGIN", "SET pgmux.route = 'primary'", "COMMIT"] {
+        c.simple_query(sql).await.unwrap();
+    }
+    reads_on(&c, primary, true, "after SET in a committed transaction").await;
+    // rolled back: no change
+    for sql in ["BEGIN", "SET pgmux.route = replica", "ROLLBACK"] {
+        c.simple_query(sql).await.unwrap();
+    }
+    reads_on(&c, primary, true, "after SET in a rolled-back transaction").await;
+    // SET LOCAL lasts for its transaction only
+    for sql in ["BEGIN", "SET LOCAL pgmux.route = replica", "COMMIT"] {
+        c.simple_query(sql).await.unwrap();
+    }
+    reads_on(&c, primary, true, "after SET LOCAL").await;
+    for sql in ["BEGIN", "RESET pgmux.route", "COMMIT"] {
+        c.simple_query(sql).await.unwrap();
+    }
+    reads_on(&c, primary, false, "after RESET in a transaction").await;
+
+    // several statements in one simple Query
+    c.simple_query("SET pgmux.route = 'primary'; SELECT 1")
+        .await
+        .unwrap();
+    reads_on(&c, primary, true, "after SET among other statements").await;
+    c.simple_query("SELECT 1; RESET pgmux.route").await.unwrap();
+    reads_on(&c, primary, false, "after RESET among other statements").await;
+    // a bad value is still refused before anything runs
+    let err = c
+        .simple_query("SET pgmux.route = sideways; SELECT 1")
+        .await
+        .unwrap_err();
+    assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("22023"));
+
+    // extended protocol: a named statement (query) and the unnamed one (query_typed)
+    c.query("SET pgmux.route = 'primary'", &[]).await.unwrap();
+    reads_on(&c, primary, true, "after SET by query").await;
+    c.query_typed("RESET pgmux.route", &[]).await.unwrap();
+    reads_on(&c, primary, false, "after RESET by query_typed").await;
+    // a floor no replica has reached sends reads to the primary, until it is reset
+    c.query_typed("SET pgmux.min_lsn = 'FFFFFFFF/0'", &[])
+        .await
+        .unwrap();
+    reads_on(&c, primary, true, "with an unreachable min_lsn").await;
+    for sql in ["BEGIN", "SET pgmux.min_lsn TO DEFAULT", "COMMIT"] {
+        c.simple_query(sql).await.unwrap();
+    }
+    reads_on(&c, primary, false, "after min_lsn TO DEFAULT").await;
+
+    // a server that ran a client's SET sheds it before another client uses it (the pool
+    // lends its most recently returned server first, so the next unit usually gets it)
+    for sql in ["BEGIN", "SET pgmux.route = 'primary'", "COMMIT"] {
+        c.simple_query(sql).await.unwrap();
+    }
+    let other = connect(&px, "app").await;
+    for sql in ["BEGIN", "SET statement_timeout = '5s'", "COMMIT"] {
+        other.simple_query(sql).await.unwrap();
+    }
+    reads_on(
+        &other,
+        primary,
+        false,
+        "another client after a server-side SET",
+    )
+    .await;
+    reads_on(&c, primary, true, "the client that set it").await;
+
+    // psql: each -c is its own simple Query in one session
+    let psql = |args: &[&str]| {
+        let mut cmd = std::process::Command::new("psql");
+        cmd.args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+            .arg(px.conn_str("app", "app", Some("secret")));
+        for a in args {
+            cmd.args(["-c", a]);
+        }
+        let out = cmd.output().expect("run psql");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, out, err) = psql(&[
+        "BEGIN",
+        "SET pgmux.route = 'primary'",
+        "COMMIT",
+        "SELECT inet_server_port()",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.lines().last(),
+        Some(primary.to_string().as_str()),
+        "{out}"
+    );
+    let (ok, out, err) = psql(&[
+        "SET pgmux.route = 'primary'; SELECT 1",
+        "SELECT inet_server_port()",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.lines().last(),
+        Some(primary.to_string().as_str()),
+        "{out}"
+    );
+    let (ok, _, err) = psql(&["SET pgmux.route = sideways; SELECT 1"]);
+    assert!(!ok && err.contains("pgmux.route must be"), "{err}");
+}

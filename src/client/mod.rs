@@ -462,7 +462,10 @@ impl Session {
     /// it serves another client.
     async fn read_back_settings(&mut self, conn: &mut PooledConn) -> Result<(), String> {
         let mut rows = Vec::new();
-        let sql = "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session'";
+        // pg_settings leaves out placeholder settings such as pgmux's own: asked by name
+        let sql = "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' \
+            UNION ALL SELECT 'pgmux.route', pg_catalog.current_setting('pgmux.route', true) \
+            UNION ALL SELECT 'pgmux.min_lsn', pg_catalog.current_setting('pgmux.min_lsn', true)";
         match conn.query_internal(sql, Some(&mut rows)).await {
             Ok(None) => {}
             Ok(Some(e)) => return Err(e.message),
@@ -473,6 +476,7 @@ impl Session {
         for name in std::mem::take(&mut conn.extras) {
             conn.params.remove(&name);
         }
+        let mut ours = PgmuxSettings::default();
         for row in rows {
             let [name, value] = &row[..] else {
                 return Err("unexpected pg_settings row".into());
@@ -480,9 +484,21 @@ impl Session {
             if params::is_tracked(name) {
                 continue;
             }
-            wants.set(name, value);
+            // pgmux's own settings, run by the server (in a transaction, among other
+            // statements, over the extended protocol): pgmux takes them, and they never
+            // follow the client to other servers; this one sheds them before its next use
+            match ours.take(name, value) {
+                Ours::No => wants.set(name, value),
+                Ours::Set => {}
+                // not set on this server (NULL, or '' once reset or rolled back)
+                Ours::Unset => continue,
+            }
             conn.params.set(name, value);
             conn.extras.push(name.clone());
+        }
+        let reset = std::mem::take(&mut self.relay.session.pgmux_reset);
+        if let Some(r) = self.route.as_mut() {
+            r.adopt(ours.route.as_deref(), ours.min_lsn.as_deref(), reset);
         }
         Ok(())
     }
@@ -555,6 +571,39 @@ impl Session {
         if error.is_some() || !pending.is_empty() {
             farewell(&mut self.stream, &pending, error.as_ref()).await;
         }
+    }
+}
+
+/// Values of pgmux's settings a server holds after a unit of work.
+#[derive(Default)]
+struct PgmuxSettings {
+    route: Option<String>,
+    min_lsn: Option<String>,
+}
+
+enum Ours {
+    No,
+    Set,
+    Unset,
+}
+
+impl PgmuxSettings {
+    /// Keeps `name` if it is one of pgmux's settings.
+    fn take(&mut self, name: &str, value: &str) -> Ours {
+        let slot = if name.eq_ignore_ascii_case("pgmux.route") {
+            &mut self.route
+        } else if name.eq_ignore_ascii_case("pgmux.min_lsn") {
+            &mut self.min_lsn
+        } else if name.len() > 6 && name[..6].eq_ignore_ascii_case("pgmux.") {
+            return Ours::Set;
+        } else {
+            return Ours::No;
+        };
+        if value.is_empty() {
+            return Ours::Unset;
+        }
+        *slot = Some(value.to_string());
+        Ours::Set
     }
 }
 

@@ -110,6 +110,8 @@ pub struct SessionState {
     pub settings_changed: bool,
     /// State that cannot follow the client to another server: it keeps this one.
     pub pin: Option<PinReason>,
+    /// pgmux settings the unit reset (`router::effects::PGMUX_ROUTE`...), for the read-back.
+    pub pgmux_reset: u8,
 }
 
 impl Relay {
@@ -402,6 +404,7 @@ impl Relay {
             server.clear();
         }
         self.session.settings_changed |= fx.settings;
+        self.session.pgmux_reset |= fx.pgmux_reset;
         if fx.discard_all {
             self.session.pin = None;
         }

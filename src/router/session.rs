@@ -203,6 +203,8 @@ pub struct RouteState {
     pub route: Route,
     /// `pgmux.min_lsn`: a floor the client set.
     pub min_lsn: Option<Lsn>,
+    /// The startup packet's values: what RESET goes back to.
+    startup: StartupRoute,
     /// Read-your-writes floor from samples taken after this client's writes.
     floor: Option<Lsn>,
     mark: Option<WriteMark>,
@@ -233,6 +235,7 @@ impl RouteState {
             session_mode,
             route: startup.route,
             min_lsn: startup.min_lsn,
+            startup,
             floor: None,
             mark: None,
             lease: None,
@@ -277,6 +280,35 @@ impl RouteState {
             .stats
             .retries
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// pgmux's settings as the server holds them after a unit of work that changed settings
+    /// (read back from `pg_settings`): a value set there is taken; a setting the unit reset
+    /// (`effects::PGMUX_ROUTE`...) and that the server no longer holds goes back to its
+    /// startup value. PostgreSQL has applied its own rules: a SET in a transaction that
+    /// rolled back, or a SET LOCAL, left nothing. PostgreSQL accepts any text for these
+    /// placeholders, so a value pgmux cannot use is logged and ignored.
+    pub fn adopt(&mut self, route: Option<&str>, min_lsn: Option<&str>, reset: u8) {
+        use super::effects::{PGMUX_MIN_LSN, PGMUX_ROUTE};
+        match route {
+            Some(v) => match v.to_ascii_lowercase().as_str() {
+                "primary" => self.route = Route::Primary,
+                "replica" => self.route = Route::Replica,
+                "auto" | "default" | "" => self.route = Route::Auto,
+                _ => tracing::warn!(value = v, "ignoring invalid pgmux.route"),
+            },
+            None if reset & PGMUX_ROUTE != 0 => self.route = self.startup.route,
+            None => {}
+        }
+        match min_lsn {
+            Some("") => self.min_lsn = None,
+            Some(v) => match v.parse::<Lsn>() {
+                Ok(l) => self.min_lsn = Some(l),
+                Err(_) => tracing::warn!(value = v, "ignoring invalid pgmux.min_lsn"),
+            },
+            None if reset & PGMUX_MIN_LSN != 0 => self.min_lsn = self.startup.min_lsn,
+            None => {}
+        }
     }
 
     /// The server went back to its pool: a unit that may have written on the primary now
