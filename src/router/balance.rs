@@ -84,7 +84,8 @@ impl Reason {
 #[derive(Default)]
 pub struct RouteStats {
     counts: [[AtomicU64; Reason::ALL.len()]; 2],
-    /// Reads retried on another host after a checkout failed.
+    /// Reads sent again to another host after their replica failed to check out or died
+    /// before answering.
     pub retries: AtomicU64,
     /// Units answered with an error because no server could take them.
     pub refused: AtomicU64,
