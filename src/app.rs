@@ -241,6 +241,25 @@ impl App {
         out
     }
 
+    /// Starts the router (and topology monitor) of every database with replicas that has
+    /// none, so reads find their replicas from the first query on. Called at start and after
+    /// every reload (which drops the routers of removed or changed databases). The monitor
+    /// logs in as the database's `server_user`, else as the first `[[users]]` entry; when
+    /// that login never works, the first client's login takes over (`router`).
+    pub fn start_monitors(&self) {
+        let config = self.config_arc();
+        let Some(user) = config.users.first().map(|u| u.name.clone()) else {
+            return;
+        };
+        for db in config.databases.iter().filter(|d| d.has_replicas()) {
+            let mut routers = lock(&self.routers);
+            if !routers.contains_key(&db.name) {
+                info!(db = %db.name, "starting the host monitor");
+                routers.insert(db.name.clone(), self.new_router(&config, db, &user, false));
+            }
+        }
+    }
+
     /// The router of a database with replicas, its topology monitor started on first use
     /// (logging in as this user's server login).
     pub fn router(&self, db: &Database, user: &str) -> Option<Arc<DbRouter>> {
@@ -249,11 +268,27 @@ impl App {
         }
         let mut routers = lock(&self.routers);
         if let Some(r) = routers.get(&db.name) {
-            return Some(r.clone());
+            if r.from_client || db.server_user.is_some() || !r.never_answered() {
+                return Some(r.clone());
+            }
+            // started for a guessed login that no host has accepted: use this client's
+            warn!(db = %db.name, user, "host monitor never logged in; restarting it as this client's login");
         }
         let config = self.config_arc();
+        let r = self.new_router(&config, db, user, true);
+        routers.insert(db.name.clone(), r.clone());
+        Some(r)
+    }
+
+    fn new_router(
+        &self,
+        config: &Config,
+        db: &Database,
+        user: &str,
+        from_client: bool,
+    ) -> Arc<DbRouter> {
         let hosts = db.server_hosts();
-        let t = target(&config, self.learned(user), db, user, hosts.first());
+        let t = target(config, self.learned(user), db, user, hosts.first());
         let g = &config.pgmux;
         let topology = Topology::start(TopologyConfig {
             hosts: hosts.clone(),
@@ -270,15 +305,9 @@ impl App {
                 .get()
                 .unwrap_or(Duration::from_secs(15)),
         });
-        let r = Arc::new(DbRouter::new(
-            db.name.clone(),
-            topology,
-            db.routing(),
-            db.route,
-            hosts,
-        ));
-        routers.insert(db.name.clone(), r.clone());
-        Some(r)
+        let mut r = DbRouter::new(db.name.clone(), topology, db.routing(), db.route, hosts);
+        r.from_client = from_client;
+        Arc::new(r)
     }
 
     fn learned(&self, user: &str) -> Option<Secret> {
@@ -462,6 +491,12 @@ impl App {
                 p.retire();
                 retired.push(p);
             }
+        }
+        drop(retired);
+        drop(pools);
+        // monitors of added or changed databases start now, not with their first client
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.start_monitors();
         }
     }
 

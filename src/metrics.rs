@@ -359,7 +359,7 @@ fn routing_metrics(app: &App, f: &mut Families) {
         }
         f.counter(
             "pgmux_route_retries_total",
-            "Reads retried on another host after a checkout failed",
+            "Reads sent again to another host after their replica failed (checkout, or before answering)",
             &[("database", db)],
             r.stats.retries.load(Ordering::Relaxed) as f64,
         );

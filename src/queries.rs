@@ -153,6 +153,12 @@ impl Recorder {
         self.pending.push_back(fp);
     }
 
+    /// The server was lost before answering; its requests are sent again elsewhere.
+    pub fn forget_pending(&mut self) {
+        self.pending.clear();
+        self.rows = 0;
+    }
+
     /// Requests after the first that the server will never answer (Syncs during COPY IN).
     pub fn ignored(&mut self, n: u32) {
         for _ in 0..n {

@@ -39,6 +39,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Run
     let addr = SocketAddr::new(ip, g.listen_port);
     let listener = listener::bind(addr, g.so_reuseport).map_err(|e| RunError::Bind(addr, e))?;
     let app = App::with_path(config, config_path);
+    app.start_monitors();
     let metrics_listener = metrics::bind(&app).await.map_err(RunError::Metrics)?;
     info!("pgmux {} listening on {addr}", env!("CARGO_PKG_VERSION"));
     let metrics_task = metrics_listener.map(|(l, maddr)| {

@@ -231,9 +231,18 @@ impl Session {
                 debug!("client i/o error: {e}");
                 Some(None)
             }
-            Event::ServerClosed | Event::ServerIo(_) => {
-                if let Event::ServerIo(e) = &ev {
-                    warn!(db = %self.login.db, "server i/o error: {e}");
+            Event::ServerClosed | Event::ServerIo(_) | Event::ServerFailed(_) => {
+                let why = match &ev {
+                    Event::ServerIo(e) => format!("server i/o error: {e}"),
+                    Event::ServerFailed(e) => format!("server failed: {e}"),
+                    _ => "server closed the connection".to_string(),
+                };
+                if self.replay(&why) {
+                    // routed again as soon as the session loop polls the relay
+                    return None;
+                }
+                if matches!(ev, Event::ServerIo(_) | Event::ServerFailed(_)) {
+                    warn!(db = %self.login.db, "{why}");
                 }
                 // the server's own last words (if any) are already queued for the client
                 self.server = None;
@@ -316,6 +325,28 @@ impl Session {
         })
     }
 
+    /// A replica failed under an autocommit read before any of the answer reached the client
+    /// (`relay::retry`): the host is banned, the connection dropped (never pooled) and the
+    /// request put back to be routed again, on another replica or the primary. False when
+    /// the unit cannot be retried (not armed, or more than a read was sent meanwhile).
+    fn replay(&mut self, why: &str) -> bool {
+        let Some(route) = self.route.as_mut() else {
+            return false;
+        };
+        let Some(request) = self.relay.retry.request() else {
+            return false;
+        };
+        let stmts = self.relay.tracker.as_ref().map(|t| &t.stmts);
+        if !route.is_read(request, stmts) {
+            return false;
+        }
+        route.server_failed(why);
+        self.server = None;
+        self.login.cancel.set_target(None);
+        self.client.idle();
+        self.relay.take_for_replay().is_some()
+    }
+
     /// Safe shutdown: a client without a server leaves now, others after their transaction.
     fn begin_closing(&mut self) -> Option<PgError> {
         self.closing = true;
@@ -354,8 +385,24 @@ impl Session {
             return Ok(());
         };
         let wants = &self.login.wants;
+        let retryable = self.route.as_ref().is_some_and(RouteState::retryable);
         if let Some(sql) = params::sync_statement(wants, &conn.params, &conn.extras) {
-            match conn.run_internal(&sql).await {
+            let synced = conn.run_internal(&sql).await;
+            let failed = match &synced {
+                Err(e) => Some(e.to_string()),
+                Ok(Some(e)) if e.code.starts_with("57P") || e.code.starts_with("08") => {
+                    Some(format!("{}: {}", e.code, e.message))
+                }
+                _ => None,
+            };
+            if let (true, Some(why), Some(r)) = (retryable, failed, self.route.as_mut()) {
+                // nothing was sent for the client yet: route its work again
+                r.server_failed(&why);
+                drop(conn);
+                self.client.idle();
+                return Ok(());
+            }
+            match synced {
                 Ok(None) => note_applied(&mut conn, wants),
                 Ok(Some(e)) => {
                     conn.release();
@@ -378,6 +425,9 @@ impl Session {
             .active(waiting_since, conn.id, &mut self.relay.meter);
         self.relay.meter.statements.server = Some(conn.addr);
         self.relay.attached(&conn.statements);
+        if retryable {
+            self.relay.arm_retry();
+        }
         self.server = Some(conn);
         Ok(())
     }
@@ -412,7 +462,10 @@ impl Session {
     /// it serves another client.
     async fn read_back_settings(&mut self, conn: &mut PooledConn) -> Result<(), String> {
         let mut rows = Vec::new();
-        let sql = "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session'";
+        // pg_settings leaves out placeholder settings such as pgmux's own: asked by name
+        let sql = "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' \
+            UNION ALL SELECT 'pgmux.route', pg_catalog.current_setting('pgmux.route', true) \
+            UNION ALL SELECT 'pgmux.min_lsn', pg_catalog.current_setting('pgmux.min_lsn', true)";
         match conn.query_internal(sql, Some(&mut rows)).await {
             Ok(None) => {}
             Ok(Some(e)) => return Err(e.message),
@@ -423,6 +476,7 @@ impl Session {
         for name in std::mem::take(&mut conn.extras) {
             conn.params.remove(&name);
         }
+        let mut ours = PgmuxSettings::default();
         for row in rows {
             let [name, value] = &row[..] else {
                 return Err("unexpected pg_settings row".into());
@@ -430,9 +484,21 @@ impl Session {
             if params::is_tracked(name) {
                 continue;
             }
-            wants.set(name, value);
+            // pgmux's own settings, run by the server (in a transaction, among other
+            // statements, over the extended protocol): pgmux takes them, and they never
+            // follow the client to other servers; this one sheds them before its next use
+            match ours.take(name, value) {
+                Ours::No => wants.set(name, value),
+                Ours::Set => {}
+                // not set on this server (NULL, or '' once reset or rolled back)
+                Ours::Unset => continue,
+            }
             conn.params.set(name, value);
             conn.extras.push(name.clone());
+        }
+        let reset = std::mem::take(&mut self.relay.session.pgmux_reset);
+        if let Some(r) = self.route.as_mut() {
+            r.adopt(ours.route.as_deref(), ours.min_lsn.as_deref(), reset);
         }
         Ok(())
     }
@@ -505,6 +571,39 @@ impl Session {
         if error.is_some() || !pending.is_empty() {
             farewell(&mut self.stream, &pending, error.as_ref()).await;
         }
+    }
+}
+
+/// Values of pgmux's settings a server holds after a unit of work.
+#[derive(Default)]
+struct PgmuxSettings {
+    route: Option<String>,
+    min_lsn: Option<String>,
+}
+
+enum Ours {
+    No,
+    Set,
+    Unset,
+}
+
+impl PgmuxSettings {
+    /// Keeps `name` if it is one of pgmux's settings.
+    fn take(&mut self, name: &str, value: &str) -> Ours {
+        let slot = if name.eq_ignore_ascii_case("pgmux.route") {
+            &mut self.route
+        } else if name.eq_ignore_ascii_case("pgmux.min_lsn") {
+            &mut self.min_lsn
+        } else if name.len() > 6 && name[..6].eq_ignore_ascii_case("pgmux.") {
+            return Ours::Set;
+        } else {
+            return Ours::No;
+        };
+        if value.is_empty() {
+            return Ours::Unset;
+        }
+        *slot = Some(value.to_string());
+        Ours::Set
     }
 }
 

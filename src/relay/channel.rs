@@ -28,6 +28,14 @@ pub struct Channel {
 }
 
 impl Channel {
+    /// A channel whose unscanned input is `buf` (a request sent again elsewhere).
+    pub fn with_input(buf: BytesMut) -> Channel {
+        Channel {
+            buf,
+            ..Channel::default()
+        }
+    }
+
     /// Bytes ready to be written.
     pub fn ready_len(&self) -> usize {
         self.out_len + self.scanned

@@ -8,6 +8,7 @@
 
 pub mod channel;
 mod keys;
+pub mod retry;
 pub mod statements;
 
 use crate::params::{self, Params};
@@ -44,6 +45,9 @@ pub enum Event {
     ClientIo(io::Error),
     ServerClosed,
     ServerIo(io::Error),
+    /// While a retry is armed, the server's first error said the server itself failed
+    /// (`retry::is_server_failure`); the error has not reached the client.
+    ServerFailed(String),
     /// The client broke framing: bad length, oversized or unknown message.
     Protocol(String),
 }
@@ -95,6 +99,8 @@ pub struct Relay {
     pub session: SessionState,
     /// Which statement each request runs (SHOW QUERIES).
     keys: keys::Keys,
+    /// The request kept, and the answer held back, while a replica read may be retried.
+    pub retry: retry::Retry,
 }
 
 /// Session state a transaction-mode client left on its server.
@@ -104,6 +110,8 @@ pub struct SessionState {
     pub settings_changed: bool,
     /// State that cannot follow the client to another server: it keeps this one.
     pub pin: Option<PinReason>,
+    /// pgmux settings the unit reset (`router::effects::PGMUX_ROUTE`...), for the read-back.
+    pub pgmux_reset: u8,
 }
 
 impl Relay {
@@ -135,6 +143,7 @@ impl Relay {
             meter: Meter::default(),
             session: SessionState::default(),
             keys: keys::Keys::default(),
+            retry: retry::Retry::default(),
         }
     }
 
@@ -144,6 +153,35 @@ impl Relay {
         if let Some(t) = self.tracker.as_mut() {
             t.attach(statements);
         }
+    }
+
+    /// Arms the retry of the unit about to be sent (a replica read): only when nothing is
+    /// waiting for the client, so everything held back from now on is this unit's answer.
+    pub fn arm_retry(&mut self) {
+        if self.s2c.ready_len() == 0 && self.s2c.buf.is_empty() && self.c2s.scanned == 0 {
+            self.retry.arm(&self.c2s.buf);
+        }
+    }
+
+    /// The server failed before any of the unit's answer reached the client: everything
+    /// sent to it is put back as unscanned client input, its answers are dropped, and the
+    /// relay is as it was before the server was attached. None when not armed.
+    pub fn take_for_replay(&mut self) -> Option<()> {
+        let request = self.retry.take()?;
+        self.c2s = Channel::with_input(request);
+        self.s2c = Channel::default();
+        let f = &mut self.flow;
+        f.pending = 0;
+        f.unsynced = false;
+        f.status = b'I';
+        f.terminated = false;
+        f.last_was_execute = false;
+        f.syncs_since_execute = 0;
+        f.copy_done_sent = false;
+        f.copy_in = false;
+        // requests in flight on the lost server are counted again when replayed
+        self.meter.statements.forget_pending();
+        Some(())
     }
 
     /// The server may go back: it owes nothing and nothing is half-sent to it.
@@ -169,7 +207,13 @@ impl Relay {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         for _ in 0..POLL_BUDGET {
-            let mut progress = match self.s2c.write_to(cx, client) {
+            // a replica read that may still be retried: its answer is held back
+            let written = if self.retry.is_armed() {
+                Ok(false)
+            } else {
+                self.s2c.write_to(cx, client)
+            };
+            let mut progress = match written {
                 Ok(p) => p,
                 Err(_) if self.flow.terminated => {
                     // after Terminate the client may be gone: drop its replies, drain the server
@@ -191,6 +235,9 @@ impl Relay {
                         if let Some(ev) = self.scan_server(s, wants) {
                             return Poll::Ready(ev);
                         }
+                        if self.retry.is_armed() && self.s2c.ready_len() > retry::HOLD_LIMIT {
+                            self.retry.disarm();
+                        }
                     }
                     Ok(None) => {}
                     Err(e) => return Poll::Ready(Event::ServerIo(e)),
@@ -203,6 +250,10 @@ impl Relay {
                         progress = true;
                         self.meter.received(n);
                         self.flow.idle_since = Instant::now();
+                        if self.retry.is_armed() {
+                            let b = &self.c2s.buf;
+                            self.retry.client_bytes(&b[b.len() - n..]);
+                        }
                     }
                     Ok(None) => {}
                     Err(e) => return Poll::Ready(Event::ClientIo(e)),
@@ -353,6 +404,7 @@ impl Relay {
             server.clear();
         }
         self.session.settings_changed |= fx.settings;
+        self.session.pgmux_reset |= fx.pgmux_reset;
         if fx.discard_all {
             self.session.pin = None;
         }
@@ -392,7 +444,12 @@ impl Relay {
                 f.syncs_since_execute = 0;
                 f.copy_done_sent = false;
             }
-            b'P' | b'B' | b'D' | b'C' | b'H' => f.unsynced = true,
+            b'H' => {
+                // the client waits for answers without a Sync: they must not be held back
+                f.unsynced = true;
+                self.retry.disarm();
+            }
+            b'P' | b'B' | b'D' | b'C' => f.unsynced = true,
             b'c' | b'f' => {
                 f.copy_done_sent = true;
                 f.copy_in = false;
@@ -464,6 +521,10 @@ impl Relay {
                     body,
                     start,
                 }) => {
+                    if self.retry.is_armed() && retry::is_server_failure(body) {
+                        let e = crate::protocol::messages::parse_error_fields(body);
+                        return Some(Event::ServerFailed(format!("{}: {}", e.code, e.message)));
+                    }
                     self.meter.error(body);
                     (b'E', start)
                 }
@@ -492,12 +553,20 @@ impl Relay {
             if tag == b'G' {
                 self.copy_in_started();
             }
+            if matches!(tag, b'G' | b'W') {
+                // the server waits for the client's data: it must see the answer
+                self.retry.disarm();
+            }
             if let Some(t) = self.tracker.as_mut() {
                 t.server_message(tag, start, &mut self.s2c, server.statements);
                 t.answer_ready(&mut self.s2c);
             }
             if tag == b'Z' {
                 self.flow.pending = self.flow.pending.saturating_sub(1);
+                if self.flow.quiet() {
+                    // the unit is answered in full: it goes to the client now
+                    self.retry.disarm();
+                }
                 self.meter.ready(self.flow.status, self.flow.pending > 0);
                 self.flow.idle_since = Instant::now();
                 if self.transaction_mode && self.session.pin.is_none() && self.server_clean() {

@@ -84,7 +84,8 @@ impl Reason {
 #[derive(Default)]
 pub struct RouteStats {
     counts: [[AtomicU64; Reason::ALL.len()]; 2],
-    /// Reads retried on another host after a checkout failed.
+    /// Reads sent again to another host after their replica failed to check out or died
+    /// before answering.
     pub retries: AtomicU64,
     /// Units answered with an error because no server could take them.
     pub refused: AtomicU64,
@@ -122,6 +123,8 @@ pub struct DbRouter {
     /// Checkouts lent and not yet returned, per host.
     outstanding: Vec<AtomicU32>,
     pub stats: RouteStats,
+    /// The monitor logs in as a client's login (else as one guessed at start).
+    pub from_client: bool,
 }
 
 /// A checkout counted against its host until dropped.
@@ -161,7 +164,17 @@ impl DbRouter {
             weights,
             outstanding,
             stats: RouteStats::default(),
+            from_client: true,
         }
+    }
+
+    /// No host has answered a check yet, and every one has failed at least once.
+    pub fn never_answered(&self) -> bool {
+        self.topology
+            .snapshot()
+            .hosts
+            .iter()
+            .all(|h| h.checks == 0 && h.failures > 0)
     }
 
     pub fn lease(self: &Arc<Self>, host: usize) -> Lease {

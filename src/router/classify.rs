@@ -154,7 +154,9 @@ pub fn classify(sql: &str, write_functions: &[String]) -> Classified {
     }
     let class = if standard.class == escaped.class {
         standard.class
-    } else if rank(standard.class).is_none() || rank(escaped.class).is_none() {
+    } else if matches!(standard.class, Class::Pgmux(_)) || matches!(escaped.class, Class::Pgmux(_))
+    {
+        // two readings of a pgmux command disagree: not something to answer locally
         Class::Write
     } else if rank(standard.class) >= rank(escaped.class) {
         standard.class
@@ -165,18 +167,18 @@ pub fn classify(sql: &str, write_functions: &[String]) -> Classified {
     Classified { class, hint }
 }
 
-/// How demanding a class is, for combining statements; `None` for pgmux commands, which do not
-/// combine.
-fn rank(c: Class) -> Option<u8> {
-    Some(match c {
+/// How demanding a class is, for combining statements. Among other statements a pgmux
+/// command is session state the server runs (PostgreSQL takes `pgmux.*` as a placeholder
+/// setting) and pgmux reads back.
+fn rank(c: Class) -> u8 {
+    match c {
         Class::Read => 0,
         Class::Transaction => 1,
         Class::BeginReadOnly => 2,
-        Class::Session => 3,
+        Class::Session | Class::Pgmux(_) => 3,
         Class::Begin => 4,
         Class::Write => 5,
-        Class::Pgmux(_) => return None,
-    })
+    }
 }
 
 fn merge_hints(a: Option<Hint>, b: Option<Hint>) -> Option<Hint> {
@@ -218,6 +220,7 @@ fn analyze(sql: &str, write_functions: &[String], mode: Backslash) -> Analysis {
     let mut combined: Option<Class> = None;
     let mut statements = 0usize;
     let mut has_pgmux = false;
+    let mut invalid = None;
     let mut failed = false;
     loop {
         let tok = match lx.next() {
@@ -239,6 +242,9 @@ fn analyze(sql: &str, write_functions: &[String], mode: Backslash) -> Analysis {
             if let Some(c) = stmt.finish() {
                 statements += 1;
                 has_pgmux |= matches!(c, Class::Pgmux(_));
+                if let Class::Pgmux(Command::Invalid(m)) = c {
+                    invalid.get_or_insert(m);
+                }
                 combined = Some(match combined {
                     None => c,
                     Some(prev) => combine(prev, c),
@@ -253,9 +259,12 @@ fn analyze(sql: &str, write_functions: &[String], mode: Backslash) -> Analysis {
     let class = if failed {
         Class::Write
     } else if has_pgmux && statements > 1 {
-        Class::Pgmux(Command::Invalid(
-            "pgmux settings must be set in a statement of their own",
-        ))
+        match (invalid, combined) {
+            // refused before any of the string runs, as PostgreSQL refuses a bad value
+            (Some(m), _) => Class::Pgmux(Command::Invalid(m)),
+            (None, Some(Class::Pgmux(_))) => Class::Session,
+            (None, c) => c.unwrap_or(Class::Session),
+        }
     } else {
         // No statement at all (empty, only comments or semicolons): PostgreSQL answers
         // EmptyQueryResponse, which any server can.
@@ -270,16 +279,10 @@ fn analyze(sql: &str, write_functions: &[String], mode: Backslash) -> Analysis {
 }
 
 fn combine(a: Class, b: Class) -> Class {
-    match (rank(a), rank(b)) {
-        (Some(x), Some(y)) => {
-            if x >= y {
-                a
-            } else {
-                b
-            }
-        }
-        // Reported by the caller as an invalid pgmux command.
-        _ => Class::Write,
+    if rank(a) >= rank(b) {
+        a
+    } else {
+        b
     }
 }
 
@@ -949,9 +952,9 @@ impl<'a, 'w> Stmt<'a, 'w> {
         let mut i = 1;
         if word_is(h[1], "local") {
             return match pgmux_setting(h, 2) {
-                Some(_) => Class::Pgmux(Command::Invalid(
-                    "pgmux settings cannot be SET LOCAL; use SET",
-                )),
+                // PostgreSQL's own: it lasts for the transaction, whose server is already
+                // chosen, so it routes nothing; outside a transaction the server warns
+                Some(_) => Class::Session,
                 // Lasts until the end of the transaction at most: nothing to route for.
                 None => Class::Read,
             };

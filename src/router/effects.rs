@@ -19,7 +19,13 @@ pub struct Effects {
     pub pin: Option<PinReason>,
     /// DISCARD ALL ran: whatever pinned before it is gone (`pin` is what came after it).
     pub discard_all: bool,
+    /// pgmux settings reset to their defaults (`RESET pgmux.route`, `SET pgmux.min_lsn TO
+    /// DEFAULT`, `RESET ALL`, `DISCARD ALL`): `PGMUX_ROUTE` | `PGMUX_MIN_LSN`.
+    pub pgmux_reset: u8,
 }
+
+pub const PGMUX_ROUTE: u8 = 1;
+pub const PGMUX_MIN_LSN: u8 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PinReason {
@@ -56,7 +62,7 @@ pub fn effects(sql: &str) -> Effects {
     let mut fx = Effects::default();
     let mut lexer = Lexer::new(sql, Backslash::Literal);
     // the first words of the current statement, enough for every rule below
-    let mut head: [Option<Tok<'_>>; 4] = [None; 4];
+    let mut head: [Option<Tok<'_>>; HEAD] = [None; HEAD];
     let mut n = 0usize;
     let mut declare_seen_with = false;
     loop {
@@ -70,7 +76,7 @@ pub fn effects(sql: &str) -> Effects {
         };
         if tok == Tok::Semi {
             statement(&head, n, &mut fx);
-            head = [None; 4];
+            head = [None; HEAD];
             n = 0;
             declare_seen_with = false;
             continue;
@@ -100,8 +106,11 @@ pub fn effects(sql: &str) -> Effects {
     fx
 }
 
+/// Words of a statement kept for the rules below (`SET SESSION pgmux . route = DEFAULT`).
+const HEAD: usize = 7;
+
 /// Rules decided by a statement's first words.
-fn statement(head: &[Option<Tok<'_>>; 4], n: usize, fx: &mut Effects) {
+fn statement(head: &[Option<Tok<'_>>; HEAD], n: usize, fx: &mut Effects) {
     if n == 0 {
         return;
     }
@@ -110,12 +119,25 @@ fn statement(head: &[Option<Tok<'_>>; 4], n: usize, fx: &mut Effects) {
         // SET LOCAL, SET TRANSACTION and SET CONSTRAINTS end with the transaction
         if !(w(1, "local") || w(1, "transaction") || w(1, "constraints")) {
             fx.settings = true;
+            let at = if w(1, "session") { 2 } else { 1 };
+            if let Some((bit, next)) = pgmux_name(head, at) {
+                let assigns = matches!(head[next], Some(Tok::Op("="))) || w(next, "to");
+                if assigns && head.get(next + 1).is_some_and(|t| word(t, "default")) {
+                    fx.pgmux_reset |= bit;
+                }
+            }
         }
     } else if w(0, "reset") {
         fx.settings = true;
+        if w(1, "all") {
+            fx.pgmux_reset = PGMUX_ROUTE | PGMUX_MIN_LSN;
+        } else if let Some((bit, _)) = pgmux_name(head, 1) {
+            fx.pgmux_reset |= bit;
+        }
     } else if w(0, "discard") {
         fx.settings = true;
         if w(1, "all") {
+            fx.pgmux_reset = PGMUX_ROUTE | PGMUX_MIN_LSN;
             fx.statements_dropped = true;
             fx.discard_all = true;
             // what pinned before this statement is gone; what follows may pin again
@@ -134,8 +156,34 @@ fn statement(head: &[Option<Tok<'_>>; 4], n: usize, fx: &mut Effects) {
     }
 }
 
+/// A pgmux setting named at `head[i]` (`pgmux.route`, `"pgmux.min_lsn"`): its bit and the
+/// index after the name.
+fn pgmux_name(head: &[Option<Tok<'_>>; HEAD], i: usize) -> Option<(u8, usize)> {
+    let (name, next) = match head.get(i)? {
+        Some(Tok::Word(p)) if p.eq_ignore_ascii_case("pgmux") => {
+            if head.get(i + 1)? != &Some(Tok::Dot) {
+                return None;
+            }
+            match head.get(i + 2)? {
+                Some(Tok::Word(n) | Tok::Quoted(n)) => (*n, i + 3),
+                _ => return None,
+            }
+        }
+        Some(Tok::Quoted(q)) if q.get(..6)?.eq_ignore_ascii_case("pgmux.") => (&q[6..], i + 1),
+        _ => return None,
+    };
+    let bit = if name.eq_ignore_ascii_case("route") {
+        PGMUX_ROUTE
+    } else if name.eq_ignore_ascii_case("min_lsn") {
+        PGMUX_MIN_LSN
+    } else {
+        return None;
+    };
+    Some((bit, next.min(HEAD - 1)))
+}
+
 /// CREATE [GLOBAL|LOCAL] TEMP|TEMPORARY ..., CREATE [OR REPLACE] TEMP VIEW ...
-fn creates_temp(head: &[Option<Tok<'_>>; 4]) -> bool {
+fn creates_temp(head: &[Option<Tok<'_>>; HEAD]) -> bool {
     head[1..]
         .iter()
         .any(|t| word(t, "temp") || word(t, "temporary"))
@@ -206,6 +254,22 @@ mod tests {
         assert_eq!(pin("SELECT pg_advisory_xact_lock(1)"), None);
         assert_eq!(pin("SELECT $$ LISTEN x $$"), None);
         assert_eq!(pin("SELECT 'unterminated"), Some(PinReason::Unreadable));
+    }
+
+    #[test]
+    fn pgmux_resets() {
+        let r = |sql: &str| effects(sql).pgmux_reset;
+        assert_eq!(r("RESET pgmux.route"), PGMUX_ROUTE);
+        assert_eq!(r("reset \"pgmux.min_lsn\""), PGMUX_MIN_LSN);
+        assert_eq!(r("SET pgmux.route TO DEFAULT"), PGMUX_ROUTE);
+        assert_eq!(r("SET SESSION pgmux . min_lsn = default"), PGMUX_MIN_LSN);
+        assert_eq!(r("RESET ALL"), PGMUX_ROUTE | PGMUX_MIN_LSN);
+        assert_eq!(r("BEGIN; DISCARD ALL; COMMIT"), PGMUX_ROUTE | PGMUX_MIN_LSN);
+        assert_eq!(r("SET pgmux.route = replica"), 0);
+        assert_eq!(r("RESET pgmux.colour"), 0);
+        assert_eq!(r("SET LOCAL pgmux.route TO DEFAULT"), 0);
+        assert_eq!(r("SELECT 'RESET pgmux.route'"), 0);
+        assert!(effects("SET pgmux.route = replica").settings);
     }
 
     #[test]

@@ -203,11 +203,16 @@ pub struct RouteState {
     pub route: Route,
     /// `pgmux.min_lsn`: a floor the client set.
     pub min_lsn: Option<Lsn>,
+    /// The startup packet's values: what RESET goes back to.
+    startup: StartupRoute,
     /// Read-your-writes floor from samples taken after this client's writes.
     floor: Option<Lsn>,
     mark: Option<WriteMark>,
     /// The host of the server lent now, and whether the work may have written.
     lease: Option<(Lease, bool)>,
+    /// The server lent now is a replica serving an autocommit read: if it fails before
+    /// answering, the read may be sent again elsewhere (`relay::retry`).
+    retryable: bool,
 }
 
 /// How a unit of work ends up on a server.
@@ -230,9 +235,11 @@ impl RouteState {
             session_mode,
             route: startup.route,
             min_lsn: startup.min_lsn,
+            startup,
             floor: None,
             mark: None,
             lease: None,
+            retryable: false,
         }
     }
 
@@ -241,9 +248,73 @@ impl RouteState {
         self.lease.as_ref().map(|(l, _)| l.host)
     }
 
+    /// Whether the unit on the server lent now is a replica read that may be retried.
+    pub fn retryable(&self) -> bool {
+        self.retryable && self.lease.is_some()
+    }
+
+    /// Whether `buf` (complete client messages) holds nothing but autocommit reads.
+    pub fn is_read(&self, buf: &[u8], stmts: Option<&ClientStatements>) -> bool {
+        !self.session_mode
+            && matches!(
+                inspect(buf, stmts, &self.router.routing.write_functions),
+                Need::Work {
+                    class: Class::Read,
+                    ..
+                }
+            )
+    }
+
+    /// The server lent now failed (before answering anything the client saw): its host is
+    /// banned and its lease dropped, so the work can be routed again elsewhere.
+    pub fn server_failed(&mut self, why: &str) {
+        self.retryable = false;
+        let Some((lease, _)) = self.lease.take() else {
+            return;
+        };
+        let h = &self.router.hosts[lease.host];
+        tracing::warn!(db = %self.router.name, host = %h.host, port = h.port,
+            "replica failed under a read, sending it again elsewhere: {why}");
+        self.router.topology.ban(lease.host, why);
+        self.router
+            .stats
+            .retries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// pgmux's settings as the server holds them after a unit of work that changed settings
+    /// (read back from `pg_settings`): a value set there is taken; a setting the unit reset
+    /// (`effects::PGMUX_ROUTE`...) and that the server no longer holds goes back to its
+    /// startup value. PostgreSQL has applied its own rules: a SET in a transaction that
+    /// rolled back, or a SET LOCAL, left nothing. PostgreSQL accepts any text for these
+    /// placeholders, so a value pgmux cannot use is logged and ignored.
+    pub fn adopt(&mut self, route: Option<&str>, min_lsn: Option<&str>, reset: u8) {
+        use super::effects::{PGMUX_MIN_LSN, PGMUX_ROUTE};
+        match route {
+            Some(v) => match v.to_ascii_lowercase().as_str() {
+                "primary" => self.route = Route::Primary,
+                "replica" => self.route = Route::Replica,
+                "auto" | "default" | "" => self.route = Route::Auto,
+                _ => tracing::warn!(value = v, "ignoring invalid pgmux.route"),
+            },
+            None if reset & PGMUX_ROUTE != 0 => self.route = self.startup.route,
+            None => {}
+        }
+        match min_lsn {
+            Some("") => self.min_lsn = None,
+            Some(v) => match v.parse::<Lsn>() {
+                Ok(l) => self.min_lsn = Some(l),
+                Err(_) => tracing::warn!(value = v, "ignoring invalid pgmux.min_lsn"),
+            },
+            None if reset & PGMUX_MIN_LSN != 0 => self.min_lsn = self.startup.min_lsn,
+            None => {}
+        }
+    }
+
     /// The server went back to its pool: a unit that may have written on the primary now
     /// counts for read-your-writes.
     pub fn released(&mut self) {
+        self.retryable = false;
         let Some((lease, may_write)) = self.lease.take() else {
             return;
         };
@@ -287,6 +358,8 @@ impl RouteState {
                 self.router.stats.count(target, reason);
                 let may_write = choice.may_write && target == Target::Primary;
                 self.lease = Some((self.router.lease(host), may_write));
+                // only replicas: the primary is never banned away, so a retry could loop
+                self.retryable = class == Class::Read && target == Target::Replica;
                 Ok(Some(conn))
             }
             Err(e) => {
