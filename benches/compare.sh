@@ -182,6 +182,8 @@ default_pool_size = $POOL_SIZE
 max_client_conn = $MAX_CLIENTS
 auth_type = "trust"
 log_level = "warn"
+# no metrics listener: its default port may be taken by another pgmux on the machine
+metrics_listen_port = 0
 
 [[users]]
 name = "postgres"
