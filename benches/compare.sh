@@ -66,7 +66,8 @@ as_pg() {
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 free_port() {
   local p
-  for p in $(shuf -i 20000-60000 -n 200); do
+  # below the ephemeral range (32768-60999 here): client sockets of other runs take ports there
+  for p in $(shuf -i 20000-32000 -n 200); do
     port_in_use "$p" || { echo "$p"; return; }
   done
   die "no free port found"

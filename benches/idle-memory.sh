@@ -12,6 +12,8 @@
 #   RATE=0               pgmux-load --rate (0: as fast as it can)
 #   POOL_MODE=transaction
 #   EXTRA=               more lines for pgmux's [pgmux] section (e.g. 'log_level = "info"')
+#   LOAD_ARGS=           instead of holding the clients idle, run this pgmux-load workload
+#                        (e.g. "--sql FILE --scale 1 -T 30"); the summary is printed
 #   PGMUX, LOAD          binaries (default: cargo build --release)
 #   DIR=/tmp/pgmux-idle-memory   state dir, removed at the end (KEEP=1 keeps it)
 #   PGBIN=/usr/lib/postgresql/15/bin
@@ -38,7 +40,8 @@ as_pg() {
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 free_port() {
   local p
-  for p in $(shuf -i 20000-60000 -n 200); do
+  # below the ephemeral range (32768-60999 here): client sockets of other runs take ports there
+  for p in $(shuf -i 20000-32000 -n 200); do
     port_in_use "$p" || { echo "$p"; return; }
   done
   die "no free port found"
@@ -115,9 +118,16 @@ done
 before=$(rss_kib "$PGMUX_PID")
 ready="$DIR/ready"
 args=(--host 127.0.0.1 --port "$PGMUX_PORT" -U postgres -d postgres -c "$CLIENTS"
-      --processes "$PROCESSES" --rate "$RATE" --duration 300 --hold 3 --ready-file "$ready"
-      --quiet --json)
+      --processes "$PROCESSES" --rate "$RATE" --ready-file "$ready" --quiet --json)
 [ -n "$SOURCE_ADDRS" ] && args+=(--source-addrs "$SOURCE_ADDRS")
+if [ -n "${LOAD_ARGS:-}" ]; then
+  read -r -a extra <<<"$LOAD_ARGS"
+  args+=("${extra[@]}")
+  # server connections at peak, counted in PostgreSQL
+  args+=(--direct "host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres" --server-dbname postgres)
+else
+  args+=(--duration 300 --hold 3)
+fi
 "$LOAD" "${args[@]}" >"$DIR/log/load.json" 2>"$DIR/log/load.log" &
 load_pid=$!
 deadline=$((SECONDS + 300))
@@ -130,6 +140,12 @@ after=$(rss_kib "$PGMUX_PID")
 made=$(cat "$ready" 2>/dev/null || echo 0)
 wait "$load_pid" || log "pgmux-load failed; see $DIR/log/load.log"
 [ "${made:-0}" -gt 0 ] || die "no client connected; see $DIR/log/load.log"
-log "pgmux VmRSS before: $before KiB, with $made idle clients: $after KiB"
-awk -v a="$after" -v b="$before" -v n="$made" \
-  'BEGIN {printf "resident memory per idle client, %d idle: %.2f KiB\n", n, (a - b) / n}'
+if [ -n "${LOAD_ARGS:-}" ]; then
+  echo "pgmux-load summary: $(tail -n 1 "$DIR/log/load.json")"
+  echo "pgmux open files at the end: $(ls "/proc/$PGMUX_PID/fd" | wc -l)"
+fi
+what=idle
+[ -n "${LOAD_ARGS:-}" ] && what=busy
+log "pgmux VmRSS before: $before KiB, with $made $what clients: $after KiB"
+awk -v a="$after" -v b="$before" -v n="$made" -v w="$what" \
+  'BEGIN {printf "resident memory per %s client, %d %s: %.2f KiB\n", w, n, w, (a - b) / n}'

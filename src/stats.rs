@@ -7,6 +7,7 @@
 //! by all connections, no allocation per message. Readers (SHOW, scrape) load the same
 //! atomics, so the console and the metrics cannot disagree about what was counted.
 
+use crate::router::effects::PinReason;
 use futures_util::task::AtomicWaker;
 use prometheus::{Histogram, HistogramOpts};
 use std::collections::{BTreeMap, HashMap};
@@ -437,7 +438,7 @@ pub struct ClientInfo {
     /// Id of the server connection lent to it, 0 for none.
     server: AtomicU64,
     /// Why the client keeps its server in transaction mode (a PinReason), empty if it does not.
-    pinned: std::sync::Mutex<&'static str>,
+    pinned: AtomicU8,
     /// KILL (or a safe shutdown) asked the session to end.
     killed: AtomicBool,
     /// The session's task, woken by KILL and by a safe shutdown.
@@ -447,7 +448,12 @@ pub struct ClientInfo {
 impl ClientInfo {
     /// Why the client is pinned to its server ("" when it is not).
     pub fn pinned(&self) -> &'static str {
-        *self.pinned.lock().unwrap_or_else(|e| e.into_inner())
+        match self.pinned.load(Ordering::Relaxed) {
+            0 => "",
+            n => PinReason::ALL
+                .get(usize::from(n) - 1)
+                .map_or("", |p| p.as_str()),
+        }
     }
 
     pub fn state(&self) -> ClientState {
@@ -559,7 +565,7 @@ impl ClientRegistry {
             wait_since: AtomicU64::new(0),
             request_time: AtomicU64::new(unix_us(now)),
             server: AtomicU64::new(0),
-            pinned: std::sync::Mutex::new(""),
+            pinned: AtomicU8::new(0),
             killed: AtomicBool::new(false),
             waker: AtomicWaker::new(),
         });
@@ -612,13 +618,13 @@ impl ClientHandle {
         meter.attached();
     }
 
-    /// The client keeps its server (transaction mode) for `reason`, or no longer ("").
-    pub fn set_pinned(&self, reason: &'static str) {
-        let mut p = self.info.pinned.lock().unwrap_or_else(|e| e.into_inner());
-        if p.is_empty() && !reason.is_empty() {
+    /// The client keeps its server (transaction mode) for `pin`, or no longer (None).
+    pub fn set_pinned(&self, pin: Option<PinReason>) {
+        let code = pin.and_then(|p| PinReason::ALL.iter().position(|a| *a == p));
+        let code = code.map_or(0, |i| i as u8 + 1);
+        if self.info.pinned.swap(code, Ordering::Relaxed) == 0 && code != 0 {
             self.info.stats.pins.fetch_add(1, Ordering::Relaxed);
         }
-        *p = reason;
     }
 
     /// The client's server went back to the pool.

@@ -653,7 +653,7 @@ impl Session {
             if !reason.is_empty() {
                 info!(db = %self.login.db(), user = %self.login.user(), "client pinned to its server ({reason})");
             }
-            self.client.set_pinned(reason);
+            self.client.set_pinned(pin);
             self.pinned = pin;
         }
     }
