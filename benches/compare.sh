@@ -31,6 +31,8 @@
 #   PGBIN=/usr/lib/postgresql/15/bin
 #   KEEP=0               1 keeps the dir, servers stopped
 #   CARGO_BUILD_JOBS     honoured by cargo; 1 on small machines
+#   PGMUX, LOAD          pgmux and pgmux-load binaries to use instead of building them
+#   TOKIO_WORKER_THREADS honoured by pgmux's runtime (default: one per core)
 #
 # Usage: benches/compare.sh            (as root or a user that can run PostgreSQL; root runs
 #                                       PostgreSQL and PgBouncer as `postgres`)
@@ -96,6 +98,10 @@ cleanup() {
 }
 
 build() {
+  if [ -n "${PGMUX:-}" ] && [ -n "${LOAD:-}" ]; then
+    [ -x "$PGMUX" ] && [ -x "$LOAD" ] || die "PGMUX and LOAD must name executables"
+    return
+  fi
   log "building pgmux and pgmux-load (release)"
   local out
   out=$(cd "$REPO" && cargo build --release --bin pgmux --bin pgmux-load \
