@@ -31,6 +31,8 @@
 #   PGBIN=/usr/lib/postgresql/15/bin
 #   KEEP=0               1 keeps the dir, servers stopped
 #   CARGO_BUILD_JOBS     honoured by cargo; 1 on small machines
+#   PGMUX, LOAD          pgmux and pgmux-load binaries to use instead of building them
+#   TOKIO_WORKER_THREADS honoured by pgmux's runtime (default: one per core)
 #
 # Usage: benches/compare.sh            (as root or a user that can run PostgreSQL; root runs
 #                                       PostgreSQL and PgBouncer as `postgres`)
@@ -66,7 +68,8 @@ as_pg() {
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 free_port() {
   local p
-  for p in $(shuf -i 20000-60000 -n 200); do
+  # below the ephemeral range (32768-60999 here): client sockets of other runs take ports there
+  for p in $(shuf -i 20000-32000 -n 200); do
     port_in_use "$p" || { echo "$p"; return; }
   done
   die "no free port found"
@@ -95,6 +98,10 @@ cleanup() {
 }
 
 build() {
+  if [ -n "${PGMUX:-}" ] && [ -n "${LOAD:-}" ]; then
+    [ -x "$PGMUX" ] && [ -x "$LOAD" ] || die "PGMUX and LOAD must name executables"
+    return
+  fi
   log "building pgmux and pgmux-load (release)"
   local out
   out=$(cd "$REPO" && cargo build --release --bin pgmux --bin pgmux-load \
@@ -182,6 +189,8 @@ default_pool_size = $POOL_SIZE
 max_client_conn = $MAX_CLIENTS
 auth_type = "trust"
 log_level = "warn"
+# no metrics listener: its default port may be taken by another pgmux on the machine
+metrics_listen_port = 0
 
 [[users]]
 name = "postgres"

@@ -147,6 +147,10 @@ impl App {
             }
             later
         });
+        if stage == Shutdown::Safe {
+            // sessions wait on their sockets, not on the signal: each looks at the stage
+            self.registry.wake_all();
+        }
     }
 
     pub fn shutdown_stage(&self) -> Shutdown {

@@ -67,9 +67,5 @@ fn spawn_client(app: &Arc<App>, stream: tokio::net::TcpStream, peer: SocketAddr)
     let n = app.clients.fetch_add(1, Ordering::AcqRel) + 1;
     let over_limit = n > app.config().pgmux.max_client_conn as usize;
     let slot = ClientSlot(app.clone());
-    let app = app.clone();
-    tokio::spawn(async move {
-        let _slot = slot;
-        client::serve(app, stream, peer, over_limit).await;
-    });
+    tokio::spawn(client::serve(app.clone(), stream, peer, over_limit, slot));
 }

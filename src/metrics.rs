@@ -155,7 +155,7 @@ pub fn render(app: &App) -> String {
             &l,
             clients_by_pool
                 .iter()
-                .filter(|c| c.db == db && c.user == user && !c.pinned().is_empty())
+                .filter(|c| c.db() == db && c.user() == user && !c.pinned().is_empty())
                 .count() as f64,
         );
         f.counter(
@@ -191,7 +191,7 @@ pub fn render(app: &App) -> String {
         );
         let maxwait = clients_by_pool
             .iter()
-            .filter(|c| c.db == p.db && c.user == p.user)
+            .filter(|c| c.db() == p.db && c.user() == p.user)
             .filter_map(|c| c.waiting_for())
             .max()
             .unwrap_or_default();

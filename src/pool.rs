@@ -42,10 +42,16 @@ pub struct PoolSettings {
     pub lifetime: Option<Duration>,
 }
 
-// a grant moves once through a oneshot; boxing the connection would allocate per handoff
-#[allow(clippy::large_enum_variant)]
+/// Connections are boxed once when opened: lending one moves a pointer, and a client's
+/// session stays small while it holds none.
+type Conn = Box<ServerConn>;
+
+fn close(c: Conn) {
+    c.close()
+}
+
 enum Grant {
-    Conn(ServerConn),
+    Conn(Conn),
     /// Permission to open one connection, counted in `open` already.
     Slot,
 }
@@ -57,7 +63,7 @@ struct Waiter {
 
 #[derive(Default)]
 struct State {
-    idle: Vec<ServerConn>,
+    idle: Vec<Conn>,
     /// Idle, lent and being opened.
     open: u32,
     connecting: u32,
@@ -124,7 +130,12 @@ pub struct Pool {
     resumed: Notify,
     /// The pool's database left the configuration: it serves its clients until they leave.
     retired: AtomicBool,
+    /// Settings clients of this pool expect, shared by the clients that expect the same.
+    wants: Mutex<Vec<Arc<Params>>>,
 }
+
+/// Distinct client settings a pool keeps for sharing; a client with others gets its own.
+const SHARED_WANTS: usize = 16;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -163,6 +174,7 @@ impl Pool {
             paused: AtomicBool::new(false),
             resumed: Notify::new(),
             retired: AtomicBool::new(false),
+            wants: Mutex::new(Vec::new()),
         });
         if let Some(l) = &pool.db_limit {
             lock(&l.pools).push(Arc::downgrade(&pool));
@@ -246,7 +258,7 @@ impl Pool {
             }
             idle
         };
-        idle.into_iter().for_each(ServerConn::close);
+        idle.into_iter().for_each(close);
     }
 
     /// Closes idle connections (PAUSE, so the server can restart); lent ones stay.
@@ -260,7 +272,7 @@ impl Pool {
             }
             idle
         };
-        idle.into_iter().for_each(ServerConn::close);
+        idle.into_iter().for_each(close);
     }
 
     /// Open connections as SHOW SERVERS lists them.
@@ -294,6 +306,23 @@ impl Pool {
     /// The parameters a fresh server connection reported, once one has logged in.
     pub fn baseline(&self) -> Option<Arc<Params>> {
         lock(&self.state).baseline.clone()
+    }
+
+    /// The settings a client expects, shared with the clients that expect the same (most
+    /// clients of a pool do): an idle client holds a pointer instead of a copy. A client
+    /// that changes its settings gets its own copy then (`Arc::make_mut`).
+    pub fn share_wants(&self, wants: Params) -> Arc<Params> {
+        let mut shared = lock(&self.wants);
+        if let Some(w) = shared.iter().find(|w| ***w == wants) {
+            return w.clone();
+        }
+        // settings no client holds any more make room
+        shared.retain(|w| Arc::strong_count(w) > 1);
+        let wants = Arc::new(wants);
+        if shared.len() < SHARED_WANTS {
+            shared.push(wants.clone());
+        }
+        wants
     }
 
     /// Lends a connection: an idle one, a new one while under size, else waits in line.
@@ -368,7 +397,7 @@ impl Pool {
             Err((id, rx))
         };
         drop(s);
-        expired.into_iter().for_each(ServerConn::close);
+        expired.into_iter().for_each(close);
         Ok(r)
     }
 
@@ -434,7 +463,7 @@ impl Pool {
         let r = self.open_conn(deadline).await;
         lock(&self.state).connecting -= 1;
         match r {
-            Ok(c) => Ok(self.guard(c)),
+            Ok(c) => Ok(self.guard(Box::new(c))),
             Err(e) => {
                 self.slot_freed();
                 Err(e)
@@ -510,7 +539,7 @@ impl Pool {
             .map_err(|_| PoolError::Closed)
     }
 
-    fn evict_idle(&self) -> Option<ServerConn> {
+    fn evict_idle(&self) -> Option<Conn> {
         let mut s = lock(&self.state);
         if s.idle.is_empty() {
             return None;
@@ -521,7 +550,7 @@ impl Pool {
         Some(c)
     }
 
-    fn guard(self: &Arc<Self>, c: ServerConn) -> PooledConn {
+    fn guard(self: &Arc<Self>, c: Conn) -> PooledConn {
         PooledConn {
             conn: Some(c),
             pool: self.clone(),
@@ -529,7 +558,7 @@ impl Pool {
     }
 
     /// Takes back a clean, idle connection.
-    fn put(&self, mut c: ServerConn) {
+    fn put(&self, mut c: Conn) {
         let now = Instant::now();
         if self.too_old(&c, now) {
             return self.discard(c);
@@ -564,7 +593,7 @@ impl Pool {
     }
 
     /// Closes a connection and hands its slot to the first waiter, if any.
-    fn discard(&self, c: ServerConn) {
+    fn discard(&self, c: Conn) {
         lock(&self.state).servers.remove(&c.id);
         c.close();
         self.slot_freed();
@@ -611,7 +640,7 @@ impl Pool {
             };
             s.open += need;
         }
-        closing.into_iter().for_each(ServerConn::close);
+        closing.into_iter().for_each(close);
         for _ in 0..need {
             let pool = self.clone();
             tokio::spawn(async move {
@@ -640,14 +669,14 @@ impl Pool {
         };
         // paused checkouts must see the pool closed rather than wait for a RESUME
         self.resume();
-        idle.into_iter().for_each(ServerConn::close);
+        idle.into_iter().for_each(close);
     }
 }
 
 /// A lent connection. `release` returns it (it must be idle and clean); dropping it
 /// otherwise closes it, so a connection in an unknown state is never lent again.
 pub struct PooledConn {
-    conn: Option<ServerConn>,
+    conn: Option<Conn>,
     pool: Arc<Pool>,
 }
 

@@ -148,6 +148,11 @@ impl Recorder {
         fp
     }
 
+    /// No request in flight and no rows counted.
+    pub fn is_idle(&self) -> bool {
+        self.pending.is_empty() && self.rows == 0
+    }
+
     /// A request went to the server.
     pub fn request(&mut self, fp: u64) {
         self.pending.push_back(fp);

@@ -7,13 +7,14 @@
 //! by all connections, no allocation per message. Readers (SHOW, scrape) load the same
 //! atomics, so the console and the metrics cannot disagree about what was counted.
 
+use crate::router::effects::PinReason;
+use futures_util::task::AtomicWaker;
 use prometheus::{Histogram, HistogramOpts};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, SystemTime};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// Bucket bounds (seconds) of the wait, query and transaction histograms.
@@ -301,6 +302,11 @@ impl Meter {
         }
     }
 
+    /// No clock running and no request in flight.
+    pub fn is_idle(&self) -> bool {
+        self.query_start.is_none() && self.xact_start.is_none() && self.statements.is_idle()
+    }
+
     /// Bytes read from the client.
     #[inline]
     pub fn received(&self, n: usize) {
@@ -415,14 +421,14 @@ fn sqlstate_class(mut body: &[u8]) -> Option<[u8; 2]> {
 }
 
 /// One logged-in client as SHOW CLIENTS lists it.
+/// Kept small: an idle client's memory is mostly this, its task and its socket.
 pub struct ClientInfo {
     pub id: u64,
-    pub db: String,
-    pub user: String,
     pub addr: SocketAddr,
     pub local: Option<SocketAddr>,
     pub connect_time: SystemTime,
-    pub application_name: String,
+    pub application_name: Box<str>,
+    /// Its pool's counters, which also name its database and user.
     pub stats: Arc<PoolStats>,
     state: AtomicU8,
     /// mono_us() when the client started waiting (valid while waiting).
@@ -432,14 +438,22 @@ pub struct ClientInfo {
     /// Id of the server connection lent to it, 0 for none.
     server: AtomicU64,
     /// Why the client keeps its server in transaction mode (a PinReason), empty if it does not.
-    pinned: std::sync::Mutex<&'static str>,
-    kill: Notify,
+    pinned: AtomicU8,
+    /// KILL (or a safe shutdown) asked the session to end.
+    killed: AtomicBool,
+    /// The session's task, woken by KILL and by a safe shutdown.
+    waker: AtomicWaker,
 }
 
 impl ClientInfo {
     /// Why the client is pinned to its server ("" when it is not).
     pub fn pinned(&self) -> &'static str {
-        *self.pinned.lock().unwrap_or_else(|e| e.into_inner())
+        match self.pinned.load(Ordering::Relaxed) {
+            0 => "",
+            n => PinReason::ALL
+                .get(usize::from(n) - 1)
+                .map_or("", |p| p.as_str()),
+        }
     }
 
     pub fn state(&self) -> ClientState {
@@ -464,9 +478,34 @@ impl ClientInfo {
         }
     }
 
+    pub fn db(&self) -> &str {
+        &self.stats.db
+    }
+
+    pub fn user(&self) -> &str {
+        &self.stats.user
+    }
+
     /// Asks the client's session to end (KILL).
     pub fn kill(&self) {
-        self.kill.notify_one();
+        self.killed.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Wakes the session's task so it looks at the shutdown stage.
+    pub fn wake(&self) {
+        self.waker.wake();
+    }
+
+    /// Ready once KILL was asked; otherwise the task is woken by `kill` and `wake`.
+    pub fn poll_killed(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        // registered before the flag is read, so a kill in between still wakes the task
+        self.waker.register(cx.waker());
+        if self.killed.load(Ordering::Acquire) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
     }
 }
 
@@ -498,6 +537,13 @@ impl ClientRegistry {
         self.len() == 0
     }
 
+    /// Wakes every session (a safe shutdown began: each looks at the stage).
+    pub fn wake_all(&self) {
+        for c in self.snapshot() {
+            c.wake();
+        }
+    }
+
     /// Registers a client (idle) until the returned handle is dropped.
     pub fn register(
         self: &Arc<Self>,
@@ -510,19 +556,18 @@ impl ClientRegistry {
         let now = SystemTime::now();
         let info = Arc::new(ClientInfo {
             id,
-            db: stats.db.clone(),
-            user: stats.user.clone(),
             addr,
             local,
             connect_time: now,
-            application_name: application_name.to_string(),
+            application_name: application_name.into(),
             stats: stats.clone(),
             state: AtomicU8::new(ClientState::Idle as u8),
             wait_since: AtomicU64::new(0),
             request_time: AtomicU64::new(unix_us(now)),
             server: AtomicU64::new(0),
-            pinned: std::sync::Mutex::new(""),
-            kill: Notify::new(),
+            pinned: AtomicU8::new(0),
+            killed: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
         });
         stats.move_client(None, Some(ClientState::Idle));
         self.map
@@ -573,13 +618,13 @@ impl ClientHandle {
         meter.attached();
     }
 
-    /// The client keeps its server (transaction mode) for `reason`, or no longer ("").
-    pub fn set_pinned(&self, reason: &'static str) {
-        let mut p = self.info.pinned.lock().unwrap_or_else(|e| e.into_inner());
-        if p.is_empty() && !reason.is_empty() {
+    /// The client keeps its server (transaction mode) for `pin`, or no longer (None).
+    pub fn set_pinned(&self, pin: Option<PinReason>) {
+        let code = pin.and_then(|p| PinReason::ALL.iter().position(|a| *a == p));
+        let code = code.map_or(0, |i| i as u8 + 1);
+        if self.info.pinned.swap(code, Ordering::Relaxed) == 0 && code != 0 {
             self.info.stats.pins.fetch_add(1, Ordering::Relaxed);
         }
-        *p = reason;
     }
 
     /// The client's server went back to the pool.
@@ -590,7 +635,11 @@ impl ClientHandle {
 
     /// Resolves when KILL (or a removed database) asks this session to end.
     pub async fn killed(&self) {
-        self.info.kill.notified().await
+        std::future::poll_fn(|cx| self.info.poll_killed(cx)).await
+    }
+
+    pub fn poll_killed(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.info.poll_killed(cx)
     }
 }
 

@@ -328,7 +328,7 @@ impl Session {
         warn!(user = %self.console.user, db, "KILL");
         let pools = self.app.pause(Some(db));
         for c in self.app.registry.snapshot() {
-            if c.db == db {
+            if c.db() == db {
                 c.kill();
             }
         }

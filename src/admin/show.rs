@@ -59,7 +59,7 @@ fn max_waits(clients: &[Arc<ClientInfo>]) -> HashMap<(&str, &str), Duration> {
     let mut m: HashMap<(&str, &str), Duration> = HashMap::new();
     for c in clients {
         if let Some(w) = c.waiting_for() {
-            let e = m.entry((c.db.as_str(), c.user.as_str())).or_default();
+            let e = m.entry((c.db(), c.user())).or_default();
             *e = (*e).max(w);
         }
     }
@@ -314,8 +314,8 @@ fn clients(app: &App) -> BytesMut {
         let wait = c.waiting_for().unwrap_or_default();
         rs.row(vec![
             "C".into(),
-            c.user.as_str().into(),
-            c.db.as_str().into(),
+            c.user().into(),
+            c.db().into(),
             "none".into(),
             c.state().name().into(),
             c.addr.ip().to_string().into(),
@@ -334,7 +334,7 @@ fn clients(app: &App) -> BytesMut {
                 .into(),
             0i32.into(),
             "".into(),
-            c.application_name.as_str().into(),
+            (&*c.application_name).into(),
             0i32.into(),
             c.id.into(),
             c.pinned().into(),
@@ -376,7 +376,7 @@ fn servers(app: &App) -> BytesMut {
                 s.pid.into(),
                 "".into(),
                 client
-                    .map(|c| c.application_name.clone())
+                    .map(|c| c.application_name.to_string())
                     .unwrap_or_default()
                     .into(),
                 0i32.into(),

@@ -26,14 +26,26 @@ pub enum Entry {
 }
 
 pub struct LoggedIn {
-    pub user: String,
-    pub db: String,
+    /// The client's pool, which also names its database (and its user, unless the database
+    /// logs in to servers as another: `user`).
     pub pool: Arc<Pool>,
-    /// Settings the client expects on every server it is lent.
-    pub wants: Params,
+    /// The client's user name where it is not the pool's.
+    user: Option<Box<str>>,
+    /// Settings the client expects on every server it is lent (shared: `Pool::share_wants`).
+    pub wants: Arc<Params>,
     pub cancel: Arc<CancelHandle>,
     /// pgmux's own startup settings (`-c pgmux.route=replica`), kept from servers.
     pub route: crate::router::session::StartupRoute,
+}
+
+impl LoggedIn {
+    pub fn db(&self) -> &str {
+        &self.pool.db
+    }
+
+    pub fn user(&self) -> &str {
+        self.user.as_deref().unwrap_or(&self.pool.user)
+    }
 }
 
 /// Why a login ended without a session; `error` (if any) goes to the client.
@@ -192,16 +204,16 @@ where
             return Err(Refusal::with(e));
         }
     };
-    let wants = params::client_wants(&baseline, &settings);
+    let wants = pool.share_wants(params::client_wants(&baseline, &settings));
     let cancel = app.cancels.register();
     welcome(&mut out, &baseline, &wants, &cancel);
     if let Err(r) = write(stream, &out).await {
         app.cancels.unregister(cancel.pid);
         return Err(r);
     }
+    let user = (user != pool.user).then(|| user.into());
     Ok(Entry::Pool(LoggedIn {
         user,
-        db,
         pool,
         wants,
         cancel,

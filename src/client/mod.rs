@@ -10,20 +10,24 @@ use crate::config::PoolMode;
 use crate::params;
 use crate::pool::PooledConn;
 use crate::protocol::PgError;
+use crate::relay::statements::Tracker;
 use crate::relay::{Event, Relay, ServerSide};
+use crate::router::effects::PinReason;
 use crate::router::session::RouteState;
 use crate::stats::{ClientHandle, Meter};
 use crate::tls::{ClientStream, Opened};
 use bytes::BytesMut;
 use login::{Entry, LoggedIn, Refusal};
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tracing::{debug, info, warn, Instrument};
 
 /// Bound on writing a last message to a client that may have stopped reading.
@@ -31,23 +35,84 @@ const FAREWELL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on the reset query run before a server goes back to its pool.
 const RESET_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves one accepted connection to its end. Everything it logs is inside a `client` span
-/// carrying the client's address, and its database and user once logged in.
-pub async fn serve(app: Arc<App>, stream: TcpStream, peer: SocketAddr, over_limit: bool) {
+/// Serves one accepted connection to its end; `guard` is dropped with the task. Everything
+/// it logs is inside a `client` span carrying the client's address, and its database and
+/// user once logged in.
+///
+/// A task is as large as its future's largest state, and an idle client's task lives as
+/// long as the client: so the future holds little more than a pointer to the session, and
+/// every step before and after the session (TLS, login, the last words) runs boxed.
+pub fn serve<G: Send + 'static>(
+    app: Arc<App>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    over_limit: bool,
+    guard: G,
+) -> impl std::future::Future<Output = ()> + Send {
     let span = tracing::info_span!(
         "client",
         client_addr = %peer,
         db = tracing::field::Empty,
         user = tracing::field::Empty
     );
-    serve_in_span(app, stream, peer, over_limit)
-        .instrument(span)
-        .await
+    let start = Box::new(Start {
+        app,
+        stream,
+        peer,
+        over_limit,
+    });
+    async move {
+        let _guard = guard;
+        let Some(mut session) = Box::pin(begin(start)).await else {
+            return;
+        };
+        let error = session.run().await;
+        Box::pin(session.end(error)).await;
+    }
+    .instrument(span)
 }
 
-async fn serve_in_span(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, over_limit: bool) {
+struct Start {
+    app: Arc<App>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    over_limit: bool,
+}
+
+/// Encryption, login and the client's registration; None when no session follows.
+async fn begin(start: Box<Start>) -> Option<Box<Session>> {
+    let Start {
+        app,
+        stream: tcp,
+        peer,
+        over_limit,
+    } = *start;
     let _ = tcp.set_nodelay(true);
     let local = tcp.local_addr().ok();
+    let (stream, login) = enter(&app, tcp, peer, over_limit).await?;
+    let span = tracing::Span::current();
+    span.record("db", tracing::field::display(login.db()));
+    span.record("user", tracing::field::display(login.user()));
+    info!("client connected");
+    // registry entry for SHOW CLIENTS and the pool's client counts, until the session ends
+    let client = app.registry.register(
+        login.pool.stats.clone(),
+        peer,
+        local,
+        login.wants.get("application_name").unwrap_or(""),
+    );
+    // the session holds no buffer while the client idles (see `Session::park`)
+    Some(Box::new(Session::new(app, stream, login, client)))
+}
+
+/// Settles encryption and logs the client in; None when the client was refused, left, or
+/// was served by the admin console.
+async fn enter(
+    app: &Arc<App>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    over_limit: bool,
+) -> Option<(ClientStream, LoggedIn)> {
     // settling encryption and logging in share one auth_timeout
     let deadline = app
         .config()
@@ -63,11 +128,16 @@ async fn serve_in_span(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, over_lim
         peer: conn,
     } = match opened {
         Ok(o) => o,
-        Err(e) if e.is_quiet() => return debug!(%peer, "connection ended before startup: {e}"),
-        Err(e) => return warn!(%peer, "login refused: {e}"),
+        Err(e) if e.is_quiet() => {
+            debug!(%peer, "connection ended before startup: {e}");
+            return None;
+        }
+        Err(e) => {
+            warn!(%peer, "login refused: {e}");
+            return None;
+        }
     };
-    // rarely-run steps are boxed: an idle client's task is as large as its largest state
-    let logging_in = Box::pin(login::login(&app, &mut stream, over_limit, first, &conn));
+    let logging_in = Box::pin(login::login(app, &mut stream, over_limit, first, &conn));
     let login = match deadline {
         Some(d) => tokio::time::timeout_at(d, logging_in)
             .await
@@ -85,7 +155,8 @@ async fn serve_in_span(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, over_lim
             let span = tracing::Span::current();
             span.record("db", tracing::field::display("pgmux"));
             span.record("user", tracing::field::display(&c.user));
-            return Box::pin(crate::admin::serve(app, stream, peer, c)).await;
+            Box::pin(crate::admin::serve(app.clone(), stream, peer, c)).await;
+            return None;
         }
         Err(r) => {
             if let Some(e) = &r.error {
@@ -94,29 +165,10 @@ async fn serve_in_span(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, over_lim
             } else {
                 debug!("login ended: {}", r.log);
             }
-            return;
+            return None;
         }
     };
-    let span = tracing::Span::current();
-    span.record("db", tracing::field::display(&login.db));
-    span.record("user", tracing::field::display(&login.user));
-    info!("client connected");
-    let pid = login.cancel.pid;
-    // registry entry for SHOW CLIENTS and the pool's client counts, until the session ends
-    let client = app.registry.register(
-        login.pool.stats.clone(),
-        peer,
-        local,
-        login.wants.get("application_name").unwrap_or(""),
-    );
-    let mut session = Session::new(app.clone(), stream, login, client);
-    let error = session.run().await;
-    if let Some(e) = &error {
-        info!("closing client: {e}");
-    }
-    Box::pin(session.finish(error)).await;
-    app.cancels.unregister(pid);
-    info!("client disconnected");
+    Some((stream, login))
 }
 
 /// Writes what is left for the client and a last error, within a bound.
@@ -144,43 +196,136 @@ struct Session {
     app: Arc<App>,
     stream: ClientStream,
     login: LoggedIn,
-    relay: Relay,
+    /// The relay while the client has a server, work or bytes in flight; None while it
+    /// idles without a server (parked), so an idle client holds no relay state or buffer.
+    relay: Option<Box<Relay>>,
+    parked: Parked,
     server: Option<PooledConn>,
     mode: PoolMode,
     shutdown: watch::Receiver<Shutdown>,
     closing: bool,
     /// Pin reason last shown in the client registry.
-    pinned: &'static str,
+    pinned: Option<PinReason>,
     client: ClientHandle,
     /// Read/write routing, for a database with replicas (see `router::session`).
-    route: Option<RouteState>,
+    route: Option<Box<RouteState>>,
+    /// The idle or query timeout running now, if one applies.
+    timer: Option<Pin<Box<Sleep>>>,
+    max_message: u32,
+    max_prepared: u32,
+}
+
+/// What a parked client keeps of its relay.
+struct Parked {
+    /// Last client input or server ReadyForQuery.
+    idle_since: Instant,
+    /// The client's named prepared statements (transaction mode), if it has any.
+    tracker: Option<Box<Tracker>>,
 }
 
 impl Session {
     fn new(app: Arc<App>, stream: ClientStream, login: LoggedIn, client: ClientHandle) -> Session {
         let mode = login.pool.settings().mode;
-        let mut relay = Relay::new(
-            app.config().pgmux.max_message_size as usize,
-            mode == PoolMode::Transaction,
-            app.statements.clone(),
-            app.config().pgmux.max_prepared_statements as usize,
-        );
-        relay.meter = Meter::new(login.pool.stats.clone());
+        let (max_message, max_prepared) = {
+            let g = &app.config().pgmux;
+            (g.max_message_size, g.max_prepared_statements)
+        };
         let shutdown = app.shutdown_signal();
-        let route = route_state(&app, &login, mode);
-        Session {
+        let route = route_state(&app, &login, mode).map(Box::new);
+        let mut session = Session {
             app,
             stream,
             login,
-            relay,
+            relay: None,
+            parked: Parked {
+                idle_since: Instant::now(),
+                tracker: None,
+            },
             server: None,
             mode,
             shutdown,
             closing: false,
-            pinned: "",
+            pinned: None,
             client,
             route,
+            timer: None,
+            max_message,
+            max_prepared,
+        };
+        if !session.can_park() {
+            session.relay_mut();
         }
+        session
+    }
+
+    /// Only a plain TCP client parks: its socket says when it has something to read. A TLS
+    /// stream may hold decrypted bytes the socket no longer shows.
+    fn can_park(&self) -> bool {
+        matches!(self.stream, ClientStream::Plain(_))
+    }
+
+    /// The relay, made anew if the client was parked.
+    fn relay_mut(&mut self) -> &mut Relay {
+        let relay = match self.relay.take() {
+            Some(r) => r,
+            None => self.unpark(),
+        };
+        self.relay.insert(relay)
+    }
+
+    fn unpark(&mut self) -> Box<Relay> {
+        let mut relay = Box::new(Relay::new(
+            self.max_message as usize,
+            self.mode == PoolMode::Transaction,
+            self.app.statements.clone(),
+            self.max_prepared as usize,
+        ));
+        relay.meter = Meter::new(self.login.pool.stats.clone());
+        relay.flow.idle_since = self.parked.idle_since;
+        if let Some(t) = self.parked.tracker.take() {
+            relay.tracker = Some(*t);
+        }
+        relay
+    }
+
+    /// Drops the relay if nothing in it outlives this idle moment: no server, nothing
+    /// buffered or owed, no state a later request needs (except prepared statements).
+    fn park(&mut self) {
+        if self.server.is_some() || !self.can_park() {
+            return;
+        }
+        let Some(r) = self.relay.as_deref_mut() else {
+            return;
+        };
+        let idle = r.c2s.is_idle()
+            && r.s2c.is_idle()
+            && r.flow.quiet()
+            && !r.flow.terminated
+            && r.flow.status == b'I'
+            && r.session.pin.is_none()
+            && !r.session.settings_changed
+            && r.is_parkable()
+            && r.tracker.as_ref().is_none_or(Tracker::is_settled);
+        if !idle {
+            return;
+        }
+        self.parked.idle_since = r.flow.idle_since;
+        self.parked.tracker = r
+            .tracker
+            .take()
+            .filter(|t| !t.stmts.is_empty())
+            .map(Box::new);
+        self.relay = None;
+    }
+
+    /// After the session: its server and last words settled, its cancel key dropped.
+    async fn end(mut self: Box<Self>, error: Option<PgError>) {
+        if let Some(e) = &error {
+            info!("closing client: {e}");
+        }
+        self.finish(error).await;
+        self.app.cancels.unregister(self.login.cancel.pid);
+        info!("client disconnected");
     }
 
     /// Runs until the client leaves (None) or must be told why it is disconnected.
@@ -191,37 +336,46 @@ impl Session {
                     return Some(e);
                 }
             }
-            match self.next().await {
-                Wake::Relay(ev) => {
-                    if let Some(end) = self.on_event(ev).await {
-                        return end;
-                    }
-                }
-                Wake::Timer => {
-                    if let Some(e) = self.expired() {
-                        return Some(e);
-                    }
-                }
+            // the awaits below hold only a box: the task's future stays small
+            let serverwards = match self.next().await {
+                Wake::Relay(Event::NeedServer) => true,
+                Wake::Relay(Event::Release) => false,
+                Wake::Relay(ev) => match self.on_event(ev) {
+                    Some(end) => return end,
+                    None => continue,
+                },
+                Wake::Timer => match self.expired() {
+                    Some(e) => return Some(e),
+                    None => continue,
+                },
                 Wake::Shutdown => {
                     if *self.shutdown.borrow_and_update() == Shutdown::Safe {
                         if let Some(e) = self.begin_closing() {
                             return Some(e);
                         }
                     }
+                    continue;
                 }
                 Wake::Killed => return Some(shutdown_error()),
+            };
+            if serverwards {
+                if let Err(e) = Box::pin(self.attach()).await {
+                    return Some(e);
+                }
+            } else {
+                Box::pin(self.detach()).await;
+                if self.closing {
+                    return Some(shutdown_error());
+                }
             }
         }
     }
 
+    /// Events that need no waiting (server lending and return are `attach` and `detach`);
     /// Some(outcome) ends the session.
-    async fn on_event(&mut self, ev: Event) -> Option<Option<PgError>> {
+    fn on_event(&mut self, ev: Event) -> Option<Option<PgError>> {
         match ev {
-            Event::NeedServer => Box::pin(self.attach()).await.err().map(Some),
-            Event::Release => {
-                Box::pin(self.detach()).await;
-                self.closing.then(shutdown_error).map(Some)
-            }
+            Event::NeedServer | Event::Release => None,
             Event::Quiet => {
                 self.show_pin();
                 None
@@ -242,7 +396,7 @@ impl Session {
                     return None;
                 }
                 if matches!(ev, Event::ServerIo(_) | Event::ServerFailed(_)) {
-                    warn!(db = %self.login.db, "{why}");
+                    warn!(db = %self.login.db(), "{why}");
                 }
                 // the server's own last words (if any) are already queued for the client
                 self.server = None;
@@ -256,30 +410,62 @@ impl Session {
     }
 
     async fn next(&mut self) -> Wake {
-        let deadline = self.deadline();
+        match self.deadline() {
+            Some(d) => match self.timer.as_mut() {
+                Some(t) if t.deadline() == d => {}
+                Some(t) => t.as_mut().reset(d),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(d))),
+            },
+            None => self.timer = None,
+        }
+        poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// One look at everything a session waits for. KILL and a safe shutdown wake the task
+    /// through the client registry, so an idle session waits on its socket alone.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Wake> {
+        if self.client.poll_killed(cx).is_ready() {
+            return Poll::Ready(Wake::Killed);
+        }
+        if !self.closing && self.shutdown.has_changed().unwrap_or(false) {
+            return Poll::Ready(Wake::Shutdown);
+        }
+        if let Some(t) = self.timer.as_mut() {
+            if t.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::Timer);
+            }
+        }
+        if self.relay.is_none() {
+            if let ClientStream::Plain(tcp) = &self.stream {
+                match tcp.poll_read_ready(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Wake::Relay(Event::ClientIo(e))),
+                    Poll::Ready(Ok(())) => {}
+                }
+            }
+            self.relay_mut();
+        }
         let Session {
-            relay,
+            relay: Some(relay),
             stream,
             server,
             login,
-            shutdown,
-            closing,
-            client,
             ..
-        } = self;
-        let pump = poll_fn(|cx| {
-            let side = server.as_deref_mut().map(|s| ServerSide {
-                stream: &mut s.stream,
-                params: &mut s.params,
-                statements: &mut s.statements,
-            });
-            relay.poll(cx, stream, side, &mut login.wants)
+        } = self
+        else {
+            return Poll::Pending;
+        };
+        let side = server.as_deref_mut().map(|s| ServerSide {
+            stream: &mut s.stream,
+            params: &mut s.params,
+            statements: &mut s.statements,
         });
-        tokio::select! {
-            ev = pump => Wake::Relay(ev),
-            _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => Wake::Timer,
-            _ = shutdown.changed(), if !*closing => Wake::Shutdown,
-            _ = client.killed() => Wake::Killed,
+        match relay.poll(cx, stream, side, &mut login.wants) {
+            Poll::Ready(ev) => Poll::Ready(Wake::Relay(ev)),
+            Poll::Pending => {
+                self.park();
+                Poll::Pending
+            }
         }
     }
 
@@ -287,7 +473,13 @@ impl Session {
     fn deadline(&self) -> Option<Instant> {
         let config = self.app.config();
         let g = &config.pgmux;
-        let f = &self.relay.flow;
+        let Some(f) = self.relay.as_deref().map(|r| &r.flow) else {
+            // parked: no server, nothing owed
+            return g
+                .client_idle_timeout
+                .get()
+                .map(|t| self.parked.idle_since + t);
+        };
         let timeout = match &self.server {
             // a request unanswered since the client last sent: query_timeout
             Some(_) if !f.quiet() => g.query_timeout.get(),
@@ -312,10 +504,13 @@ impl Session {
         if Instant::now() < deadline {
             return None;
         }
-        Some(if self.server.is_some() && !self.relay.flow.quiet() {
+        let flow = self.relay.as_deref().map(|r| &r.flow);
+        let busy = self.server.is_some() && flow.is_some_and(|f| !f.quiet());
+        let in_transaction = self.server.is_some() && flow.is_some_and(|f| f.status != b'I');
+        Some(if busy {
             // PgBouncer's answer; the server, still busy, is closed rather than pooled
             PgError::fatal("08P01", "query_timeout")
-        } else if self.server.is_some() && self.relay.flow.status != b'I' {
+        } else if in_transaction {
             PgError::fatal(
                 "25P03",
                 "terminating connection due to idle-in-transaction timeout",
@@ -330,38 +525,45 @@ impl Session {
     /// request put back to be routed again, on another replica or the primary. False when
     /// the unit cannot be retried (not armed, or more than a read was sent meanwhile).
     fn replay(&mut self, why: &str) -> bool {
-        let Some(route) = self.route.as_mut() else {
+        let (Some(route), Some(relay)) = (self.route.as_deref_mut(), self.relay.as_deref_mut())
+        else {
             return false;
         };
-        let Some(request) = self.relay.retry.request() else {
+        let Some(request) = relay.retry.request() else {
             return false;
         };
-        let stmts = self.relay.tracker.as_ref().map(|t| &t.stmts);
+        let stmts = relay.tracker.as_ref().map(|t| &t.stmts);
         if !route.is_read(request, stmts) {
             return false;
         }
         route.server_failed(why);
+        let replayed = relay.take_for_replay().is_some();
         self.server = None;
         self.login.cancel.set_target(None);
         self.client.idle();
-        self.relay.take_for_replay().is_some()
+        replayed
     }
 
     /// Safe shutdown: a client without a server leaves now, others after their transaction.
     fn begin_closing(&mut self) -> Option<PgError> {
         self.closing = true;
-        (self.server.is_none() && self.relay.c2s.buf.is_empty()).then(shutdown_error)
+        let no_input = self.relay.as_deref().is_none_or(|r| r.c2s.buf.is_empty());
+        (self.server.is_none() && no_input).then(shutdown_error)
     }
 
     async fn attach(&mut self) -> Result<(), PgError> {
         let waiting_since = self.client.waiting();
+        self.relay_mut();
         let Session {
             route,
-            relay,
+            relay: Some(relay),
             login,
             client,
             ..
-        } = self;
+        } = self
+        else {
+            return Ok(());
+        };
         let checkout = async {
             match route {
                 // which server: decided from the waiting work (router::session)
@@ -385,7 +587,7 @@ impl Session {
             return Ok(());
         };
         let wants = &self.login.wants;
-        let retryable = self.route.as_ref().is_some_and(RouteState::retryable);
+        let retryable = self.route.as_ref().is_some_and(|r| r.retryable());
         if let Some(sql) = params::sync_statement(wants, &conn.params, &conn.extras) {
             let synced = conn.run_internal(&sql).await;
             let failed = match &synced {
@@ -421,12 +623,20 @@ impl Session {
             }
         }
         self.login.cancel.set_target(Some(conn.cancel_target()));
-        self.client
-            .active(waiting_since, conn.id, &mut self.relay.meter);
-        self.relay.meter.statements.server = Some(conn.addr);
-        self.relay.attached(&conn.statements);
+        self.relay_mut();
+        let Session {
+            relay: Some(relay),
+            client,
+            ..
+        } = self
+        else {
+            return Ok(());
+        };
+        relay.meter.statements.server = Some(conn.addr);
+        relay.attached(&conn.statements);
+        client.active(waiting_since, conn.id, &mut relay.meter);
         if retryable {
-            self.relay.arm_retry();
+            relay.arm_retry();
         }
         self.server = Some(conn);
         Ok(())
@@ -443,10 +653,10 @@ impl Session {
         if let Some(r) = self.route.as_mut() {
             r.released();
         }
-        if std::mem::take(&mut self.relay.session.settings_changed) {
+        if std::mem::take(&mut self.relay_mut().session.settings_changed) {
             if let Err(e) = self.read_back_settings(&mut conn).await {
                 // the server's session state is unknown: it must not serve anyone else
-                warn!(db = %self.login.db, "reading back session settings failed: {e}");
+                warn!(db = %self.login.db(), "reading back session settings failed: {e}");
                 return;
             }
         }
@@ -471,7 +681,7 @@ impl Session {
             Ok(Some(e)) => return Err(e.message),
             Err(e) => return Err(e.to_string()),
         }
-        let wants = &mut self.login.wants;
+        let wants = Arc::make_mut(&mut self.login.wants);
         wants.retain(params::is_tracked);
         for name in std::mem::take(&mut conn.extras) {
             conn.params.remove(&name);
@@ -496,7 +706,11 @@ impl Session {
             conn.params.set(name, value);
             conn.extras.push(name.clone());
         }
-        let reset = std::mem::take(&mut self.relay.session.pgmux_reset);
+        let reset = self
+            .relay
+            .as_deref_mut()
+            .map(|r| std::mem::take(&mut r.session.pgmux_reset))
+            .unwrap_or_default();
         if let Some(r) = self.route.as_mut() {
             r.adopt(ours.route.as_deref(), ours.min_lsn.as_deref(), reset);
         }
@@ -505,13 +719,14 @@ impl Session {
 
     /// Shows in SHOW CLIENTS and the metrics whether the client keeps its server.
     fn show_pin(&mut self) {
-        let reason = self.relay.session.pin.map_or("", |p| p.as_str());
-        if reason != self.pinned {
+        let pin = self.relay.as_deref().and_then(|r| r.session.pin);
+        if pin != self.pinned {
+            let reason = pin.map_or("", |p| p.as_str());
             if !reason.is_empty() {
-                info!(db = %self.login.db, user = %self.login.user, "client pinned to its server ({reason})");
+                info!(db = %self.login.db(), user = %self.login.user(), "client pinned to its server ({reason})");
             }
-            self.client.set_pinned(reason);
-            self.pinned = reason;
+            self.client.set_pinned(pin);
+            self.pinned = pin;
         }
     }
 
@@ -537,10 +752,10 @@ impl Session {
                 conn.release();
             }
             Ok(Ok(Some(e))) => {
-                warn!(db = %self.login.db, "server_reset_query failed: {}", e.message)
+                warn!(db = %self.login.db(), "server_reset_query failed: {}", e.message)
             }
-            Ok(Err(e)) => warn!(db = %self.login.db, "server_reset_query failed: {e}"),
-            Err(_) => warn!(db = %self.login.db, "server_reset_query timed out"),
+            Ok(Err(e)) => warn!(db = %self.login.db(), "server_reset_query failed: {e}"),
+            Err(_) => warn!(db = %self.login.db(), "server_reset_query timed out"),
         }
     }
 
@@ -548,26 +763,34 @@ impl Session {
     async fn finish(&mut self, error: Option<PgError>) {
         if let Some(conn) = self.server.take() {
             self.login.cancel.set_target(None);
-            let session = &self.relay.session;
-            if !self.relay.server_clean() {
+            let relay = self.relay_mut();
+            let (clean, pinned, changed) = (
+                relay.server_clean(),
+                relay.session.pin.is_some(),
+                relay.session.settings_changed,
+            );
+            if !clean {
                 drop(conn);
             } else if self.mode == PoolMode::Session
-                || session.pin.is_some()
+                || pinned
                 || self.app.config().pgmux.server_reset_query_always
             {
                 // what pinned the client (temporary tables, LISTEN...) goes with DISCARD ALL
                 self.reset_and_release(conn).await;
-            } else if session.settings_changed {
+            } else if changed {
                 self.reset_with(conn, "RESET ALL").await;
             } else {
                 conn.release();
             }
         }
-        let pending = self.relay.s2c.take_ready();
+        let (pending, at_boundary) = match self.relay.as_deref_mut() {
+            Some(r) => (r.s2c.take_ready(), r.s2c.scanner.at_boundary()),
+            None => (BytesMut::new(), true),
+        };
         // A server lost in the middle of a message leaves the client inside it: an error
         // appended there would be read as that message's bytes (drivers report a parse error),
         // so such a client gets the cut bytes and EOF.
-        let error = error.filter(|_| self.relay.s2c.scanner.at_boundary());
+        let error = error.filter(|_| at_boundary);
         if error.is_some() || !pending.is_empty() {
             farewell(&mut self.stream, &pending, error.as_ref()).await;
         }
@@ -610,9 +833,9 @@ impl PgmuxSettings {
 /// Routing state for a database with replicas: its router and a pool per host.
 fn route_state(app: &App, login: &LoggedIn, mode: PoolMode) -> Option<RouteState> {
     let config = app.config_arc();
-    let db = config.database(&login.db)?;
-    let router = app.router(db, &login.user)?;
-    let pools = app.host_pools(db, &login.user);
+    let db = config.database(login.db())?;
+    let router = app.router(db, login.user())?;
+    let pools = app.host_pools(db, login.user());
     Some(RouteState::new(
         router,
         pools,
@@ -647,5 +870,39 @@ fn note_applied(conn: &mut PooledConn, wants: &params::Params) {
                 conn.extras.push(n.to_string());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An idle client costs its task (tokio's header and trailer, about 112 bytes, plus the
+    /// future, rounded up to 128), its boxed session, its socket's registration and its
+    /// registry entries. These bounds keep the first two from growing unnoticed; see
+    /// benches/idle-memory.sh for the whole figure.
+    #[tokio::test]
+    async fn an_idle_client_holds_a_small_task_and_session() {
+        let config = crate::config::Config::parse(
+            "[pgmux]\nlisten_port = 1\n[[databases]]\nname = \"d\"\nhost = \"127.0.0.1\"\n",
+            "test",
+        )
+        .unwrap();
+        let app = App::new(config);
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let c = TcpStream::connect(addr).await.unwrap();
+        let task = serve(app, c, addr, false, ());
+        assert!(
+            std::mem::size_of_val(&task) <= 144,
+            "{}",
+            std::mem::size_of_val(&task)
+        );
+        assert!(
+            std::mem::size_of::<Session>() <= 224,
+            "{}",
+            std::mem::size_of::<Session>()
+        );
+        assert!(std::mem::size_of::<PooledConn>() <= 16);
     }
 }

@@ -32,6 +32,11 @@ impl Keys {
         self.query = meter.statement(text);
     }
 
+    /// No named statement is remembered (the others last one request or batch).
+    pub fn is_empty(&self) -> bool {
+        self.named.is_empty()
+    }
+
     pub fn take_query(&mut self) -> u64 {
         std::mem::take(&mut self.query)
     }

@@ -184,6 +184,12 @@ impl Relay {
         Some(())
     }
 
+    /// Nothing kept here outlives the moment (besides the channels, flow, session state and
+    /// tracker the caller checks): the relay may be dropped while the client idles.
+    pub fn is_parkable(&self) -> bool {
+        self.keys.is_empty() && self.meter.is_idle()
+    }
+
     /// The server may go back: it owes nothing and nothing is half-sent to it.
     pub fn server_clean(&self) -> bool {
         self.flow.quiet()
@@ -200,7 +206,7 @@ impl Relay {
         cx: &mut Context<'_>,
         client: &mut C,
         mut server: Option<ServerSide<'_, S>>,
-        wants: &mut Params,
+        wants: &mut Arc<Params>,
     ) -> Poll<Event>
     where
         C: AsyncRead + AsyncWrite + Unpin,
@@ -481,7 +487,7 @@ impl Relay {
     fn scan_server<S>(
         &mut self,
         server: &mut ServerSide<'_, S>,
-        wants: &mut Params,
+        wants: &mut Arc<Params>,
     ) -> Option<Event> {
         let tracking = self.tracker.is_some();
         let mut quiet = false;
@@ -591,7 +597,7 @@ fn scan_error(e: ScanError) -> String {
 }
 
 /// A parameter the server reported while serving the client is now what both hold.
-fn note_parameter(body: &[u8], server_params: &mut Params, wants: &mut Params) {
+fn note_parameter(body: &[u8], server_params: &mut Params, wants: &mut Arc<Params>) {
     let Some((k, v)) = parse_parameter_status(body) else {
         return;
     };
@@ -599,7 +605,9 @@ fn note_parameter(body: &[u8], server_params: &mut Params, wants: &mut Params) {
         return;
     };
     server_params.set(k, v);
-    if params::is_tracked(k) || wants.get(k).is_some() {
-        wants.set(k, v);
+    let known = wants.get(k);
+    if (params::is_tracked(k) || known.is_some()) && known != Some(v) {
+        // the client's own copy from now on (see `Pool::share_wants`)
+        Arc::make_mut(wants).set(k, v);
     }
 }

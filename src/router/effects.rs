@@ -39,6 +39,15 @@ pub enum PinReason {
 }
 
 impl PinReason {
+    pub const ALL: [PinReason; 6] = [
+        PinReason::Listen,
+        PinReason::Prepare,
+        PinReason::TempObject,
+        PinReason::HoldCursor,
+        PinReason::AdvisoryLock,
+        PinReason::Unreadable,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             PinReason::Listen => "listen",
