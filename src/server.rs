@@ -3,7 +3,7 @@
 //! (parameter sync, reset) whose results no client sees.
 
 use crate::auth::password::{md5_response, Secret};
-use crate::cancel::CancelTarget;
+use crate::cancel::{CancelFlight, CancelTarget};
 use crate::params::Params;
 use crate::protocol::messages::{self, parse_error_fields, parse_parameter_status, ErrorFields};
 use crate::tls::ServerStream;
@@ -75,6 +75,8 @@ pub struct ServerConn {
     pub statements: crate::prepared::ServerStatements,
     /// A share of the database's max_db_connections, held while the connection lives.
     pub db_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Cancels on their way to this connection's backend (see `cancel`).
+    pub cancels: std::sync::Arc<CancelFlight>,
 }
 
 impl std::fmt::Debug for ServerConn {
@@ -102,6 +104,7 @@ impl ServerConn {
                 source,
             })?;
         stream.set_nodelay(true)?;
+        crate::sockopts::apply(&stream);
         let addr = stream.peer_addr()?;
         let stream = crate::tls::connect_server(stream, &target.host).await?;
         let now = Instant::now();
@@ -117,6 +120,7 @@ impl ServerConn {
             last_used: now,
             statements: Default::default(),
             db_permit: None,
+            cancels: Default::default(),
         };
         conn.login(target).await?;
         Ok(conn)
@@ -305,6 +309,7 @@ impl ServerConn {
             addr: self.addr,
             pid: self.pid,
             secret: self.secret,
+            flight: self.cancels.clone(),
         }
     }
 

@@ -47,6 +47,7 @@ pub async fn serve(app: Arc<App>, stream: TcpStream, peer: SocketAddr, over_limi
 
 async fn serve_in_span(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, over_limit: bool) {
     let _ = tcp.set_nodelay(true);
+    crate::sockopts::apply(&tcp);
     let local = tcp.local_addr().ok();
     // settling encryption and logging in share one auth_timeout
     let deadline = app

@@ -88,6 +88,7 @@ impl Console {
                     && r["cl_waiting"] == 0
                     && r["sv_active"] == 0
                     && r["sv_login"] == 0
+                    && r["sv_being_canceled"] == 0
                 {
                     return row.unwrap();
                 }
@@ -111,9 +112,12 @@ impl Console {
             &format!("pool {db} without servers"),
             Duration::from_secs(30),
             || async {
-                self.pool(db)
-                    .await
-                    .is_none_or(|r| r["sv_idle"] == 0 && r["sv_active"] == 0 && r["sv_login"] == 0)
+                self.pool(db).await.is_none_or(|r| {
+                    r["sv_idle"] == 0
+                        && r["sv_active"] == 0
+                        && r["sv_login"] == 0
+                        && r["sv_being_canceled"] == 0
+                })
             },
         )
         .await;
