@@ -7,7 +7,7 @@
 //! before. Recovery times are printed (`RECOVERY ...` lines), not asserted; see
 //! docs/reliability.md.
 //!
-//! Not here: replica partitions (routing is not wired yet).
+//! Replica partitions and a stalled primary behind a routed database: tests/replica_faults.rs.
 
 mod common;
 
