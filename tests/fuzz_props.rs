@@ -223,4 +223,9 @@ proptest! {
     fn prepared_bodies(data in prop::collection::vec(any::<u8>(), 0..100)) {
         checks::check_prepared(&data);
     }
+
+    #[test]
+    fn relay_scripts(data in prop::collection::vec(any::<u8>(), 0..600)) {
+        checks::check_relay(&data);
+    }
 }
