@@ -207,3 +207,62 @@ pub async fn send_cancel(mut c: Cancel, timeout: Duration) -> std::io::Result<()
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle() -> (CancelRegistry, Arc<CancelHandle>, Arc<CancelFlight>) {
+        let reg = CancelRegistry::default();
+        let h = reg.register();
+        let flight = Arc::new(CancelFlight::default());
+        h.set_target(Some(CancelTarget {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            pid: 7,
+            secret: 8,
+            flight: flight.clone(),
+        }));
+        (reg, h, flight)
+    }
+
+    #[tokio::test]
+    async fn a_cancel_counts_in_its_servers_flight_until_it_ends() {
+        let (reg, h, flight) = handle();
+        let mut c = reg.lookup(h.pid, h.secret).expect("a target");
+        // the client's query ends: no new cancel can start, the one on its way still counts
+        h.set_target(None);
+        assert!(reg.lookup(h.pid, h.secret).is_none());
+        assert!(flight.pending());
+        c.in_flight.delivered = true;
+        drop(c);
+        assert!(!flight.pending());
+        assert!(flight.settled().await, "delivered");
+    }
+
+    #[tokio::test]
+    async fn an_unfinished_cancel_marks_the_server_failed() {
+        let (reg, h, flight) = handle();
+        assert!(reg.lookup(h.pid, h.secret ^ 1).is_none(), "wrong secret");
+        assert!(!flight.pending());
+        let c = reg.lookup(h.pid, h.secret).unwrap();
+        let waiter = {
+            let f = flight.clone();
+            tokio::spawn(async move { f.settled().await })
+        };
+        drop(c);
+        assert!(
+            !waiter.await.unwrap(),
+            "undelivered: the server must be closed"
+        );
+        assert!(flight.failed());
+    }
+
+    #[tokio::test]
+    async fn a_refused_cancel_connection_fails() {
+        let (reg, h, flight) = handle();
+        // nothing listens on port 1
+        let c = reg.lookup(h.pid, h.secret).unwrap();
+        assert!(send_cancel(c, Duration::from_secs(5)).await.is_err());
+        assert!(flight.failed() && !flight.pending());
+    }
+}
