@@ -477,7 +477,13 @@ mod relay_fuzz {
             14 => msg(b'D', &[0, 1, 0, 0, 0, 1, b'x']),
             _ => {
                 let tag = s.byte().unwrap_or(b'D');
-                msg(tag, &s.raw())
+                let mut m = msg(tag, &s.raw());
+                if s.byte().unwrap_or(0) == 0xff {
+                    // a length word that lies (up to 4 GiB): must not size a buffer
+                    let lie = u32::from_be_bytes([0x7f, s.byte().unwrap_or(0xff), 0, 0]);
+                    m[1..5].copy_from_slice(&lie.to_be_bytes());
+                }
+                m
             }
         }
     }
@@ -533,6 +539,18 @@ mod relay_fuzz {
         }
     }
 
+    fn new_server() -> Server {
+        Server {
+            peer: Peer {
+                chunk: 11,
+                write_cap: 5,
+                ..Peer::default()
+            },
+            params: Params::default(),
+            statements: ServerStatements::default(),
+        }
+    }
+
     pub fn run(data: &[u8]) {
         let mut s = Script(data);
         let max_prepared = 1 + s.byte().unwrap_or(0) as usize % 3;
@@ -542,17 +560,9 @@ mod relay_fuzz {
             write_cap: 13,
             ..Peer::default()
         };
-        let mut servers: Vec<Server> = (0..2)
-            .map(|_| Server {
-                peer: Peer {
-                    chunk: 11,
-                    write_cap: 5,
-                    ..Peer::default()
-                },
-                params: Params::default(),
-                statements: ServerStatements::default(),
-            })
-            .collect();
+        let mut servers: Vec<Server> = (0..2).map(|_| new_server()).collect();
+        // what was sent to servers closed since
+        let mut closed: Vec<Vec<u8>> = Vec::new();
         let mut wants = Params::default();
         let mut attached: Option<usize> = None;
         let mut next_server = 0;
@@ -572,8 +582,11 @@ mod relay_fuzz {
                 3..=5 => {
                     let m = backend(&mut s);
                     server_bytes += m.len();
-                    let i = attached.unwrap_or(next_server);
-                    servers[i].peer.input.extend(m);
+                    // an idle pooled server that sends something is never lent (the pool's
+                    // is_broken check): only a lent server's messages matter
+                    if let Some(i) = attached {
+                        servers[i].peer.input.extend(m);
+                    }
                 }
                 6 => {
                     let c = s.byte().unwrap_or(0) as usize;
@@ -600,8 +613,16 @@ mod relay_fuzz {
                 match ev {
                     Event::NeedServer => {
                         assert!(attached.is_none(), "asked for a second server");
-                        attached = Some(next_server);
+                        let i = next_server;
                         next_server = (next_server + 1) % 2;
+                        if !servers[i].peer.input.is_empty() {
+                            // bytes left unread when it was given back (the rest of a message
+                            // after its ReadyForQuery): the pool's is_broken check closes such
+                            // a server, and a new one is opened
+                            let old = std::mem::replace(&mut servers[i], new_server());
+                            closed.push(old.peer.out);
+                        }
+                        attached = Some(i);
                         let sv = &servers[attached.unwrap()];
                         relay.attached(&sv.statements);
                     }
@@ -624,11 +645,11 @@ mod relay_fuzz {
                 }
             }
         }
-        for sv in &servers {
+        for out in closed.iter().chain(servers.iter().map(|sv| &sv.peer.out)) {
             if !client_typed_ours {
-                check_server_stream(&sv.peer.out);
+                check_server_stream(out);
             } else {
-                messages(&sv.peer.out);
+                messages(out);
             }
         }
         messages(&client.out);
