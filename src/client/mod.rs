@@ -394,6 +394,12 @@ impl Session {
         if let Some(r) = self.route.as_mut() {
             r.released();
         }
+        let runs_queries = self.relay.session.settings_changed
+            || self.app.config().pgmux.server_reset_query_always;
+        if runs_queries && !cancels_settled(&conn).await {
+            warn!(db = %self.login.db, "closing server: a cancel sent to it was not delivered");
+            return;
+        }
         if std::mem::take(&mut self.relay.session.settings_changed) {
             if let Err(e) = self.read_back_settings(&mut conn).await {
                 // the server's session state is unknown: it must not serve anyone else
@@ -484,12 +490,14 @@ impl Session {
         if let Some(conn) = self.server.take() {
             self.login.cancel.set_target(None);
             let session = &self.relay.session;
-            if !self.relay.server_clean() {
-                drop(conn);
-            } else if self.mode == PoolMode::Session
+            let reset = self.mode == PoolMode::Session
                 || session.pin.is_some()
-                || self.app.config().pgmux.server_reset_query_always
+                || self.app.config().pgmux.server_reset_query_always;
+            if !self.relay.server_clean()
+                || ((reset || session.settings_changed) && !cancels_settled(&conn).await)
             {
+                drop(conn);
+            } else if reset {
                 // what pinned the client (temporary tables, LISTEN...) goes with DISCARD ALL
                 self.reset_and_release(conn).await;
             } else if session.settings_changed {
@@ -507,6 +515,20 @@ impl Session {
             farewell(&mut self.stream, &pending, error.as_ref()).await;
         }
     }
+}
+
+/// Waits until no cancel is on its way to the server, before pgmux runs its own queries on it
+/// (a late cancel would hit them); false if one was not delivered: the server must be closed.
+async fn cancels_settled(conn: &PooledConn) -> bool {
+    let flight = conn.cancels.clone();
+    if !flight.pending() {
+        return !flight.failed();
+    }
+    // the cancel itself is bounded by server_connect_timeout; this is a backstop
+    let bound = conn.pool().settings().connect_timeout + Duration::from_secs(5);
+    tokio::time::timeout(bound, flight.settled())
+        .await
+        .unwrap_or(false)
 }
 
 /// Routing state for a database with replicas: its router and a pool per host.
