@@ -63,6 +63,7 @@ fn settings(size: u32) -> PoolSettings {
         connect_timeout: Duration::from_secs(10),
         idle_timeout: None,
         lifetime: None,
+        check: None,
     }
 }
 

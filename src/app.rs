@@ -100,6 +100,7 @@ impl App {
     pub fn with_path(config: Config, config_path: Option<PathBuf>) -> Arc<App> {
         crate::tls::install(&config.security);
         crate::queries::set_log_min_duration_ms(config.pgmux.log_min_duration_ms);
+        crate::sockopts::configure(crate::sockopts::TcpOptions::from_config(&config.pgmux));
         Arc::new(App {
             config: ArcSwap::from_pointee(config),
             config_path,
@@ -436,6 +437,7 @@ impl App {
         crate::tls::install(&new.security);
         self.config.store(new.clone());
         crate::queries::set_log_min_duration_ms(new.pgmux.log_min_duration_ms);
+        crate::sockopts::configure(crate::sockopts::TcpOptions::from_config(&new.pgmux));
 
         let mut pools = lock(&self.pools);
         let mut retire = Vec::new();
@@ -634,7 +636,17 @@ pub fn pool_settings(config: &Config, db: &Database, user: &str) -> PoolSettings
             .unwrap_or(Duration::from_secs(15)),
         idle_timeout: g.server_idle_timeout.get(),
         lifetime: g.server_lifetime.get(),
+        check: server_check(g),
     }
+}
+
+/// server_check_query / server_check_delay; None when the query is empty (checks off).
+fn server_check(g: &crate::config::General) -> Option<crate::pool::ServerCheck> {
+    let query = g.server_check_query.trim();
+    (!query.is_empty()).then(|| crate::pool::ServerCheck {
+        query: query.into(),
+        delay: Duration::from_secs_f64(g.server_check_delay.0.max(0.0)),
+    })
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -1,18 +1,102 @@
 //! Cancel keys: each client gets pgmux's own BackendKeyData, and a CancelRequest carrying it
 //! is sent on to whichever server connection serves that client at that moment.
+//!
+//! A cancel can reach PostgreSQL after the query it was meant for has finished; in
+//! transaction mode the server may by then run another client's query, which the cancel
+//! would kill. So, as PgBouncer does, a server with a cancel in flight is not lent again
+//! until the cancel has been delivered: each server connection has a [`CancelFlight`]
+//! counting cancels on their way to it, and the pool holds back a released server until that
+//! count is zero. Delivery is known when PostgreSQL closes the cancel connection, which it
+//! does after signalling the backend (an idle backend ignores the signal). A cancel that
+//! fails or does not finish within its bound leaves the server's state unknown: it is closed.
 
 use bytes::{BufMut, BytesMut};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::io::AsyncWriteExt;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
 
 /// Where a client's query runs right now.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct CancelTarget {
     pub addr: SocketAddr,
     pub pid: i32,
     pub secret: i32,
+    /// The server connection's count of cancels on their way.
+    pub flight: Arc<CancelFlight>,
+}
+
+/// Cancels on their way to one server connection.
+#[derive(Debug, Default)]
+pub struct CancelFlight {
+    pending: AtomicU32,
+    /// A cancel failed or timed out: whether it reached the backend is unknown.
+    failed: AtomicBool,
+    settled: Notify,
+}
+
+impl CancelFlight {
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        InFlight {
+            flight: self.clone(),
+            delivered: false,
+        }
+    }
+
+    /// Some cancel is on its way.
+    pub fn pending(&self) -> bool {
+        self.pending.load(Ordering::Acquire) > 0
+    }
+
+    /// Some cancel may or may not have reached the backend.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// Waits until no cancel is on its way; true if every one was delivered.
+    pub async fn settled(&self) -> bool {
+        loop {
+            let notified = self.settled.notified();
+            tokio::pin!(notified);
+            // registered before the check, so a cancel settling in between still wakes us
+            notified.as_mut().enable();
+            if !self.pending() {
+                return !self.failed();
+            }
+            notified.await;
+        }
+    }
+}
+
+/// One cancel on its way; dropped without being marked delivered, it counts as failed.
+#[derive(Debug)]
+pub struct InFlight {
+    flight: Arc<CancelFlight>,
+    delivered: bool,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if !self.delivered {
+            self.flight.failed.store(true, Ordering::Release);
+        }
+        if self.flight.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.flight.settled.notify_waiters();
+        }
+    }
+}
+
+/// A cancel to send: where, the server's key, and its place in the server's flight.
+#[derive(Debug)]
+pub struct Cancel {
+    pub addr: SocketAddr,
+    pid: i32,
+    secret: i32,
+    in_flight: InFlight,
 }
 
 /// A registered client's key and current target.
@@ -24,12 +108,23 @@ pub struct CancelHandle {
 }
 
 impl CancelHandle {
+    /// The server the client's work runs on, or None when it has none. Once this returns
+    /// with None, every cancel aimed at the previous server is counted in its flight.
     pub fn set_target(&self, t: Option<CancelTarget>) {
         *self.target.lock().unwrap_or_else(|e| e.into_inner()) = t;
     }
 
-    fn target(&self) -> Option<CancelTarget> {
-        *self.target.lock().unwrap_or_else(|e| e.into_inner())
+    /// A cancel for the current target, counted in its flight under the same lock that
+    /// `set_target` takes, so a server released after `set_target(None)` sees it.
+    fn start_cancel(&self) -> Option<Cancel> {
+        let t = self.target.lock().unwrap_or_else(|e| e.into_inner());
+        let t = t.as_ref()?;
+        Some(Cancel {
+            addr: t.addr,
+            pid: t.pid,
+            secret: t.secret,
+            in_flight: t.flight.begin(),
+        })
     }
 }
 
@@ -65,8 +160,8 @@ impl CancelRegistry {
             .remove(&pid);
     }
 
-    /// The target for a key, if the key is valid and its client is running a query.
-    pub fn lookup(&self, pid: i32, secret: i32) -> Option<CancelTarget> {
+    /// A cancel to send, if the key is valid and its client is running a query.
+    pub fn lookup(&self, pid: i32, secret: i32) -> Option<Cancel> {
         let h = self
             .by_pid
             .lock()
@@ -76,21 +171,98 @@ impl CancelRegistry {
         // constant-time compare so a guessed key learns nothing from timing
         let ok = (h.secret ^ secret) == 0;
         if ok {
-            h.target()
+            h.start_cancel()
         } else {
             None
         }
     }
 }
 
-/// Sends a CancelRequest to a server; errors are only worth a log line.
-pub async fn send_cancel(t: CancelTarget) -> std::io::Result<()> {
-    let mut s = tokio::net::TcpStream::connect(t.addr).await?;
-    let mut b = BytesMut::with_capacity(16);
-    b.put_i32(16);
-    b.put_i32(80877102);
-    b.put_i32(t.pid);
-    b.put_i32(t.secret);
-    s.write_all(&b).await?;
-    s.shutdown().await
+/// Sends a CancelRequest to a server and waits until PostgreSQL closes the connection, which
+/// it does once it has signalled the backend; all within `timeout`. Errors are only worth a
+/// log line; an unfinished cancel marks the server's flight failed, so the server is closed.
+pub async fn send_cancel(mut c: Cancel, timeout: Duration) -> std::io::Result<()> {
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(c.addr).await?;
+        let mut b = BytesMut::with_capacity(16);
+        b.put_i32(16);
+        b.put_i32(80877102);
+        b.put_i32(c.pid);
+        b.put_i32(c.secret);
+        s.write_all(&b).await?;
+        // PostgreSQL answers nothing: anything read is discarded, EOF is the delivery
+        let mut sink = [0u8; 64];
+        while s.read(&mut sink).await? > 0 {}
+        Ok(())
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(Ok(())) => {
+            c.in_flight.delivered = true;
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "cancel not delivered in time",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle() -> (CancelRegistry, Arc<CancelHandle>, Arc<CancelFlight>) {
+        let reg = CancelRegistry::default();
+        let h = reg.register();
+        let flight = Arc::new(CancelFlight::default());
+        h.set_target(Some(CancelTarget {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            pid: 7,
+            secret: 8,
+            flight: flight.clone(),
+        }));
+        (reg, h, flight)
+    }
+
+    #[tokio::test]
+    async fn a_cancel_counts_in_its_servers_flight_until_it_ends() {
+        let (reg, h, flight) = handle();
+        let mut c = reg.lookup(h.pid, h.secret).expect("a target");
+        // the client's query ends: no new cancel can start, the one on its way still counts
+        h.set_target(None);
+        assert!(reg.lookup(h.pid, h.secret).is_none());
+        assert!(flight.pending());
+        c.in_flight.delivered = true;
+        drop(c);
+        assert!(!flight.pending());
+        assert!(flight.settled().await, "delivered");
+    }
+
+    #[tokio::test]
+    async fn an_unfinished_cancel_marks_the_server_failed() {
+        let (reg, h, flight) = handle();
+        assert!(reg.lookup(h.pid, h.secret ^ 1).is_none(), "wrong secret");
+        assert!(!flight.pending());
+        let c = reg.lookup(h.pid, h.secret).unwrap();
+        let waiter = {
+            let f = flight.clone();
+            tokio::spawn(async move { f.settled().await })
+        };
+        drop(c);
+        assert!(
+            !waiter.await.unwrap(),
+            "undelivered: the server must be closed"
+        );
+        assert!(flight.failed());
+    }
+
+    #[tokio::test]
+    async fn a_refused_cancel_connection_fails() {
+        let (reg, h, flight) = handle();
+        // nothing listens on port 1
+        let c = reg.lookup(h.pid, h.secret).unwrap();
+        assert!(send_cancel(c, Duration::from_secs(5)).await.is_err());
+        assert!(flight.failed() && !flight.pending());
+    }
 }

@@ -87,6 +87,16 @@ pub struct General {
     pub idle_transaction_timeout: Seconds,
     /// A request a server has not answered within this closes the client and the server.
     pub query_timeout: Seconds,
+    /// Run on a server idle longer than server_check_delay before it is lent; empty: never.
+    pub server_check_query: String,
+    pub server_check_delay: Seconds,
+    /// TCP keepalive on client and server sockets (see `sockopts`); 0: the OS default.
+    pub tcp_keepalive: bool,
+    pub tcp_keepidle: u32,
+    pub tcp_keepintvl: u32,
+    pub tcp_keepcnt: u32,
+    /// Milliseconds sent data may stay unacknowledged before the connection fails; 0: OS.
+    pub tcp_user_timeout: u32,
     pub server_reset_query: String,
     pub server_reset_query_always: bool,
     pub shutdown_timeout: Seconds,
@@ -151,6 +161,13 @@ impl Default for General {
             client_idle_timeout: Seconds(0.0),
             idle_transaction_timeout: Seconds(0.0),
             query_timeout: Seconds(0.0),
+            server_check_query: "select 1".into(),
+            server_check_delay: Seconds(30.0),
+            tcp_keepalive: true,
+            tcp_keepidle: 0,
+            tcp_keepintvl: 0,
+            tcp_keepcnt: 0,
+            tcp_user_timeout: 0,
             server_reset_query: "DISCARD ALL".into(),
             server_reset_query_always: false,
             shutdown_timeout: Seconds(30.0),

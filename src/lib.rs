@@ -18,6 +18,7 @@ pub mod relay;
 pub mod router;
 pub mod run;
 pub mod server;
+pub mod sockopts;
 pub mod stats;
 pub mod tls;
 pub mod topology;

@@ -118,6 +118,7 @@ pub fn render(app: &App) -> String {
             ("used", 0),
             ("tested", 0),
             ("login", c.connecting),
+            ("being_canceled", c.being_canceled),
         ] {
             f.gauge(
                 "pgmux_servers",

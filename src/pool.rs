@@ -5,6 +5,8 @@
 //! Settings and target can be swapped live (reload); PAUSE holds checkouts; RECONNECT
 //! retires connections opened before it. The pool keeps a small record of each open
 //! connection for SHOW SERVERS, and its `PoolStats` for the console and metrics.
+//! A released connection with a cancel still on its way to it is held back until the cancel
+//! has been delivered, so the cancel cannot hit another client's query (see `cancel`).
 
 use crate::config::PoolMode;
 use crate::params::Params;
@@ -18,6 +20,10 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio::time::Instant;
+
+/// Added to server_connect_timeout (which bounds a cancel) for how long a released server
+/// waits for its cancels before it is closed instead.
+const CANCEL_SETTLE_MARGIN: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -40,6 +46,17 @@ pub struct PoolSettings {
     pub connect_timeout: Duration,
     pub idle_timeout: Option<Duration>,
     pub lifetime: Option<Duration>,
+    /// server_check_query / server_check_delay: None when checks are off.
+    pub check: Option<ServerCheck>,
+}
+
+/// A server idle at least `delay` runs `query` before it is lent (PgBouncer's
+/// server_check_query and server_check_delay): the check catches a server whose peer
+/// vanished without FIN or RST, which the idle socket alone does not show.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerCheck {
+    pub query: String,
+    pub delay: Duration,
 }
 
 /// Connections are boxed once when opened: lending one moves a pointer, and a client's
@@ -67,6 +84,8 @@ struct State {
     /// Idle, lent and being opened.
     open: u32,
     connecting: u32,
+    /// Released, held back until a cancel on its way to it is delivered.
+    being_canceled: u32,
     waiters: VecDeque<Waiter>,
     next_waiter: u64,
     baseline: Option<Arc<Params>>,
@@ -97,6 +116,8 @@ pub struct PoolCounts {
     pub idle: u32,
     pub active: u32,
     pub connecting: u32,
+    /// Released with a cancel on its way: lent to no one until it is delivered.
+    pub being_canceled: u32,
     pub waiting: u32,
 }
 
@@ -297,8 +318,9 @@ impl Pool {
         let idle = s.idle.len() as u32;
         PoolCounts {
             idle,
-            active: s.open - idle - s.connecting,
+            active: s.open - idle - s.connecting - s.being_canceled,
             connecting: s.connecting,
+            being_canceled: s.being_canceled,
             waiting: s.waiters.len() as u32,
         }
     }
@@ -340,8 +362,43 @@ impl Pool {
             };
             match grant {
                 Grant::Conn(c) if c.is_broken() => self.discard(c),
-                Grant::Conn(c) => return Ok(self.guard(c)),
+                Grant::Conn(c) => {
+                    if let Some(c) = self.checked(c).await {
+                        return Ok(c);
+                    }
+                }
                 Grant::Slot => return self.open_slot(deadline).await,
+            }
+        }
+    }
+
+    /// Runs server_check_query on a connection idle since server_check_delay, bounded by
+    /// server_connect_timeout; None (the connection closed, its slot passed on) if it fails.
+    async fn checked(self: &Arc<Self>, c: Conn) -> Option<PooledConn> {
+        let settings = self.settings.load_full();
+        let check = match &settings.check {
+            Some(k) if c.last_used.elapsed() >= k.delay => k,
+            _ => return Some(self.guard(c)),
+        };
+        // guarded first: a checkout abandoned during the check closes the connection
+        let mut conn = self.guard(c);
+        let r = tokio::time::timeout(settings.connect_timeout, conn.run_internal(&check.query));
+        match r.await {
+            Ok(Ok(None)) => {
+                conn.last_used = Instant::now();
+                Some(conn)
+            }
+            Ok(Ok(Some(e))) => {
+                tracing::warn!(db = %self.db, user = %self.user, "server_check_query failed: {}", e.message);
+                None
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(db = %self.db, user = %self.user, "server_check_query failed: {e}");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(db = %self.db, user = %self.user, "server_check_query timed out: closing the server");
+                None
             }
         }
     }
@@ -592,6 +649,30 @@ impl Pool {
         s.idle.push(c);
     }
 
+    /// A released connection with a cancel on its way: held (counted in `open`, lent to no
+    /// one) until the cancel is delivered, then taken back; closed if the cancel failed or
+    /// does not settle in time. The wait is the pool's, not the client's, so a client that
+    /// leaves meanwhile strands nothing.
+    fn hold_until_cancelled(self: &Arc<Self>, c: Conn) {
+        lock(&self.state).being_canceled += 1;
+        // the cancel itself is bounded by server_connect_timeout; this is a backstop
+        let bound = self.settings.load().connect_timeout + CANCEL_SETTLE_MARGIN;
+        let pool = self.clone();
+        tokio::spawn(async move {
+            let flight = c.cancels.clone();
+            let delivered = tokio::time::timeout(bound, flight.settled())
+                .await
+                .unwrap_or(false);
+            lock(&pool.state).being_canceled -= 1;
+            if delivered {
+                pool.put(c);
+            } else {
+                tracing::warn!(db = %pool.db, user = %pool.user, "closing server {}: a cancel sent to it was not delivered", c.pid);
+                pool.discard(c);
+            }
+        });
+    }
+
     /// Closes a connection and hands its slot to the first waiter, if any.
     fn discard(&self, c: Conn) {
         lock(&self.state).servers.remove(&c.id);
@@ -681,9 +762,18 @@ pub struct PooledConn {
 }
 
 impl PooledConn {
+    /// Back to the pool; held back first while a cancel is on its way to it. The client's
+    /// cancel target must already be cleared (`CancelHandle::set_target(None)`), so no new
+    /// cancel can start after the check here.
     pub fn release(mut self) {
         if let Some(c) = self.conn.take() {
-            self.pool.put(c);
+            if c.cancels.failed() {
+                self.pool.discard(c);
+            } else if c.cancels.pending() {
+                self.pool.hold_until_cancelled(c);
+            } else {
+                self.pool.put(c);
+            }
         }
     }
 

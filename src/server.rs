@@ -5,7 +5,7 @@
 use crate::auth::channel_binding;
 use crate::auth::password::{md5_response, Secret};
 use crate::auth::scram_client::KeyedScramClient;
-use crate::cancel::CancelTarget;
+use crate::cancel::{CancelFlight, CancelTarget};
 use crate::params::Params;
 use crate::protocol::messages::{self, parse_error_fields, parse_parameter_status, ErrorFields};
 use crate::tls::ServerStream;
@@ -79,6 +79,8 @@ pub struct ServerConn {
     pub statements: crate::prepared::ServerStatements,
     /// A share of the database's max_db_connections, held while the connection lives.
     pub db_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Cancels on their way to this connection's backend (see `cancel`).
+    pub cancels: std::sync::Arc<CancelFlight>,
 }
 
 impl std::fmt::Debug for ServerConn {
@@ -106,6 +108,7 @@ impl ServerConn {
                 source,
             })?;
         stream.set_nodelay(true)?;
+        crate::sockopts::apply(&stream);
         let addr = stream.peer_addr()?;
         let stream = crate::tls::connect_server(stream, &target.host).await?;
         let now = Instant::now();
@@ -121,6 +124,7 @@ impl ServerConn {
             last_used: now,
             statements: Default::default(),
             db_permit: None,
+            cancels: Default::default(),
         };
         conn.login(target).await?;
         Ok(conn)
@@ -350,6 +354,7 @@ impl ServerConn {
             addr: self.addr,
             pid: self.pid,
             secret: self.secret,
+            flight: self.cancels.clone(),
         }
     }
 

@@ -434,6 +434,7 @@ async fn waiters_are_served_first_in_first_out() {
         connect_timeout: WAIT,
         idle_timeout: None,
         lifetime: None,
+        check: None,
     };
     let pool = Pool::new("app".into(), "postgres".into(), target, settings, None);
     let held = pool.checkout().await.unwrap();

@@ -283,3 +283,384 @@ pub fn check_prepared(data: &[u8]) {
         assert_eq!(name.len() + 2, data.len());
     }
 }
+
+/// The relay in transaction mode (scanner, request accounting, the named-statement tracker
+/// of `relay::statements`) driven by a script the input encodes: frontend and backend
+/// messages (well-formed ones from a small vocabulary of statement names and texts, and raw
+/// bytes), the chunk sizes the peers' reads deliver, and two servers lent in turn as the
+/// relay asks for one and gives it back. Properties: no panic or hang; what reaches each
+/// server and the client is framed (every length word at least 4); a statement pgmux names
+/// (`pgmux_<id>`) is only bound, described or executed on a server after pgmux sent that
+/// server its Parse, and not after closing it there; a server given back owes nothing and
+/// has nothing half-sent; buffers stay within a bound of the input's size.
+pub fn check_relay(data: &[u8]) {
+    relay_fuzz::run(data);
+}
+
+mod relay_fuzz {
+    use pgmux::params::Params;
+    use pgmux::prepared::{Registry, ServerStatements};
+    use pgmux::relay::{Event, Relay, ServerSide};
+    use std::collections::{HashSet, VecDeque};
+    use std::io;
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::task::{Context, Poll, Waker};
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+    /// A peer: bytes to deliver in chunks of at most `chunk`, and everything written to it,
+    /// taken at most `write_cap` bytes per write (so writes are partial).
+    #[derive(Default)]
+    struct Peer {
+        input: VecDeque<u8>,
+        out: Vec<u8>,
+        chunk: usize,
+        write_cap: usize,
+    }
+
+    impl AsyncRead for Peer {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if self.input.is_empty() {
+                return Poll::Pending;
+            }
+            let n = self.input.len().min(buf.remaining()).min(self.chunk.max(1));
+            let bytes: Vec<u8> = self.input.drain(..n).collect();
+            buf.put_slice(&bytes);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Peer {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(self.write_cap.max(1));
+            self.out.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    struct Server {
+        peer: Peer,
+        params: Params,
+        statements: ServerStatements,
+    }
+
+    /// Reads the script.
+    struct Script<'a>(&'a [u8]);
+
+    impl Script<'_> {
+        fn byte(&mut self) -> Option<u8> {
+            let (&b, rest) = self.0.split_first()?;
+            self.0 = rest;
+            Some(b)
+        }
+        fn pick<'s>(&mut self, from: &[&'s [u8]]) -> &'s [u8] {
+            from[self.byte().unwrap_or(0) as usize % from.len()]
+        }
+        fn raw(&mut self) -> Vec<u8> {
+            let n = (self.byte().unwrap_or(0) as usize % 24).min(self.0.len());
+            let (taken, rest) = self.0.split_at(n);
+            self.0 = rest;
+            taken.to_vec()
+        }
+    }
+
+    const NAMES: &[&[u8]] = &[b"", b"a", b"b", b"c"];
+    const TEXTS: &[&[u8]] = &[
+        b"SELECT 1",
+        b"SELECT $1",
+        b"SELECT 2",
+        b"DISCARD ALL",
+        b"DEALLOCATE ALL",
+        b"SET x = 1",
+        b"BEGIN",
+        b"COMMIT",
+        b"LISTEN c",
+        b"COPY t FROM STDIN",
+    ];
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    fn cstr(parts: &[&[u8]]) -> Vec<u8> {
+        let mut v = Vec::new();
+        for p in parts {
+            v.extend_from_slice(p);
+            v.push(0);
+        }
+        v
+    }
+
+    fn frontend(s: &mut Script) -> Vec<u8> {
+        match s.byte().unwrap_or(0) % 16 {
+            0 | 1 => {
+                let (name, text) = (s.pick(NAMES), s.pick(TEXTS));
+                let mut b = cstr(&[name, text]);
+                b.extend_from_slice(&0i16.to_be_bytes());
+                msg(b'P', &b)
+            }
+            2 | 3 => {
+                let mut b = cstr(&[b"", s.pick(NAMES)]);
+                b.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+                msg(b'B', &b)
+            }
+            4 => {
+                let kind = if s.byte().unwrap_or(0).is_multiple_of(2) {
+                    b'S'
+                } else {
+                    b'P'
+                };
+                let mut b = vec![kind];
+                b.extend(cstr(&[s.pick(NAMES)]));
+                msg(b'D', &b)
+            }
+            5 => {
+                let kind = if s.byte().unwrap_or(0).is_multiple_of(2) {
+                    b'S'
+                } else {
+                    b'P'
+                };
+                let mut b = vec![kind];
+                b.extend(cstr(&[s.pick(NAMES)]));
+                msg(b'C', &b)
+            }
+            6 => msg(b'E', &[0, 0, 0, 0, 0]),
+            7 | 8 => msg(b'S', b""),
+            9 => msg(b'H', b""),
+            10 => msg(b'Q', &cstr(&[s.pick(TEXTS)])),
+            11 => msg(b'd', b"1\n"),
+            12 => msg(b'c', b""),
+            13 => msg(b'f', b"no\0"),
+            14 => {
+                let tag = s.byte().unwrap_or(b'Q');
+                msg(tag, &s.raw())
+            }
+            _ => s.raw(),
+        }
+    }
+
+    fn backend(s: &mut Script) -> Vec<u8> {
+        match s.byte().unwrap_or(0) % 16 {
+            0 => msg(b'1', b""),
+            1 => msg(b'2', b""),
+            2 => msg(b'3', b""),
+            3 => msg(b'C', b"SELECT 1\0"),
+            4 => msg(b'T', &[0, 0]),
+            5 => msg(b'n', b""),
+            6 => msg(b'I', b""),
+            7 => msg(b's', b""),
+            8 | 9 => msg(
+                b'Z',
+                &[[b'I', b'T', b'E'][s.byte().unwrap_or(0) as usize % 3]],
+            ),
+            10 => msg(b'E', b"SERROR\0C42000\0Mno\0\0"),
+            11 => msg(b'G', &[0, 0, 0]),
+            12 => msg(b'S', b"TimeZone\0UTC\0"),
+            13 => msg(b'N', b"SNOTICE\0Mhi\0\0"),
+            14 => msg(b'D', &[0, 1, 0, 0, 0, 1, b'x']),
+            _ => {
+                let tag = s.byte().unwrap_or(b'D');
+                let mut m = msg(tag, &s.raw());
+                if s.byte().unwrap_or(0) == 0xff {
+                    // a length word that lies (up to 4 GiB): must not size a buffer
+                    let lie = u32::from_be_bytes([0x7f, s.byte().unwrap_or(0xff), 0, 0]);
+                    m[1..5].copy_from_slice(&lie.to_be_bytes());
+                }
+                m
+            }
+        }
+    }
+
+    /// Whole messages at the start of a stream: (tag, body); panics on a length below 4.
+    fn messages(stream: &[u8]) -> Vec<(u8, &[u8])> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        while stream.len() - at >= 5 {
+            let len = u32::from_be_bytes(stream[at + 1..at + 5].try_into().unwrap()) as usize;
+            assert!(len >= 4, "a message of length {len} was sent on");
+            if stream.len() - at < 1 + len {
+                break;
+            }
+            out.push((stream[at], &stream[at + 5..at + 1 + len]));
+            at += 1 + len;
+        }
+        out
+    }
+
+    fn name_of(body: &[u8]) -> &[u8] {
+        &body[..body.iter().position(|&b| b == 0).unwrap_or(body.len())]
+    }
+
+    /// On one server's input: pgmux's statements are used only while prepared there.
+    fn check_server_stream(stream: &[u8]) {
+        let mut prepared: HashSet<&[u8]> = HashSet::new();
+        for (tag, body) in messages(stream) {
+            let (name, use_) = match tag {
+                b'P' => {
+                    prepared.insert(name_of(body));
+                    continue;
+                }
+                b'B' => {
+                    let portal = name_of(body);
+                    (name_of(&body[(portal.len() + 1).min(body.len())..]), true)
+                }
+                b'D' | b'C' if body.first() == Some(&b'S') => (name_of(&body[1..]), tag == b'D'),
+                _ => continue,
+            };
+            if !name.starts_with(b"pgmux_") {
+                continue;
+            }
+            if use_ {
+                assert!(
+                    prepared.contains(name),
+                    "{} used on a server that was never sent its Parse (or had it closed)",
+                    String::from_utf8_lossy(name)
+                );
+            } else {
+                prepared.remove(name);
+            }
+        }
+    }
+
+    fn new_server() -> Server {
+        Server {
+            peer: Peer {
+                chunk: 11,
+                write_cap: 5,
+                ..Peer::default()
+            },
+            params: Params::default(),
+            statements: ServerStatements::default(),
+        }
+    }
+
+    pub fn run(data: &[u8]) {
+        let mut s = Script(data);
+        let max_prepared = 1 + s.byte().unwrap_or(0) as usize % 3;
+        let mut relay = Relay::new(1 << 16, true, Arc::new(Registry::default()), max_prepared);
+        let mut client = Peer {
+            chunk: 7,
+            write_cap: 13,
+            ..Peer::default()
+        };
+        let mut servers: Vec<Server> = (0..2).map(|_| new_server()).collect();
+        // what was sent to servers closed since
+        let mut closed: Vec<Vec<u8>> = Vec::new();
+        let mut wants = std::sync::Arc::new(Params::default());
+        let mut attached: Option<usize> = None;
+        let mut next_server = 0;
+        // pgmux's names typed by the client itself pass through unrenamed: no claim then
+        let mut client_typed_ours = false;
+        let mut client_bytes = 0;
+        let mut server_bytes = 0;
+        let mut cx = Context::from_waker(Waker::noop());
+        'script: while let Some(op) = s.byte() {
+            match op % 8 {
+                0..=2 => {
+                    let m = frontend(&mut s);
+                    client_typed_ours |= m.windows(6).any(|w| w == b"pgmux_");
+                    client_bytes += m.len();
+                    client.input.extend(m);
+                }
+                3..=5 => {
+                    let m = backend(&mut s);
+                    server_bytes += m.len();
+                    // an idle pooled server that sends something is never lent (the pool's
+                    // is_broken check): only a lent server's messages matter
+                    if let Some(i) = attached {
+                        servers[i].peer.input.extend(m);
+                    }
+                }
+                6 => {
+                    let c = s.byte().unwrap_or(0) as usize;
+                    client.chunk = 1 + c % 64;
+                    servers[c % 2].peer.chunk = 1 + (c / 2) % 64;
+                    client.write_cap = 1 + (c * 7) % 97;
+                }
+                _ => {}
+            }
+            // drive until the relay waits for input (each poll is bounded by its budget)
+            for _ in 0..64 {
+                let side = attached.map(|i| {
+                    let sv = &mut servers[i];
+                    ServerSide {
+                        stream: &mut sv.peer,
+                        params: &mut sv.params,
+                        statements: &mut sv.statements,
+                    }
+                });
+                let ev = match relay.poll(&mut cx, &mut client, side, &mut wants) {
+                    Poll::Pending => break,
+                    Poll::Ready(ev) => ev,
+                };
+                match ev {
+                    Event::NeedServer => {
+                        assert!(attached.is_none(), "asked for a second server");
+                        let i = next_server;
+                        next_server = (next_server + 1) % 2;
+                        if !servers[i].peer.input.is_empty() {
+                            // bytes left unread when it was given back (the rest of a message
+                            // after its ReadyForQuery): the pool's is_broken check closes such
+                            // a server, and a new one is opened
+                            let old = std::mem::replace(&mut servers[i], new_server());
+                            closed.push(old.peer.out);
+                        }
+                        attached = Some(i);
+                        let sv = &servers[attached.unwrap()];
+                        relay.attached(&sv.statements);
+                    }
+                    Event::Release => {
+                        assert!(attached.is_some(), "gave back a server it did not have");
+                        assert!(
+                            relay.server_clean(),
+                            "gave back a server that owes something"
+                        );
+                        assert_eq!(relay.flow.pending, 0);
+                        attached = None;
+                    }
+                    Event::Quiet => {}
+                    Event::ClientClosed
+                    | Event::Terminated
+                    | Event::ClientIo(_)
+                    | Event::ServerClosed
+                    | Event::ServerIo(_)
+                    | Event::ServerFailed(_)
+                    | Event::Protocol(_) => break 'script,
+                }
+            }
+        }
+        for out in closed.iter().chain(servers.iter().map(|sv| &sv.peer.out)) {
+            if !client_typed_ours {
+                check_server_stream(out);
+            } else {
+                messages(out);
+            }
+        }
+        messages(&client.out);
+        // what pgmux holds is what it was given plus its own small messages
+        let bound = 4 * (client_bytes + server_bytes) + 256 * 1024;
+        for cap in [relay.c2s.buf.capacity(), relay.s2c.buf.capacity()] {
+            assert!(
+                cap <= bound,
+                "a buffer of {cap} bytes for {bound} bytes of input"
+            );
+        }
+    }
+}

@@ -105,7 +105,7 @@ fn pools(app: &App) -> BytesMut {
             0i32.into(),
             c.active.into(),
             0i32.into(),
-            0i32.into(),
+            c.being_canceled.into(),
             c.idle.into(),
             0i32.into(),
             0i32.into(),
@@ -419,7 +419,7 @@ fn databases(app: &App) -> BytesMut {
             // per-host pools share their PoolStats: count its clients once
             let first = seen.insert(Arc::as_ptr(&p.stats));
             (
-                s + (n.idle + n.active + n.connecting) as u64,
+                s + (n.idle + n.active + n.connecting + n.being_canceled) as u64,
                 c + if first { p.stats.client_total() } else { 0 },
             )
         });
@@ -464,7 +464,7 @@ fn users(app: &App) -> BytesMut {
         let (servers, clients) = mine.fold((0u64, 0u64), |(s, c), p| {
             let n = p.counts();
             (
-                s + (n.idle + n.active + n.connecting) as u64,
+                s + (n.idle + n.active + n.connecting + n.being_canceled) as u64,
                 c + p.stats.client_total(),
             )
         });
@@ -507,7 +507,7 @@ fn lists(app: &App) -> BytesMut {
         .iter()
         .map(|p| {
             let c = p.counts();
-            (c.idle + c.active + c.connecting) as u64
+            (c.idle + c.active + c.connecting + c.being_canceled) as u64
         })
         .sum();
     let logged_in = app.registry.len() as u64;

@@ -19,6 +19,9 @@ use bytes::BytesMut;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
+/// Bound on delivering a cancel when server_connect_timeout is off.
+const CANCEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Where a logged-in client goes: a pool, or the admin console (virtual database `pgmux`).
 pub enum Entry {
     Pool(LoggedIn),
@@ -267,9 +270,17 @@ where
         match initial {
             Ok(Initial::SslRequest) | Ok(Initial::GssEncRequest) => write(stream, b"N").await?,
             Ok(Initial::Cancel { pid, secret }) => {
-                if let Some(t) = app.cancels.lookup(pid, secret) {
-                    if let Err(e) = cancel::send_cancel(t).await {
-                        tracing::warn!("sending cancel to {} failed: {e}", t.addr);
+                if let Some(c) = app.cancels.lookup(pid, secret) {
+                    let addr = c.addr;
+                    // the server is held back until this ends: bounded like a server login
+                    let timeout = app
+                        .config()
+                        .pgmux
+                        .server_connect_timeout
+                        .get()
+                        .unwrap_or(CANCEL_TIMEOUT);
+                    if let Err(e) = cancel::send_cancel(c, timeout).await {
+                        tracing::warn!("sending cancel to {addr} failed: {e}");
                     }
                 }
                 return Err(Refusal::silent("cancel request served"));

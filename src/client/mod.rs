@@ -88,6 +88,7 @@ async fn begin(start: Box<Start>) -> Option<Box<Session>> {
         over_limit,
     } = *start;
     let _ = tcp.set_nodelay(true);
+    crate::sockopts::apply(&tcp);
     let local = tcp.local_addr().ok();
     let (stream, login) = enter(&app, tcp, peer, over_limit).await?;
     let span = tracing::Span::current();
@@ -653,6 +654,12 @@ impl Session {
         if let Some(r) = self.route.as_mut() {
             r.released();
         }
+        let settings_changed = self.relay_mut().session.settings_changed;
+        let runs_queries = settings_changed || self.app.config().pgmux.server_reset_query_always;
+        if runs_queries && !cancels_settled(&conn).await {
+            warn!(db = %self.login.db(), "closing server: a cancel sent to it was not delivered");
+            return;
+        }
         if std::mem::take(&mut self.relay_mut().session.settings_changed) {
             if let Err(e) = self.read_back_settings(&mut conn).await {
                 // the server's session state is unknown: it must not serve anyone else
@@ -769,12 +776,12 @@ impl Session {
                 relay.session.pin.is_some(),
                 relay.session.settings_changed,
             );
-            if !clean {
-                drop(conn);
-            } else if self.mode == PoolMode::Session
+            let reset = self.mode == PoolMode::Session
                 || pinned
-                || self.app.config().pgmux.server_reset_query_always
-            {
+                || self.app.config().pgmux.server_reset_query_always;
+            if !clean || ((reset || changed) && !cancels_settled(&conn).await) {
+                drop(conn);
+            } else if reset {
                 // what pinned the client (temporary tables, LISTEN...) goes with DISCARD ALL
                 self.reset_and_release(conn).await;
             } else if changed {
@@ -828,6 +835,20 @@ impl PgmuxSettings {
         *slot = Some(value.to_string());
         Ours::Set
     }
+}
+
+/// Waits until no cancel is on its way to the server, before pgmux runs its own queries on it
+/// (a late cancel would hit them); false if one was not delivered: the server must be closed.
+async fn cancels_settled(conn: &PooledConn) -> bool {
+    let flight = conn.cancels.clone();
+    if !flight.pending() {
+        return !flight.failed();
+    }
+    // the cancel itself is bounded by server_connect_timeout; this is a backstop
+    let bound = conn.pool().settings().connect_timeout + Duration::from_secs(5);
+    tokio::time::timeout(bound, flight.settled())
+        .await
+        .unwrap_or(false)
 }
 
 /// Routing state for a database with replicas: its router and a pool per host.

@@ -545,6 +545,17 @@ impl Relay {
                 Ok(Step::Message { tag, start, .. }) | Ok(Step::Passed { tag, start, .. }) => {
                     (tag, start)
                 }
+                // a message pgmux reads whole (ReadyForQuery, ErrorResponse...) may not claim
+                // more than max_message_size: its length word alone must not size a buffer
+                Ok(Step::NeedMore { reserve }) if reserve > self.max_message => {
+                    return Some(Event::ServerIo(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "server message of {reserve} bytes exceeds max_message_size {}",
+                            self.max_message
+                        ),
+                    )));
+                }
                 Ok(Step::NeedMore { reserve }) => {
                     ch.reserve_for(reserve);
                     return quiet.then_some(Event::Quiet);

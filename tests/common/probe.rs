@@ -65,36 +65,45 @@ impl Console {
     }
 
     /// SHOW POOLS' row for `db`, numbers only (pool_mode dropped); None while no pool exists.
+    /// A database with replicas has one row per host: this is the first.
     pub async fn pool(&self, db: &str) -> Option<HashMap<String, i64>> {
+        self.pools(db).await.into_iter().next()
+    }
+
+    /// SHOW POOLS' rows for `db` (one per host for a database with replicas), numbers only.
+    pub async fn pools(&self, db: &str) -> Vec<HashMap<String, i64>> {
         self.show("SHOW POOLS")
             .await
             .into_iter()
-            .find(|r| r.get("database").map(String::as_str) == Some(db))
+            .filter(|r| r.get("database").map(String::as_str) == Some(db))
             .map(|r| {
                 r.into_iter()
                     .filter_map(|(k, v)| v.parse().ok().map(|n| (k, n)))
                     .collect()
             })
+            .collect()
     }
 
-    /// Waits until `db`'s pool is at rest: `clients` clients connected and none waiting, no
-    /// server lent or logging in. Returns the pool row; panics with the last row after 30 s.
+    /// Waits until `db`'s pool is at rest (each host's, for a database with replicas):
+    /// `clients` clients connected and none waiting, no server lent, logging in or held for a
+    /// cancel. Returns the (first) pool row; panics with the last rows after 30 s.
     pub async fn wait_idle(&self, db: &str, clients: i64) -> HashMap<String, i64> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let row = self.pool(db).await;
-            if let Some(r) = &row {
-                if r["cl_active"] == clients
+            let rows = self.pools(db).await;
+            let at_rest = |r: &HashMap<String, i64>| {
+                r["cl_active"] == clients
                     && r["cl_waiting"] == 0
                     && r["sv_active"] == 0
                     && r["sv_login"] == 0
-                {
-                    return row.unwrap();
-                }
+                    && r["sv_being_canceled"] == 0
+            };
+            if !rows.is_empty() && rows.iter().all(at_rest) {
+                return rows.into_iter().next().unwrap();
             }
             assert!(
                 Instant::now() < deadline,
-                "pool {db} not idle with {clients} clients after 30 s: {row:?}"
+                "pool {db} not idle with {clients} clients after 30 s: {rows:?}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -111,9 +120,12 @@ impl Console {
             &format!("pool {db} without servers"),
             Duration::from_secs(30),
             || async {
-                self.pool(db)
-                    .await
-                    .is_none_or(|r| r["sv_idle"] == 0 && r["sv_active"] == 0 && r["sv_login"] == 0)
+                self.pools(db).await.iter().all(|r| {
+                    r["sv_idle"] == 0
+                        && r["sv_active"] == 0
+                        && r["sv_login"] == 0
+                        && r["sv_being_canceled"] == 0
+                })
             },
         )
         .await;
