@@ -27,6 +27,9 @@ pub struct CancelTarget {
     pub secret: i32,
     /// The server connection's count of cancels on their way.
     pub flight: Arc<CancelFlight>,
+    /// The server's host name when its connection is TLS: the cancel goes encrypted too, as
+    /// libpq 17 sends it (some managed services accept nothing else).
+    pub tls_host: Option<Arc<str>>,
 }
 
 /// Cancels on their way to one server connection.
@@ -96,6 +99,7 @@ pub struct Cancel {
     pub addr: SocketAddr,
     pid: i32,
     secret: i32,
+    tls_host: Option<Arc<str>>,
     in_flight: InFlight,
 }
 
@@ -123,6 +127,7 @@ impl CancelHandle {
             addr: t.addr,
             pid: t.pid,
             secret: t.secret,
+            tls_host: t.tls_host.clone(),
             in_flight: t.flight.begin(),
         })
     }
@@ -183,17 +188,31 @@ impl CancelRegistry {
 /// log line; an unfinished cancel marks the server's flight failed, so the server is closed.
 pub async fn send_cancel(mut c: Cancel, timeout: Duration) -> std::io::Result<()> {
     let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(c.addr).await?;
+        let tcp = tokio::net::TcpStream::connect(c.addr).await?;
+        let mut s = match &c.tls_host {
+            Some(host) => crate::tls::connect_server(tcp, host)
+                .await
+                .map_err(std::io::Error::other)?,
+            None => crate::tls::ServerStream::Plain(tcp),
+        };
         let mut b = BytesMut::with_capacity(16);
         b.put_i32(16);
         b.put_i32(80877102);
         b.put_i32(c.pid);
         b.put_i32(c.secret);
         s.write_all(&b).await?;
-        // PostgreSQL answers nothing: anything read is discarded, EOF is the delivery
+        s.flush().await?;
+        // PostgreSQL answers nothing: anything read is discarded, EOF is the delivery (over
+        // TLS possibly without close_notify, which is no less a delivery)
         let mut sink = [0u8; 64];
-        while s.read(&mut sink).await? > 0 {}
-        Ok(())
+        loop {
+            match s.read(&mut sink).await {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
     };
     match tokio::time::timeout(timeout, exchange).await {
         Ok(Ok(())) => {
@@ -221,6 +240,7 @@ mod tests {
             pid: 7,
             secret: 8,
             flight: flight.clone(),
+            tls_host: None,
         }));
         (reg, h, flight)
     }

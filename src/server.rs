@@ -81,6 +81,8 @@ pub struct ServerConn {
     pub db_permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Cancels on their way to this connection's backend (see `cancel`).
     pub cancels: std::sync::Arc<CancelFlight>,
+    /// The host name TLS verified, when the connection is TLS (cancels follow it).
+    pub tls_host: Option<std::sync::Arc<str>>,
 }
 
 impl std::fmt::Debug for ServerConn {
@@ -125,7 +127,11 @@ impl ServerConn {
             statements: Default::default(),
             db_permit: None,
             cancels: Default::default(),
+            tls_host: None,
         };
+        if conn.stream.is_tls() {
+            conn.tls_host = Some(target.host.as_str().into());
+        }
         conn.login(target).await?;
         Ok(conn)
     }
@@ -355,6 +361,7 @@ impl ServerConn {
             pid: self.pid,
             secret: self.secret,
             flight: self.cancels.clone(),
+            tls_host: self.tls_host.clone(),
         }
     }
 

@@ -14,6 +14,7 @@ use rcgen::{
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::config::SslMode;
@@ -568,4 +569,63 @@ async fn server_tls_modes() {
         &[("by_name", "localhost")],
     ));
     assert_eq!(run(&disable, "by_name"), Ok("false".into()));
+
+    // cancels follow the server connection's encryption: a relay in front of PostgreSQL
+    // records how every connection pgmux opens begins (the login and the cancel)
+    let (relay_port, firsts) = recording_relay(port).await;
+    let via = Pgmux::start(&format!(
+        "[pgmux]\nlisten_port = {{port}}\nauth_type = \"trust\"\nserver_tls_sslmode = \"require\"\n[[users]]\nname = \"app\"\n{}",
+        db("relayed", "127.0.0.1").replace(&format!("port = {port}"), &format!("port = {relay_port}"))
+    ));
+    let (client, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={} user=app dbname=relayed", via.port),
+        NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let token = client.cancel_token();
+    let sleeper = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(60)").await });
+    common::wait_until("the sleep to run", Duration::from_secs(30), || {
+        pg.primary().psql(
+            "postgres",
+            "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'",
+        ) == "1"
+    });
+    token.cancel_query(NoTls).await.unwrap();
+    let e = sleeper.await.unwrap().unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("57014"), "{e}");
+    let firsts = firsts.lock().unwrap().clone();
+    assert!(firsts.len() >= 2, "login and cancel: {firsts:?}");
+    assert!(
+        firsts.iter().all(|f| *f == SSL_REQUEST),
+        "every connection to the server starts with SSLRequest: {firsts:?}"
+    );
+}
+
+/// A TCP relay to `port` that records the first 8 bytes of each connection it accepts.
+async fn recording_relay(port: u16) -> (u16, Arc<std::sync::Mutex<Vec<[u8; 8]>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_port = listener.local_addr().unwrap().port();
+    let firsts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = firsts.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut first = [0u8; 8];
+                if inbound.read_exact(&mut first).await.is_err() {
+                    return;
+                }
+                seen.lock().unwrap().push(first);
+                let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", port)).await else {
+                    return;
+                };
+                if outbound.write_all(&first).await.is_ok() {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    (relay_port, firsts)
 }
