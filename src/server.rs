@@ -79,7 +79,7 @@ pub struct ServerConn {
     pub statements: crate::prepared::ServerStatements,
     /// A share of the database's max_db_connections, held while the connection lives.
     pub db_permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    /// Cancels on their way to this connection's backend (see `cancel`).
+    /// This connection's cancel key and the cancels on their way to its backend (see `cancel`).
     pub cancels: std::sync::Arc<CancelFlight>,
 }
 
@@ -127,6 +127,8 @@ impl ServerConn {
             cancels: Default::default(),
         };
         conn.login(target).await?;
+        // the key is known once logged in: clients' cancels reach this backend through it
+        conn.cancels = std::sync::Arc::new(CancelFlight::new(addr, conn.pid, conn.secret));
         Ok(conn)
     }
 
@@ -350,12 +352,7 @@ impl ServerConn {
     }
 
     pub fn cancel_target(&self) -> CancelTarget {
-        CancelTarget {
-            addr: self.addr,
-            pid: self.pid,
-            secret: self.secret,
-            flight: self.cancels.clone(),
-        }
+        self.cancels.clone()
     }
 
     /// Says goodbye without waiting: a Terminate if the socket takes it now.
