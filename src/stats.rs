@@ -11,10 +11,10 @@ use crate::cancel::{Cancel, CancelKey, CancelTarget};
 use crate::router::effects::PinReason;
 use futures_util::task::AtomicWaker;
 use prometheus::{Histogram, HistogramOpts};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
@@ -29,6 +29,16 @@ static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 /// Microseconds on a monotonic clock since the process's first use of it.
 pub fn mono_us() -> u64 {
     EPOCH.elapsed().as_micros() as u64
+}
+
+/// `t` on the clock of `mono_us` (0 if before its start).
+pub fn mono_us_at(t: Instant) -> u64 {
+    t.saturating_duration_since(*EPOCH).as_micros() as u64
+}
+
+/// The instant `us` microseconds after `mono_us`'s start.
+pub fn mono_instant(us: u64) -> Instant {
+    *EPOCH + Duration::from_micros(us)
 }
 
 pub fn unix_us(t: SystemTime) -> u64 {
@@ -428,13 +438,15 @@ pub struct ClientInfo {
     pub id: u64,
     /// unix_us() when it logged in.
     connect_us: u64,
-    pub addr: SocketAddr,
-    /// The address it connected to (without an IPv6 flow and scope, which are not shown).
+    /// Its address and the one it connected to, as shown (an IPv6 flow and scope are not).
+    addr: (IpAddr, u16),
     local: Option<(IpAddr, u16)>,
     /// Shared by the clients with the same name (see `Clients::names`).
     pub application_name: Arc<str>,
     /// Its pool's counters, which also name its database and user.
     pub stats: Arc<PoolStats>,
+    /// The registry it is in, which its handle leaves when dropped.
+    registry: Weak<ClientRegistry>,
     /// The key pgmux gave it and where its cancels go; the registry is keyed by its pid.
     pub cancel: CancelKey,
     state: AtomicU8,
@@ -453,6 +465,10 @@ pub struct ClientInfo {
 }
 
 impl ClientInfo {
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.addr.0, self.addr.1)
+    }
+
     pub fn local(&self) -> Option<SocketAddr> {
         self.local.map(|(ip, port)| SocketAddr::new(ip, port))
     }
@@ -534,9 +550,32 @@ pub struct ClientRegistry {
 
 #[derive(Default)]
 struct Clients {
-    by_pid: HashMap<i32, Arc<ClientInfo>>,
+    by_pid: HashSet<ByPid>,
     /// Application names in use, shared by the clients that give the same one (most do).
     names: HashSet<Arc<str>>,
+}
+
+/// A registry entry, found by its cancel pid: the set holds one pointer per client.
+struct ByPid(Arc<ClientInfo>);
+
+impl std::hash::Hash for ByPid {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.0.cancel.pid.hash(h)
+    }
+}
+
+impl PartialEq for ByPid {
+    fn eq(&self, o: &Self) -> bool {
+        self.0.cancel.pid == o.0.cancel.pid
+    }
+}
+
+impl Eq for ByPid {}
+
+impl std::borrow::Borrow<i32> for ByPid {
+    fn borrow(&self) -> &i32 {
+        &self.0.cancel.pid
+    }
 }
 
 impl Clients {
@@ -561,7 +600,7 @@ impl ClientRegistry {
     }
 
     pub fn snapshot(&self) -> Vec<Arc<ClientInfo>> {
-        let mut v: Vec<_> = self.lock().by_pid.values().cloned().collect();
+        let mut v: Vec<_> = self.lock().by_pid.iter().map(|c| c.0.clone()).collect();
         v.sort_by_key(|c| c.id);
         v
     }
@@ -584,7 +623,7 @@ impl ClientRegistry {
     /// A CancelRequest: a cancel to send, if the key is a client's and that client's work
     /// runs on a server now.
     pub fn cancel(&self, pid: i32, secret: i32) -> Option<Cancel> {
-        let client = self.lock().by_pid.get(&pid).cloned()?;
+        let client = self.lock().by_pid.get(&pid)?.0.clone();
         client.cancel.start_cancel(secret)
     }
 
@@ -602,17 +641,18 @@ impl ClientRegistry {
         let mut clients = self.lock();
         let pid = loop {
             let pid = rand::random::<i32>() & 0x7fff_ffff;
-            if pid != 0 && !clients.by_pid.contains_key(&pid) {
+            if pid != 0 && !clients.by_pid.contains(&pid) {
                 break pid;
             }
         };
         let info = Arc::new(ClientInfo {
             id,
-            addr,
+            addr: (addr.ip(), addr.port()),
             local: local.map(|a| (a.ip(), a.port())),
             connect_us: unix_us(now),
             application_name: clients.name(application_name),
             stats: stats.clone(),
+            registry: Arc::downgrade(self),
             cancel: CancelKey::new(pid, rand::random()),
             state: AtomicU8::new(ClientState::Idle as u8),
             wait_since: AtomicU64::new(0),
@@ -623,12 +663,9 @@ impl ClientRegistry {
             waker: AtomicWaker::new(),
         });
         stats.move_client(None, Some(ClientState::Idle));
-        clients.by_pid.insert(pid, info.clone());
+        clients.by_pid.insert(ByPid(info.clone()));
         drop(clients);
-        ClientHandle {
-            info,
-            registry: self.clone(),
-        }
+        ClientHandle { info }
     }
 }
 
@@ -636,7 +673,6 @@ impl ClientRegistry {
 /// and dropping it takes the client out of both.
 pub struct ClientHandle {
     info: Arc<ClientInfo>,
-    registry: Arc<ClientRegistry>,
 }
 
 impl ClientHandle {
@@ -703,7 +739,10 @@ impl Drop for ClientHandle {
     fn drop(&mut self) {
         let state = self.info.state();
         self.info.stats.move_client(Some(state), None);
-        let mut clients = self.registry.lock();
+        let Some(registry) = self.info.registry.upgrade() else {
+            return;
+        };
+        let mut clients = registry.lock();
         clients.by_pid.remove(&self.info.cancel.pid);
         // the set's and this entry's: no other client has the name
         if Arc::strong_count(&self.info.application_name) == 2 {

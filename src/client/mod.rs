@@ -14,7 +14,7 @@ use crate::relay::statements::Tracker;
 use crate::relay::{Event, Relay, ServerSide};
 use crate::router::effects::PinReason;
 use crate::router::session::{RouteState, StartupRoute};
-use crate::stats::Meter;
+use crate::stats::{self, Meter};
 use crate::tls::{ClientStream, Opened};
 use bytes::BytesMut;
 use login::{Entry, LoggedIn, Refusal};
@@ -216,8 +216,8 @@ struct Session {
 
 /// What a parked client keeps of its relay.
 struct Parked {
-    /// Last client input or server ReadyForQuery.
-    idle_since: Instant,
+    /// Last client input or server ReadyForQuery (`stats::mono_us`: half an `Instant`).
+    idle_since: u64,
     /// The client's named prepared statements (transaction mode), if it has any.
     tracker: Option<Box<Tracker>>,
 }
@@ -236,7 +236,7 @@ impl Session {
             login,
             relay: None,
             parked: Parked {
-                idle_since: Instant::now(),
+                idle_since: stats::mono_us(),
                 tracker: None,
             },
             server: None,
@@ -277,7 +277,7 @@ impl Session {
             self.max_prepared as usize,
         ));
         relay.meter = Meter::new(self.login.pool.stats.clone());
-        relay.flow.idle_since = self.parked.idle_since;
+        relay.flow.idle_since = stats::mono_instant(self.parked.idle_since);
         if let Some(t) = self.parked.tracker.take() {
             relay.tracker = Some(*t);
         }
@@ -305,7 +305,7 @@ impl Session {
         if !idle {
             return;
         }
-        self.parked.idle_since = r.flow.idle_since;
+        self.parked.idle_since = stats::mono_us_at(r.flow.idle_since);
         self.parked.tracker = r
             .tracker
             .take()
@@ -472,7 +472,7 @@ impl Session {
             return g
                 .client_idle_timeout
                 .get()
-                .map(|t| self.parked.idle_since + t);
+                .map(|t| stats::mono_instant(self.parked.idle_since) + t);
         };
         let timeout = match &self.server {
             // a request unanswered since the client last sent: query_timeout
@@ -899,8 +899,8 @@ mod tests {
     use super::*;
 
     /// An idle client costs its task (tokio's header, core and trailer, 104 bytes, plus the
-    /// future, rounded up to 128: 256 bytes with a future up to 152), its boxed session (168
-    /// bytes: one 176-byte block of glibc's malloc), its socket's registration and its
+    /// future, rounded up to 128: 256 bytes with a future up to 152), its boxed session (152
+    /// bytes: one 160-byte block of glibc's malloc), its socket's registration and its
     /// registry entry. These bounds keep the first two from growing unnoticed; see
     /// benches/idle-memory.sh for the whole figure.
     #[tokio::test]
@@ -921,7 +921,7 @@ mod tests {
             std::mem::size_of_val(&task)
         );
         assert!(
-            std::mem::size_of::<Session>() <= 168,
+            std::mem::size_of::<Session>() <= 152,
             "{}",
             std::mem::size_of::<Session>()
         );
