@@ -1,10 +1,9 @@
 //! The state shared by every task: the live configuration (swapped whole on reload), pools,
-//! cancel keys, client counts and registry, pause state and the shutdown signal.
+//! client counts and registry (with their cancel keys), pause state and the shutdown signal.
 
 use crate::auth::lookup::SecretCache;
 use crate::auth::password::Secret;
 use crate::auth::VerifierCache;
-use crate::cancel::CancelRegistry;
 use crate::config::{Config, ConfigError, Database};
 use crate::pool::{DbLimit, Pool, PoolSettings};
 use crate::router::balance::DbRouter;
@@ -60,7 +59,6 @@ pub struct App {
     config: ArcSwap<Config>,
     /// Where the configuration came from, for SIGHUP and RELOAD.
     pub config_path: Option<PathBuf>,
-    pub cancels: CancelRegistry,
     pub verifiers: VerifierCache,
     /// Secrets of users not in the config, found by auth_query.
     pub auth_lookups: SecretCache,
@@ -104,7 +102,6 @@ impl App {
         Arc::new(App {
             config: ArcSwap::from_pointee(config),
             config_path,
-            cancels: CancelRegistry::default(),
             verifiers: VerifierCache::default(),
             auth_lookups: SecretCache::default(),
             learned: Mutex::new(HashMap::new()),

@@ -11,7 +11,6 @@
 //! fails or does not finish within its bound leaves the server's state unknown: it is closed.
 
 use bytes::{BufMut, BytesMut};
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,29 +18,51 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 
-/// Where a client's query runs right now.
-#[derive(Debug, Clone)]
-pub struct CancelTarget {
+/// Where a client's query runs right now: its server connection's key and flight, shared
+/// with the connection, so pointing a client at its server allocates nothing.
+pub type CancelTarget = Arc<CancelFlight>;
+
+/// One server connection's cancel key (its BackendKeyData) and the cancels on their way to it.
+#[derive(Debug)]
+pub struct CancelFlight {
     pub addr: SocketAddr,
     pub pid: i32,
     pub secret: i32,
-    /// The server connection's count of cancels on their way.
-    pub flight: Arc<CancelFlight>,
     /// The server's host name when its connection is TLS: the cancel goes encrypted too, as
     /// libpq 17 sends it (some managed services accept nothing else).
     pub tls_host: Option<Arc<str>>,
-}
-
-/// Cancels on their way to one server connection.
-#[derive(Debug, Default)]
-pub struct CancelFlight {
     pending: AtomicU32,
     /// A cancel failed or timed out: whether it reached the backend is unknown.
     failed: AtomicBool,
     settled: Notify,
 }
 
+impl Default for CancelFlight {
+    /// No key yet (a server still logging in).
+    fn default() -> Self {
+        CancelFlight::new(SocketAddr::from(([0, 0, 0, 0], 0)), 0, 0)
+    }
+}
+
 impl CancelFlight {
+    pub fn new(addr: SocketAddr, pid: i32, secret: i32) -> CancelFlight {
+        CancelFlight {
+            addr,
+            pid,
+            secret,
+            tls_host: None,
+            pending: AtomicU32::new(0),
+            failed: AtomicBool::new(false),
+            settled: Notify::new(),
+        }
+    }
+
+    /// Cancels to this server go over TLS, verified against `host` (its connection is TLS).
+    pub fn with_tls_host(mut self, host: Option<Arc<str>>) -> CancelFlight {
+        self.tls_host = host;
+        self
+    }
+
     fn begin(self: &Arc<Self>) -> InFlight {
         self.pending.fetch_add(1, Ordering::AcqRel);
         InFlight {
@@ -103,24 +124,39 @@ pub struct Cancel {
     in_flight: InFlight,
 }
 
-/// A registered client's key and current target.
+/// A logged-in client's own key (the BackendKeyData pgmux gave it) and its current target.
+/// Kept in the client's registry entry (`stats::ClientInfo`), which is what a CancelRequest
+/// looks up: no allocation or map of its own per client.
 #[derive(Debug)]
-pub struct CancelHandle {
+pub struct CancelKey {
     pub pid: i32,
     pub secret: i32,
     target: Mutex<Option<CancelTarget>>,
 }
 
-impl CancelHandle {
+impl CancelKey {
+    pub fn new(pid: i32, secret: i32) -> CancelKey {
+        CancelKey {
+            pid,
+            secret,
+            target: Mutex::new(None),
+        }
+    }
+
     /// The server the client's work runs on, or None when it has none. Once this returns
     /// with None, every cancel aimed at the previous server is counted in its flight.
     pub fn set_target(&self, t: Option<CancelTarget>) {
         *self.target.lock().unwrap_or_else(|e| e.into_inner()) = t;
     }
 
-    /// A cancel for the current target, counted in its flight under the same lock that
-    /// `set_target` takes, so a server released after `set_target(None)` sees it.
-    fn start_cancel(&self) -> Option<Cancel> {
+    /// A cancel for the current target if `secret` is this key's, counted in the target's
+    /// flight under the same lock that `set_target` takes, so a server released after
+    /// `set_target(None)` sees it.
+    pub fn start_cancel(&self, secret: i32) -> Option<Cancel> {
+        // constant-time compare so a guessed key learns nothing from timing
+        if (self.secret ^ secret) != 0 {
+            return None;
+        }
         let t = self.target.lock().unwrap_or_else(|e| e.into_inner());
         let t = t.as_ref()?;
         Some(Cancel {
@@ -128,58 +164,8 @@ impl CancelHandle {
             pid: t.pid,
             secret: t.secret,
             tls_host: t.tls_host.clone(),
-            in_flight: t.flight.begin(),
+            in_flight: t.begin(),
         })
-    }
-}
-
-/// All connected clients' keys.
-#[derive(Default)]
-pub struct CancelRegistry {
-    by_pid: Mutex<HashMap<i32, Arc<CancelHandle>>>,
-}
-
-impl CancelRegistry {
-    /// Registers a new client under a fresh random key; unregister when it leaves.
-    pub fn register(&self) -> Arc<CancelHandle> {
-        let mut map = self.by_pid.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            let pid = rand::random::<i32>() & 0x7fff_ffff;
-            if pid == 0 || map.contains_key(&pid) {
-                continue;
-            }
-            let h = Arc::new(CancelHandle {
-                pid,
-                secret: rand::random(),
-                target: Mutex::new(None),
-            });
-            map.insert(pid, h.clone());
-            return h;
-        }
-    }
-
-    pub fn unregister(&self, pid: i32) {
-        self.by_pid
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&pid);
-    }
-
-    /// A cancel to send, if the key is valid and its client is running a query.
-    pub fn lookup(&self, pid: i32, secret: i32) -> Option<Cancel> {
-        let h = self
-            .by_pid
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&pid)
-            .cloned()?;
-        // constant-time compare so a guessed key learns nothing from timing
-        let ok = (h.secret ^ secret) == 0;
-        if ok {
-            h.start_cancel()
-        } else {
-            None
-        }
     }
 }
 
@@ -231,27 +217,25 @@ pub async fn send_cancel(mut c: Cancel, timeout: Duration) -> std::io::Result<()
 mod tests {
     use super::*;
 
-    fn handle() -> (CancelRegistry, Arc<CancelHandle>, Arc<CancelFlight>) {
-        let reg = CancelRegistry::default();
-        let h = reg.register();
-        let flight = Arc::new(CancelFlight::default());
-        h.set_target(Some(CancelTarget {
-            addr: "127.0.0.1:1".parse().unwrap(),
-            pid: 7,
-            secret: 8,
-            flight: flight.clone(),
-            tls_host: None,
-        }));
-        (reg, h, flight)
+    fn handle() -> (CancelKey, Arc<CancelFlight>) {
+        let key = CancelKey::new(1, 2);
+        let flight = Arc::new(CancelFlight::new("127.0.0.1:1".parse().unwrap(), 7, 8));
+        key.set_target(Some(flight.clone()));
+        (key, flight)
     }
 
     #[tokio::test]
     async fn a_cancel_counts_in_its_servers_flight_until_it_ends() {
-        let (reg, h, flight) = handle();
-        let mut c = reg.lookup(h.pid, h.secret).expect("a target");
+        let (h, flight) = handle();
+        let mut c = h.start_cancel(h.secret).expect("a target");
+        assert_eq!(
+            (c.addr.port(), c.pid, c.secret),
+            (1, 7, 8),
+            "the server's key"
+        );
         // the client's query ends: no new cancel can start, the one on its way still counts
         h.set_target(None);
-        assert!(reg.lookup(h.pid, h.secret).is_none());
+        assert!(h.start_cancel(h.secret).is_none());
         assert!(flight.pending());
         c.in_flight.delivered = true;
         drop(c);
@@ -261,10 +245,10 @@ mod tests {
 
     #[tokio::test]
     async fn an_unfinished_cancel_marks_the_server_failed() {
-        let (reg, h, flight) = handle();
-        assert!(reg.lookup(h.pid, h.secret ^ 1).is_none(), "wrong secret");
+        let (h, flight) = handle();
+        assert!(h.start_cancel(h.secret ^ 1).is_none(), "wrong secret");
         assert!(!flight.pending());
-        let c = reg.lookup(h.pid, h.secret).unwrap();
+        let c = h.start_cancel(h.secret).unwrap();
         let waiter = {
             let f = flight.clone();
             tokio::spawn(async move { f.settled().await })
@@ -279,9 +263,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_cancel_connection_fails() {
-        let (reg, h, flight) = handle();
+        let (h, flight) = handle();
         // nothing listens on port 1
-        let c = reg.lookup(h.pid, h.secret).unwrap();
+        let c = h.start_cancel(h.secret).unwrap();
         assert!(send_cancel(c, Duration::from_secs(5)).await.is_err());
         assert!(flight.failed() && !flight.pending());
     }

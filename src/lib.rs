@@ -2,6 +2,7 @@
 //! tests and benchmarks use them directly.
 
 pub mod admin;
+pub mod alloc;
 pub mod app;
 pub mod auth;
 pub mod cancel;

@@ -7,6 +7,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
+/// Small over-aligned blocks (tokio's tasks and socket registrations) from slabs; see
+/// `pgmux::alloc`.
+#[global_allocator]
+static ALLOCATOR: pgmux::alloc::Allocator = pgmux::alloc::Allocator::new();
+
 #[derive(Parser)]
 #[command(
     name = "pgmux",

@@ -763,7 +763,7 @@ pub struct PooledConn {
 
 impl PooledConn {
     /// Back to the pool; held back first while a cancel is on its way to it. The client's
-    /// cancel target must already be cleared (`CancelHandle::set_target(None)`), so no new
+    /// cancel target must already be cleared (`ClientHandle::set_cancel_target(None)`), so no new
     /// cancel can start after the check here.
     pub fn release(mut self) {
         if let Some(c) = self.conn.take() {

@@ -79,10 +79,8 @@ pub struct ServerConn {
     pub statements: crate::prepared::ServerStatements,
     /// A share of the database's max_db_connections, held while the connection lives.
     pub db_permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    /// Cancels on their way to this connection's backend (see `cancel`).
+    /// This connection's cancel key and the cancels on their way to its backend (see `cancel`).
     pub cancels: std::sync::Arc<CancelFlight>,
-    /// The host name TLS verified, when the connection is TLS (cancels follow it).
-    pub tls_host: Option<std::sync::Arc<str>>,
 }
 
 impl std::fmt::Debug for ServerConn {
@@ -127,12 +125,13 @@ impl ServerConn {
             statements: Default::default(),
             db_permit: None,
             cancels: Default::default(),
-            tls_host: None,
         };
-        if conn.stream.is_tls() {
-            conn.tls_host = Some(target.host.as_str().into());
-        }
         conn.login(target).await?;
+        // the key is known once logged in: clients' cancels reach this backend through it
+        let tls_host = conn.stream.is_tls().then(|| target.host.as_str().into());
+        conn.cancels = std::sync::Arc::new(
+            CancelFlight::new(addr, conn.pid, conn.secret).with_tls_host(tls_host),
+        );
         Ok(conn)
     }
 
@@ -356,13 +355,7 @@ impl ServerConn {
     }
 
     pub fn cancel_target(&self) -> CancelTarget {
-        CancelTarget {
-            addr: self.addr,
-            pid: self.pid,
-            secret: self.secret,
-            flight: self.cancels.clone(),
-            tls_host: self.tls_host.clone(),
-        }
+        self.cancels.clone()
     }
 
     /// Says goodbye without waiting: a Terminate if the socket takes it now.

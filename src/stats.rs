@@ -7,13 +7,14 @@
 //! by all connections, no allocation per message. Readers (SHOW, scrape) load the same
 //! atomics, so the console and the metrics cannot disagree about what was counted.
 
+use crate::cancel::{Cancel, CancelKey, CancelTarget};
 use crate::router::effects::PinReason;
 use futures_util::task::AtomicWaker;
 use prometheus::{Histogram, HistogramOpts};
-use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
@@ -28,6 +29,16 @@ static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 /// Microseconds on a monotonic clock since the process's first use of it.
 pub fn mono_us() -> u64 {
     EPOCH.elapsed().as_micros() as u64
+}
+
+/// `t` on the clock of `mono_us` (0 if before its start).
+pub fn mono_us_at(t: Instant) -> u64 {
+    t.saturating_duration_since(*EPOCH).as_micros() as u64
+}
+
+/// The instant `us` microseconds after `mono_us`'s start.
+pub fn mono_instant(us: u64) -> Instant {
+    *EPOCH + Duration::from_micros(us)
 }
 
 pub fn unix_us(t: SystemTime) -> u64 {
@@ -420,16 +431,24 @@ fn sqlstate_class(mut body: &[u8]) -> Option<[u8; 2]> {
     None
 }
 
-/// One logged-in client as SHOW CLIENTS lists it.
-/// Kept small: an idle client's memory is mostly this, its task and its socket.
+/// One logged-in client as SHOW CLIENTS lists it, and its cancel key.
+/// Kept small: an idle client's memory is mostly this, its task, its session and its socket
+/// (see the size test below and benches/idle-memory.sh).
 pub struct ClientInfo {
     pub id: u64,
-    pub addr: SocketAddr,
-    pub local: Option<SocketAddr>,
-    pub connect_time: SystemTime,
-    pub application_name: Box<str>,
+    /// unix_us() when it logged in.
+    connect_us: u64,
+    /// Its address and the one it connected to, as shown (an IPv6 flow and scope are not).
+    addr: (IpAddr, u16),
+    local: Option<(IpAddr, u16)>,
+    /// Shared by the clients with the same name (see `Clients::names`).
+    pub application_name: Arc<str>,
     /// Its pool's counters, which also name its database and user.
     pub stats: Arc<PoolStats>,
+    /// The registry it is in, which its handle leaves when dropped.
+    registry: Weak<ClientRegistry>,
+    /// The key pgmux gave it and where its cancels go; the registry is keyed by its pid.
+    pub cancel: CancelKey,
     state: AtomicU8,
     /// mono_us() when the client started waiting (valid while waiting).
     wait_since: AtomicU64,
@@ -446,6 +465,18 @@ pub struct ClientInfo {
 }
 
 impl ClientInfo {
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.addr.0, self.addr.1)
+    }
+
+    pub fn local(&self) -> Option<SocketAddr> {
+        self.local.map(|(ip, port)| SocketAddr::new(ip, port))
+    }
+
+    pub fn connect_time_us(&self) -> u64 {
+        self.connect_us
+    }
+
     /// Why the client is pinned to its server ("" when it is not).
     pub fn pinned(&self) -> &'static str {
         match self.pinned.load(Ordering::Relaxed) {
@@ -509,28 +540,73 @@ impl ClientInfo {
     }
 }
 
-/// All logged-in clients. Locked once at login and once at logout, never per message.
+/// All logged-in clients, by cancel key. Locked once at login and once at logout, and by a
+/// CancelRequest; never per message.
 #[derive(Default)]
 pub struct ClientRegistry {
-    map: Mutex<HashMap<u64, Arc<ClientInfo>>>,
+    map: Mutex<Clients>,
     next_id: AtomicU64,
 }
 
+#[derive(Default)]
+struct Clients {
+    by_pid: HashSet<ByPid>,
+    /// Application names in use, shared by the clients that give the same one (most do).
+    names: HashSet<Arc<str>>,
+}
+
+/// A registry entry, found by its cancel pid: the set holds one pointer per client.
+struct ByPid(Arc<ClientInfo>);
+
+impl std::hash::Hash for ByPid {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.0.cancel.pid.hash(h)
+    }
+}
+
+impl PartialEq for ByPid {
+    fn eq(&self, o: &Self) -> bool {
+        self.0.cancel.pid == o.0.cancel.pid
+    }
+}
+
+impl Eq for ByPid {}
+
+impl std::borrow::Borrow<i32> for ByPid {
+    fn borrow(&self) -> &i32 {
+        &self.0.cancel.pid
+    }
+}
+
+impl Clients {
+    fn name(&mut self, name: &str) -> Arc<str> {
+        if let Some(n) = self.names.get(name) {
+            return n.clone();
+        }
+        // names of clients gone while their entry was still referenced (a SHOW) linger:
+        // swept here once they could outnumber the clients
+        if self.names.len() >= 2 * self.by_pid.len() + 64 {
+            self.names.retain(|n| Arc::strong_count(n) > 1);
+        }
+        let n: Arc<str> = name.into();
+        self.names.insert(n.clone());
+        n
+    }
+}
+
 impl ClientRegistry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Clients> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn snapshot(&self) -> Vec<Arc<ClientInfo>> {
-        let mut v: Vec<_> = self
-            .map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let mut v: Vec<_> = self.lock().by_pid.iter().map(|c| c.0.clone()).collect();
         v.sort_by_key(|c| c.id);
         v
     }
 
     pub fn len(&self) -> usize {
-        self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.lock().by_pid.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -544,7 +620,15 @@ impl ClientRegistry {
         }
     }
 
-    /// Registers a client (idle) until the returned handle is dropped.
+    /// A CancelRequest: a cancel to send, if the key is a client's and that client's work
+    /// runs on a server now.
+    pub fn cancel(&self, pid: i32, secret: i32) -> Option<Cancel> {
+        let client = self.lock().by_pid.get(&pid)?.0.clone();
+        client.cancel.start_cancel(secret)
+    }
+
+    /// Registers a client (idle) under a fresh random cancel key until the returned handle
+    /// is dropped.
     pub fn register(
         self: &Arc<Self>,
         stats: Arc<PoolStats>,
@@ -554,13 +638,22 @@ impl ClientRegistry {
     ) -> ClientHandle {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let now = SystemTime::now();
+        let mut clients = self.lock();
+        let pid = loop {
+            let pid = rand::random::<i32>() & 0x7fff_ffff;
+            if pid != 0 && !clients.by_pid.contains(&pid) {
+                break pid;
+            }
+        };
         let info = Arc::new(ClientInfo {
             id,
-            addr,
-            local,
-            connect_time: now,
-            application_name: application_name.into(),
+            addr: (addr.ip(), addr.port()),
+            local: local.map(|a| (a.ip(), a.port())),
+            connect_us: unix_us(now),
+            application_name: clients.name(application_name),
             stats: stats.clone(),
+            registry: Arc::downgrade(self),
+            cancel: CancelKey::new(pid, rand::random()),
             state: AtomicU8::new(ClientState::Idle as u8),
             wait_since: AtomicU64::new(0),
             request_time: AtomicU64::new(unix_us(now)),
@@ -570,14 +663,9 @@ impl ClientRegistry {
             waker: AtomicWaker::new(),
         });
         stats.move_client(None, Some(ClientState::Idle));
-        self.map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, info.clone());
-        ClientHandle {
-            info,
-            registry: self.clone(),
-        }
+        clients.by_pid.insert(ByPid(info.clone()));
+        drop(clients);
+        ClientHandle { info }
     }
 }
 
@@ -585,7 +673,6 @@ impl ClientRegistry {
 /// and dropping it takes the client out of both.
 pub struct ClientHandle {
     info: Arc<ClientInfo>,
-    registry: Arc<ClientRegistry>,
 }
 
 impl ClientHandle {
@@ -633,6 +720,11 @@ impl ClientHandle {
         self.set_state(ClientState::Idle);
     }
 
+    /// Where the client's cancels go now (its server's key), or nowhere.
+    pub fn set_cancel_target(&self, t: Option<CancelTarget>) {
+        self.info.cancel.set_target(t);
+    }
+
     /// Resolves when KILL (or a removed database) asks this session to end.
     pub async fn killed(&self) {
         std::future::poll_fn(|cx| self.info.poll_killed(cx)).await
@@ -647,11 +739,15 @@ impl Drop for ClientHandle {
     fn drop(&mut self) {
         let state = self.info.state();
         self.info.stats.move_client(Some(state), None);
-        self.registry
-            .map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.info.id);
+        let Some(registry) = self.info.registry.upgrade() else {
+            return;
+        };
+        let mut clients = registry.lock();
+        clients.by_pid.remove(&self.info.cancel.pid);
+        // the set's and this entry's: no other client has the name
+        if Arc::strong_count(&self.info.application_name) == 2 {
+            clients.names.remove(&self.info.application_name);
+        }
     }
 }
 
@@ -679,6 +775,55 @@ mod tests {
         drop(h);
         assert_eq!(stats.client_total(), 0);
         assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn clients_are_found_by_cancel_key_and_share_names() {
+        let reg = Arc::new(ClientRegistry::default());
+        let stats = PoolStats::new("db", "u");
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let a = reg.register(stats.clone(), addr, None, "app");
+        let b = reg.register(stats.clone(), addr, Some(addr), "app");
+        assert!(Arc::ptr_eq(
+            &a.info().application_name,
+            &b.info().application_name
+        ));
+        assert_ne!(a.info().cancel.pid, b.info().cancel.pid);
+        assert_eq!((a.info().local(), b.info().local()), (None, Some(addr)));
+        let (pid, secret) = (a.info().cancel.pid, a.info().cancel.secret);
+        assert!(
+            reg.cancel(pid, secret).is_none(),
+            "no server: nothing to cancel"
+        );
+        let flight = Arc::new(crate::cancel::CancelFlight::new(
+            "127.0.0.1:5".parse().unwrap(),
+            9,
+            10,
+        ));
+        a.set_cancel_target(Some(flight.clone()));
+        assert!(reg.cancel(pid, secret ^ 1).is_none(), "wrong secret");
+        assert!(reg
+            .cancel(b.info().cancel.pid, b.info().cancel.secret)
+            .is_none());
+        let c = reg.cancel(pid, secret).expect("a's server");
+        assert_eq!(c.addr.port(), 5);
+        assert!(flight.pending());
+        drop(c);
+        drop(a);
+        assert!(reg.cancel(pid, secret).is_none(), "gone with its client");
+        let name = Arc::downgrade(&b.info().application_name);
+        drop(b);
+        assert!(reg.is_empty() && reg.lock().names.is_empty());
+        assert!(
+            name.upgrade().is_none(),
+            "the name went with its last client"
+        );
+        // with its Arc header, one 192-byte block of glibc's malloc (benches/idle-memory.sh)
+        assert!(
+            std::mem::size_of::<ClientInfo>() <= 168,
+            "{}",
+            std::mem::size_of::<ClientInfo>()
+        );
     }
 
     #[test]

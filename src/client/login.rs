@@ -7,13 +7,15 @@ use crate::app::App;
 use crate::auth::hba::{self, Decision};
 use crate::auth::lookup::LookupPlan;
 use crate::auth::{self, password::Secret, AuthError};
-use crate::cancel::{self, CancelHandle};
+use crate::cancel;
+use crate::cancel::CancelKey;
 use crate::params::{self, Params};
 use crate::pool::{Pool, PoolError};
 use crate::protocol::messages;
 use crate::protocol::startup::{self, Initial, StartupError, StartupPacket};
 use crate::protocol::PgError;
 use crate::server::ServerError;
+use crate::stats::ClientHandle;
 use crate::tls::Peer;
 use bytes::BytesMut;
 use std::sync::Arc;
@@ -24,7 +26,9 @@ const CANCEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Where a logged-in client goes: a pool, or the admin console (virtual database `pgmux`).
 pub enum Entry {
-    Pool(LoggedIn),
+    /// A pool's client, with pgmux's own startup settings (`-c pgmux.route=replica`), which
+    /// the session's router takes (they are kept from servers).
+    Pool(LoggedIn, crate::router::session::StartupRoute),
     Console(crate::admin::Console),
 }
 
@@ -32,13 +36,15 @@ pub struct LoggedIn {
     /// The client's pool, which also names its database (and its user, unless the database
     /// logs in to servers as another: `user`).
     pub pool: Arc<Pool>,
-    /// The client's user name where it is not the pool's.
-    user: Option<Box<str>>,
+    /// The client's user name where it is not the pool's (seldom: boxed twice to take one
+    /// word in every idle session).
+    #[allow(clippy::box_collection)]
+    user: Option<Box<String>>,
     /// Settings the client expects on every server it is lent (shared: `Pool::share_wants`).
     pub wants: Arc<Params>,
-    pub cancel: Arc<CancelHandle>,
-    /// pgmux's own startup settings (`-c pgmux.route=replica`), kept from servers.
-    pub route: crate::router::session::StartupRoute,
+    /// Its entry in the client registry (SHOW CLIENTS, the pool's client counts, KILL) and
+    /// its cancel key, from the welcome until the session ends.
+    pub client: ClientHandle,
 }
 
 impl LoggedIn {
@@ -47,7 +53,7 @@ impl LoggedIn {
     }
 
     pub fn user(&self) -> &str {
-        self.user.as_deref().unwrap_or(&self.pool.user)
+        self.user.as_deref().map_or(&self.pool.user, |u| u)
     }
 }
 
@@ -83,6 +89,7 @@ pub async fn login<S>(
     over_limit: bool,
     first: Initial,
     conn: &Peer,
+    local: Option<std::net::SocketAddr>,
 ) -> Result<Entry, Refusal>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -208,20 +215,25 @@ where
         }
     };
     let wants = pool.share_wants(params::client_wants(&baseline, &settings));
-    let cancel = app.cancels.register();
-    welcome(&mut out, &baseline, &wants, &cancel);
-    if let Err(r) = write(stream, &out).await {
-        app.cancels.unregister(cancel.pid);
-        return Err(r);
-    }
-    let user = (user != pool.user).then(|| user.into());
-    Ok(Entry::Pool(LoggedIn {
-        user,
-        pool,
-        wants,
-        cancel,
+    let client = app.registry.register(
+        pool.stats.clone(),
+        conn.addr,
+        local,
+        wants.get("application_name").unwrap_or(""),
+    );
+    welcome(&mut out, &baseline, &wants, &client.info().cancel);
+    // a refused client leaves the registry with its handle
+    write(stream, &out).await?;
+    let user = (user != pool.user).then(|| Box::new(user));
+    Ok(Entry::Pool(
+        LoggedIn {
+            user,
+            pool,
+            wants,
+            client,
+        },
         route,
-    }))
+    ))
 }
 
 /// A user's secret through auth_query: (found, secret). A failed lookup refuses the client
@@ -270,7 +282,7 @@ where
         match initial {
             Ok(Initial::SslRequest) | Ok(Initial::GssEncRequest) => write(stream, b"N").await?,
             Ok(Initial::Cancel { pid, secret }) => {
-                if let Some(c) = app.cancels.lookup(pid, secret) {
+                if let Some(c) = app.registry.cancel(pid, secret) {
                     let addr = c.addr;
                     // the server is held back until this ends: bounded like a server login
                     let timeout = app
@@ -360,7 +372,7 @@ pub fn server_unavailable(e: PoolError) -> PgError {
     }
 }
 
-fn welcome(out: &mut BytesMut, baseline: &Params, wants: &Params, cancel: &CancelHandle) {
+fn welcome(out: &mut BytesMut, baseline: &Params, wants: &Params, cancel: &CancelKey) {
     for (k, v) in baseline.iter() {
         messages::parameter_status(out, k.as_bytes(), wants.get(k).unwrap_or(v).as_bytes());
     }

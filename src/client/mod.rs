@@ -13,8 +13,8 @@ use crate::protocol::PgError;
 use crate::relay::statements::Tracker;
 use crate::relay::{Event, Relay, ServerSide};
 use crate::router::effects::PinReason;
-use crate::router::session::RouteState;
-use crate::stats::{ClientHandle, Meter};
+use crate::router::session::{RouteState, StartupRoute};
+use crate::stats::{self, Meter};
 use crate::tls::{ClientStream, Opened};
 use bytes::BytesMut;
 use login::{Entry, LoggedIn, Refusal};
@@ -26,7 +26,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 use tracing::{debug, info, warn, Instrument};
 
@@ -90,20 +89,13 @@ async fn begin(start: Box<Start>) -> Option<Box<Session>> {
     let _ = tcp.set_nodelay(true);
     crate::sockopts::apply(&tcp);
     let local = tcp.local_addr().ok();
-    let (stream, login) = enter(&app, tcp, peer, over_limit).await?;
+    let (stream, login, route) = enter(&app, tcp, peer, over_limit, local).await?;
     let span = tracing::Span::current();
     span.record("db", tracing::field::display(login.db()));
     span.record("user", tracing::field::display(login.user()));
     info!("client connected");
-    // registry entry for SHOW CLIENTS and the pool's client counts, until the session ends
-    let client = app.registry.register(
-        login.pool.stats.clone(),
-        peer,
-        local,
-        login.wants.get("application_name").unwrap_or(""),
-    );
     // the session holds no buffer while the client idles (see `Session::park`)
-    Some(Box::new(Session::new(app, stream, login, client)))
+    Some(Box::new(Session::new(app, stream, login, route)))
 }
 
 /// Settles encryption and logs the client in; None when the client was refused, left, or
@@ -113,7 +105,8 @@ async fn enter(
     tcp: TcpStream,
     peer: SocketAddr,
     over_limit: bool,
-) -> Option<(ClientStream, LoggedIn)> {
+    local: Option<SocketAddr>,
+) -> Option<(ClientStream, LoggedIn, StartupRoute)> {
     // settling encryption and logging in share one auth_timeout
     let deadline = app
         .config()
@@ -138,7 +131,14 @@ async fn enter(
             return None;
         }
     };
-    let logging_in = Box::pin(login::login(app, &mut stream, over_limit, first, &conn));
+    let logging_in = Box::pin(login::login(
+        app,
+        &mut stream,
+        over_limit,
+        first,
+        &conn,
+        local,
+    ));
     let login = match deadline {
         Some(d) => tokio::time::timeout_at(d, logging_in)
             .await
@@ -150,8 +150,8 @@ async fn enter(
             }),
         None => logging_in.await,
     };
-    let login = match login {
-        Ok(Entry::Pool(l)) => l,
+    let (login, route) = match login {
+        Ok(Entry::Pool(l, r)) => (l, r),
         Ok(Entry::Console(c)) => {
             let span = tracing::Span::current();
             span.record("db", tracing::field::display("pgmux"));
@@ -169,7 +169,7 @@ async fn enter(
             return None;
         }
     };
-    Some((stream, login))
+    Some((stream, login, route))
 }
 
 /// Writes what is left for the client and a last error, within a bound.
@@ -203,11 +203,9 @@ struct Session {
     parked: Parked,
     server: Option<PooledConn>,
     mode: PoolMode,
-    shutdown: watch::Receiver<Shutdown>,
     closing: bool,
     /// Pin reason last shown in the client registry.
     pinned: Option<PinReason>,
-    client: ClientHandle,
     /// Read/write routing, for a database with replicas (see `router::session`).
     route: Option<Box<RouteState>>,
     /// The idle or query timeout running now, if one applies.
@@ -218,36 +216,33 @@ struct Session {
 
 /// What a parked client keeps of its relay.
 struct Parked {
-    /// Last client input or server ReadyForQuery.
-    idle_since: Instant,
+    /// Last client input or server ReadyForQuery (`stats::mono_us`: half an `Instant`).
+    idle_since: u64,
     /// The client's named prepared statements (transaction mode), if it has any.
     tracker: Option<Box<Tracker>>,
 }
 
 impl Session {
-    fn new(app: Arc<App>, stream: ClientStream, login: LoggedIn, client: ClientHandle) -> Session {
+    fn new(app: Arc<App>, stream: ClientStream, login: LoggedIn, start: StartupRoute) -> Session {
         let mode = login.pool.settings().mode;
         let (max_message, max_prepared) = {
             let g = &app.config().pgmux;
             (g.max_message_size, g.max_prepared_statements)
         };
-        let shutdown = app.shutdown_signal();
-        let route = route_state(&app, &login, mode).map(Box::new);
+        let route = route_state(&app, &login, mode, start).map(Box::new);
         let mut session = Session {
             app,
             stream,
             login,
             relay: None,
             parked: Parked {
-                idle_since: Instant::now(),
+                idle_since: stats::mono_us(),
                 tracker: None,
             },
             server: None,
             mode,
-            shutdown,
             closing: false,
             pinned: None,
-            client,
             route,
             timer: None,
             max_message,
@@ -282,7 +277,7 @@ impl Session {
             self.max_prepared as usize,
         ));
         relay.meter = Meter::new(self.login.pool.stats.clone());
-        relay.flow.idle_since = self.parked.idle_since;
+        relay.flow.idle_since = stats::mono_instant(self.parked.idle_since);
         if let Some(t) = self.parked.tracker.take() {
             relay.tracker = Some(*t);
         }
@@ -310,7 +305,7 @@ impl Session {
         if !idle {
             return;
         }
-        self.parked.idle_since = r.flow.idle_since;
+        self.parked.idle_since = stats::mono_us_at(r.flow.idle_since);
         self.parked.tracker = r
             .tracker
             .take()
@@ -325,14 +320,13 @@ impl Session {
             info!("closing client: {e}");
         }
         self.finish(error).await;
-        self.app.cancels.unregister(self.login.cancel.pid);
         info!("client disconnected");
     }
 
     /// Runs until the client leaves (None) or must be told why it is disconnected.
     async fn run(&mut self) -> Option<PgError> {
         loop {
-            if !self.closing && *self.shutdown.borrow() == Shutdown::Safe {
+            if !self.closing && self.app.shutdown_stage() == Shutdown::Safe {
                 if let Some(e) = self.begin_closing() {
                     return Some(e);
                 }
@@ -350,10 +344,8 @@ impl Session {
                     None => continue,
                 },
                 Wake::Shutdown => {
-                    if *self.shutdown.borrow_and_update() == Shutdown::Safe {
-                        if let Some(e) = self.begin_closing() {
-                            return Some(e);
-                        }
+                    if let Some(e) = self.begin_closing() {
+                        return Some(e);
                     }
                     continue;
                 }
@@ -425,10 +417,11 @@ impl Session {
     /// One look at everything a session waits for. KILL and a safe shutdown wake the task
     /// through the client registry, so an idle session waits on its socket alone.
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Wake> {
-        if self.client.poll_killed(cx).is_ready() {
+        if self.login.client.poll_killed(cx).is_ready() {
             return Poll::Ready(Wake::Killed);
         }
-        if !self.closing && self.shutdown.has_changed().unwrap_or(false) {
+        // the stage is read, not subscribed to: a safe shutdown wakes every session
+        if !self.closing && self.app.shutdown_stage() == Shutdown::Safe {
             return Poll::Ready(Wake::Shutdown);
         }
         if let Some(t) = self.timer.as_mut() {
@@ -479,7 +472,7 @@ impl Session {
             return g
                 .client_idle_timeout
                 .get()
-                .map(|t| self.parked.idle_since + t);
+                .map(|t| stats::mono_instant(self.parked.idle_since) + t);
         };
         let timeout = match &self.server {
             // a request unanswered since the client last sent: query_timeout
@@ -540,8 +533,8 @@ impl Session {
         route.server_failed(why);
         let replayed = relay.take_for_replay().is_some();
         self.server = None;
-        self.login.cancel.set_target(None);
-        self.client.idle();
+        self.login.client.set_cancel_target(None);
+        self.login.client.idle();
         replayed
     }
 
@@ -553,24 +546,23 @@ impl Session {
     }
 
     async fn attach(&mut self) -> Result<(), PgError> {
-        let waiting_since = self.client.waiting();
+        let waiting_since = self.login.client.waiting();
         self.relay_mut();
         let Session {
             route,
             relay: Some(relay),
             login,
-            client,
             ..
         } = self
         else {
             return Ok(());
         };
+        let (pool, client) = (&login.pool, &login.client);
         let checkout = async {
             match route {
                 // which server: decided from the waiting work (router::session)
                 Some(r) => r.checkout(relay).await,
-                None => login
-                    .pool
+                None => pool
                     .checkout()
                     .await
                     .map(Some)
@@ -584,7 +576,7 @@ impl Session {
         };
         let Some(mut conn) = conn else {
             // pgmux answered the work itself
-            self.client.idle();
+            self.login.client.idle();
             return Ok(());
         };
         let wants = &self.login.wants;
@@ -602,7 +594,7 @@ impl Session {
                 // nothing was sent for the client yet: route its work again
                 r.server_failed(&why);
                 drop(conn);
-                self.client.idle();
+                self.login.client.idle();
                 return Ok(());
             }
             match synced {
@@ -623,16 +615,19 @@ impl Session {
                 }
             }
         }
-        self.login.cancel.set_target(Some(conn.cancel_target()));
+        self.login
+            .client
+            .set_cancel_target(Some(conn.cancel_target()));
         self.relay_mut();
         let Session {
             relay: Some(relay),
-            client,
+            login,
             ..
         } = self
         else {
             return Ok(());
         };
+        let client = &login.client;
         relay.meter.statements.server = Some(conn.addr);
         relay.attached(&conn.statements);
         client.active(waiting_since, conn.id, &mut relay.meter);
@@ -648,9 +643,9 @@ impl Session {
         let Some(mut conn) = self.server.take() else {
             return;
         };
-        self.client.idle();
+        self.login.client.idle();
         self.show_pin();
-        self.login.cancel.set_target(None);
+        self.login.client.set_cancel_target(None);
         if let Some(r) = self.route.as_mut() {
             r.released();
         }
@@ -732,7 +727,7 @@ impl Session {
             if !reason.is_empty() {
                 info!(db = %self.login.db(), user = %self.login.user(), "client pinned to its server ({reason})");
             }
-            self.client.set_pinned(pin);
+            self.login.client.set_pinned(pin);
             self.pinned = pin;
         }
     }
@@ -769,7 +764,7 @@ impl Session {
     /// After the session: the server goes back only if idle and clean, else it is closed.
     async fn finish(&mut self, error: Option<PgError>) {
         if let Some(conn) = self.server.take() {
-            self.login.cancel.set_target(None);
+            self.login.client.set_cancel_target(None);
             let relay = self.relay_mut();
             let (clean, pinned, changed) = (
                 relay.server_clean(),
@@ -852,7 +847,12 @@ async fn cancels_settled(conn: &PooledConn) -> bool {
 }
 
 /// Routing state for a database with replicas: its router and a pool per host.
-fn route_state(app: &App, login: &LoggedIn, mode: PoolMode) -> Option<RouteState> {
+fn route_state(
+    app: &App,
+    login: &LoggedIn,
+    mode: PoolMode,
+    start: StartupRoute,
+) -> Option<RouteState> {
     let config = app.config_arc();
     let db = config.database(login.db())?;
     let router = app.router(db, login.user())?;
@@ -861,7 +861,7 @@ fn route_state(app: &App, login: &LoggedIn, mode: PoolMode) -> Option<RouteState
         router,
         pools,
         mode == PoolMode::Session,
-        login.route,
+        start,
     ))
 }
 
@@ -898,9 +898,10 @@ fn note_applied(conn: &mut PooledConn, wants: &params::Params) {
 mod tests {
     use super::*;
 
-    /// An idle client costs its task (tokio's header and trailer, about 112 bytes, plus the
-    /// future, rounded up to 128), its boxed session, its socket's registration and its
-    /// registry entries. These bounds keep the first two from growing unnoticed; see
+    /// An idle client costs its task (tokio's header, core and trailer, 104 bytes, plus the
+    /// future, rounded up to 128: 256 bytes with a future up to 152), its boxed session (152
+    /// bytes: one 160-byte block of glibc's malloc), its socket's registration and its
+    /// registry entry. These bounds keep the first two from growing unnoticed; see
     /// benches/idle-memory.sh for the whole figure.
     #[tokio::test]
     async fn an_idle_client_holds_a_small_task_and_session() {
@@ -920,7 +921,7 @@ mod tests {
             std::mem::size_of_val(&task)
         );
         assert!(
-            std::mem::size_of::<Session>() <= 224,
+            std::mem::size_of::<Session>() <= 152,
             "{}",
             std::mem::size_of::<Session>()
         );
