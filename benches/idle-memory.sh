@@ -11,7 +11,8 @@
 #   SOURCE_ADDRS=        pgmux-load --source-addrs (e.g. 127.0.0.2,127.0.0.3)
 #   RATE=0               pgmux-load --rate (0: as fast as it can)
 #   POOL_MODE=transaction
-#   EXTRA=               more lines for pgmux's [pgmux] section (e.g. 'log_level = "info"')
+#   LOG_LEVEL=warn       pgmux's log_level (at info each client's log span costs ~0.45 KiB)
+#   EXTRA=               more lines for pgmux's [pgmux] section
 #   LOAD_ARGS=           instead of holding the clients idle, run this pgmux-load workload
 #                        (e.g. "--sql FILE --scale 1 -T 30"); the summary is printed
 #   PGMUX, LOAD          binaries (default: cargo build --release)
@@ -27,6 +28,7 @@ SOURCE_ADDRS=${SOURCE_ADDRS:-}
 RATE=${RATE:-0}
 POOL_MODE=${POOL_MODE:-transaction}
 EXTRA=${EXTRA:-}
+LOG_LEVEL=${LOG_LEVEL:-warn}
 DIR=${DIR:-/tmp/pgmux-idle-memory}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 KEEP=${KEEP:-0}
@@ -94,7 +96,7 @@ pool_mode = "$POOL_MODE"
 default_pool_size = 20
 max_client_conn = $((CLIENTS + 1000))
 auth_type = "trust"
-log_level = "warn"
+log_level = "$LOG_LEVEL"
 metrics_listen_port = 0
 $EXTRA
 
@@ -106,7 +108,7 @@ name = "postgres"
 host = "127.0.0.1"
 port = $PG_PORT
 EOF
-RUST_LOG=${RUST_LOG:-warn} "$PGMUX" --config "$DIR/pgmux.toml" </dev/null >>"$DIR/log/pgmux.log" 2>&1 &
+"$PGMUX" --config "$DIR/pgmux.toml" </dev/null >>"$DIR/log/pgmux.log" 2>&1 &
 PGMUX_PID=$!
 deadline=$((SECONDS + 30))
 until port_in_use "$PGMUX_PORT"; do
