@@ -62,8 +62,10 @@ pub struct App {
     pub verifiers: VerifierCache,
     /// Secrets of users not in the config, found by auth_query.
     pub auth_lookups: SecretCache,
-    /// Server login secrets clients taught pgmux, by user (see `learn_server_secret`).
-    learned: Mutex<HashMap<String, Secret>>,
+    /// Server login secrets clients taught pgmux, by (database, user): databases may be
+    /// different clusters whose same-named roles have different secrets
+    /// (see `learn_server_secret`).
+    learned: Mutex<HashMap<(String, String), Secret>>,
     /// Every distinct named statement clients prepared (transaction mode).
     pub statements: Arc<crate::prepared::Registry>,
     /// Connected clients (counted from accept, so max_client_conn holds during login too).
@@ -213,7 +215,7 @@ impl App {
             let p = pools
                 .entry(key)
                 .or_insert_with(|| {
-                    let t = target(&config, self.learned(user), db, user, hosts.get(i));
+                    let t = target(&config, self.learned(db, user), db, user, hosts.get(i));
                     let p = match &stats {
                         None => Pool::new(
                             db.name.clone(),
@@ -290,7 +292,7 @@ impl App {
         from_client: bool,
     ) -> Arc<DbRouter> {
         let hosts = db.server_hosts();
-        let t = target(config, self.learned(user), db, user, hosts.first());
+        let t = target(config, self.learned(db, user), db, user, hosts.first());
         let g = &config.pgmux;
         let topology = Topology::start(TopologyConfig {
             hosts: hosts.clone(),
@@ -312,29 +314,36 @@ impl App {
         Arc::new(r)
     }
 
-    fn learned(&self, user: &str) -> Option<Secret> {
-        lock(&self.learned).get(user).cloned()
+    fn learned(&self, db: &Database, user: &str) -> Option<Secret> {
+        lock(&self.learned)
+            .get(&(db.name.clone(), user.to_string()))
+            .cloned()
     }
 
-    /// A client proved a login secret for `user` that the config does not hold (a SCRAM
-    /// ClientKey, or the secret auth_query found): that user's pools log in with it from now
-    /// on. A changed secret (the role's password changed) retargets them, so connections made
-    /// with the old one close as they come back.
-    pub fn learn_server_secret(&self, user: &str, secret: Secret) {
+    /// A client of `db` proved a login secret for `user` that the config does not hold (a
+    /// SCRAM ClientKey, or the secret auth_query found): that user's pools of `db` log in with
+    /// it from now on. A changed secret (the role's password changed) retargets them, so
+    /// connections made with the old one close as they come back. Unknown databases teach
+    /// nothing (the map stays bounded by the configuration).
+    pub fn learn_server_secret(&self, db_name: &str, user: &str, secret: Secret) {
+        let config = self.config_arc();
+        let Some(db) = config.database(db_name) else {
+            return;
+        };
+        if db.server_user.is_some() {
+            return;
+        }
         {
             let mut learned = lock(&self.learned);
-            if learned.get(user) == Some(&secret) {
+            let key = (db.name.clone(), user.to_string());
+            if learned.get(&key) == Some(&secret) {
                 return;
             }
-            learned.insert(user.to_string(), secret.clone());
+            learned.insert(key, secret.clone());
         }
-        let config = self.config_arc();
         let pools = lock(&self.pools);
-        for ((db_name, pool_user, i), pool) in pools.iter() {
-            let Some(db) = config.database(db_name) else {
-                continue;
-            };
-            if pool_user != user || db.server_user.is_some() {
+        for ((pool_db, pool_user, i), pool) in pools.iter() {
+            if pool_db != db_name || pool_user != user {
                 continue;
             }
             let hosts = if db.has_replicas() {
@@ -472,7 +481,7 @@ impl App {
             pool.set_target(
                 target(
                     &new,
-                    self.learned(&client_user),
+                    self.learned(db, &client_user),
                     db,
                     &client_user,
                     hosts.get(key.2),

@@ -252,3 +252,63 @@ port = {port}
         Ok("aq_scram".into())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_role_on_two_clusters_keeps_each_clusters_key() {
+    // two [[databases]] on two clusters where the same role has different passwords: what a
+    // client of one teaches pgmux must not become the other's server login
+    let pg = roles();
+    let other = PgCluster::start(0);
+    pg.create_role("aq_twin", "twin-one", "scram-sha-256");
+    other.create_role("aq_twin", "twin-two", "scram-sha-256");
+    other.create_role("aq_auth", "auth-pw", "scram-sha-256");
+    other
+        .primary()
+        .psql("postgres", "ALTER ROLE aq_auth SUPERUSER");
+    let px = Pgmux::start(&format!(
+        r#"
+[pgmux]
+listen_port = {{port}}
+default_pool_size = 2
+auth_type = "scram-sha-256"
+auth_user = "aq_auth"
+[[users]]
+name = "aq_auth"
+password = "auth-pw"
+[[databases]]
+name = "one"
+dbname = "postgres"
+host = "127.0.0.1"
+port = {}
+[[databases]]
+name = "two"
+dbname = "postgres"
+host = "127.0.0.1"
+port = {}
+"#,
+        pg.primary().port,
+        other.primary().port
+    ));
+    let connect = |db: &'static str, pw: &'static str| {
+        let s = px.conn_str("aq_twin", db, Some(pw));
+        async move {
+            let (c, conn) = tokio_postgres::connect(&s, NoTls).await.unwrap();
+            tokio::spawn(conn);
+            c
+        }
+    };
+    let one = connect("one", "twin-one").await;
+    one.simple_query("SELECT 1").await.unwrap();
+    let two = connect("two", "twin-two").await;
+    two.simple_query("SELECT 1").await.unwrap();
+    // `one` now needs two server connections at once: the second is a new SCRAM login to the
+    // first cluster, which only the first cluster's key passes
+    one.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let one_more = connect("one", "twin-one").await;
+    let row = one_more
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "aq_twin");
+    one.batch_execute("COMMIT").await.unwrap();
+}

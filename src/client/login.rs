@@ -174,7 +174,7 @@ where
                 .server_secret(secret.as_ref())
                 .or_else(|| plan.as_ref().and(secret.clone()));
             if let Some(s) = learned {
-                app.learn_server_secret(&user, s);
+                app.learn_server_secret(&db, &user, s);
             }
         }
         Err(AuthError::Failed) => {

@@ -30,7 +30,7 @@ host all scram_user 127.0.0.1/32 scram-sha-256
 host all md5_user 127.0.0.1/32 md5
 host all pw_user 127.0.0.1/32 password
 host all app 127.0.0.1/32 scram-sha-256
-host all aq_scram,aq_expired,aq_auth,aq_lookup,aq_rotating,aq_pool 127.0.0.1/32 scram-sha-256
+host all aq_scram,aq_expired,aq_auth,aq_lookup,aq_rotating,aq_pool,aq_twin 127.0.0.1/32 scram-sha-256
 host all aq_md5 127.0.0.1/32 md5
 host all all 127.0.0.1/32 trust
 host replication all 127.0.0.1/32 trust
