@@ -33,6 +33,7 @@
 #   CARGO_BUILD_JOBS     honoured by cargo; 1 on small machines
 #   PGMUX, LOAD          pgmux and pgmux-load binaries to use instead of building them
 #   TOKIO_WORKER_THREADS honoured by pgmux's runtime (default: one per core)
+#   LOG_LEVEL=info       pgmux's log_level (the default configuration's; RUST_LOG overrides it)
 #
 # Usage: benches/compare.sh            (as root or a user that can run PostgreSQL; root runs
 #                                       PostgreSQL and PgBouncer as `postgres`)
@@ -188,7 +189,7 @@ pool_mode = "transaction"
 default_pool_size = $POOL_SIZE
 max_client_conn = $MAX_CLIENTS
 auth_type = "trust"
-log_level = "warn"
+log_level = "${LOG_LEVEL:-info}"
 # no metrics listener: its default port may be taken by another pgmux on the machine
 metrics_listen_port = 0
 
@@ -200,7 +201,7 @@ name = "bench"
 host = "127.0.0.1"
 port = $PG_PORT
 EOF
-  RUST_LOG=warn "$PGMUX" --config "$DIR/pgmux.toml" </dev/null >>"$DIR/log/pgmux.log" 2>&1 &
+  "$PGMUX" --config "$DIR/pgmux.toml" </dev/null >>"$DIR/log/pgmux.log" 2>&1 &
   PGMUX_PID=$!
   wait_port "$PGMUX_PORT" "$PGMUX_PID" pgmux "$DIR/log/pgmux.log"
   log "pgmux (pid $PGMUX_PID) on 127.0.0.1:$PGMUX_PORT"

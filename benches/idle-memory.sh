@@ -11,7 +11,7 @@
 #   SOURCE_ADDRS=        pgmux-load --source-addrs (e.g. 127.0.0.2,127.0.0.3)
 #   RATE=0               pgmux-load --rate (0: as fast as it can)
 #   POOL_MODE=transaction
-#   LOG_LEVEL=warn       pgmux's log_level (at info each client's log span costs ~0.45 KiB)
+#   LOG_LEVEL=info       pgmux's log_level (info is the default configuration's)
 #   EXTRA=               more lines for pgmux's [pgmux] section
 #   LOAD_ARGS=           instead of holding the clients idle, run this pgmux-load workload
 #                        (e.g. "--sql FILE --scale 1 -T 30"); the summary is printed
@@ -28,7 +28,7 @@ SOURCE_ADDRS=${SOURCE_ADDRS:-}
 RATE=${RATE:-0}
 POOL_MODE=${POOL_MODE:-transaction}
 EXTRA=${EXTRA:-}
-LOG_LEVEL=${LOG_LEVEL:-warn}
+LOG_LEVEL=${LOG_LEVEL:-info}
 DIR=${DIR:-/tmp/pgmux-idle-memory}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 KEEP=${KEEP:-0}

@@ -9,6 +9,7 @@ pub mod cancel;
 pub mod client;
 pub mod config;
 pub mod listener;
+pub mod logging;
 pub mod metrics;
 pub mod params;
 pub mod pool;

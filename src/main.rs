@@ -2,10 +2,9 @@
 //! and run.
 
 use clap::Parser;
-use pgmux::config::{Config, LogFormat};
+use pgmux::config::Config;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tracing_subscriber::EnvFilter;
 
 /// Small over-aligned blocks (tokio's tasks and socket registrations) from slabs; see
 /// `pgmux::alloc`.
@@ -40,7 +39,7 @@ fn main() -> ExitCode {
         println!("pgmux: {} is valid", args.config.display());
         return ExitCode::SUCCESS;
     }
-    init_logging(&config);
+    pgmux::logging::init(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -58,19 +57,5 @@ fn main() -> ExitCode {
             eprintln!("pgmux: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_logging(config: &Config) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(&config.pgmux.log_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // colour codes only for a terminal: log files and collectors get plain text
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match config.pgmux.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
     }
 }

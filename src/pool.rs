@@ -142,6 +142,8 @@ impl DbLimit {
 pub struct Pool {
     pub db: String,
     pub user: String,
+    /// The two again, for its clients' log lines.
+    pub log_names: crate::logging::Names,
     target: ArcSwap<ServerTarget>,
     settings: ArcSwap<PoolSettings>,
     state: Mutex<State>,
@@ -185,6 +187,7 @@ impl Pool {
         stats: Arc<PoolStats>,
     ) -> Arc<Pool> {
         let pool = Arc::new(Pool {
+            log_names: crate::logging::Names::new(&db, &user),
             db,
             user,
             target: ArcSwap::from_pointee(target),

@@ -55,6 +55,14 @@ impl LoggedIn {
     pub fn user(&self) -> &str {
         self.user.as_deref().map_or(&self.pool.user, |u| u)
     }
+
+    /// Database and user for the client's log lines: its pool's, unless its user is not.
+    pub fn log_names(&self) -> crate::logging::Names {
+        match &self.user {
+            None => self.pool.log_names.clone(),
+            Some(u) => crate::logging::Names::new(self.db(), u),
+        }
+    }
 }
 
 /// Why a login ended without a session; `error` (if any) goes to the client.

@@ -7,6 +7,7 @@ pub mod login;
 
 use crate::app::{App, Shutdown};
 use crate::config::PoolMode;
+use crate::logging::{ClientTag, WithClient};
 use crate::params;
 use crate::pool::PooledConn;
 use crate::protocol::PgError;
@@ -27,7 +28,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, info, warn};
 
 /// Bound on writing a last message to a client that may have stopped reading.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -35,8 +36,8 @@ const FAREWELL_TIMEOUT: Duration = Duration::from_secs(5);
 const RESET_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves one accepted connection to its end; `guard` is dropped with the task. Everything
-/// it logs is inside a `client` span carrying the client's address, and its database and
-/// user once logged in.
+/// it logs carries the client's address, and its database and user once logged in
+/// (`logging::ClientTag`).
 ///
 /// A task is as large as its future's largest state, and an idle client's task lives as
 /// long as the client: so the future holds little more than a pointer to the session, and
@@ -48,27 +49,21 @@ pub fn serve<G: Send + 'static>(
     over_limit: bool,
     guard: G,
 ) -> impl std::future::Future<Output = ()> + Send {
-    let span = tracing::info_span!(
-        "client",
-        client_addr = %peer,
-        db = tracing::field::Empty,
-        user = tracing::field::Empty
-    );
     let start = Box::new(Start {
         app,
         stream,
         peer,
         over_limit,
     });
-    async move {
+    let tag = ClientTag::new(peer);
+    WithClient::new(tag, async move {
         let _guard = guard;
         let Some(mut session) = Box::pin(begin(start)).await else {
             return;
         };
         let error = session.run().await;
         Box::pin(session.end(error)).await;
-    }
-    .instrument(span)
+    })
 }
 
 struct Start {
@@ -90,9 +85,7 @@ async fn begin(start: Box<Start>) -> Option<Box<Session>> {
     crate::sockopts::apply(&tcp);
     let local = tcp.local_addr().ok();
     let (stream, login, route) = enter(&app, tcp, peer, over_limit, local).await?;
-    let span = tracing::Span::current();
-    span.record("db", tracing::field::display(login.db()));
-    span.record("user", tracing::field::display(login.user()));
+    crate::logging::set_client_names(login.log_names());
     info!("client connected");
     // the session holds no buffer while the client idles (see `Session::park`)
     Some(Box::new(Session::new(app, stream, login, route)))
@@ -153,9 +146,7 @@ async fn enter(
     let (login, route) = match login {
         Ok(Entry::Pool(l, r)) => (l, r),
         Ok(Entry::Console(c)) => {
-            let span = tracing::Span::current();
-            span.record("db", tracing::field::display("pgmux"));
-            span.record("user", tracing::field::display(&c.user));
+            crate::logging::set_client_names(crate::logging::Names::new("pgmux", &c.user));
             Box::pin(crate::admin::serve(app.clone(), stream, peer, c)).await;
             return None;
         }
