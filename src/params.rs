@@ -21,10 +21,32 @@ pub fn is_tracked(name: &str) -> bool {
 }
 
 /// Name/value pairs, names compared without regard to case as PostgreSQL does.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Params(Vec<(String, String)>);
+#[derive(Debug, Clone, Default)]
+pub struct Params(Vec<(String, String)>, Changes);
+
+/// How many times the pairs were touched: a server that was in step with a client's
+/// settings stays so while this count holds (see `ServerConn::synced`).
+#[derive(Debug, Clone, Copy, Default)]
+struct Changes(u32);
+
+impl PartialEq for Params {
+    fn eq(&self, o: &Self) -> bool {
+        self.0 == o.0
+    }
+}
+
+impl Eq for Params {}
 
 impl Params {
+    /// Counts every set, remove and retain, whether or not it changed a value.
+    pub fn changes(&self) -> u32 {
+        self.1 .0
+    }
+
+    fn touched(&mut self) {
+        self.1 .0 = self.1 .0.wrapping_add(1);
+    }
+
     pub fn get(&self, name: &str) -> Option<&str> {
         self.0
             .iter()
@@ -33,6 +55,7 @@ impl Params {
     }
 
     pub fn set(&mut self, name: &str, value: &str) {
+        self.touched();
         match self
             .0
             .iter_mut()
@@ -45,10 +68,12 @@ impl Params {
     }
 
     pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.touched();
         self.0.retain(|(k, _)| keep(k));
     }
 
     pub fn remove(&mut self, name: &str) {
+        self.touched();
         self.0.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
     }
 

@@ -73,6 +73,12 @@ pub struct ServerConn {
     pub params: Params,
     /// Non-reported settings pgmux applied for a client, to reset for the next one.
     pub extras: Vec<String>,
+    /// The client settings (a shared `Params`, see `Pool::share_wants`) this server was last
+    /// brought in step with, and `params.changes()` then: while both hold, the next client
+    /// expecting the same settings needs no comparison. The weak pointer keeps the address
+    /// from being reused, and a `Params` with weak pointers is never changed in place
+    /// (`Arc::make_mut` moves it).
+    pub synced: Option<(std::sync::Weak<Params>, u32)>,
     pub created: Instant,
     pub last_used: Instant,
     /// Statements pgmux prepared here under its own names (transaction mode).
@@ -120,6 +126,7 @@ impl ServerConn {
             secret: 0,
             params: Params::default(),
             extras: Vec::new(),
+            synced: None,
             created: now,
             last_used: now,
             statements: Default::default(),

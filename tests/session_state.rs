@@ -69,6 +69,28 @@ async fn pinned(admin: &Client, db: &str) -> Vec<String> {
         .collect()
 }
 
+/// pgmux skips comparing settings when a server was last brought in step with the very
+/// settings the next client expects (clients with the same startup settings share them);
+/// a SET on that server in between must still be undone for the next client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_right_after_a_shared_sync_does_not_leak() {
+    let db = "ss_shared_sync";
+    let px = start(db, 1);
+    let a = connect(&px, "app", db).await;
+    let b = connect(&px, "app", db).await;
+    for round in 0..3 {
+        // b's query brings the only server in step with the settings a and b share
+        assert_eq!(one(&b, "SHOW work_mem").await, "4MB", "round {round}");
+        let value = format!("{}MB", 5 + round);
+        a.simple_query(&format!("SET work_mem = '{value}'"))
+            .await
+            .unwrap();
+        assert_eq!(one(&b, "SHOW work_mem").await, "4MB", "round {round}");
+        assert_eq!(one(&a, "SHOW work_mem").await, value, "round {round}");
+        a.simple_query("RESET work_mem").await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_follow_the_client_and_never_leak() {
     let db = "ss_settings";

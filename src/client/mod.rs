@@ -572,7 +572,14 @@ impl Session {
         };
         let wants = &self.login.wants;
         let retryable = self.route.as_ref().is_some_and(|r| r.retryable());
-        if let Some(sql) = params::sync_statement(wants, &conn.params, &conn.extras) {
+        let in_step = conn.synced.as_ref().is_some_and(|(w, changes)| {
+            std::ptr::eq(w.as_ptr(), Arc::as_ptr(wants)) && *changes == conn.params.changes()
+        });
+        let sync = match in_step {
+            true => None,
+            false => params::sync_statement(wants, &conn.params, &conn.extras),
+        };
+        if let Some(sql) = sync {
             let synced = conn.run_internal(&sql).await;
             let failed = match &synced {
                 Err(e) => Some(e.to_string()),
@@ -605,6 +612,9 @@ impl Session {
                     ));
                 }
             }
+        }
+        if !in_step {
+            conn.synced = Some((Arc::downgrade(wants), conn.params.changes()));
         }
         self.login
             .client
@@ -738,6 +748,7 @@ impl Session {
                 let upper = sql.to_ascii_uppercase();
                 if upper.contains("DISCARD ALL") || upper.contains("RESET ALL") {
                     conn.extras.clear();
+                    conn.synced = None;
                 }
                 if upper.contains("DISCARD ALL") || upper.contains("DEALLOCATE ALL") {
                     conn.statements.clear();
