@@ -375,6 +375,38 @@ impl Pool {
         }
     }
 
+    /// The most recently used idle connection, when one is ready to lend right now: not
+    /// paused, not past server_lifetime, no check query due, not broken. None sends the
+    /// caller to `checkout`, which handles everything else (and waits).
+    pub fn try_checkout(self: &Arc<Self>) -> Option<PooledConn> {
+        if self.is_paused() {
+            return None;
+        }
+        let settings = self.settings.load();
+        let now = Instant::now();
+        let c = {
+            let mut s = lock(&self.state);
+            if s.closed {
+                return None;
+            }
+            let c = s.idle.pop()?;
+            let check_due = settings
+                .check
+                .as_ref()
+                .is_some_and(|k| now.duration_since(c.last_used) >= k.delay);
+            if check_due || self.too_old(&c, now) {
+                s.idle.push(c);
+                return None;
+            }
+            c
+        };
+        if c.is_broken() {
+            self.discard(c);
+            return None;
+        }
+        Some(self.guard(c))
+    }
+
     /// Runs server_check_query on a connection idle since server_check_delay, bounded by
     /// server_connect_timeout; None (the connection closed, its slot passed on) if it fails.
     async fn checked(self: &Arc<Self>, c: Conn) -> Option<PooledConn> {

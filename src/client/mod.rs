@@ -343,11 +343,17 @@ impl Session {
                 Wake::Killed => return Some(shutdown_error()),
             };
             if serverwards {
-                if let Err(e) = Box::pin(self.attach()).await {
-                    return Some(e);
+                // the future is boxed only when there is something to wait for
+                if let Some((since, conn)) = self.attach_now() {
+                    if let Err(e) = Box::pin(self.attach(since, conn)).await {
+                        return Some(e);
+                    }
                 }
             } else {
-                Box::pin(self.detach()).await;
+                // the future is boxed only when there is something to wait for
+                if let Some(conn) = self.detach() {
+                    Box::pin(self.detach_after_queries(conn)).await;
+                }
                 if self.closing {
                     return Some(shutdown_error());
                 }
@@ -536,8 +542,30 @@ impl Session {
         (self.server.is_none() && no_input).then(shutdown_error)
     }
 
-    async fn attach(&mut self) -> Result<(), PgError> {
+    /// Lends the client a server without waiting when its pool has one idle, in step with
+    /// the client's settings and due no check; otherwise returns when the client started
+    /// waiting, and the server already taken if it only needs its settings brought in step,
+    /// for `attach`.
+    fn attach_now(&mut self) -> Option<(Instant, Option<PooledConn>)> {
         let waiting_since = self.login.client.waiting();
+        if self.route.is_some() {
+            return Some((waiting_since, None));
+        }
+        let Some(conn) = self.login.pool.try_checkout() else {
+            return Some((waiting_since, None));
+        };
+        if !in_step(&conn, &self.login.wants) {
+            return Some((waiting_since, Some(conn)));
+        }
+        self.attached(conn, waiting_since);
+        None
+    }
+
+    async fn attach(
+        &mut self,
+        waiting_since: Instant,
+        taken: Option<PooledConn>,
+    ) -> Result<(), PgError> {
         self.relay_mut();
         let Session {
             route,
@@ -550,10 +578,11 @@ impl Session {
         };
         let (pool, client) = (&login.pool, &login.client);
         let checkout = async {
-            match route {
+            match (taken, route) {
+                (Some(c), _) => Ok(Some(c)),
                 // which server: decided from the waiting work (router::session)
-                Some(r) => r.checkout(relay).await,
-                None => pool
+                (None, Some(r)) => r.checkout(relay).await,
+                (None, None) => pool
                     .checkout()
                     .await
                     .map(Some)
@@ -572,9 +601,7 @@ impl Session {
         };
         let wants = &self.login.wants;
         let retryable = self.route.as_ref().is_some_and(|r| r.retryable());
-        let in_step = conn.synced.as_ref().is_some_and(|(w, changes)| {
-            std::ptr::eq(w.as_ptr(), Arc::as_ptr(wants)) && *changes == conn.params.changes()
-        });
+        let in_step = in_step(&conn, wants);
         let sync = match in_step {
             true => None,
             false => params::sync_statement(wants, &conn.params, &conn.extras),
@@ -616,6 +643,13 @@ impl Session {
         if !in_step {
             conn.synced = Some((Arc::downgrade(wants), conn.params.changes()));
         }
+        self.attached(conn, waiting_since);
+        Ok(())
+    }
+
+    /// The server is the client's now.
+    fn attached(&mut self, conn: PooledConn, waiting_since: Instant) {
+        let retryable = self.route.as_ref().is_some_and(|r| r.retryable());
         self.login
             .client
             .set_cancel_target(Some(conn.cancel_target()));
@@ -626,7 +660,7 @@ impl Session {
             ..
         } = self
         else {
-            return Ok(());
+            return;
         };
         let client = &login.client;
         relay.meter.statements.server = Some(conn.addr);
@@ -636,14 +670,13 @@ impl Session {
             relay.arm_retry();
         }
         self.server = Some(conn);
-        Ok(())
     }
 
-    /// Transaction mode: the server is idle and clean; back to the pool.
-    async fn detach(&mut self) {
-        let Some(mut conn) = self.server.take() else {
-            return;
-        };
+    /// Transaction mode: the server is idle and clean; back to the pool. Most returns need
+    /// no waiting and are done here; the rest (settings to read back, a reset query) give
+    /// the server back for `detach_after_queries`.
+    fn detach(&mut self) -> Option<PooledConn> {
+        let conn = self.server.take()?;
         self.login.client.idle();
         self.show_pin();
         self.login.client.set_cancel_target(None);
@@ -651,8 +684,15 @@ impl Session {
             r.released();
         }
         let settings_changed = self.relay_mut().session.settings_changed;
-        let runs_queries = settings_changed || self.app.config().pgmux.server_reset_query_always;
-        if runs_queries && !cancels_settled(&conn).await {
+        if settings_changed || self.app.config().pgmux.server_reset_query_always {
+            return Some(conn);
+        }
+        conn.release();
+        None
+    }
+
+    async fn detach_after_queries(&mut self, mut conn: PooledConn) {
+        if !cancels_settled(&conn).await {
             warn!(db = %self.login.db(), "closing server: a cancel sent to it was not delivered");
             return;
         }
@@ -836,6 +876,14 @@ impl PgmuxSettings {
 
 /// Waits until no cancel is on its way to the server, before pgmux runs its own queries on it
 /// (a late cancel would hit them); false if one was not delivered: the server must be closed.
+/// The server was last brought in step with these very settings and has not changed since
+/// (see `ServerConn::synced`).
+fn in_step(conn: &PooledConn, wants: &Arc<params::Params>) -> bool {
+    conn.synced.as_ref().is_some_and(|(w, changes)| {
+        std::ptr::eq(w.as_ptr(), Arc::as_ptr(wants)) && *changes == conn.params.changes()
+    })
+}
+
 async fn cancels_settled(conn: &PooledConn) -> bool {
     let flight = conn.cancels.clone();
     if !flight.pending() {
