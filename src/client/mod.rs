@@ -18,6 +18,7 @@ use crate::router::session::{RouteState, StartupRoute};
 use crate::stats::{self, Meter};
 use crate::tls::{ClientStream, Opened};
 use bytes::BytesMut;
+use futures_util::future::OptionFuture;
 use login::{Entry, LoggedIn, Refusal};
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
@@ -343,17 +344,19 @@ impl Session {
                 Wake::Killed => return Some(shutdown_error()),
             };
             if serverwards {
-                // the future is boxed only when there is something to wait for
-                if let Some((since, conn)) = self.attach_now() {
-                    if let Err(e) = Box::pin(self.attach(since, conn)).await {
-                        return Some(e);
-                    }
+                // the future is boxed only when there is something to wait for (and made
+                // outside the await, so the task keeps no room for what it captures)
+                let attaching = self
+                    .attach_now()
+                    .map(|(since, conn)| Box::pin(self.attach(since, conn)));
+                if let Some(Err(e)) = OptionFuture::from(attaching).await {
+                    return Some(e);
                 }
             } else {
-                // the future is boxed only when there is something to wait for
-                if let Some(conn) = self.detach() {
-                    Box::pin(self.detach_after_queries(conn)).await;
-                }
+                let detaching = self
+                    .detach()
+                    .map(|conn| Box::pin(self.detach_after_queries(conn)));
+                OptionFuture::from(detaching).await;
                 if self.closing {
                     return Some(shutdown_error());
                 }
