@@ -190,6 +190,9 @@ default_pool_size = $POOL_SIZE
 max_client_conn = $MAX_CLIENTS
 auth_type = "trust"
 log_level = "${LOG_LEVEL:-info}"
+# as PgBouncer's log_connections = 0 and log_disconnections = 0 above
+log_connections = false
+log_disconnections = false
 # no metrics listener: its default port may be taken by another pgmux on the machine
 metrics_listen_port = 0
 

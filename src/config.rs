@@ -105,6 +105,10 @@ pub struct General {
     pub max_prepared_statements: u32,
     pub log_level: String,
     pub log_format: LogFormat,
+    /// Log each client login (PgBouncer's names and defaults; at level info).
+    pub log_connections: bool,
+    /// Log each client's end and why it ended (at level info).
+    pub log_disconnections: bool,
     /// Address of the HTTP listener for /metrics, /health and /ready.
     pub metrics_listen_addr: String,
     /// Its port; 0 turns the listener off.
@@ -176,6 +180,8 @@ impl Default for General {
             max_prepared_statements: 200,
             log_level: "info".into(),
             log_format: LogFormat::Text,
+            log_connections: true,
+            log_disconnections: true,
             metrics_listen_addr: "127.0.0.1".into(),
             metrics_listen_port: 9930,
             admin_users: Vec::new(),

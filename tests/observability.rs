@@ -721,3 +721,44 @@ async fn shutdown_from_the_console_stops_pgmux() {
     assert!(status.success(), "{status}");
     assert!(app.simple_query("SELECT 1").await.is_err());
 }
+
+/// log_connections and log_disconnections (PgBouncer's names, on by default) silence the
+/// session start and end lines, and SET changes them live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_connections_and_disconnections_can_be_turned_off_live() {
+    let s = start("obs_logconn", "", "");
+    let admin = console(&s.px).await;
+    for set in ["SET log_connections = 0", "SET log_disconnections = 0"] {
+        admin.simple_query(set).await.unwrap();
+    }
+    let quiet = connect(&s.px, "postgres", "obs_logconn").await.unwrap();
+    quiet.simple_query("SELECT 1").await.unwrap();
+    drop(quiet);
+    let gone = || async {
+        let clients = rows(&admin, "SHOW CLIENTS").await;
+        !clients
+            .iter()
+            .any(|c| c["user"].as_deref() == Some("postgres"))
+    };
+    wait_until_async("the quiet client gone", WAIT, gone).await;
+    for set in ["SET log_connections = 1", "SET log_disconnections = 1"] {
+        admin.simple_query(set).await.unwrap();
+    }
+    let loud = connect(&s.px, "app", "obs_logconn").await.unwrap();
+    loud.simple_query("SELECT 1").await.unwrap();
+    drop(loud);
+    let ended = |log: &str| {
+        log.lines()
+            .any(|l| l.contains("db=obs_logconn user=app}") && l.contains("client disconnected"))
+    };
+    wait_until("the loud client's last line", WAIT, || ended(&s.px.log()));
+    let log = s.px.log();
+    let lines = |user: &str, what: &str| {
+        log.lines()
+            .filter(|l| l.contains(&format!("db=obs_logconn user={user}}}")) && l.contains(what))
+            .count()
+    };
+    assert_eq!(lines("app", "client connected"), 1, "{log}");
+    assert_eq!(lines("postgres", "client connected"), 0, "{log}");
+    assert_eq!(lines("postgres", "client disconnected"), 0, "{log}");
+}

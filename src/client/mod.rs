@@ -87,7 +87,9 @@ async fn begin(start: Box<Start>) -> Option<Box<Session>> {
     let local = tcp.local_addr().ok();
     let (stream, login, route) = enter(&app, tcp, peer, over_limit, local).await?;
     crate::logging::set_client_names(login.log_names());
-    info!("client connected");
+    if app.config().pgmux.log_connections {
+        info!("client connected");
+    }
     // the session holds no buffer while the client idles (see `Session::park`)
     Some(Box::new(Session::new(app, stream, login, route)))
 }
@@ -308,11 +310,14 @@ impl Session {
 
     /// After the session: its server and last words settled, its cancel key dropped.
     async fn end(mut self: Box<Self>, error: Option<PgError>) {
-        if let Some(e) = &error {
+        let log = self.app.config().pgmux.log_disconnections;
+        if let (true, Some(e)) = (log, &error) {
             info!("closing client: {e}");
         }
         self.finish(error).await;
-        info!("client disconnected");
+        if log {
+            info!("client disconnected");
+        }
     }
 
     /// Runs until the client leaves (None) or must be told why it is disconnected.
