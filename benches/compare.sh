@@ -6,7 +6,8 @@
 #
 #   - pgbench -S at 50 and 500 clients and the default TPC-B-like script at 50 clients, against
 #     direct, PgBouncer and pgmux (TPS, "without initial connection time");
-#   - each proxy's CPU time (utime+stime from /proc/PID/stat) per 1,000 transactions;
+#   - each proxy's CPU time (utime+stime from /proc/PID/stat) per 1,000 transactions, and
+#     the user-space part of it (utime);
 #   - each proxy's resident memory per idle client: VmRSS before and after pgmux-load opens
 #     IDLE_CLIENTS idle connections (measured first, on fresh processes);
 #   - p99 latency and TPS with BUSY_CLIENTS clients running pgmux-load's select workload for T
@@ -17,6 +18,9 @@
 #
 # Settings (environment):
 #   T=15                 seconds per pgbench run
+#   REPEAT=1             pgbench rounds (each runs every workload against all three in turn);
+#                        TPS and CPU are the median of the rounds. On a 2-core machine one run
+#                        differs from the next by up to ~15%: use 3 or more to compare
 #   WORKLOADS="S50 SX50 SP50 S500 TPCB50"   which pgbench rows to run: -S at 50 clients in
 #                        -M simple / extended / prepared, -S at 500, TPC-B-like at 50
 #   IDLE_CLIENTS=0 and BUSY_CLIENTS=0 skip the memory and latency figures
@@ -40,6 +44,7 @@
 set -euo pipefail
 
 T=${T:-15}
+REPEAT=${REPEAT:-1}
 WORKLOADS=${WORKLOADS:-S50 SX50 SP50 S500 TPCB50}
 JOBS=${JOBS:-2}
 SCALE=${SCALE:-10}
@@ -210,33 +215,54 @@ EOF
   log "pgmux (pid $PGMUX_PID) on 127.0.0.1:$PGMUX_PORT"
 }
 
-cpu_ticks() {  # utime+stime of PID, in clock ticks (all threads)
-  sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'
+cpu_ticks() {  # "utime stime" of PID, in clock ticks (all threads)
+  sed 's/.*) //' "/proc/$1/stat" | awk '{print $12, $13}'
 }
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
-declare -A TPS CPU RSS P99 BUSY
+declare -A TPS CPU USR RSS P99 BUSY
 CLK_TCK=$(getconf CLK_TCK)
 
-# run_pgbench NAME PORT PID KEY ARGS... : TPS[KEY,NAME], CPU[KEY,NAME] (ms per 1,000 tx)
+# run_pgbench NAME PORT PID KEY ARGS... : appends this run's TPS to TPS[KEY,NAME], and the
+# proxy's CPU and user-space CPU (ms per 1,000 tx) to CPU[KEY,NAME] and USR[KEY,NAME]
 run_pgbench() {
   local name=$1 port=$2 pid=$3 key=$4; shift 4
-  local out="$DIR/log/pgbench-$key-$name.log" before after tx tps
+  local out="$DIR/log/pgbench-$key-$name.log" u0 s0 u1 s1 tx tps
   log "pgbench $* -T $T -j $JOBS -> $name"
-  [ -n "$pid" ] && before=$(cpu_ticks "$pid")
+  [ -n "$pid" ] && read -r u0 s0 < <(cpu_ticks "$pid")
   if pgbench -n -h 127.0.0.1 -p "$port" -U postgres -T "$T" -j "$JOBS" "$@" bench >"$out" 2>&1; then
     tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p' "$out")
     tx=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out")
-    TPS[$key,$name]=$(printf '%.0f' "${tps:-0}")
+    TPS[$key,$name]+="$(printf '%.0f' "${tps:-0}") "
     if [ -n "$pid" ] && [ "${tx:-0}" -gt 0 ]; then
-      after=$(cpu_ticks "$pid")
-      CPU[$key,$name]=$(awk -v d=$((after - before)) -v hz="$CLK_TCK" -v tx="$tx" \
-        'BEGIN {printf "%.1f", d * 1000 / hz / (tx / 1000)}')
+      read -r u1 s1 < <(cpu_ticks "$pid")
+      CPU[$key,$name]+="$(per_ktx $((u1 - u0 + s1 - s0)) "$tx") "
+      USR[$key,$name]+="$(per_ktx $((u1 - u0)) "$tx") "
     fi
   else
-    TPS[$key,$name]=failed
+    TPS[$key,$name]+="failed "
     log "  failed: $(grep -m1 -iE 'error|fatal' "$out" || tail -n 1 "$out")"
   fi
+}
+
+per_ktx() {  # per_ktx TICKS TX -> ms per 1,000 transactions
+  awk -v d="$1" -v hz="$CLK_TCK" -v tx="$2" 'BEGIN {printf "%.1f", d * 1000 / hz / (tx / 1000)}'
+}
+
+median() {  # median FORMAT NUMBERS...: their median ("failed" if any run failed, "" for none)
+  local f=$1; shift
+  [ $# = 0 ] && return
+  case " $* " in *" failed "*) echo failed; return;; esac
+  printf '%s\n' "$@" | sort -g | awk -v f="$f" '{v[NR] = $1}
+    END {printf f, (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'
+}
+
+# settle: every per-run list becomes its median
+settle() {
+  local k
+  for k in "${!TPS[@]}"; do TPS[$k]=$(median %.0f ${TPS[$k]}); done
+  for k in "${!CPU[@]}"; do CPU[$k]=$(median %.1f ${CPU[$k]}); done
+  for k in "${!USR[@]}"; do USR[$k]=$(median %.1f ${USR[$k]}); done
 }
 
 # idle_memory NAME PORT PID: RSS[NAME] in KiB per idle client
@@ -312,7 +338,7 @@ print_table() {
   local k label
   echo
   echo "pgmux vs PgBouncer $(pgbouncer --version | head -n 1 | awk '{print $2}') vs direct PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}'):" \
-       "pgbench -T $T -j $JOBS, scale $SCALE, transaction mode, pool size $POOL_SIZE, $(nproc) cores"
+       "pgbench -T $T -j $JOBS (median of $REPEAT round(s)), scale $SCALE, transaction mode, pool size $POOL_SIZE, $(nproc) cores"
   echo
   echo "| workload | direct | PgBouncer | pgmux | pgmux/PgBouncer |"
   echo "|---|---|---|---|---|"
@@ -321,6 +347,9 @@ print_table() {
   done
   for k in $WORKLOADS; do
     echo "| proxy CPU per 1,000 tx, $(label "$k") (ms) | - | ${CPU[$k,pgbouncer]:--} | ${CPU[$k,pgmux]:--} | $(ratio "${CPU[$k,pgmux]:-}" "${CPU[$k,pgbouncer]:-}") |"
+  done
+  for k in $WORKLOADS; do
+    echo "| of which user space, $(label "$k") (ms) | - | ${USR[$k,pgbouncer]:--} | ${USR[$k,pgmux]:--} | $(ratio "${USR[$k,pgmux]:-}" "${USR[$k,pgbouncer]:-}") |"
   done
   if [ "$IDLE_CLIENTS" -gt 0 ]; then
     echo "| resident memory per idle client, $IDLE_CLIENTS idle (KiB) | - | ${RSS[pgbouncer]} | ${RSS[pgmux]} | $(ratio "${RSS[pgmux]}" "${RSS[pgbouncer]}") |"
@@ -359,13 +388,16 @@ main() {
     idle_memory pgmux "$PGMUX_PORT" "$PGMUX_PID"
   fi
 
-  local k args
-  for k in $WORKLOADS; do
-    read -r -a args <<<"$(args_of "$k")"
-    run_pgbench direct "$PG_PORT" "" "$k" "${args[@]}"
-    run_pgbench pgbouncer "$BOUNCER_PORT" "$BOUNCER_PID" "$k" "${args[@]}"
-    run_pgbench pgmux "$PGMUX_PORT" "$PGMUX_PID" "$k" "${args[@]}"
+  local k args r
+  for r in $(seq "$REPEAT"); do
+    for k in $WORKLOADS; do
+      read -r -a args <<<"$(args_of "$k")"
+      run_pgbench direct "$PG_PORT" "" "$k" "${args[@]}"
+      run_pgbench pgbouncer "$BOUNCER_PORT" "$BOUNCER_PID" "$k" "${args[@]}"
+      run_pgbench pgmux "$PGMUX_PORT" "$PGMUX_PID" "$k" "${args[@]}"
+    done
   done
+  settle
   if [ "$BUSY_CLIENTS" -gt 0 ]; then
     busy_latency pgbouncer "$BOUNCER_PORT"
     busy_latency pgmux "$PGMUX_PORT"
