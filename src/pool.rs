@@ -71,11 +71,19 @@ enum Grant {
     Conn(Conn),
     /// Permission to open one connection, counted in `open` already.
     Slot,
+    /// query_wait_timeout passed (found by `maintain`).
+    Expired,
 }
 
+/// A checkout in line. Its deadlines are kept by `maintain`, which runs every half second,
+/// rather than by a timer per waiting checkout: at hundreds of clients per server, every
+/// transaction waits, and a timer set and cleared each time costs more than the wait.
 struct Waiter {
-    id: u64,
     tx: oneshot::Sender<Grant>,
+    /// query_wait_timeout runs out
+    deadline: Option<Instant>,
+    /// reserve_pool_timeout runs out: a reserve connection may be opened for it
+    reserve_at: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -87,7 +95,6 @@ struct State {
     /// Released, held back until a cancel on its way to it is delivered.
     being_canceled: u32,
     waiters: VecDeque<Waiter>,
-    next_waiter: u64,
     baseline: Option<Arc<Params>>,
     closed: bool,
     /// Every open connection (idle or lent), for SHOW SERVERS.
@@ -359,9 +366,13 @@ impl Pool {
             .map(|d| Instant::now() + d);
         self.wait_resumed(deadline).await?;
         loop {
-            let grant = match self.take()? {
+            let grant = match self.take(deadline)? {
                 Ok(g) => g,
-                Err((id, rx)) => self.wait(id, rx, deadline).await?,
+                Err(rx) => match rx.await {
+                    Ok(Grant::Expired) => return Err(PoolError::WaitTimeout),
+                    Ok(g) => g,
+                    Err(_) => return Err(PoolError::Closed),
+                },
             };
             match grant {
                 Grant::Conn(c) if c.is_broken() => self.discard(c),
@@ -371,6 +382,7 @@ impl Pool {
                     }
                 }
                 Grant::Slot => return self.open_slot(deadline).await,
+                Grant::Expired => return Err(PoolError::WaitTimeout),
             }
         }
     }
@@ -457,7 +469,10 @@ impl Pool {
     }
 
     #[allow(clippy::type_complexity)]
-    fn take(&self) -> Result<Result<Grant, (u64, oneshot::Receiver<Grant>)>, PoolError> {
+    fn take(
+        &self,
+        deadline: Option<Instant>,
+    ) -> Result<Result<Grant, oneshot::Receiver<Grant>>, PoolError> {
         let mut expired = Vec::new();
         let mut s = lock(&self.state);
         if s.closed {
@@ -483,10 +498,17 @@ impl Pool {
             Ok(Grant::Slot)
         } else {
             let (tx, rx) = oneshot::channel();
-            s.next_waiter += 1;
-            let id = s.next_waiter;
-            s.waiters.push_back(Waiter { id, tx });
-            Err((id, rx))
+            let settings = self.settings.load();
+            let reserve_at = match (settings.reserve_size, settings.reserve_timeout) {
+                (0, _) => None,
+                (_, t) => Some(now + t.unwrap_or_default()),
+            };
+            s.waiters.push_back(Waiter {
+                tx,
+                deadline,
+                reserve_at,
+            });
+            Err(rx)
         };
         drop(s);
         expired.into_iter().for_each(close);
@@ -498,52 +520,6 @@ impl Pool {
             .load()
             .lifetime
             .is_some_and(|l| now.duration_since(c.created) >= l)
-    }
-
-    async fn wait(
-        &self,
-        id: u64,
-        mut rx: oneshot::Receiver<Grant>,
-        deadline: Option<Instant>,
-    ) -> Result<Grant, PoolError> {
-        let settings = self.settings.load_full();
-        let mut reserve_at = match (settings.reserve_size, settings.reserve_timeout) {
-            (0, _) => None,
-            (_, t) => Some(Instant::now() + t.unwrap_or_default()),
-        };
-        loop {
-            let wake = match (deadline, reserve_at) {
-                (Some(d), Some(r)) => Some(d.min(r)),
-                (d, r) => d.or(r),
-            };
-            let got = match wake {
-                Some(w) => tokio::time::timeout_at(w, &mut rx).await.ok(),
-                None => Some((&mut rx).await),
-            };
-            match got {
-                Some(Ok(g)) => return Ok(g),
-                Some(Err(_)) => return Err(PoolError::Closed),
-                None => {}
-            }
-            let now = Instant::now();
-            let mut s = lock(&self.state);
-            // grants are only sent under the lock: anything sent is in rx by now
-            if let Ok(g) = rx.try_recv() {
-                return Ok(g);
-            }
-            if reserve_at.is_some_and(|r| now >= r) {
-                reserve_at = None;
-                if s.open < settings.size + settings.reserve_size {
-                    s.waiters.retain(|w| w.id != id);
-                    s.open += 1;
-                    return Ok(Grant::Slot);
-                }
-            }
-            if deadline.is_some_and(|d| now >= d) {
-                s.waiters.retain(|w| w.id != id);
-                return Err(PoolError::WaitTimeout);
-            }
-        }
     }
 
     /// Opens a connection in a slot already counted in `open`.
@@ -669,7 +645,7 @@ impl Pool {
             match w.tx.send(Grant::Conn(c)) {
                 Ok(()) => return,
                 Err(Grant::Conn(back)) => c = back,
-                Err(Grant::Slot) => unreachable!("sent a connection"),
+                Err(_) => unreachable!("sent a connection"),
             }
         }
         let db_wants = self
@@ -749,6 +725,7 @@ impl Pool {
                     i += 1;
                 }
             }
+            self.sweep_waiters(&mut s, &settings, now);
             need = if s.closed || !s.waiters.is_empty() || self.is_retired() || self.is_paused() {
                 0
             } else {
@@ -767,6 +744,29 @@ impl Pool {
                     }
                 }
             });
+        }
+    }
+
+    /// The deadlines of checkouts in line: past reserve_pool_timeout, the oldest get
+    /// reserve connections while the reserve lasts; past query_wait_timeout, they fail.
+    /// Checkouts given up (their client left) are dropped.
+    fn sweep_waiters(&self, s: &mut State, settings: &PoolSettings, now: Instant) {
+        let waiters = std::mem::take(&mut s.waiters);
+        for w in waiters {
+            if w.tx.is_closed() {
+                continue;
+            }
+            let reserve = w.reserve_at.is_some_and(|r| now >= r)
+                && s.open < settings.size + settings.reserve_size;
+            if reserve {
+                if w.tx.send(Grant::Slot).is_ok() {
+                    s.open += 1;
+                }
+            } else if w.deadline.is_some_and(|d| now >= d) {
+                let _ = w.tx.send(Grant::Expired);
+            } else {
+                s.waiters.push_back(w);
+            }
         }
     }
 

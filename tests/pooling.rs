@@ -184,7 +184,10 @@ async fn query_wait_timeout_errors_the_waiter_and_the_pool_recovers() {
     let holder = connect(&px, db).await.unwrap();
     holder.simple_query("BEGIN").await.unwrap();
     let waiter = connect(&px, db).await.unwrap();
-    let err = waiter.simple_query("SELECT 1").await.unwrap_err();
+    let err = tokio::time::timeout(WAIT, waiter.simple_query("SELECT 1"))
+        .await
+        .expect("query_wait_timeout came")
+        .unwrap_err();
     let db_err = err.as_db_error().expect("an ErrorResponse");
     assert_eq!(db_err.message(), "query_wait_timeout");
     assert_eq!(db_err.code().code(), "08P01");
@@ -308,10 +311,10 @@ async fn reserve_pool_serves_a_client_that_waited() {
     a.simple_query("BEGIN").await.unwrap();
     let b = connect(&px, db).await.unwrap();
     // served from the reserve while a still holds the only regular connection
-    assert_eq!(
-        first(&b.simple_query("SELECT 'reserve'").await.unwrap()),
-        "reserve"
-    );
+    let served = tokio::time::timeout(WAIT, b.simple_query("SELECT 'reserve'"))
+        .await
+        .expect("served from the reserve");
+    assert_eq!(first(&served.unwrap()), "reserve");
     assert_eq!(server_conns(db), 2);
     a.simple_query("COMMIT").await.unwrap();
 }
