@@ -321,34 +321,70 @@ pub(super) struct Lexer<'a> {
     hint_replica: bool,
 }
 
+/// Byte classes, one table lookup per byte in the lexer's inner loops (the lexer runs over
+/// every statement a client sends in transaction mode, for session state and SHOW QUERIES).
+const SPACE: u8 = 1;
+const IDENT_START: u8 = 2;
+const IDENT_CHAR: u8 = 4;
+const OP: u8 = 8;
+
+const CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        let start = b.is_ascii_alphabetic() || b == b'_' || b >= 0x80;
+        let mut c = 0;
+        if matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0c) {
+            c |= SPACE;
+        }
+        if start {
+            c |= IDENT_START | IDENT_CHAR;
+        }
+        if b.is_ascii_digit() || b == b'$' {
+            c |= IDENT_CHAR;
+        }
+        if matches!(
+            b,
+            b'+' | b'-'
+                | b'*'
+                | b'/'
+                | b'<'
+                | b'>'
+                | b'='
+                | b'~'
+                | b'!'
+                | b'@'
+                | b'#'
+                | b'%'
+                | b'^'
+                | b'&'
+                | b'|'
+                | b'`'
+                | b'?'
+        ) {
+            c |= OP;
+        }
+        t[i] = c;
+        i += 1;
+    }
+    t
+};
+
+fn is_space(b: u8) -> bool {
+    CLASS[b as usize] & SPACE != 0
+}
+
 fn is_ident_start(b: u8) -> bool {
-    b.is_ascii_alphabetic() || b == b'_' || b >= 0x80
+    CLASS[b as usize] & IDENT_START != 0
 }
 
 fn is_ident_char(b: u8) -> bool {
-    is_ident_start(b) || b.is_ascii_digit() || b == b'$'
+    CLASS[b as usize] & IDENT_CHAR != 0
 }
 
 fn is_op_char(b: u8) -> bool {
-    matches!(
-        b,
-        b'+' | b'-'
-            | b'*'
-            | b'/'
-            | b'<'
-            | b'>'
-            | b'='
-            | b'~'
-            | b'!'
-            | b'@'
-            | b'#'
-            | b'%'
-            | b'^'
-            | b'&'
-            | b'|'
-            | b'`'
-            | b'?'
-    )
+    CLASS[b as usize] & OP != 0
 }
 
 impl<'a> Lexer<'a> {
@@ -392,7 +428,7 @@ impl<'a> Lexer<'a> {
     pub(super) fn next(&mut self) -> Result<Option<Tok<'a>>, Unterminated> {
         let b = self.bytes();
         loop {
-            while self.pos < b.len() && matches!(b[self.pos], b' ' | b'\t' | b'\n' | b'\r' | 0x0c) {
+            while self.pos < b.len() && is_space(b[self.pos]) {
                 self.pos += 1;
             }
             if self.pos >= b.len() {
@@ -1066,6 +1102,22 @@ fn set_command(name: &str, value: Tok<'_>) -> Command {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The byte-class table says what PostgreSQL's scanner says of each byte.
+    #[test]
+    fn byte_classes_match_the_scanner_rules() {
+        for b in 0..=255u8 {
+            let start = b.is_ascii_alphabetic() || b == b'_' || b >= 0x80;
+            assert_eq!(is_ident_start(b), start, "{b:#x}");
+            assert_eq!(
+                is_ident_char(b),
+                start || b.is_ascii_digit() || b == b'$',
+                "{b:#x}"
+            );
+            assert_eq!(is_op_char(b), b"+-*/<>=~!@#%^&|`?".contains(&b), "{b:#x}");
+            assert_eq!(is_space(b), b" \t\n\r\x0c".contains(&b), "{b:#x}");
+        }
+    }
 
     fn toks(sql: &str) -> Vec<Tok<'_>> {
         let mut lx = Lexer::new(sql, Backslash::Literal);
