@@ -131,7 +131,11 @@ pub struct Recorder {
 impl Recorder {
     /// The fingerprint of `sql`, with its text in `table` (0: nothing to record).
     pub fn statement(&mut self, table: &QueryTable, sql: &str) -> u64 {
-        let fp = normalize::fingerprint(sql);
+        self.fingerprinted(table, sql, normalize::fingerprint(sql))
+    }
+
+    /// [`Recorder::statement`] with the fingerprint of `sql` already computed.
+    pub fn fingerprinted(&mut self, table: &QueryTable, sql: &str, fp: u64) -> u64 {
         if fp == 0 {
             return 0;
         }

@@ -389,6 +389,14 @@ impl Meter {
         }
     }
 
+    /// [`Meter::statement`] with the fingerprint of `sql` already computed.
+    pub fn fingerprinted(&mut self, sql: &str, fp: u64) -> u64 {
+        match &self.stats {
+            Some(s) => self.statements.fingerprinted(&s.statements, sql, fp),
+            None => 0,
+        }
+    }
+
     /// An ErrorResponse body on its way to the client: counted by SQLSTATE class.
     pub fn error(&self, body: &[u8]) {
         let Some(s) = &self.stats else { return };

@@ -252,3 +252,82 @@ fn relay_lying_server_length_allocates_nothing() {
     // an 'E' with no body (op 3, kind 15, tag, raw length 0) whose length word then lies
     checks::check_relay(&[0, 0, 10, 0, 3, 15, b'E', 0, 0xff, 0xff]);
 }
+
+/// SQL-ish text from pieces that steer the lexer and the session-state rules: strings,
+/// quoted names, dollar quotes, comments (also unterminated ones), IN lists, semicolons.
+fn sqlish() -> impl Strategy<Value = String> {
+    let piece = prop::sample::select(vec![
+        "SET ",
+        "set_config(",
+        "RESET ALL",
+        "DISCARD ALL",
+        "DEALLOCATE ALL",
+        "PREPARE p AS ",
+        "LISTEN x",
+        "CREATE TEMP TABLE t",
+        "DECLARE c CURSOR WITH HOLD FOR ",
+        "pg_advisory_lock(1)",
+        "pg_advisory_xact_lock(1)",
+        "pgmux.route",
+        "\"pgmux.min_lsn\"",
+        " = ",
+        "TO DEFAULT",
+        "SELECT ",
+        "x IN (1, 2, $1)",
+        "IN (",
+        "'it''s'",
+        "E'\\''",
+        "$$ ; $$",
+        "$t$ x $t$",
+        "\"Quoted\"\"Name\"",
+        "-- c\n",
+        "/* a /* b */ */",
+        "/* open",
+        "'open",
+        "; ",
+        ";",
+        " ",
+        "\n",
+        "1.5e3",
+        "a.b",
+        "(",
+        ")",
+        ",",
+        "<>",
+        "U&'d'",
+    ]);
+    prop::collection::vec(piece, 0..12).prop_map(|v| v.concat())
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// The one-pass fingerprint and session-state scan agree with the two separate passes.
+    #[test]
+    fn fingerprint_and_effects_in_one_pass_match_two(sql in sqlish()) {
+        use pgmux::router::effects::effects;
+        use pgmux::router::normalize::{fingerprint, fingerprint_and_effects};
+        prop_assert_eq!(fingerprint_and_effects(&sql), (fingerprint(&sql), effects(&sql)));
+    }
+}
+
+#[test]
+fn fingerprint_and_effects_in_one_pass_match_two_on_the_classifier_corpus() {
+    use pgmux::router::effects::effects;
+    use pgmux::router::normalize::{fingerprint, fingerprint_and_effects};
+    let corpus = include_str!("classifier_corpus.tsv");
+    let mut n = 0;
+    for line in corpus.lines().filter(|l| !l.starts_with('#')) {
+        let Some((_, sql)) = line.split_once('\t') else {
+            continue;
+        };
+        let sql = sql.replace('⏎', "\n");
+        assert_eq!(
+            fingerprint_and_effects(&sql),
+            (fingerprint(&sql), effects(&sql)),
+            "{sql}"
+        );
+        n += 1;
+    }
+    assert!(n > 100, "only {n} corpus cases");
+}

@@ -32,6 +32,11 @@ impl Keys {
         self.query = meter.statement(text);
     }
 
+    /// [`Keys::query`] with the fingerprint of `text` already computed.
+    pub fn query_fingerprinted(&mut self, meter: &mut Meter, text: &str, fp: u64) {
+        self.query = meter.fingerprinted(text, fp);
+    }
+
     /// No named statement is remembered (the others last one request or batch).
     pub fn is_empty(&self) -> bool {
         self.named.is_empty()

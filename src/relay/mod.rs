@@ -15,7 +15,8 @@ use crate::params::{self, Params};
 use crate::prepared::{self, Registry, ServerStatements};
 use crate::protocol::messages::parse_parameter_status;
 use crate::protocol::scan::{ScanError, Step};
-use crate::router::effects::{effects, Effects, PinReason};
+use crate::router::effects::{Effects, PinReason};
+use crate::router::normalize::fingerprint_and_effects;
 use crate::stats::Meter;
 pub use channel::{Channel, HIGH_WATER, READ_CHUNK};
 use statements::Tracker;
@@ -349,10 +350,13 @@ impl Relay {
                     tag: b'Q', body, ..
                 } => {
                     let text = prepared::query_text(body);
-                    self.keys.query(&mut self.meter, text);
                     if transaction_mode {
-                        let fx = effects(text);
+                        // both from one pass of the lexer
+                        let (fp, fx) = fingerprint_and_effects(text);
+                        self.keys.query_fingerprinted(&mut self.meter, text, fp);
                         self.apply_effects(fx, server.statements);
+                    } else {
+                        self.keys.query(&mut self.meter, text);
                     }
                     (b'Q', None)
                 }

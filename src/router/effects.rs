@@ -68,51 +68,69 @@ impl Effects {
 
 /// The effects of `sql`.
 pub fn effects(sql: &str) -> Effects {
-    let mut fx = Effects::default();
     let mut lexer = Lexer::new(sql, Backslash::Literal);
-    // the first words of the current statement, enough for every rule below
-    let mut head: [Option<Tok<'_>>; HEAD] = [None; HEAD];
-    let mut n = 0usize;
-    let mut declare_seen_with = false;
+    let mut scan = Scan::default();
     loop {
-        let tok = match lexer.next() {
-            Ok(Some(t)) => t,
-            Ok(None) => break,
-            Err(_) => {
-                fx.pin = Some(PinReason::Unreadable);
-                return fx;
-            }
-        };
+        match lexer.next() {
+            Ok(Some(t)) => scan.token(t),
+            Ok(None) => return scan.finish(),
+            Err(_) => return scan.unreadable(),
+        }
+    }
+}
+
+/// `effects` fed one token at a time, so one lexer pass can also serve the fingerprint
+/// (`router::fingerprint_and_effects`).
+#[derive(Default)]
+pub(super) struct Scan<'a> {
+    fx: Effects,
+    /// the first words of the current statement, enough for every rule below
+    head: [Option<Tok<'a>>; HEAD],
+    n: usize,
+    declare_seen_with: bool,
+}
+
+impl<'a> Scan<'a> {
+    pub(super) fn token(&mut self, tok: Tok<'a>) {
         if tok == Tok::Semi {
-            statement(&head, n, &mut fx);
-            head = [None; HEAD];
-            n = 0;
-            declare_seen_with = false;
-            continue;
+            statement(&self.head, self.n, &mut self.fx);
+            self.head = [None; HEAD];
+            self.n = 0;
+            self.declare_seen_with = false;
+            return;
         }
-        if n < head.len() {
-            head[n] = Some(tok);
+        if self.n < self.head.len() {
+            self.head[self.n] = Some(tok);
         }
-        n += 1;
+        self.n += 1;
         if let Tok::Word(w) = tok {
             // rules that look anywhere in the statement
             if w.eq_ignore_ascii_case("set_config") {
-                fx.settings = true;
+                self.fx.settings = true;
             } else if is_session_advisory_lock(w) {
-                fx.pin.get_or_insert(PinReason::AdvisoryLock);
-            } else if word(&head[0], "declare") {
+                self.fx.pin.get_or_insert(PinReason::AdvisoryLock);
+            } else if word(&self.head[0], "declare") {
                 if w.eq_ignore_ascii_case("with") {
-                    declare_seen_with = true;
-                } else if declare_seen_with && w.eq_ignore_ascii_case("hold") {
-                    fx.pin.get_or_insert(PinReason::HoldCursor);
+                    self.declare_seen_with = true;
+                } else if self.declare_seen_with && w.eq_ignore_ascii_case("hold") {
+                    self.fx.pin.get_or_insert(PinReason::HoldCursor);
                 } else {
-                    declare_seen_with = false;
+                    self.declare_seen_with = false;
                 }
             }
         }
     }
-    statement(&head, n, &mut fx);
-    fx
+
+    pub(super) fn finish(mut self) -> Effects {
+        statement(&self.head, self.n, &mut self.fx);
+        self.fx
+    }
+
+    /// An unterminated string or comment: when in doubt, keep the server.
+    pub(super) fn unreadable(mut self) -> Effects {
+        self.fx.pin = Some(PinReason::Unreadable);
+        self.fx
+    }
 }
 
 /// Words of a statement kept for the rules below (`SET SESSION pgmux . route = DEFAULT`).

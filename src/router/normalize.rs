@@ -80,65 +80,87 @@ fn offset(whole: &str, part: &str) -> usize {
 
 fn walk<'a>(sql: &'a str, out: &mut impl Out<'a>) {
     let mut lx = Lexer::new(sql, Backslash::Literal);
-    let mut list = List::None;
-    // semicolons are held back: trailing ones do not make a different statement
-    let mut semis = 0u32;
+    let mut w = Walk::default();
     loop {
         let before = lx.pos();
-        let tok = match lx.next() {
-            Ok(Some(t)) => t,
-            Ok(None) => break,
-            Err(_) => {
-                // unterminated string or comment: the rest counts as written
-                flush(list, out);
-                out.piece(true, Piece::Text(sql[before..].trim()));
-                return;
-            }
-        };
-        let end = lx.pos();
+        match lx.next() {
+            Ok(Some(tok)) => w.token(sql, before, lx.pos(), tok, out),
+            Ok(None) => return w.finish(out),
+            Err(_) => return w.unterminated(sql, before, out),
+        }
+    }
+}
+
+/// The walk's state between tokens, so that one lexer pass can also serve the session-state
+/// scan (`router::fingerprint_and_effects`).
+pub(super) struct Walk {
+    list: List,
+    /// semicolons held back: trailing ones do not make a different statement
+    semis: u32,
+}
+
+impl Default for Walk {
+    fn default() -> Self {
+        Walk {
+            list: List::None,
+            semis: 0,
+        }
+    }
+}
+
+impl Walk {
+    /// `tok` spans `sql[before..end]` (with the whitespace and comments before it).
+    fn token<'a>(
+        &mut self,
+        sql: &'a str,
+        before: usize,
+        end: usize,
+        tok: Tok<'a>,
+        out: &mut impl Out<'a>,
+    ) {
         let rest = &sql.as_bytes()[before..];
         let space = rest.first().is_some_and(u8::is_ascii_whitespace)
             || rest.starts_with(b"--")
             || rest.starts_with(b"/*");
         if tok == Tok::Semi {
-            semis += 1;
-            continue;
+            self.semis += 1;
+            return;
         }
         if let List::Open {
             consts,
             after_const,
             space: open_space,
-        } = list
+        } = self.list
         {
             if !after_const && is_const(&tok) {
-                list = List::Open {
+                self.list = List::Open {
                     consts: consts + 1,
                     after_const: true,
                     space: open_space,
                 };
-                continue;
+                return;
             }
             if after_const && tok == Tok::Comma {
-                list = List::Open {
+                self.list = List::Open {
                     consts,
                     after_const: false,
                     space: open_space,
                 };
-                continue;
+                return;
             }
             if after_const && tok == Tok::RParen {
                 out.piece(open_space, Piece::Text("("));
                 out.piece(false, Piece::List);
                 out.piece(false, Piece::Text(")"));
-                list = List::None;
-                continue;
+                self.list = List::None;
+                return;
             }
-            flush(list, out);
-            list = List::None;
+            flush(self.list, out);
+            self.list = List::None;
         }
         let mut space = space;
-        if semis > 0 {
-            for _ in 0..std::mem::take(&mut semis) {
+        if self.semis > 0 {
+            for _ in 0..std::mem::take(&mut self.semis) {
                 out.piece(false, Piece::Text(";"));
             }
             // statements after the first read as separate ones however they were written
@@ -146,21 +168,21 @@ fn walk<'a>(sql: &'a str, out: &mut impl Out<'a>) {
         }
         let piece = match tok {
             Tok::Word(w) => {
-                list = if w.eq_ignore_ascii_case("in") {
+                self.list = if w.eq_ignore_ascii_case("in") {
                     List::AfterIn
                 } else {
                     List::None
                 };
                 out.piece(space, Piece::Word(w));
-                continue;
+                return;
             }
-            Tok::LParen if matches!(list, List::AfterIn) => {
-                list = List::Open {
+            Tok::LParen if matches!(self.list, List::AfterIn) => {
+                self.list = List::Open {
                     consts: 0,
                     after_const: false,
                     space,
                 };
-                continue;
+                return;
             }
             Tok::Quoted(q) => Piece::Text(&sql[offset(sql, q) - 1..end]),
             Tok::Str(_) | Tok::Num | Tok::Param => Piece::Const,
@@ -173,10 +195,19 @@ fn walk<'a>(sql: &'a str, out: &mut impl Out<'a>) {
             // one ASCII byte (see the lexer)
             Tok::Other => Piece::Text(&sql[end - 1..end]),
         };
-        list = List::None;
+        self.list = List::None;
         out.piece(space, piece);
     }
-    flush(list, out);
+
+    fn finish<'a>(self, out: &mut impl Out<'a>) {
+        flush(self.list, out);
+    }
+
+    /// An unterminated string or comment at `before`: the rest counts as written.
+    fn unterminated<'a>(self, sql: &'a str, before: usize, out: &mut impl Out<'a>) {
+        flush(self.list, out);
+        out.piece(true, Piece::Text(sql[before..].trim()));
+    }
 }
 
 /// FNV-1a over the pieces, each closed by 0xFF (a byte UTF-8 text never contains).
@@ -185,7 +216,25 @@ struct Hasher {
     pieces: u32,
 }
 
+impl Default for Hasher {
+    fn default() -> Self {
+        Hasher {
+            h: 0xcbf2_9ce4_8422_2325,
+            pieces: 0,
+        }
+    }
+}
+
 impl Hasher {
+    /// 0 for text without any statement; never 0 otherwise.
+    fn value(&self) -> u64 {
+        match (self.pieces, self.h) {
+            (0, _) => 0,
+            (_, 0) => 1,
+            (_, v) => v,
+        }
+    }
+
     fn byte(&mut self, b: u8) {
         self.h ^= b as u64;
         self.h = self.h.wrapping_mul(0x0000_0100_0000_01b3);
@@ -208,15 +257,36 @@ impl<'a> Out<'a> for Hasher {
 /// A 64-bit hash of the statement's normalized form; 0 for text without any statement
 /// (empty, only comments or semicolons), which is not recorded.
 pub fn fingerprint(sql: &str) -> u64 {
-    let mut h = Hasher {
-        h: 0xcbf2_9ce4_8422_2325,
-        pieces: 0,
-    };
+    let mut h = Hasher::default();
     walk(sql, &mut h);
-    match (h.pieces, h.h) {
-        (0, _) => 0,
-        (_, 0) => 1,
-        (_, v) => v,
+    h.value()
+}
+
+/// [`fingerprint`] and [`super::effects::effects`] of a query in one lexer pass: in
+/// transaction mode every simple Query needs both.
+pub fn fingerprint_and_effects(sql: &str) -> (u64, super::effects::Effects) {
+    let mut lx = Lexer::new(sql, Backslash::Literal);
+    let (mut walk, mut h, mut scan) = (
+        Walk::default(),
+        Hasher::default(),
+        super::effects::Scan::default(),
+    );
+    loop {
+        let before = lx.pos();
+        match lx.next() {
+            Ok(Some(tok)) => {
+                walk.token(sql, before, lx.pos(), tok, &mut h);
+                scan.token(tok);
+            }
+            Ok(None) => {
+                walk.finish(&mut h);
+                return (h.value(), scan.finish());
+            }
+            Err(_) => {
+                walk.unterminated(sql, before, &mut h);
+                return (h.value(), scan.unreadable());
+            }
+        }
     }
 }
 
