@@ -19,7 +19,6 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::fmt::format::{JsonFields, Writer};
-use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
@@ -195,7 +194,7 @@ where
     N: for<'a> FormatFields<'a> + 'static,
 {
     let meta = event.metadata();
-    SystemTime.format_time(&mut w)?;
+    write_timestamp(&mut w)?;
     write!(w, " {:>5} ", meta.level())?;
     with_current(|tag| match tag {
         Some(tag) => {
@@ -229,9 +228,9 @@ where
     N: for<'a> FormatFields<'a> + 'static,
 {
     let meta = event.metadata();
-    let mut time = String::new();
-    SystemTime.format_time(&mut Writer::new(&mut time))?;
-    write!(w, "{{\"timestamp\":{},", json_str(&time))?;
+    w.write_str("{\"timestamp\":\"")?;
+    write_timestamp(&mut w)?;
+    w.write_str("\",")?;
     write!(w, "\"level\":\"{}\",\"fields\":", meta.level())?;
     // JsonFields (installed with this format) writes the event's fields as an object
     ctx.format_fields(w.by_ref(), event)?;
@@ -241,6 +240,58 @@ where
         write!(w, ",\"span\":{span},\"spans\":[{span}]")?;
     }
     writeln!(w, "}}")
+}
+
+/// Now, as tracing_subscriber writes it (RFC 3339, UTC, microseconds:
+/// `2026-11-26T09:49:57.043902Z`). The date and time up to the second are formatted once a
+/// second per thread: a client login writes two lines, and formatting every field of the
+/// date each time was a twentieth of a login's cost.
+fn write_timestamp(w: &mut Writer<'_>) -> fmt::Result {
+    thread_local! {
+        static SECOND: Cell<(u64, [u8; 19])> = const { Cell::new((u64::MAX, [0; 19])) };
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs();
+    let (cached, mut text) = SECOND.with(Cell::get);
+    if cached != secs {
+        text = second_text(secs);
+        SECOND.with(|c| c.set((secs, text)));
+    }
+    // ASCII digits and separators only
+    w.write_str(std::str::from_utf8(&text).unwrap_or("????-??-??T??:??:??"))?;
+    write!(w, ".{:06}Z", now.subsec_micros())
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` of a Unix time (civil calendar, proleptic Gregorian).
+fn second_text(secs: u64) -> [u8; 19] {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // days since 1970-01-01 to year, month, day (Howard Hinnant's civil_from_days)
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let mut t = *b"0000-00-00T00:00:00";
+    let mut put = |at: usize, width: usize, mut v: u64| {
+        for i in (0..width).rev() {
+            t[at + i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, year.clamp(0, 9999) as u64);
+    put(5, 2, month as u64);
+    put(8, 2, day as u64);
+    put(11, 2, rem / 3_600);
+    put(14, 2, rem % 3_600 / 60);
+    put(17, 2, rem % 60);
+    t
 }
 
 /// The client's context as the JSON object of a span named `client`.
@@ -276,6 +327,36 @@ mod tests {
         assert_eq!(span["user"], "bob");
         assert_eq!(span["client_addr"], "127.0.0.1:5000");
         assert_eq!(span["name"], "client");
+    }
+
+    #[test]
+    fn seconds_are_written_as_rfc3339() {
+        // expected values from `date -u -d @SECS +%Y-%m-%dT%H:%M:%S`
+        for (secs, text) in [
+            (0, "1970-01-01T00:00:00"),
+            (951_782_400, "2000-02-29T00:00:00"),
+            (1_700_000_000, "2023-11-14T22:13:20"),
+            (1_795_000_000, "2026-11-18T11:06:40"),
+            (4_102_444_799, "2099-12-31T23:59:59"),
+        ] {
+            assert_eq!(std::str::from_utf8(&second_text(secs)).unwrap(), text);
+        }
+    }
+
+    #[test]
+    fn timestamps_have_tracing_subscribers_shape() {
+        let mut s = String::new();
+        write_timestamp(&mut Writer::new(&mut s)).unwrap();
+        let b = s.as_bytes();
+        assert_eq!(b.len(), 27, "{s}");
+        for (i, &c) in b.iter().enumerate() {
+            let want_digit = !matches!(i, 4 | 7 | 10 | 13 | 16 | 19 | 26);
+            assert_eq!(c.is_ascii_digit(), want_digit, "{s}");
+        }
+        assert!(
+            s.ends_with('Z') && &s[19..20] == "." && &s[10..11] == "T",
+            "{s}"
+        );
     }
 
     #[test]
