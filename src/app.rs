@@ -190,21 +190,24 @@ impl App {
             Vec::new()
         };
         let n = hosts.len().max(1);
-        let first = target(&config, None, db, user, hosts.first());
-        let server_user = first.user.clone();
+        // the user pgmux logs in to servers as (see `target`)
+        let server_user = db.server_user.clone().unwrap_or_else(|| user.to_string());
+        let mut key = (db.name.clone(), server_user, 0);
         {
             let pools = lock(&self.pools);
-            let found: Vec<Arc<Pool>> = (0..n)
-                .map_while(|i| {
-                    pools
-                        .get(&(db.name.clone(), server_user.clone(), i))
-                        .cloned()
-                })
-                .collect();
+            let mut found = Vec::with_capacity(n);
+            for i in 0..n {
+                key.2 = i;
+                match pools.get(&key) {
+                    Some(p) => found.push(p.clone()),
+                    None => break,
+                }
+            }
             if found.len() == n {
                 return found;
             }
         }
+        let (_, server_user, _) = key;
         let settings = pool_settings(&config, db, user);
         let limit = self.db_limit(&config, db);
         let mut pools = lock(&self.pools);

@@ -199,7 +199,8 @@ where
         Err(AuthError::Protocol(m)) => return Err(Refusal::with(PgError::fatal("08P01", m))),
         Err(e) => return Err(Refusal::silent(e.to_string())),
     }
-    let mut out = BytesMut::new();
+    // AuthenticationOk, a dozen ParameterStatus, BackendKeyData, ReadyForQuery
+    let mut out = BytesMut::with_capacity(512);
     messages::auth_ok(&mut out);
 
     if crate::admin::is_console_db(&db) {
