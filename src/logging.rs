@@ -30,7 +30,10 @@ pub fn init(config: &Config) {
         .unwrap_or_else(|_| EnvFilter::new(&config.pgmux.log_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // colour codes (in event fields) only for a terminal: log files and collectors get
+        // plain text
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match config.pgmux.log_format {
         LogFormat::Json => builder
             .fmt_fields(JsonFields::new())

@@ -272,4 +272,12 @@ async fn temp_tables_prepare_cursors_and_locks_pin_until_the_client_leaves() {
         assert_eq!(one(&b, "SELECT count(*) FROM pg_cursors").await, "0");
         assert!(pinned(&admin, db).await.iter().all(String::is_empty));
     }
+    // the pin lines carry fields (db, user); a log file gets them without colour codes
+    let log = px.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("pinned to its server") && l.contains("db=ss_pins")),
+        "{log}"
+    );
+    assert!(!log.contains('\x1b'), "colour codes in a log file: {log}");
 }
