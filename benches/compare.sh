@@ -56,30 +56,11 @@ PG_MAX_CONNECTIONS=${PG_MAX_CONNECTIONS:-600}
 DIR=${COMPARE_DIR:-/tmp/pgmux-compare}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 KEEP=${KEEP:-0}
-PG_OS_USER=postgres
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-log() { echo "[compare] $*" >&2; }
-die() { echo "[compare] error: $*" >&2; exit 1; }
-is_root() { [ "$(id -u)" = 0 ]; }
-# PostgreSQL and PgBouncer refuse to run as root. runuser's PAM session may reset the
-# open-file limit, so it is set again inside.
-as_pg() {
-  if is_root; then
-    runuser -u "$PG_OS_USER" -- sh -c 'ulimit -n "$0" 2>/dev/null; exec "$@"' "$(ulimit -n)" "$@"
-  else
-    "$@"
-  fi
-}
-port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-free_port() {
-  local p
-  # below the ephemeral range (32768-60999 here): client sockets of other runs take ports there
-  for p in $(shuf -i 20000-32000 -n 200); do
-    port_in_use "$p" || { echo "$p"; return; }
-  done
-  die "no free port found"
-}
+BENCH=compare
+# shellcheck source=benches/lib.sh
+source "$REPO/benches/lib.sh"
 
 install_missing() {
   local pkgs=()
@@ -99,7 +80,7 @@ cleanup() {
   set +e
   [ -n "$PGMUX_PID" ] && kill -TERM "$PGMUX_PID" 2>/dev/null && wait "$PGMUX_PID" 2>/dev/null
   [ -n "$BOUNCER_PID" ] && kill -TERM "$BOUNCER_PID" 2>/dev/null
-  [ "$PG_STARTED" = 1 ] && as_pg "$PGBIN/pg_ctl" -D "$DIR/pg" -m fast -w stop >/dev/null 2>&1
+  stop_pg
   if [ "$KEEP" = 1 ]; then log "kept $DIR"; elif [ -f "$DIR/.pgmux-compare" ]; then rm -rf "$DIR"; fi
 }
 
@@ -118,23 +99,8 @@ build() {
 }
 
 start_postgres() {
-  PG_PORT=$(free_port)
-  as_pg "$PGBIN/initdb" -D "$DIR/pg" -U postgres -A trust -E UTF8 --no-locale --no-sync >/dev/null
-  cat >> "$DIR/pg/postgresql.conf" <<EOF
-# ---- benches/compare.sh ----
-listen_addresses = '127.0.0.1'
-port = $PG_PORT
-unix_socket_directories = '$DIR/run'
-max_connections = $PG_MAX_CONNECTIONS
-shared_buffers = 256MB
-synchronous_commit = off
-fsync = off
-full_page_writes = off
-logging_collector = off
-EOF
-  as_pg "$PGBIN/pg_ctl" -D "$DIR/pg" -l "$DIR/log/postgres.log" -w -t 60 start >/dev/null \
-    || die "PostgreSQL did not start; see $DIR/log/postgres.log"
-  PG_STARTED=1
+  start_pg "max_connections = $PG_MAX_CONNECTIONS" "shared_buffers = 256MB" \
+    "synchronous_commit = off" "full_page_writes = off" "logging_collector = off"
   as_pg "$PGBIN/psql" -X -q -h "$DIR/run" -p "$PG_PORT" -U postgres -d postgres \
     -c "CREATE DATABASE bench" >/dev/null
   log "PostgreSQL on 127.0.0.1:$PG_PORT; pgbench -i -s $SCALE"
@@ -172,7 +138,7 @@ log_disconnections = 0
 logfile = $DIR/bouncer/pgbouncer.log
 pidfile = $DIR/bouncer/pgbouncer.pid
 EOF
-  is_root && chown -R "$PG_OS_USER": "$DIR/bouncer"
+  is_root && chown -R postgres: "$DIR/bouncer"
   as_pg pgbouncer -d "$DIR/bouncer/pgbouncer.ini"
   local deadline=$((SECONDS + 30))
   until [ -s "$DIR/bouncer/pgbouncer.pid" ]; do
@@ -373,7 +339,7 @@ main() {
   rm -rf "$DIR"
   mkdir -p "$DIR/run" "$DIR/log" "$DIR/bouncer"
   touch "$DIR/.pgmux-compare"
-  is_root && chown "$PG_OS_USER": "$DIR" "$DIR/run" "$DIR/log"
+  is_root && chown postgres: "$DIR" "$DIR/run" "$DIR/log"
   trap cleanup EXIT
   cd /  # tools run as postgres must not inherit an unreadable working directory
 

@@ -34,27 +34,17 @@ PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 KEEP=${KEEP:-0}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-log() { echo "[idle-memory] $*" >&2; }
-die() { echo "[idle-memory] error: $*" >&2; exit 1; }
-as_pg() {
-  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
-}
-port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-free_port() {
-  local p
-  # below the ephemeral range (32768-60999 here): client sockets of other runs take ports there
-  for p in $(shuf -i 20000-32000 -n 200); do
-    port_in_use "$p" || { echo "$p"; return; }
-  done
-  die "no free port found"
-}
+BENCH=idle-memory
+# shellcheck source=benches/lib.sh
+source "$REPO/benches/lib.sh"
+
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
 PGMUX_PID="" PG_STARTED=0
 cleanup() {
   set +e
   [ -n "$PGMUX_PID" ] && kill -TERM "$PGMUX_PID" 2>/dev/null && wait "$PGMUX_PID" 2>/dev/null
-  [ "$PG_STARTED" = 1 ] && as_pg "$PGBIN/pg_ctl" -D "$DIR/pg" -m fast -w stop >/dev/null 2>&1
+  stop_pg
   if [ "$KEEP" = 1 ]; then log "kept $DIR"; elif [ -f "$DIR/.pgmux-idle-memory" ]; then rm -rf "$DIR"; fi
 }
 
@@ -75,17 +65,7 @@ touch "$DIR/.pgmux-idle-memory"
 trap cleanup EXIT
 cd /
 
-PG_PORT=$(free_port)
-as_pg "$PGBIN/initdb" -D "$DIR/pg" -U postgres -A trust -E UTF8 --no-locale --no-sync >/dev/null
-cat >> "$DIR/pg/postgresql.conf" <<EOF
-listen_addresses = '127.0.0.1'
-port = $PG_PORT
-unix_socket_directories = '$DIR/run'
-fsync = off
-EOF
-as_pg "$PGBIN/pg_ctl" -D "$DIR/pg" -l "$DIR/log/postgres.log" -w -t 60 start >/dev/null \
-  || die "PostgreSQL did not start; see $DIR/log/postgres.log"
-PG_STARTED=1
+start_pg
 
 PGMUX_PORT=$(free_port)
 cat > "$DIR/pgmux.toml" <<EOF

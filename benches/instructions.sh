@@ -28,25 +28,15 @@ PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 KEEP=${KEEP:-0}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-log() { echo "[instructions] $*" >&2; }
-die() { echo "[instructions] error: $*" >&2; exit 1; }
-as_pg() {
-  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
-}
-port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-free_port() {
-  local p
-  for p in $(shuf -i 20000-32000 -n 200); do
-    port_in_use "$p" || { echo "$p"; return; }
-  done
-  die "no free port found"
-}
+BENCH=instructions
+# shellcheck source=benches/lib.sh
+source "$REPO/benches/lib.sh"
 
 PG_STARTED=0 VG_PID=""
 cleanup() {
   set +e
   [ -n "$VG_PID" ] && kill -INT "$VG_PID" 2>/dev/null && wait "$VG_PID" 2>/dev/null
-  [ "$PG_STARTED" = 1 ] && as_pg "$PGBIN/pg_ctl" -D "$DIR/pg" -m fast -w stop >/dev/null 2>&1
+  stop_pg
   if [ "$KEEP" = 1 ]; then log "kept $DIR"; elif [ -f "$DIR/.pgmux-instructions" ]; then rm -rf "$DIR"; fi
 }
 
@@ -66,17 +56,7 @@ touch "$DIR/.pgmux-instructions"
 trap cleanup EXIT
 cd /
 
-PG_PORT=$(free_port)
-as_pg "$PGBIN/initdb" -D "$DIR/pg" -U postgres -A trust -E UTF8 --no-locale --no-sync >/dev/null
-cat >> "$DIR/pg/postgresql.conf" <<EOF
-listen_addresses = '127.0.0.1'
-port = $PG_PORT
-unix_socket_directories = '$DIR/run'
-fsync = off
-EOF
-as_pg "$PGBIN/pg_ctl" -D "$DIR/pg" -l "$DIR/log/postgres.log" -w -t 60 start >/dev/null \
-  || die "PostgreSQL did not start; see $DIR/log/postgres.log"
-PG_STARTED=1
+start_pg
 pgbench -i -q -s 1 -h 127.0.0.1 -p "$PG_PORT" -U postgres postgres >"$DIR/log/init.log" 2>&1 \
   || die "pgbench -i failed; see $DIR/log/init.log"
 
