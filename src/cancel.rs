@@ -10,6 +10,7 @@
 //! does after signalling the backend (an idle backend ignores the signal). A cancel that
 //! fails or does not finish within its bound leaves the server's state unknown: it is closed.
 
+use crate::endpoint::{Dial, TcpOrUnix};
 use bytes::{BufMut, BytesMut};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -25,7 +26,8 @@ pub type CancelTarget = Arc<CancelFlight>;
 /// One server connection's cancel key (its BackendKeyData) and the cancels on their way to it.
 #[derive(Debug)]
 pub struct CancelFlight {
-    pub addr: SocketAddr,
+    /// How to reach the server again: its TCP address or its socket file.
+    pub to: Dial,
     pub pid: i32,
     pub secret: i32,
     /// The server's host name when its connection is TLS: the cancel goes encrypted too, as
@@ -40,14 +42,14 @@ pub struct CancelFlight {
 impl Default for CancelFlight {
     /// No key yet (a server still logging in).
     fn default() -> Self {
-        CancelFlight::new(SocketAddr::from(([0, 0, 0, 0], 0)), 0, 0)
+        CancelFlight::new(Dial::Tcp(SocketAddr::from(([0, 0, 0, 0], 0))), 0, 0)
     }
 }
 
 impl CancelFlight {
-    pub fn new(addr: SocketAddr, pid: i32, secret: i32) -> CancelFlight {
+    pub fn new(to: Dial, pid: i32, secret: i32) -> CancelFlight {
         CancelFlight {
-            addr,
+            to,
             pid,
             secret,
             tls_host: None,
@@ -117,7 +119,7 @@ impl Drop for InFlight {
 /// A cancel to send: where, the server's key, and its place in the server's flight.
 #[derive(Debug)]
 pub struct Cancel {
-    pub addr: SocketAddr,
+    pub to: Dial,
     pid: i32,
     secret: i32,
     tls_host: Option<Arc<str>>,
@@ -160,7 +162,7 @@ impl CancelKey {
         let t = self.target.lock().unwrap_or_else(|e| e.into_inner());
         let t = t.as_ref()?;
         Some(Cancel {
-            addr: t.addr,
+            to: t.to.clone(),
             pid: t.pid,
             secret: t.secret,
             tls_host: t.tls_host.clone(),
@@ -174,12 +176,11 @@ impl CancelKey {
 /// log line; an unfinished cancel marks the server's flight failed, so the server is closed.
 pub async fn send_cancel(mut c: Cancel, timeout: Duration) -> std::io::Result<()> {
     let exchange = async {
-        let tcp = tokio::net::TcpStream::connect(c.addr).await?;
-        let mut s = match &c.tls_host {
-            Some(host) => crate::tls::connect_server(tcp, host)
+        let mut s = match (c.to.connect().await?, &c.tls_host) {
+            (TcpOrUnix::Tcp(tcp), Some(host)) => crate::tls::connect_server(tcp, host)
                 .await
                 .map_err(std::io::Error::other)?,
-            None => crate::tls::ServerStream::Plain(tcp),
+            (socket, _) => socket.plain(),
         };
         let mut b = BytesMut::with_capacity(16);
         b.put_i32(16);
@@ -219,7 +220,11 @@ mod tests {
 
     fn handle() -> (CancelKey, Arc<CancelFlight>) {
         let key = CancelKey::new(1, 2);
-        let flight = Arc::new(CancelFlight::new("127.0.0.1:1".parse().unwrap(), 7, 8));
+        let flight = Arc::new(CancelFlight::new(
+            Dial::Tcp("127.0.0.1:1".parse().unwrap()),
+            7,
+            8,
+        ));
         key.set_target(Some(flight.clone()));
         (key, flight)
     }
@@ -229,8 +234,8 @@ mod tests {
         let (h, flight) = handle();
         let mut c = h.start_cancel(h.secret).expect("a target");
         assert_eq!(
-            (c.addr.port(), c.pid, c.secret),
-            (1, 7, 8),
+            (&c.to, c.pid, c.secret),
+            (&Dial::Tcp(SocketAddr::from(([127, 0, 0, 1], 1))), 7, 8),
             "the server's key"
         );
         // the client's query ends: no new cancel can start, the one on its way still counts

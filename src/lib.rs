@@ -8,6 +8,7 @@ pub mod auth;
 pub mod cancel;
 pub mod client;
 pub mod config;
+pub mod endpoint;
 pub mod listener;
 pub mod logging;
 pub mod metrics;

@@ -107,7 +107,7 @@ struct State {
 #[derive(Debug, Clone)]
 pub struct ServerInfo {
     pub id: u64,
-    pub addr: SocketAddr,
+    pub addr: crate::endpoint::ServerAddr,
     pub local: Option<SocketAddr>,
     pub pid: i32,
     pub connect_time: SystemTime,
@@ -567,7 +567,7 @@ impl Pool {
             ServerInfo {
                 id: c.id,
                 addr: c.addr,
-                local: c.stream.local_addr().ok(),
+                local: c.stream.local_addr(),
                 pid: c.pid,
                 connect_time: SystemTime::now(),
                 generation,

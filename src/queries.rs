@@ -14,7 +14,6 @@
 
 use crate::router::normalize;
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -122,7 +121,7 @@ pub struct Recorder {
     /// Fingerprint per request in flight (0: no statement text, e.g. a FunctionCall).
     pending: VecDeque<u64>,
     rows: u64,
-    pub server: Option<SocketAddr>,
+    pub server: Option<crate::endpoint::ServerAddr>,
     memo: [u64; MEMO],
     memo_next: usize,
     memo_generation: u64,

@@ -6,17 +6,16 @@ use crate::auth::channel_binding;
 use crate::auth::password::{md5_response, Secret};
 use crate::auth::scram_client::KeyedScramClient;
 use crate::cancel::{CancelFlight, CancelTarget};
+use crate::endpoint::{ServerAddr, TcpOrUnix};
 use crate::params::Params;
 use crate::protocol::messages::{self, parse_error_fields, parse_parameter_status, ErrorFields};
 use crate::tls::ServerStream;
 use bytes::{Buf, Bytes, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// Largest message pgmux reads whole from a server outside the relay (login, internal queries).
@@ -66,7 +65,7 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 pub struct ServerConn {
     pub id: u64,
     pub stream: ServerStream,
-    pub addr: SocketAddr,
+    pub addr: ServerAddr,
     pub pid: i32,
     pub secret: i32,
     /// Values the server reported through ParameterStatus, or pgmux set on it.
@@ -107,16 +106,16 @@ impl ServerConn {
     }
 
     async fn connect_inner(target: &ServerTarget) -> Result<ServerConn, ServerError> {
-        let stream = TcpStream::connect((target.host.as_str(), target.port))
+        let (socket, addr, dial) = crate::endpoint::open(&target.host, target.port)
             .await
             .map_err(|source| ServerError::Connect {
                 addr: target.addr_string(),
                 source,
             })?;
-        stream.set_nodelay(true)?;
-        crate::sockopts::apply(&stream);
-        let addr = stream.peer_addr()?;
-        let stream = crate::tls::connect_server(stream, &target.host).await?;
+        let stream = match socket {
+            TcpOrUnix::Tcp(tcp) => crate::tls::connect_server(tcp, &target.host).await?,
+            unix => unix.plain(),
+        };
         let now = Instant::now();
         let mut conn = ServerConn {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -137,7 +136,7 @@ impl ServerConn {
         // the key is known once logged in: clients' cancels reach this backend through it
         let tls_host = conn.stream.is_tls().then(|| target.host.as_str().into());
         conn.cancels = std::sync::Arc::new(
-            CancelFlight::new(addr, conn.pid, conn.secret).with_tls_host(tls_host),
+            CancelFlight::new(dial, conn.pid, conn.secret).with_tls_host(tls_host),
         );
         Ok(conn)
     }

@@ -804,7 +804,7 @@ mod tests {
             "no server: nothing to cancel"
         );
         let flight = Arc::new(crate::cancel::CancelFlight::new(
-            "127.0.0.1:5".parse().unwrap(),
+            crate::endpoint::Dial::Tcp("127.0.0.1:5".parse().unwrap()),
             9,
             10,
         ));
@@ -814,7 +814,7 @@ mod tests {
             .cancel(b.info().cancel.pid, b.info().cancel.secret)
             .is_none());
         let c = reg.cancel(pid, secret).expect("a's server");
-        assert_eq!(c.addr.port(), 5);
+        assert_eq!(c.to.to_string(), "127.0.0.1:5");
         assert!(flight.pending());
         drop(c);
         drop(a);

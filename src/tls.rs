@@ -28,7 +28,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio::time::Instant;
 use tokio_rustls::rustls::{
     self,
@@ -400,10 +400,12 @@ pub struct Peer {
     pub tls_end_point: EndPoint,
 }
 
-/// A client connection, plain or TLS.
+/// A client connection: plain or TLS over TCP, or a Unix-domain socket.
 pub enum ClientStream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// Boxed: beside the other two it would cost every session 8 bytes of discriminant.
+    Unix(Box<UnixStream>),
 }
 
 /// A client whose encryption is settled, and the first packet it sent after that.
@@ -628,6 +630,7 @@ macro_rules! either {
         match $self.get_mut() {
             Self::Plain($s) => $e,
             Self::Tls($s) => $e,
+            Self::Unix($s) => $e,
         }
     };
 }
@@ -665,6 +668,7 @@ macro_rules! stream_impls {
                 match self {
                     Self::Plain(s) => s.is_write_vectored(),
                     Self::Tls(s) => s.is_write_vectored(),
+                    Self::Unix(s) => s.is_write_vectored(),
                 }
             }
 
@@ -696,22 +700,21 @@ pub fn install(security: &Security) {
     SERVER_TLS.store(security.server.clone());
 }
 
-/// A server connection, plain or TLS.
+/// A server connection: plain or TLS over TCP, or PostgreSQL's Unix-domain socket.
 pub enum ServerStream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Unix(UnixStream),
 }
 
 impl ServerStream {
-    fn tcp(&self) -> &TcpStream {
+    /// The local TCP address; None on a Unix socket.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
         match self {
-            ServerStream::Plain(s) => s,
-            ServerStream::Tls(s) => s.get_ref().0,
+            ServerStream::Plain(s) => s.local_addr().ok(),
+            ServerStream::Tls(s) => s.get_ref().0.local_addr().ok(),
+            ServerStream::Unix(_) => None,
         }
-    }
-
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.tcp().local_addr()
     }
 
     pub fn is_tls(&self) -> bool {
@@ -722,7 +725,7 @@ impl ServerStream {
     /// channel binding.
     pub fn tls_end_point(&self) -> Option<Vec<u8>> {
         match self {
-            ServerStream::Plain(_) => None,
+            ServerStream::Plain(_) | ServerStream::Unix(_) => None,
             ServerStream::Tls(s) => s
                 .get_ref()
                 .1
@@ -741,6 +744,10 @@ impl ServerStream {
                 let mut b = [0u8; 1];
                 !matches!(s.try_read(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
             }
+            ServerStream::Unix(s) => {
+                let mut b = [0u8; 1];
+                !matches!(s.try_read(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
             ServerStream::Tls(s) => {
                 let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
                 let sock = socket2::SockRef::from(s.get_ref().0);
@@ -755,6 +762,9 @@ impl ServerStream {
     pub fn write_now(&mut self, b: &[u8]) {
         match self {
             ServerStream::Plain(s) => {
+                let _ = s.try_write(b);
+            }
+            ServerStream::Unix(s) => {
                 let _ = s.try_write(b);
             }
             ServerStream::Tls(s) => {

@@ -359,7 +359,7 @@ fn servers(app: &App) -> BytesMut {
                 p.db.as_str().into(),
                 "none".into(),
                 if s.idle { "idle" } else { "active" }.into(),
-                s.addr.ip().to_string().into(),
+                s.addr.host().into(),
                 s.addr.port().into(),
                 s.local.map(|a| a.ip().to_string()).into(),
                 s.local.map(|a| a.port()).into(),
@@ -641,10 +641,11 @@ async fn hosts(app: &App) -> BytesMut {
     rs.finish("SHOW")
 }
 
-/// Whether `host:port` accepts a TCP connection within PROBE_TIMEOUT.
+/// Whether `host:port` (or the socket when `host` is a directory) accepts a connection
+/// within PROBE_TIMEOUT.
 pub async fn probe(host: &str, port: u16) -> bool {
     matches!(
-        tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect((host, port))).await,
+        tokio::time::timeout(PROBE_TIMEOUT, crate::endpoint::open(host, port)).await,
         Ok(Ok(_))
     )
 }

@@ -292,7 +292,7 @@ where
             Ok(Initial::SslRequest) | Ok(Initial::GssEncRequest) => write(stream, b"N").await?,
             Ok(Initial::Cancel { pid, secret }) => {
                 if let Some(c) = app.registry.cancel(pid, secret) {
-                    let addr = c.addr;
+                    let to = c.to.clone();
                     // the server is held back until this ends: bounded like a server login
                     let timeout = app
                         .config()
@@ -301,7 +301,7 @@ where
                         .get()
                         .unwrap_or(CANCEL_TIMEOUT);
                     if let Err(e) = cancel::send_cancel(c, timeout).await {
-                        tracing::warn!("sending cancel to {addr} failed: {e}");
+                        tracing::warn!("sending cancel to {to} failed: {e}");
                     }
                 }
                 return Err(Refusal::silent("cancel request served"));
