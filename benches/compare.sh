@@ -14,7 +14,8 @@
 #     seconds through each proxy;
 #
 # then prints a table with the ratios pgmux/PgBouncer. Everything lives in $COMPARE_DIR and is
-# removed at the end (KEEP=1 keeps it). All traffic stays on 127.0.0.1.
+# removed at the end (KEEP=1 keeps it). All traffic stays on 127.0.0.1, or with SOCKETS=1 on
+# this machine's Unix-domain sockets.
 #
 # Settings (environment):
 #   T=15                 seconds per pgbench run
@@ -37,6 +38,9 @@
 #   CARGO_BUILD_JOBS     honoured by cargo; 1 on small machines
 #   PGMUX, LOAD          pgmux and pgmux-load binaries to use instead of building them
 #   TOKIO_WORKER_THREADS honoured by pgmux's runtime (default: one per core)
+#   SOCKETS=0            1: pgbench reaches PostgreSQL and both proxies through their Unix
+#                        sockets, and both proxies reach PostgreSQL through its socket (the
+#                        memory and busy-client rows stay on TCP: pgmux-load speaks TCP)
 #   LOG_LEVEL=info       pgmux's log_level (the default configuration's; RUST_LOG overrides it)
 #
 # Usage: benches/compare.sh            (as root or a user that can run PostgreSQL; root runs
@@ -44,6 +48,7 @@
 set -euo pipefail
 
 T=${T:-15}
+SOCKETS=${SOCKETS:-0}
 REPEAT=${REPEAT:-1}
 WORKLOADS=${WORKLOADS:-S50 SX50 SP50 S500 TPCB50}
 JOBS=${JOBS:-2}
@@ -117,17 +122,25 @@ wait_port() {  # wait_port PORT PID NAME LOG
   done
 }
 
+# where the proxies reach PostgreSQL, and where pgbench reaches NAME (direct, pgbouncer, pgmux)
+server_host() { if [ "$SOCKETS" = 1 ]; then echo "$DIR/run"; else echo 127.0.0.1; fi; }
+sockets_or_empty() { if [ "$SOCKETS" = 1 ]; then echo "$1"; fi; }
+client_host() {
+  [ "$SOCKETS" = 1 ] || { echo 127.0.0.1; return; }
+  case $1 in direct) echo "$DIR/run";; pgbouncer) echo "$DIR/bouncer";; pgmux) echo "$DIR/mux";; esac
+}
+
 start_pgbouncer() {
   BOUNCER_PORT=$(free_port)
   echo '"postgres" ""' > "$DIR/bouncer/userlist.txt"
   cat > "$DIR/bouncer/pgbouncer.ini" <<EOF
 [databases]
-bench = host=127.0.0.1 port=$PG_PORT dbname=bench
+bench = host=$(server_host) port=$PG_PORT dbname=bench
 
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = $BOUNCER_PORT
-unix_socket_dir =
+unix_socket_dir = $(sockets_or_empty "$DIR/bouncer")
 auth_type = trust
 auth_file = $DIR/bouncer/userlist.txt
 pool_mode = transaction
@@ -156,6 +169,7 @@ start_pgmux() {
 [pgmux]
 listen_addr = "127.0.0.1"
 listen_port = $PGMUX_PORT
+unix_socket_dir = "$(sockets_or_empty "$DIR/mux")"
 pool_mode = "transaction"
 default_pool_size = $POOL_SIZE
 max_client_conn = $MAX_CLIENTS
@@ -172,7 +186,7 @@ name = "postgres"
 
 [[databases]]
 name = "bench"
-host = "127.0.0.1"
+host = "$(server_host)"
 port = $PG_PORT
 EOF
   "$PGMUX" --config "$DIR/pgmux.toml" </dev/null >>"$DIR/log/pgmux.log" 2>&1 &
@@ -196,7 +210,7 @@ run_pgbench() {
   local out="$DIR/log/pgbench-$key-$name.log" u0 s0 u1 s1 tx tps
   log "pgbench $* -T $T -j $JOBS -> $name"
   [ -n "$pid" ] && read -r u0 s0 < <(cpu_ticks "$pid")
-  if pgbench -n -h 127.0.0.1 -p "$port" -U postgres -T "$T" -j "$JOBS" "$@" bench >"$out" 2>&1; then
+  if pgbench -n -h "$(client_host "$name")" -p "$port" -U postgres -T "$T" -j "$JOBS" "$@" bench >"$out" 2>&1; then
     tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p' "$out")
     tx=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out")
     TPS[$key,$name]+="$(printf '%.0f' "${tps:-0}") "
@@ -304,7 +318,8 @@ print_table() {
   local k label
   echo
   echo "pgmux vs PgBouncer $(pgbouncer --version | head -n 1 | awk '{print $2}') vs direct PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}'):" \
-       "pgbench -T $T -j $JOBS (median of $REPEAT round(s)), scale $SCALE, transaction mode, pool size $POOL_SIZE, $(nproc) cores"
+       "pgbench -T $T -j $JOBS (median of $REPEAT round(s)), scale $SCALE, transaction mode, pool size $POOL_SIZE, $(nproc) cores," \
+       "$([ "$SOCKETS" = 1 ] && echo "Unix sockets" || echo "TCP on 127.0.0.1")"
   echo
   echo "| workload | direct | PgBouncer | pgmux | pgmux/PgBouncer |"
   echo "|---|---|---|---|---|"
@@ -337,7 +352,7 @@ main() {
   [ "$(ulimit -n)" -ge "$MAX_CLIENTS" ] \
     || die "open-file limit $(ulimit -n) is too small for $((MAX_CLIENTS - 1000)) clients"
   rm -rf "$DIR"
-  mkdir -p "$DIR/run" "$DIR/log" "$DIR/bouncer"
+  mkdir -p "$DIR/run" "$DIR/log" "$DIR/bouncer" "$DIR/mux"
   touch "$DIR/.pgmux-compare"
   is_root && chown postgres: "$DIR" "$DIR/run" "$DIR/log"
   trap cleanup EXIT

@@ -42,6 +42,8 @@ pub const RESTART_ONLY: &[&str] = &[
     "listen_addr",
     "listen_port",
     "so_reuseport",
+    "unix_socket_dir",
+    "unix_socket_mode",
     "metrics_listen_addr",
     "metrics_listen_port",
     "log_level",

@@ -76,6 +76,10 @@ pub struct General {
     pub reserve_pool_timeout: Seconds,
     pub max_client_conn: u32,
     pub so_reuseport: bool,
+    /// Directory of a Unix socket `.s.PGSQL.<listen_port>` for local clients; empty: none.
+    pub unix_socket_dir: String,
+    /// Its permissions, in octal as PgBouncer writes them.
+    pub unix_socket_mode: String,
     pub max_db_connections: u32,
     pub auth_type: AuthType,
     pub auth_timeout: Seconds,
@@ -143,6 +147,12 @@ pub struct General {
     pub log_min_duration_ms: u64,
 }
 
+/// A file mode written in octal ("0777", "777" or "0o777"); None if it is not one.
+pub fn parse_socket_mode(s: &str) -> Option<u32> {
+    let digits = s.trim().trim_start_matches("0o");
+    u32::from_str_radix(digits, 8).ok().filter(|m| *m <= 0o7777)
+}
+
 impl Default for General {
     fn default() -> Self {
         General {
@@ -155,6 +165,8 @@ impl Default for General {
             reserve_pool_timeout: Seconds(5.0),
             max_client_conn: 10_000,
             so_reuseport: false,
+            unix_socket_dir: String::new(),
+            unix_socket_mode: "0777".into(),
             max_db_connections: 0,
             auth_type: AuthType::ScramSha256,
             auth_timeout: Seconds(60.0),
@@ -379,6 +391,18 @@ impl Config {
         }
         if g.stats_period.0 < 1.0 {
             return Err("stats_period must be at least 1 second".into());
+        }
+        if parse_socket_mode(&g.unix_socket_mode).is_none() {
+            return Err(format!(
+                "unix_socket_mode {:?} is not an octal mode such as \"0777\"",
+                g.unix_socket_mode
+            ));
+        }
+        if !g.unix_socket_dir.is_empty() && !g.unix_socket_dir.starts_with('/') {
+            return Err(format!(
+                "unix_socket_dir {:?} must be an absolute path",
+                g.unix_socket_dir
+            ));
         }
         if !g.metrics_listen_addr.is_empty()
             && g.metrics_listen_addr.parse::<std::net::IpAddr>().is_err()

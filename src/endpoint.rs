@@ -1,12 +1,13 @@
-//! Where a server connection goes: a TCP address, or PostgreSQL's Unix-domain socket when the
-//! host is a directory (`host = "/var/run/postgresql"`, as libpq and PgBouncer read it: the
-//! socket is `<dir>/.s.PGSQL.<port>`). On one machine the socket skips the TCP stack, which
-//! is most of a proxy's CPU per transaction (docs/performance.md).
+//! Where connections go and come from: a server is reached over TCP, or over PostgreSQL's
+//! Unix-domain socket when its host is a directory (`host = "/var/run/postgresql"`, as libpq
+//! and PgBouncer read it: the socket is `<dir>/.s.PGSQL.<port>`); a client comes over TCP or
+//! over pgmux's own socket in `unix_socket_dir`. On one machine a socket skips the TCP stack,
+//! which is most of a proxy's CPU per transaction (docs/performance.md).
 
 use crate::tls::ServerStream;
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::net::{TcpStream, UnixStream};
@@ -54,6 +55,63 @@ impl fmt::Display for ServerAddr {
             ServerAddr::Unix { port } => write!(f, "unix:{port}"),
         }
     }
+}
+
+/// A client's address. A Unix-socket client has none: it shows as `unix` with the port
+/// whose socket it came through, as PgBouncer shows it. 20 bytes where a SocketAddr takes 32:
+/// every client keeps one in its registry entry and one in its log tag (an IPv6 flow and
+/// scope are not shown anyway).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAddr {
+    V4(Ipv4Addr, u16),
+    V6(Ipv6Addr, u16),
+    Unix(u16),
+}
+
+impl ClientAddr {
+    /// The IP address, for host-based rules; None for a Unix-socket client.
+    pub fn ip(&self) -> Option<IpAddr> {
+        match self {
+            ClientAddr::V4(ip, _) => Some(IpAddr::V4(*ip)),
+            ClientAddr::V6(ip, _) => Some(IpAddr::V6(*ip)),
+            ClientAddr::Unix(_) => None,
+        }
+    }
+
+    /// The address column: an IP address, or `unix`.
+    pub fn host(&self) -> String {
+        self.ip().map_or_else(|| "unix".into(), |ip| ip.to_string())
+    }
+
+    pub fn port(&self) -> u16 {
+        match self {
+            ClientAddr::V4(_, p) | ClientAddr::V6(_, p) | ClientAddr::Unix(p) => *p,
+        }
+    }
+}
+
+impl From<SocketAddr> for ClientAddr {
+    fn from(a: SocketAddr) -> Self {
+        match a {
+            SocketAddr::V4(a) => ClientAddr::V4(*a.ip(), a.port()),
+            SocketAddr::V6(a) => ClientAddr::V6(*a.ip(), a.port()),
+        }
+    }
+}
+
+impl fmt::Display for ClientAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ip() {
+            Some(ip) => SocketAddr::new(ip, self.port()).fmt(f),
+            None => write!(f, "unix:{}", self.port()),
+        }
+    }
+}
+
+/// An accepted client socket, before encryption is settled.
+pub enum ClientSocket {
+    Tcp(TcpStream),
+    Unix(UnixStream),
 }
 
 /// How to reach a connected server again, for a cancel: the address it answered on, or its
@@ -144,6 +202,24 @@ mod tests {
         );
         let t = ServerAddr::Tcp("127.0.0.1:5432".parse().unwrap());
         assert_eq!((t.host(), t.port()), ("127.0.0.1".into(), 5432));
+    }
+
+    #[test]
+    fn a_client_address_is_small_and_shows_as_before() {
+        assert!(std::mem::size_of::<ClientAddr>() <= 20);
+        for a in ["127.0.0.1:5432", "[::1]:6432"] {
+            let s: SocketAddr = a.parse().unwrap();
+            let c = ClientAddr::from(s);
+            assert_eq!(
+                (c.to_string(), c.ip(), c.port()),
+                (a.into(), Some(s.ip()), s.port())
+            );
+        }
+        let u = ClientAddr::Unix(6432);
+        assert_eq!(
+            (u.to_string(), u.host(), u.ip()),
+            ("unix:6432".into(), "unix".into(), None)
+        );
     }
 
     #[tokio::test]

@@ -9,11 +9,11 @@
 //! `client{client_addr=.. db=.. user=..}: ` in text, `"span"`/`"spans"` in JSON.
 
 use crate::config::{Config, LogFormat};
+use crate::endpoint::ClientAddr;
 use std::cell::Cell;
 use std::fmt::{self, Write as _};
 use std::future::Future;
 use std::mem::ManuallyDrop;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
@@ -46,7 +46,7 @@ pub fn init(config: &Config) {
 /// Who a client is, for its log lines: the address from the start, database and user once
 /// it has logged in.
 pub struct ClientTag {
-    addr: SocketAddr,
+    addr: ClientAddr,
     names: OnceLock<Names>,
 }
 
@@ -77,7 +77,7 @@ impl Names {
 }
 
 impl ClientTag {
-    pub fn new(addr: SocketAddr) -> Self {
+    pub fn new(addr: ClientAddr) -> Self {
         ClientTag {
             addr,
             names: OnceLock::new(),
@@ -317,7 +317,9 @@ mod tests {
 
     #[test]
     fn names_split_back_into_database_and_user() {
-        let tag = ClientTag::new("127.0.0.1:5000".parse().unwrap());
+        let tag = ClientTag::new(ClientAddr::from(
+            "127.0.0.1:5000".parse::<std::net::SocketAddr>().unwrap(),
+        ));
         assert_eq!(tag.names(), None);
         {
             let _s = Scope::enter(&tag);
@@ -364,8 +366,12 @@ mod tests {
 
     #[test]
     fn a_scope_restores_what_was_current() {
-        let a = ClientTag::new("127.0.0.1:1".parse().unwrap());
-        let b = ClientTag::new("127.0.0.1:2".parse().unwrap());
+        let a = ClientTag::new(ClientAddr::from(
+            "127.0.0.1:1".parse::<std::net::SocketAddr>().unwrap(),
+        ));
+        let b = ClientTag::new(ClientAddr::from(
+            "127.0.0.1:2".parse::<std::net::SocketAddr>().unwrap(),
+        ));
         assert!(with_current(|t| t.is_none()));
         {
             let _sa = Scope::enter(&a);

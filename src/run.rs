@@ -23,10 +23,26 @@ pub enum RunError {
     ListenAddr(String),
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
+    #[error("cannot listen on a Unix socket in {0}: {1}")]
+    BindUnix(String, std::io::Error),
+    #[error("invalid unix_socket_mode {0:?}: an octal mode such as \"0777\"")]
+    SocketMode(String),
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
     #[error("cannot listen for metrics: {0}")]
     Metrics(std::io::Error),
+}
+
+/// The Unix socket in unix_socket_dir, when one is configured.
+fn bind_unix(g: &crate::config::General) -> Result<Option<listener::Listener>, RunError> {
+    if g.unix_socket_dir.is_empty() {
+        return Ok(None);
+    }
+    let mode = crate::config::parse_socket_mode(&g.unix_socket_mode)
+        .ok_or_else(|| RunError::SocketMode(g.unix_socket_mode.clone()))?;
+    listener::bind_unix(&g.unix_socket_dir, g.listen_port, mode)
+        .map(Some)
+        .map_err(|e| RunError::BindUnix(g.unix_socket_dir.clone(), e))
 }
 
 /// Runs pgmux; `config_path` is where SIGHUP and RELOAD read the configuration again.
@@ -38,10 +54,14 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Run
         .map_err(|_| RunError::ListenAddr(g.listen_addr.clone()))?;
     let addr = SocketAddr::new(ip, g.listen_port);
     let listener = listener::bind(addr, g.so_reuseport).map_err(|e| RunError::Bind(addr, e))?;
+    let unix = bind_unix(g)?;
     let app = App::with_path(config, config_path);
     app.start_monitors();
     let metrics_listener = metrics::bind(&app).await.map_err(RunError::Metrics)?;
     info!("pgmux {} listening on {addr}", env!("CARGO_PKG_VERSION"));
+    if let Some(listener::Listener::Unix(_, _, file)) = &unix {
+        info!("listening on {}", file.path().display());
+    }
     let metrics_task = metrics_listener.map(|(l, maddr)| {
         info!("metrics on http://{maddr}/metrics");
         tokio::spawn(metrics::serve(app.clone(), l))
@@ -51,7 +71,11 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Run
     let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
     let mut hup = signal(SignalKind::hangup()).map_err(RunError::Signal)?;
     let maintenance = tokio::spawn(maintain(app.clone()));
-    let accepting = tokio::spawn(listener::run(app.clone(), listener));
+    let accepting = tokio::spawn(listener::run(
+        app.clone(),
+        listener::Listener::Tcp(listener),
+    ));
+    let accepting_unix = unix.map(|l| tokio::spawn(listener::run(app.clone(), l)));
     let stage = loop {
         tokio::select! {
             _ = term.recv() => break Shutdown::Drain,
@@ -71,6 +95,9 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Run
     );
     app.begin_shutdown(stage);
     let _ = accepting.await;
+    if let Some(a) = accepting_unix {
+        let _ = a.await;
+    }
     let escalate = async {
         // SIGINT after SIGTERM: stop waiting for idle clients to leave
         let _ = int.recv().await;

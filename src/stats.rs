@@ -8,6 +8,7 @@
 //! atomics, so the console and the metrics cannot disagree about what was counted.
 
 use crate::cancel::{Cancel, CancelKey, CancelTarget};
+use crate::endpoint::ClientAddr;
 use crate::router::effects::PinReason;
 use futures_util::task::AtomicWaker;
 use prometheus::{Histogram, HistogramOpts};
@@ -447,7 +448,7 @@ pub struct ClientInfo {
     /// unix_us() when it logged in.
     connect_us: u64,
     /// Its address and the one it connected to, as shown (an IPv6 flow and scope are not).
-    addr: (IpAddr, u16),
+    addr: ClientAddr,
     local: Option<(IpAddr, u16)>,
     /// Shared by the clients with the same name (see `Clients::names`).
     pub application_name: Arc<str>,
@@ -473,8 +474,8 @@ pub struct ClientInfo {
 }
 
 impl ClientInfo {
-    pub fn addr(&self) -> SocketAddr {
-        SocketAddr::new(self.addr.0, self.addr.1)
+    pub fn addr(&self) -> ClientAddr {
+        self.addr
     }
 
     pub fn local(&self) -> Option<SocketAddr> {
@@ -640,7 +641,7 @@ impl ClientRegistry {
     pub fn register(
         self: &Arc<Self>,
         stats: Arc<PoolStats>,
-        addr: SocketAddr,
+        addr: ClientAddr,
         local: Option<SocketAddr>,
         application_name: &str,
     ) -> ClientHandle {
@@ -655,7 +656,7 @@ impl ClientRegistry {
         };
         let info = Arc::new(ClientInfo {
             id,
-            addr: (addr.ip(), addr.port()),
+            addr,
             local: local.map(|a| (a.ip(), a.port())),
             connect_us: unix_us(now),
             application_name: clients.name(application_name),
@@ -768,7 +769,7 @@ mod tests {
         let reg = Arc::new(ClientRegistry::default());
         let stats = PoolStats::new("db", "u");
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let h = reg.register(stats.clone(), addr, None, "");
+        let h = reg.register(stats.clone(), ClientAddr::from(addr), None, "");
         assert_eq!(stats.clients(ClientState::Idle), 1);
         let since = h.waiting();
         assert_eq!(stats.clients(ClientState::Waiting), 1);
@@ -790,8 +791,8 @@ mod tests {
         let reg = Arc::new(ClientRegistry::default());
         let stats = PoolStats::new("db", "u");
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let a = reg.register(stats.clone(), addr, None, "app");
-        let b = reg.register(stats.clone(), addr, Some(addr), "app");
+        let a = reg.register(stats.clone(), ClientAddr::from(addr), None, "app");
+        let b = reg.register(stats.clone(), ClientAddr::from(addr), Some(addr), "app");
         assert!(Arc::ptr_eq(
             &a.info().application_name,
             &b.info().application_name

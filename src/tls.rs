@@ -17,6 +17,7 @@
 //! the topology monitor, must follow the configuration in force.
 
 use crate::config::General;
+use crate::endpoint::{ClientAddr, ClientSocket};
 use crate::protocol::startup::{self, Initial, StartupError};
 use crate::protocol::PgError;
 use arc_swap::ArcSwapOption;
@@ -392,7 +393,7 @@ impl ServerCertVerifier for AnyCert {
 /// What the login needs to know about how a client reached pgmux.
 #[derive(Debug, Clone)]
 pub struct Peer {
-    pub addr: SocketAddr,
+    pub addr: ClientAddr,
     pub tls: bool,
     /// The common name of the client's certificate, verified against client_tls_ca_file.
     pub cert_cn: Option<String>,
@@ -448,19 +449,23 @@ impl OpenError {
 
 /// Settles encryption with a new client: SSLRequest and GSSENCRequest are answered (`S` when
 /// client TLS is on), a direct TLS ClientHello is served, and the first packet that is
-/// neither is returned with the stream it came on.
+/// neither is returned with the stream it came on. A Unix-socket client gets no TLS (libpq
+/// asks for none there; PostgreSQL offers none).
 pub async fn open(
     security: &Security,
-    tcp: TcpStream,
-    addr: SocketAddr,
+    socket: ClientSocket,
+    addr: ClientAddr,
     deadline: Option<Instant>,
 ) -> Result<Opened, OpenError> {
-    let mut tcp = tcp;
     let mut peer = Peer {
         addr,
         tls: false,
         cert_cn: None,
         tls_end_point: None,
+    };
+    let mut tcp = match socket {
+        ClientSocket::Tcp(tcp) => tcp,
+        ClientSocket::Unix(unix) => return open_unix(unix, peer, deadline).await,
     };
     if let Some(tls) = &security.client {
         let mut b = [0u8; 1];
@@ -511,6 +516,30 @@ pub async fn open(
     let first = read_first(&mut tcp, deadline).await?;
     Ok(Opened {
         stream: ClientStream::Plain(tcp),
+        first,
+        peer,
+    })
+}
+
+/// Answers `N` to a Unix-socket client's encryption requests (one of each at most, as on
+/// TCP) and returns its first other packet.
+async fn open_unix(
+    mut unix: UnixStream,
+    peer: Peer,
+    deadline: Option<Instant>,
+) -> Result<Opened, OpenError> {
+    let mut requests = 0;
+    let first = loop {
+        match read_first(&mut unix, deadline).await? {
+            Initial::SslRequest | Initial::GssEncRequest if requests < 2 => {
+                requests += 1;
+                unix.write_all(b"N").await?;
+            }
+            first => break first,
+        }
+    };
+    Ok(Opened {
+        stream: ClientStream::Unix(Box::new(unix)),
         first,
         peer,
     })

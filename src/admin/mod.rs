@@ -11,11 +11,11 @@ pub mod wire;
 pub use show::probe;
 
 use crate::app::{App, Shutdown};
+use crate::endpoint::ClientAddr;
 use crate::protocol::messages;
 use crate::protocol::PgError;
 use crate::tls::ClientStream;
 use bytes::{Buf, BytesMut};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -61,7 +61,7 @@ pub fn admit(app: &App, user: &str) -> Result<Console, PgError> {
 }
 
 /// Serves a console session after AuthenticationOk has been sent.
-pub async fn serve(app: Arc<App>, mut stream: ClientStream, peer: SocketAddr, console: Console) {
+pub async fn serve(app: Arc<App>, mut stream: ClientStream, peer: ClientAddr, console: Console) {
     info!(%peer, user = %console.user, "admin console connected");
     let mut out = BytesMut::new();
     for (k, v) in [

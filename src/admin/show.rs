@@ -318,7 +318,7 @@ fn clients(app: &App) -> BytesMut {
             c.db().into(),
             "none".into(),
             c.state().name().into(),
-            c.addr().ip().to_string().into(),
+            c.addr().host().into(),
             c.addr().port().into(),
             c.local().map(|a| a.ip().to_string()).into(),
             c.local().map(|a| a.port()).into(),

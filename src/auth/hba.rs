@@ -2,9 +2,10 @@
 //! `type database user address method`, the first line that matches a connection decides its
 //! method, and a connection no line matches is refused, as PostgreSQL does.
 //!
-//! Supported: types `host`, `hostssl`, `hostnossl` (and `local`, `hostgssenc`,
-//! `hostnogssenc`, accepted so that a copied pg_hba.conf loads: pgmux has no unix socket and
-//! no GSSAPI, so the first two never match and the last is `host`); database `all`,
+//! Supported: types `local` (clients of the Unix socket in `unix_socket_dir`), `host`,
+//! `hostssl`, `hostnossl` (TCP clients), and `hostgssenc`, `hostnogssenc`, accepted so that a
+//! copied pg_hba.conf loads: pgmux has no GSSAPI, so the first never matches and the second
+//! is `host`; database `all`,
 //! `sameuser` or names; user `all` or names (comma lists and double quotes as in PostgreSQL);
 //! address `all`, a CIDR block, or an address followed by a mask; methods `trust`, `reject`,
 //! `md5`, `scram-sha-256`, `cert`. Group (`+`) and file (`@`) references, host names and
@@ -30,7 +31,9 @@ enum ConnType {
     Host,
     HostSsl,
     HostNoSsl,
-    /// never matches: pgmux listens on TCP only, without GSSAPI
+    /// a Unix-socket client
+    Local,
+    /// never matches: pgmux has no GSSAPI
     Never,
 }
 
@@ -91,17 +94,25 @@ impl Hba {
         Ok(Hba { rules })
     }
 
-    /// The method of the first rule that matches, and its line; None when no rule does.
-    pub fn find(&self, tls: bool, db: &str, user: &str, ip: IpAddr) -> Option<(Method, usize)> {
-        let ip = ip.to_canonical();
+    /// The method of the first rule that matches, and its line; None when no rule does. `ip`
+    /// is None for a Unix-socket client.
+    pub fn find(
+        &self,
+        tls: bool,
+        db: &str,
+        user: &str,
+        ip: Option<IpAddr>,
+    ) -> Option<(Method, usize)> {
+        let ip = ip.map(|ip| ip.to_canonical());
         self.rules
             .iter()
             .find(|r| {
-                let conn = match r.conn {
-                    ConnType::Host => true,
-                    ConnType::HostSsl => tls,
-                    ConnType::HostNoSsl => !tls,
-                    ConnType::Never => false,
+                let conn = match (r.conn, ip) {
+                    (ConnType::Local, None) => true,
+                    (ConnType::Host, Some(_)) => true,
+                    (ConnType::HostSsl, Some(_)) => tls,
+                    (ConnType::HostNoSsl, Some(_)) => !tls,
+                    _ => false,
                 };
                 conn && r.databases.iter().any(|d| match d {
                     Name::All => true,
@@ -110,7 +121,7 @@ impl Hba {
                 }) && r.users.iter().any(|u| match u {
                     Name::Is(name) => name == user,
                     _ => true,
-                }) && r.address.contains(ip)
+                }) && ip.is_none_or(|ip| r.address.contains(ip))
             })
             .map(|r| (r.method, r.line))
     }
@@ -127,13 +138,15 @@ pub fn decide(
     let Some(hba) = hba else {
         return Ok(Decision::Exchange(auth_type));
     };
-    let host = peer.addr.ip().to_canonical();
+    let ip = peer.addr.ip().map(|ip| ip.to_canonical());
+    // as PostgreSQL names a Unix-socket client in these messages
+    let host = ip.map_or_else(|| "[local]".to_string(), |ip| ip.to_string());
     let encryption = if peer.tls {
         "SSL encryption"
     } else {
         "no encryption"
     };
-    match hba.find(peer.tls, db, user, host) {
+    match hba.find(peer.tls, db, user, ip) {
         None => Err(PgError::fatal(
             "28000",
             format!(
@@ -268,7 +281,8 @@ fn parse_rule(line: usize, fields: &[Field]) -> Result<Rule, String> {
         "host" | "hostnogssenc" => ConnType::Host,
         "hostssl" => ConnType::HostSsl,
         "hostnossl" => ConnType::HostNoSsl,
-        "local" | "hostgssenc" => ConnType::Never,
+        "local" => ConnType::Local,
+        "hostgssenc" => ConnType::Never,
         other => return Err(format!("invalid connection type {other:?}")),
     };
     // local lines have no address field
@@ -361,8 +375,8 @@ fn parse_address(fields: &[Field]) -> Result<(Address, &[Field]), String> {
 mod tests {
     use super::*;
 
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
+    fn ip(s: &str) -> Option<IpAddr> {
+        Some(s.parse().unwrap())
     }
 
     #[test]
@@ -408,6 +422,11 @@ mod tests {
             Some((Method::ScramSha256, 6))
         );
         assert_eq!(hba.find(false, "app", "x", ip("192.168.0.1")), None);
+        // a Unix-socket client matches local lines only
+        assert_eq!(
+            hba.find(false, "app", "cert_user", None),
+            Some((Method::Trust, 7))
+        );
     }
 
     #[test]
@@ -438,7 +457,9 @@ mod tests {
         )
         .unwrap();
         let mut peer = Peer {
-            addr: "127.0.0.1:5000".parse().unwrap(),
+            addr: crate::endpoint::ClientAddr::from(
+                "127.0.0.1:5000".parse::<std::net::SocketAddr>().unwrap(),
+            ),
             tls: false,
             cert_cn: None,
             tls_end_point: None,

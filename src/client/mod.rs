@@ -7,6 +7,7 @@ pub mod login;
 
 use crate::app::{App, Shutdown};
 use crate::config::PoolMode;
+use crate::endpoint::{ClientAddr, ClientSocket};
 use crate::logging::{ClientTag, WithClient};
 use crate::params;
 use crate::pool::PooledConn;
@@ -27,7 +28,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tracing::{debug, info, warn};
 
@@ -45,8 +45,8 @@ const RESET_TIMEOUT: Duration = Duration::from_secs(10);
 /// every step before and after the session (TLS, login, the last words) runs boxed.
 pub fn serve<G: Send + 'static>(
     app: Arc<App>,
-    stream: TcpStream,
-    peer: SocketAddr,
+    stream: ClientSocket,
+    peer: ClientAddr,
     over_limit: bool,
     guard: G,
 ) -> impl std::future::Future<Output = ()> + Send {
@@ -69,8 +69,8 @@ pub fn serve<G: Send + 'static>(
 
 struct Start {
     app: Arc<App>,
-    stream: TcpStream,
-    peer: SocketAddr,
+    stream: ClientSocket,
+    peer: ClientAddr,
     over_limit: bool,
 }
 
@@ -78,14 +78,19 @@ struct Start {
 async fn begin(start: Box<Start>) -> Option<Box<Session>> {
     let Start {
         app,
-        stream: tcp,
+        stream: socket,
         peer,
         over_limit,
     } = *start;
-    let _ = tcp.set_nodelay(true);
-    crate::sockopts::apply(&tcp);
-    let local = tcp.local_addr().ok();
-    let (stream, login, route) = enter(&app, tcp, peer, over_limit, local).await?;
+    let local = match &socket {
+        ClientSocket::Tcp(tcp) => {
+            let _ = tcp.set_nodelay(true);
+            crate::sockopts::apply(tcp);
+            tcp.local_addr().ok()
+        }
+        ClientSocket::Unix(_) => None,
+    };
+    let (stream, login, route) = enter(&app, socket, peer, over_limit, local).await?;
     crate::logging::set_client_names(login.log_names());
     if app.config().pgmux.log_connections {
         info!("client connected");
@@ -98,8 +103,8 @@ async fn begin(start: Box<Start>) -> Option<Box<Session>> {
 /// was served by the admin console.
 async fn enter(
     app: &Arc<App>,
-    tcp: TcpStream,
-    peer: SocketAddr,
+    socket: ClientSocket,
+    peer: ClientAddr,
     over_limit: bool,
     local: Option<SocketAddr>,
 ) -> Option<(ClientStream, LoggedIn, StartupRoute)> {
@@ -111,7 +116,7 @@ async fn enter(
         .get()
         .map(|t| Instant::now() + t);
     let security = app.config().security.clone();
-    let opened = Box::pin(crate::tls::open(&security, tcp, peer, deadline)).await;
+    let opened = Box::pin(crate::tls::open(&security, socket, peer, deadline)).await;
     let Opened {
         mut stream,
         first,
@@ -248,10 +253,10 @@ impl Session {
         session
     }
 
-    /// Only a plain TCP client parks: its socket says when it has something to read. A TLS
+    /// Only a plain client parks: its socket says when it has something to read. A TLS
     /// stream may hold decrypted bytes the socket no longer shows.
     fn can_park(&self) -> bool {
-        matches!(self.stream, ClientStream::Plain(_))
+        matches!(self.stream, ClientStream::Plain(_) | ClientStream::Unix(_))
     }
 
     /// The relay, made anew if the client was parked.
@@ -435,12 +440,15 @@ impl Session {
             }
         }
         if self.relay.is_none() {
-            if let ClientStream::Plain(tcp) = &self.stream {
-                match tcp.poll_read_ready(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Wake::Relay(Event::ClientIo(e))),
-                    Poll::Ready(Ok(())) => {}
-                }
+            let ready = match &self.stream {
+                ClientStream::Plain(tcp) => tcp.poll_read_ready(cx),
+                ClientStream::Unix(unix) => unix.poll_read_ready(cx),
+                ClientStream::Tls(_) => Poll::Ready(Ok(())),
+            };
+            match ready {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Wake::Relay(Event::ClientIo(e))),
+                Poll::Ready(Ok(())) => {}
             }
             self.relay_mut();
         }
@@ -971,8 +979,8 @@ mod tests {
         let app = App::new(config);
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let c = TcpStream::connect(addr).await.unwrap();
-        let task = serve(app, c, addr, false, ());
+        let c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let task = serve(app, ClientSocket::Tcp(c), ClientAddr::from(addr), false, ());
         assert!(
             std::mem::size_of_val(&task) <= 144,
             "{}",
