@@ -9,6 +9,7 @@ pub mod cancel;
 pub mod client;
 pub mod config;
 pub mod endpoint;
+pub mod fasthash;
 pub mod listener;
 pub mod logging;
 pub mod metrics;

@@ -13,7 +13,7 @@ use crate::params::Params;
 use crate::server::{ServerConn, ServerError, ServerTarget};
 use crate::stats::PoolStats;
 use arc_swap::ArcSwap;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -98,7 +98,7 @@ struct State {
     baseline: Option<Arc<Params>>,
     closed: bool,
     /// Every open connection (idle or lent), for SHOW SERVERS.
-    servers: HashMap<u64, ServerInfo>,
+    servers: crate::fasthash::U64Map<ServerInfo>,
     /// Bumped by RECONNECT and target changes: older connections close when released.
     generation: u64,
 }
@@ -389,13 +389,13 @@ impl Pool {
 
     /// The most recently used idle connection, when one is ready to lend right now: not
     /// paused, not past server_lifetime, no check query due, not broken. None sends the
-    /// caller to `checkout`, which handles everything else (and waits).
-    pub fn try_checkout(self: &Arc<Self>) -> Option<PooledConn> {
+    /// caller to `checkout`, which handles everything else (and waits). `now`: the caller's
+    /// reading of the clock, a moment ago.
+    pub fn try_checkout(self: &Arc<Self>, now: Instant) -> Option<PooledConn> {
         if self.is_paused() {
             return None;
         }
         let settings = self.settings.load();
-        let now = Instant::now();
         let c = {
             let mut s = lock(&self.state);
             if s.closed {

@@ -12,8 +12,9 @@
 //! table with the fewest calls is evicted at once (so eviction is rare, not one scan per new
 //! statement), and the pool's `evicted` count grows.
 
+use crate::fasthash::U64Map;
 use crate::router::normalize;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -43,7 +44,7 @@ pub struct Entry {
 /// One pool's statements.
 #[derive(Default)]
 pub struct QueryTable {
-    map: Mutex<HashMap<u64, Entry>>,
+    map: Mutex<U64Map<Entry>>,
     /// Moves whenever statements are evicted: per-client memos of what is in the table are
     /// stale after that.
     generation: AtomicU64,
@@ -51,7 +52,7 @@ pub struct QueryTable {
 }
 
 impl QueryTable {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, U64Map<Entry>> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -72,7 +73,7 @@ impl QueryTable {
         });
     }
 
-    fn evict(&self, map: &mut HashMap<u64, Entry>) {
+    fn evict(&self, map: &mut U64Map<Entry>) {
         let mut by_use: Vec<(u64, u64, u64)> =
             map.iter().map(|(k, e)| (e.calls, e.total_us, *k)).collect();
         let n = (MAX_STATEMENTS / 10).max(1).min(by_use.len());

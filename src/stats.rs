@@ -26,6 +26,12 @@ pub const DURATION_BUCKETS: &[f64] = &[
 ];
 
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+/// Wall-clock time at EPOCH, so a monotonic reading also gives the time of day without a
+/// second clock read (SHOW CLIENTS' request_time is taken once per transaction).
+static EPOCH_UNIX_US: LazyLock<u64> = LazyLock::new(|| {
+    let mono = mono_us();
+    unix_us(SystemTime::now()).saturating_sub(mono)
+});
 
 /// Microseconds on a monotonic clock since the process's first use of it.
 pub fn mono_us() -> u64 {
@@ -336,25 +342,24 @@ impl Meter {
     }
 
     /// A Query, Sync or FunctionCall running statement `fp` (0: none known, see
-    /// `statement`): starts the query clock (and the transaction's) unless one is running.
+    /// `statement`), read from the client at `now`: starts the query clock (and the
+    /// transaction's) unless one is running.
     #[inline]
-    pub fn request(&mut self, fp: u64) {
+    pub fn request(&mut self, fp: u64, now: Instant) {
         if self.stats.is_some() {
             self.statements.request(fp);
         }
         if self.query_start.is_none() {
-            let now = Instant::now();
             self.query_start = Some(now);
             self.xact_start.get_or_insert(now);
         }
     }
 
-    /// A ReadyForQuery with transaction status `status`; `more` when other requests are
-    /// still in flight (pipelining), whose clock starts now.
+    /// A ReadyForQuery with transaction status `status`, read at `now`; `more` when other
+    /// requests are still in flight (pipelining), whose clock starts then.
     #[inline]
-    pub fn ready(&mut self, status: u8, more: bool) {
+    pub fn ready(&mut self, status: u8, more: bool, now: Instant) {
         let Some(s) = &self.stats else { return };
-        let now = Instant::now();
         s.queries.fetch_add(1, Ordering::Relaxed);
         let took = self.query_start.take().map(|t| {
             let d = now.saturating_duration_since(t);
@@ -411,9 +416,8 @@ impl Meter {
             .or_insert(0) += 1;
     }
 
-    /// A server was just attached: time spent waiting for it is not query time.
-    pub fn attached(&mut self) {
-        let now = Instant::now();
+    /// A server was just attached at `now`: time spent waiting for it is not query time.
+    pub fn attached(&mut self, now: Instant) {
         if self.query_start.is_some() {
             self.query_start = Some(now);
         }
@@ -696,22 +700,28 @@ impl ClientHandle {
         }
     }
 
-    /// The client asks for a server; returns when it started waiting.
+    /// The client asks for a server; returns when it started waiting (one clock read serves
+    /// the wait, SHOW CLIENTS' request_time and the caller).
     pub fn waiting(&self) -> Instant {
-        self.info.wait_since.store(mono_us(), Ordering::Relaxed);
+        let now = Instant::now();
+        let mono = mono_us_at(now);
+        self.info.wait_since.store(mono, Ordering::Relaxed);
         self.info
             .request_time
-            .store(unix_us(SystemTime::now()), Ordering::Relaxed);
+            .store(*EPOCH_UNIX_US + mono, Ordering::Relaxed);
         self.set_state(ClientState::Waiting);
-        Instant::now()
+        now
     }
 
     /// The client got server `server_id` after waiting since `since`.
     pub fn active(&self, since: Instant, server_id: u64, meter: &mut Meter) {
-        self.info.stats.record_wait(since.elapsed());
+        let now = Instant::now();
+        self.info
+            .stats
+            .record_wait(now.saturating_duration_since(since));
         self.info.server.store(server_id, Ordering::Relaxed);
         self.set_state(ClientState::Active);
-        meter.attached();
+        meter.attached(now);
     }
 
     /// The client keeps its server (transaction mode) for `pin`, or no longer (None).
@@ -840,15 +850,15 @@ mod tests {
         let stats = PoolStats::new("db", "u");
         let mut m = Meter::new(stats.clone());
         // autocommit query
-        m.request(0);
-        m.ready(b'I', false);
+        m.request(0, Instant::now());
+        m.ready(b'I', false, Instant::now());
         // BEGIN; SELECT; COMMIT as three round trips
-        m.request(0);
-        m.ready(b'T', false);
-        m.request(0);
-        m.ready(b'T', false);
-        m.request(0);
-        m.ready(b'I', false);
+        m.request(0, Instant::now());
+        m.ready(b'T', false, Instant::now());
+        m.request(0, Instant::now());
+        m.ready(b'T', false, Instant::now());
+        m.request(0, Instant::now());
+        m.ready(b'I', false, Instant::now());
         let t = stats.totals();
         assert_eq!(t.queries, 4);
         assert_eq!(t.xacts, 2);

@@ -567,7 +567,7 @@ impl Session {
         if self.route.is_some() {
             return Some((waiting_since, None));
         }
-        let Some(conn) = self.login.pool.try_checkout() else {
+        let Some(conn) = self.login.pool.try_checkout(waiting_since) else {
             return Some((waiting_since, None));
         };
         if !in_step(&conn, &self.login.wants) {

@@ -436,7 +436,7 @@ impl Relay {
                 } else {
                     0
                 };
-                self.meter.request(fp);
+                self.meter.request(fp, f.idle_since);
             }
             b'S' if f.copy_in => return Ok(false),
             b'S' => {
@@ -445,7 +445,7 @@ impl Relay {
                 if !f.copy_done_sent {
                     f.syncs_since_execute += 1;
                 }
-                self.meter.request(self.keys.sync());
+                self.meter.request(self.keys.sync(), f.idle_since);
             }
             b'E' => {
                 self.keys.execute();
@@ -588,8 +588,10 @@ impl Relay {
                     // the unit is answered in full: it goes to the client now
                     self.retry.disarm();
                 }
-                self.meter.ready(self.flow.status, self.flow.pending > 0);
-                self.flow.idle_since = Instant::now();
+                let now = Instant::now();
+                self.meter
+                    .ready(self.flow.status, self.flow.pending > 0, now);
+                self.flow.idle_since = now;
                 if self.transaction_mode && self.session.pin.is_none() && self.server_clean() {
                     // whatever follows belongs to the server, not to this client
                     let ch = &mut self.s2c;
