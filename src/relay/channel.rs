@@ -176,13 +176,18 @@ impl Channel {
         Ok(progress)
     }
 
+    /// False while too much is waiting to be written: `read_from` reads nothing then.
+    pub fn reads(&self) -> bool {
+        self.ready_len() < HIGH_WATER
+    }
+
     /// Reads more unless too much is waiting; Some(0) is end of stream, None nothing yet.
     pub fn read_from<R: AsyncRead + Unpin>(
         &mut self,
         cx: &mut Context<'_>,
         r: &mut R,
     ) -> io::Result<Option<usize>> {
-        if self.ready_len() >= HIGH_WATER {
+        if !self.reads() {
             return Ok(None);
         }
         if self.buf.capacity() == 0 {
