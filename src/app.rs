@@ -85,6 +85,9 @@ pub struct App {
     /// Serialises reloads (SIGHUP, RELOAD, SET) so none is lost.
     reloading: Mutex<()>,
     shutdown: watch::Sender<Shutdown>,
+    /// The stage as a plain atomic: every session reads it on every wake-up, and a watch
+    /// channel's read takes its lock.
+    stage: std::sync::atomic::AtomicU8,
     /// SHUTDOWN from the admin console: `run` treats it as SIGINT.
     pub shutdown_requested: Notify,
     /// Woken when the last client leaves.
@@ -119,6 +122,7 @@ impl App {
             pause: Mutex::new(PauseState::default()),
             reloading: Mutex::new(()),
             shutdown: watch::channel(Shutdown::Running).0,
+            stage: std::sync::atomic::AtomicU8::new(Shutdown::Running as u8),
             shutdown_requested: Notify::new(),
             no_clients: tokio::sync::Notify::new(),
             started: SystemTime::now(),
@@ -146,6 +150,7 @@ impl App {
             let later = stage > *s;
             if later {
                 *s = stage;
+                self.stage.store(stage as u8, Ordering::Release);
             }
             later
         });
@@ -156,7 +161,11 @@ impl App {
     }
 
     pub fn shutdown_stage(&self) -> Shutdown {
-        *self.shutdown.borrow()
+        match self.stage.load(Ordering::Acquire) {
+            0 => Shutdown::Running,
+            1 => Shutdown::Drain,
+            _ => Shutdown::Safe,
+        }
     }
 
     pub fn client_count(&self) -> usize {

@@ -406,7 +406,7 @@ impl Pool {
                 .check
                 .as_ref()
                 .is_some_and(|k| now.duration_since(c.last_used) >= k.delay);
-            if check_due || self.too_old(&c, now) {
+            if check_due || too_old(&settings, &c, now) {
                 s.idle.push(c);
                 return None;
             }
@@ -516,10 +516,7 @@ impl Pool {
     }
 
     fn too_old(&self, c: &ServerConn, now: Instant) -> bool {
-        self.settings
-            .load()
-            .lifetime
-            .is_some_and(|l| now.duration_since(c.created) >= l)
+        too_old(&self.settings.load(), c, now)
     }
 
     /// Opens a connection in a slot already counted in `open`.
@@ -840,4 +837,11 @@ impl Drop for PooledConn {
             self.pool.discard(c);
         }
     }
+}
+
+/// Past server_lifetime at `now`.
+fn too_old(settings: &PoolSettings, c: &ServerConn, now: Instant) -> bool {
+    settings
+        .lifetime
+        .is_some_and(|l| now.duration_since(c.created) >= l)
 }
