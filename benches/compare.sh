@@ -37,7 +37,8 @@
 #   KEEP=0               1 keeps the dir, servers stopped
 #   CARGO_BUILD_JOBS     honoured by cargo; 1 on small machines
 #   PGMUX, LOAD          pgmux and pgmux-load binaries to use instead of building them
-#   TOKIO_WORKER_THREADS honoured by pgmux's runtime (default: one per core)
+#   WORKERS=0            pgmux's `workers` (0: one thread per core; 1: a single thread, as
+#                        PgBouncer runs)
 #   SOCKETS=0            1: pgbench reaches PostgreSQL and both proxies through their Unix
 #                        sockets, and both proxies reach PostgreSQL through its socket (the
 #                        memory and busy-client rows stay on TCP: pgmux-load speaks TCP)
@@ -48,6 +49,7 @@
 set -euo pipefail
 
 T=${T:-15}
+WORKERS=${WORKERS:-0}
 SOCKETS=${SOCKETS:-0}
 REPEAT=${REPEAT:-1}
 WORKLOADS=${WORKLOADS:-S50 SX50 SP50 S500 TPCB50}
@@ -169,6 +171,7 @@ start_pgmux() {
 [pgmux]
 listen_addr = "127.0.0.1"
 listen_port = $PGMUX_PORT
+workers = $WORKERS
 unix_socket_dir = "$(sockets_or_empty "$DIR/mux")"
 pool_mode = "transaction"
 default_pool_size = $POOL_SIZE
@@ -319,7 +322,7 @@ print_table() {
   echo
   echo "pgmux vs PgBouncer $(pgbouncer --version | head -n 1 | awk '{print $2}') vs direct PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}'):" \
        "pgbench -T $T -j $JOBS (median of $REPEAT round(s)), scale $SCALE, transaction mode, pool size $POOL_SIZE, $(nproc) cores," \
-       "$([ "$SOCKETS" = 1 ] && echo "Unix sockets" || echo "TCP on 127.0.0.1")"
+       "$([ "$SOCKETS" = 1 ] && echo "Unix sockets" || echo "TCP on 127.0.0.1"), pgmux workers = $WORKERS"
   echo
   echo "| workload | direct | PgBouncer | pgmux | pgmux/PgBouncer |"
   echo "|---|---|---|---|---|"

@@ -42,6 +42,7 @@ pub const RESTART_ONLY: &[&str] = &[
     "listen_addr",
     "listen_port",
     "so_reuseport",
+    "workers",
     "unix_socket_dir",
     "unix_socket_mode",
     "metrics_listen_addr",

@@ -76,6 +76,8 @@ pub struct General {
     pub reserve_pool_timeout: Seconds,
     pub max_client_conn: u32,
     pub so_reuseport: bool,
+    /// Threads serving clients: 0 one per core, 1 a single thread (PgBouncer's model).
+    pub workers: u32,
     /// Directory of a Unix socket `.s.PGSQL.<listen_port>` for local clients; empty: none.
     pub unix_socket_dir: String,
     /// Its permissions, in octal as PgBouncer writes them.
@@ -165,6 +167,7 @@ impl Default for General {
             reserve_pool_timeout: Seconds(5.0),
             max_client_conn: 10_000,
             so_reuseport: false,
+            workers: 0,
             unix_socket_dir: String::new(),
             unix_socket_mode: "0777".into(),
             max_db_connections: 0,

@@ -26,6 +26,21 @@ struct Args {
     check: bool,
 }
 
+/// `workers = 1`: one thread runs everything, as PgBouncer does, with no wake-ups between
+/// threads (the cheapest per transaction, docs/performance.md); otherwise a work-stealing
+/// pool of that many threads (0: one per core).
+fn runtime(workers: u32) -> tokio::runtime::Builder {
+    match workers {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n as usize);
+            b
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let config = match Config::load(&args.config) {
@@ -40,10 +55,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     pgmux::logging::init(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(config.pgmux.workers).enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("pgmux: cannot start runtime: {e}");

@@ -1,5 +1,5 @@
-//! The process: --check, --version, and shutdown on SIGTERM that lets a running transaction
-//! finish while refusing new clients.
+//! The process: --check, --version, `workers` (its threads), and shutdown on SIGTERM that
+//! lets a running transaction finish while refusing new clients.
 
 mod common;
 
@@ -137,4 +137,68 @@ async fn sigterm_drains_serving_connected_clients_until_they_leave() {
         .wait_exit(Duration::from_secs(30))
         .expect("pgmux exits once the last client left");
     assert!(status.success(), "{status:?}");
+}
+
+/// Threads of a process, from /proc.
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_sets_the_threads_and_one_thread_serves_everything() {
+    let pg = PgCluster::shared();
+    let config = |workers: u32| {
+        format!(
+            "[pgmux]\nlisten_port = {{port}}\nauth_type = \"trust\"\nworkers = {workers}\n\
+             default_pool_size = 2\n[[users]]\nname = \"postgres\"\n[[databases]]\n\
+             name = \"app\"\nhost = \"127.0.0.1\"\nport = {}\n",
+            pg.primary().port
+        )
+    };
+    let three = Pgmux::start(&config(3));
+    assert!(threads(three.pid()) >= 4, "{}", threads(three.pid()));
+    drop(three);
+
+    // one thread: more clients than servers, on all three query paths, and a cancel
+    let px = Pgmux::start(&config(1));
+    let url = px.conn_str("postgres", "app", None);
+    let mut tasks = Vec::new();
+    for i in 0..12i32 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = connect(&url).await;
+            for _ in 0..20 {
+                let r = c.query_one("SELECT $1::int + 1", &[&i]).await.unwrap();
+                assert_eq!(r.get::<_, i32>(0), i + 1);
+                let r = c
+                    .query_typed("SELECT $1::int", &[(&i, tokio_postgres::types::Type::INT4)])
+                    .await
+                    .unwrap();
+                assert_eq!(r[0].get::<_, i32>(0), i);
+                c.simple_query("BEGIN; SELECT 1; COMMIT").await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let c = connect(&url).await;
+    let token = c.cancel_token();
+    let sleeping = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(60)").await });
+    wait_until_async("the sleep runs", Duration::from_secs(20), || async {
+        pg.primary().psql(
+            "app",
+            "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'",
+        ) == "1"
+    })
+    .await;
+    token.cancel_query(NoTls).await.unwrap();
+    let err = sleeping.await.unwrap().unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
+    );
+    assert_eq!(threads(px.pid()), 1);
 }
