@@ -5,7 +5,6 @@
 
 use crate::protocol::scan::Scanner;
 use bytes::{Buf, Bytes, BytesMut};
-use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
@@ -18,37 +17,6 @@ pub const READ_CHUNK: usize = 16 * 1024;
 const FIRST_READ: usize = 512;
 /// Unwritten bytes in one direction beyond which its source is not read.
 pub const HIGH_WATER: usize = 64 * 1024;
-/// Emptied buffers kept per thread for the next reads (see `SPARE`).
-const SPARES: usize = 64;
-
-thread_local! {
-    /// Buffers that channels on this thread gave back when they went idle, for the next
-    /// channel that reads: a busy transaction-mode client goes idle between transactions,
-    /// and a fresh buffer every time is an allocation and a free per direction. A spare is
-    /// at most READ_CHUNK + FIRST_READ bytes, so this holds at most about 1 MiB per thread.
-    static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
-}
-
-/// A spare buffer of this thread, or a new one of `FIRST_READ` bytes.
-fn fresh_buffer() -> BytesMut {
-    SPARE
-        .with(|s| s.borrow_mut().pop())
-        .unwrap_or_else(|| BytesMut::with_capacity(FIRST_READ))
-}
-
-/// Keeps an empty buffer for `fresh_buffer`, unless it is large or enough are kept.
-fn give_back(mut buf: BytesMut) {
-    buf.clear();
-    if buf.capacity() == 0 || buf.capacity() > READ_CHUNK + FIRST_READ {
-        return;
-    }
-    SPARE.with(|s| {
-        let mut s = s.borrow_mut();
-        if s.len() < SPARES {
-            s.push(buf);
-        }
-    });
-}
 
 #[derive(Default)]
 pub struct Channel {
@@ -78,10 +46,10 @@ impl Channel {
         self.buf.is_empty() && self.out.is_empty() && self.scanner.at_boundary()
     }
 
-    /// Gives the memory back while the connection sits idle (to this thread's spares).
+    /// Gives the memory back while the connection sits idle.
     pub fn shrink_if_empty(&mut self) {
         if self.buf.is_empty() && self.buf.capacity() > 0 {
-            give_back(std::mem::take(&mut self.buf));
+            self.buf = BytesMut::new();
         }
     }
 
@@ -191,7 +159,7 @@ impl Channel {
             return Ok(None);
         }
         if self.buf.capacity() == 0 {
-            self.buf = fresh_buffer();
+            self.buf.reserve(FIRST_READ);
         } else if self.buf.capacity() - self.buf.len() < 256 {
             self.buf.reserve(READ_CHUNK);
         }
