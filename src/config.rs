@@ -149,6 +149,9 @@ pub struct General {
     pub log_min_duration_ms: u64,
 }
 
+/// Most threads `workers` may ask for.
+pub const MAX_WORKERS: u32 = 1024;
+
 /// A file mode written in octal ("0777", "777" or "0o777"); None if it is not one.
 pub fn parse_socket_mode(s: &str) -> Option<u32> {
     let digits = s.trim().trim_start_matches("0o");
@@ -395,6 +398,10 @@ impl Config {
         if g.stats_period.0 < 1.0 {
             return Err("stats_period must be at least 1 second".into());
         }
+        // beyond this the runtime would fail to start its threads (a panic in tokio)
+        if g.workers > MAX_WORKERS {
+            return Err(format!("workers must be at most {MAX_WORKERS}"));
+        }
         if parse_socket_mode(&g.unix_socket_mode).is_none() {
             return Err(format!(
                 "unix_socket_mode {:?} is not an octal mode such as \"0777\"",
@@ -569,6 +576,21 @@ pool_size = 20
     fn wrong_types_and_values_are_refused() {
         assert!(Config::parse("[pgmux]\npool_mode = \"statement\"\n", "t").is_err());
         assert!(Config::parse("[pgmux]\nlisten_port = \"x\"\n", "t").is_err());
+        // new settings of the fourth session: bad values are errors that name the key
+        for (bad, key) in [
+            ("workers = 100000", "workers"),
+            ("unix_socket_mode = \"rwx\"", "unix_socket_mode"),
+            ("unix_socket_mode = \"0999\"", "unix_socket_mode"),
+            ("unix_socket_dir = \"relative/dir\"", "unix_socket_dir"),
+        ] {
+            let err = Config::parse(&format!("[pgmux]\n{bad}\n"), "t").unwrap_err();
+            assert!(err.to_string().contains(key), "{bad}: {err}");
+        }
+        assert!(Config::parse(
+            "[pgmux]\nworkers = 1024\nunix_socket_mode = \"0o700\"\n",
+            "t"
+        )
+        .is_ok());
         assert!(Config::parse("[pgmux]\ndefault_pool_size = 0\n", "t").is_err());
         let twice = "[[users]]\nname='a'\n[[users]]\nname='a'\n";
         assert!(Config::parse(twice, "t")
