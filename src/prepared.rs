@@ -98,16 +98,17 @@ pub struct ClientStatements {
 }
 
 impl ClientStatements {
-    pub fn insert(&mut self, name: &[u8], d: Arc<StmtDef>) {
-        self.by_name.insert(name.into(), d);
+    /// Returns the definition the name had before, if any.
+    pub fn insert(&mut self, name: &[u8], d: Arc<StmtDef>) -> Option<Arc<StmtDef>> {
+        self.by_name.insert(name.into(), d)
     }
 
     pub fn get(&self, name: &[u8]) -> Option<&Arc<StmtDef>> {
         self.by_name.get(name)
     }
 
-    pub fn remove(&mut self, name: &[u8]) {
-        self.by_name.remove(name);
+    pub fn remove(&mut self, name: &[u8]) -> Option<Arc<StmtDef>> {
+        self.by_name.remove(name)
     }
 
     pub fn len(&self) -> usize {

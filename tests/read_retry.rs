@@ -179,7 +179,35 @@ async fn a_read_whose_replica_breaks_before_answering_is_sent_again() {
     let p: i32 = c.query_one(&stmt, &[]).await.unwrap().get(0);
     assert_eq!(p as u16, replica);
 
-    // 3. with primary_reads = never and no replica left, the client gets a clear error
+    // 3. a statement being prepared when its replica breaks: the Parse is sent again
+    //    elsewhere, and pgmux must not take its own replayed Parse for the client defining
+    //    the name twice (42P05)
+    back_on_replica().await;
+    relay.set_all(Fault::Stall);
+    let prep = {
+        let c3 = connect(&px).await;
+        tokio::spawn(async move {
+            let stmt = c3
+                .prepare("SELECT inet_server_port() AS replayed_parse")
+                .await?;
+            let p: i32 = c3.query_one(&stmt, &[]).await?.get(0);
+            Ok::<_, tokio_postgres::Error>(p as u16)
+        })
+    };
+    wait_until_async("the Parse to hold a replica connection", WAIT, || async {
+        admin
+            .show("SHOW SERVERS")
+            .await
+            .iter()
+            .any(|s| s["port"] == relay_port && s["state"] == "active" && s["database"] == "app")
+    })
+    .await;
+    relay.set_all(Fault::Reset);
+    let got = prep.await.unwrap();
+    relay.clear();
+    assert_eq!(got.expect("the replayed prepare failed"), primary);
+
+    // 4. with primary_reads = never and no replica left, the client gets a clear error
     //    rather than a hang, and the session goes on
     let never = Pgmux::start(&config(
         primary,

@@ -161,6 +161,9 @@ impl Relay {
     pub fn arm_retry(&mut self) {
         if self.s2c.ready_len() == 0 && self.s2c.buf.is_empty() && self.c2s.scanned == 0 {
             self.retry.arm(&self.c2s.buf);
+            if let (true, Some(t)) = (self.retry.is_armed(), self.tracker.as_mut()) {
+                t.begin_journal();
+            }
         }
     }
 
@@ -169,6 +172,9 @@ impl Relay {
     /// relay is as it was before the server was attached. None when not armed.
     pub fn take_for_replay(&mut self) -> Option<()> {
         let request = self.retry.take()?;
+        if let Some(t) = self.tracker.as_mut() {
+            t.roll_back();
+        }
         self.c2s = Channel::with_input(request);
         self.s2c = Channel::default();
         let f = &mut self.flow;
@@ -404,6 +410,9 @@ impl Relay {
                 continue;
             }
             if let Some(t) = self.tracker.as_mut() {
+                if !self.retry.is_armed() {
+                    t.end_journal();
+                }
                 match start {
                     Some(start) => {
                         let fx = t.client_message(

@@ -52,6 +52,10 @@ pub struct Tracker {
     max_prepared: usize,
     /// Statements used since this server clock tick belong to the batch being sent.
     batch_tick: u64,
+    /// While a replica read may be replayed (`relay::retry`): each change to the client's
+    /// names since it was armed, with what the name meant before, so a replay finds the
+    /// names as they were and does not take its own Parse for a duplicate.
+    journal: Option<Vec<(Box<[u8]>, Option<Arc<StmtDef>>)>>,
 }
 
 /// The message types the tracker must read whole on the client side.
@@ -72,6 +76,7 @@ impl Tracker {
             registry,
             max_prepared,
             batch_tick: 0,
+            journal: None,
         }
     }
 
@@ -84,6 +89,38 @@ impl Tracker {
     pub fn attach(&mut self, server: &ServerStatements) {
         self.expect.clear();
         self.batch_tick = server.now();
+    }
+
+    /// The unit about to be sent may be replayed: record name changes from here on.
+    pub fn begin_journal(&mut self) {
+        match &mut self.journal {
+            Some(j) => j.clear(),
+            None => self.journal = Some(Vec::new()),
+        }
+    }
+
+    /// The unit will not be replayed: name changes are final.
+    #[inline]
+    pub fn end_journal(&mut self) {
+        if self.journal.is_some() {
+            self.journal = None;
+        }
+    }
+
+    /// The unit is replayed: the client's names go back to what they were when it was armed.
+    pub fn roll_back(&mut self) {
+        for (name, before) in self.journal.take().into_iter().flatten().rev() {
+            match before {
+                Some(def) => self.stmts.insert(&name, def),
+                None => self.stmts.remove(&name),
+            };
+        }
+    }
+
+    fn name_changed(&mut self, name: &[u8], before: Option<Arc<StmtDef>>) {
+        if let Some(j) = &mut self.journal {
+            j.push((name.into(), before));
+        }
     }
 
     /// A client message the tracker does not read whole.
@@ -149,7 +186,8 @@ impl Tracker {
             return Effects::default();
         }
         let def = self.registry.intern(rest);
-        self.stmts.insert(name, def.clone());
+        let before = self.stmts.insert(name, def.clone());
+        self.name_changed(name, before);
         c2s.seal(start);
         c2s.skip(end - start);
         if server.contains(def.id) {
@@ -270,7 +308,8 @@ impl Tracker {
         match prepared::target(body) {
             Some((b'S', name)) if !name.is_empty() => {
                 // other clients may use the same server-side statement: it stays
-                self.stmts.remove(name);
+                let before = self.stmts.remove(name);
+                self.name_changed(name, before);
                 c2s.seal(start);
                 c2s.skip(end - start);
                 self.expect.push_back(Expect::Answer(CLOSE_COMPLETE));
@@ -447,5 +486,41 @@ impl Tracker {
     /// DISCARD ALL or DEALLOCATE ALL ran: the server has none of pgmux's statements now.
     pub fn server_forgot_all(server: &mut ServerStatements) {
         server.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replay_finds_the_names_as_they_were_when_armed() {
+        let registry = Arc::new(Registry::default());
+        let (one, two) = (
+            registry.intern(b"SELECT 1\0\0\0"),
+            registry.intern(b"SELECT 2\0\0\0"),
+        );
+        let mut t = Tracker::new(registry, 10);
+        t.stmts.insert(b"kept", one.clone());
+        t.stmts.insert(b"closed", one.clone());
+        t.begin_journal();
+        let before = t.stmts.remove(b"closed");
+        t.name_changed(b"closed", before);
+        let before = t.stmts.insert(b"new", two.clone());
+        t.name_changed(b"new", before);
+        let before = t.stmts.insert(b"closed", two.clone());
+        t.name_changed(b"closed", before);
+        t.roll_back();
+        assert_eq!(t.stmts.get(b"closed").map(|d| d.id), Some(one.id));
+        assert!(t.stmts.get(b"new").is_none());
+        assert_eq!(t.stmts.len(), 2);
+
+        // once the unit may not be replayed, nothing is recorded or undone
+        t.begin_journal();
+        t.end_journal();
+        let before = t.stmts.insert(b"final", two);
+        t.name_changed(b"final", before);
+        t.roll_back();
+        assert!(t.stmts.get(b"final").is_some());
     }
 }
