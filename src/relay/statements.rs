@@ -45,6 +45,9 @@ enum Expect {
     },
 }
 
+/// A client statement name and what it meant before it changed.
+type NameChange = (Box<[u8]>, Option<Arc<StmtDef>>);
+
 pub struct Tracker {
     expect: VecDeque<Expect>,
     pub stmts: ClientStatements,
@@ -55,7 +58,7 @@ pub struct Tracker {
     /// While a replica read may be replayed (`relay::retry`): each change to the client's
     /// names since it was armed, with what the name meant before, so a replay finds the
     /// names as they were and does not take its own Parse for a duplicate.
-    journal: Option<Vec<(Box<[u8]>, Option<Arc<StmtDef>>)>>,
+    journal: Option<Vec<NameChange>>,
 }
 
 /// The message types the tracker must read whole on the client side.
