@@ -115,6 +115,10 @@ impl ClientStatements {
         self.by_name.len()
     }
 
+    pub fn names(&self) -> impl Iterator<Item = Box<[u8]>> + '_ {
+        self.by_name.keys().cloned()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.by_name.is_empty()
     }

@@ -346,3 +346,57 @@ fn a_statement_name_in_use_is_refused_as_postgresql_refuses_it() {
     let (mut through, _) = login(px.port, "app", "prepdup");
     assert_eq!(script(&mut through), expected);
 }
+
+/// `DEALLOCATE ALL`, `DISCARD ALL` and `DEALLOCATE name` free the client's statement names as
+/// PostgreSQL does (drivers such as PHP's PDO and Rails deallocate with SQL), so the names
+/// can be prepared again; a refused `DEALLOCATE ALL` frees nothing.
+#[test]
+fn deallocate_and_discard_free_names_as_on_postgresql() {
+    use common::raw::{login, msg, query};
+    let parse = |name: &str, sql: &str| {
+        msg(
+            b'P',
+            &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat(),
+        )
+    };
+    let run = |stmt: &str| {
+        vec![
+            msg(b'B', &[b"\0", stmt.as_bytes(), b"\0\0\0\0\0\0\0"].concat()),
+            msg(b'E', b"\0\0\0\0\0"),
+            msg(b'S', b""),
+        ]
+    };
+    let sync = || msg(b'S', b"");
+    let script = |s: &mut std::net::TcpStream| {
+        let mut out = vec![batch(s, &[parse("s1", "select 1"), sync()])];
+        for (sql, next) in [
+            ("DEALLOCATE ALL", "select 2"),
+            ("discard all", "select 3"),
+            ("DEALLOCATE s1", "select 4"),
+            ("deallocate prepare S1;", "select 5"),
+        ] {
+            out.push(batch(s, &run("s1")));
+            out.push(batch(s, &[query(sql)]));
+            out.push(batch(s, &run("s1")));
+            out.push(batch(s, &[parse("s1", next), sync()]));
+        }
+        out.push(batch(s, &[parse("Mixed", "select 6"), sync()]));
+        out.push(batch(s, &[query("DEALLOCATE \"Mixed\"")]));
+        out.push(batch(s, &run("Mixed")));
+        out.push(batch(s, &[query("DEALLOCATE nosuch")]));
+        // refused inside a failed transaction: the statements stay
+        out.push(batch(s, &[query("begin")]));
+        out.push(batch(s, &[query("select 1/0")]));
+        out.push(batch(s, &[query("DEALLOCATE ALL")]));
+        out.push(batch(s, &[query("rollback")]));
+        out.push(batch(s, &run("s1")));
+        out
+    };
+    let pg = PgCluster::shared();
+    let (mut direct, _) = login(pg.primary().port, "postgres", "postgres");
+    let expected = script(&mut direct);
+    assert_eq!(expected[3], ["E26000", "ZI"], "{expected:?}");
+    let px = start("prepdealloc", 2, "");
+    let (mut through, _) = login(px.port, "app", "prepdealloc");
+    assert_eq!(script(&mut through), expected);
+}

@@ -299,7 +299,9 @@ impl Relay {
             }
             if server.is_none() {
                 if let Some(t) = self.tracker.as_mut() {
-                    if !self.flow.terminated && t.answer_prepare_alone(&mut self.c2s, &mut self.s2c)
+                    if !self.flow.terminated
+                        && (t.answer_prepare_alone(&mut self.c2s, &mut self.s2c)
+                            || t.answer_deallocate_alone(&mut self.c2s, &mut self.s2c))
                     {
                         continue;
                     }
@@ -376,7 +378,7 @@ impl Relay {
                         // both from one pass of the lexer
                         let (fp, fx) = fingerprint_and_effects(text);
                         self.keys.query_fingerprinted(&mut self.meter, text, fp);
-                        self.apply_effects(fx, server.statements);
+                        self.apply_effects(fx);
                     } else {
                         self.keys.query(&mut self.meter, text);
                     }
@@ -422,7 +424,7 @@ impl Relay {
                             &mut self.s2c,
                             server.statements,
                         );
-                        self.apply_effects(fx, server.statements);
+                        self.apply_effects(fx);
                     }
                     None => t.client_passed(tag, server.statements),
                 }
@@ -431,12 +433,9 @@ impl Relay {
     }
 
     /// Session effects of a query the client sent (transaction mode).
-    fn apply_effects(&mut self, fx: Effects, server: &mut ServerStatements) {
+    fn apply_effects(&mut self, fx: Effects) {
         if !fx.any() {
             return;
-        }
-        if fx.statements_dropped {
-            server.clear();
         }
         self.session.settings_changed |= fx.settings;
         self.session.pgmux_reset |= fx.pgmux_reset;
@@ -569,6 +568,9 @@ impl Relay {
                     start,
                 }) => {
                     self.meter.statements.command_complete(body);
+                    if let (Some(b'D'), Some(t)) = (body.first(), self.tracker.as_mut()) {
+                        t.command_complete(body, server.statements);
+                    }
                     (b'C', start)
                 }
                 Ok(Step::Message { tag, start, .. }) | Ok(Step::Passed { tag, start, .. }) => {

@@ -17,6 +17,7 @@ use std::sync::Arc;
 const PARSE_COMPLETE: &[u8] = &[b'1', 0, 0, 0, 4];
 const CLOSE_COMPLETE: &[u8] = &[b'3', 0, 0, 0, 4];
 const READY_IDLE: &[u8] = &[b'Z', 0, 0, 0, 5, b'I'];
+const DEALLOCATE_COMPLETE: &[u8] = b"C\0\0\0\x0fDEALLOCATE\0";
 
 /// An answer the server owes, oldest first.
 #[derive(Debug, Clone)]
@@ -447,6 +448,47 @@ impl Tracker {
         true
     }
 
+    /// Without a server: a simple Query that only deallocates one of the client's statements
+    /// (`DEALLOCATE name`, as PHP's PDO and Rails send) is answered by pgmux, since the
+    /// server knows the statement under pgmux's name, and other clients may share it.
+    /// Returns whether the query was consumed.
+    pub fn answer_deallocate_alone(&mut self, c2s: &mut Channel, s2c: &mut Channel) -> bool {
+        let Some(head) = c2s.buf.get(..5).filter(|h| h[0] == b'Q') else {
+            return false;
+        };
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let Some(body) = c2s.buf.get(5..1 + len.max(4)) else {
+            return false;
+        };
+        let Some(name) = crate::router::effects::deallocated_name(prepared::query_text(body))
+        else {
+            return false;
+        };
+        let Some(before) = self.stmts.remove(name.as_bytes()) else {
+            return false;
+        };
+        self.name_changed(name.as_bytes(), Some(before));
+        s2c.insert(Bytes::from_static(DEALLOCATE_COMPLETE));
+        s2c.insert(Bytes::from_static(READY_IDLE));
+        c2s.consume_unscanned(1 + len);
+        true
+    }
+
+    /// The server completed a command: after `DEALLOCATE ALL` or `DISCARD ALL` it has none
+    /// of pgmux's statements, and the client's names are gone too, as they would be on
+    /// PostgreSQL (so it may prepare the same names again). Read from the command tag, so a
+    /// refused command changes nothing.
+    pub fn command_complete(&mut self, tag: &[u8], server: &mut ServerStatements) {
+        if tag == b"DEALLOCATE ALL\0" || tag == b"DISCARD ALL\0" {
+            server.clear();
+            let names: Vec<Box<[u8]>> = self.stmts.names().collect();
+            for name in names {
+                let before = self.stmts.remove(&name);
+                self.name_changed(&name, before);
+            }
+        }
+    }
+
     /// The server entered COPY FROM STDIN and ignores the `n` Syncs that followed the
     /// Execute at the front: it owes nothing for them.
     pub fn syncs_ignored(&mut self, mut n: u32) {
@@ -484,11 +526,6 @@ impl Tracker {
             s2c.insert(Bytes::from_static(msg));
             self.expect.pop_front();
         }
-    }
-
-    /// DISCARD ALL or DEALLOCATE ALL ran: the server has none of pgmux's statements now.
-    pub fn server_forgot_all(server: &mut ServerStatements) {
-        server.clear();
     }
 }
 

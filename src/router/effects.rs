@@ -1,6 +1,5 @@
 //! What a query does to its server session beyond the statement itself, for transaction
-//! pooling: settings changed (SET, RESET, set_config, DISCARD), pgmux's prepared statements
-//! dropped (DISCARD ALL, DEALLOCATE ALL), or state that cannot move to another server and
+//! pooling: settings changed (SET, RESET, set_config, DISCARD), or state that cannot move to another server and
 //! so pins the client to this one (LISTEN, SQL PREPARE, temporary objects, WITH HOLD
 //! cursors, session advisory locks). Built on the classifier's lexer, so strings, comments
 //! and dollar quotes cannot fool it; unlexable text is reported as pinning (when in doubt,
@@ -13,8 +12,6 @@ use super::classify::{Backslash, Lexer, Tok};
 pub struct Effects {
     /// Session settings may have changed: read them back before the server is reused.
     pub settings: bool,
-    /// The server no longer has the statements pgmux prepared on it.
-    pub statements_dropped: bool,
     /// State that cannot follow the client: it keeps this server until it leaves.
     pub pin: Option<PinReason>,
     /// DISCARD ALL ran: whatever pinned before it is gone (`pin` is what came after it).
@@ -77,6 +74,31 @@ pub fn effects(sql: &str) -> Effects {
             Err(_) => return scan.unreadable(),
         }
     }
+}
+
+/// The statement name `sql` deallocates when it is exactly one `DEALLOCATE [PREPARE] name`
+/// (not `ALL`), as PostgreSQL reads the name: an unquoted one in lower case.
+pub fn deallocated_name(sql: &str) -> Option<String> {
+    let mut lexer = Lexer::new(sql, Backslash::Literal);
+    let mut next = || lexer.next().ok().flatten();
+    let mut tok = next();
+    if !word(&tok, "deallocate") {
+        return None;
+    }
+    tok = next();
+    if word(&tok, "prepare") {
+        tok = next();
+    }
+    let name = match tok? {
+        Tok::Word(w) if !w.eq_ignore_ascii_case("all") => w.to_ascii_lowercase(),
+        Tok::Quoted(q) => q.replace("\"\"", "\""),
+        _ => return None,
+    };
+    let mut rest = next();
+    while rest == Some(Tok::Semi) {
+        rest = next();
+    }
+    rest.is_none().then_some(name)
 }
 
 /// `effects` fed one token at a time, so one lexer pass can also serve the fingerprint
@@ -165,14 +187,9 @@ fn statement(head: &[Option<Tok<'_>>; HEAD], n: usize, fx: &mut Effects) {
         fx.settings = true;
         if w(1, "all") {
             fx.pgmux_reset = PGMUX_ROUTE | PGMUX_MIN_LSN;
-            fx.statements_dropped = true;
             fx.discard_all = true;
             // what pinned before this statement is gone; what follows may pin again
             fx.pin = None;
-        }
-    } else if w(0, "deallocate") {
-        if w(1, "all") || (w(1, "prepare") && w(2, "all")) {
-            fx.statements_dropped = true;
         }
     } else if w(0, "prepare") && !w(1, "transaction") {
         fx.pin.get_or_insert(PinReason::Prepare);
@@ -300,13 +317,34 @@ mod tests {
     }
 
     #[test]
-    fn statements_dropped() {
+    fn deallocated_names_as_postgresql_reads_them() {
+        assert_eq!(deallocated_name("DEALLOCATE s1").as_deref(), Some("s1"));
+        assert_eq!(
+            deallocated_name("deallocate PREPARE S1 ;").as_deref(),
+            Some("s1")
+        );
+        assert_eq!(
+            deallocated_name("/* c */ DEALLOCATE \"Pdo\"\"x\"").as_deref(),
+            Some("Pdo\"x")
+        );
+        for not in [
+            "DEALLOCATE ALL",
+            "DEALLOCATE PREPARE ALL",
+            "DEALLOCATE",
+            "DEALLOCATE a; SELECT 1",
+            "DEALLOCATE a b",
+            "SELECT 'DEALLOCATE a'",
+            "DEALLOCATE 'a",
+        ] {
+            assert_eq!(deallocated_name(not), None, "{not}");
+        }
+    }
+
+    #[test]
+    fn discard_all() {
         let d = effects("DISCARD ALL");
-        assert!(d.statements_dropped && d.discard_all && d.settings);
-        assert!(effects("deallocate all").statements_dropped);
-        assert!(effects("DEALLOCATE PREPARE ALL").statements_dropped);
-        assert!(!effects("DEALLOCATE p1").statements_dropped);
-        assert!(!effects("DISCARD PLANS").statements_dropped);
+        assert!(d.discard_all && d.settings);
+        assert!(!effects("DISCARD PLANS").discard_all);
         assert_eq!(pin("LISTEN a; DISCARD ALL"), None);
         assert_eq!(pin("DISCARD ALL; LISTEN a"), Some(PinReason::Listen));
     }
