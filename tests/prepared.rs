@@ -347,9 +347,10 @@ fn a_statement_name_in_use_is_refused_as_postgresql_refuses_it() {
     assert_eq!(script(&mut through), expected);
 }
 
-/// `DEALLOCATE ALL`, `DISCARD ALL` and `DEALLOCATE name` free the client's statement names as
-/// PostgreSQL does (drivers such as PHP's PDO and Rails deallocate with SQL), so the names
-/// can be prepared again; a refused `DEALLOCATE ALL` frees nothing.
+/// `DEALLOCATE ALL`, `DISCARD ALL` and `DEALLOCATE name` (between transactions and inside a
+/// transaction block) free the client's statement names as PostgreSQL does (drivers such as
+/// PHP's PDO and Rails deallocate with SQL), so the names can be prepared again; a refused
+/// `DEALLOCATE ALL` frees nothing.
 #[test]
 fn deallocate_and_discard_free_names_as_on_postgresql() {
     use common::raw::{login, msg, query};
@@ -389,6 +390,14 @@ fn deallocate_and_discard_free_names_as_on_postgresql() {
         out.push(batch(s, &[query("select 1/0")]));
         out.push(batch(s, &[query("DEALLOCATE ALL")]));
         out.push(batch(s, &[query("rollback")]));
+        out.push(batch(s, &run("s1")));
+        // inside a transaction block; a rollback does not bring the statement back
+        out.push(batch(s, &[query("begin")]));
+        out.push(batch(s, &[query("DEALLOCATE s1")]));
+        out.push(batch(s, &run("s1")));
+        out.push(batch(s, &[query("rollback")]));
+        out.push(batch(s, &run("s1")));
+        out.push(batch(s, &[parse("s1", "select 7"), sync()]));
         out.push(batch(s, &run("s1")));
         out
     };

@@ -371,9 +371,22 @@ impl Relay {
                     return Ok(());
                 }
                 Step::Message {
-                    tag: b'Q', body, ..
+                    tag: b'Q',
+                    body,
+                    start,
                 } => {
                     let text = prepared::query_text(body);
+                    let at_boundary = self.s2c.scanner.at_boundary();
+                    let dealloc = deallocation_to_answer(
+                        &self.flow,
+                        self.tracker.as_ref(),
+                        at_boundary,
+                        text,
+                    );
+                    if let (Some(name), Some(t)) = (dealloc, self.tracker.as_mut()) {
+                        t.answer_deallocate(name.as_bytes(), start, &mut self.c2s, &mut self.s2c);
+                        continue;
+                    }
                     if transaction_mode {
                         // both from one pass of the lexer
                         let (fp, fx) = fingerprint_and_effects(text);
@@ -629,6 +642,24 @@ impl Relay {
             }
         }
     }
+}
+
+/// A simple query that only deallocates one of the client's statements, inside a transaction
+/// block with nothing else in flight (so the status pgmux answers with is known) and the
+/// server's output at a message boundary (so the answer can go in): pgmux answers it
+/// (`Tracker::answer_deallocate`). Between transactions no server is attached and
+/// `Tracker::answer_deallocate_alone` answers it.
+fn deallocation_to_answer(
+    flow: &Flow,
+    tracker: Option<&Tracker>,
+    s2c_at_boundary: bool,
+    text: &str,
+) -> Option<String> {
+    let t = tracker?;
+    if flow.status != b'T' || flow.pending != 0 || !s2c_at_boundary || !t.is_settled() {
+        return None;
+    }
+    crate::router::effects::deallocated_name(text).filter(|n| t.stmts.get(n.as_bytes()).is_some())
 }
 
 fn scan_error(e: ScanError) -> String {

@@ -17,6 +17,7 @@ use std::sync::Arc;
 const PARSE_COMPLETE: &[u8] = &[b'1', 0, 0, 0, 4];
 const CLOSE_COMPLETE: &[u8] = &[b'3', 0, 0, 0, 4];
 const READY_IDLE: &[u8] = &[b'Z', 0, 0, 0, 5, b'I'];
+const READY_IN_TRANSACTION: &[u8] = &[b'Z', 0, 0, 0, 5, b'T'];
 const DEALLOCATE_COMPLETE: &[u8] = b"C\0\0\0\x0fDEALLOCATE\0";
 
 /// An answer the server owes, oldest first.
@@ -472,6 +473,24 @@ impl Tracker {
         s2c.insert(Bytes::from_static(READY_IDLE));
         c2s.consume_unscanned(1 + len);
         true
+    }
+
+    /// `DEALLOCATE name` (at `c2s.buf[start..c2s.scanned]`) of one of the client's
+    /// statements, inside a transaction block with nothing in flight: answered by pgmux.
+    pub fn answer_deallocate(
+        &mut self,
+        name: &[u8],
+        start: usize,
+        c2s: &mut Channel,
+        s2c: &mut Channel,
+    ) {
+        let before = self.stmts.remove(name);
+        self.name_changed(name, before);
+        let end = c2s.scanned;
+        c2s.seal(start);
+        c2s.skip(end - start);
+        s2c.insert(Bytes::from_static(DEALLOCATE_COMPLETE));
+        s2c.insert(Bytes::from_static(READY_IN_TRANSACTION));
     }
 
     /// The server completed a command: after `DEALLOCATE ALL` or `DISCARD ALL` it has none
