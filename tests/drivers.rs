@@ -1,7 +1,8 @@
 //! Real drivers in other languages through pgmux in transaction mode with a small pool, many
 //! clients each, so statements really move between servers: psycopg 3 (every statement
 //! prepared, pipeline mode), asyncpg (statement cache on), node-postgres (named queries),
-//! pgjdbc (prepareThreshold=1). Each script checks results, not only the absence of errors.
+//! pgjdbc (prepareThreshold=1), PHP's PDO (server-side prepares, deallocated with SQL). Each
+//! script checks results, not only the absence of errors.
 //! `.ci/run` installs the drivers; tests/drivers/ holds the scripts.
 
 mod common;
@@ -102,5 +103,15 @@ fn pgjdbc_with_prepare_threshold_one() {
             px.port
         ))
         .arg(CLIENTS);
+    run(cmd, "clients ok");
+}
+
+#[test]
+fn php_pdo_deallocates_with_sql() {
+    let px = start();
+    let mut cmd = Command::new("php");
+    cmd.arg("pdo_check.php")
+        .arg(format!("pgsql:host=127.0.0.1;port={};dbname=app", px.port))
+        .args(["app", "secret", CLIENTS]);
     run(cmd, "clients ok");
 }
