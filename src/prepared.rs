@@ -9,7 +9,7 @@ use crate::protocol::messages::{self, take_cstr};
 use crate::router::effects::{effects, Effects};
 use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// One distinct statement: what a Parse carries after the statement name.
@@ -22,6 +22,9 @@ pub struct StmtDef {
     validated: AtomicBool,
     /// What running it does to the session (read once, at first sight).
     pub effects: Effects,
+    /// Raised when a server said its plan is outdated (a schema change: "cached plan must
+    /// not change result type"): every server holding an older generation prepares it again.
+    generation: AtomicU32,
 }
 
 impl StmtDef {
@@ -31,6 +34,15 @@ impl StmtDef {
 
     pub fn mark_validated(&self) {
         self.validated.store(true, Ordering::Relaxed);
+    }
+
+    pub fn generation(&self) -> u32 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// A server refused to run it as prepared: all servers must prepare it again.
+    pub fn outdate(&self) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The Parse message that prepares this statement under pgmux's name.
@@ -85,6 +97,7 @@ impl Registry {
             effects: effects(query_text(&body)),
             body: body.clone(),
             validated: AtomicBool::new(false),
+            generation: AtomicU32::new(0),
         });
         map.insert(body, d.clone());
         d
@@ -115,6 +128,11 @@ impl ClientStatements {
         self.by_name.len()
     }
 
+    /// The client's statement with pgmux's id `id` (a scan: for errors only).
+    pub fn find(&self, id: u64) -> Option<&Arc<StmtDef>> {
+        self.by_name.values().find(|d| d.id == id)
+    }
+
     pub fn names(&self) -> impl Iterator<Item = Box<[u8]>> + '_ {
         self.by_name.keys().cloned()
     }
@@ -124,11 +142,21 @@ impl ClientStatements {
     }
 }
 
-/// What one server has prepared under pgmux's names, with use ticks for LRU eviction.
+/// What one server has prepared under pgmux's names, with use ticks for LRU eviction and
+/// the generation of each statement it prepared (`StmtDef::outdate`).
 #[derive(Debug, Default)]
 pub struct ServerStatements {
-    ticks: HashMap<u64, u64>,
+    ticks: HashMap<u64, (u64, u32)>,
     clock: u64,
+}
+
+/// Whether a server holds a statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    No,
+    Current,
+    /// Prepared before its plan was outdated: to close and prepare again.
+    Outdated,
 }
 
 impl ServerStatements {
@@ -136,10 +164,19 @@ impl ServerStatements {
         self.ticks.contains_key(&id)
     }
 
-    /// Marks a statement prepared (or just used): it becomes the most recently used.
-    pub fn touch(&mut self, id: u64) {
+    pub fn holds(&self, def: &StmtDef) -> Held {
+        match self.ticks.get(&def.id) {
+            None => Held::No,
+            Some(&(_, g)) if g == def.generation() => Held::Current,
+            Some(_) => Held::Outdated,
+        }
+    }
+
+    /// Marks a statement prepared (or just used), as of its current generation: it becomes
+    /// the most recently used.
+    pub fn touch(&mut self, def: &StmtDef) {
         self.clock += 1;
-        self.ticks.insert(id, self.clock);
+        self.ticks.insert(def.id, (self.clock, def.generation()));
     }
 
     pub fn forget(&mut self, id: u64) {
@@ -167,8 +204,8 @@ impl ServerStatements {
     pub fn evictable(&self, since: u64) -> Option<u64> {
         self.ticks
             .iter()
-            .filter(|(_, &t)| t <= since)
-            .min_by_key(|(_, &t)| t)
+            .filter(|(_, &(t, _))| t <= since)
+            .min_by_key(|(_, &(t, _))| t)
             .map(|(&id, _)| id)
     }
 }
@@ -241,14 +278,33 @@ mod tests {
 
     #[test]
     fn lru_eviction_spares_the_current_batch() {
+        let r = Registry::default();
+        let d: Vec<_> = (0..4)
+            .map(|i| r.intern(format!("SELECT {i}\0\0\0").as_bytes()))
+            .collect();
         let mut s = ServerStatements::default();
-        s.touch(1);
-        s.touch(2);
+        s.touch(&d[1]);
+        s.touch(&d[2]);
         let batch_start = s.now();
-        s.touch(3);
-        s.touch(1);
-        assert_eq!(s.evictable(batch_start), Some(2));
-        s.forget(2);
+        s.touch(&d[3]);
+        s.touch(&d[1]);
+        assert_eq!(s.evictable(batch_start), Some(d[2].id));
+        s.forget(d[2].id);
         assert_eq!(s.evictable(batch_start), None);
+    }
+
+    #[test]
+    fn an_outdated_statement_is_held_as_outdated_until_prepared_again() {
+        let r = Registry::default();
+        let d = r.intern(b"SELECT * FROM t\0\0\0");
+        let mut s = ServerStatements::default();
+        assert_eq!(s.holds(&d), Held::No);
+        s.touch(&d);
+        assert_eq!(s.holds(&d), Held::Current);
+        d.outdate();
+        assert_eq!(s.holds(&d), Held::Outdated);
+        assert_eq!(r.intern(b"SELECT * FROM t\0\0\0").generation(), 1);
+        s.touch(&d);
+        assert_eq!(s.holds(&d), Held::Current);
     }
 }

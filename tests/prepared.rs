@@ -409,3 +409,65 @@ fn deallocate_and_discard_free_names_as_on_postgresql() {
     let (mut through, _) = login(px.port, "app", "prepdealloc");
     assert_eq!(script(&mut through), expected);
 }
+
+/// After a schema change PostgreSQL refuses to run a statement prepared before it (0A000
+/// "cached plan must not change result type") until it is prepared again. pgmux shares one
+/// server statement among clients, so a client preparing the text again must be given a
+/// fresh one, not the outdated one: the same answers as PostgreSQL, for this client and for
+/// another one preparing the same text.
+#[test]
+fn a_statement_outdated_by_a_schema_change_is_prepared_again() {
+    use common::raw::{login, msg, query};
+    let parse = |name: &str, sql: &str| {
+        msg(
+            b'P',
+            &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat(),
+        )
+    };
+    let run = |stmt: &str| {
+        vec![
+            msg(b'B', &[b"\0", stmt.as_bytes(), b"\0\0\0\0\0\0\0"].concat()),
+            msg(b'E', b"\0\0\0\0\0"),
+            msg(b'S', b""),
+        ]
+    };
+    let sync = || msg(b'S', b"");
+    let script = |port: u16, user: &str, db: &str| {
+        let (mut s, _) = login(port, user, db);
+        let (mut other, _) = login(port, user, db);
+        let s = &mut s;
+        let mut out = vec![
+            batch(
+                s,
+                &[query("drop table if exists sch; create table sch (a int)")],
+            ),
+            batch(s, &[query("insert into sch values (7)")]),
+            batch(s, &[parse("s1", "select * from sch"), sync()]),
+            batch(s, &run("s1")),
+            batch(s, &[query("alter table sch add column b int")]),
+            batch(s, &run("s1")),
+            batch(
+                s,
+                &[
+                    msg(b'C', b"Ss1\0"),
+                    parse("s1", "select * from sch"),
+                    sync(),
+                ],
+            ),
+            batch(s, &run("s1")),
+            batch(s, &[parse("s2", "select * from sch"), sync()]),
+            batch(s, &run("s2")),
+        ];
+        let other = &mut other;
+        out.push(batch(other, &[parse("o1", "select * from sch"), sync()]));
+        out.push(batch(other, &run("o1")));
+        out
+    };
+    let pg = PgCluster::shared();
+    pg.create_database("prepschema_direct", "postgres");
+    let expected = script(pg.primary().port, "postgres", "prepschema_direct");
+    assert_eq!(expected[5], ["E0A000", "ZI"], "{expected:?}");
+    // one server, so the statement prepared before the change is the one reused
+    let px = start("prepschema", 1, "");
+    assert_eq!(script(px.port, "app", "prepschema"), expected);
+}

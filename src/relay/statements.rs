@@ -8,7 +8,7 @@
 //! server sends back.
 
 use super::channel::Channel;
-use crate::prepared::{self, ClientStatements, Registry, ServerStatements, StmtDef};
+use crate::prepared::{self, ClientStatements, Held, Registry, ServerStatements, StmtDef};
 use crate::router::effects::{effects, Effects};
 use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::VecDeque;
@@ -29,7 +29,10 @@ enum Expect {
         def: Option<Arc<StmtDef>>,
         ours: bool,
     },
-    Bind,
+    /// `stmt`: pgmux's id of the named statement bound (0: unnamed or unknown to pgmux).
+    Bind {
+        stmt: u64,
+    },
     Describe,
     Execute,
     Close {
@@ -195,15 +198,15 @@ impl Tracker {
         self.name_changed(name, before);
         c2s.seal(start);
         c2s.skip(end - start);
-        if server.contains(def.id) {
-            server.touch(def.id);
+        if self.holds_current(&def, c2s, server) {
+            server.touch(&def);
             self.expect.push_back(Expect::Answer(PARSE_COMPLETE));
         } else {
             self.make_room(c2s, server);
             let mut msg = BytesMut::new();
             def.parse_message(&mut msg);
             c2s.push(msg.freeze());
-            server.touch(def.id);
+            server.touch(&def);
             self.expect.push_back(Expect::Parse {
                 def: Some(def.clone()),
                 ours: false,
@@ -253,7 +256,7 @@ impl Tracker {
     ) -> Effects {
         let body = &c2s.buf[start + 5..end];
         let Some((portal, stmt, names_len)) = prepared::bind_names(body) else {
-            self.expect.push_back(Expect::Bind);
+            self.expect.push_back(Expect::Bind { stmt: 0 });
             return Effects::default();
         };
         let Some(def) = (!stmt.is_empty())
@@ -261,7 +264,7 @@ impl Tracker {
             .flatten()
             .cloned()
         else {
-            self.expect.push_back(Expect::Bind);
+            self.expect.push_back(Expect::Bind { stmt: 0 });
             return Effects::default();
         };
         // the new start of the message: header, portal, pgmux's statement name
@@ -278,7 +281,7 @@ impl Tracker {
         self.ensure_prepared(&def, c2s, server);
         c2s.push(head.freeze());
         c2s.skip(5 + names_len);
-        self.expect.push_back(Expect::Bind);
+        self.expect.push_back(Expect::Bind { stmt: def.id });
         def.effects
     }
 
@@ -330,19 +333,41 @@ impl Tracker {
         c2s: &mut Channel,
         server: &mut ServerStatements,
     ) {
-        if server.contains(def.id) {
-            server.touch(def.id);
+        if self.holds_current(def, c2s, server) {
+            server.touch(def);
             return;
         }
         self.make_room(c2s, server);
         let mut msg = BytesMut::new();
         def.parse_message(&mut msg);
         c2s.push(msg.freeze());
-        server.touch(def.id);
+        server.touch(def);
         self.expect.push_back(Expect::Parse {
             def: Some(def.clone()),
             ours: true,
         });
+    }
+
+    /// Whether the server holds `def` as it is now. One prepared before its plan was outdated
+    /// is closed on the server first (and forgotten), so that it can be prepared again.
+    fn holds_current(
+        &mut self,
+        def: &StmtDef,
+        c2s: &mut Channel,
+        server: &mut ServerStatements,
+    ) -> bool {
+        match server.holds(def) {
+            Held::Current => true,
+            Held::No => false,
+            Held::Outdated => {
+                server.forget(def.id);
+                let mut msg = BytesMut::new();
+                prepared::close_statement(&mut msg, def.id);
+                c2s.push(msg.freeze());
+                self.expect.push_back(Expect::Close { ours: true });
+                false
+            }
+        }
     }
 
     /// Closes the least recently used statement when the server holds its quota.
@@ -379,6 +404,13 @@ impl Tracker {
                 s2c.push(error);
                 return self.failed(server);
             }
+            (b'E', Expect::Bind { stmt }) if *stmt != 0 => {
+                let body = &s2c.buf[start + 5..s2c.scanned];
+                if crate::protocol::messages::parse_error_fields(body).code == "0A000" {
+                    self.outdated(*stmt);
+                }
+                return self.failed(server);
+            }
             (b'E', _) => return self.failed(server),
             (b'1', Expect::Parse { def, ours }) => {
                 if let Some(d) = def {
@@ -387,7 +419,7 @@ impl Tracker {
                 *ours
             }
             (b'3', Expect::Close { ours }) => *ours,
-            (b'2', Expect::Bind)
+            (b'2', Expect::Bind { .. })
             | (b'T' | b'n', Expect::Describe)
             | (b'C' | b'I' | b's', Expect::Execute)
             | (b'Z', Expect::Ready) => false,
@@ -519,6 +551,20 @@ impl Tracker {
             } else {
                 i += 1;
             }
+        }
+    }
+
+    /// The server would not run statement `id` as prepared ("cached plan must not change
+    /// result type", 0A000, after a schema change): PostgreSQL's answer is to prepare it
+    /// again, and a client doing so would only be given the same outdated server statement.
+    /// So every server prepares it again before its next use.
+    fn outdated(&self, id: u64) {
+        if let Some(def) = self.stmts.find(id) {
+            tracing::info!(
+                statement = id,
+                "a server outdated a prepared statement's plan: preparing it again on each server"
+            );
+            def.outdate();
         }
     }
 
