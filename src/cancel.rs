@@ -19,6 +19,9 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 
+/// How long a cancel may take when `server_connect_timeout` is 0 (unbounded).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Where a client's query runs right now: its server connection's key and flight, shared
 /// with the connection, so pointing a client at its server allocates nothing.
 pub type CancelTarget = Arc<CancelFlight>;
@@ -70,6 +73,17 @@ impl CancelFlight {
         InFlight {
             flight: self.clone(),
             delivered: false,
+        }
+    }
+
+    /// A cancel of whatever this server runs now, counted in its flight.
+    pub fn cancel(self: &Arc<Self>) -> Cancel {
+        Cancel {
+            to: self.to.clone(),
+            pid: self.pid,
+            secret: self.secret,
+            tls_host: self.tls_host.clone(),
+            in_flight: self.begin(),
         }
     }
 
@@ -160,14 +174,7 @@ impl CancelKey {
             return None;
         }
         let t = self.target.lock().unwrap_or_else(|e| e.into_inner());
-        let t = t.as_ref()?;
-        Some(Cancel {
-            to: t.to.clone(),
-            pid: t.pid,
-            secret: t.secret,
-            tls_host: t.tls_host.clone(),
-            in_flight: t.begin(),
-        })
+        Some(t.as_ref()?.cancel())
     }
 }
 

@@ -465,3 +465,57 @@ async fn waiters_are_served_first_in_first_out() {
     })
     .await;
 }
+
+/// A query whose client vanished, or whose session `query_timeout` ended, is cancelled on
+/// its server: PostgreSQL would otherwise run it to its end while the pool opens another
+/// server in its place (more work on PostgreSQL than the pool's size allows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_left_running_on_a_closed_server_is_cancelled() {
+    use std::io::Write;
+    let running = |db: &str, tag: &str| {
+        sql(
+            "postgres",
+            &format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' \
+                 AND state = 'active' AND query LIKE '%/*{tag}*/%' AND pid <> pg_backend_pid()"
+            ),
+        )
+    };
+    for mode in ["session", "transaction"] {
+        let db = format!("muxabandon_{mode}");
+        let px = start(
+            &db,
+            &format!("pool_mode = \"{mode}\"\ndefault_pool_size = 2"),
+            "",
+        );
+        let (mut s, _) = common::raw::login(px.port, "app", &db);
+        s.write_all(&common::raw::query("SELECT pg_sleep(600) /*left*/"))
+            .unwrap();
+        wait_until("the query to run", WAIT, || running(&db, "left") == "1");
+        drop(s);
+        wait_until("the vanished client's query to be cancelled", WAIT, || {
+            running(&db, "left") == "0"
+        });
+        let next = connect(&px, &db).await.unwrap();
+        assert_eq!(
+            first(&next.simple_query("SELECT 'served'").await.unwrap()),
+            "served"
+        );
+    }
+
+    let db = "muxabandon_timeout";
+    let px = start(db, "pool_mode = \"transaction\"\nquery_timeout = 1", "");
+    let c = connect(&px, db).await.unwrap();
+    let err = c
+        .simple_query("SELECT pg_sleep(600) /*timed*/")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.as_db_error().map(|e| e.message()),
+        Some("query_timeout"),
+        "{err}"
+    );
+    wait_until("the timed-out query to be cancelled", WAIT, || {
+        running(db, "timed") == "0"
+    });
+}

@@ -21,9 +21,6 @@ use bytes::BytesMut;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-/// Bound on delivering a cancel when server_connect_timeout is off.
-const CANCEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
-
 /// Where a logged-in client goes: a pool, or the admin console (virtual database `pgmux`).
 pub enum Entry {
     /// A pool's client, with pgmux's own startup settings (`-c pgmux.route=replica`), which
@@ -299,7 +296,7 @@ where
                         .pgmux
                         .server_connect_timeout
                         .get()
-                        .unwrap_or(CANCEL_TIMEOUT);
+                        .unwrap_or(cancel::DEFAULT_TIMEOUT);
                     if let Err(e) = cancel::send_cancel(c, timeout).await {
                         tracing::warn!("sending cancel to {to} failed: {e}");
                     }

@@ -819,20 +819,45 @@ impl Session {
         }
     }
 
+    /// The server is closed while it still runs the client's work (the client left, or a
+    /// timeout ended the session). PostgreSQL would run that work to its end, unaware of the
+    /// closed socket until it next writes, while the pool opens another server in its place:
+    /// so it is cancelled (in the background, bounded like a client's cancel).
+    fn cancel_abandoned(&self, conn: &PooledConn) {
+        let c = conn.cancel_target().cancel();
+        let timeout = self
+            .app
+            .config()
+            .pgmux
+            .server_connect_timeout
+            .get()
+            .unwrap_or(crate::cancel::DEFAULT_TIMEOUT);
+        tokio::spawn(async move {
+            let to = c.to.clone();
+            if let Err(e) = crate::cancel::send_cancel(c, timeout).await {
+                tracing::debug!("cancelling abandoned work on {to} failed: {e}");
+            }
+        });
+    }
+
     /// After the session: the server goes back only if idle and clean, else it is closed.
     async fn finish(&mut self, error: Option<PgError>) {
         if let Some(conn) = self.server.take() {
             self.login.client.set_cancel_target(None);
             let relay = self.relay_mut();
-            let (clean, pinned, changed) = (
+            let (clean, pinned, changed, busy) = (
                 relay.server_clean(),
                 relay.session.pin.is_some(),
                 relay.session.settings_changed,
+                !relay.flow.quiet(),
             );
             let reset = self.mode == PoolMode::Session
                 || pinned
                 || self.app.config().pgmux.server_reset_query_always;
             if !clean || ((reset || changed) && !cancels_settled(&conn).await) {
+                if busy {
+                    self.cancel_abandoned(&conn);
+                }
                 drop(conn);
             } else if reset {
                 // what pinned the client (temporary tables, LISTEN...) goes with DISCARD ALL
