@@ -347,8 +347,8 @@ fn a_statement_name_in_use_is_refused_as_postgresql_refuses_it() {
     assert_eq!(script(&mut through), expected);
 }
 
-/// `DEALLOCATE ALL`, `DISCARD ALL` and `DEALLOCATE name` (between transactions and inside a
-/// transaction block) free the client's statement names as PostgreSQL does (drivers such as
+/// `DEALLOCATE ALL`, `DISCARD ALL` (also as a named prepared statement, as pgjdbc runs it)
+/// and `DEALLOCATE name` (between transactions and inside a transaction block) free the client's statement names as PostgreSQL does (drivers such as
 /// PHP's PDO and Rails deallocate with SQL), so the names can be prepared again; a refused
 /// `DEALLOCATE ALL` frees nothing.
 #[test]
@@ -381,6 +381,16 @@ fn deallocate_and_discard_free_names_as_on_postgresql() {
             out.push(batch(s, &run("s1")));
             out.push(batch(s, &[parse("s1", next), sync()]));
         }
+        // as pgjdbc sends it once prepareThreshold is reached: a named statement
+        out.push(batch(s, &[parse("s9", "select 9"), sync()]));
+        out.push(batch(
+            s,
+            &[&[parse("S_1", "DISCARD ALL")][..], &run("S_1")].concat(),
+        ));
+        out.push(batch(s, &run("s9")));
+        out.push(batch(s, &run("S_1")));
+        out.push(batch(s, &[parse("s9", "select 9"), sync()]));
+        out.push(batch(s, &run("s9")));
         out.push(batch(s, &[parse("Mixed", "select 6"), sync()]));
         out.push(batch(s, &[query("DEALLOCATE \"Mixed\"")]));
         out.push(batch(s, &run("Mixed")));
