@@ -481,3 +481,41 @@ fn a_statement_outdated_by_a_schema_change_is_prepared_again() {
     let px = start("prepschema", 1, "");
     assert_eq!(script(px.port, "app", "prepschema"), expected);
 }
+
+/// A named Parse the server refuses, or skips after an earlier error in its batch, defines
+/// no name, as on PostgreSQL: the client can prepare the name again, and binding it fails.
+#[test]
+fn a_parse_that_failed_or_was_skipped_defines_no_name() {
+    use common::raw::{login, msg};
+    let parse = |name: &str, sql: &str| {
+        msg(
+            b'P',
+            &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat(),
+        )
+    };
+    let bind = |stmt: &str| msg(b'B', &[b"\0", stmt.as_bytes(), b"\0\0\0\0\0\0\0"].concat());
+    let exec = || msg(b'E', b"\0\0\0\0\0");
+    let sync = || msg(b'S', b"");
+    let script = |s: &mut std::net::TcpStream| {
+        vec![
+            batch(s, &[parse("a", "selec 1"), sync()]),
+            batch(s, &[bind("a"), exec(), sync()]),
+            batch(s, &[parse("a", "select 1"), bind("a"), exec(), sync()]),
+            // skipped after an error: once with a statement a server already has (pgmux
+            // would answer its ParseComplete), once with a new one
+            batch(s, &[bind("nosuch"), parse("b", "select 1"), sync()]),
+            batch(s, &[bind("nosuch"), parse("c", "select 3"), sync()]),
+            batch(s, &[bind("b"), exec(), sync()]),
+            batch(s, &[bind("c"), exec(), sync()]),
+            batch(s, &[parse("b", "select 2"), parse("c", "select 4"), sync()]),
+            batch(s, &[bind("b"), exec(), bind("c"), exec(), sync()]),
+        ]
+    };
+    let pg = PgCluster::shared();
+    let (mut direct, _) = login(pg.primary().port, "postgres", "postgres");
+    let expected = script(&mut direct);
+    assert_eq!(expected[0], ["E42601", "ZI"], "{expected:?}");
+    let px = start("prepfailed", 1, "");
+    let (mut through, _) = login(px.port, "app", "prepfailed");
+    assert_eq!(script(&mut through), expected);
+}

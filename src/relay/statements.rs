@@ -28,6 +28,15 @@ enum Expect {
     Parse {
         def: Option<Arc<StmtDef>>,
         ours: bool,
+        /// The client's name for it (its own Parse): a Parse the server refuses or skips
+        /// defines no name, as on PostgreSQL.
+        name: Option<Box<[u8]>>,
+    },
+    /// ParseComplete that pgmux answers (the server already has the statement) for the
+    /// client's `name`, unless an error before it makes the server skip to Sync.
+    ParseAnswered {
+        name: Box<[u8]>,
+        def: Arc<StmtDef>,
     },
     /// `stmt`: pgmux's id of the named statement bound (0: unnamed or unknown to pgmux).
     Bind {
@@ -184,6 +193,7 @@ impl Tracker {
             self.expect.push_back(Expect::Parse {
                 def: None,
                 ours: false,
+                name: None,
             });
             let text =
                 prepared::split_parse(&body).map_or("", |(_, rest)| prepared::query_text(rest));
@@ -200,7 +210,10 @@ impl Tracker {
         c2s.skip(end - start);
         if self.holds_current(&def, c2s, server) {
             server.touch(&def);
-            self.expect.push_back(Expect::Answer(PARSE_COMPLETE));
+            self.expect.push_back(Expect::ParseAnswered {
+                name: name.into(),
+                def: def.clone(),
+            });
         } else {
             self.make_room(c2s, server);
             let mut msg = BytesMut::new();
@@ -210,6 +223,7 @@ impl Tracker {
             self.expect.push_back(Expect::Parse {
                 def: Some(def.clone()),
                 ours: false,
+                name: Some(name.into()),
             });
         }
         def.effects
@@ -345,6 +359,7 @@ impl Tracker {
         self.expect.push_back(Expect::Parse {
             def: Some(def.clone()),
             ours: true,
+            name: None,
         });
     }
 
@@ -412,7 +427,7 @@ impl Tracker {
                 return self.failed(server);
             }
             (b'E', _) => return self.failed(server),
-            (b'1', Expect::Parse { def, ours }) => {
+            (b'1', Expect::Parse { def, ours, .. }) => {
                 if let Some(d) = def {
                     d.mark_validated();
                 }
@@ -574,10 +589,26 @@ impl Tracker {
             if matches!(front, Expect::Ready) {
                 break;
             }
-            if let Expect::Parse { def: Some(d), .. } = front {
-                server.forget(d.id);
+            match self.expect.pop_front() {
+                Some(Expect::Parse {
+                    def: Some(d), name, ..
+                }) => {
+                    server.forget(d.id);
+                    if let Some(name) = name {
+                        self.undefine(&name, &d);
+                    }
+                }
+                Some(Expect::ParseAnswered { name, def }) => self.undefine(&name, &def),
+                _ => {}
             }
-            self.expect.pop_front();
+        }
+    }
+
+    /// The client's Parse of `name` did not take effect: the name is free again.
+    fn undefine(&mut self, name: &[u8], def: &Arc<StmtDef>) {
+        if self.stmts.get(name).is_some_and(|d| Arc::ptr_eq(d, def)) {
+            let before = self.stmts.remove(name);
+            self.name_changed(name, before);
         }
     }
 
@@ -587,7 +618,12 @@ impl Tracker {
         if !s2c.scanner.at_boundary() {
             return;
         }
-        while let Some(&Expect::Answer(msg)) = self.expect.front() {
+        loop {
+            let msg = match self.expect.front() {
+                Some(&Expect::Answer(msg)) => msg,
+                Some(Expect::ParseAnswered { .. }) => PARSE_COMPLETE,
+                _ => break,
+            };
             s2c.insert(Bytes::from_static(msg));
             self.expect.pop_front();
         }
