@@ -140,6 +140,49 @@ async fn settings_follow_the_client_and_never_leak() {
     assert_eq!(one(&c, "SHOW statement_timeout").await, "0");
 }
 
+/// `SET ROLE` and custom settings (`myapp.tenant`, as row-level security setups use) are not
+/// listed in pg_settings, and RESET ALL leaves the role alone: they must still follow their
+/// client and never reach another one sharing the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_and_custom_settings_follow_the_client_and_never_leak() {
+    let db = "ss_roles";
+    let px = start(db, 1);
+    let pg = PgCluster::shared();
+    pg.psql(
+        pg.primary(),
+        "postgres",
+        "DO $$ BEGIN CREATE ROLE ss_r1; EXCEPTION WHEN duplicate_object THEN NULL; END $$; \
+         GRANT ss_r1 TO app",
+    );
+    let a = connect(&px, "app", db).await;
+    let b = connect(&px, "app", db).await;
+    a.simple_query("SET ROLE ss_r1; SET myapp.tenant = '42'")
+        .await
+        .unwrap();
+    // through the extended protocol: a named statement, so pgmux's tracker sees it
+    a.query("SELECT set_config('myapp.user', $1, false)", &[&"alice"])
+        .await
+        .unwrap();
+    let a_sees =
+        "SELECT current_user || '/' || coalesce(current_setting('myapp.tenant', true), '') \
+                  || '/' || coalesce(current_setting('myapp.user', true), '')";
+    for _ in 0..3 {
+        // one server shared by both: each sees only its own
+        assert_eq!(one(&a, a_sees).await, "ss_r1/42/alice");
+        assert_eq!(one(&b, a_sees).await, "app//");
+    }
+    a.simple_query("RESET ROLE; RESET myapp.tenant")
+        .await
+        .unwrap();
+    assert_eq!(one(&a, a_sees).await, "app//alice");
+    assert_eq!(one(&b, a_sees).await, "app//");
+    // a client that leaves with a role set hands back a server without it
+    a.simple_query("SET ROLE ss_r1").await.unwrap();
+    drop(a);
+    let c = connect(&px, "app", db).await;
+    assert_eq!(one(&c, a_sees).await, "app//");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_move_between_servers_under_load() {
     let db = "ss_moving";

@@ -731,11 +731,13 @@ impl Session {
     /// it serves another client.
     async fn read_back_settings(&mut self, conn: &mut PooledConn) -> Result<(), String> {
         let mut rows = Vec::new();
-        // pg_settings leaves out placeholder settings such as pgmux's own: asked by name
-        let sql = "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' \
-            UNION ALL SELECT 'pgmux.route', pg_catalog.current_setting('pgmux.route', true) \
-            UNION ALL SELECT 'pgmux.min_lsn', pg_catalog.current_setting('pgmux.min_lsn', true)";
-        match conn.query_internal(sql, Some(&mut rows)).await {
+        let named = self
+            .relay
+            .as_deref_mut()
+            .map(|r| std::mem::take(&mut r.session.custom_settings))
+            .unwrap_or_default();
+        let sql = read_back_statement(&named, &conn.extras, &self.login.wants);
+        match conn.query_internal(&sql, Some(&mut rows)).await {
             Ok(None) => {}
             Ok(Some(e)) => return Err(e.message),
             Err(e) => return Err(e.to_string()),
@@ -746,11 +748,17 @@ impl Session {
             conn.params.remove(&name);
         }
         let mut ours = PgmuxSettings::default();
-        for row in rows {
+        let mut seen: Vec<&str> = Vec::with_capacity(rows.len());
+        for row in &rows {
             let [name, value] = &row[..] else {
                 return Err("unexpected pg_settings row".into());
             };
-            if params::is_tracked(name) {
+            // a custom setting may be both listed (defined by a module) and asked by name
+            if params::is_tracked(name) || seen.iter().any(|s| s.eq_ignore_ascii_case(name)) {
+                continue;
+            }
+            seen.push(name);
+            if is_unset(name, value) {
                 continue;
             }
             // pgmux's own settings, run by the server (in a transaction, among other
@@ -863,7 +871,8 @@ impl Session {
                 // what pinned the client (temporary tables, LISTEN...) goes with DISCARD ALL
                 self.reset_and_release(conn).await;
             } else if changed {
-                self.reset_with(conn, "RESET ALL").await;
+                // RESET ALL leaves a SET ROLE alone
+                self.reset_with(conn, "RESET ALL; RESET ROLE").await;
             } else {
                 conn.release();
             }
@@ -961,6 +970,44 @@ fn shutdown_error() -> PgError {
         "57P01",
         "terminating connection due to administrator command",
     )
+}
+
+/// What the read-back asks the server: its settings with a session source, and those
+/// pg_settings does not list, by name: `role` (SET ROLE, which RESET ALL leaves alone too),
+/// pgmux's own, and the custom ones (`myapp.tenant`) the unit named, the server was given
+/// or the client expects.
+fn read_back_statement(named: &[String], extras: &[String], wants: &params::Params) -> String {
+    let mut sql = String::from(
+        "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' \
+         UNION ALL SELECT 'role', pg_catalog.current_setting('role') \
+         UNION ALL SELECT 'pgmux.route', pg_catalog.current_setting('pgmux.route', true) \
+         UNION ALL SELECT 'pgmux.min_lsn', pg_catalog.current_setting('pgmux.min_lsn', true)",
+    );
+    let custom = named
+        .iter()
+        .map(String::as_str)
+        .chain(extras.iter().map(String::as_str))
+        .chain(wants.iter().map(|(n, _)| n))
+        .filter(|n| n.contains('.') && !n.to_ascii_lowercase().starts_with("pgmux."));
+    let mut asked: Vec<&str> = Vec::new();
+    for name in custom {
+        if asked.iter().any(|a| a.eq_ignore_ascii_case(name)) {
+            continue;
+        }
+        asked.push(name);
+        sql.push_str(" UNION ALL SELECT ");
+        params::quote_literal(&mut sql, name);
+        sql.push_str(", pg_catalog.current_setting(");
+        params::quote_literal(&mut sql, name);
+        sql.push_str(", true)");
+    }
+    sql
+}
+
+/// A read-back value that means the session does not hold the setting: no role set, or a
+/// custom setting never set (NULL) or reset ('').
+fn is_unset(name: &str, value: &str) -> bool {
+    (name == "role" && value == "none") || (name.contains('.') && value.is_empty())
 }
 
 /// After a successful sync the server holds the client's values, reported or not.

@@ -15,7 +15,7 @@ use crate::params::{self, Params};
 use crate::prepared::{self, Registry, ServerStatements};
 use crate::protocol::messages::parse_parameter_status;
 use crate::protocol::scan::{ScanError, Step};
-use crate::router::effects::{Effects, PinReason};
+use crate::router::effects::{custom_setting_names, Effects, PinReason};
 use crate::router::normalize::fingerprint_and_effects;
 use crate::stats::Meter;
 pub use channel::{Channel, HIGH_WATER, READ_CHUNK};
@@ -113,6 +113,28 @@ pub struct SessionState {
     pub pin: Option<PinReason>,
     /// pgmux settings the unit reset (`router::effects::PGMUX_ROUTE`...), for the read-back.
     pub pgmux_reset: u8,
+    /// Custom settings the unit named (`myapp.tenant`): PostgreSQL does not list them in
+    /// pg_settings, so the read-back asks for each by name. Bounded: past
+    /// `MAX_CUSTOM_SETTINGS` the client keeps its server (`PinReason::Settings`).
+    pub custom_settings: Vec<String>,
+}
+
+/// Custom setting names one unit of work may name before its client is pinned instead.
+pub const MAX_CUSTOM_SETTINGS: usize = 64;
+
+impl SessionState {
+    fn note_custom_settings(&mut self, names: impl IntoIterator<Item = String>) {
+        for name in names {
+            if self.custom_settings.contains(&name) {
+                continue;
+            }
+            if self.custom_settings.len() >= MAX_CUSTOM_SETTINGS {
+                self.pin.get_or_insert(PinReason::Settings);
+                return;
+            }
+            self.custom_settings.push(name);
+        }
+    }
 }
 
 impl Relay {
@@ -391,6 +413,10 @@ impl Relay {
                         // both from one pass of the lexer
                         let (fp, fx) = fingerprint_and_effects(text);
                         self.keys.query_fingerprinted(&mut self.meter, text, fp);
+                        if fx.custom_settings {
+                            self.session
+                                .note_custom_settings(custom_setting_names(text));
+                        }
                         self.apply_effects(fx);
                     } else {
                         self.keys.query(&mut self.meter, text);
@@ -437,6 +463,10 @@ impl Relay {
                             &mut self.s2c,
                             server.statements,
                         );
+                        if fx.custom_settings {
+                            self.session
+                                .note_custom_settings(t.custom_settings.drain(..));
+                        }
                         self.apply_effects(fx);
                     }
                     None => t.client_passed(tag, server.statements),

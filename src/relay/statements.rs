@@ -73,6 +73,8 @@ pub struct Tracker {
     /// names since it was armed, with what the name meant before, so a replay finds the
     /// names as they were and does not take its own Parse for a duplicate.
     journal: Option<Vec<NameChange>>,
+    /// Custom settings named by the statements just passed (`note_custom_settings`).
+    pub custom_settings: Vec<String>,
 }
 
 /// The message types the tracker must read whole on the client side.
@@ -94,6 +96,7 @@ impl Tracker {
             max_prepared,
             batch_tick: 0,
             journal: None,
+            custom_settings: Vec::new(),
         }
     }
 
@@ -137,6 +140,15 @@ impl Tracker {
     fn name_changed(&mut self, name: &[u8], before: Option<Arc<StmtDef>>) {
         if let Some(j) = &mut self.journal {
             j.push((name.into(), before));
+        }
+    }
+
+    /// Custom settings a statement names, for the relay to read back (`Effects::custom_settings`).
+    fn note_custom_settings(&mut self, def: &StmtDef) {
+        if def.effects.custom_settings {
+            let text = prepared::query_text(&def.body);
+            self.custom_settings
+                .extend(crate::router::effects::custom_setting_names(text));
         }
     }
 
@@ -226,6 +238,7 @@ impl Tracker {
                 name: Some(name.into()),
             });
         }
+        self.note_custom_settings(&def);
         def.effects
     }
 
@@ -296,6 +309,7 @@ impl Tracker {
         c2s.push(head.freeze());
         c2s.skip(5 + names_len);
         self.expect.push_back(Expect::Bind { stmt: def.id });
+        self.note_custom_settings(&def);
         def.effects
     }
 

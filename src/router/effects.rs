@@ -16,6 +16,10 @@ pub struct Effects {
     pub pin: Option<PinReason>,
     /// DISCARD ALL ran: whatever pinned before it is gone (`pin` is what came after it).
     pub discard_all: bool,
+    /// A custom setting (a dotted name, `myapp.tenant`) was named by SET, RESET or
+    /// set_config: PostgreSQL does not list those in pg_settings, so pgmux reads them back
+    /// by name ([`custom_setting_names`]).
+    pub custom_settings: bool,
     /// pgmux settings reset to their defaults (`RESET pgmux.route`, `SET pgmux.min_lsn TO
     /// DEFAULT`, `RESET ALL`, `DISCARD ALL`): `PGMUX_ROUTE` | `PGMUX_MIN_LSN`.
     pub pgmux_reset: u8,
@@ -33,16 +37,20 @@ pub enum PinReason {
     AdvisoryLock,
     /// The text could not be read (unterminated string or comment).
     Unreadable,
+    /// Settings pgmux cannot follow to another server: `SET SESSION AUTHORIZATION`, or
+    /// set_config with a computed name.
+    Settings,
 }
 
 impl PinReason {
-    pub const ALL: [PinReason; 6] = [
+    pub const ALL: [PinReason; 7] = [
         PinReason::Listen,
         PinReason::Prepare,
         PinReason::TempObject,
         PinReason::HoldCursor,
         PinReason::AdvisoryLock,
         PinReason::Unreadable,
+        PinReason::Settings,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -53,6 +61,7 @@ impl PinReason {
             PinReason::HoldCursor => "hold_cursor",
             PinReason::AdvisoryLock => "advisory_lock",
             PinReason::Unreadable => "unreadable",
+            PinReason::Settings => "settings",
         }
     }
 }
@@ -110,6 +119,8 @@ pub(super) struct Scan<'a> {
     head: [Option<Tok<'a>>; HEAD],
     n: usize,
     declare_seen_with: bool,
+    /// Tokens of `set_config(` seen so far (1: the name, 2: and its parenthesis).
+    set_config: u8,
 }
 
 impl<'a> Scan<'a> {
@@ -125,10 +136,14 @@ impl<'a> Scan<'a> {
             self.head[self.n] = Some(tok);
         }
         self.n += 1;
+        if self.set_config > 0 {
+            self.set_config_arg(tok);
+        }
         if let Tok::Word(w) = tok {
             // rules that look anywhere in the statement
             if w.eq_ignore_ascii_case("set_config") {
                 self.fx.settings = true;
+                self.set_config = 1;
             } else if is_session_advisory_lock(w) {
                 self.fx.pin.get_or_insert(PinReason::AdvisoryLock);
             } else if word(&self.head[0], "declare") {
@@ -141,6 +156,26 @@ impl<'a> Scan<'a> {
                 }
             }
         }
+    }
+
+    /// The setting a set_config call names: a custom one is read back by name, one pgmux
+    /// cannot know (a computed name) keeps the server.
+    fn set_config_arg(&mut self, tok: Tok<'a>) {
+        match (self.set_config, tok) {
+            (1, Tok::LParen) => return self.set_config = 2,
+            (2, Tok::Str(name)) => {
+                if name.contains('.') {
+                    self.fx.custom_settings = true;
+                } else if name.eq_ignore_ascii_case("session_authorization") {
+                    self.fx.pin.get_or_insert(PinReason::Settings);
+                }
+            }
+            (2, _) => {
+                self.fx.pin.get_or_insert(PinReason::Settings);
+            }
+            _ => {}
+        }
+        self.set_config = 0;
     }
 
     pub(super) fn finish(mut self) -> Effects {
@@ -169,6 +204,11 @@ fn statement(head: &[Option<Tok<'_>>; HEAD], n: usize, fx: &mut Effects) {
         if !(w(1, "local") || w(1, "transaction") || w(1, "constraints")) {
             fx.settings = true;
             let at = if w(1, "session") { 2 } else { 1 };
+            if w(at, "authorization") {
+                // the session's user itself: DISCARD ALL (at the client's end) undoes it
+                fx.pin.get_or_insert(PinReason::Settings);
+            }
+            fx.custom_settings |= custom_name(head, at).is_some();
             if let Some((bit, next)) = pgmux_name(head, at) {
                 let assigns = matches!(head[next], Some(Tok::Op("="))) || w(next, "to");
                 if assigns && head.get(next + 1).is_some_and(|t| word(t, "default")) {
@@ -178,6 +218,7 @@ fn statement(head: &[Option<Tok<'_>>; HEAD], n: usize, fx: &mut Effects) {
         }
     } else if w(0, "reset") {
         fx.settings = true;
+        fx.custom_settings |= custom_name(head, 1).is_some();
         if w(1, "all") {
             fx.pgmux_reset = PGMUX_ROUTE | PGMUX_MIN_LSN;
         } else if let Some((bit, _)) = pgmux_name(head, 1) {
@@ -198,6 +239,69 @@ fn statement(head: &[Option<Tok<'_>>; HEAD], n: usize, fx: &mut Effects) {
     } else if w(0, "create") && creates_temp(head) {
         fx.pin.get_or_insert(PinReason::TempObject);
     }
+}
+
+/// A custom setting named at `head[i]` (`myapp.tenant`, `"myapp.tenant"`), in lower case
+/// unless quoted (as PostgreSQL reads it).
+fn custom_name(head: &[Option<Tok<'_>>], i: usize) -> Option<String> {
+    match (head.get(i)?, head.get(i + 1), head.get(i + 2)) {
+        (Some(Tok::Word(a)), Some(Some(Tok::Dot)), Some(Some(Tok::Word(b) | Tok::Quoted(b)))) => {
+            Some(format!(
+                "{}.{}",
+                a.to_ascii_lowercase(),
+                b.to_ascii_lowercase()
+            ))
+        }
+        (Some(Tok::Quoted(q)), _, _) if q.contains('.') => Some(q.to_ascii_lowercase()),
+        _ => None,
+    }
+}
+
+/// The custom settings `sql` names (see [`Effects::custom_settings`]): by SET and RESET
+/// (not SET LOCAL), and by set_config with a literal name.
+pub fn custom_setting_names(sql: &str) -> Vec<String> {
+    let mut lexer = Lexer::new(sql, Backslash::Literal);
+    let mut names = Vec::new();
+    let mut head: [Option<Tok<'_>>; HEAD] = [None; HEAD];
+    let (mut n, mut prev, mut prev2) = (0, None, None);
+    while let Ok(Some(tok)) = lexer.next() {
+        if tok == Tok::Semi {
+            names.extend(set_or_reset_custom(&head));
+            (head, n) = ([None; HEAD], 0);
+            continue;
+        }
+        if let (Tok::Str(name), Some(Tok::LParen), Some(Tok::Word(f))) = (tok, prev, prev2) {
+            if f.eq_ignore_ascii_case("set_config") && name.contains('.') {
+                names.push(name.to_ascii_lowercase());
+            }
+        }
+        if n < HEAD {
+            head[n] = Some(tok);
+        }
+        n += 1;
+        (prev2, prev) = (prev, Some(tok));
+    }
+    names.extend(set_or_reset_custom(&head));
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The custom setting a `SET [SESSION] name` or `RESET name` statement names.
+fn set_or_reset_custom(head: &[Option<Tok<'_>>; HEAD]) -> Option<String> {
+    let w = |i: usize, k: &str| word(&head[i], k);
+    let at = if w(0, "set") && !w(1, "local") {
+        if w(1, "session") {
+            2
+        } else {
+            1
+        }
+    } else if w(0, "reset") {
+        1
+    } else {
+        return None;
+    };
+    custom_name(&head[..], at)
 }
 
 /// A pgmux setting named at `head[i]` (`pgmux.route`, `"pgmux.min_lsn"`): its bit and the
@@ -338,6 +442,48 @@ mod tests {
         ] {
             assert_eq!(deallocated_name(not), None, "{not}");
         }
+    }
+
+    #[test]
+    fn custom_settings_are_named_for_the_read_back() {
+        for sql in [
+            "SET myapp.tenant = '42'",
+            "set session MyApp.Tenant to 42",
+            "SET \"myapp.tenant\" = 1",
+            "RESET myapp.tenant",
+            "SELECT set_config('myapp.tenant', '42', false)",
+            "select pg_catalog.set_config('MyApp.tenant', $1, false), 1",
+        ] {
+            assert!(effects(sql).custom_settings, "{sql}");
+            assert_eq!(custom_setting_names(sql), ["myapp.tenant"], "{sql}");
+        }
+        assert_eq!(
+            custom_setting_names(
+                "SET a.x = 1; SET LOCAL b.y = 2; SELECT set_config('c.z', 'v', false)"
+            ),
+            ["a.x", "c.z"]
+        );
+        for sql in [
+            "SET search_path = x",
+            "SET LOCAL myapp.tenant = 1",
+            "SELECT set_config('search_path', 'x', false)",
+            "SELECT 'set myapp.x = 1'",
+        ] {
+            assert!(!effects(sql).custom_settings, "{sql}");
+        }
+        assert_eq!(
+            pin("SELECT set_config($1, 'x', false)"),
+            Some(PinReason::Settings)
+        );
+        assert_eq!(
+            pin("SELECT set_config(name, v, false) FROM t"),
+            Some(PinReason::Settings)
+        );
+        assert_eq!(
+            pin("SET SESSION AUTHORIZATION bob"),
+            Some(PinReason::Settings)
+        );
+        assert_eq!(pin("SELECT set_config('role', 'r1', false)"), None);
     }
 
     #[test]
