@@ -121,6 +121,8 @@ pub(super) struct Scan<'a> {
     declare_seen_with: bool,
     /// Tokens of `set_config(` seen so far (1: the name, 2: and its parenthesis).
     set_config: u8,
+    /// The last token was INTO in a SELECT: `SELECT ... INTO TEMP t` creates a table.
+    select_into: bool,
 }
 
 impl<'a> Scan<'a> {
@@ -130,6 +132,7 @@ impl<'a> Scan<'a> {
             self.head = [None; HEAD];
             self.n = 0;
             self.declare_seen_with = false;
+            self.select_into = false;
             return;
         }
         if self.n < self.head.len() {
@@ -154,7 +157,30 @@ impl<'a> Scan<'a> {
                 } else {
                     self.declare_seen_with = false;
                 }
+            } else if self.select_into
+                && (w.eq_ignore_ascii_case("temp") || w.eq_ignore_ascii_case("temporary"))
+            {
+                self.fx.pin.get_or_insert(PinReason::TempObject);
             }
+        }
+        self.select_into = matches!(tok, Tok::Word(w) if w.eq_ignore_ascii_case("into"))
+            && (word(&self.head[0], "select") || word(&self.head[0], "with"));
+        match tok {
+            // a quoted function name is still the function
+            Tok::Quoted(q) if is_session_advisory_lock(q) => {
+                self.fx.pin.get_or_insert(PinReason::AdvisoryLock);
+            }
+            // an anonymous block's body runs here: what it does counts as this statement's
+            Tok::Str(body) if word(&self.head[0], "do") => self.merge(do_block_effects(body)),
+            _ => {}
+        }
+    }
+
+    fn merge(&mut self, inner: Effects) {
+        self.fx.settings |= inner.settings;
+        self.fx.custom_settings |= inner.custom_settings;
+        if let Some(p) = inner.pin {
+            self.fx.pin.get_or_insert(p);
         }
     }
 
@@ -187,6 +213,32 @@ impl<'a> Scan<'a> {
     pub(super) fn unreadable(mut self) -> Effects {
         self.fx.pin = Some(PinReason::Unreadable);
         self.fx
+    }
+}
+
+/// PL/pgSQL words after which a new statement starts inside a DO block's body.
+fn opens_statement(tok: Tok<'_>) -> bool {
+    matches!(tok, Tok::Word(w) if ["begin", "then", "else", "loop", "declare"]
+        .iter()
+        .any(|k| w.eq_ignore_ascii_case(k)))
+}
+
+/// The effects of a DO block's body: its statements sit inside PL/pgSQL blocks (`BEGIN
+/// CREATE TEMP TABLE ...`), so each block keyword also ends a statement.
+fn do_block_effects(body: &str) -> Effects {
+    let mut lexer = Lexer::new(body, Backslash::Literal);
+    let mut scan = Scan::default();
+    loop {
+        match lexer.next() {
+            Ok(Some(tok)) => {
+                scan.token(tok);
+                if opens_statement(tok) {
+                    scan.token(Tok::Semi);
+                }
+            }
+            Ok(None) => return scan.finish(),
+            Err(_) => return scan.unreadable(),
+        }
     }
 }
 
@@ -260,12 +312,20 @@ fn custom_name(head: &[Option<Tok<'_>>], i: usize) -> Option<String> {
 /// The custom settings `sql` names (see [`Effects::custom_settings`]): by SET and RESET
 /// (not SET LOCAL), and by set_config with a literal name.
 pub fn custom_setting_names(sql: &str) -> Vec<String> {
-    let mut lexer = Lexer::new(sql, Backslash::Literal);
     let mut names = Vec::new();
+    collect_custom_names(sql, false, &mut names);
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// `custom_setting_names` of `sql`; `block`: a DO block's body (see `do_block_effects`).
+fn collect_custom_names(sql: &str, block: bool, names: &mut Vec<String>) {
+    let mut lexer = Lexer::new(sql, Backslash::Literal);
     let mut head: [Option<Tok<'_>>; HEAD] = [None; HEAD];
     let (mut n, mut prev, mut prev2) = (0, None, None);
     while let Ok(Some(tok)) = lexer.next() {
-        if tok == Tok::Semi {
+        if tok == Tok::Semi || (block && opens_statement(tok)) {
             names.extend(set_or_reset_custom(&head));
             (head, n) = ([None; HEAD], 0);
             continue;
@@ -275,6 +335,11 @@ pub fn custom_setting_names(sql: &str) -> Vec<String> {
                 names.push(name.to_ascii_lowercase());
             }
         }
+        if let Tok::Str(body) = tok {
+            if word(&head[0], "do") {
+                collect_custom_names(body, true, names);
+            }
+        }
         if n < HEAD {
             head[n] = Some(tok);
         }
@@ -282,9 +347,6 @@ pub fn custom_setting_names(sql: &str) -> Vec<String> {
         (prev2, prev) = (prev, Some(tok));
     }
     names.extend(set_or_reset_custom(&head));
-    names.sort();
-    names.dedup();
-    names
 }
 
 /// The custom setting a `SET [SESSION] name` or `RESET name` statement names.
@@ -332,9 +394,14 @@ fn pgmux_name(head: &[Option<Tok<'_>>; HEAD], i: usize) -> Option<(u8, usize)> {
 
 /// CREATE [GLOBAL|LOCAL] TEMP|TEMPORARY ..., CREATE [OR REPLACE] TEMP VIEW ...
 fn creates_temp(head: &[Option<Tok<'_>>; HEAD]) -> bool {
+    let in_pg_temp = |w: &[Option<Tok<'_>>]| {
+        matches!(w[0], Some(Tok::Word(s) | Tok::Quoted(s)) if s.eq_ignore_ascii_case("pg_temp"))
+            && w[1] == Some(Tok::Dot)
+    };
     head[1..]
         .iter()
         .any(|t| word(t, "temp") || word(t, "temporary"))
+        || head[1..].windows(2).any(in_pg_temp)
 }
 
 /// pg_advisory_lock, pg_try_advisory_lock and their _shared forms; the _xact_ ones end
@@ -484,6 +551,39 @@ mod tests {
             Some(PinReason::Settings)
         );
         assert_eq!(pin("SELECT set_config('role', 'r1', false)"), None);
+    }
+
+    #[test]
+    fn temp_objects_and_locks_written_other_ways_pin() {
+        for sql in [
+            "SELECT 1 AS x INTO TEMP tmp_si",
+            "select * into temporary table t2 from t",
+            "CREATE TABLE pg_temp.x (a int)",
+            "create view \"pg_temp\".v as select 1",
+            "DO $$ BEGIN CREATE TEMP TABLE d (a int); END $$",
+        ] {
+            assert_eq!(pin(sql), Some(PinReason::TempObject), "{sql}");
+        }
+        assert_eq!(
+            pin("select \"pg_advisory_lock\"(14)"),
+            Some(PinReason::AdvisoryLock)
+        );
+        assert_eq!(
+            pin("DO $$ BEGIN PERFORM pg_advisory_lock(1); END $$"),
+            Some(PinReason::AdvisoryLock)
+        );
+        let block = "DO $$ BEGIN SET myapp.x = 1; PERFORM set_config('b.y', '1', false); END $$";
+        assert!(effects(block).custom_settings);
+        assert_eq!(custom_setting_names(block), ["b.y", "myapp.x"]);
+        for sql in [
+            "INSERT INTO temp VALUES (1)",
+            "SELECT a INTO x FROM t",
+            "CREATE TABLE t (pg_temp int)",
+            "DO $$ BEGIN INSERT INTO t VALUES (1); END $$",
+            "SELECT 'DO $$ create temp table x $$'",
+        ] {
+            assert_eq!(pin(sql), None, "{sql}");
+        }
     }
 
     #[test]
