@@ -515,9 +515,16 @@ impl Tracker {
     /// server knows the statement under pgmux's name, and other clients may share it.
     /// Returns whether the query was consumed.
     pub fn answer_deallocate_alone(&mut self, c2s: &mut Channel, s2c: &mut Channel) -> bool {
-        let Some(head) = c2s.buf.get(..5).filter(|h| h[0] == b'Q') else {
+        let Some(head) = c2s.buf.get(..6).filter(|h| h[0] == b'Q') else {
             return false;
         };
+        // runs for every query that arrives between transactions: most are not one
+        if !matches!(
+            head[5],
+            b'D' | b'd' | b'/' | b'-' | b' ' | b'\t' | b'\n' | b'\r'
+        ) {
+            return false;
+        }
         let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
         let Some(body) = c2s.buf.get(5..1 + len.max(4)) else {
             return false;

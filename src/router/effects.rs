@@ -121,6 +121,8 @@ pub(super) struct Scan<'a> {
     declare_seen_with: bool,
     /// Tokens of `set_config(` seen so far (1: the name, 2: and its parenthesis).
     set_config: u8,
+    /// The statement is a SELECT (or WITH ... SELECT).
+    selecting: bool,
     /// The last token was INTO in a SELECT: `SELECT ... INTO TEMP t` creates a table.
     select_into: bool,
 }
@@ -132,6 +134,7 @@ impl<'a> Scan<'a> {
             self.head = [None; HEAD];
             self.n = 0;
             self.declare_seen_with = false;
+            self.selecting = false;
             self.select_into = false;
             return;
         }
@@ -142,38 +145,42 @@ impl<'a> Scan<'a> {
         if self.set_config > 0 {
             self.set_config_arg(tok);
         }
-        if let Tok::Word(w) = tok {
-            // rules that look anywhere in the statement
-            if w.eq_ignore_ascii_case("set_config") {
-                self.fx.settings = true;
-                self.set_config = 1;
-            } else if is_session_advisory_lock(w) {
-                self.fx.pin.get_or_insert(PinReason::AdvisoryLock);
-            } else if word(&self.head[0], "declare") {
-                if w.eq_ignore_ascii_case("with") {
-                    self.declare_seen_with = true;
-                } else if self.declare_seen_with && w.eq_ignore_ascii_case("hold") {
-                    self.fx.pin.get_or_insert(PinReason::HoldCursor);
-                } else {
-                    self.declare_seen_with = false;
+        let Tok::Word(w) = tok else {
+            self.select_into = false;
+            match tok {
+                // a quoted function name is still the function
+                Tok::Quoted(q) if is_session_advisory_lock(q) => {
+                    self.fx.pin.get_or_insert(PinReason::AdvisoryLock);
                 }
-            } else if self.select_into
-                && (w.eq_ignore_ascii_case("temp") || w.eq_ignore_ascii_case("temporary"))
-            {
-                self.fx.pin.get_or_insert(PinReason::TempObject);
+                // an anonymous block's body runs here: what it does counts as this statement's
+                Tok::Str(body) if word(&self.head[0], "do") => self.merge(do_block_effects(body)),
+                _ => {}
             }
-        }
-        self.select_into = matches!(tok, Tok::Word(w) if w.eq_ignore_ascii_case("into"))
-            && (word(&self.head[0], "select") || word(&self.head[0], "with"));
-        match tok {
-            // a quoted function name is still the function
-            Tok::Quoted(q) if is_session_advisory_lock(q) => {
-                self.fx.pin.get_or_insert(PinReason::AdvisoryLock);
+            return;
+        };
+        // rules that look anywhere in the statement
+        if w.eq_ignore_ascii_case("set_config") {
+            self.fx.settings = true;
+            self.set_config = 1;
+        } else if is_session_advisory_lock(w) {
+            self.fx.pin.get_or_insert(PinReason::AdvisoryLock);
+        } else if word(&self.head[0], "declare") {
+            if w.eq_ignore_ascii_case("with") {
+                self.declare_seen_with = true;
+            } else if self.declare_seen_with && w.eq_ignore_ascii_case("hold") {
+                self.fx.pin.get_or_insert(PinReason::HoldCursor);
+            } else {
+                self.declare_seen_with = false;
             }
-            // an anonymous block's body runs here: what it does counts as this statement's
-            Tok::Str(body) if word(&self.head[0], "do") => self.merge(do_block_effects(body)),
-            _ => {}
+        } else if self.select_into
+            && (w.eq_ignore_ascii_case("temp") || w.eq_ignore_ascii_case("temporary"))
+        {
+            self.fx.pin.get_or_insert(PinReason::TempObject);
         }
+        if self.n == 1 {
+            self.selecting = w.eq_ignore_ascii_case("select") || w.eq_ignore_ascii_case("with");
+        }
+        self.select_into = self.selecting && w.eq_ignore_ascii_case("into");
     }
 
     fn merge(&mut self, inner: Effects) {
