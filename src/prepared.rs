@@ -133,6 +133,14 @@ impl ClientStatements {
         self.by_name.values().find(|d| d.id == id)
     }
 
+    /// A name the client gave statement `id` (a scan: for errors only).
+    pub fn name_of(&self, id: u64) -> Option<&[u8]> {
+        self.by_name
+            .iter()
+            .find(|(_, d)| d.id == id)
+            .map(|(n, _)| &n[..])
+    }
+
     pub fn names(&self) -> impl Iterator<Item = Box<[u8]>> + '_ {
         self.by_name.keys().cloned()
     }

@@ -519,3 +519,38 @@ fn a_parse_that_failed_or_was_skipped_defines_no_name() {
     let (mut through, _) = login(px.port, "app", "prepfailed");
     assert_eq!(script(&mut through), expected);
 }
+
+/// An error about a client's statement names it as the client does, not by pgmux's name for
+/// it on the server, as PostgreSQL would.
+#[test]
+fn errors_name_the_clients_statement() {
+    use common::raw::{login, msg, until_ready};
+    use std::io::Write;
+    let message = |s: &mut std::net::TcpStream| {
+        s.write_all(
+            &[
+                msg(b'P', b"p1\0select $1::int\0\0\0"),
+                msg(b'S', b""),
+                msg(b'B', b"\0p1\0\0\0\0\0\0\0"),
+                msg(b'E', b"\0\0\0\0\0"),
+                msg(b'S', b""),
+            ]
+            .concat(),
+        )
+        .unwrap();
+        until_ready(s);
+        let answer = until_ready(s);
+        let (_, body) = answer.iter().find(|(t, _)| *t == b'E').expect("an error");
+        body.split(|&b| b == 0)
+            .find(|f| f.first() == Some(&b'M'))
+            .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
+            .unwrap()
+    };
+    let pg = PgCluster::shared();
+    let (mut direct, _) = login(pg.primary().port, "postgres", "postgres");
+    let expected = message(&mut direct);
+    assert!(expected.contains("\"p1\""), "{expected}");
+    let px = start("preperrname", 1, "");
+    let (mut through, _) = login(px.port, "app", "preperrname");
+    assert_eq!(message(&mut through), expected);
+}

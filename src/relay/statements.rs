@@ -434,9 +434,16 @@ impl Tracker {
                 return self.failed(server);
             }
             (b'E', Expect::Bind { stmt }) if *stmt != 0 => {
+                let stmt = *stmt;
                 let body = &s2c.buf[start + 5..s2c.scanned];
                 if crate::protocol::messages::parse_error_fields(body).code == "0A000" {
-                    self.outdated(*stmt);
+                    self.outdated(stmt);
+                }
+                if let Some(error) = self.in_client_names(body, stmt) {
+                    let end = s2c.scanned;
+                    s2c.seal(start);
+                    s2c.skip(end - start);
+                    s2c.push(error);
                 }
                 return self.failed(server);
             }
@@ -588,6 +595,28 @@ impl Tracker {
                 i += 1;
             }
         }
+    }
+
+    /// An ErrorResponse (`body`) that names pgmux's statement `id` ("bind message supplies 0
+    /// parameters, but prepared statement \"pgmux_7\" requires 1"), rewritten to name the
+    /// client's statement as PostgreSQL would. None when it does not name it.
+    fn in_client_names(&self, body: &[u8], id: u64) -> Option<Bytes> {
+        let mut ours = BytesMut::new();
+        ours.put_u8(b'"');
+        prepared::put_server_name(&mut ours, id);
+        let last = ours.len() - 1;
+        ours[last] = b'"';
+        let at = body.windows(ours.len()).position(|w| w == &ours[..])?;
+        let name = self.stmts.name_of(id)?;
+        let mut out = BytesMut::with_capacity(body.len() + name.len() + 5);
+        out.put_u8(b'E');
+        out.put_u32(0);
+        out.put_slice(&body[..at + 1]);
+        out.put_slice(name);
+        out.put_slice(&body[at + ours.len() - 1..]);
+        let len = (out.len() - 1) as u32;
+        out[1..5].copy_from_slice(&len.to_be_bytes());
+        Some(out.freeze())
     }
 
     /// The server would not run statement `id` as prepared ("cached plan must not change
