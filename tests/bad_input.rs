@@ -97,6 +97,31 @@ fn error_code(msgs: &[(u8, Vec<u8>)]) -> Option<String> {
         .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
 }
 
+struct ErrorText {
+    message: String,
+    /// How many fields the body holds, read as a client does (up to the NUL that ends them).
+    fields: usize,
+}
+
+/// The first ErrorResponse's message and field count.
+fn error_fields(msgs: &[(u8, Vec<u8>)]) -> ErrorText {
+    let (_, body) = msgs
+        .iter()
+        .find(|(t, _)| *t == b'E')
+        .expect("an ErrorResponse");
+    let mut out = ErrorText {
+        message: String::new(),
+        fields: 0,
+    };
+    for f in body.split(|&b| b == 0).take_while(|f| !f.is_empty()) {
+        out.fields += 1;
+        if f[0] == b'M' {
+            out.message = String::from_utf8_lossy(&f[1..]).into_owned();
+        }
+    }
+    out
+}
+
 fn refused_with(px: &Pgmux, bytes: &[u8]) -> Option<String> {
     let mut s = raw(px);
     let _ = s.write_all(bytes);
@@ -229,22 +254,31 @@ fn bad_messages_after_login_close_only_that_client() {
     let db = "badmsg";
     let px = start(db, "trust");
     let watcher = bystander(&px, db);
-    let cases: Vec<Vec<u8>> = vec![
-        msg(b'Y', b"unknown type"),
-        msg(b'Q', &vec![b'x'; 5000]),       // over max_message_size
-        vec![b'Q', 0, 0, 0, 2],             // length below 4
-        vec![b'Q', 0x7f, 0xff, 0xff, 0xff], // absurd length
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        // the type as PostgreSQL prints it: a number, so a NUL cannot end up in the text
+        (
+            msg(b'Y', b"unknown type"),
+            "invalid frontend message type 89",
+        ),
+        (msg(0, b"nul type"), "invalid frontend message type 0"),
+        (msg(b'p', b"secret\0"), "invalid frontend message type 112"),
+        (msg(b'Q', &vec![b'x'; 5000]), "max_message_size"),
+        (vec![b'Q', 0, 0, 0, 2], "invalid message length 2"),
+        (vec![b'Q', 0x7f, 0xff, 0xff, 0xff], "max_message_size"),
     ];
-    for bytes in cases {
+    for (bytes, text) in cases {
         let mut s = logged_in(&px, db);
         s.write_all(&bytes).unwrap();
         let msgs = read_all(&mut s);
-        assert_eq!(
-            error_code(&msgs).as_deref(),
-            Some("08P01"),
-            "for {:?}",
-            &bytes[..5]
-        );
+        let shown: Vec<_> = msgs
+            .iter()
+            .map(|(t, b)| (*t as char, String::from_utf8_lossy(b)))
+            .collect();
+        let what = format!("for {:?}: {shown:?}", &bytes[..5]);
+        assert_eq!(error_code(&msgs).as_deref(), Some("08P01"), "{what}");
+        let e = error_fields(&msgs);
+        assert!(e.message.contains(text), "{what}");
+        assert_eq!(e.fields, 4, "S, V, C and M, nothing more: {what}");
     }
     // vanishing halfway through a message, and mid-transaction, leak nothing
     for bytes in [

@@ -187,8 +187,7 @@ impl Session {
                     messages::ready_for_query(&mut out, b'I');
                 }
             }
-            _ => PgError::error("08P01", format!("unexpected message type {}", tag as char))
-                .encode(&mut out),
+            _ => PgError::error("08P01", format!("unexpected message type {tag}")).encode(&mut out),
         }
         out
     }

@@ -224,8 +224,9 @@ async fn read_password_message<S: AsyncRead + Unpin>(stream: &mut S) -> Result<V
     }
     if head[0] != b'p' {
         return Err(AuthError::Protocol(format!(
+            // a number, as PostgreSQL prints it: the byte itself may be a NUL
             "expected password response, got message type {}",
-            head[0] as char
+            head[0]
         )));
     }
     let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;

@@ -47,7 +47,15 @@ impl std::fmt::Display for PgError {
 
 fn field(b: &mut BytesMut, tag: u8, value: &str) {
     b.put_u8(tag);
-    put_cstr(b, value.as_bytes());
+    // a NUL would end the field early and the rest would be read as more fields: text from
+    // a client that slipped into a message must not break the framing
+    for (i, part) in value.split('\0').enumerate() {
+        if i > 0 {
+            b.put_slice(b"\\0");
+        }
+        b.put_slice(part.as_bytes());
+    }
+    b.put_u8(0);
 }
 
 pub fn put_cstr(b: &mut BytesMut, s: &[u8]) {
@@ -196,6 +204,18 @@ mod tests {
         assert_eq!(f.severity, "FATAL");
         assert_eq!(f.code, "28P01");
         assert!(f.message.contains("password"));
+    }
+
+    #[test]
+    fn a_nul_in_an_error_text_keeps_the_framing() {
+        let mut out = BytesMut::new();
+        PgError::error("08P01", "bad \0 byte").encode(&mut out);
+        let f = parse_error_fields(&out[5..]);
+        assert_eq!(
+            (f.code.as_str(), f.message.as_str()),
+            ("08P01", "bad \\0 byte")
+        );
+        assert_eq!(out[5..].iter().filter(|&&b| b == 0).count(), 5, "{out:?}");
     }
 
     #[test]

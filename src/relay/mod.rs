@@ -532,7 +532,8 @@ impl Relay {
                 f.copy_in = false;
             }
             b'd' => {}
-            other => return Err(format!("invalid frontend message type {}", other as char)),
+            // the type as a number, as PostgreSQL prints it: the byte itself may be a NUL
+            other => return Err(format!("invalid frontend message type {other}")),
         }
         Ok(true)
     }
