@@ -312,6 +312,89 @@ fn bad_messages_after_login_close_only_that_client() {
     });
 }
 
+/// The backend pid of the server a new client of `db` is lent.
+fn server_pid(px: &Pgmux, db: &str) -> String {
+    let mut s = logged_in(px, db);
+    s.write_all(&msg(b'Q', b"SELECT pg_backend_pid()\0"))
+        .unwrap();
+    s.write_all(&msg(b'X', b"")).unwrap();
+    let msgs = read_all(&mut s);
+    let (_, row) = msgs
+        .iter()
+        .find(|(t, _)| *t == b'D')
+        .unwrap_or_else(|| panic!("no row: {msgs:?}"));
+    String::from_utf8_lossy(&row[6..]).into_owned()
+}
+
+#[test]
+fn bad_messages_cost_no_pooled_server() {
+    let db = "badidle";
+    let pg = PgCluster::shared();
+    pg.create_database(db, "app");
+    // pools of one server: a server lost to a bad client would come back with another pid
+    let px = Pgmux::start(&format!(
+        r#"
+[pgmux]
+listen_port = {{port}}
+auth_type = "trust"
+default_pool_size = 1
+max_message_size = 4096
+[[users]]
+name = "trusty"
+[[databases]]
+name = "{db}"
+host = "127.0.0.1"
+port = {port}
+server_user = "postgres"
+[[databases]]
+name = "{db}_s"
+dbname = "{db}"
+host = "127.0.0.1"
+port = {port}
+server_user = "postgres"
+pool_mode = "session"
+"#,
+        port = pg.primary().port
+    ));
+    let session_db = format!("{db}_s");
+    let bad: Vec<Vec<u8>> = vec![
+        msg(b'Y', b"unknown type"),
+        msg(0, b"nul type"),
+        msg(b'p', b"secret\0"),
+        msg(b'Q', &vec![b'x'; 5000]),
+        vec![b'Q', 0, 0, 0, 2],
+    ];
+    for pool in [db, session_db.as_str()] {
+        let pid = server_pid(&px, pool);
+        for bytes in &bad {
+            // transaction mode: no server attached, none is taken for the message; session
+            // mode: the client's server, attached by a first query, goes back to the pool
+            let mut s = logged_in(&px, pool);
+            if pool == session_db {
+                s.write_all(&msg(b'Q', b"SELECT 1\0")).unwrap();
+                let mut answered = Vec::new();
+                while answered.last().map(|m: &(u8, Vec<u8>)| m.0) != Some(b'Z') {
+                    answered.push(read_msg(&mut s));
+                }
+            }
+            s.write_all(bytes).unwrap();
+            let msgs = read_all(&mut s);
+            assert_eq!(
+                error_code(&msgs).as_deref(),
+                Some("08P01"),
+                "{pool}, {:?}: {msgs:?}",
+                &bytes[..5]
+            );
+            assert_eq!(
+                server_pid(&px, pool),
+                pid,
+                "{pool}: the server survives {:?}",
+                &bytes[..5]
+            );
+        }
+    }
+}
+
 #[test]
 fn newer_protocol_minor_and_encryption_requests_are_negotiated() {
     let db = "badproto";

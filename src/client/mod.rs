@@ -408,7 +408,7 @@ impl Session {
                     "server closed the connection unexpectedly",
                 )))
             }
-            Event::Protocol(m) => Some(Some(PgError::fatal("08P01", m))),
+            Event::Protocol(e) => Some(Some(PgError::fatal("08P01", e.to_string()))),
         }
     }
 

@@ -144,6 +144,15 @@ pub fn terminate(out: &mut BytesMut) {
     message(out, b'X', |_| {});
 }
 
+/// Whether a logged-in client may send this message type (PostgreSQL's list; `p` belongs to
+/// authentication only).
+pub fn is_frontend_type(tag: u8) -> bool {
+    matches!(
+        tag,
+        b'Q' | b'P' | b'B' | b'E' | b'D' | b'C' | b'H' | b'S' | b'F' | b'd' | b'c' | b'f' | b'X'
+    )
+}
+
 /// Splits a NUL-terminated string off the front of `b`.
 pub fn take_cstr<'a>(b: &mut &'a [u8]) -> Option<&'a [u8]> {
     let end = b.iter().position(|&c| c == 0)?;

@@ -13,7 +13,7 @@ pub mod statements;
 
 use crate::params::{self, Params};
 use crate::prepared::{self, Registry, ServerStatements};
-use crate::protocol::messages::parse_parameter_status;
+use crate::protocol::messages::{is_frontend_type, parse_parameter_status};
 use crate::protocol::scan::{ScanError, Step};
 use crate::router::effects::{custom_setting_names, Effects, PinReason};
 use crate::router::normalize::fingerprint_and_effects;
@@ -50,7 +50,46 @@ pub enum Event {
     /// (`retry::is_server_failure`); the error has not reached the client.
     ServerFailed(String),
     /// The client broke framing: bad length, oversized or unknown message.
-    Protocol(String),
+    Protocol(ClientProtocolError),
+}
+
+/// How a client broke the protocol; it is told so (FATAL 08P01) and closed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ClientProtocolError {
+    /// A number, as PostgreSQL prints it: the byte itself may be a NUL.
+    #[error("invalid frontend message type {0}")]
+    UnknownType(u8),
+    #[error("invalid message length {0}")]
+    BadLength(u32),
+    #[error("message of {0} bytes exceeds max_message_size {1}")]
+    TooLarge(usize, usize),
+}
+
+impl From<ScanError> for ClientProtocolError {
+    fn from(e: ScanError) -> Self {
+        match e {
+            ScanError::BadLength(n) => ClientProtocolError::BadLength(n),
+            ScanError::TooLarge(n, max) => ClientProtocolError::TooLarge(n, max),
+        }
+    }
+}
+
+/// Checks the header at the front of `head` (at least 5 bytes) before the message is acted
+/// on: a message no server may see must not cost a server (one lent for it would be closed,
+/// half-fed) nor be written to the one attached.
+fn check_header(head: &[u8], max_message: usize) -> Result<(), ClientProtocolError> {
+    if !is_frontend_type(head[0]) {
+        return Err(ClientProtocolError::UnknownType(head[0]));
+    }
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]);
+    if len < 4 {
+        return Err(ClientProtocolError::BadLength(len));
+    }
+    let total = len as usize + 1;
+    if total > max_message {
+        return Err(ClientProtocolError::TooLarge(total, max_message));
+    }
+    Ok(())
 }
 
 /// Request/response bookkeeping between a client and its server.
@@ -347,12 +386,15 @@ impl Relay {
     }
 
     /// Without a server, input is only looked at: a whole header means work for a server,
-    /// except a Terminate, which ends the session.
+    /// except a Terminate, which ends the session, and a header no server may see.
     fn detached_input(&mut self) -> Option<Event> {
         if self.flow.terminated {
             return Some(Event::Terminated);
         }
         let head = self.c2s.buf.get(..5)?;
+        if let Err(e) = check_header(head, self.max_message) {
+            return Some(Event::Protocol(e));
+        }
         if head[0] == b'X' {
             self.flow.terminated = true;
             return Some(Event::Terminated);
@@ -362,26 +404,33 @@ impl Relay {
 
     /// Scans what the client sent, now that a server is attached (a client's messages are
     /// only scanned once it is known which server they go to).
-    pub fn scan_client<S>(&mut self, server: &mut ServerSide<'_, S>) -> Result<(), String> {
+    pub fn scan_client<S>(
+        &mut self,
+        server: &mut ServerSide<'_, S>,
+    ) -> Result<(), ClientProtocolError> {
         let tracking = self.tracker.is_some();
         let transaction_mode = self.transaction_mode;
         loop {
             let ch = &mut self.c2s;
-            let step = ch
-                .scanner
-                .step(
-                    &ch.buf,
-                    &mut ch.scanned,
-                    |t| {
-                        // Query and Parse texts for SHOW QUERIES (bounded by max_message_size)
-                        t == b'X'
-                            || t == b'Q'
-                            || t == b'P'
-                            || (tracking && statements::inspects_client(t))
-                    },
-                    self.max_message,
-                )
-                .map_err(scan_error)?;
+            if ch.scanner.at_boundary() {
+                // refused before it is scanned: what went before may still be answered and
+                // the server kept (a session-mode client's goes back to the pool)
+                if let Some(head) = ch.buf.get(ch.scanned..ch.scanned + 5) {
+                    check_header(head, self.max_message)?;
+                }
+            }
+            let step = ch.scanner.step(
+                &ch.buf,
+                &mut ch.scanned,
+                |t| {
+                    // Query and Parse texts for SHOW QUERIES (bounded by max_message_size)
+                    t == b'X'
+                        || t == b'Q'
+                        || t == b'P'
+                        || (tracking && statements::inspects_client(t))
+                },
+                self.max_message,
+            )?;
             let (tag, start) = match step {
                 Step::Message {
                     tag: b'X', start, ..
@@ -492,7 +541,7 @@ impl Relay {
 
     /// Counts a client message; Ok(false) when the server will ignore it (a Sync during
     /// COPY FROM STDIN), so nothing is owed for it.
-    fn count_request(&mut self, tag: u8) -> Result<bool, String> {
+    fn count_request(&mut self, tag: u8) -> Result<bool, ClientProtocolError> {
         let f = &mut self.flow;
         match tag {
             b'Q' | b'F' => {
@@ -532,8 +581,8 @@ impl Relay {
                 f.copy_in = false;
             }
             b'd' => {}
-            // the type as a number, as PostgreSQL prints it: the byte itself may be a NUL
-            other => return Err(format!("invalid frontend message type {other}")),
+            // refused before scanning (`check_header`); kept so that no path forwards one
+            other => return Err(ClientProtocolError::UnknownType(other)),
         }
         Ok(true)
     }
@@ -693,15 +742,6 @@ fn deallocation_to_answer(
     crate::router::effects::deallocated_name(text).filter(|n| t.stmts.get(n.as_bytes()).is_some())
 }
 
-fn scan_error(e: ScanError) -> String {
-    match e {
-        ScanError::BadLength(n) => format!("invalid message length {n}"),
-        ScanError::TooLarge(n, max) => {
-            format!("message of {n} bytes exceeds max_message_size {max}")
-        }
-    }
-}
-
 /// A parameter the server reported while serving the client is now what both hold.
 fn note_parameter(body: &[u8], server_params: &mut Params, wants: &mut Arc<Params>) {
     let Some((k, v)) = parse_parameter_status(body) else {
@@ -715,5 +755,34 @@ fn note_parameter(body: &[u8], server_params: &mut Params, wants: &mut Arc<Param
     if (params::is_tracked(k) || known.is_some()) && known != Some(v) {
         // the client's own copy from now on (see `Pool::share_wants`)
         Arc::make_mut(wants).set(k, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_are_checked_before_a_server_sees_them() {
+        assert_eq!(check_header(&[b'Q', 0, 0, 0, 9], 100), Ok(()));
+        assert_eq!(check_header(&[b'X', 0, 0, 0, 4], 100), Ok(()));
+        for t in [b'Y', 0, b'p', b'R'] {
+            assert_eq!(
+                check_header(&[t, 0, 0, 0, 4], 100),
+                Err(ClientProtocolError::UnknownType(t))
+            );
+        }
+        assert_eq!(
+            check_header(&[b'Q', 0, 0, 0, 3], 100),
+            Err(ClientProtocolError::BadLength(3))
+        );
+        assert_eq!(
+            check_header(&[b'Q', 0, 0, 0, 100], 100),
+            Err(ClientProtocolError::TooLarge(101, 100))
+        );
+        assert_eq!(
+            ClientProtocolError::UnknownType(0).to_string(),
+            "invalid frontend message type 0"
+        );
     }
 }
