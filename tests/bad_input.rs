@@ -98,6 +98,7 @@ fn error_code(msgs: &[(u8, Vec<u8>)]) -> Option<String> {
 }
 
 struct ErrorText {
+    severity: String,
     message: String,
     /// How many fields the body holds, read as a client does (up to the NUL that ends them).
     fields: usize,
@@ -110,13 +111,17 @@ fn error_fields(msgs: &[(u8, Vec<u8>)]) -> ErrorText {
         .find(|(t, _)| *t == b'E')
         .expect("an ErrorResponse");
     let mut out = ErrorText {
+        severity: String::new(),
         message: String::new(),
         fields: 0,
     };
     for f in body.split(|&b| b == 0).take_while(|f| !f.is_empty()) {
         out.fields += 1;
-        if f[0] == b'M' {
-            out.message = String::from_utf8_lossy(&f[1..]).into_owned();
+        let text = String::from_utf8_lossy(&f[1..]).into_owned();
+        match f[0] {
+            b'M' => out.message = text,
+            b'S' => out.severity = text,
+            _ => {}
         }
     }
     out
@@ -393,6 +398,63 @@ pool_mode = "session"
             );
         }
     }
+}
+
+/// Messages up to and including the next ReadyForQuery.
+fn until_ready(s: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    while out.last().map(|m: &(u8, Vec<u8>)| m.0) != Some(b'Z') {
+        out.push(read_msg(s));
+    }
+    out
+}
+
+#[test]
+fn the_console_refuses_bad_messages_as_postgresql_does() {
+    let px = Pgmux::start(
+        "[pgmux]\nlisten_port = {port}\nauth_type = \"trust\"\nadmin_users = [\"trusty\"]\n\
+         [[users]]\nname = \"trusty\"\n",
+    );
+    // a type PostgreSQL does not accept after login: FATAL, then the connection is closed
+    for (t, text) in [
+        (b'Y', "invalid frontend message type 89"),
+        (0, "invalid frontend message type 0"),
+        (b'p', "invalid frontend message type 112"),
+    ] {
+        let mut s = logged_in(&px, "pgmux");
+        s.write_all(&msg(t, b"x\0")).unwrap();
+        let msgs = read_all(&mut s);
+        assert_eq!(msgs.len(), 1, "one error, then EOF: {msgs:?}");
+        let e = error_fields(&msgs);
+        assert_eq!(error_code(&msgs).as_deref(), Some("08P01"));
+        assert_eq!((e.severity.as_str(), e.message.as_str()), ("FATAL", text));
+    }
+    let mut s = logged_in(&px, "pgmux");
+    // CopyData, CopyDone and CopyFail outside COPY are ignored, as PostgreSQL ignores them
+    s.write_all(&msg(b'd', b"xyz")).unwrap();
+    s.write_all(&msg(b'c', b"")).unwrap();
+    s.write_all(&msg(b'f', b"why\0")).unwrap();
+    s.write_all(&msg(b'Q', b"SHOW VERSION\0")).unwrap();
+    let msgs = until_ready(&mut s);
+    let tags: Vec<u8> = msgs.iter().map(|m| m.0).collect();
+    assert_eq!(tags, b"TDCZ", "{msgs:?}");
+    // a Query that is not one NUL-terminated string: PostgreSQL's ERROR, and the session goes on
+    for (body, text) in [
+        (&b"SHOW VERSION"[..], "invalid string in message"),
+        (b"SHOW VERSION\0SHOW STATE\0", "invalid message format"),
+    ] {
+        s.write_all(&msg(b'Q', body)).unwrap();
+        let msgs = until_ready(&mut s);
+        assert_eq!(msgs.len(), 2, "an error and ReadyForQuery: {msgs:?}");
+        let e = error_fields(&msgs);
+        assert_eq!(error_code(&msgs).as_deref(), Some("08P01"));
+        assert_eq!((e.severity.as_str(), e.message.as_str()), ("ERROR", text));
+    }
+    s.write_all(&msg(b'Q', b"SHOW VERSION\0")).unwrap();
+    s.write_all(&msg(b'X', b"")).unwrap();
+    let msgs = read_all(&mut s);
+    let tags: Vec<u8> = msgs.iter().map(|m| m.0).collect();
+    assert_eq!(tags, b"TDCZ", "{msgs:?}");
 }
 
 #[test]

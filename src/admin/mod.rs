@@ -2,7 +2,8 @@
 //! `pgbouncer`) as one of `admin_users` or `stats_users` talks to pgmux itself over the
 //! simple query protocol. SHOW commands (`show`) read the same counters as `/metrics`;
 //! control commands (PAUSE, RESUME, RELOAD, KILL, RECONNECT, SHUTDOWN, SET) act on the
-//! shared `App`. Extended-protocol messages are refused with an error.
+//! shared `App`. Extended-protocol messages are refused with an error, and messages
+//! PostgreSQL would refuse are refused as it does.
 
 mod settings;
 mod show;
@@ -134,10 +135,17 @@ pub async fn serve(app: Arc<App>, mut stream: ClientStream, peer: ClientAddr, co
     info!(%peer, "admin console disconnected");
 }
 
-/// Splits one whole message off the buffer.
+/// Splits one whole message off the buffer. A type PostgreSQL would not accept ends the
+/// session, as there: nothing after it can be framed with confidence.
 fn next_message(buf: &mut BytesMut) -> Result<Option<(u8, BytesMut)>, PgError> {
     if buf.len() < 5 {
         return Ok(None);
+    }
+    if !messages::is_frontend_type(buf[0]) {
+        return Err(PgError::fatal(
+            "08P01",
+            format!("invalid frontend message type {}", buf[0]),
+        ));
     }
     let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
     if !(4..=MAX_MESSAGE).contains(&len) {
@@ -165,9 +173,10 @@ impl Session {
         let mut out = BytesMut::new();
         match tag {
             b'Q' => {
-                let sql = body.strip_suffix(&[0]).unwrap_or(body);
-                let sql = String::from_utf8_lossy(sql);
-                self.query(&sql, &mut out).await;
+                match query_text(body) {
+                    Ok(sql) => self.query(&String::from_utf8_lossy(sql), &mut out).await,
+                    Err(e) => e.encode(&mut out),
+                }
                 messages::ready_for_query(&mut out, b'I');
             }
             b'S' if self.skipping => {
@@ -187,7 +196,9 @@ impl Session {
                     messages::ready_for_query(&mut out, b'I');
                 }
             }
-            _ => PgError::error("08P01", format!("unexpected message type {tag}")).encode(&mut out),
+            // CopyData, CopyDone, CopyFail: ignored outside COPY, as PostgreSQL ignores them
+            // (every other type was refused by `next_message`)
+            _ => {}
         }
         out
     }
@@ -337,6 +348,18 @@ impl Session {
     }
 }
 
+/// A Query's text: one NUL-terminated string filling the body, else PostgreSQL's ERROR for
+/// the malformed message (a pooled client gets the same from its server).
+fn query_text(body: &[u8]) -> Result<&[u8], PgError> {
+    match body.iter().position(|&b| b == 0) {
+        None => Err(PgError::error("08P01", "invalid string in message")),
+        Some(end) if end + 1 != body.len() => {
+            Err(PgError::error("08P01", "invalid message format"))
+        }
+        Some(end) => Ok(&body[..end]),
+    }
+}
+
 fn syntax(stmt: &str) -> PgError {
     PgError::error("42601", format!("invalid command '{stmt}', use SHOW HELP;"))
 }
@@ -427,6 +450,31 @@ mod tests {
         );
         assert_eq!(parse_set("set x"), None);
         assert_eq!(parse_set("set x = a b"), None);
+    }
+
+    #[test]
+    fn query_text_is_one_terminated_string() {
+        assert_eq!(query_text(b"show pools\0").unwrap(), b"show pools");
+        assert_eq!(query_text(b"\0").unwrap(), b"");
+        for (body, why) in [
+            (&b"show pools"[..], "invalid string in message"),
+            (b"", "invalid string in message"),
+            (b"show pools\0show state\0", "invalid message format"),
+        ] {
+            let e = query_text(body).unwrap_err();
+            assert_eq!((e.severity, e.code.as_str()), ("ERROR", "08P01"));
+            assert_eq!(e.message, why);
+        }
+    }
+
+    #[test]
+    fn unknown_types_end_the_session() {
+        for t in [b'Y', 0, b'p'] {
+            let mut buf = BytesMut::from(&[t, 0, 0, 0, 4][..]);
+            let e = next_message(&mut buf).unwrap_err();
+            assert_eq!((e.severity, e.code.as_str()), ("FATAL", "08P01"));
+            assert_eq!(e.message, format!("invalid frontend message type {t}"));
+        }
     }
 
     #[test]
