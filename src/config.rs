@@ -56,7 +56,23 @@ impl Seconds {
     pub fn get(self) -> Option<Duration> {
         (self.0 > 0.0).then(|| Duration::from_secs_f64(self.0))
     }
+
+    /// Refuses what is not a duration, naming the setting: a negative value (which every
+    /// check `> 0` would silently read as "off"), NaN, infinity, and values so large that
+    /// `get` or a deadline computed from it would overflow.
+    fn check(self, key: &str) -> Result<(), String> {
+        if !(0.0..=MAX_SECONDS).contains(&self.0) {
+            return Err(format!(
+                "{key} must be a number of seconds from 0 to {MAX_SECONDS}, not {}",
+                self.0
+            ));
+        }
+        Ok(())
+    }
 }
+
+/// Largest duration a setting may hold (about 31 years: longer is "never" for all of them).
+pub const MAX_SECONDS: f64 = 1e9;
 
 /// The secret of a role that may log in now (a role whose VALID UNTIL has passed gets no
 /// row), as PostgreSQL stores it. Reading pg_shadow takes a superuser: see docs/security.md
@@ -147,6 +163,27 @@ pub struct General {
     pub auth_cache_ttl: Seconds,
     /// Statements running at least this long (milliseconds) are logged; 0 turns it off.
     pub log_min_duration_ms: u64,
+}
+
+impl General {
+    /// Every duration setting, by key (all checked by `Seconds::check`).
+    fn durations(&self) -> [(&'static str, Seconds); 13] {
+        [
+            ("reserve_pool_timeout", self.reserve_pool_timeout),
+            ("auth_timeout", self.auth_timeout),
+            ("query_wait_timeout", self.query_wait_timeout),
+            ("server_connect_timeout", self.server_connect_timeout),
+            ("server_idle_timeout", self.server_idle_timeout),
+            ("server_lifetime", self.server_lifetime),
+            ("client_idle_timeout", self.client_idle_timeout),
+            ("idle_transaction_timeout", self.idle_transaction_timeout),
+            ("query_timeout", self.query_timeout),
+            ("server_check_delay", self.server_check_delay),
+            ("shutdown_timeout", self.shutdown_timeout),
+            ("stats_period", self.stats_period),
+            ("auth_cache_ttl", self.auth_cache_ttl),
+        ]
+    }
 }
 
 /// Most threads `workers` may ask for.
@@ -395,6 +432,9 @@ impl Config {
         if g.server_reset_query.contains('\0') {
             return Err("server_reset_query must not contain NUL".into());
         }
+        for (key, value) in g.durations() {
+            value.check(key)?;
+        }
         if g.stats_period.0 < 1.0 {
             return Err("stats_period must be at least 1 second".into());
         }
@@ -454,6 +494,14 @@ impl Config {
                     "database {:?}: give either host/port (with replicas) or hosts, not both",
                     db.name
                 ));
+            }
+            for (key, value) in [
+                ("lag_check_interval", db.lag_check_interval),
+                ("ban_time", db.ban_time),
+            ] {
+                value
+                    .check(key)
+                    .map_err(|e| format!("database {:?}: {e}", db.name))?;
             }
             let primary = (!db.host.is_empty()).then_some((db.host.as_str(), db.port));
             db.routing()
@@ -597,6 +645,52 @@ pool_size = 20
             .unwrap_err()
             .to_string()
             .contains("twice"));
+    }
+
+    #[test]
+    fn durations_must_be_zero_or_more_seconds() {
+        // every float in [pgmux] is a duration, and every duration is checked
+        let defaults = toml::Value::try_from(General::default()).unwrap();
+        let mut floats: Vec<&str> = defaults
+            .as_table()
+            .unwrap()
+            .iter()
+            .filter(|(_, v)| v.is_float())
+            .map(|(k, _)| k.as_str())
+            .collect();
+        floats.sort();
+        let mut checked: Vec<&str> = General::default()
+            .durations()
+            .iter()
+            .map(|(k, _)| *k)
+            .collect();
+        checked.sort();
+        assert_eq!(floats, checked);
+        for key in checked {
+            for bad in ["-1.0", "-1", "-0.001", "nan", "inf", "-inf", "1e10"] {
+                let err = Config::parse(&format!("[pgmux]\n{key} = {bad}\n"), "t")
+                    .unwrap_err()
+                    .to_string();
+                assert!(err.contains(key), "{key} = {bad}: {err}");
+            }
+            let floor = if key == "stats_period" { "1" } else { "0" };
+            for good in [floor, "1.5", "1e9"] {
+                let c = Config::parse(&format!("[pgmux]\n{key} = {good}\n"), "t");
+                assert!(c.is_ok(), "{key} = {good}: {:?}", c.err());
+            }
+        }
+        let db = "[[databases]]\nname = 'app'\nhost = 'h'\n";
+        for (bad, key) in [
+            ("ban_time = -1", "ban_time"),
+            ("ban_time = inf", "ban_time"),
+            ("lag_check_interval = nan", "lag_check_interval"),
+            ("lag_check_interval = 1e300", "lag_check_interval"),
+        ] {
+            let err = Config::parse(&format!("{db}{bad}\n"), "t")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key) && err.contains("\"app\""), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -52,6 +52,19 @@ fn check_validates_and_names_the_bad_key() {
         "{err}"
     );
 
+    // a negative duration would read as "off": refused, naming the key
+    let negative = dir.path().join("negative.toml");
+    std::fs::write(&negative, "[pgmux]\nquery_wait_timeout = -1.0\n").unwrap();
+    let out = pgmux_cmd()
+        .arg("--config")
+        .arg(&negative)
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("query_wait_timeout"), "{err}");
+
     let missing = pgmux_cmd()
         .args(["--config", "/nonexistent/pgmux.toml", "--check"])
         .output()

@@ -683,6 +683,50 @@ async fn reload_changes_pool_size_live_and_refuses_an_invalid_config() {
     assert_eq!(first(&third.simple_query("SELECT 6").await.unwrap()), "6");
 }
 
+/// A negative duration would silently mean "off": SET and RELOAD refuse it, naming the key,
+/// and the running value stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negative_durations_are_refused_by_set_and_reload() {
+    let db = "obsnegative";
+    let s = start(db, "query_wait_timeout = 30", "");
+    let admin = console(&s.px).await;
+    let setting = |rows: Vec<HashMap<String, Option<String>>>, key: &str| {
+        rows.into_iter()
+            .find(|r| r["key"].as_deref() == Some(key))
+            .and_then(|r| r["value"].clone())
+    };
+    for (key, value) in [
+        ("query_wait_timeout", "-1"),
+        ("server_idle_timeout", "-0.5"),
+        ("query_timeout", "'-1'"),
+        ("server_lifetime", "nan"),
+    ] {
+        let before = setting(rows(&admin, "SHOW CONFIG").await, key);
+        let err = admin
+            .simple_query(&format!("SET {key} = {value}"))
+            .await
+            .unwrap_err();
+        let db_err = err.as_db_error().unwrap();
+        assert_eq!(db_err.code().code(), "22023", "{key}: {db_err:?}");
+        assert!(db_err.message().contains(key), "{key}: {db_err:?}");
+        assert_eq!(setting(rows(&admin, "SHOW CONFIG").await, key), before);
+    }
+    assert_eq!(
+        setting(rows(&admin, "SHOW CONFIG").await, "query_wait_timeout").as_deref(),
+        Some("30.0")
+    );
+    let file = config(db, s.metrics_port, "auth_timeout = -1.0", "")
+        .replace("{port}", &s.px.port.to_string());
+    std::fs::write(&s.px.config_path, file).unwrap();
+    let err = admin.simple_query("RELOAD").await.unwrap_err();
+    let msg = err.as_db_error().unwrap().message().to_string();
+    assert!(msg.contains("auth_timeout"), "{msg}");
+    assert_eq!(
+        setting(rows(&admin, "SHOW CONFIG").await, "auth_timeout").as_deref(),
+        Some("60.0")
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_removed_by_reload_drains() {
     let db = "obsdrain";

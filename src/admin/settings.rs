@@ -116,6 +116,10 @@ mod tests {
         assert!(set(&app, "listen_port", "1").is_err());
         assert!(set(&app, "no_such", "1").is_err());
         assert!(set(&app, "stats_users", "nobody").is_err());
+        let err = set(&app, "query_wait_timeout", "-1").unwrap_err();
+        assert!(err.contains("query_wait_timeout"), "{err}");
+        assert!(set(&app, "server_idle_timeout", "inf").is_err());
+        assert_eq!(app.config().pgmux.query_wait_timeout.0, 2.5);
         assert_eq!(app.config().pgmux.default_pool_size, 3);
     }
 }
