@@ -545,8 +545,9 @@ async fn open_unix(
     })
 }
 
-/// Reads an initial packet within the deadline; a malformed or late one gets its FATAL 08P01
-/// here, since the caller has no stream left to say it on.
+/// Reads an initial packet within the deadline; a malformed or late one gets its FATAL
+/// (08P01, or 0A000 for another protocol version) here, since the caller has no stream left to
+/// say it on.
 async fn read_first<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     deadline: Option<Instant>,
@@ -555,7 +556,7 @@ async fn read_first<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(Ok(i)) => Ok(i),
         Ok(Err(e @ (StartupError::Closed | StartupError::Io(_)))) => Err(e.into()),
         Ok(Err(e)) => {
-            let error = PgError::fatal("08P01", e.to_string());
+            let error = PgError::fatal(e.sqlstate(), e.to_string());
             refuse(s, error).await;
             Err(e.into())
         }

@@ -187,10 +187,41 @@ fn bad_startups_are_refused_with_clear_errors() {
         refused_with(&px, &startup(&[("database", db)], 196608)).as_deref(),
         Some("28000")
     );
-    assert_eq!(
-        refused_with(&px, &startup(&[("user", "trusty")], 2 << 16)).as_deref(),
-        Some("08P01")
-    );
+    // another major version: PostgreSQL's feature_not_supported and its words, whether the
+    // packet comes first or after declined encryption requests (the third is declined by the
+    // login, which reads the packet after it)
+    for (version, text) in [
+        (
+            4 << 16,
+            "unsupported frontend protocol 4.0: server supports 3.0 to 3.0",
+        ),
+        (
+            2 << 16,
+            "unsupported frontend protocol 2.0: server supports 3.0 to 3.0",
+        ),
+    ] {
+        for requests in [0, 1, 3] {
+            let mut s = raw(&px);
+            for code in [80877104u32, 80877103, 80877103].into_iter().take(requests) {
+                let mut req = 8u32.to_be_bytes().to_vec();
+                req.extend(code.to_be_bytes());
+                s.write_all(&req).unwrap();
+                let mut answer = [0u8; 1];
+                s.read_exact(&mut answer).unwrap();
+                assert_eq!(&answer, b"N");
+            }
+            s.write_all(&startup(&[("user", "trusty"), ("database", db)], version))
+                .unwrap();
+            let msgs = read_all(&mut s);
+            assert_eq!(
+                error_code(&msgs).as_deref(),
+                Some("0A000"),
+                "after {requests} requests: {msgs:?}"
+            );
+            let e = error_fields(&msgs);
+            assert_eq!((e.severity.as_str(), e.message.as_str()), ("FATAL", text));
+        }
+    }
     let mut huge = 20_000u32.to_be_bytes().to_vec();
     huge.extend(vec![0u8; 19_996]);
     assert_eq!(refused_with(&px, &huge).as_deref(), Some("08P01"));
@@ -461,21 +492,35 @@ fn the_console_refuses_bad_messages_as_postgresql_does() {
 fn newer_protocol_minor_and_encryption_requests_are_negotiated() {
     let db = "badproto";
     let px = start(db, "trust");
-    // 3.2 with a protocol option: NegotiateProtocolVersion(3.0, [the option]), then a session
-    let mut s = raw(&px);
-    s.write_all(&startup(
-        &[("user", "trusty"), ("database", db), ("_pq_.future", "1")],
-        (3 << 16) | 2,
-    ))
-    .unwrap();
-    let (tag, body) = read_msg(&mut s);
-    assert_eq!(tag, b'v');
-    assert_eq!(&body[..8], &[0, 0, 0, 0, 0, 0, 0, 1]);
-    assert_eq!(&body[8..], b"_pq_.future\0");
-    s.write_all(&msg(b'Q', b"SELECT 1\0")).unwrap();
-    s.write_all(&msg(b'X', b"")).unwrap();
-    let msgs = read_all(&mut s);
-    assert!(msgs.iter().any(|(t, _)| *t == b'D'), "{msgs:?}");
+    // a newer 3.x minor, or a protocol option: NegotiateProtocolVersion, then a 3.0 session.
+    // Its version is 3.0 written whole (0x00030000), as PostgreSQL sends it: libpq takes it
+    // for the whole version, and one below 3.0 would be a refusal.
+    for (minor, options, body_after_version) in [
+        (
+            2,
+            &[("_pq_.future", "1")][..],
+            &b"\0\0\0\x01_pq_.future\0"[..],
+        ),
+        (1, &[][..], &b"\0\0\0\0"[..]),
+        (
+            0,
+            &[("_pq_.other", "x")][..],
+            &b"\0\0\0\x01_pq_.other\0"[..],
+        ),
+    ] {
+        let mut s = raw(&px);
+        let mut params = vec![("user", "trusty"), ("database", db)];
+        params.extend_from_slice(options);
+        s.write_all(&startup(&params, (3 << 16) | minor)).unwrap();
+        let (tag, body) = read_msg(&mut s);
+        assert_eq!(tag, b'v', "3.{minor}");
+        assert_eq!(&body[..4], &[0, 3, 0, 0], "3.{minor}: {body:?}");
+        assert_eq!(&body[4..], body_after_version, "3.{minor}");
+        s.write_all(&msg(b'Q', b"SELECT 1\0")).unwrap();
+        s.write_all(&msg(b'X', b"")).unwrap();
+        let msgs = read_all(&mut s);
+        assert!(msgs.iter().any(|(t, _)| *t == b'D'), "3.{minor}: {msgs:?}");
+    }
     // GSSENCRequest then SSLRequest, both declined, then a normal startup
     let mut s = raw(&px);
     for code in [80877104u32, 80877103] {

@@ -102,7 +102,11 @@ where
     let packet = read_startup(app, stream, first).await?;
     if packet.minor > 0 || !packet.protocol_options.is_empty() {
         let mut out = BytesMut::new();
-        messages::negotiate_protocol_version(&mut out, 0, &packet.protocol_options);
+        messages::negotiate_protocol_version(
+            &mut out,
+            startup::PROTOCOL_3_0,
+            &packet.protocol_options,
+        );
         write(stream, &out).await?;
     }
     if over_limit {
@@ -308,7 +312,7 @@ where
             Err(StartupError::Io(e)) => {
                 return Err(Refusal::silent(format!("startup read failed: {e}")))
             }
-            Err(e) => return Err(Refusal::with(PgError::fatal("08P01", e.to_string()))),
+            Err(e) => return Err(Refusal::with(PgError::fatal(e.sqlstate(), e.to_string()))),
         }
     }
     Err(Refusal::with(PgError::fatal(

@@ -126,9 +126,11 @@ pub fn auth_sasl_final(out: &mut BytesMut, data: &[u8]) {
     });
 }
 
-pub fn negotiate_protocol_version(out: &mut BytesMut, minor: i32, unrecognized: &[String]) {
+/// `newest` is a whole version (major << 16 | minor), as PostgreSQL sends it and libpq reads
+/// it, although the protocol's documentation speaks of a minor version alone.
+pub fn negotiate_protocol_version(out: &mut BytesMut, newest: i32, unrecognized: &[String]) {
     message(out, b'v', |b| {
-        b.put_i32(minor);
+        b.put_i32(newest);
         b.put_i32(unrecognized.len() as i32);
         for o in unrecognized {
             put_cstr(b, o.as_bytes());

@@ -8,6 +8,9 @@ const GSSENC_REQUEST: i32 = 80877104;
 const CANCEL_REQUEST: i32 = 80877102;
 /// PostgreSQL refuses startup packets longer than this (MAX_STARTUP_PACKET_LENGTH).
 pub const MAX_STARTUP_LEN: usize = 10_000;
+/// The one protocol version pgmux speaks, as the startup packet and NegotiateProtocolVersion
+/// write it (major in the high 16 bits: PostgreSQL's PG_PROTOCOL_LATEST).
+pub const PROTOCOL_3_0: i32 = 3 << 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -17,10 +20,20 @@ pub enum StartupError {
     Io(#[from] std::io::Error),
     #[error("invalid startup packet length {0}")]
     BadLength(i32),
-    #[error("unsupported frontend protocol {0}.{1}: server supports 3.0")]
+    #[error("unsupported frontend protocol {0}.{1}: server supports 3.0 to 3.0")]
     UnsupportedProtocol(u16, u16),
     #[error("invalid startup packet layout: {0}")]
     Malformed(&'static str),
+}
+
+impl StartupError {
+    /// The SQLSTATE PostgreSQL refuses such a packet with.
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            StartupError::UnsupportedProtocol(..) => "0A000",
+            _ => "08P01",
+        }
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -233,6 +246,26 @@ mod tests {
         let mut b = 196608i32.to_be_bytes().to_vec();
         b.extend(b"user\0");
         assert!(parse_initial(&b).is_err());
+    }
+
+    #[test]
+    fn other_major_versions_are_refused_as_postgresql_does() {
+        for (code, text) in [
+            (
+                4 << 16,
+                "unsupported frontend protocol 4.0: server supports 3.0 to 3.0",
+            ),
+            (
+                2 << 16,
+                "unsupported frontend protocol 2.0: server supports 3.0 to 3.0",
+            ),
+        ] {
+            let e = parse_initial(&startup(&[("user", "a")], code)).unwrap_err();
+            assert_eq!((e.sqlstate(), e.to_string().as_str()), ("0A000", text));
+        }
+        let mut b = startup(&[("user", "a")], 196608);
+        b.pop();
+        assert_eq!(parse_initial(&b).unwrap_err().sqlstate(), "08P01");
     }
 
     #[test]
