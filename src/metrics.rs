@@ -152,7 +152,7 @@ pub fn render(app: &App) -> String {
         }
         f.gauge(
             "pgmux_clients_pinned",
-            "Transaction-mode clients keeping their server (LISTEN, SQL PREPARE, temporary objects, WITH HOLD cursors, session advisory locks)",
+            "Transaction-mode clients keeping their server (LISTEN, SQL PREPARE, temporary objects, WITH HOLD cursors, session advisory locks, settings pgmux cannot follow)",
             &l,
             clients_by_pool
                 .iter()
