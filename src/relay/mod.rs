@@ -739,6 +739,10 @@ fn deallocation_to_answer(
     if flow.status != b'T' || flow.pending != 0 || !s2c_at_boundary || !t.is_settled() {
         return None;
     }
+    // most statements of a transaction: not one that can start with DEALLOCATE
+    if !text.starts_with(['D', 'd', '/', '-', ' ', '\t', '\n', '\r']) {
+        return None;
+    }
     crate::router::effects::deallocated_name(text).filter(|n| t.stmts.get(n.as_bytes()).is_some())
 }
 
