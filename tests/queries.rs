@@ -239,3 +239,53 @@ async fn slow_statements_are_logged_with_their_session() {
     assert_eq!(connected["span"]["user"], "app");
     assert_eq!(connected["span"]["client_addr"], span["client_addr"]);
 }
+
+/// A database with replicas has a pool per host, sharing one set of statistics: SHOW QUERIES
+/// lists each statement once, with the calls of every host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_queries_lists_a_statement_once_across_replica_pools() {
+    let pg = PgCluster::shared_with_replicas();
+    let replicas = pg
+        .replicas()
+        .iter()
+        .map(|r| format!("{{ host = \"127.0.0.1\", port = {} }}", r.port))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let px = Pgmux::start(&format!(
+        r#"
+[pgmux]
+listen_port = {{port}}
+auth_type = "trust"
+metrics_listen_port = 0
+admin_users = ["admin"]
+[[users]]
+name = "postgres"
+[[users]]
+name = "admin"
+[[databases]]
+name = "postgres"
+host = "127.0.0.1"
+port = {}
+read_write_split = true
+replicas = [ {replicas} ]
+"#,
+        pg.primary().port
+    ));
+    let (c, conn) = tokio_postgres::connect(&px.conn_str("postgres", "postgres", None), NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..5 {
+        c.simple_query("SELECT 4242 AS once").await.unwrap();
+    }
+    // a write too, so the primary's pool has been used as well as a replica's
+    c.simple_query("CREATE TEMP TABLE IF NOT EXISTS once_t (a int)")
+        .await
+        .unwrap();
+    let rows: Vec<_> = console(&px, "SHOW QUERIES")
+        .into_iter()
+        .filter(|r| r[2].contains("once") && r[2].to_lowercase().starts_with("select"))
+        .collect();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0][3], "5", "{rows:?}");
+}

@@ -663,7 +663,12 @@ fn queries(app: &App) -> BytesMut {
         ("rows", Int8),
     ]);
     let mut all = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for p in app.all_pools() {
+        // the per-host pools of a database with replicas share one PoolStats
+        if !seen.insert(Arc::as_ptr(&p.stats)) {
+            continue;
+        }
         for e in p.stats.statements.snapshot() {
             all.push((p.db.clone(), p.user.clone(), e));
         }
