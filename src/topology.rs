@@ -213,6 +213,8 @@ struct Shared {
 struct State {
     hosts: Vec<HostState>,
     primary: Option<usize>,
+    /// Some host was primary once: a change from now on is a failover.
+    had_primary: bool,
     version: u64,
 }
 
@@ -242,6 +244,7 @@ impl Topology {
             state: Mutex::new(State {
                 hosts,
                 primary: None,
+                had_primary: false,
                 version: 0,
             }),
             tx,
@@ -491,7 +494,13 @@ fn publish(st: &mut State, tx: &watch::Sender<Arc<Snapshot>>) {
     let primary = choose_primary(&st.hosts, st.primary);
     if primary != st.primary {
         let addr = primary.map(|i| st.hosts[i].addr());
-        tracing::warn!(primary = ?addr, "primary changed");
+        if !st.had_primary {
+            // the first finding at start is news, not a failover
+            tracing::info!(primary = ?addr, "primary found");
+        } else {
+            tracing::warn!(primary = ?addr, "primary changed");
+        }
+        st.had_primary |= primary.is_some();
     }
     st.primary = primary;
     st.version += 1;
