@@ -826,3 +826,53 @@ async fn pgmux_settings_are_honoured_in_every_form() {
     let (ok, _, err) = psql(&["SET pgmux.route = sideways; SELECT 1"]);
     assert!(!ok && err.contains("pgmux.route must be"), "{err}");
 }
+
+/// A client that pipelines a write behind a read already running on a replica (libpq
+/// pipeline mode, pgx batches): the write waits for the read's end and is routed on its own,
+/// to the primary, instead of following the read to the replica (25006 there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_pipelined_behind_a_replica_read_goes_to_the_primary() {
+    use common::raw::{error_code, login, query, until_ready};
+    use std::io::Write;
+    // its own cluster: its write, behind a long read, must not make the shared replicas lag
+    // under other tests' first reads
+    let cluster = &PgCluster::start(2);
+    let px = start(cluster, "", "consistency = \"eventual\"");
+    warm_up(&px, cluster).await;
+    let (primary, replicas) = ports(cluster);
+    let c = connect(&px, "app").await;
+    c.simple_query("CREATE TABLE IF NOT EXISTS rw_pipe (id serial PRIMARY KEY, port int)")
+        .await
+        .unwrap();
+    let (mut s, _) = login(px.port, "app", "app");
+    s.write_all(&query(
+        "SELECT inet_server_port() FROM pg_sleep(2) /*pipelined read*/",
+    ))
+    .unwrap();
+    wait_until("the read to run on a replica", WAIT, || {
+        cluster.replicas().iter().any(|r| {
+            cluster.psql(
+                r,
+                "postgres",
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%/*pipelined read*/' \
+                 AND state = 'active' AND pid <> pg_backend_pid()",
+            ) == "1"
+        })
+    });
+    s.write_all(&query(
+        "INSERT INTO rw_pipe (port) VALUES (inet_server_port()) RETURNING port",
+    ))
+    .unwrap();
+    let port_of = |msgs: &[(u8, Vec<u8>)]| -> u16 {
+        let (_, row) = msgs
+            .iter()
+            .find(|(t, _)| *t == b'D')
+            .unwrap_or_else(|| panic!("no row: {:?}", error_code(msgs)));
+        String::from_utf8_lossy(&row[6..]).parse().unwrap()
+    };
+    let read = until_ready(&mut s);
+    assert!(replicas.contains(&port_of(&read)), "{read:?}");
+    let write = until_ready(&mut s);
+    assert_eq!(error_code(&write), None, "the write failed");
+    assert_eq!(port_of(&write), primary);
+}

@@ -683,6 +683,7 @@ impl Session {
         relay.attached(&conn.statements);
         client.active(waiting_since, conn.id, &mut relay.meter);
         if retryable {
+            relay.serve_one_unit();
             relay.arm_retry();
         }
         self.server = Some(conn);

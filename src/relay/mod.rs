@@ -141,6 +141,12 @@ pub struct Relay {
     keys: keys::Keys,
     /// The request kept, and the answer held back, while a replica read may be retried.
     pub retry: retry::Retry,
+    /// The server serves one routed unit (a replica read): what the client sends after that
+    /// unit's end stays unscanned until the server goes back, to be routed on its own (a
+    /// pipelined write must not reach the replica).
+    one_unit: bool,
+    /// Units (Query, Sync, FunctionCall) scanned since the server was attached.
+    units: u32,
 }
 
 /// Session state a transaction-mode client left on its server.
@@ -206,15 +212,24 @@ impl Relay {
             session: SessionState::default(),
             keys: keys::Keys::default(),
             retry: retry::Retry::default(),
+            one_unit: false,
+            units: 0,
         }
     }
 
     /// A server was just lent to the client.
     pub fn attached(&mut self, statements: &ServerStatements) {
         self.flow.status = b'I';
+        self.one_unit = false;
+        self.units = 0;
         if let Some(t) = self.tracker.as_mut() {
             t.attach(statements);
         }
+    }
+
+    /// The server just attached serves only the unit it was routed for (`one_unit`).
+    pub fn serve_one_unit(&mut self) {
+        self.one_unit = true;
     }
 
     /// Arms the retry of the unit about to be sent (a replica read): only when nothing is
@@ -412,6 +427,10 @@ impl Relay {
         let transaction_mode = self.transaction_mode;
         loop {
             let ch = &mut self.c2s;
+            if self.one_unit && self.units > 0 && ch.scanner.at_boundary() {
+                // the routed unit is sent whole; what follows waits to be routed itself
+                return Ok(());
+            }
             if ch.scanner.at_boundary() {
                 // refused before it is scanned: what went before may still be answered and
                 // the server kept (a session-mode client's goes back to the pool)
@@ -546,6 +565,7 @@ impl Relay {
         match tag {
             b'Q' | b'F' => {
                 f.pending += 1;
+                self.units += 1;
                 f.last_was_execute = false;
                 let fp = if tag == b'Q' {
                     self.keys.take_query()
@@ -557,6 +577,7 @@ impl Relay {
             b'S' if f.copy_in => return Ok(false),
             b'S' => {
                 f.pending += 1;
+                self.units += 1;
                 f.unsynced = false;
                 if !f.copy_done_sent {
                     f.syncs_since_execute += 1;
