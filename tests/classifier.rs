@@ -39,6 +39,8 @@ fn parse_expected(text: &str, line: usize) -> Classified {
         "route=primary" => Class::Pgmux(Command::Route(Route::Primary)),
         "route=replica" => Class::Pgmux(Command::Route(Route::Replica)),
         "route=auto" => Class::Pgmux(Command::Route(Route::Auto)),
+        "route=reset" => Class::Pgmux(Command::ResetRoute),
+        "min_lsn=reset" => Class::Pgmux(Command::ResetMinLsn),
         "min_lsn=none" => Class::Pgmux(Command::MinLsn(None)),
         "invalid" => Class::Pgmux(Command::Invalid("")),
         other => match other.strip_prefix("min_lsn=") {

@@ -278,6 +278,23 @@ async fn hints_settings_options_and_alias_override_the_classifier() {
         one(&o, "SELECT current_setting('pgmux.route', true)").await,
         "NULL"
     );
+    // RESET and DEFAULT go back to the startup value, as PostgreSQL's RESET does
+    for reset in [
+        "SET pgmux.route = replica; RESET pgmux.route",
+        "SET pgmux.route = replica",
+        "SET pgmux.route = DEFAULT",
+    ] {
+        o.simple_query(reset).await.unwrap();
+    }
+    assert_eq!(
+        one(&o, "SELECT inet_server_port()").await,
+        primary.to_string()
+    );
+    o.simple_query("RESET pgmux.route").await.unwrap();
+    assert_eq!(
+        one(&o, "SELECT inet_server_port()").await,
+        primary.to_string()
+    );
 
     // the replica-only alias: reads on replicas, a write refused by the replica itself
     let ro = connect(&px, "app_ro").await;

@@ -37,10 +37,15 @@ pub enum Class {
 /// A `SET`/`RESET` of one of pgmux's own settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
-    /// `SET pgmux.route = primary|replica|auto`; `RESET pgmux.route` and `DEFAULT` give `Auto`.
+    /// `SET pgmux.route = primary|replica|auto`.
     Route(Route),
-    /// `SET pgmux.min_lsn = '0/16B3748'`; `RESET` or `DEFAULT` give `None`.
+    /// `SET pgmux.min_lsn = '0/16B3748'`.
     MinLsn(Option<Lsn>),
+    /// `RESET pgmux.route` or `SET pgmux.route = DEFAULT`: back to the connection's startup
+    /// value (`options=-c pgmux.route=...`), as PostgreSQL's RESET goes back to it.
+    ResetRoute,
+    /// `RESET pgmux.min_lsn` or `= DEFAULT`: back to the startup value.
+    ResetMinLsn,
     /// A pgmux setting used wrongly; the text is the error message for the client.
     Invalid(&'static str),
 }
@@ -1057,9 +1062,9 @@ fn pgmux_setting<'a>(head: &[Tok<'a>; HEAD], i: usize) -> Option<(&'a str, usize
 
 fn reset_command(name: &str) -> Command {
     if name.eq_ignore_ascii_case("route") {
-        Command::Route(Route::Auto)
+        Command::ResetRoute
     } else if name.eq_ignore_ascii_case("min_lsn") {
-        Command::MinLsn(None)
+        Command::ResetMinLsn
     } else {
         Command::Invalid("unknown pgmux setting; pgmux has route and min_lsn")
     }
@@ -1072,8 +1077,10 @@ fn set_command(name: &str, value: Tok<'_>) -> Command {
     };
     let is_default = matches!(value, Tok::Word(v) if v.eq_ignore_ascii_case("default"));
     if name.eq_ignore_ascii_case("route") {
+        if is_default {
+            return Command::ResetRoute;
+        }
         let route = match text {
-            _ if is_default => Some(Route::Auto),
             Some(v) if v.eq_ignore_ascii_case("primary") => Some(Route::Primary),
             Some(v) if v.eq_ignore_ascii_case("replica") => Some(Route::Replica),
             Some(v) if v.eq_ignore_ascii_case("auto") => Some(Route::Auto),
@@ -1086,7 +1093,7 @@ fn set_command(name: &str, value: Tok<'_>) -> Command {
     }
     if name.eq_ignore_ascii_case("min_lsn") {
         if is_default {
-            return Command::MinLsn(None);
+            return Command::ResetMinLsn;
         }
         return match value {
             Tok::Str(v) => match v.parse::<Lsn>() {

@@ -575,6 +575,8 @@ impl RouteState {
         match cmd {
             Command::Route(r) => self.route = r,
             Command::MinLsn(l) => self.min_lsn = l,
+            Command::ResetRoute => self.route = self.startup.route,
+            Command::ResetMinLsn => self.min_lsn = self.startup.min_lsn,
             Command::Invalid(m) => PgError::error("22023", m).encode(&mut out),
         }
         if !matches!(cmd, Command::Invalid(_)) {
