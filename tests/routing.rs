@@ -893,3 +893,70 @@ async fn a_write_pipelined_behind_a_replica_read_goes_to_the_primary() {
     assert_eq!(error_code(&write), None, "the write failed");
     assert_eq!(port_of(&write), primary);
 }
+
+/// A replica-only alias whose replicas are all unusable: a read falls back to the primary
+/// (`primary_reads = "fallback"`), but a write is refused with 57P03 instead of being run on
+/// the primary, where the client asked for a replica only; so is a write the client routes to
+/// replicas with `pgmux.route`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_that_may_write_never_falls_back_from_replicas_to_the_primary() {
+    let cluster = PgCluster::shared_with_replicas();
+    let (primary, _) = ports(cluster);
+    let dead = common::free_port();
+    let px = Pgmux::start(&format!(
+        r#"
+[pgmux]
+listen_port = {{port}}
+auth_type = "trust"
+[[users]]
+name = "app"
+password = "secret"
+[[databases]]
+name = "app_ro"
+dbname = "app"
+host = "127.0.0.1"
+port = {primary}
+route = "replica"
+replicas = [ {{ host = "127.0.0.1", port = {dead} }} ]
+lag_check_interval = 0.1
+[[databases]]
+name = "app"
+host = "127.0.0.1"
+port = {primary}
+read_write_split = true
+replicas = [ {{ host = "127.0.0.1", port = {dead} }} ]
+lag_check_interval = 0.1
+"#
+    ));
+    let rw = connect(&px, "app").await;
+    rw.simple_query("CREATE TABLE IF NOT EXISTS never_via_ro (a int); TRUNCATE never_via_ro")
+        .await
+        .unwrap();
+    let ro = connect(&px, "app_ro").await;
+    assert_eq!(
+        one(&ro, "SELECT inet_server_port()").await,
+        primary.to_string(),
+        "a read through the alias did not fall back to the primary"
+    );
+    let err = ro
+        .simple_query("INSERT INTO never_via_ro VALUES (1)")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.as_db_error().map(|e| e.code().code()),
+        Some("57P03"),
+        "{err}"
+    );
+    rw.simple_query("SET pgmux.route = replica").await.unwrap();
+    let err = rw
+        .simple_query("INSERT INTO never_via_ro VALUES (2)")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.as_db_error().map(|e| e.code().code()),
+        Some("57P03"),
+        "{err}"
+    );
+    rw.simple_query("RESET pgmux.route").await.unwrap();
+    assert_eq!(one(&rw, "SELECT count(*) FROM never_via_ro").await, "0");
+}

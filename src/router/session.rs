@@ -351,7 +351,7 @@ impl RouteState {
         let snap = self.settled_snapshot().await;
         let result = match choice.target {
             Target::Primary => self.primary(&snap, choice.reason).await,
-            Target::Replica => self.reader(&snap, choice.reason).await,
+            Target::Replica => self.reader(&snap, choice.reason, choice.may_write).await,
         };
         match result {
             Ok((conn, host, target, reason)) => {
@@ -473,11 +473,14 @@ impl RouteState {
     }
 
     /// A read: a replica that qualifies, another one if its checkout fails, then the primary
-    /// as `primary_reads` allows.
+    /// as `primary_reads` allows. Work sent to replicas that may write (a replica-only alias,
+    /// a hint or `pgmux.route = replica` over a write) never falls back to the primary: there
+    /// it would write where the client asked for a replica only.
     async fn reader(
         &mut self,
         snap: &Snapshot,
         reason: Reason,
+        may_write: bool,
     ) -> Result<(PooledConn, usize, Target, Reason), PgError> {
         let overridden = reason != Reason::Read && reason != Reason::ReadOnlyTransaction;
         let floor = match self.read_floor(snap) {
@@ -487,6 +490,10 @@ impl RouteState {
             None => return self.primary(snap, Reason::ReadYourWrites).await,
         };
         let mut failed: Vec<usize> = Vec::new();
+        if may_write {
+            // not even as a replica's share (primary_reads = "always")
+            failed.extend(snap.primary);
+        }
         let mut fell_back = Reason::NoReplica;
         loop {
             let pick = self
@@ -532,6 +539,13 @@ impl RouteState {
             return Err(PgError::error(
                 "57P03",
                 "no replica is available for this read (primary_reads = never)",
+            ));
+        }
+        if may_write {
+            return Err(PgError::error(
+                "57P03",
+                "no replica is available, and this work may write: pgmux does not send it to \
+                 the primary in place of a replica",
             ));
         }
         if failed.iter().any(|&i| snap.primary == Some(i)) {
