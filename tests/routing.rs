@@ -960,3 +960,41 @@ lag_check_interval = 0.1
     rw.simple_query("RESET pgmux.route").await.unwrap();
     assert_eq!(one(&rw, "SELECT count(*) FROM never_via_ro").await, "0");
 }
+
+/// pgmux started while the primary is down: new clients still log in (with a replica's
+/// parameters) and read from the replicas; writes get a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_log_in_and_read_while_the_primary_is_down() {
+    let cluster = &PgCluster::start(2);
+    let (_, replicas) = ports(cluster);
+    cluster.primary().stop("fast");
+    let px = start(
+        cluster,
+        "server_connect_timeout = 2",
+        "consistency = \"eventual\"",
+    );
+    let c = connect(&px, "app").await;
+    wait_until_async("reads to reach a replica", WAIT, || async {
+        try_one(&c, "SELECT inet_server_port()")
+            .await
+            .is_ok_and(|p| replicas.contains(&p.parse().unwrap()))
+    })
+    .await;
+    let err = c
+        .simple_query("CREATE TABLE primary_down (a int)")
+        .await
+        .unwrap_err();
+    let code = err.as_db_error().map(|e| e.code().code().to_string());
+    assert!(
+        matches!(code.as_deref(), Some("57P03" | "08006")),
+        "{err:?}"
+    );
+    // the replica-only alias too
+    let ro = connect(&px, "app_ro").await;
+    wait_until_async("the alias to read on a replica", WAIT, || async {
+        try_one(&ro, "SELECT inet_server_port()")
+            .await
+            .is_ok_and(|p| replicas.contains(&p.parse().unwrap()))
+    })
+    .await;
+}

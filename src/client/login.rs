@@ -217,7 +217,7 @@ where
         )));
     };
     let pool = app.pool(database, &user);
-    let baseline = match baseline(&pool).await {
+    let baseline = match any_baseline(app, database, &user, &pool).await {
         Ok(b) => b,
         Err(e) => {
             write(stream, &out).await?;
@@ -353,6 +353,30 @@ fn startup_settings(app: &App, p: &StartupPacket) -> Result<Vec<(String, String)
         )));
     }
     Ok(out)
+}
+
+/// The parameters of a real server for a new client: its pool's (the primary's), else,
+/// for a database with replicas whose primary cannot be reached, a replica's, so that reads
+/// keep working for new clients too while the primary is down.
+async fn any_baseline(
+    app: &App,
+    database: &crate::config::Database,
+    user: &str,
+    pool: &Arc<Pool>,
+) -> Result<Arc<Params>, PgError> {
+    let first = baseline(pool).await;
+    if first.is_ok() || !database.has_replicas() {
+        return first;
+    }
+    for other in app.host_pools(database, user) {
+        if Arc::ptr_eq(&other, pool) {
+            continue;
+        }
+        if let Ok(b) = baseline(&other).await {
+            return Ok(b);
+        }
+    }
+    first
 }
 
 /// The parameters of a real server of this pool, connecting once if none has yet.
