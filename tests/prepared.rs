@@ -301,18 +301,35 @@ fn batch(s: &mut std::net::TcpStream, msgs: &[Vec<u8>]) -> Vec<String> {
         .collect()
 }
 
+/// A Parse of `sql` (no parameter types) named `name`.
+fn parse(name: &str, sql: &str) -> Vec<u8> {
+    common::raw::msg(
+        b'P',
+        &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat(),
+    )
+}
+
+/// A Bind of statement `stmt` to the unnamed portal, without parameters.
+fn bind(stmt: &str) -> Vec<u8> {
+    common::raw::msg(b'B', &[b"\0", stmt.as_bytes(), b"\0\0\0\0\0\0\0"].concat())
+}
+
+fn exec() -> Vec<u8> {
+    common::raw::msg(b'E', b"\0\0\0\0\0")
+}
+
+fn sync() -> Vec<u8> {
+    common::raw::msg(b'S', b"")
+}
+
+/// Bind, Execute and Sync of statement `stmt`.
+fn run(stmt: &str) -> Vec<Vec<u8>> {
+    vec![bind(stmt), exec(), sync()]
+}
+
 #[test]
 fn a_statement_name_in_use_is_refused_as_postgresql_refuses_it() {
     use common::raw::{login, msg, query};
-    let parse = |name: &str, sql: &str| {
-        msg(
-            b'P',
-            &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat(),
-        )
-    };
-    let bind = |stmt: &str| msg(b'B', &[b"\0", stmt.as_bytes(), b"\0\0\0\0\0\0\0"].concat());
-    let exec = || msg(b'E', b"\0\0\0\0\0");
-    let sync = || msg(b'S', b"");
     let script = |s: &mut std::net::TcpStream| {
         vec![
             batch(s, &[parse("s1", "select 1"), sync()]),
@@ -353,21 +370,7 @@ fn a_statement_name_in_use_is_refused_as_postgresql_refuses_it() {
 /// `DEALLOCATE ALL` frees nothing.
 #[test]
 fn deallocate_and_discard_free_names_as_on_postgresql() {
-    use common::raw::{login, msg, query};
-    let parse = |name: &str, sql: &str| {
-        msg(
-            b'P',
-            &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat(),
-        )
-    };
-    let run = |stmt: &str| {
-        vec![
-            msg(b'B', &[b"\0", stmt.as_bytes(), b"\0\0\0\0\0\0\0"].concat()),
-            msg(b'E', b"\0\0\0\0\0"),
-            msg(b'S', b""),
-        ]
-    };
-    let sync = || msg(b'S', b"");
+    use common::raw::{login, query};
     let script = |s: &mut std::net::TcpStream| {
         let mut out = vec![batch(s, &[parse("s1", "select 1"), sync()])];
         for (sql, next) in [
@@ -428,20 +431,6 @@ fn deallocate_and_discard_free_names_as_on_postgresql() {
 #[test]
 fn a_statement_outdated_by_a_schema_change_is_prepared_again() {
     use common::raw::{login, msg, query};
-    let parse = |name: &str, sql: &str| {
-        msg(
-            b'P',
-            &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat(),
-        )
-    };
-    let run = |stmt: &str| {
-        vec![
-            msg(b'B', &[b"\0", stmt.as_bytes(), b"\0\0\0\0\0\0\0"].concat()),
-            msg(b'E', b"\0\0\0\0\0"),
-            msg(b'S', b""),
-        ]
-    };
-    let sync = || msg(b'S', b"");
     let script = |port: u16, user: &str, db: &str| {
         let (mut s, _) = login(port, user, db);
         let (mut other, _) = login(port, user, db);
@@ -486,16 +475,7 @@ fn a_statement_outdated_by_a_schema_change_is_prepared_again() {
 /// no name, as on PostgreSQL: the client can prepare the name again, and binding it fails.
 #[test]
 fn a_parse_that_failed_or_was_skipped_defines_no_name() {
-    use common::raw::{login, msg};
-    let parse = |name: &str, sql: &str| {
-        msg(
-            b'P',
-            &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat(),
-        )
-    };
-    let bind = |stmt: &str| msg(b'B', &[b"\0", stmt.as_bytes(), b"\0\0\0\0\0\0\0"].concat());
-    let exec = || msg(b'E', b"\0\0\0\0\0");
-    let sync = || msg(b'S', b"");
+    use common::raw::login;
     let script = |s: &mut std::net::TcpStream| {
         vec![
             batch(s, &[parse("a", "selec 1"), sync()]),

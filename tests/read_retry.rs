@@ -104,6 +104,18 @@ fn retries(port: u16) -> f64 {
         .unwrap_or_else(|| panic!("no retries metric in {resp}"))
 }
 
+/// Waits until a server connection of database `app` to `port` is lent (active).
+async fn holds_active_server(admin: &Console, port: &str, what: &str) {
+    wait_until_async(what, WAIT, || async {
+        admin
+            .show("SHOW SERVERS")
+            .await
+            .iter()
+            .any(|s| s["port"] == port && s["state"] == "active" && s["database"] == "app")
+    })
+    .await;
+}
+
 /// One replica, reached through a fault-injecting relay: its connection is broken while a
 /// read waits for its answer (reset before any answer, reset after part of it). Each time the
 /// read is answered by the primary (`primary_reads = "fallback"`), without an error; a named
@@ -134,14 +146,7 @@ async fn a_read_whose_replica_breaks_before_answering_is_sent_again() {
         tokio::spawn(async move { port_of(&c2).await })
     };
     let relay_port = relay.port().to_string();
-    wait_until_async("the read to hold a replica connection", WAIT, || async {
-        admin
-            .show("SHOW SERVERS")
-            .await
-            .iter()
-            .any(|s| s["port"] == relay_port && s["state"] == "active" && s["database"] == "app")
-    })
-    .await;
+    holds_active_server(&admin, &relay_port, "the read to hold a replica connection").await;
     relay.set_all(Fault::Reset);
     let got = q.await.unwrap();
     relay.clear();
@@ -194,13 +199,11 @@ async fn a_read_whose_replica_breaks_before_answering_is_sent_again() {
             Ok::<_, tokio_postgres::Error>(p as u16)
         })
     };
-    wait_until_async("the Parse to hold a replica connection", WAIT, || async {
-        admin
-            .show("SHOW SERVERS")
-            .await
-            .iter()
-            .any(|s| s["port"] == relay_port && s["state"] == "active" && s["database"] == "app")
-    })
+    holds_active_server(
+        &admin,
+        &relay_port,
+        "the Parse to hold a replica connection",
+    )
     .await;
     relay.set_all(Fault::Reset);
     let got = prep.await.unwrap();
