@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
+mod history;
+use history::LsnHistory;
+
 /// A host's role, as the host last reported it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -76,12 +79,22 @@ pub struct HostState {
     pub receive_lsn: Option<Lsn>,
     /// Primary: its current timeline, which grows with each promotion.
     pub timeline: Option<u32>,
+    /// Replica: the timeline its WAL receiver streams, while one runs and the check user may
+    /// see it (`pg_stat_wal_receiver` shows it to superusers and `pg_read_all_stats`).
+    pub receive_timeline: Option<u32>,
+    /// Replica: streams a timeline older than the primary's, so it follows another server (an
+    /// old primary back after a promotion) and its data may differ; it takes no reads.
+    pub diverged: bool,
+    /// When the last successful check started (a replica had replayed no further then).
+    pub checked_at: Option<Instant>,
     /// Replica: WAL bytes between the primary's last reported position and this replica's
     /// replay position. `None` without a healthy primary or an LSN to compare.
     pub lag_bytes: Option<u64>,
-    /// Replica: age of the last replayed transaction, counted as 0 once the replica has
-    /// replayed everything it received or everything the primary has (no activity is no lag).
-    /// `None` when unknown (nothing replayed since the replica started, yet WAL is pending).
+    /// Replica: how long WAL it has not replayed has existed, at least. 0 once it has replayed
+    /// everything the primary had; otherwise the larger of the age of its last replayed
+    /// transaction (while WAL it received waits for replay) and the time since the primary's
+    /// WAL first went past its position, as the monitor saw it ([`history`]). `None` when
+    /// neither is known.
     pub lag_seconds: Option<f64>,
     /// Successful checks so far.
     pub checks: u64,
@@ -108,6 +121,9 @@ impl HostState {
             lsn: None,
             receive_lsn: None,
             timeline: None,
+            receive_timeline: None,
+            diverged: false,
+            checked_at: None,
             lag_bytes: None,
             lag_seconds: None,
             checks: 0,
@@ -175,6 +191,7 @@ struct Probe {
     receive_lsn: Option<Lsn>,
     replay_age: Option<f64>,
     timeline: Option<u32>,
+    receive_timeline: Option<u32>,
 }
 
 /// One round trip. The subquery with OFFSET 0 evaluates pg_is_in_recovery() once, so a
@@ -189,7 +206,8 @@ const CHECK_SQL: &str = "SELECT r, \
      CASE WHEN r THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_insert_lsn() END, \
      CASE WHEN r THEN pg_last_wal_receive_lsn() END, \
      CASE WHEN r THEN extract(epoch from now() - pg_last_xact_replay_timestamp()) END, \
-     CASE WHEN r THEN NULL ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END \
+     CASE WHEN r THEN NULL ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END, \
+     CASE WHEN r THEN (SELECT received_tli FROM pg_stat_wal_receiver) END \
      FROM (SELECT pg_is_in_recovery() AS r OFFSET 0) s";
 
 /// Largest message the check reads; its answer is a few dozen bytes.
@@ -216,6 +234,8 @@ struct State {
     /// Some host was primary once: a change from now on is a failover.
     had_primary: bool,
     version: u64,
+    /// The current primary's WAL positions over time; cleared when the primary changes.
+    history: LsnHistory,
 }
 
 impl Topology {
@@ -246,6 +266,7 @@ impl Topology {
                 primary: None,
                 had_primary: false,
                 version: 0,
+                history: LsnHistory::default(),
             }),
             tx,
         });
@@ -301,11 +322,12 @@ async fn monitor_host(shared: Arc<Shared>, index: usize) {
             _ = shared.tx.closed() => break,
             _ = ticker.tick() => {}
         }
+        let started = Instant::now();
         let result = tokio::select! {
             _ = shared.tx.closed() => break,
             r = check(&target, cfg.timeout, &mut conn) => r,
         };
-        record(&shared, index, result);
+        record(&shared, index, started, result);
     }
     if let Some(c) = conn {
         c.close();
@@ -340,8 +362,8 @@ async fn probe(c: &mut ServerConn, timeout: Duration) -> Result<Probe, CheckErro
 }
 
 fn parse_probe(row: &[Option<String>]) -> Result<Probe, CheckError> {
-    let [r, lsn, receive, age, timeline] = row else {
-        return Err(CheckError::Answer("expected 5 columns"));
+    let [r, lsn, receive, age, timeline, receive_timeline] = row else {
+        return Err(CheckError::Answer("expected 6 columns"));
     };
     let in_recovery = match r.as_deref() {
         Some("t") => true,
@@ -364,12 +386,18 @@ fn parse_probe(row: &[Option<String>]) -> Result<Probe, CheckError> {
         .map(|s| u32::from_str_radix(s, 16))
         .transpose()
         .map_err(|_| CheckError::Answer("bad timeline"))?;
+    let receive_timeline = receive_timeline
+        .as_deref()
+        .map(|s| s.parse::<u32>())
+        .transpose()
+        .map_err(|_| CheckError::Answer("bad received timeline"))?;
     Ok(Probe {
         in_recovery,
         lsn: lsn_of(lsn)?,
         receive_lsn: lsn_of(receive)?,
         replay_age,
         timeline,
+        receive_timeline,
     })
 }
 
@@ -452,7 +480,7 @@ fn parse_data_row(mut body: &[u8]) -> Result<Vec<Option<String>>, CheckError> {
     Ok(row)
 }
 
-fn record(shared: &Shared, index: usize, result: Result<Probe, CheckError>) {
+fn record(shared: &Shared, index: usize, started: Instant, result: Result<Probe, CheckError>) {
     let now = Instant::now();
     let mut st = lock(&shared.state);
     let h = &mut st.hosts[index];
@@ -470,6 +498,8 @@ fn record(shared: &Shared, index: usize, result: Result<Probe, CheckError>) {
             h.lsn = p.lsn;
             h.receive_lsn = p.receive_lsn;
             h.timeline = p.timeline;
+            h.receive_timeline = p.receive_timeline;
+            h.checked_at = Some(started);
             // Kept until derive() computes lag against the primary.
             h.lag_seconds = p.replay_age;
             h.checks += 1;
@@ -501,11 +531,17 @@ fn publish(st: &mut State, tx: &watch::Sender<Arc<Snapshot>>) {
             tracing::warn!(primary = ?addr, "primary changed");
         }
         st.had_primary |= primary.is_some();
+        st.history.clear();
     }
     st.primary = primary;
+    // Stamped now, not when the check started: the primary had this WAL by the time its
+    // answer arrived, maybe not before, and a later stamp keeps lags a lower bound.
+    if let Some(lsn) = primary.and_then(|p| st.hosts[p].lsn) {
+        st.history.push(Instant::now(), lsn);
+    }
     st.version += 1;
     let mut hosts = st.hosts.clone();
-    derive_lag(&mut hosts, primary);
+    derive_lag(&mut hosts, primary, &st.history);
     tx.send_replace(Arc::new(Snapshot {
         hosts,
         primary,
@@ -533,39 +569,54 @@ fn choose_primary(hosts: &[HostState], current: Option<usize>) -> Option<usize> 
 }
 
 /// Fills in lag for replicas from the raw replay figures (`lag_seconds` holds the raw replay
-/// age on entry).
-fn derive_lag(hosts: &mut [HostState], primary: Option<usize>) {
+/// age on entry) and the primary's WAL history, and marks replicas on an older timeline.
+fn derive_lag(hosts: &mut [HostState], primary: Option<usize>, history: &LsnHistory) {
     let primary_lsn = primary.and_then(|p| hosts[p].lsn);
+    let primary_timeline = primary.and_then(|p| hosts[p].timeline);
     for h in hosts.iter_mut() {
+        h.diverged = false;
         if h.role != Role::Replica || !h.healthy {
-            h.lag_bytes = if h.role == Role::Primary && h.healthy {
-                Some(0)
-            } else {
-                None
-            };
-            h.lag_seconds = if h.lag_bytes.is_some() {
-                Some(0.0)
-            } else {
-                None
-            };
+            let primary_now = h.role == Role::Primary && h.healthy;
+            h.lag_bytes = primary_now.then_some(0);
+            h.lag_seconds = primary_now.then_some(0.0);
             continue;
         }
-        let replay = h.lsn;
-        h.lag_bytes = match (primary_lsn, replay) {
-            (Some(p), Some(r)) => Some(p.bytes_since(r)),
-            _ => None,
+        h.diverged = matches!((h.receive_timeline, primary_timeline), (Some(r), Some(p)) if r < p);
+        if h.diverged {
+            h.lag_bytes = None;
+            h.lag_seconds = None;
+            continue;
+        }
+        h.lag_bytes = primary_lsn.zip(h.lsn).map(|(p, r)| p.bytes_since(r));
+        h.lag_seconds = match h.lsn {
+            None => h.lag_seconds.map(|s| s.max(0.0)),
+            Some(r) if primary_lsn.is_some_and(|p| r >= p) => Some(0.0),
+            Some(r) => replica_lag_seconds(h, r, history),
         };
-        let caught_up = match replay {
-            Some(r) => {
-                h.receive_lsn.is_some_and(|rc| r >= rc) || primary_lsn.is_some_and(|p| r >= p)
-            }
-            None => false,
-        };
-        h.lag_seconds = if caught_up {
-            Some(0.0)
-        } else {
-            h.lag_seconds.map(|s| s.max(0.0))
-        };
+    }
+}
+
+/// Time lag of a replica at replay position `r` that may be behind the primary.
+fn replica_lag_seconds(h: &HostState, r: Lsn, history: &LsnHistory) -> Option<f64> {
+    let seen_behind = history
+        .behind_since(r)
+        .zip(h.checked_at)
+        .map(|(since, at)| at.saturating_duration_since(since).as_secs_f64());
+    // Received WAL waiting for replay: the last replayed transaction's age counts. Everything
+    // received is replayed: the age is that of a quiet primary or of a replica cut off from
+    // its upstream, and only the primary's history can tell which.
+    // (Nothing received by streaming, as when restoring from an archive: the age counts.)
+    let replaying = h.receive_lsn.is_none_or(|received| r < received);
+    let replay_age = replaying
+        .then_some(h.lag_seconds)
+        .flatten()
+        .map(|s| s.max(0.0));
+    match (seen_behind, replay_age) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (Some(a), None) => Some(a),
+        (None, b) if replaying => b,
+        // nothing to compare with, nothing pending: no lag known to exist
+        (None, _) => Some(0.0),
     }
 }
 
@@ -623,7 +674,8 @@ mod tests {
         // Replica 2 has everything; an old replay timestamp is no lag.
         hosts[2].receive_lsn = Some(Lsn(1000));
         hosts[2].lag_seconds = Some(300.0);
-        derive_lag(&mut hosts, Some(0));
+        let none = LsnHistory::default();
+        derive_lag(&mut hosts, Some(0), &none);
         assert_eq!(hosts[0].lag_bytes, Some(0));
         assert_eq!(hosts[1].lag_bytes, Some(600));
         assert_eq!(hosts[1].lag_seconds, Some(7.5));
@@ -632,40 +684,79 @@ mod tests {
         assert_eq!(hosts[3].lag_bytes, None);
         assert_eq!(hosts[3].lag_seconds, None);
 
-        // Replay caught up with what it received, though the primary is further on (the
-        // stream is slow, replay is not): no time lag, the bytes still show.
-        let mut hosts = vec![
-            host(Role::Primary, true, 1000),
-            host(Role::Replica, true, 400),
-        ];
-        hosts[1].receive_lsn = Some(Lsn(400));
-        hosts[1].lag_seconds = Some(9.0);
-        derive_lag(&mut hosts, Some(0));
-        assert_eq!(hosts[1].lag_bytes, Some(600));
-        assert_eq!(hosts[1].lag_seconds, Some(0.0));
-
         // Without a primary there is nothing to measure bytes against.
         let mut hosts = vec![host(Role::Replica, true, 400)];
         hosts[0].lag_seconds = Some(2.0);
-        derive_lag(&mut hosts, None);
+        derive_lag(&mut hosts, None, &none);
         assert_eq!(hosts[0].lag_bytes, None);
         assert_eq!(hosts[0].lag_seconds, Some(2.0));
     }
 
     #[test]
+    fn a_replica_that_stopped_receiving_lags_from_when_the_primary_moved_past_it() {
+        let t0 = Instant::now();
+        let mut history = LsnHistory::default();
+        history.push(t0, Lsn(300));
+        history.push(t0 + Duration::from_secs(2), Lsn(1000));
+        let mut hosts = vec![
+            host(Role::Primary, true, 1000),
+            host(Role::Replica, true, 400),
+        ];
+        // Replayed all it received, with an old last transaction: its own figures say nothing.
+        hosts[1].receive_lsn = Some(Lsn(400));
+        hosts[1].lag_seconds = Some(9.0);
+        hosts[1].checked_at = Some(t0 + Duration::from_secs(7));
+        derive_lag(&mut hosts, Some(0), &history);
+        assert_eq!(hosts[1].lag_bytes, Some(600));
+        // WAL past 400 has existed since t0+2s, and at t0+7s it was not replayed.
+        assert_eq!(hosts[1].lag_seconds, Some(5.0));
+        // Received WAL waiting for replay: the larger figure counts.
+        hosts[1].receive_lsn = Some(Lsn(900));
+        hosts[1].lag_seconds = Some(9.0);
+        derive_lag(&mut hosts, Some(0), &history);
+        assert_eq!(hosts[1].lag_seconds, Some(9.0));
+        // Unknown replay age (nothing replayed since start) no longer means unknown lag.
+        hosts[1].lag_seconds = None;
+        derive_lag(&mut hosts, Some(0), &history);
+        assert_eq!(hosts[1].lag_seconds, Some(5.0));
+        // Without history, a replica that replayed all it received shows no time lag.
+        hosts[1].receive_lsn = Some(Lsn(400));
+        derive_lag(&mut hosts, Some(0), &LsnHistory::default());
+        assert_eq!(hosts[1].lag_seconds, Some(0.0));
+    }
+
+    #[test]
+    fn a_replica_streaming_an_older_timeline_has_diverged() {
+        let mut hosts = vec![
+            host(Role::Primary, true, 1000),
+            host(Role::Replica, true, 2000),
+            host(Role::Replica, true, 1000),
+        ];
+        hosts[0].timeline = Some(2);
+        hosts[1].receive_timeline = Some(1);
+        hosts[2].receive_timeline = Some(2);
+        derive_lag(&mut hosts, Some(0), &LsnHistory::default());
+        assert!(hosts[1].diverged);
+        assert_eq!((hosts[1].lag_bytes, hosts[1].lag_seconds), (None, None));
+        assert!(!hosts[2].diverged);
+        assert_eq!(hosts[2].lag_seconds, Some(0.0));
+    }
+
+    #[test]
     fn probe_rows_parse() {
         let s = |v: &str| Some(v.to_string());
-        let p = parse_probe(&[s("f"), s("0/3000148"), None, None, s("00000002")]).unwrap();
+        let p = parse_probe(&[s("f"), s("0/3000148"), None, None, s("00000002"), None]).unwrap();
         assert!(!p.in_recovery);
         assert_eq!(p.lsn, Some(Lsn(0x3000148)));
         assert_eq!(p.timeline, Some(2));
-        let p = parse_probe(&[s("t"), s("0/10"), s("0/20"), s("1.25"), None]).unwrap();
+        let p = parse_probe(&[s("t"), s("0/10"), s("0/20"), s("1.25"), None, s("3")]).unwrap();
         assert!(p.in_recovery);
+        assert_eq!(p.receive_timeline, Some(3));
         assert_eq!(p.receive_lsn, Some(Lsn(0x20)));
         assert_eq!(p.replay_age, Some(1.25));
-        assert!(parse_probe(&[s("x"), None, None, None, None]).is_err());
+        assert!(parse_probe(&[s("x"), None, None, None, None, None]).is_err());
         assert!(parse_probe(&[s("t")]).is_err());
-        assert!(parse_probe(&[s("t"), s("zz"), None, None, None]).is_err());
+        assert!(parse_probe(&[s("t"), s("zz"), None, None, None, None]).is_err());
     }
 
     #[test]

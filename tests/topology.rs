@@ -1,7 +1,7 @@
 //! The topology monitor against real servers: a primary with two streaming replicas started by
 //! the harness. Roles, replication lag (replay paused on a replica), a replica going down and
 //! coming back, and a promotion after the primary is gone, including the old primary coming
-//! back on the old timeline.
+//! back on the old timeline and a replica left following it.
 
 mod common;
 
@@ -181,6 +181,15 @@ async fn a_promotion_is_followed() {
     assert_eq!(p.timeline, Some(2), "{p:#?}");
     assert_eq!(s.hosts[2].role, Role::Replica);
 
+    // Replica 2 still follows the old primary, which is gone: it replayed all it received,
+    // so its own figures show no lag, but it will never see the new primary's writes.
+    cluster.replicas()[0].psql("postgres", "CREATE TABLE after_promotion (n int)");
+    let s = wait_for(&topo, "time lag on the replica left behind", |s| {
+        s.hosts[2].lag_seconds.is_some_and(|t| t >= 1.0)
+    })
+    .await;
+    assert!(s.hosts[2].healthy && !s.hosts[2].diverged, "{s:#?}");
+
     // The old primary comes back, still believing it is the primary (timeline 1): the
     // promoted host, on the later timeline, stays the primary.
     cluster.primary().start();
@@ -191,6 +200,12 @@ async fn a_promotion_is_followed() {
     assert_eq!(s.hosts[0].role, Role::Primary);
     assert_eq!(s.hosts[0].timeline, Some(1));
     assert_eq!(s.primary, Some(1), "{s:#?}");
+    // Replica 2 streams from it again, on the old timeline: its data may differ from the
+    // primary's, whatever its lag.
+    wait_for(&topo, "replica 2 seen on the old timeline", |s| {
+        s.hosts[2].diverged && s.hosts[2].receive_timeline == Some(1)
+    })
+    .await;
 
     // A monitor started now has no current primary to stick to and sees two hosts out of
     // recovery: the later timeline decides, not config order.

@@ -595,7 +595,12 @@ async fn hosts(app: &App) -> BytesMut {
                     h.host.as_str().into(),
                     h.port.into(),
                     role.into(),
-                    if h.healthy { "up" } else { "down" }.into(),
+                    match (h.healthy, h.diverged) {
+                        (false, _) => "down",
+                        (true, true) => "diverged",
+                        (true, false) => "up",
+                    }
+                    .into(),
                     h.lag_bytes.map_or(Value::Null, |b| (b as i64).into()),
                     h.lag_seconds
                         .map_or(Value::Null, |s| (s.round() as i64).into()),

@@ -189,11 +189,13 @@ impl DbRouter {
         self.outstanding[host].load(Ordering::Relaxed)
     }
 
-    /// Whether replica `i` may take a read now: healthy, not banned, within the lag limits
-    /// and, given a `floor`, replayed at least that far.
+    /// Whether replica `i` may take a read now: healthy, not banned, on the primary's
+    /// timeline, within the lag limits and, given a `floor`, replayed at least that far.
     fn replica_ok(&self, snap: &Snapshot, i: usize, now: Instant, floor: Option<Lsn>) -> bool {
         let h = &snap.hosts[i];
-        if h.role != Role::Replica || !h.is_usable(now) {
+        // A replica on an older timeline than the primary follows another server: its data
+        // may differ from the primary's, whatever its lag figures say.
+        if h.role != Role::Replica || !h.is_usable(now) || h.diverged {
             return false;
         }
         let r = &self.routing;
@@ -364,6 +366,14 @@ mod tests {
         snap.hosts[2].banned_until = None;
         snap.hosts[2].lag_seconds = None;
         assert_eq!(r.pick_reader(&snap, None, &[]), None, "unknown time lag");
+        snap.hosts[2].lag_seconds = Some(0.0);
+        assert_eq!(r.pick_reader(&snap, None, &[]), Some(2));
+        snap.hosts[2].diverged = true;
+        assert_eq!(
+            r.pick_reader(&snap, None, &[]),
+            None,
+            "on an older timeline"
+        );
     }
 
     #[test]
