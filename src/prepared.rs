@@ -247,6 +247,23 @@ pub fn target(body: &[u8]) -> Option<(u8, &[u8])> {
     rest.is_empty().then_some((kind, name))
 }
 
+/// A statement name no [`StmtDef`] takes (theirs end in digits).
+const PROBE_NAME: &[u8] = b"pgmux_probe\0";
+
+/// Parse of `def`'s text under a name of its own, then Close of that name: for the server's
+/// verdict on a Parse (inside a failed transaction) when the server already holds `def`
+/// under pgmux's name, which a second Parse would find taken.
+pub fn probe_messages(out: &mut BytesMut, def: &StmtDef) {
+    messages::message(out, b'P', |b| {
+        b.put_slice(PROBE_NAME);
+        b.put_slice(&def.body);
+    });
+    messages::message(out, b'C', |b| {
+        b.put_u8(b'S');
+        b.put_slice(PROBE_NAME);
+    });
+}
+
 pub fn close_statement(out: &mut BytesMut, id: u64) {
     messages::message(out, b'C', |b| {
         b.put_u8(b'S');

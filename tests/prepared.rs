@@ -475,7 +475,7 @@ fn a_statement_outdated_by_a_schema_change_is_prepared_again() {
 /// no name, as on PostgreSQL: the client can prepare the name again, and binding it fails.
 #[test]
 fn a_parse_that_failed_or_was_skipped_defines_no_name() {
-    use common::raw::login;
+    use common::raw::{login, query};
     let script = |s: &mut std::net::TcpStream| {
         vec![
             batch(s, &[parse("a", "selec 1"), sync()]),
@@ -489,6 +489,24 @@ fn a_parse_that_failed_or_was_skipped_defines_no_name() {
             batch(s, &[bind("c"), exec(), sync()]),
             batch(s, &[parse("b", "select 2"), parse("c", "select 4"), sync()]),
             batch(s, &[bind("b"), exec(), bind("c"), exec(), sync()]),
+            // inside a failed transaction PostgreSQL refuses every Parse (25P02), also of a
+            // statement a server already has, and the name stays free
+            batch(s, &[query("begin")]),
+            batch(s, &[query("select 1/0")]),
+            batch(s, &[parse("d", "select 1"), sync()]),
+            batch(s, &[parse("e", "select 1"), bind("e"), exec(), sync()]),
+            batch(s, &[parse("f", "select 5"), sync()]),
+            batch(s, &[query("rollback")]),
+            batch(s, &[bind("d"), exec(), sync()]),
+            batch(s, &[parse("d", "select 6"), parse("e", "select 7"), sync()]),
+            batch(s, &[bind("d"), exec(), bind("e"), exec(), sync()]),
+            batch(s, &[parse("f", "select 8"), bind("f"), exec(), sync()]),
+            // except a statement that ends the transaction
+            batch(s, &[parse("r0", "rollback"), sync()]),
+            batch(s, &[query("begin")]),
+            batch(s, &[query("select 1/0")]),
+            batch(s, &[parse("r", "rollback"), bind("r"), exec(), sync()]),
+            batch(s, &[bind("r"), exec(), sync()]),
         ]
     };
     let pg = PgCluster::shared();

@@ -530,6 +530,7 @@ impl Relay {
                             &mut self.c2s,
                             &mut self.s2c,
                             server.statements,
+                            self.flow.status == b'E',
                         );
                         if fx.custom_settings {
                             self.session

@@ -38,6 +38,12 @@ enum Expect {
         name: Box<[u8]>,
         def: Arc<StmtDef>,
     },
+    /// ParseComplete of the probe sent for the client's `name` inside a failed transaction
+    /// ([`prepared::probe_messages`]): the server's verdict is the client's.
+    ParseProbe {
+        name: Box<[u8]>,
+        def: Arc<StmtDef>,
+    },
     /// `stmt`: pgmux's id of the named statement bound (0: unnamed or unknown to pgmux).
     Bind {
         stmt: u64,
@@ -165,7 +171,8 @@ impl Tracker {
         }
     }
 
-    /// A whole Parse, Bind, Describe or Close at `c2s.buf[start..c2s.scanned]`.
+    /// A whole Parse, Bind, Describe or Close at `c2s.buf[start..c2s.scanned]`. `aborted`:
+    /// the server's last ReadyForQuery said its transaction failed.
     pub fn client_message(
         &mut self,
         tag: u8,
@@ -173,11 +180,12 @@ impl Tracker {
         c2s: &mut Channel,
         s2c: &mut Channel,
         server: &mut ServerStatements,
+        aborted: bool,
     ) -> Effects {
         let end = c2s.scanned;
         let body = &c2s.buf[start + 5..end];
         let fx = match tag {
-            b'P' => self.on_parse(body.to_vec(), start, end, c2s, server),
+            b'P' => self.on_parse(body.to_vec(), start, end, c2s, server, aborted),
             b'B' => self.on_bind(start, end, c2s, server),
             b'D' => {
                 self.on_describe(start, end, c2s, server);
@@ -200,6 +208,7 @@ impl Tracker {
         end: usize,
         c2s: &mut Channel,
         server: &mut ServerStatements,
+        aborted: bool,
     ) -> Effects {
         let Some((name, rest)) = prepared::split_parse(&body).filter(|(n, _)| !n.is_empty()) else {
             self.expect.push_back(Expect::Parse {
@@ -222,10 +231,23 @@ impl Tracker {
         c2s.skip(end - start);
         if self.holds_current(&def, c2s, server) {
             server.touch(&def);
-            self.expect.push_back(Expect::ParseAnswered {
-                name: name.into(),
-                def: def.clone(),
-            });
+            if aborted {
+                // PostgreSQL refuses it (25P02) unless it ends the transaction: the server
+                // decides, and the name stays free if it refuses
+                let mut msg = BytesMut::new();
+                prepared::probe_messages(&mut msg, &def);
+                c2s.push(msg.freeze());
+                self.expect.push_back(Expect::ParseProbe {
+                    name: name.into(),
+                    def: def.clone(),
+                });
+                self.expect.push_back(Expect::Close { ours: true });
+            } else {
+                self.expect.push_back(Expect::ParseAnswered {
+                    name: name.into(),
+                    def: def.clone(),
+                });
+            }
         } else {
             self.make_room(c2s, server);
             let mut msg = BytesMut::new();
@@ -454,6 +476,7 @@ impl Tracker {
                 }
                 *ours
             }
+            (b'1', Expect::ParseProbe { .. }) => false,
             (b'3', Expect::Close { ours }) => *ours,
             (b'2', Expect::Bind { .. })
             | (b'T' | b'n', Expect::Describe)
@@ -648,7 +671,9 @@ impl Tracker {
                         self.undefine(&name, &d);
                     }
                 }
-                Some(Expect::ParseAnswered { name, def }) => self.undefine(&name, &def),
+                Some(Expect::ParseAnswered { name, def } | Expect::ParseProbe { name, def }) => {
+                    self.undefine(&name, &def)
+                }
                 _ => {}
             }
         }
