@@ -699,7 +699,7 @@ impl Pool {
     }
 
     /// Periodic upkeep: close idle connections past server_idle_timeout (down to
-    /// min_pool_size) or server_lifetime, and open connections up to min_pool_size.
+    /// min_pool_size) or server_lifetime, or found closed by the server, and open connections up to min_pool_size.
     pub fn maintain(self: &Arc<Self>) {
         let now = Instant::now();
         let settings = self.settings.load_full();
@@ -713,7 +713,10 @@ impl Pool {
                 let idle_for = now.duration_since(c.last_used);
                 let stale = settings.idle_timeout.is_some_and(|t| idle_for >= t)
                     && s.open > settings.min_size;
-                if stale || self.too_old(c, now) {
+                // A server that closed (restart, administrator's terminate) or spoke unprompted
+                // while idle goes now, as PgBouncer's would, not when next lent: SHOW SERVERS
+                // and the counts stay true. (A non-blocking peek, no I/O wait under the lock.)
+                if stale || self.too_old(c, now) || c.is_broken() {
                     let c = s.idle.remove(i);
                     s.servers.remove(&c.id);
                     closing.push(c);

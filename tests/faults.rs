@@ -383,6 +383,18 @@ async fn dead_idle_servers_are_replaced_unseen() {
             s.relay.applied() > applied
         });
         s.relay.clear();
+        // noticed while idle, as PgBouncer notices: not listed once it is gone
+        wait_until_async(
+            "the dead idle server dropped",
+            Duration::from_secs(10),
+            || async {
+                s.console
+                    .pool(&s.db)
+                    .await
+                    .is_some_and(|p| p["sv_idle"] == 0)
+            },
+        )
+        .await;
         // pgmux checks an idle server before lending it: the client sees nothing
         let t0 = Instant::now();
         let rows = c.simple_query("SELECT 2").await;
