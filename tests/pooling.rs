@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::probe::Console;
 use common::{wait_until, wait_until_async, PgCluster, Pgmux};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -236,7 +237,7 @@ async fn client_idle_timeout_disconnects_idle_clients() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_client_conn_refuses_with_53300() {
     let db = "muxmax";
-    let px = start(db, "max_client_conn = 3", "");
+    let px = start(db, "max_client_conn = 3\nadmin_users = [\"postgres\"]", "");
     let mut held = Vec::new();
     for _ in 0..3 {
         held.push(connect(&px, db).await.unwrap());
@@ -245,6 +246,11 @@ async fn max_client_conn_refuses_with_53300() {
         panic!("fourth client admitted")
     };
     assert_eq!(err.code().unwrap().code(), "53300");
+    // the console is exempt, as PgBouncer's admin database is: an operator gets in
+    let console = Console::connect(&px, "postgres", None).await;
+    let rows = console.show("SHOW CLIENTS").await;
+    assert!(rows.len() >= 3, "{rows:?}");
+    drop(console);
     drop(held.pop());
     wait_until_async("a slot frees up", WAIT, || async {
         connect(&px, db).await.is_ok()

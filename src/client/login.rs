@@ -109,12 +109,6 @@ where
         );
         write(stream, &out).await?;
     }
-    if over_limit {
-        return Err(Refusal::with(PgError::fatal(
-            "53300",
-            "sorry, too many clients already",
-        )));
-    }
     let user = packet
         .get("user")
         .filter(|u| !u.is_empty())
@@ -130,6 +124,14 @@ where
         .filter(|d| !d.is_empty())
         .unwrap_or(&user)
         .to_string();
+    // The console is exempt, as PgBouncer exempts its admin database: an operator must be
+    // able to reach PAUSE, KILL or SET max_client_conn during a flood of clients.
+    if over_limit && !crate::admin::is_console_db(&db) {
+        return Err(Refusal::with(PgError::fatal(
+            "53300",
+            "sorry, too many clients already",
+        )));
+    }
     let mut settings = startup_settings(app, &packet)?;
     let route = crate::router::session::take_startup(&mut settings)
         .map_err(|m| Refusal::with(PgError::fatal("22023", m)))?;
