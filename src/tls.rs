@@ -36,6 +36,7 @@ use tokio_rustls::rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::{CryptoProvider, WebPkiSupportedAlgorithms},
     pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName, UnixTime},
+    server::danger::{ClientCertVerified, ClientCertVerifier},
     server::WebPkiClientVerifier,
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig,
     SignatureScheme,
@@ -109,6 +110,9 @@ impl std::fmt::Debug for Security {
 pub struct ClientTls {
     pub mode: ClientSslMode,
     acceptor: TlsAcceptor,
+    /// Checks a client's certificate chain against client_tls_ca_file once the handshake is
+    /// done (the handshake itself lets any certificate through: [`ClientCerts`]).
+    client_certs: Option<Arc<dyn ClientCertVerifier>>,
     /// SCRAM channel binding data of our certificate (tls-server-end-point), if it has one.
     end_point: EndPoint,
 }
@@ -124,11 +128,12 @@ impl Security {
         let client = match g.client_tls_sslmode {
             ClientSslMode::Disable => None,
             mode => {
-                let (acceptor, end_point) =
+                let (acceptor, client_certs, end_point) =
                     client_acceptor(g).map_err(|e| format!("client TLS: {e}"))?;
                 Some(Arc::new(ClientTls {
                     mode,
                     acceptor,
+                    client_certs,
                     end_point,
                 }))
             }
@@ -205,7 +210,9 @@ fn setup(e: impl std::fmt::Display) -> TlsError {
 /// A certificate's tls-server-end-point hash, when it has one (SCRAM channel binding).
 pub type EndPoint = Option<Arc<[u8]>>;
 
-fn client_acceptor(g: &General) -> Result<(TlsAcceptor, EndPoint), TlsError> {
+type ClientAcceptor = (TlsAcceptor, Option<Arc<dyn ClientCertVerifier>>, EndPoint);
+
+fn client_acceptor(g: &General) -> Result<ClientAcceptor, TlsError> {
     if g.client_tls_cert_file.is_empty() || g.client_tls_key_file.is_empty() {
         return Err(setup(
             "client_tls_sslmode other than disable needs client_tls_cert_file and client_tls_key_file",
@@ -220,25 +227,27 @@ fn client_acceptor(g: &General) -> Result<(TlsAcceptor, EndPoint), TlsError> {
     let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(setup)?;
-    let builder = if g.client_tls_ca_file.is_empty() {
-        builder.with_no_client_auth()
+    let (builder, client_certs) = if g.client_tls_ca_file.is_empty() {
+        (builder.with_no_client_auth(), None)
     } else {
-        // Certificates are asked for, not demanded: only the hba method `cert` needs one, and
-        // one that is presented must chain to the CA or the handshake fails.
-        let verifier = WebPkiClientVerifier::builder_with_provider(
+        // Certificates are asked for, not demanded: only the hba method `cert` needs one.
+        let chain: Arc<dyn ClientCertVerifier> = WebPkiClientVerifier::builder_with_provider(
             Arc::new(read_roots(&g.client_tls_ca_file)?),
             provider(),
         )
         .allow_unauthenticated()
         .build()
         .map_err(setup)?;
-        builder.with_client_cert_verifier(verifier)
+        let lenient = Arc::new(ClientCerts {
+            chain: chain.clone(),
+        });
+        (builder.with_client_cert_verifier(lenient), Some(chain))
     };
     let mut config = builder.with_single_cert(certs, key).map_err(setup)?;
     // Required for direct TLS; clients negotiating with SSLRequest may send it or not, and
     // rustls only refuses a client that offers ALPN without "postgresql".
     config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
-    Ok((TlsAcceptor::from(Arc::new(config)), end_point))
+    Ok((TlsAcceptor::from(Arc::new(config)), client_certs, end_point))
 }
 
 fn server_connector(g: &General, mode: ServerSslMode) -> Result<TlsConnector, TlsError> {
@@ -342,6 +351,81 @@ impl ServerCertVerifier for ChainVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
+    }
+}
+
+/// Client certificates in the handshake. libpq sends `~/.postgresql/postgresql.crt` whenever
+/// it exists, whatever the hba method, and X.509 v1 certificates (what `openssl x509 -req`
+/// makes without extensions) are common there; webpki cannot read v1 at all. Failing the
+/// handshake would lock out users who need no certificate, so a certificate that does not
+/// verify is let through here and checked again after the handshake ([`handshake`]): only one
+/// that chains to client_tls_ca_file names the client for the `cert` method.
+///
+/// The handshake's signature, which proves the client holds the certificate's key, is still
+/// checked; only for a certificate webpki cannot read is it skipped, and such a certificate
+/// can never verify afterwards, so it never names anyone.
+#[derive(Debug)]
+struct ClientCerts {
+    chain: Arc<dyn ClientCertVerifier>,
+}
+
+impl ClientCerts {
+    fn signature(
+        &self,
+        cert: &CertificateDer<'_>,
+        checked: Result<HandshakeSignatureValid, rustls::Error>,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        match checked {
+            Err(_) if webpki::EndEntityCert::try_from(cert).is_err() => {
+                Ok(HandshakeSignatureValid::assertion())
+            }
+            r => r,
+        }
+    }
+}
+
+impl ClientCertVerifier for ClientCerts {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.chain.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.signature(cert, self.chain.verify_tls12_signature(message, cert, dss))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.signature(cert, self.chain.verify_tls13_signature(message, cert, dss))
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.chain.supported_verify_schemes()
     }
 }
 
@@ -632,12 +716,18 @@ async fn handshake(
         .map_err(OpenError::Handshake)?;
     peer.tls = true;
     peer.tls_end_point = tls.end_point.clone();
-    peer.cert_cn = s
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(|c| subject_common_name(c));
+    peer.cert_cn = match (s.get_ref().1.peer_certificates(), &tls.client_certs) {
+        (Some([leaf, intermediates @ ..]), Some(chain)) => {
+            match chain.verify_client_cert(leaf, intermediates, UnixTime::now()) {
+                Ok(_) => subject_common_name(leaf),
+                Err(e) => {
+                    tracing::info!(peer = %peer.addr, "client certificate not accepted, ignored: {e}");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     Ok(s)
 }
 

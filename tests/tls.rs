@@ -430,6 +430,132 @@ async fn client_certificates_for_method_cert() {
     );
 }
 
+/// Runs openssl with `args` in the test's PKI directory.
+fn openssl(args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(pki().dir.path())
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// libpq sends ~/.postgresql/postgresql.crt whatever the hba method, and such files are often
+/// X.509 v1 (`openssl x509 -req` without extensions) or from another CA. A user who needs no
+/// certificate gets in with one (rustls' webpki cannot read v1: the handshake used to fail);
+/// none of them names anyone for the method `cert`; and the reasons reach the log.
+#[test]
+fn a_certificate_that_does_not_verify_is_ignored_and_logged() {
+    let pki = pki();
+    std::fs::write(pki.path("ca.key"), pki.ca_key.serialize_pem()).unwrap();
+    openssl(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "v1.key",
+        "-subj",
+        "/CN=cert_user",
+        "-out",
+        "v1.csr",
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "v1.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-out",
+        "v1.crt",
+    ]);
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "foreign.key",
+        "-subj",
+        "/CN=cert_user",
+        "-days",
+        "2",
+        "-out",
+        "foreign.crt",
+    ]);
+    let text = Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in", &pki.file("v1.crt")])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("Version: 1 "),
+        "openssl did not make a v1 certificate"
+    );
+    let px = start("prefer", true);
+    for name in ["v1", "foreign"] {
+        for key in [format!("{name}.key"), "ca.key".to_string()] {
+            use std::os::unix::fs::PermissionsExt;
+            let perms = std::fs::Permissions::from_mode(0o600);
+            std::fs::set_permissions(pki.path(&key), perms).unwrap();
+        }
+        let with_cert = |user: &str| {
+            conninfo(
+                &px,
+                user,
+                &format!(
+                    "sslmode=require sslcert={} sslkey={}",
+                    pki.file(&format!("{name}.crt")),
+                    pki.file(&format!("{name}.key"))
+                ),
+            )
+        };
+        assert_eq!(
+            psql(&with_cert("md5_user"), "SELECT 1"),
+            Ok("1".into()),
+            "{name}"
+        );
+        let e = psql(&with_cert("cert_user"), "SELECT 1").unwrap_err();
+        assert!(
+            e.contains("certificate authentication failed for user \"cert_user\""),
+            "{name}: {e}"
+        );
+    }
+    let log = px.log();
+    assert!(log.contains("client certificate not accepted"), "{log}");
+    // a handshake the client gives up (it does not trust pgmux's certificate) is logged too
+    let e = psql(
+        &conninfo(
+            &px,
+            "md5_user",
+            &format!("sslmode=verify-ca sslrootcert={}", pki.file("foreign.crt")),
+        ),
+        "SELECT 1",
+    )
+    .unwrap_err();
+    assert!(e.contains("certificate verify failed"), "{e}");
+    common::wait_until(
+        "the failed handshake logged",
+        Duration::from_secs(10),
+        || px.log().contains("TLS handshake failed"),
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_hba_rule_type() {
     let px = start("prefer", true);

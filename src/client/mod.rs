@@ -123,6 +123,12 @@ async fn enter(
         peer: conn,
     } = match opened {
         Ok(o) => o,
+        // an operator needs to see why a TLS client could not get in (unknown CA, no
+        // common protocol), but it is no warning: scanners fail handshakes all day
+        Err(e @ crate::tls::OpenError::Handshake(_)) => {
+            info!(%peer, "{e}");
+            return None;
+        }
         Err(e) if e.is_quiet() => {
             debug!(%peer, "connection ended before startup: {e}");
             return None;
