@@ -418,25 +418,27 @@ impl App {
         pools
     }
 
-    /// RESUME [db]. Resuming everything also clears per-database pauses.
-    pub fn resume(&self, db: Option<&str>) {
-        {
+    /// RESUME [db]. Resuming everything also clears per-database pauses. Returns whether
+    /// anything was paused: everything, or some database (bare RESUME), or `db` itself.
+    pub fn resume(&self, db: Option<&str>) -> bool {
+        let was_paused = {
             let mut p = lock(&self.pause);
             match db {
                 None => {
+                    let any = p.all || !p.dbs.is_empty();
                     p.all = false;
                     p.dbs.clear();
+                    any
                 }
-                Some(d) => {
-                    p.dbs.remove(d);
-                }
+                Some(d) => p.dbs.remove(d),
             }
-        }
+        };
         for p in self.all_pools() {
             if !self.is_paused(&p.db) {
                 p.resume();
             }
         }
+        was_paused
     }
 
     /// Re-reads the configuration file and applies it; on error the running one stays.

@@ -401,6 +401,22 @@ fn psql(px: &Pgmux, user: &str, sql: &str) -> std::process::Output {
         .expect("run psql")
 }
 
+/// The type OID of `column` in a RowDescription body.
+fn column_oid(desc: &[u8], column: &str) -> Option<i32> {
+    let n = i16::from_be_bytes([desc[0], desc[1]]);
+    let mut at = 2;
+    for _ in 0..n {
+        let end = at + desc[at..].iter().position(|&b| b == 0)?;
+        let name = std::str::from_utf8(&desc[at..end]).ok()?;
+        let oid = i32::from_be_bytes(desc[end + 7..end + 11].try_into().ok()?);
+        if name == column {
+            return Some(oid);
+        }
+        at = end + 19;
+    }
+    None
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_runs_every_console_command() {
     let db = "obspsql";
@@ -434,10 +450,31 @@ async fn psql_runs_every_console_command() {
             "{cmd} header:\n{stdout}\nexpected to start with {header}"
         );
     }
+    // types as PgBouncer sends them: counters numeric, times text such as
+    // `2026-11-26 18:19:17 UTC` (tools that read them typed depend on it)
+    let (mut raw, _) = common::raw::login(s.px.port, "admin", "pgmux");
+    for (cmd, column, oid) in [
+        ("SHOW STATS", "total_xact_count", 1700),
+        ("SHOW STATS_TOTALS", "xact_count", 1700),
+        ("SHOW STATS_AVERAGES", "query_time", 1700),
+        ("SHOW TOTALS", "value", 1700),
+        ("SHOW CLIENTS", "connect_time", 25),
+        ("SHOW SERVERS", "request_time", 25),
+        ("SHOW POOLS", "cl_active", 23),
+    ] {
+        use std::io::Write;
+        raw.write_all(&common::raw::query(cmd)).unwrap();
+        let msgs = common::raw::until_ready(&mut raw);
+        let desc = &msgs.iter().find(|(t, _)| *t == b'T').expect(cmd).1;
+        assert_eq!(column_oid(desc, column), Some(oid), "{cmd} {column}");
+    }
+    let clients =
+        String::from_utf8_lossy(&psql(&s.px, "admin", "SHOW CLIENTS").stdout).into_owned();
+    assert!(clients.contains(" UTC|"), "{clients}");
     let pools = String::from_utf8_lossy(&psql(&s.px, "watcher", "SHOW POOLS").stdout).into_owned();
     assert!(pools.contains(&format!("{db}|app|1|0|")), "{pools}");
     let hosts = String::from_utf8_lossy(&psql(&s.px, "admin", "SHOW HOSTS").stdout).into_owned();
-    assert!(hosts.contains("|primary|up|"), "{hosts}");
+    assert!(hosts.contains("|primary|up|0|0|0|"), "{hosts}");
     let version =
         String::from_utf8_lossy(&psql(&s.px, "admin", "SHOW VERSION").stdout).into_owned();
     assert!(version.contains("pgmux"), "{version}");
@@ -463,9 +500,19 @@ async fn psql_runs_every_console_command() {
     assert!(cfg.contains("listen_port|"), "{cfg}");
 
     // errors: unknown command, stats user's control command, non-console user
-    let out = psql(&s.px, "admin", "FROB");
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid command"));
+    for (cmd, error) in [
+        ("FROB", "invalid command 'FROB'"),
+        ("SHOW MEM", "invalid command 'SHOW MEM'"),
+        ("SHOW POOLS extra", "invalid command 'SHOW POOLS extra'"),
+        // a RESUME that resumes nothing, as PgBouncer refuses it
+        ("RESUME", "pooler is not paused"),
+        (&format!("RESUME {db}"), "is not paused"),
+    ] {
+        let out = psql(&s.px, "admin", cmd);
+        assert!(!out.status.success(), "{cmd}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(error), "{cmd}: {stderr}");
+    }
     let out = psql(&s.px, "watcher", "PAUSE");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("admin access needed"));

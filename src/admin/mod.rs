@@ -231,7 +231,14 @@ impl Session {
             if words.len() > 3 {
                 return Err(syntax(stmt));
             }
-            return show::run(&self.app, what.as_deref().unwrap_or(""), arg.as_deref()).await;
+            let what = what.as_deref().unwrap_or("");
+            // only the STATS family takes an argument (a database), as in PgBouncer
+            if arg.is_some() && !what.starts_with("STATS") {
+                return Err(syntax(stmt));
+            }
+            return show::run(&self.app, what, arg.as_deref())
+                .await
+                .ok_or_else(|| syntax(stmt));
         }
         if self.console.role != Role::Admin {
             return Err(PgError::error("42501", "admin access needed"));
@@ -256,7 +263,16 @@ impl Session {
             }
             "RESUME" if one_arg => {
                 self.known_db(arg.as_deref())?;
-                self.app.resume(arg.as_deref());
+                if !self.app.resume(arg.as_deref()) {
+                    // as PgBouncer: a RESUME that resumes nothing is a mistake worth hearing of
+                    return Err(PgError::error(
+                        "55000",
+                        match arg.as_deref() {
+                            None => "pooler is not paused".to_string(),
+                            Some(d) => format!("database {d} is not paused"),
+                        },
+                    ));
+                }
                 info!(user = %self.console.user, db = ?arg, "RESUME");
                 Ok(done("RESUME"))
             }

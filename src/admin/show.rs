@@ -7,20 +7,20 @@ use super::settings;
 use super::wire::{notice, ResultSet, Type, Value};
 use crate::app::App;
 use crate::config::PoolMode;
-use crate::protocol::PgError;
 use crate::stats::{unix_us, Averages, ClientInfo, ClientState, Totals};
 use bytes::BytesMut;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use Type::{Float8, Int4, Int8, Text, Timestamptz};
+use Type::{Float8, Int4, Int8, Numeric, Text};
 
 /// How long SHOW HOSTS waits for a host to accept a TCP connection.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
-pub async fn run(app: &App, what: &str, arg: Option<&str>) -> Result<BytesMut, PgError> {
-    Ok(match what {
+/// The result of `SHOW <what> [arg]`; None for a command there is no SHOW of.
+pub async fn run(app: &App, what: &str, arg: Option<&str>) -> Option<BytesMut> {
+    Some(match what {
         "POOLS" => pools(app),
         "STATS" => stats(app, arg, Kind::All),
         "STATS_TOTALS" => stats(app, arg, Kind::Totals),
@@ -37,13 +37,7 @@ pub async fn run(app: &App, what: &str, arg: Option<&str>) -> Result<BytesMut, P
         "HOSTS" => hosts(app).await,
         "QUERIES" => queries(app),
         "HELP" => help(),
-        "" => return Err(super::syntax("SHOW")),
-        other => {
-            return Err(PgError::error(
-                "42601",
-                format!("unknown SHOW command \"{other}\", use SHOW HELP;"),
-            ))
-        }
+        _ => return None,
     })
 }
 
@@ -241,10 +235,10 @@ fn stats(app: &App, db: Option<&str>, kind: Kind) -> BytesMut {
     let mut cols = vec![("database", Text)];
     match kind {
         Kind::All => {
-            cols.extend(STATS_TOTAL_NAMES.iter().map(|n| (*n, Int8)));
-            cols.extend(STATS_AVG_NAMES.iter().map(|n| (*n, Int8)));
+            cols.extend(STATS_TOTAL_NAMES.iter().map(|n| (*n, Numeric)));
+            cols.extend(STATS_AVG_NAMES.iter().map(|n| (*n, Numeric)));
         }
-        Kind::Totals | Kind::Averages => cols.extend(TOTAL_NAMES.iter().map(|n| (*n, Int8))),
+        Kind::Totals | Kind::Averages => cols.extend(TOTAL_NAMES.iter().map(|n| (*n, Numeric))),
     }
     let mut rs = ResultSet::new(&cols);
     for (name, (t, a)) in per_database(app) {
@@ -272,7 +266,7 @@ fn totals(app: &App) -> BytesMut {
             *x += y;
         }
     }
-    let mut rs = ResultSet::new(&[("name", Text), ("value", Int8)]);
+    let mut rs = ResultSet::new(&[("name", Text), ("value", Numeric)]);
     for (n, v) in STATS_TOTAL_NAMES.iter().zip(total_values(&t)) {
         rs.row(vec![(*n).into(), v.into()]);
     }
@@ -292,8 +286,8 @@ const SOCKET_COLUMNS: [(&str, Type); 22] = [
     ("port", Int4),
     ("local_addr", Text),
     ("local_port", Int4),
-    ("connect_time", Timestamptz),
-    ("request_time", Timestamptz),
+    ("connect_time", Text),
+    ("request_time", Text),
     ("wait", Int4),
     ("wait_us", Int4),
     ("close_needed", Int4),
@@ -630,13 +624,21 @@ async fn hosts(app: &App) -> BytesMut {
             } else {
                 "unknown"
             };
+            // a primary that answers is, by definition, not behind itself
+            let lag = |zero: Value| {
+                if up && role == "primary" {
+                    zero
+                } else {
+                    Value::Null
+                }
+            };
             rs.row(vec![
                 host.into(),
                 port.into(),
                 role.into(),
                 if up { "up" } else { "down" }.into(),
-                Value::Null,
-                Value::Null,
+                lag(0i64.into()),
+                lag(0i64.into()),
                 0i32.into(),
                 d.name.as_str().into(),
                 Value::Null,

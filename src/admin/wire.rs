@@ -10,7 +10,8 @@ pub enum Type {
     Text,
     Int4,
     Int8,
-    Timestamptz,
+    /// numeric: PgBouncer's type for statistics counters, sent as text like every value.
+    Numeric,
     /// float8 (milliseconds in SHOW QUERIES), sent as text like every value.
     Float8,
 }
@@ -21,16 +22,16 @@ impl Type {
             Type::Text => 25,
             Type::Int4 => 23,
             Type::Int8 => 20,
-            Type::Timestamptz => 1184,
+            Type::Numeric => 1700,
             Type::Float8 => 701,
         }
     }
 
     fn len(self) -> i16 {
         match self {
-            Type::Text => -1,
+            Type::Text | Type::Numeric => -1,
             Type::Int4 => 4,
-            Type::Int8 | Type::Timestamptz | Type::Float8 => 8,
+            Type::Int8 | Type::Float8 => 8,
         }
     }
 }
@@ -40,7 +41,8 @@ impl Type {
 pub enum Value {
     Text(String),
     Int(i64),
-    /// Microseconds since the Unix epoch; 0 is shown as NULL.
+    /// Microseconds since the Unix epoch, in a text column as PgBouncer sends times
+    /// (`2026-11-26 18:19:17 UTC`); 0 is shown as NULL.
     Time(u64),
     Null,
 }
@@ -180,7 +182,7 @@ pub fn notice(out: &mut BytesMut, text: &str) {
     });
 }
 
-/// `YYYY-MM-DD HH:MM:SS+00`, PostgreSQL's text form of a timestamptz in UTC.
+/// `YYYY-MM-DD HH:MM:SS UTC`, as PgBouncer prints times (in UTC, as pgmux logs).
 pub fn format_timestamp(out: &mut String, unix_us: u64) {
     use std::fmt::Write;
     let secs = (unix_us / 1_000_000) as i64;
@@ -189,7 +191,7 @@ pub fn format_timestamp(out: &mut String, unix_us: u64) {
     let (y, m, d) = civil_from_days(days);
     let _ = write!(
         out,
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}+00",
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
         rem / 3600,
         rem % 3600 / 60,
         rem % 60
@@ -218,11 +220,11 @@ mod tests {
     fn timestamps_are_utc_text() {
         let mut s = String::new();
         format_timestamp(&mut s, 0);
-        assert_eq!(s, "1970-01-01 00:00:00+00");
+        assert_eq!(s, "1970-01-01 00:00:00 UTC");
         s.clear();
         // 2024-02-29 12:34:56 UTC
         format_timestamp(&mut s, 1_709_210_096_000_000);
-        assert_eq!(s, "2024-02-29 12:34:56+00");
+        assert_eq!(s, "2024-02-29 12:34:56 UTC");
     }
 
     #[test]
