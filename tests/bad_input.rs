@@ -427,6 +427,34 @@ pool_mode = "session"
                 "{pool}: the server survives {:?}",
                 &bytes[..5]
             );
+            // behind valid requests in the same write: those are answered, as PostgreSQL
+            // answers them, then the refusal; the server is kept
+            let mut s = logged_in(&px, pool);
+            let extended = [
+                msg(b'P', b"\0SELECT 7\0\0\0"),
+                msg(b'B', b"\0\0\0\0\0\0\0\0"),
+                msg(b'E', b"\0\0\0\0\0"),
+                msg(b'S', b""),
+            ]
+            .concat();
+            s.write_all(&[msg(b'Q', b"SELECT 41 + 1\0"), extended, bytes.clone()].concat())
+                .unwrap();
+            let msgs = read_all(&mut s);
+            let tags: Vec<u8> = msgs.iter().map(|(t, _)| *t).collect();
+            assert_eq!(
+                tags,
+                b"TDCZ12DCZE".to_vec(),
+                "{pool}, {:?} behind requests: {msgs:?}",
+                &bytes[..5]
+            );
+            assert_eq!(&msgs[1].1[6..], b"42");
+            assert_eq!(error_code(&msgs).as_deref(), Some("08P01"));
+            assert_eq!(
+                server_pid(&px, pool),
+                pid,
+                "{pool}: the server survives {:?} behind requests",
+                &bytes[..5]
+            );
         }
     }
 }

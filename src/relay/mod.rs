@@ -147,6 +147,9 @@ pub struct Relay {
     one_unit: bool,
     /// Units (Query, Sync, FunctionCall) scanned since the server was attached.
     units: u32,
+    /// A message no server may see came after valid ones: as PostgreSQL, pgmux answers what
+    /// came before it, then refuses (and the server, clean again, goes back to the pool).
+    refused: Option<ClientProtocolError>,
 }
 
 /// Session state a transaction-mode client left on its server.
@@ -214,6 +217,7 @@ impl Relay {
             retry: retry::Retry::default(),
             one_unit: false,
             units: 0,
+            refused: None,
         }
     }
 
@@ -342,7 +346,14 @@ impl Relay {
                     Err(e) => return Poll::Ready(Event::ServerIo(e)),
                 }
             }
-            if !self.flow.terminated {
+            if let Some(e) = self.refused.take() {
+                // answered what came before it, or it can never be (a batch without its Sync
+                // is answered only at the Sync that will not come)
+                if self.c2s.ready_len() == 0 && (self.flow.pending == 0 || self.flow.unsynced) {
+                    return Poll::Ready(Event::Protocol(e));
+                }
+                self.refused = Some(e);
+            } else if !self.flow.terminated {
                 let asks = !client_dry && self.c2s.reads();
                 let read = if client_dry {
                     Ok(None)
@@ -367,7 +378,8 @@ impl Relay {
                     if self.c2s.buf.len() > self.c2s.scanned {
                         let before = (self.c2s.ready_len(), self.s2c.ready_len());
                         if let Err(e) = self.scan_client(s) {
-                            return Poll::Ready(Event::Protocol(e));
+                            self.refused = Some(e);
+                            progress = true;
                         }
                         progress |= (self.c2s.ready_len(), self.s2c.ready_len()) != before;
                     }
