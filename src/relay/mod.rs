@@ -346,13 +346,14 @@ impl Relay {
                     Err(e) => return Poll::Ready(Event::ServerIo(e)),
                 }
             }
-            if let Some(e) = self.refused.take() {
+            if self.refused.is_some() {
                 // answered what came before it, or it can never be (a batch without its Sync
                 // is answered only at the Sync that will not come)
                 if self.c2s.ready_len() == 0 && (self.flow.pending == 0 || self.flow.unsynced) {
-                    return Poll::Ready(Event::Protocol(e));
+                    if let Some(e) = self.refused.take() {
+                        return Poll::Ready(Event::Protocol(e));
+                    }
                 }
-                self.refused = Some(e);
             } else if !self.flow.terminated {
                 let asks = !client_dry && self.c2s.reads();
                 let read = if client_dry {
