@@ -234,6 +234,36 @@ async fn client_idle_timeout_disconnects_idle_clients() {
     assert!(c.simple_query("SELECT 1").await.is_err());
 }
 
+/// A client that waited for a server longer than client_idle_timeout was not idle: it is
+/// served when the server comes, not disconnected with 57P05 at the hand-off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_wait_for_a_server_is_not_idleness() {
+    let db = "muxidlewait";
+    let px = start(
+        db,
+        "client_idle_timeout = 0.3\nadmin_users = [\"postgres\"]",
+        "pool_size = 1",
+    );
+    let holder = connect(&px, db).await.unwrap();
+    holder.simple_query("BEGIN; SELECT 1").await.unwrap();
+    let waiter = connect(&px, db).await.unwrap();
+    let waiting = tokio::spawn(async move {
+        waiter
+            .simple_query("SELECT 'served'")
+            .await
+            .map(|rows| first(&rows))
+    });
+    let console = Console::connect(&px, "postgres", None).await;
+    wait_until_async("the waiter past client_idle_timeout", WAIT, || async {
+        console.pool(db).await.is_some_and(|p| {
+            p["cl_waiting"] == 1 && p["maxwait_us"] + p["maxwait"] * 1_000_000 > 400_000
+        })
+    })
+    .await;
+    holder.simple_query("COMMIT").await.unwrap();
+    assert_eq!(waiting.await.unwrap().unwrap(), "served");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_client_conn_refuses_with_53300() {
     let db = "muxmax";

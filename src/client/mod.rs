@@ -665,6 +665,11 @@ impl Session {
         if !in_step {
             conn.synced = Some((Arc::downgrade(wants), conn.params.changes()));
         }
+        // The wait is over: the client's timers (client_idle_timeout, query_timeout) count
+        // from here, not from its request, or a long wait would end it at the hand-off.
+        if let Some(relay) = self.relay.as_deref_mut() {
+            relay.flow.idle_since = Instant::now();
+        }
         self.attached(conn, waiting_since);
         Ok(())
     }
