@@ -638,6 +638,14 @@ impl Pool {
             drop(s);
             return self.discard(c);
         }
+        if self.oversized(&s) {
+            // the pool was made smaller (RELOAD, SET): closed without passing its slot on, so
+            // the pool shrinks under load too
+            s.servers.remove(&c.id);
+            s.open -= 1;
+            drop(s);
+            return c.close();
+        }
         while let Some(w) = s.waiters.pop_front() {
             match w.tx.send(Grant::Conn(c)) {
                 Ok(()) => return,
@@ -655,6 +663,13 @@ impl Pool {
             return self.discard(c);
         }
         s.idle.push(c);
+    }
+
+    /// More connections open than the pool may keep (its size and reserve), as after a
+    /// RELOAD or SET made it smaller.
+    fn oversized(&self, s: &State) -> bool {
+        let settings = self.settings.load();
+        s.open > settings.size + settings.reserve_size
     }
 
     /// A released connection with a cancel on its way: held (counted in `open`, lent to no
@@ -713,6 +728,7 @@ impl Pool {
                 let idle_for = now.duration_since(c.last_used);
                 let stale = settings.idle_timeout.is_some_and(|t| idle_for >= t)
                     && s.open > settings.min_size;
+                let stale = stale || self.oversized(&s);
                 // A server that closed (restart, administrator's terminate) or spoke unprompted
                 // while idle goes now, as PgBouncer's would, not when next lent: SHOW SERVERS
                 // and the counts stay true. (A non-blocking peek, no I/O wait under the lock.)

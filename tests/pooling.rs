@@ -264,6 +264,60 @@ async fn a_long_wait_for_a_server_is_not_idleness() {
     assert_eq!(waiting.await.unwrap().unwrap(), "served");
 }
 
+/// A pool made smaller (SET default_pool_size, as RELOAD does) closes what it no longer
+/// may keep as it comes back, also while clients wait, and serves within the new size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_smaller_pool_size_applies_to_the_running_pool() {
+    let db = "muxshrink";
+    let px = start(
+        db,
+        "default_pool_size = 3\nadmin_users = [\"postgres\"]",
+        "",
+    );
+    let console = Console::connect(&px, "postgres", None).await;
+    let mut holders = Vec::new();
+    for _ in 0..3 {
+        let c = connect(&px, db).await.unwrap();
+        c.simple_query("BEGIN; SELECT 1").await.unwrap();
+        holders.push(c);
+    }
+    assert_eq!(server_conns(db), 3);
+    console
+        .client
+        .simple_query("SET default_pool_size = 1")
+        .await
+        .unwrap();
+    // a client waiting meanwhile is served by the one server the pool keeps
+    let waiter = connect(&px, db).await.unwrap();
+    let waiting = tokio::spawn(async move {
+        let r = waiter
+            .simple_query("SELECT pg_backend_pid()")
+            .await
+            .map(|rows| first(&rows));
+        (waiter, r)
+    });
+    wait_until_async("the waiter in line", WAIT, || async {
+        console.pool(db).await.is_some_and(|p| p["cl_waiting"] == 1)
+    })
+    .await;
+    for c in &holders {
+        c.simple_query("COMMIT").await.unwrap();
+    }
+    let (_waiter, served) = waiting.await.unwrap();
+    let pid = served.unwrap();
+    let p = console.wait_idle(db, 4).await;
+    assert_eq!(p["sv_idle"], 1, "{p:?}");
+    wait_until("the servers closed", WAIT, || server_conns(db) == 1);
+    // the one kept is the one the waiter was served on
+    let pg = PgCluster::shared();
+    let left = pg.psql(
+        pg.primary(),
+        "postgres",
+        &format!("SELECT pid FROM pg_stat_activity WHERE datname = '{db}' AND backend_type = 'client backend'"),
+    );
+    assert_eq!(left.trim(), pid);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_client_conn_refuses_with_53300() {
     let db = "muxmax";
