@@ -99,6 +99,30 @@ async fn tokio_postgres_named_statements_move_between_servers() {
     }
 }
 
+/// A Bind with a large parameter streams through with only its head rewritten: pgmux never
+/// holds the whole message (it held it all, so memory grew with the parameter).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_bind_of_a_named_statement_streams_through() {
+    let db = "prep_bigbind";
+    let px = start(db, 1, "max_message_size = 134217728");
+    let c = connect(&px, db).await;
+    let stmt = c.prepare("SELECT length($1::bytea)").await.unwrap();
+    // warm up: buffers, the statement on the server
+    let small = vec![7u8; 1000];
+    let n: i32 = c.query_one(&stmt, &[&small]).await.unwrap().get(0);
+    assert_eq!(n, 1000);
+    let before = common::probe::peak_rss_kib(px.pid());
+    const BIG: usize = 64 * 1024 * 1024;
+    let big = vec![7u8; BIG];
+    for _ in 0..2 {
+        let n: i32 = c.query_one(&stmt, &[&big]).await.unwrap().get(0);
+        assert_eq!(n as usize, BIG);
+    }
+    let grew = common::probe::peak_rss_kib(px.pid()) - before;
+    println!("PEAK RSS grew by {grew} KiB for two 64 MiB Binds");
+    assert!(grew < 16 * 1024, "peak RSS grew by {grew} KiB");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statements_inside_transactions_and_after_errors() {
     let db = "prep_tx";

@@ -77,6 +77,19 @@ impl From<ScanError> for ClientProtocolError {
 /// Checks the header at the front of `head` (at least 5 bytes) before the message is acted
 /// on: a message no server may see must not cost a server (one lent for it would be closed,
 /// half-fed) nor be written to the one attached.
+/// Binds up to this size are read whole; a larger one (a big parameter) streams through
+/// with only its head rewritten, so that pgmux never holds a whole large Bind.
+const BIND_READ_WHOLE: usize = 16 * 1024;
+
+/// At `rest`: a Bind too large to read whole whose two names have arrived.
+fn big_bind_named(rest: &[u8]) -> bool {
+    let Some(&[b'B', a, b, c, d]) = rest.get(..5) else {
+        return false;
+    };
+    let total = u32::from_be_bytes([a, b, c, d]) as usize + 1;
+    total > BIND_READ_WHOLE && prepared::bind_names(&rest[5..rest.len().min(total)]).is_some()
+}
+
 fn check_header(head: &[u8], max_message: usize) -> Result<(), ClientProtocolError> {
     if !is_frontend_type(head[0]) {
         return Err(ClientProtocolError::UnknownType(head[0]));
@@ -444,12 +457,14 @@ impl Relay {
                 // the routed unit is sent whole; what follows waits to be routed itself
                 return Ok(());
             }
+            let mut big_bind = false;
             if ch.scanner.at_boundary() {
                 // refused before it is scanned: what went before may still be answered and
                 // the server kept (a session-mode client's goes back to the pool)
                 if let Some(head) = ch.buf.get(ch.scanned..ch.scanned + 5) {
                     check_header(head, self.max_message)?;
                 }
+                big_bind = tracking && big_bind_named(&ch.buf[ch.scanned..]);
             }
             let step = ch.scanner.step(
                 &ch.buf,
@@ -459,7 +474,7 @@ impl Relay {
                     t == b'X'
                         || t == b'Q'
                         || t == b'P'
-                        || (tracking && statements::inspects_client(t))
+                        || (tracking && statements::inspects_client(t) && !big_bind)
                 },
                 self.max_message,
             )?;
@@ -519,9 +534,11 @@ impl Relay {
                     if tag == b'B' {
                         // the names lead the body and have usually arrived with the header
                         let head = ch.buf.get(start + 5..ch.scanned).unwrap_or(&[]);
-                        self.keys.bind(&mut self.meter, head, None);
+                        let stmts = self.tracker.as_ref().map(|t| &t.stmts);
+                        self.keys.bind(&mut self.meter, head, stmts);
                     }
-                    (tag, None)
+                    // a large Bind streams through; its names, all there, are rewritten
+                    (tag, big_bind.then_some(start))
                 }
                 Step::NeedMore { reserve } => {
                     ch.reserve_for(reserve);

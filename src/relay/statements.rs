@@ -171,8 +171,9 @@ impl Tracker {
         }
     }
 
-    /// A whole Parse, Bind, Describe or Close at `c2s.buf[start..c2s.scanned]`. `aborted`:
-    /// the server's last ReadyForQuery said its transaction failed.
+    /// A whole Parse, Bind, Describe or Close at `c2s.buf[start..c2s.scanned]`, or the head
+    /// of a large Bind there (its names; the rest streams after). `aborted`: the server's
+    /// last ReadyForQuery said its transaction failed.
     pub fn client_message(
         &mut self,
         tag: u8,
@@ -323,7 +324,10 @@ impl Tracker {
         head.put_slice(portal);
         head.put_u8(0);
         prepared::put_server_name(&mut head, def.id);
-        let rest_len = (end - start) - 5 - names_len;
+        // from the header: a large Bind's body is not all here
+        let len_field = &c2s.buf[start + 1..start + 5];
+        let total = u32::from_be_bytes([len_field[0], len_field[1], len_field[2], len_field[3]]);
+        let rest_len = total as usize + 1 - 5 - names_len;
         let len = (head.len() - 1 + rest_len) as u32;
         head[1..5].copy_from_slice(&len.to_be_bytes());
         c2s.seal(start);
