@@ -493,6 +493,43 @@ pub enum ClientStream {
     Unix(Box<UnixStream>),
 }
 
+impl ClientStream {
+    /// Resolves when the client has hung up: end of stream, or nothing but a Terminate
+    /// (`said_bye`: the next bytes would start a message). Stays pending once it has sent
+    /// anything else, which is served when the wait ends. For a client waiting for a
+    /// server: one that left is taken out of the line instead of being handed a server.
+    /// Under TLS and on a Unix socket only the end of stream is seen.
+    pub async fn hangup(&self, said_bye: bool) {
+        const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
+        let mut b = [0u8; 5];
+        let left = match self {
+            ClientStream::Plain(tcp) => match tcp.peek(&mut b).await {
+                Ok(0) | Err(_) => true,
+                Ok(n) => said_bye && b[..n] == TERMINATE[..n] && n == 5,
+            },
+            ClientStream::Tls(tls) => matches!(tls.get_ref().0.peek(&mut b).await, Ok(0) | Err(_)),
+            ClientStream::Unix(unix) => loop {
+                if unix.readable().await.is_err() {
+                    break true;
+                }
+                // (only the end of stream: peeked bytes come uninitialised-typed here)
+                let peeked = unix.try_io(tokio::io::Interest::READABLE, || {
+                    let mut raw = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+                    socket2::SockRef::from(&**unix).peek(&mut raw)
+                });
+                match peeked {
+                    Ok(n) => break n == 0,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(_) => break true,
+                }
+            },
+        };
+        if !left {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// A client whose encryption is settled, and the first packet it sent after that.
 pub struct Opened {
     pub stream: ClientStream,

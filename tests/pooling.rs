@@ -318,6 +318,39 @@ async fn a_smaller_pool_size_applies_to_the_running_pool() {
     assert_eq!(left.trim(), pid);
 }
 
+/// A client that hangs up while waiting for a server (closes, or says Terminate) leaves the
+/// line at once: it is not counted as waiting, nor handed a server later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_client_that_hangs_up_leaves_the_line() {
+    use std::io::Write;
+    let db = "muxhangup";
+    let px = start(db, "admin_users = [\"postgres\"]", "pool_size = 1");
+    let console = Console::connect(&px, "postgres", None).await;
+    let holder = connect(&px, db).await.unwrap();
+    holder.simple_query("BEGIN; SELECT 1").await.unwrap();
+    let waiting = |n: i64| {
+        let console = &console;
+        async move { console.pool(db).await.is_some_and(|p| p["cl_waiting"] == n) }
+    };
+    for terminate in [false, true] {
+        let (mut s, _) = common::raw::login(px.port, "app", db);
+        s.write_all(&common::raw::query("SELECT 1")).unwrap();
+        wait_until_async("the raw client in line", WAIT, || waiting(1)).await;
+        if terminate {
+            // says goodbye, leaves the socket open
+            s.write_all(&common::raw::msg(b'X', b"")).unwrap();
+            wait_until_async("the goodbye taken", WAIT, || waiting(0)).await;
+            drop(s);
+        } else {
+            drop(s);
+            wait_until_async("the hang-up noticed", WAIT, || waiting(0)).await;
+        }
+    }
+    holder.simple_query("COMMIT").await.unwrap();
+    let p = console.wait_idle(db, 1).await;
+    assert_eq!(p["sv_idle"], 1, "{p:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_client_conn_refuses_with_53300() {
     let db = "muxmax";

@@ -365,8 +365,10 @@ impl Session {
                 let attaching = self
                     .attach_now()
                     .map(|(since, conn)| Box::pin(self.attach(since, conn)));
-                if let Some(Err(e)) = OptionFuture::from(attaching).await {
-                    return Some(e);
+                match OptionFuture::from(attaching).await {
+                    Some(Err(AttachError::Refused(e))) => return Some(e),
+                    Some(Err(AttachError::Left)) => return None,
+                    _ => {}
                 }
             } else {
                 let detaching = self
@@ -587,17 +589,19 @@ impl Session {
         &mut self,
         waiting_since: Instant,
         taken: Option<PooledConn>,
-    ) -> Result<(), PgError> {
+    ) -> Result<(), AttachError> {
         self.relay_mut();
         let Session {
             route,
             relay: Some(relay),
             login,
+            stream,
             ..
         } = self
         else {
             return Ok(());
         };
+        let said_bye = whole_messages(&relay.c2s.buf[relay.c2s.scanned..]);
         let (pool, client) = (&login.pool, &login.client);
         let checkout = async {
             match (taken, route) {
@@ -614,7 +618,9 @@ impl Session {
         let conn = tokio::select! {
             r = checkout => r?,
             // KILL reaches clients waiting for a (paused) pool too
-            _ = client.killed() => return Err(shutdown_error()),
+            _ = client.killed() => return Err(shutdown_error().into()),
+            // one that left is taken out of the line, not handed a server
+            _ = stream.hangup(said_bye) => return Err(AttachError::Left),
         };
         let Some(mut conn) = conn else {
             // pgmux answered the work itself
@@ -652,13 +658,13 @@ impl Session {
                         severity: "FATAL",
                         code: e.code,
                         message: e.message,
-                    });
+                    }
+                    .into());
                 }
                 Err(e) => {
-                    return Err(PgError::fatal(
-                        "08006",
-                        format!("server connection failed: {e}"),
-                    ));
+                    return Err(
+                        PgError::fatal("08006", format!("server connection failed: {e}")).into(),
+                    );
                 }
             }
         }
@@ -975,6 +981,32 @@ fn route_state(
         mode == PoolMode::Session,
         start,
     ))
+}
+
+/// Why a client waiting for a server got none.
+enum AttachError {
+    /// It is told why, and disconnected.
+    Refused(PgError),
+    /// It hung up while waiting.
+    Left,
+}
+
+impl From<PgError> for AttachError {
+    fn from(e: PgError) -> Self {
+        AttachError::Refused(e)
+    }
+}
+
+/// The bytes hold whole messages only: what comes next on the socket starts a message.
+fn whole_messages(mut b: &[u8]) -> bool {
+    while b.len() >= 5 {
+        let total = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize + 1;
+        if total > b.len() {
+            return false;
+        }
+        b = &b[total..];
+    }
+    b.is_empty()
 }
 
 fn shutdown_error() -> PgError {
