@@ -894,6 +894,53 @@ async fn a_write_pipelined_behind_a_replica_read_goes_to_the_primary() {
     assert_eq!(port_of(&write), primary);
 }
 
+/// A write in the same extended-protocol unit as a read, sent after it (psycopg's pipeline
+/// mode; here the client pauses between its two writes): the unit is routed once its Sync
+/// has arrived, so it runs on the primary, not on the replica the read alone would pick
+/// (25006 there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_later_in_the_same_extended_unit_goes_to_the_primary() {
+    use common::raw::{error_code, login, msg, until_ready};
+    use std::io::Write;
+    let cluster = PgCluster::shared_with_replicas();
+    let px = start(cluster, "", "consistency = \"eventual\"");
+    warm_up(&px, cluster).await;
+    let (primary, _) = ports(cluster);
+    let c = connect(&px, "app").await;
+    c.simple_query("CREATE TABLE IF NOT EXISTS rw_unit (port int)")
+        .await
+        .unwrap();
+    let exec = |sql: &str| {
+        [
+            msg(b'P', format!("\0{sql}\0\0\0").as_bytes()),
+            msg(b'B', b"\0\0\0\0\0\0\0\0"),
+            msg(b'E', b"\0\0\0\0\0"),
+        ]
+        .concat()
+    };
+    for _ in 0..3 {
+        let (mut s, _) = login(px.port, "app", "app");
+        s.write_all(&exec("SELECT inet_server_port()")).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        s.write_all(
+            &[
+                exec("INSERT INTO rw_unit VALUES (inet_server_port()) RETURNING port"),
+                msg(b'S', b""),
+            ]
+            .concat(),
+        )
+        .unwrap();
+        let answers = until_ready(&mut s);
+        assert_eq!(error_code(&answers), None, "{answers:?}");
+        let ports: Vec<u16> = answers
+            .iter()
+            .filter(|(t, _)| *t == b'D')
+            .map(|(_, row)| String::from_utf8_lossy(&row[6..]).parse().unwrap())
+            .collect();
+        assert_eq!(ports, vec![primary, primary]);
+    }
+}
+
 /// A replica-only alias whose replicas are all unusable: a read falls back to the primary
 /// (`primary_reads = "fallback"`), but a write is refused with 57P03 instead of being run on
 /// the primary, where the client asked for a replica only; so is a write the client routes to

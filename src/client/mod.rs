@@ -282,6 +282,7 @@ impl Session {
             self.max_prepared as usize,
         ));
         relay.meter = Meter::new(self.login.pool.stats.clone());
+        relay.whole_units = self.route.is_some();
         relay.flow.idle_since = stats::mono_instant(self.parked.idle_since);
         if let Some(t) = self.parked.tracker.take() {
             relay.tracker = Some(*t);

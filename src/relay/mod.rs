@@ -90,6 +90,25 @@ fn big_bind_named(rest: &[u8]) -> bool {
     total > BIND_READ_WHOLE && prepared::bind_names(&rest[5..rest.len().min(total)]).is_some()
 }
 
+/// Buffered input beyond which an unfinished unit is routed as it stands (then as a write:
+/// work not all seen is primary work).
+const UNIT_WAIT_LIMIT: usize = 1 << 20;
+
+/// Whether the unit at the front of `buf` can be routed: a Query or FunctionCall, or
+/// extended messages up to a Sync or Flush (a client waits for answers only after one).
+fn unit_complete(buf: &[u8]) -> bool {
+    let mut at = 0;
+    while let Some(head) = buf.get(at..at + 5) {
+        match head[0] {
+            b'S' | b'H' => return true,
+            b'Q' | b'F' if at == 0 => return true,
+            _ => {}
+        }
+        at += 1 + u32::from_be_bytes([head[1], head[2], head[3], head[4]]).max(4) as usize;
+    }
+    buf.len() >= UNIT_WAIT_LIMIT
+}
+
 fn check_header(head: &[u8], max_message: usize) -> Result<(), ClientProtocolError> {
     if !is_frontend_type(head[0]) {
         return Err(ClientProtocolError::UnknownType(head[0]));
@@ -160,6 +179,9 @@ pub struct Relay {
     one_unit: bool,
     /// Units (Query, Sync, FunctionCall) scanned since the server was attached.
     units: u32,
+    /// Read/write splitting: an extended-protocol unit is routed once it is whole (its Sync,
+    /// or a Flush, has arrived), so a write behind a read in the same unit is seen.
+    pub whole_units: bool,
     /// A message no server may see came after valid ones: as PostgreSQL, pgmux answers what
     /// came before it, then refuses (and the server, clean again, goes back to the pool).
     refused: Option<ClientProtocolError>,
@@ -230,6 +252,7 @@ impl Relay {
             retry: retry::Retry::default(),
             one_unit: false,
             units: 0,
+            whole_units: false,
             refused: None,
         }
     }
@@ -439,6 +462,9 @@ impl Relay {
         if head[0] == b'X' {
             self.flow.terminated = true;
             return Some(Event::Terminated);
+        }
+        if self.whole_units && !unit_complete(&self.c2s.buf) {
+            return None;
         }
         Some(Event::NeedServer)
     }
