@@ -941,6 +941,43 @@ async fn a_write_later_in_the_same_extended_unit_goes_to_the_primary() {
     }
 }
 
+/// With `default_transaction_isolation = serializable` a hot standby refuses every statement
+/// (0A000 cannot use serializable mode in a hot standby): the client's reads go to the
+/// primary, as a `BEGIN ISOLATION LEVEL SERIALIZABLE` does, and back to replicas after RESET.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serializable_by_default_reads_on_the_primary() {
+    let cluster = PgCluster::shared_with_replicas();
+    let px = start(cluster, "", "consistency = \"eventual\"");
+    warm_up(&px, cluster).await;
+    let (primary, replicas) = ports(cluster);
+    let c = connect(&px, "app").await;
+    let port = |rows: Vec<SimpleQueryMessage>| -> u16 {
+        rows.iter()
+            .find_map(|m| match m {
+                SimpleQueryMessage::Row(r) => r.get(0).map(|v| v.parse().unwrap()),
+                _ => None,
+            })
+            .unwrap()
+    };
+    c.simple_query("SET default_transaction_isolation = 'serializable'")
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        let rows = c.simple_query("SELECT inet_server_port()").await.unwrap();
+        assert_eq!(port(rows), primary);
+        let typed = c.query("SELECT inet_server_port()", &[]).await.unwrap();
+        assert_eq!(typed[0].get::<_, i32>(0) as u16, primary);
+    }
+    c.simple_query("RESET default_transaction_isolation")
+        .await
+        .unwrap();
+    wait_until_async("reads on a replica again", WAIT, || async {
+        let rows = c.simple_query("SELECT inet_server_port()").await.unwrap();
+        replicas.contains(&port(rows))
+    })
+    .await;
+}
+
 /// A replica-only alias whose replicas are all unusable: a read falls back to the primary
 /// (`primary_reads = "fallback"`), but a write is refused with 57P03 instead of being run on
 /// the primary, where the client asked for a replica only; so is a write the client routes to

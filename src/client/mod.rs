@@ -603,6 +603,12 @@ impl Session {
             return Ok(());
         };
         let said_bye = whole_messages(&relay.c2s.buf[relay.c2s.scanned..]);
+        if let Some(r) = route.as_deref_mut() {
+            r.serializable = login
+                .wants
+                .get("default_transaction_isolation")
+                .is_some_and(|v| v.eq_ignore_ascii_case("serializable"));
+        }
         let (pool, client) = (&login.pool, &login.client);
         let checkout = async {
             match (taken, route) {

@@ -213,6 +213,9 @@ pub struct RouteState {
     /// The server lent now is a replica serving an autocommit read: if it fails before
     /// answering, the read may be sent again elsewhere (`relay::retry`).
     retryable: bool,
+    /// The client's `default_transaction_isolation` is serializable: a hot standby refuses
+    /// every statement then (0A000), so its reads go to the primary.
+    pub serializable: bool,
 }
 
 /// How a unit of work ends up on a server.
@@ -240,6 +243,7 @@ impl RouteState {
             mark: None,
             lease: None,
             retryable: false,
+            serializable: false,
         }
     }
 
@@ -346,6 +350,11 @@ impl RouteState {
                 return Ok(None);
             }
             Need::Work { class, hint, unit } => (class, hint, unit),
+        };
+        // as `BEGIN ISOLATION LEVEL SERIALIZABLE`: a standby cannot run it
+        let class = match class {
+            Class::Read | Class::BeginReadOnly if self.serializable => Class::Transaction,
+            c => c,
         };
         let choice = self.choose(class, hint);
         let snap = self.settled_snapshot().await;
