@@ -968,6 +968,14 @@ async fn serializable_by_default_reads_on_the_primary() {
         let typed = c.query("SELECT inet_server_port()", &[]).await.unwrap();
         assert_eq!(typed[0].get::<_, i32>(0) as u16, primary);
     }
+    // the same from the startup packet
+    let opt = connect_str(&format!(
+        "{} options='-c default_transaction_isolation=serializable'",
+        px.conn_str("app", "app", Some("secret"))
+    ))
+    .await;
+    let rows = opt.simple_query("SELECT inet_server_port()").await.unwrap();
+    assert_eq!(port(rows), primary);
     c.simple_query("RESET default_transaction_isolation")
         .await
         .unwrap();
