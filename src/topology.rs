@@ -17,6 +17,7 @@ use crate::protocol::messages::{self, parse_error_fields};
 use crate::router::Lsn;
 use crate::server::{ServerConn, ServerError, ServerTarget};
 use bytes::{Buf, BytesMut};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -192,6 +193,7 @@ struct Probe {
     replay_age: Option<f64>,
     timeline: Option<u32>,
     receive_timeline: Option<u32>,
+    timeline_hidden: bool,
 }
 
 /// One round trip. The subquery with OFFSET 0 evaluates pg_is_in_recovery() once, so a
@@ -207,7 +209,7 @@ const CHECK_SQL: &str = "SELECT r, \
      CASE WHEN r THEN pg_last_wal_receive_lsn() END, \
      CASE WHEN r THEN extract(epoch from now() - pg_last_xact_replay_timestamp()) END, \
      CASE WHEN r THEN NULL ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END, \
-     CASE WHEN r THEN (SELECT received_tli FROM pg_stat_wal_receiver) END \
+     CASE WHEN r THEN (SELECT coalesce(received_tli, 0) FROM pg_stat_wal_receiver) END \
      FROM (SELECT pg_is_in_recovery() AS r OFFSET 0) s";
 
 /// Largest message the check reads; its answer is a few dozen bytes.
@@ -223,6 +225,8 @@ pub struct Topology {
 
 struct Shared {
     config: TopologyConfig,
+    /// The warning that replicas' timelines are hidden was logged.
+    timeline_warned: std::sync::atomic::AtomicBool,
     /// The latest state; held only to fold one result in and publish, never across `.await`.
     state: Mutex<State>,
     tx: watch::Sender<Arc<Snapshot>>,
@@ -261,6 +265,7 @@ impl Topology {
         let (tx, rx) = watch::channel(initial);
         let shared = Arc::new(Shared {
             config,
+            timeline_warned: Default::default(),
             state: Mutex::new(State {
                 hosts,
                 primary: None,
@@ -391,6 +396,9 @@ fn parse_probe(row: &[Option<String>]) -> Result<Probe, CheckError> {
         .map(|s| s.parse::<u32>())
         .transpose()
         .map_err(|_| CheckError::Answer("bad received timeline"))?;
+    // a receiver runs but its timeline is hidden: the check user lacks pg_read_all_stats
+    let timeline_hidden = receive_timeline == Some(0);
+    let receive_timeline = receive_timeline.filter(|&t| t != 0);
     Ok(Probe {
         in_recovery,
         lsn: lsn_of(lsn)?,
@@ -398,6 +406,7 @@ fn parse_probe(row: &[Option<String>]) -> Result<Probe, CheckError> {
         replay_age,
         timeline,
         receive_timeline,
+        timeline_hidden,
     })
 }
 
@@ -499,6 +508,12 @@ fn record(shared: &Shared, index: usize, started: Instant, result: Result<Probe,
             h.receive_lsn = p.receive_lsn;
             h.timeline = p.timeline;
             h.receive_timeline = p.receive_timeline;
+            if p.timeline_hidden && !shared.timeline_warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    host = %h.addr(),
+                    "the host monitor's user cannot see replicas' timelines (pg_stat_wal_receiver needs pg_read_all_stats): a replica following an old primary after a promotion will not be detected"
+                );
+            }
             h.checked_at = Some(started);
             // Kept until derive() computes lag against the primary.
             h.lag_seconds = p.replay_age;
@@ -752,6 +767,11 @@ mod tests {
         let p = parse_probe(&[s("t"), s("0/10"), s("0/20"), s("1.25"), None, s("3")]).unwrap();
         assert!(p.in_recovery);
         assert_eq!(p.receive_timeline, Some(3));
+        assert!(!p.timeline_hidden);
+        // a receiver whose details the check user may not see
+        let hidden = parse_probe(&[s("t"), s("0/10"), s("0/20"), None, None, s("0")]).unwrap();
+        assert_eq!(hidden.receive_timeline, None);
+        assert!(hidden.timeline_hidden);
         assert_eq!(p.receive_lsn, Some(Lsn(0x20)));
         assert_eq!(p.replay_age, Some(1.25));
         assert!(parse_probe(&[s("x"), None, None, None, None, None]).is_err());

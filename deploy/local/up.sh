@@ -121,6 +121,9 @@ EOF
       IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'app') THEN CREATE ROLE app LOGIN; END IF;
     END\$\$"
   psql_at "$PG_PORT" postgres "SET password_encryption = 'scram-sha-256'; ALTER ROLE app LOGIN PASSWORD 'secret'"
+  # pgmux's host monitor logs in as app: with this it sees a replica's timeline and keeps a
+  # replica that follows an old primary away from reads (docs/routing.md)
+  psql_at "$PG_PORT" postgres "GRANT pg_read_all_stats TO app"
   if [ "$(psql_at "$PG_PORT" postgres "SELECT count(*) FROM pg_database WHERE datname = 'app'")" = 0 ]; then
     psql_at "$PG_PORT" postgres "CREATE DATABASE app OWNER app"
   fi
