@@ -895,7 +895,7 @@ async fn a_write_pipelined_behind_a_replica_read_goes_to_the_primary() {
 }
 
 /// A write in the same extended-protocol unit as a read, sent after it (psycopg's pipeline
-/// mode; here the client pauses between its two writes): the unit is routed once its Sync
+/// mode; here sent once pgmux has read the read's part): the unit is routed once its Sync
 /// has arrived, so it runs on the primary, not on the replica the read alone would pick
 /// (25006 there).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -918,10 +918,22 @@ async fn a_write_later_in_the_same_extended_unit_goes_to_the_primary() {
         ]
         .concat()
     };
+    let console = common::probe::Console::connect(&px, "postgres", None).await;
+    let received = || async {
+        let rows = console.show("SHOW STATS_TOTALS").await;
+        let app = rows.iter().find(|r| r["database"] == "app").unwrap();
+        app["bytes_received"].parse::<u64>().unwrap()
+    };
     for _ in 0..3 {
         let (mut s, _) = login(px.port, "app", "app");
-        s.write_all(&exec("SELECT inet_server_port()")).unwrap();
-        std::thread::sleep(Duration::from_millis(200));
+        let first = exec("SELECT inet_server_port()");
+        let before = received().await;
+        s.write_all(&first).unwrap();
+        // pgmux has read the read's part before the rest of the unit is sent
+        wait_until_async("the first part read", WAIT, || async {
+            received().await >= before + first.len() as u64
+        })
+        .await;
         s.write_all(
             &[
                 exec("INSERT INTO rw_unit VALUES (inet_server_port()) RETURNING port"),
