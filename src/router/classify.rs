@@ -105,6 +105,13 @@ const WRITE_FUNCTIONS: &[&str] = &[
     "pg_replication_slot_advance",
     "pg_import_system_collations",
     "pg_reload_conf",
+    // index maintenance that writes; a standby refuses it (55000)
+    "brin_summarize_new_values",
+    "brin_summarize_range",
+    "brin_desummarize_range",
+    "gin_clean_pending_list",
+    // on a replica it would promote that replica; the primary refuses it harmlessly
+    "pg_promote",
 ];
 
 /// Prefixes of function families that write or take session-level locks.
@@ -114,6 +121,9 @@ const WRITE_FUNCTION_PREFIXES: &[&str] = &[
     "pg_current_xact_id",
     "pg_current_wal_",
     "lo_",
+    // consuming a slot's changes, replication origins: catalog writes
+    "pg_logical_slot_",
+    "pg_replication_origin_",
     // dblink_exec and friends run arbitrary SQL somewhere else, possibly a write.
     "dblink",
 ];
