@@ -1095,3 +1095,66 @@ async fn clients_log_in_and_read_while_the_primary_is_down() {
     })
     .await;
 }
+
+/// Work a client forces onto the primary (a hint, `SET pgmux.route = primary`) is taken to
+/// write: with replay paused on the only replica, the client's next read must see it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_covers_work_forced_onto_the_primary() {
+    let cluster = PgCluster::start(1);
+    let (primary, replicas) = ports(&cluster);
+    let px = start(
+        &cluster,
+        "",
+        "max_replica_lag_bytes = 0\nmax_replica_lag_ms = 0",
+    );
+    warm_up(&px, &cluster).await;
+    cluster.primary().psql(
+        "app",
+        "CREATE TABLE forced (v int); INSERT INTO forced VALUES (0); GRANT ALL ON forced TO app;
+         CREATE FUNCTION bump(x int) RETURNS int LANGUAGE sql AS
+           'UPDATE forced SET v = x RETURNING v';",
+    );
+    cluster.wait_replicas_caught_up();
+    let c = connect(&px, "app").await;
+    // the classifier sees a read in `SELECT bump(..)`: before any forced write, reads go to
+    // the replica
+    wait_until_async("a read on the replica", WAIT, || async {
+        one(&c, "SELECT inet_server_port()").await == replicas[0].to_string()
+    })
+    .await;
+    cluster.replicas()[0].psql("postgres", "SELECT pg_wal_replay_pause()");
+
+    let read = "SELECT v, inet_server_port() FROM forced";
+    let row = |msgs: Vec<SimpleQueryMessage>| {
+        msgs.iter()
+            .find_map(|m| match m {
+                SimpleQueryMessage::Row(r) => {
+                    Some(format!("{} on {}", r.get(0).unwrap(), r.get(1).unwrap()))
+                }
+                _ => None,
+            })
+            .unwrap()
+    };
+    one(&c, "/* pgmux:primary */ SELECT bump(1)").await;
+    assert_eq!(
+        row(c.simple_query(read).await.unwrap()),
+        format!("1 on {primary}"),
+        "the read after a hinted write"
+    );
+
+    c.simple_query("SET pgmux.route = primary").await.unwrap();
+    one(&c, "SELECT bump(2)").await;
+    c.simple_query("RESET pgmux.route").await.unwrap();
+    assert_eq!(
+        row(c.simple_query(read).await.unwrap()),
+        format!("2 on {primary}"),
+        "the read after a write under pgmux.route = primary"
+    );
+
+    cluster.replicas()[0].psql("postgres", "SELECT pg_wal_replay_resume()");
+    // once the replica has replayed the writes, reads go back to it
+    wait_until_async("reads back on the replica", WAIT, || async {
+        row(c.simple_query(read).await.unwrap()) == format!("2 on {}", replicas[0])
+    })
+    .await;
+}

@@ -408,14 +408,21 @@ impl RouteState {
             DbRoute::Primary => return at(Target::Primary, Reason::Alias),
             DbRoute::Auto => {}
         }
+        // Work a client forces onto the primary counts as a write for read-your-writes:
+        // that is often why it was sent there (a function the classifier cannot see into).
+        let forced = |reason| Choice {
+            target: Target::Primary,
+            reason,
+            may_write: true,
+        };
         if let Some(h) = hint.filter(|_| !self.session_mode) {
             return match h {
-                Hint::Primary => at(Target::Primary, Reason::Hint),
+                Hint::Primary => forced(Reason::Hint),
                 Hint::Replica => at(Target::Replica, Reason::Hint),
             };
         }
         match self.route {
-            Route::Primary => return at(Target::Primary, Reason::Setting),
+            Route::Primary => return forced(Reason::Setting),
             Route::Replica => return at(Target::Replica, Reason::Setting),
             Route::Auto => {}
         }
