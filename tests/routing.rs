@@ -205,6 +205,36 @@ async fn named_prepared_statements_are_routed_by_their_text_each_time() {
         let p: i32 = c.query_one(&write, &[]).await.unwrap().get(0);
         assert_eq!(p as u16, primary, "write on {p}");
     }
+
+    // a named statement's first use, Parse+Bind+Execute+Sync in one write (as pgjdbc and
+    // Npgsql send it), is routed by the text of that Parse
+    use common::raw::{error_code, login, msg, until_ready};
+    use std::io::Write;
+    let (mut s, _) = login(px.port, "app", "app");
+    let mut run = |parse: Option<(&str, &str)>, name: &str| {
+        let mut out = Vec::new();
+        if let Some((name, sql)) = parse {
+            out.extend(msg(b'P', format!("{name}\0{sql}\0\0\0").as_bytes()));
+        }
+        out.extend(msg(b'B', format!("\0{name}\0\0\0\0\0\0\0").as_bytes()));
+        out.extend(msg(b'E', b"\0\0\0\0\0"));
+        out.extend(msg(b'S', b""));
+        s.write_all(&out).unwrap();
+        let answers = until_ready(&mut s);
+        assert_eq!(error_code(&answers), None, "{answers:?}");
+        let (_, row) = answers.iter().find(|(t, _)| *t == b'D').expect("a row");
+        String::from_utf8_lossy(&row[6..]).parse::<u16>().unwrap()
+    };
+    for i in 0..3 {
+        let (r, w) = (format!("r{i}"), format!("w{i}"));
+        let p = run(Some((&r, "SELECT inet_server_port()")), &r);
+        assert!(replicas.contains(&p), "first use of a named read on {p}");
+        let p = run(None, &r);
+        assert!(replicas.contains(&p), "second use of a named read on {p}");
+        let sql = "INSERT INTO rw_prep VALUES (inet_server_port()) RETURNING port";
+        assert_eq!(run(Some((&w, sql)), &w), primary, "first use of a write");
+        assert_eq!(run(None, &w), primary, "second use of a write");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -113,6 +113,10 @@ fn inspect(buf: &[u8], stmts: Option<&ClientStatements>, write_functions: &[Stri
     let mut class = Class::Read;
     let mut hint = None;
     let mut unit = None;
+    // statements this batch parses (classified at their Parse): a Bind of one of them adds
+    // nothing. A few names without allocating; past that, a Bind counts as unknown work.
+    let mut parsed: [&[u8]; 4] = [b""; 4];
+    let mut n_parsed = 0;
     let mut parsed_unnamed = false;
     let mut at = 0;
     let raise = |class: &mut Class, c: Class| {
@@ -135,6 +139,9 @@ fn inspect(buf: &[u8], stmts: Option<&ClientStatements>, write_functions: &[Stri
             b'P' => prepared::split_parse(body).map(|(name, rest)| {
                 if name.is_empty() {
                     parsed_unnamed = true;
+                } else if n_parsed < parsed.len() {
+                    parsed[n_parsed] = name;
+                    n_parsed += 1;
                 }
                 text(rest)
             }),
@@ -143,6 +150,7 @@ fn inspect(buf: &[u8], stmts: Option<&ClientStatements>, write_functions: &[Stri
                     // the unnamed statement only exists if this batch parses it
                     (!parsed_unnamed).then_some(None)
                 }
+                Some((_, stmt, _)) if parsed[..n_parsed].contains(&stmt) => None,
                 Some((_, stmt, _)) => {
                     Some(stmts.and_then(|s| s.get(stmt)).and_then(|d| text(&d.body)))
                 }
