@@ -144,12 +144,13 @@ async fn md5_user_expired_role_and_unknown_user() {
         Err("28P01".into())
     );
     assert_eq!(whoami(&px, "aq_nobody", "x").await, Err("28P01".into()));
-    // an unknown database is not looked up in
+    // an unknown database is not looked up in: it is named as the reason, as PgBouncer
+    // does, not taken for a wrong password
     let e = tokio_postgres::connect(&px.conn_str("aq_md5", "nodb", Some("md5-pw")), NoTls)
         .await
         .err()
         .expect("refused");
-    assert!(e.code().is_some(), "{e}");
+    assert_eq!(e.code().map(|c| c.code()), Some("3D000"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -148,6 +148,18 @@ where
         &user,
     )
     .map_err(Refusal::with)?;
+    // A user pgmux does not know cannot be looked up (auth_query) nor authenticated without
+    // a database: the database is the reason given, before authentication, as PgBouncer
+    // gives it.
+    if config.user(&user).is_none()
+        && !crate::admin::is_console_db(&db)
+        && config.database(&db).is_none()
+    {
+        return Err(Refusal::with(PgError::fatal(
+            "3D000",
+            format!("database \"{db}\" does not exist"),
+        )));
+    }
     let plan = match config.user(&user) {
         Some(_) => None,
         None if crate::admin::is_console_db(&db) => None,
