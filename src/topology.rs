@@ -588,12 +588,16 @@ fn choose_primary(hosts: &[HostState], current: Option<usize>) -> Option<usize> 
 fn derive_lag(hosts: &mut [HostState], primary: Option<usize>, history: &LsnHistory) {
     let primary_lsn = primary.and_then(|p| hosts[p].lsn);
     let primary_timeline = primary.and_then(|p| hosts[p].timeline);
-    for h in hosts.iter_mut() {
+    for (i, h) in hosts.iter_mut().enumerate() {
         h.diverged = false;
         if h.role != Role::Replica || !h.healthy {
             let primary_now = h.role == Role::Primary && h.healthy;
-            h.lag_bytes = primary_now.then_some(0);
-            h.lag_seconds = primary_now.then_some(0.0);
+            // a second host out of recovery (an old primary back after a promotion) is
+            // not the primary pgmux uses, and its data may differ from it
+            h.diverged = primary_now && primary != Some(i);
+            let current = primary_now && !h.diverged;
+            h.lag_bytes = current.then_some(0);
+            h.lag_seconds = current.then_some(0.0);
             continue;
         }
         h.diverged = matches!((h.receive_timeline, primary_timeline), (Some(r), Some(p)) if r < p);
@@ -738,6 +742,21 @@ mod tests {
         hosts[1].receive_lsn = Some(Lsn(400));
         derive_lag(&mut hosts, Some(0), &LsnHistory::default());
         assert_eq!(hosts[1].lag_seconds, Some(0.0));
+    }
+
+    #[test]
+    fn a_second_primary_that_is_not_used_has_diverged() {
+        let mut hosts = vec![
+            host(Role::Primary, true, 1000),
+            host(Role::Primary, true, 2000),
+            host(Role::Replica, true, 2000),
+        ];
+        derive_lag(&mut hosts, Some(1), &LsnHistory::default());
+        assert!(hosts[0].diverged);
+        assert_eq!((hosts[0].lag_bytes, hosts[0].lag_seconds), (None, None));
+        assert!(!hosts[1].diverged);
+        assert_eq!(hosts[1].lag_bytes, Some(0));
+        assert!(!hosts[2].diverged);
     }
 
     #[test]

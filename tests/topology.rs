@@ -200,6 +200,9 @@ async fn a_promotion_is_followed() {
     assert_eq!(s.hosts[0].role, Role::Primary);
     assert_eq!(s.hosts[0].timeline, Some(1));
     assert_eq!(s.primary, Some(1), "{s:#?}");
+    // SHOW HOSTS tells the old primary from the one in use
+    assert!(s.hosts[0].diverged && !s.hosts[1].diverged, "{s:#?}");
+    assert_eq!(s.hosts[0].lag_bytes, None, "{s:#?}");
     // Replica 2 streams from it again, on the old timeline: its data may differ from the
     // primary's, whatever its lag.
     wait_for(&topo, "replica 2 seen on the old timeline", |s| {
