@@ -772,6 +772,24 @@ async fn negative_durations_are_refused_by_set_and_reload() {
         setting(rows(&admin, "SHOW CONFIG").await, "auth_timeout").as_deref(),
         Some("60.0")
     );
+    // the parameters drivers set are acknowledged and ignored, as PgBouncer ignores them;
+    // anything else that is not a setting is still refused
+    for set in [
+        "SET client_encoding = 'UTF8'",
+        "set DateStyle to 'ISO, MDY'",
+        "SET TimeZone = 'UTC'",
+        "SET standard_conforming_strings = on",
+    ] {
+        admin
+            .simple_query(set)
+            .await
+            .unwrap_or_else(|e| panic!("{set}: {e}"));
+    }
+    let err = admin
+        .simple_query("SET application_name = 'x'")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "22023");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

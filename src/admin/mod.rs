@@ -240,6 +240,11 @@ impl Session {
                 .await
                 .ok_or_else(|| syntax(stmt));
         }
+        if verb == "SET" {
+            if let Some(ignored) = client_parameter_set(stmt) {
+                return Ok(ignored);
+            }
+        }
         if self.console.role != Role::Admin {
             return Err(PgError::error("42501", "admin access needed"));
         }
@@ -411,6 +416,27 @@ fn unquote_ident(w: &str) -> String {
 }
 
 /// `SET key = value` or `SET key TO value`; value a word or a '...' string.
+/// The parameters drivers set on any connection (as PgBouncer tracks them): a console SET of
+/// one is acknowledged with a notice and changes nothing, as PgBouncer answers it, so a
+/// driver's session setup does not fail on the console.
+const CLIENT_PARAMETERS: &[&str] = &[
+    "client_encoding",
+    "datestyle",
+    "timezone",
+    "standard_conforming_strings",
+];
+
+fn client_parameter_set(stmt: &str) -> Option<BytesMut> {
+    let (key, _) = parse_set(stmt)?;
+    if !CLIENT_PARAMETERS.contains(&key.as_str()) {
+        return None;
+    }
+    let mut b = BytesMut::new();
+    wire::notice(&mut b, "SET ignored");
+    wire::command_complete(&mut b, "SET");
+    Some(b)
+}
+
 fn parse_set(stmt: &str) -> Option<(String, String)> {
     let rest = stmt.get(3..)?.trim_start();
     if !stmt[..3].eq_ignore_ascii_case("set") {
