@@ -83,6 +83,8 @@ pub struct App {
     retired: Mutex<Vec<Arc<Pool>>>,
     db_limits: Mutex<HashMap<String, Arc<DbLimit>>>,
     pause: Mutex<PauseState>,
+    /// Databases refused to new clients (console DISABLE), until ENABLE.
+    disabled: Mutex<HashSet<String>>,
     /// Serialises reloads (SIGHUP, RELOAD, SET) so none is lost.
     reloading: Mutex<()>,
     shutdown: watch::Sender<Shutdown>,
@@ -121,6 +123,7 @@ impl App {
             retired: Mutex::new(Vec::new()),
             db_limits: Mutex::new(HashMap::new()),
             pause: Mutex::new(PauseState::default()),
+            disabled: Mutex::new(HashSet::new()),
             reloading: Mutex::new(()),
             shutdown: watch::channel(Shutdown::Running).0,
             stage: std::sync::atomic::AtomicU8::new(Shutdown::Running as u8),
@@ -391,6 +394,20 @@ impl App {
                 .or_insert_with(|| DbLimit::new(max))
                 .clone(),
         )
+    }
+
+    /// DISABLE db (`on`) or ENABLE db: whether new clients of `db` are refused.
+    pub fn set_disabled(&self, db: &str, on: bool) {
+        let mut d = lock(&self.disabled);
+        if on {
+            d.insert(db.to_string());
+        } else {
+            d.remove(db);
+        }
+    }
+
+    pub fn is_disabled(&self, db: &str) -> bool {
+        lock(&self.disabled).contains(db)
     }
 
     pub fn is_paused(&self, db: &str) -> bool {

@@ -651,6 +651,38 @@ async fn kill_disconnects_a_databases_clients_and_reconnect_replaces_servers() {
     // unknown database
     let err = admin.simple_query("KILL nosuchdb").await.unwrap_err();
     assert_eq!(err.code().unwrap().code(), "3D000");
+
+    // DISABLE: new clients are refused, connected ones go on; ENABLE lets them in again
+    let stays = connect(&s.px, "app", db).await.unwrap();
+    admin.simple_query(&format!("DISABLE {db}")).await.unwrap();
+    let disabled = |rows: Vec<HashMap<String, Option<String>>>| {
+        rows.into_iter()
+            .find(|r| r["name"].as_deref() == Some(db))
+            .and_then(|r| r["disabled"].clone())
+    };
+    assert_eq!(
+        disabled(rows(&admin, "SHOW DATABASES").await).as_deref(),
+        Some("1")
+    );
+    let err = connect(&s.px, "app", db).await.unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "55000", "{err}");
+    assert_eq!(
+        first(&stays.simple_query("SELECT 'on'").await.unwrap()),
+        "on"
+    );
+    admin.simple_query(&format!("ENABLE {db}")).await.unwrap();
+    assert_eq!(
+        disabled(rows(&admin, "SHOW DATABASES").await).as_deref(),
+        Some("0")
+    );
+    let back = connect(&s.px, "app", db).await.unwrap();
+    assert_eq!(
+        first(&back.simple_query("SELECT 'back'").await.unwrap()),
+        "back"
+    );
+    for bad in ["DISABLE", "DISABLE nosuchdb", "ENABLE a b"] {
+        assert!(admin.simple_query(bad).await.is_err(), "{bad}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -287,6 +287,13 @@ impl Session {
                     .map_err(|e| PgError::error("F0000", format!("RELOAD failed: {e}")))?;
                 Ok(done("RELOAD"))
             }
+            "DISABLE" | "ENABLE" if words.len() == 2 => {
+                let db = arg.as_deref().unwrap_or_default();
+                self.known_db(Some(db))?;
+                self.app.set_disabled(db, verb == "DISABLE");
+                info!(user = %self.console.user, db, "{verb}");
+                Ok(done(&verb))
+            }
             "KILL" if words.len() == 2 => {
                 let db = arg.as_deref().unwrap_or_default();
                 self.known_db(Some(db))?;
@@ -308,7 +315,8 @@ impl Session {
                 self.app.shutdown_requested.notify_one();
                 Ok(done("SHUTDOWN"))
             }
-            "PAUSE" | "RESUME" | "RELOAD" | "KILL" | "RECONNECT" | "SHUTDOWN" => Err(syntax(stmt)),
+            "PAUSE" | "RESUME" | "RELOAD" | "KILL" | "RECONNECT" | "SHUTDOWN" | "DISABLE"
+            | "ENABLE" => Err(syntax(stmt)),
             _ => Err(syntax(stmt)),
         }
     }

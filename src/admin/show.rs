@@ -434,7 +434,7 @@ fn databases(app: &App) -> BytesMut {
             0i32.into(),
             clients.into(),
             i32::from(app.is_paused(&d.name)).into(),
-            0i32.into(),
+            i32::from(app.is_disabled(&d.name)).into(),
         ]);
     }
     rs.finish("SHOW")
@@ -707,7 +707,7 @@ fn help() -> BytesMut {
         &mut out,
         "Console usage\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION\n\
          \tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|LISTS|STATE|HOSTS|QUERIES\n\
-         \tSET key = arg\n\tRELOAD\n\tPAUSE [<db>]\n\tRESUME [<db>]\n\tKILL <db>\n\
+         \tSET key = arg\n\tRELOAD\n\tPAUSE [<db>]\n\tRESUME [<db>]\n\tDISABLE <db>\n\tENABLE <db>\n\tKILL <db>\n\
          \tRECONNECT [<db>]\n\tSHUTDOWN",
     );
     super::wire::command_complete(&mut out, "SHOW");

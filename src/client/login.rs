@@ -230,6 +230,13 @@ where
             format!("database \"{db}\" does not exist"),
         )));
     };
+    if app.is_disabled(&db) {
+        write(stream, &out).await?;
+        return Err(Refusal::with(PgError::fatal(
+            "55000",
+            format!("database \"{db}\" is not currently accepting connections"),
+        )));
+    }
     let pool = app.pool(database, &user);
     let baseline = match any_baseline(app, database, &user, &pool).await {
         Ok(b) => b,
