@@ -20,23 +20,40 @@ fn start(db: &str, general: &str) -> Pgmux {
     ))
 }
 
+/// pgmux-load against `px` with `args`, printing its summary as JSON.
+fn load_command(px: &Pgmux, db: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgmux-load"));
+    cmd.args(["--host", "127.0.0.1", "--port", &px.port.to_string()])
+        .args(["-U", "postgres", "-d", db, "--json", "--quiet"])
+        .args(if args.contains(&"-T") {
+            &[][..]
+        } else {
+            &["--duration", "120"][..]
+        })
+        .args(args)
+        .env_remove("PGPASSWORD");
+    cmd
+}
+
 /// Runs pgmux-load against `px` with `args`; returns the JSON summary (its last stdout line)
 /// after checking it exited successfully.
 fn load(px: &Pgmux, db: &str, args: &[&str]) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_pgmux-load"))
-        .args(["--host", "127.0.0.1", "--port", &px.port.to_string()])
-        .args(["-U", "postgres", "-d", db, "--json", "--quiet"])
-        .args(["--duration", "120"])
-        .args(args)
-        .env_remove("PGPASSWORD")
-        .output()
-        .expect("run pgmux-load");
+    load_exiting(px, db, args, 0)
+}
+
+/// As `load`, for a run whose exit status must be `status` (2: errors were counted).
+fn load_exiting(px: &Pgmux, db: &str, args: &[&str], status: i32) -> Value {
+    let out = load_command(px, db, args).output().expect("run pgmux-load");
+    summary_of(args, &out, status)
+}
+
+fn summary_of(args: &[&str], out: &std::process::Output, status: i32) -> Value {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "pgmux-load failed: {}\n{stdout}\n{stderr}",
-        out.status
+    assert_eq!(
+        out.status.code(),
+        Some(status),
+        "pgmux-load exit status\n{stdout}\n{stderr}"
     );
     // the human summary, shown with --nocapture or when the test fails
     eprintln!("pgmux-load {}\n{stderr}", args.join(" "));
@@ -164,7 +181,7 @@ fn idle_connections_from_two_processes_and_two_source_addresses() {
 fn clients_turned_away_are_counted_by_sqlstate() {
     let db = "loadfull";
     let px = start(db, "max_client_conn = 10");
-    let s = load(&px, db, &["-c", "20", "--hold", "0"]);
+    let s = load_exiting(&px, db, &["-c", "20", "--hold", "0"], 2);
     assert_eq!(n(&s, "made"), 10, "{s}");
     assert_eq!(n(&s, "failed"), 10, "{s}");
     assert_eq!(n(&s, "errors"), 10, "{s}");
@@ -213,15 +230,96 @@ fn tpcb_and_sql_file_workloads_commit_what_they_report() {
     assert_eq!(n(&s, "errors"), 0, "{s}");
     assert_eq!(history_rows(db) - rows, 20);
 
-    // a failing statement is counted under its SQLSTATE, and the connections go on
+    // a failing statement is counted under its SQLSTATE, and the connections go on: the
+    // transaction it broke is rolled back, so the next one does not meet 25P02
     let bad = dir.path().join("bad.sql");
-    std::fs::write(&bad, "SELECT 1 / (:aid - :aid);\n").unwrap();
-    let s = load(
+    std::fs::write(&bad, "BEGIN;\nSELECT 1 / (:aid - :aid);\nCOMMIT;\n").unwrap();
+    let s = load_exiting(
         &px,
         db,
         &["-c", "2", "--sql", bad.to_str().unwrap(), "-t", "3"],
+        2,
     );
     assert_eq!(n(&s, "transactions"), 0, "{s}");
     assert_eq!(n(&s, "errors"), 6, "{s}");
     assert_eq!(n(&s["errors_by_kind"]["22012"], "count"), 6, "{s}");
+}
+
+#[test]
+fn statements_still_running_at_the_end_of_a_run_are_cancelled() {
+    // straight to PostgreSQL, which (unlike pgmux) does not notice a client gone during
+    // pg_sleep: only a cancel stops it
+    let db = "loadcancel";
+    let pg = PgCluster::shared();
+    pg.create_database(db, "app");
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("sleep.sql");
+    std::fs::write(&script, "SELECT pg_sleep(300) AS pgmux_load_cancel_me;\n").unwrap();
+    let args = ["-c", "2", "--sql", script.to_str().unwrap(), "-T", "1"];
+    let out = Command::new(env!("CARGO_BIN_EXE_pgmux-load"))
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &pg.primary().port.to_string(),
+        ])
+        .args(["-U", "postgres", "-d", db, "--json", "--quiet"])
+        .args(args)
+        .env_remove("PGPASSWORD")
+        .output()
+        .expect("run pgmux-load");
+    let s = summary_of(&args, &out, 0);
+    // the cancelled statements are not errors of the run
+    assert_eq!(n(&s, "errors"), 0, "{s}");
+    let running = || -> u64 {
+        pg.psql(
+            pg.primary(),
+            "postgres",
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE query LIKE '%pgmux_load_cancel_me%' AND state = 'active' \
+             AND pid <> pg_backend_pid()",
+        )
+        .parse()
+        .unwrap()
+    };
+    common::wait_until(
+        "the sleeps cancelled on the server",
+        std::time::Duration::from_secs(30),
+        || running() == 0,
+    );
+}
+
+#[test]
+fn ctrl_c_with_several_processes_still_prints_the_merged_summary() {
+    let db = "loadctrlc";
+    let px = start(db, "");
+    let dir = tempfile::tempdir().unwrap();
+    let ready = dir.path().join("ready");
+    let child = load_command(
+        &px,
+        db,
+        &[
+            "-c",
+            "4",
+            "--processes",
+            "2",
+            "--ready-file",
+            ready.to_str().unwrap(),
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("run pgmux-load");
+    common::wait_until(
+        "every connection open",
+        std::time::Duration::from_secs(60),
+        || ready.exists(),
+    );
+    // SAFETY: kill(2) on the child this test started and has not reaped
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let out = child.wait_with_output().expect("pgmux-load ends");
+    let s = summary_of(&["--processes 2, interrupted"], &out, 0);
+    assert_eq!(n(&s, "made"), 4, "{s}");
+    assert_eq!(n(&s, "processes"), 2, "{s}");
 }

@@ -3,7 +3,7 @@
 
 use crate::cli::Args;
 use crate::observe::Observed;
-use crate::run::{report, ChildMsg, Report, GRACE};
+use crate::run::{report, write_ready_file, ChildMsg, Report, GRACE};
 use crate::stats::{Progress, Summary};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -21,12 +21,33 @@ pub enum ChildError {
     NoSummary(u32, String),
     #[error("child process {0} did not finish in time and was killed")]
     Timeout(u32),
+    #[error(transparent)]
+    Limit(#[from] crate::run::RunError),
 }
 
 #[derive(Default)]
 struct Slot {
     progress: Progress,
     summary: Option<Summary>,
+}
+
+/// Ctrl-C: the children finish and report; a second one ends them and this process.
+async fn pass_on_interrupts(pids: Vec<i32>) {
+    let signal_all = |sig| {
+        for &pid in &pids {
+            // SAFETY: kill(2) with a pid this process started and has not yet reaped
+            unsafe { libc::kill(pid, sig) };
+        }
+    };
+    if tokio::signal::ctrl_c().await.is_err() {
+        return;
+    }
+    eprintln!("pgmux-load: interrupted; finishing (Ctrl-C again to quit at once)");
+    signal_all(libc::SIGINT);
+    if tokio::signal::ctrl_c().await.is_ok() {
+        signal_all(libc::SIGKILL);
+        std::process::exit(crate::run::EXIT_INTERRUPTED);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -38,6 +59,7 @@ pub async fn run(
     scale: Option<u32>,
     observed: Option<Arc<Observed>>,
 ) -> Result<Summary, ChildError> {
+    crate::run::check_fd_limit(args.connections, args.processes)?;
     let exe = std::env::current_exe().map_err(ChildError::Exe)?;
     let slots: Arc<Vec<Mutex<Slot>>> =
         Arc::new((0..args.processes).map(|_| Mutex::default()).collect());
@@ -49,6 +71,9 @@ pub async fn run(
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
+            // its own process group: a terminal's Ctrl-C reaches the parent alone, which
+            // passes it on once (a second one would make a child quit without its summary)
+            .process_group(0)
             .kill_on_drop(true);
         match &args.password {
             Some(pw) => cmd.env("PGPASSWORD", pw),
@@ -70,6 +95,12 @@ pub async fn run(
         children.push((child, reader));
     }
 
+    let pids: Vec<i32> = children
+        .iter()
+        .filter_map(|(c, _)| c.id())
+        .map(|p| p as i32)
+        .collect();
+    let interrupt = tokio::spawn(pass_on_interrupts(pids));
     let requested = u64::from(args.connections);
     let reporter = {
         let slots = slots.clone();
@@ -118,8 +149,14 @@ pub async fn run(
         }
     }
     reporter.abort();
+    interrupt.abort();
     if let Some(e) = failure {
         return Err(e);
     }
-    Ok(Summary::merge(&parts, requested))
+    let summary = Summary::merge(&parts, requested);
+    // a run shorter than the once-a-second progress still leaves the file a script waits for
+    if let Some(path) = args.ready_file.as_deref().filter(|p| !p.exists()) {
+        write_ready_file(path, summary.made);
+    }
+    Ok(summary)
 }

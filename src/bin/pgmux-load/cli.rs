@@ -67,7 +67,7 @@ pub struct Args {
     #[arg(short = 'w', long, value_enum, default_value_t = WorkloadKind::Idle)]
     pub workload: WorkloadKind,
     /// SQL file run as one simple-protocol Query per transaction (implies -w sql); :aid, :bid,
-    /// :tid and :delta are replaced by random values as in pgbench
+    /// :tid and :delta are replaced by random values as in pgbench (scale 1 unless --scale)
     #[arg(long)]
     pub sql: Option<PathBuf>,
     /// extended: unnamed statements with typed parameters (no prepared statements, so fine for

@@ -88,6 +88,17 @@ impl Target {
     }
 }
 
+impl Target {
+    /// Asks the server to cancel what `token`'s connection is running (a CancelRequest on a
+    /// new connection, as libpq sends it).
+    pub async fn cancel(&self, token: &tokio_postgres::CancelToken) -> Result<(), NetError> {
+        let stream = TcpStream::connect(self.addr)
+            .await
+            .map_err(NetError::Connect)?;
+        Ok(token.cancel_query_raw(stream, NoTls).await?)
+    }
+}
+
 fn set_bind_address_no_port(socket: &TcpSocket) -> std::io::Result<()> {
     let one: libc::c_int = 1;
     // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int and its size.

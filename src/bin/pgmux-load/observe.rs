@@ -9,6 +9,8 @@ use tokio::sync::watch;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 const POLL: Duration = Duration::from_secs(1);
+/// How long the observer's own login may take.
+const CONNECT_LIMIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ObserveError {
@@ -45,6 +47,8 @@ pub struct Observed {
     pub current: AtomicU64,
     pub peak: AtomicU64,
     pub measured: AtomicBool,
+    /// The first count.
+    pub before: std::sync::OnceLock<u64>,
 }
 
 impl Observed {
@@ -61,6 +65,7 @@ impl Observed {
     }
 
     fn record(&self, n: u64) {
+        let _ = self.before.set(n);
         self.current.store(n, Ordering::Relaxed);
         self.peak.fetch_max(n, Ordering::Relaxed);
         self.measured.store(true, Ordering::Relaxed);
@@ -71,9 +76,16 @@ impl Observed {
 /// second is still measured, by the connections its pools hold at the end). A failure (no admin
 /// console yet, wrong password, ...) prints one warning and ends the polling; the run goes on.
 pub async fn watch(source: Source, observed: Arc<Observed>, mut done: watch::Receiver<bool>) {
-    let client = match connect(&source).await {
-        Ok(c) => c,
-        Err(e) => {
+    let client = match tokio::time::timeout(CONNECT_LIMIT, connect(&source)).await {
+        Ok(Ok(c)) => c,
+        Err(_) => {
+            eprintln!(
+                "pgmux-load: {}: no login within {CONNECT_LIMIT:?}; server connections not measured",
+                source.name()
+            );
+            return;
+        }
+        Ok(Err(e)) => {
             eprintln!(
                 "pgmux-load: {}: {e}; server connections not measured",
                 source.name()

@@ -8,6 +8,7 @@ use crate::observe::Observed;
 use crate::stats::{classify, Progress, Stats, Summary};
 use crate::workload::Workload;
 use serde::{Deserialize, Serialize};
+use std::io::Write;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,15 +22,20 @@ use tokio::time::Instant;
 const FD_MARGIN: u64 = 64;
 /// After the stop, how long clients may take to finish their transaction and close.
 pub const GRACE: Duration = Duration::from_secs(10);
+/// After the stop, how long a running transaction may take before it is cancelled.
+const CANCEL_AFTER: Duration = Duration::from_millis(500);
+/// Exit status after a second Ctrl-C, as a shell reports death by SIGINT.
+pub const EXIT_INTERRUPTED: i32 = 130;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(
-        "{connections} connections need about {need} open files, but this process may hold \
-         {limit}: split the run with --processes {suggest}"
+        "{connections} connections in {processes} process(es) need about {need} open files \
+         each, but a process may hold {limit}: split the run with --processes {suggest}"
     )]
     FdLimit {
         connections: u32,
+        processes: u32,
         need: u64,
         limit: u64,
         suggest: u64,
@@ -61,15 +67,36 @@ struct Ctx {
     requested: u64,
 }
 
-/// Checks that `connections` sockets fit under the open-file limit (raising the soft limit
-/// to the hard one first).
-pub fn check_fd_limit(connections: u32) -> Result<(), RunError> {
+impl Ctx {
+    /// Returns once every connection attempt has ended (made or failed).
+    async fn wait_settled(&self) {
+        loop {
+            let notified = self.all_settled.notified();
+            if self.settled.load(Ordering::Acquire) >= self.requested {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Writes --ready-file: the number of connections made.
+pub fn write_ready_file(path: &std::path::Path, made: u64) {
+    if let Err(e) = std::fs::write(path, format!("{made}\n")) {
+        eprintln!("pgmux-load: cannot write {}: {e}", path.display());
+    }
+}
+
+/// Checks that `connections` sockets spread over `processes` fit under the open-file limit
+/// of each (raising the soft limit to the hard one first).
+pub fn check_fd_limit(connections: u32, processes: u32) -> Result<(), RunError> {
     let limit = net::raise_nofile_limit()?;
-    let need = u64::from(connections) + FD_MARGIN;
+    let need = u64::from(connections.div_ceil(processes.max(1))) + FD_MARGIN;
     if need > limit {
         let per = limit.saturating_sub(FD_MARGIN).max(1);
         return Err(RunError::FdLimit {
             connections,
+            processes,
             need,
             limit,
             suggest: u64::from(connections).div_ceil(per),
@@ -84,7 +111,8 @@ pub async fn run_local(
     workload: Workload,
     observed: Option<Arc<Observed>>,
 ) -> Result<Summary, RunError> {
-    check_fd_limit(args.connections)?;
+    // (a child's share passes: its parent checked the largest share)
+    check_fd_limit(args.connections, 1)?;
     let target = Target::resolve(
         &args.host,
         args.port,
@@ -137,19 +165,22 @@ pub async fn run_local(
             requested,
             out,
             observed,
-            args.ready_file.clone(),
+            None,
         ))
     };
+    // the ready file as soon as every connection has been attempted, not at the next tick:
+    // a run may end before it
+    let ready = args.ready_file.clone().map(|path| {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            ctx.wait_settled().await;
+            write_ready_file(&path, ctx.stats.progress().made);
+        })
+    });
     let hold = async {
         match args.hold {
             Some(h) => {
-                loop {
-                    let notified = ctx.all_settled.notified();
-                    if ctx.settled.load(Ordering::Acquire) >= requested {
-                        break;
-                    }
-                    notified.await;
-                }
+                ctx.wait_settled().await;
                 tokio::time::sleep(Duration::from_secs_f64(h)).await;
             }
             None => std::future::pending().await,
@@ -162,7 +193,14 @@ pub async fn run_local(
         _ = all_done => end = Some(Instant::now()),
         _ = tokio::time::sleep_until(deadline) => {}
         _ = hold => {}
-        _ = tokio::signal::ctrl_c() => eprintln!("pgmux-load: interrupted; finishing"),
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("pgmux-load: interrupted; finishing (Ctrl-C again to quit at once)");
+            tokio::spawn(async {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    std::process::exit(EXIT_INTERRUPTED);
+                }
+            });
+        }
     }
     let end = end.unwrap_or_else(Instant::now);
     let _ = stop_tx.send(true);
@@ -175,6 +213,9 @@ pub async fn run_local(
         clients.abort_all();
     }
     reporter.abort();
+    if let Some(r) = ready {
+        r.abort();
+    }
     Ok(ctx.stats.summary(requested, end - t0))
 }
 
@@ -191,12 +232,32 @@ async fn client(ctx: Arc<Ctx>, id: u64, start_at: Instant, source: Option<IpAddr
     };
     ctx.stats.attempted.fetch_add(1, Ordering::Relaxed);
     let began = Instant::now();
-    let outcome = tokio::time::timeout(ctx.connect_timeout, ctx.target.connect(source)).await;
+    let login = async {
+        match ctx.connect_timeout {
+            // 0: no limit, as libpq's connect_timeout=0
+            Duration::ZERO => Ok(ctx.target.connect(source).await),
+            t => tokio::time::timeout(t, ctx.target.connect(source)).await,
+        }
+    };
+    // the end of the run also ends a login that is still waiting for the server
+    let outcome = tokio::select! {
+        o = login => Some(o),
+        _ = stop.wait_for(|s| *s) => None,
+    };
     drop(permit);
     let settle = || {
         if ctx.settled.fetch_add(1, Ordering::AcqRel) + 1 == ctx.requested {
             ctx.all_settled.notify_waiters();
         }
+    };
+    let Some(outcome) = outcome else {
+        ctx.stats.failed.fetch_add(1, Ordering::Relaxed);
+        ctx.stats.error(
+            "connect".into(),
+            "the run ended before the login completed".into(),
+        );
+        settle();
+        return;
     };
     let (pg, conn) = match outcome {
         Ok(Ok(pair)) => pair,
@@ -229,7 +290,10 @@ async fn client(ctx: Arc<Ctx>, id: u64, start_at: Instant, source: Option<IpAddr
             _ = stop.wait_for(|s| *s) => {}
             r = &mut conn => {
                 let msg = match r {
-                    Ok(Err(e)) => e.to_string(),
+                    Ok(Err(e)) => match classify(&e) {
+                        (code, msg) if e.as_db_error().is_some() => format!("{code} {msg}"),
+                        (_, msg) => msg,
+                    },
                     _ => "the server closed the connection".to_string(),
                 };
                 ctx.stats.error("closed while idle".into(), msg);
@@ -241,12 +305,30 @@ async fn client(ctx: Arc<Ctx>, id: u64, start_at: Instant, source: Option<IpAddr
         let mut done = 0u64;
         while !*stop.borrow() && ctx.transactions.is_none_or(|t| done < t) {
             let began = Instant::now();
-            match ctx.workload.run_one(&pg).await {
+            let one = ctx.workload.run_one(&pg);
+            tokio::pin!(one);
+            let result = tokio::select! {
+                r = &mut one => r,
+                _ = async { drop(stop.wait_for(|s| *s).await) } => {
+                    // the run is over: a transaction still running after a moment is
+                    // cancelled, not left running on the server after this program exits
+                    if tokio::time::timeout(CANCEL_AFTER, &mut one).await.is_err() {
+                        let _ = ctx.target.cancel(&pg.cancel_token()).await;
+                        let _ = tokio::time::timeout(GRACE, one).await;
+                    }
+                    break;
+                }
+            };
+            match result {
                 Ok(()) => ctx.stats.transaction(id, began.elapsed()),
                 Err(e) => {
                     let (kind, msg) = classify(&e);
                     ctx.stats.error(kind, msg);
-                    if pg.is_closed() {
+                    // one error for a lost connection: a FATAL is followed by the close
+                    let fatal = e
+                        .as_db_error()
+                        .is_some_and(|d| matches!(d.severity(), "FATAL" | "PANIC"));
+                    if fatal || e.is_closed() || pg.is_closed() {
                         break;
                     }
                 }
@@ -302,17 +384,17 @@ pub async fn report(
                     observed.as_ref().and_then(|o| o.current())
                 )
             ),
-            Report::Child => println!(
-                "{}",
-                serde_json::to_string(&ChildMsg::Progress(p)).expect("progress serialises")
-            ),
+            Report::Child => {
+                // the parent may be gone: nothing to report to, and no reason to panic
+                let line =
+                    serde_json::to_string(&ChildMsg::Progress(p)).expect("progress serialises");
+                let _ = writeln!(std::io::stdout(), "{line}");
+            }
             Report::Quiet => {}
         }
         if p.made + p.failed >= requested {
             if let Some(path) = ready_file.take() {
-                if let Err(e) = std::fs::write(&path, format!("{}\n", p.made)) {
-                    eprintln!("pgmux-load: cannot write {}: {e}", path.display());
-                }
+                write_ready_file(&path, p.made);
             }
         }
     }

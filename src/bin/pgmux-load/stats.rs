@@ -118,6 +118,7 @@ impl Stats {
             errors: p.errors,
             errors_by_kind: lock(&self.by_kind).clone(),
             server_connections_peak: None,
+            server_connections_before: None,
             latency_hist: pairs(&tx),
             connect_hist: pairs(&lock(&self.connect_hist)),
         };
@@ -227,6 +228,10 @@ pub struct Summary {
     pub errors_by_kind: BTreeMap<String, ErrorCount>,
     /// Peak server connections seen through --admin or --direct; null when not measured.
     pub server_connections_peak: Option<u64>,
+    /// The first count, taken as the run began: connections that were there before it (a
+    /// pooler's idle servers, other sessions).
+    #[serde(default)]
+    pub server_connections_before: Option<u64>,
     /// Raw histograms (value, count), for merging children's summaries; not in the final line.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub latency_hist: Vec<(u64, u64)>,
@@ -266,6 +271,7 @@ impl Summary {
             errors: 0,
             errors_by_kind: BTreeMap::new(),
             server_connections_peak: None,
+            server_connections_before: None,
             latency_hist: Vec::new(),
             connect_hist: Vec::new(),
         };
@@ -351,9 +357,12 @@ impl Summary {
         for (k, e) in &self.errors_by_kind {
             line(format!("  {k}: {} (e.g. {})", e.count, e.example));
         }
-        match self.server_connections_peak {
-            Some(n) => line(format!("server connections at peak: {n}")),
-            None => line("server connections at peak: not measured".into()),
+        match (self.server_connections_peak, self.server_connections_before) {
+            (Some(n), Some(b)) => line(format!(
+                "server connections at peak: {n} ({b} already open as the run began)"
+            )),
+            (Some(n), None) => line(format!("server connections at peak: {n}")),
+            (None, _) => line("server connections at peak: not measured".into()),
         }
         out
     }

@@ -75,7 +75,13 @@ impl Workload {
             }
             Workload::Sql { text, scale } => {
                 let sql = substitute(text, &Vars::random(*scale));
-                c.batch_execute(&sql).await
+                let r = c.batch_execute(&sql).await;
+                // a user's file may hold BEGIN ... COMMIT: an error in it leaves the
+                // transaction open and failed (ROLLBACK outside one is only a warning)
+                if r.is_err() && !c.is_closed() {
+                    let _ = c.batch_execute("ROLLBACK").await;
+                }
+                r
             }
         }
     }
