@@ -120,7 +120,7 @@ until [ -f "$ready" ]; do
 done
 after=$(rss_kib "$PGMUX_PID")
 made=$(cat "$ready" 2>/dev/null || echo 0)
-wait "$load_pid" || log "pgmux-load failed; see $DIR/log/load.log"
+wait "$load_pid" || log "pgmux-load failed or counted errors; see $DIR/log/load.log"
 [ "${made:-0}" -gt 0 ] || die "no client connected; see $DIR/log/load.log"
 if [ -n "${LOAD_ARGS:-}" ]; then
   echo "pgmux-load summary: $(tail -n 1 "$DIR/log/load.json")"
