@@ -133,6 +133,24 @@ pub fn render(app: &App) -> String {
                 n as f64,
             );
         }
+        let sl = [
+            ("database", db),
+            ("user", user),
+            ("host", host.as_str()),
+            ("role", role),
+        ];
+        f.counter(
+            "pgmux_server_connects_total",
+            "Server connections opened",
+            &sl,
+            p.connects.load(Ordering::Relaxed) as f64,
+        );
+        f.counter(
+            "pgmux_server_connect_failures_total",
+            "Server connections that failed to open or log in",
+            &sl,
+            p.connect_failures.load(Ordering::Relaxed) as f64,
+        );
         // The pools of one (database, user) on several hosts share their statistics: the
         // per-pool families below come once, from the first of them.
         if !seen.insert(Arc::as_ptr(&p.stats)) {
@@ -251,24 +269,6 @@ pub fn render(app: &App) -> String {
             "Time clients spent waiting for a server",
             &l,
             us(t.wait_time_us),
-        );
-        let sl = [
-            ("database", db),
-            ("user", user),
-            ("host", host.as_str()),
-            ("role", role),
-        ];
-        f.counter(
-            "pgmux_server_connects_total",
-            "Server connections opened",
-            &sl,
-            s.server_connects.load(Ordering::Relaxed) as f64,
-        );
-        f.counter(
-            "pgmux_server_connect_failures_total",
-            "Server connections that failed to open or log in",
-            &sl,
-            s.server_connect_failures.load(Ordering::Relaxed) as f64,
         );
         for (class, n) in s.errors_by_class() {
             f.counter(

@@ -15,7 +15,7 @@ use crate::stats::PoolStats;
 use arc_swap::ArcSwap;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 use tokio::sync::{oneshot, Notify, Semaphore};
@@ -162,6 +162,10 @@ pub struct Pool {
     retired: AtomicBool,
     /// Settings clients of this pool expect, shared by the clients that expect the same.
     wants: Mutex<Vec<Arc<Params>>>,
+    /// Server connections opened, and attempts that failed: per pool, so per host (`stats`
+    /// is shared by the hosts of a database).
+    pub connects: AtomicU64,
+    pub connect_failures: AtomicU64,
 }
 
 /// Distinct client settings a pool keeps for sharing; a client with others gets its own.
@@ -206,6 +210,8 @@ impl Pool {
             resumed: Notify::new(),
             retired: AtomicBool::new(false),
             wants: Mutex::new(Vec::new()),
+            connects: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
         });
         if let Some(l) = &pool.db_limit {
             lock(&l.pools).push(Arc::downgrade(&pool));
@@ -546,13 +552,11 @@ impl Pool {
         let mut c = match ServerConn::connect(&target, connect_timeout).await {
             Ok(c) => c,
             Err(e) => {
-                self.stats
-                    .server_connect_failures
-                    .fetch_add(1, Ordering::Relaxed);
+                self.connect_failures.fetch_add(1, Ordering::Relaxed);
                 return Err(e.into());
             }
         };
-        self.stats.server_connects.fetch_add(1, Ordering::Relaxed);
+        self.connects.fetch_add(1, Ordering::Relaxed);
         c.db_permit = permit;
         let mut s = lock(&self.state);
         if s.baseline.is_none() {

@@ -168,8 +168,6 @@ pub struct PoolStats {
     xact_time_us: AtomicU64,
     query_time_us: AtomicU64,
     wait_time_us: AtomicU64,
-    pub server_connects: AtomicU64,
-    pub server_connect_failures: AtomicU64,
     /// Clients that became pinned to their server in transaction mode.
     pub pins: AtomicU64,
     pub wait_hist: Histogram,
@@ -206,8 +204,6 @@ impl PoolStats {
             xact_time_us: AtomicU64::new(0),
             query_time_us: AtomicU64::new(0),
             wait_time_us: AtomicU64::new(0),
-            server_connects: AtomicU64::new(0),
-            server_connect_failures: AtomicU64::new(0),
             pins: AtomicU64::new(0),
             wait_hist: histogram(
                 "pgmux_client_wait_seconds",

@@ -126,7 +126,12 @@ async fn warm_up(px: &Pgmux, cluster: &PgCluster) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_go_to_replicas_and_writes_to_the_primary() {
     let cluster = PgCluster::shared_with_replicas();
-    let px = start(cluster, "", "consistency = \"eventual\"");
+    let metrics = common::free_port();
+    let px = start(
+        cluster,
+        &format!("metrics_listen_port = {metrics}"),
+        "consistency = \"eventual\"",
+    );
     warm_up(&px, cluster).await;
     let (primary, replicas) = ports(cluster);
     let c = connect(&px, "app").await;
@@ -181,6 +186,32 @@ async fn reads_go_to_replicas_and_writes_to_the_primary() {
         );
     }
     c.simple_query("COMMIT").await.unwrap();
+
+    // server connections opened are counted per host: every host served this client
+    let body = scrape(metrics);
+    for p in replicas.iter().chain([&primary]) {
+        let series = format!("host=\"127.0.0.1:{p}\"");
+        let opened: f64 = body
+            .lines()
+            .filter(|l| l.starts_with("pgmux_server_connects_total{") && l.contains(&series))
+            .filter(|l| l.contains("database=\"app\""))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum();
+        assert!(opened >= 1.0, "no connects counted for {p}:\n{body}");
+    }
+}
+
+/// The body of GET /metrics on `port`.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect metrics");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    resp.split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
