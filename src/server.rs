@@ -347,6 +347,13 @@ impl ServerConn {
                     if !buf.is_empty() {
                         return Err(ServerError::Protocol("data after ReadyForQuery"));
                     }
+                    // pgmux's own statements run between transactions and must end there (a
+                    // server_reset_query such as BEGIN would hand the next client a transaction)
+                    if body.first() != Some(&b'I') {
+                        return Err(ServerError::Protocol(
+                            "the statement left a transaction open",
+                        ));
+                    }
                     return Ok(error);
                 }
                 _ => {}

@@ -12,13 +12,18 @@ use std::time::Duration;
 use tokio_postgres::{AsyncMessage, Client, NoTls, SimpleQueryMessage};
 
 fn start(db: &str, pool_size: u32) -> Pgmux {
+    start_with(db, "transaction", pool_size, "")
+}
+
+fn start_with(db: &str, mode: &str, pool_size: u32, general: &str) -> Pgmux {
     let pg = PgCluster::shared();
     pg.create_database(db, "app");
     Pgmux::start(&format!(
         r#"
 [pgmux]
 listen_port = {{port}}
-pool_mode = "transaction"
+pool_mode = "{mode}"
+{general}
 default_pool_size = {pool_size}
 auth_type = "trust"
 admin_users = ["postgres"]
@@ -323,4 +328,64 @@ async fn temp_tables_prepare_cursors_and_locks_pin_until_the_client_leaves() {
         "{log}"
     );
     assert!(!log.contains('\x1b'), "colour codes in a log file: {log}");
+}
+
+/// A client with startup settings (`options=-c ...`) connecting with the same connection string.
+async fn connect_with_options(px: &Pgmux, db: &str) -> Client {
+    let conn = format!(
+        "{} options='-c search_path=tenant1 -c statement_timeout=1234ms'",
+        px.conn_str("app", db, Some("secret"))
+    );
+    let (c, conn) = tokio_postgres::connect(&conn, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    c
+}
+
+/// The server_reset_query (DISCARD ALL) takes back the settings pgmux applied: clients after
+/// it get theirs again, even when they equal the previous client's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_settings_survive_the_reset_query_between_clients() {
+    let shown =
+        "SELECT current_setting('search_path') || ' ' || current_setting('statement_timeout')";
+    let want = "tenant1 1234ms";
+    // session mode, one server: every client after the first gets it after DISCARD ALL
+    let px = start_with("st_reset_session", "session", 1, "");
+    for i in 0..3 {
+        let c = connect_with_options(&px, "st_reset_session").await;
+        assert_eq!(one(&c, shown).await, want, "session client {i}");
+    }
+    // transaction mode, reset after every transaction: the client's own SET too
+    let px = start_with(
+        "st_reset_always",
+        "transaction",
+        1,
+        "server_reset_query_always = true",
+    );
+    let c = connect_with_options(&px, "st_reset_always").await;
+    c.simple_query("SET work_mem = '5MB'").await.unwrap();
+    for i in 0..3 {
+        assert_eq!(one(&c, shown).await, want, "transaction {i}");
+        assert_eq!(one(&c, "SHOW work_mem").await, "5MB", "transaction {i}");
+    }
+}
+
+/// A server_reset_query that leaves a transaction open (here BEGIN) must not hand that
+/// transaction to the next client: the server is closed instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_query_that_leaves_a_transaction_open_closes_the_server() {
+    let px = start_with(
+        "st_reset_begin",
+        "session",
+        1,
+        "server_reset_query = \"BEGIN\"",
+    );
+    for i in 0..3 {
+        let c = connect(&px, "app", "st_reset_begin").await;
+        // the first statement of a transaction of its own: now() is its start
+        assert_eq!(
+            one(&c, "SELECT (now() = statement_timestamp())::text").await,
+            "true",
+            "client {i} ran inside a transaction left open"
+        );
+    }
 }

@@ -836,8 +836,7 @@ impl Session {
             Ok(Ok(None)) => {
                 let upper = sql.to_ascii_uppercase();
                 if upper.contains("DISCARD ALL") || upper.contains("RESET ALL") {
-                    conn.extras.clear();
-                    conn.synced = None;
+                    forget_reset_settings(&mut conn, &upper);
                 }
                 if upper.contains("DISCARD ALL") || upper.contains("DEALLOCATE ALL") {
                     conn.statements.clear();
@@ -1059,6 +1058,23 @@ fn read_back_statement(named: &[String], extras: &[String], wants: &params::Para
 /// custom setting never set (NULL) or reset ('').
 fn is_unset(name: &str, value: &str) -> bool {
     (name == "role" && value == "none") || (name.contains('.') && value.is_empty())
+}
+
+/// The server ran RESET ALL or DISCARD ALL: the settings pgmux applied that the server does
+/// not report back are at their defaults again, so the next client's are sent whatever they
+/// are. RESET ALL alone leaves a role set by SET ROLE.
+fn forget_reset_settings(conn: &mut PooledConn, upper_sql: &str) {
+    let role_reset = upper_sql.contains("DISCARD ALL") || upper_sql.contains("RESET ROLE");
+    let mut kept = Vec::new();
+    for name in std::mem::take(&mut conn.extras) {
+        if name.eq_ignore_ascii_case("role") && !role_reset {
+            kept.push(name);
+        } else {
+            conn.params.remove(&name);
+        }
+    }
+    conn.extras = kept;
+    conn.synced = None;
 }
 
 /// After a successful sync the server holds the client's values, reported or not.
