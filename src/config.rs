@@ -392,6 +392,11 @@ pub struct Config {
     pub security: crate::tls::Security,
 }
 
+/// Whether the TOML text (already parsed once) has a `[pgmux]` table.
+fn has_general_section(text: &str) -> bool {
+    toml::from_str::<toml::Table>(text).is_ok_and(|t| t.contains_key("pgmux"))
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -407,6 +412,14 @@ impl Config {
             path: origin.to_string(),
             message: e.to_string().trim_end().to_string(),
         })?;
+        // an empty or truncated file (a deploy cut short) would otherwise be a valid
+        // configuration with no database and no user, and a reload would apply it
+        if !has_general_section(text) {
+            return Err(ConfigError::Invalid {
+                path: origin.to_string(),
+                message: "the [pgmux] section is missing".into(),
+            });
+        }
         config.validated(origin)
     }
 
@@ -640,7 +653,12 @@ pool_size = 20
         )
         .is_ok());
         assert!(Config::parse("[pgmux]\ndefault_pool_size = 0\n", "t").is_err());
-        let twice = "[[users]]\nname='a'\n[[users]]\nname='a'\n";
+        // an empty or truncated file is refused, not taken for a configuration of nothing
+        for empty in ["", "\n# comment\n", "[[users]]\nname='a'\n"] {
+            let err = Config::parse(empty, "t").unwrap_err().to_string();
+            assert!(err.contains("[pgmux]"), "{empty:?}: {err}");
+        }
+        let twice = "[pgmux]\n[[users]]\nname='a'\n[[users]]\nname='a'\n";
         assert!(Config::parse(twice, "t")
             .unwrap_err()
             .to_string()
@@ -679,7 +697,7 @@ pool_size = 20
                 assert!(c.is_ok(), "{key} = {good}: {:?}", c.err());
             }
         }
-        let db = "[[databases]]\nname = 'app'\nhost = 'h'\n";
+        let db = "[pgmux]\n[[databases]]\nname = 'app'\nhost = 'h'\n";
         for (bad, key) in [
             ("ban_time = -1", "ban_time"),
             ("ban_time = inf", "ban_time"),
@@ -695,7 +713,7 @@ pool_size = 20
 
     #[test]
     fn routing_keys_parse_and_are_validated() {
-        let base = "[[users]]\nname='a'\n[[databases]]\nname='app'\n";
+        let base = "[pgmux]\n[[users]]\nname='a'\n[[databases]]\nname='app'\n";
         let c = Config::parse(
             &format!(
                 "{base}host='p'\nread_write_split=true\nreplicas=[{{host='r1'}},{{host='r2',port=5433,weight=2}}]\n\

@@ -719,6 +719,11 @@ async fn reload_changes_pool_size_live_and_refuses_an_invalid_config() {
     let err = admin.simple_query("RELOAD").await.unwrap_err();
     let msg = err.as_db_error().unwrap().message().to_string();
     assert!(msg.contains("default_pool_size"), "{msg}");
+    // an empty (truncated) file too: it would remove every database and user
+    std::fs::write(&s.px.config_path, "").unwrap();
+    let err = admin.simple_query("RELOAD").await.unwrap_err();
+    let msg = err.as_db_error().unwrap().message().to_string();
+    assert!(msg.contains("[pgmux]"), "{msg}");
     std::fs::write(&s.px.config_path, "[pgmux\n").unwrap();
     s.px.signal(libc::SIGHUP);
     wait_until("SIGHUP refusal logged", WAIT, || {

@@ -104,7 +104,7 @@ mod tests {
 
     #[test]
     fn set_changes_live_settings_and_refuses_bad_ones() {
-        let app = App::new(Config::parse("[[users]]\nname='a'\n", "t").unwrap());
+        let app = App::new(Config::parse("[pgmux]\n[[users]]\nname='a'\n", "t").unwrap());
         set(&app, "default_pool_size", "3").unwrap();
         assert_eq!(app.config().pgmux.default_pool_size, 3);
         set(&app, "query_wait_timeout", "2.5").unwrap();
