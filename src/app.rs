@@ -479,6 +479,13 @@ impl App {
         crate::queries::set_log_min_duration_ms(new.pgmux.log_min_duration_ms);
         crate::sockopts::configure(crate::sockopts::TcpOptions::from_config(&new.pgmux));
 
+        // servers connected under other TLS settings (plaintext before `require`, a CA no
+        // longer trusted) must not go on serving
+        let (o, n) = (&old.pgmux, &new.pgmux);
+        let server_tls_changed = o.server_tls_sslmode != n.server_tls_sslmode
+            || o.server_tls_ca_file != n.server_tls_ca_file
+            || o.server_tls_cert_file != n.server_tls_cert_file
+            || o.server_tls_key_file != n.server_tls_key_file;
         let mut pools = lock(&self.pools);
         let mut retire = Vec::new();
         for (key, pool) in pools.iter() {
@@ -510,8 +517,9 @@ impl App {
                 retire.push(key.clone());
                 continue;
             }
-            let secret_changed = secret_source(&old, old.database(&pool.db), &pool.user)
-                != secret_source(&new, Some(db), &pool.user);
+            let reconnect = server_tls_changed
+                || secret_source(&old, old.database(&pool.db), &pool.user)
+                    != secret_source(&new, Some(db), &pool.user);
             pool.set_target(
                 target(
                     &new,
@@ -520,7 +528,7 @@ impl App {
                     &client_user,
                     hosts.get(key.2),
                 ),
-                secret_changed,
+                reconnect,
             );
             pool.set_settings(pool_settings(&new, db, &client_user));
         }

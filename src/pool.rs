@@ -246,15 +246,15 @@ impl Pool {
         }
     }
 
-    /// A new server address or login (`secret_changed`: the password in the configuration
-    /// changed): connections made the old way close as they come back.
-    pub fn set_target(&self, target: ServerTarget, secret_changed: bool) {
+    /// A new server address or login: connections made the old way close as they come back.
+    /// `force`: even to the same address and user (a new password, new TLS settings).
+    pub fn set_target(&self, target: ServerTarget, force: bool) {
         let old = self.target.load_full();
         let same = old.host == target.host
             && old.port == target.port
             && old.dbname == target.dbname
             && old.user == target.user
-            && !secret_changed;
+            && !force;
         if !same {
             self.target.store(Arc::new(target));
             self.reconnect();

@@ -695,6 +695,19 @@ async fn server_tls_modes() {
         &[("by_name", "localhost")],
     ));
     assert_eq!(run(&disable, "by_name"), Ok("false".into()));
+    // TLS made stricter by a reload: the plaintext server in the pool is not used again
+    let stricter = config(
+        "verify-full",
+        &server_pki.path("ca.pem"),
+        &[("by_name", "localhost")],
+    )
+    .replace("{port}", &disable.port.to_string());
+    std::fs::write(&disable.config_path, stricter).unwrap();
+    disable.signal(libc::SIGHUP);
+    common::wait_until("the reload", std::time::Duration::from_secs(30), || {
+        disable.log().contains("configuration reloaded")
+    });
+    assert_eq!(run(&disable, "by_name"), Ok("true".into()));
 
     // cancels follow the server connection's encryption: a relay in front of PostgreSQL
     // records how every connection pgmux opens begins (the login and the cancel)
