@@ -61,6 +61,7 @@ fn settings(size: u32) -> PoolSettings {
         reserve_timeout: None,
         query_wait_timeout: Some(Duration::from_secs(10)),
         connect_timeout: Duration::from_secs(10),
+        login_retry: None,
         idle_timeout: None,
         lifetime: None,
         check: None,

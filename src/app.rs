@@ -682,6 +682,7 @@ pub fn pool_settings(config: &Config, db: &Database, user: &str) -> PoolSettings
             .server_connect_timeout
             .get()
             .unwrap_or(Duration::from_secs(15)),
+        login_retry: g.server_login_retry.get(),
         idle_timeout: g.server_idle_timeout.get(),
         lifetime: g.server_lifetime.get(),
         check: server_check(g),

@@ -103,6 +103,9 @@ pub struct General {
     pub auth_timeout: Seconds,
     pub query_wait_timeout: Seconds,
     pub server_connect_timeout: Seconds,
+    /// After a failed server connection or login, how long the pool waits before opening
+    /// connections for min_pool_size again.
+    pub server_login_retry: Seconds,
     pub server_idle_timeout: Seconds,
     pub server_lifetime: Seconds,
     pub client_idle_timeout: Seconds,
@@ -167,12 +170,13 @@ pub struct General {
 
 impl General {
     /// Every duration setting, by key (all checked by `Seconds::check`).
-    fn durations(&self) -> [(&'static str, Seconds); 13] {
+    fn durations(&self) -> [(&'static str, Seconds); 14] {
         [
             ("reserve_pool_timeout", self.reserve_pool_timeout),
             ("auth_timeout", self.auth_timeout),
             ("query_wait_timeout", self.query_wait_timeout),
             ("server_connect_timeout", self.server_connect_timeout),
+            ("server_login_retry", self.server_login_retry),
             ("server_idle_timeout", self.server_idle_timeout),
             ("server_lifetime", self.server_lifetime),
             ("client_idle_timeout", self.client_idle_timeout),
@@ -215,6 +219,7 @@ impl Default for General {
             auth_timeout: Seconds(60.0),
             query_wait_timeout: Seconds(120.0),
             server_connect_timeout: Seconds(15.0),
+            server_login_retry: Seconds(15.0),
             server_idle_timeout: Seconds(600.0),
             server_lifetime: Seconds(3600.0),
             client_idle_timeout: Seconds(0.0),

@@ -44,6 +44,8 @@ pub struct PoolSettings {
     pub reserve_timeout: Option<Duration>,
     pub query_wait_timeout: Option<Duration>,
     pub connect_timeout: Duration,
+    /// server_login_retry: None when 0.
+    pub login_retry: Option<Duration>,
     pub idle_timeout: Option<Duration>,
     pub lifetime: Option<Duration>,
     /// server_check_query / server_check_delay: None when checks are off.
@@ -101,6 +103,10 @@ struct State {
     servers: crate::fasthash::U64Map<ServerInfo>,
     /// Bumped by RECONNECT and target changes: older connections close when released.
     generation: u64,
+    /// The last failed connection or login, while no connection has succeeded since:
+    /// min_pool_size waits server_login_retry after it, so a refused login is not retried
+    /// twice a second.
+    failed_at: Option<Instant>,
 }
 
 /// What SHOW SERVERS shows of one server connection.
@@ -553,9 +559,23 @@ impl Pool {
             Ok(c) => c,
             Err(e) => {
                 self.connect_failures.fetch_add(1, Ordering::Relaxed);
+                let first = lock(&self.state)
+                    .failed_at
+                    .replace(Instant::now())
+                    .is_none();
+                // once per outage at warn: what the operator must fix (a stale server
+                // password reads "server login failed", not like a client's wrong password)
+                if first {
+                    tracing::warn!(db = %self.db, user = %self.user, server = %target.addr_string(), "server login failed: {e}");
+                } else {
+                    tracing::debug!(db = %self.db, user = %self.user, server = %target.addr_string(), "server login failed again: {e}");
+                }
                 return Err(e.into());
             }
         };
+        if lock(&self.state).failed_at.take().is_some() {
+            tracing::info!(db = %self.db, user = %self.user, server = %target.addr_string(), "server login works again");
+        }
         self.connects.fetch_add(1, Ordering::Relaxed);
         c.db_permit = permit;
         let mut s = lock(&self.state);
@@ -746,7 +766,16 @@ impl Pool {
                 }
             }
             self.sweep_waiters(&mut s, &settings, now);
-            need = if s.closed || !s.waiters.is_empty() || self.is_retired() || self.is_paused() {
+            let backing_off = s
+                .failed_at
+                .zip(settings.login_retry)
+                .is_some_and(|(at, retry)| now.duration_since(at) < retry);
+            need = if s.closed
+                || !s.waiters.is_empty()
+                || self.is_retired()
+                || self.is_paused()
+                || backing_off
+            {
                 0
             } else {
                 settings.min_size.min(settings.size).saturating_sub(s.open)
@@ -760,7 +789,7 @@ impl Pool {
                 match pool.open_slot(None).await {
                     Ok(c) => c.release(),
                     Err(e) => {
-                        tracing::warn!(db = %pool.db, user = %pool.user, "min_pool_size connect failed: {e}")
+                        tracing::debug!(db = %pool.db, user = %pool.user, "min_pool_size connect failed: {e}")
                     }
                 }
             });

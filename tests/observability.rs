@@ -908,3 +908,45 @@ async fn log_connections_and_disconnections_can_be_turned_off_live() {
     assert_eq!(lines("postgres", "client connected"), 0, "{log}");
     assert_eq!(lines("postgres", "client disconnected"), 0, "{log}");
 }
+
+/// A pool whose server logins fail waits server_login_retry before min_pool_size tries
+/// again, rather than once per upkeep (twice a second), and says so once at warn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_server_logins_are_not_retried_at_every_upkeep() {
+    let db = "obsretry";
+    let pg = PgCluster::shared();
+    let bad = format!(
+        "[[databases]]\nname = \"obsretry_bad\"\ndbname = \"no_such_database\"\n\
+         host = \"127.0.0.1\"\nport = {}\n",
+        pg.primary().port
+    );
+    let s = start(db, "min_pool_size = 1\nserver_login_retry = 3600", &bad);
+    let admin = console(&s.px).await;
+    let good = connect(&s.px, "app", db).await.unwrap();
+    good.simple_query("SELECT 1").await.unwrap();
+    let failures = || {
+        metric(
+            &scrape(s.metrics_port),
+            "pgmux_server_connect_failures_total",
+            &[("database", "obsretry_bad")],
+        )
+    };
+    assert!(connect(&s.px, "app", "obsretry_bad").await.is_err());
+    let before = failures();
+    assert!(before >= 1.0);
+    // two upkeeps seen to run: the good pool grows to each new min_pool_size
+    for n in [2, 3] {
+        admin
+            .simple_query(&format!("SET min_pool_size = {n}"))
+            .await
+            .unwrap();
+        wait_until_async("the good pool to grow", WAIT, || async {
+            let row = pool_row(&admin, db, "app").await;
+            num(&row, "sv_idle") + num(&row, "sv_active") >= n
+        })
+        .await;
+    }
+    assert_eq!(failures(), before, "the failing login was retried");
+    let log = s.px.log();
+    assert_eq!(log.matches("server login failed").count(), 1, "{log}");
+}

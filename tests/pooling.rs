@@ -558,6 +558,7 @@ async fn waiters_are_served_first_in_first_out() {
         reserve_timeout: None,
         query_wait_timeout: Some(WAIT),
         connect_timeout: WAIT,
+        login_retry: None,
         idle_timeout: None,
         lifetime: None,
         check: None,
