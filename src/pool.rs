@@ -174,6 +174,41 @@ pub struct Pool {
     pub connect_failures: AtomicU64,
 }
 
+/// A checkout's place in line. Dropped before its grant was taken (its client left, a timeout
+/// ended the wait), it passes on what was already sent to it: a connection to the next in
+/// line or the idle list, a slot to the next waiter. Otherwise they would be lost to the pool.
+struct InLine<'a> {
+    pool: &'a Pool,
+    rx: oneshot::Receiver<Grant>,
+}
+
+impl Drop for InLine<'_> {
+    fn drop(&mut self) {
+        self.rx.close();
+        match self.rx.try_recv() {
+            Ok(Grant::Conn(c)) => self.pool.put(c),
+            Ok(Grant::Slot) => self.pool.slot_freed(),
+            _ => {}
+        }
+    }
+}
+
+/// A connection being opened in a slot counted in `open`. Dropped unfinished (its checkout
+/// abandoned mid-connect) or failed, it frees the slot; either way `connecting` goes down.
+struct Opening<'a> {
+    pool: &'a Pool,
+    opened: bool,
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        lock(&self.pool.state).connecting -= 1;
+        if !self.opened {
+            self.pool.slot_freed();
+        }
+    }
+}
+
 /// Distinct client settings a pool keeps for sharing; a client with others gets its own.
 const SHARED_WANTS: usize = 16;
 
@@ -380,11 +415,14 @@ impl Pool {
         loop {
             let grant = match self.take(deadline)? {
                 Ok(g) => g,
-                Err(rx) => match rx.await {
-                    Ok(Grant::Expired) => return Err(PoolError::WaitTimeout),
-                    Ok(g) => g,
-                    Err(_) => return Err(PoolError::Closed),
-                },
+                Err(rx) => {
+                    let mut line = InLine { pool: self, rx };
+                    match (&mut line.rx).await {
+                        Ok(Grant::Expired) => return Err(PoolError::WaitTimeout),
+                        Ok(g) => g,
+                        Err(_) => return Err(PoolError::Closed),
+                    }
+                }
             };
             match grant {
                 Grant::Conn(c) if c.is_broken() => self.discard(c),
@@ -537,15 +575,14 @@ impl Pool {
         deadline: Option<Instant>,
     ) -> Result<PooledConn, PoolError> {
         lock(&self.state).connecting += 1;
+        let mut opening = Opening {
+            pool: self,
+            opened: false,
+        };
         let r = self.open_conn(deadline).await;
-        lock(&self.state).connecting -= 1;
-        match r {
-            Ok(c) => Ok(self.guard(Box::new(c))),
-            Err(e) => {
-                self.slot_freed();
-                Err(e)
-            }
-        }
+        opening.opened = r.is_ok();
+        drop(opening);
+        Ok(self.guard(Box::new(r?)))
     }
 
     async fn open_conn(&self, deadline: Option<Instant>) -> Result<ServerConn, PoolError> {

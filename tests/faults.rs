@@ -931,3 +931,62 @@ async fn blackholed_idle_server_is_caught_by_server_check_query() {
     drop(c);
     s.settled().await;
 }
+
+/// Clients that give up while pgmux connects to an unresponsive server for their login leave
+/// at once: their places under max_client_conn and the pool's connection slots are free again
+/// (the connects are abandoned), not held until server_connect_timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_leaving_during_a_stalled_server_login_free_everything() {
+    const WAIT: Duration = Duration::from_secs(30);
+    let db = "flt_gone";
+    let pg = PgCluster::shared();
+    pg.create_database(db, "app");
+    let relay = FaultRelay::start(pg.primary().port);
+    relay.set_new(Fault::Stall);
+    let px = Pgmux::start(
+        // three clients and the console (counted, though never refused)
+        &config(db, relay.port(), "max_client_conn = 4")
+            .replace("server_connect_timeout = 2", "server_connect_timeout = 300"),
+    );
+    let console = Console::connect(&px, "admin", None).await;
+    let list = |rows: Vec<std::collections::HashMap<String, String>>, name: &str| -> i64 {
+        rows.iter()
+            .find(|r| r["list"] == name)
+            .map(|r| r["items"].parse().unwrap())
+            .unwrap()
+    };
+    let mut gone = Vec::new();
+    for _ in 0..3 {
+        let mut s = raw::connect(px.port);
+        s.write_all(&raw::startup(&[("user", "app"), ("database", db)]))
+            .unwrap();
+        gone.push(s);
+    }
+    // SHOW LISTS counts the console among the clients logging in
+    wait_until_async("three logins waiting for the server", WAIT, || async {
+        list(console.show("SHOW LISTS").await, "login_clients") == 4
+    })
+    .await;
+    wait_until("pgmux connecting to the server", WAIT, || relay.open() >= 1);
+    drop(gone);
+    wait_until_async("the logins gone", WAIT, || async {
+        list(console.show("SHOW LISTS").await, "login_clients") == 1
+    })
+    .await;
+    wait_until_async("no server connection being opened", WAIT, || async {
+        console
+            .show("SHOW POOLS")
+            .await
+            .iter()
+            .filter(|r| r["database"] == db)
+            .all(|r| r["sv_login"] == "0")
+    })
+    .await;
+    // the places and the slots are free: three new clients are let in and served (with the
+    // slots lost, they would wait for query_wait_timeout)
+    relay.clear();
+    for _ in 0..3 {
+        let c = client(&px, db).await;
+        c.simple_query("SELECT 1").await.unwrap();
+    }
+}

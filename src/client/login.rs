@@ -16,7 +16,7 @@ use crate::protocol::startup::{self, Initial, StartupError, StartupPacket};
 use crate::protocol::PgError;
 use crate::server::ServerError;
 use crate::stats::ClientHandle;
-use crate::tls::Peer;
+use crate::tls::{ClientStream, Peer};
 use bytes::BytesMut;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -88,17 +88,14 @@ impl Refusal {
 /// Reads the startup packet, authenticates and welcomes the client.
 /// `first` is the packet that followed the encryption negotiation (`tls::open`), which also
 /// tells how the client came (`conn`).
-pub async fn login<S>(
+pub async fn login(
     app: &App,
-    stream: &mut S,
+    stream: &mut ClientStream,
     over_limit: bool,
     first: Initial,
     conn: &Peer,
     local: Option<std::net::SocketAddr>,
-) -> Result<Entry, Refusal>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+) -> Result<Entry, Refusal> {
     let packet = read_startup(app, stream, first).await?;
     if packet.minor > 0 || !packet.protocol_options.is_empty() {
         let mut out = BytesMut::new();
@@ -238,7 +235,17 @@ where
         )));
     }
     let pool = app.pool(database, &user);
-    let baseline = match any_baseline(app, database, &user, &pool).await {
+    // a client that gives up while its pool's first server is being connected leaves now,
+    // with its slot under max_client_conn, rather than when the server answers
+    let baseline = tokio::select! {
+        b = any_baseline(app, database, &user, &pool) => b,
+        _ = stream.hangup(false) => {
+            return Err(Refusal::silent(
+                "the client left while a server connection was being made for it",
+            ))
+        }
+    };
+    let baseline = match baseline {
         Ok(b) => b,
         Err(e) => {
             write(stream, &out).await?;
