@@ -768,3 +768,67 @@ async fn recording_relay(port: u16) -> (u16, Arc<std::sync::Mutex<Vec<[u8; 8]>>>
     });
     (relay_port, firsts)
 }
+
+/// A server whose certificate is X.509 v1, made by PostgreSQL's manual recipe (`openssl x509
+/// -req`), which webpki cannot read: under prefer and require (nothing is verified) pgmux
+/// connects over TLS, as libpq does.
+#[test]
+fn a_server_with_an_x509_v1_certificate_under_require() {
+    let pki = pki();
+    std::fs::write(pki.path("ca.key"), pki.ca_key.serialize_pem()).unwrap();
+    openssl(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "server-v1.key",
+        "-subj",
+        "/CN=localhost",
+        "-out",
+        "server-v1.csr",
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server-v1.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-out",
+        "server-v1.crt",
+    ]);
+    let pg = PgCluster::start(0);
+    pg.primary().enable_ssl(
+        &std::fs::read_to_string(pki.path("server-v1.crt")).unwrap(),
+        &std::fs::read_to_string(pki.path("server-v1.key")).unwrap(),
+    );
+    for mode in ["prefer", "require"] {
+        let px = Pgmux::start(&format!(
+            "[pgmux]\nlisten_port = {{port}}\nauth_type = \"trust\"\nserver_tls_sslmode = \"{mode}\"\n\
+             [[users]]\nname = \"app\"\n[[databases]]\nname = \"v1\"\ndbname = \"app\"\n\
+             host = \"127.0.0.1\"\nport = {}\nserver_user = \"app\"\nserver_password = \"{PW}\"\n",
+            pg.primary().port
+        ));
+        let info = format!(
+            "host=127.0.0.1 port={} user=app dbname=v1 sslmode=disable",
+            px.port
+        );
+        assert_eq!(
+            psql(
+                &info,
+                "SELECT ssl::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+            ),
+            Ok("true".into()),
+            "{mode}"
+        );
+    }
+}
