@@ -35,6 +35,14 @@ pub enum PoolError {
     Closed,
 }
 
+impl PoolError {
+    /// The server refused a new connection for lack of connection slots (53300: too many
+    /// clients, or only reserved slots left): one of the pool's own may free one.
+    fn server_full(&self) -> bool {
+        matches!(self, PoolError::Server(ServerError::Refused(f)) if f.code == "53300")
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolSettings {
     pub mode: PoolMode,
@@ -198,12 +206,23 @@ impl Drop for InLine<'_> {
 struct Opening<'a> {
     pool: &'a Pool,
     opened: bool,
+    /// Refused for lack of server slots: while the pool has other connections, the freed
+    /// slot is not handed to the next in line (it would be refused too); they wait for a
+    /// connection to come back.
+    server_full: bool,
 }
 
 impl Drop for Opening<'_> {
     fn drop(&mut self) {
-        lock(&self.pool.state).connecting -= 1;
-        if !self.opened {
+        let mut s = lock(&self.pool.state);
+        s.connecting -= 1;
+        if self.opened {
+            return;
+        }
+        if self.server_full && s.open > 1 {
+            s.open -= 1;
+        } else {
+            drop(s);
             self.pool.slot_freed();
         }
     }
@@ -412,8 +431,12 @@ impl Pool {
             .query_wait_timeout
             .map(|d| Instant::now() + d);
         self.wait_resumed(deadline).await?;
+        // set once the server refused a connection for lack of slots while this pool had
+        // others: from then on this checkout waits for one of those, as PgBouncer's clients
+        // wait, instead of failing (or trying again at once)
+        let mut in_line_only = false;
         loop {
-            let grant = match self.take(deadline)? {
+            let grant = match self.take(deadline, in_line_only)? {
                 Ok(g) => g,
                 Err(rx) => {
                     let mut line = InLine { pool: self, rx };
@@ -431,7 +454,13 @@ impl Pool {
                         return Ok(c);
                     }
                 }
-                Grant::Slot => return self.open_slot(deadline).await,
+                Grant::Slot => match self.open_slot(deadline).await {
+                    Err(e) if e.server_full() && lock(&self.state).open > 0 => {
+                        tracing::debug!(db = %self.db, user = %self.user, "server full, waiting for a connection of the pool: {e}");
+                        in_line_only = true;
+                    }
+                    r => return r,
+                },
                 Grant::Expired => return Err(PoolError::WaitTimeout),
             }
         }
@@ -522,6 +551,7 @@ impl Pool {
     fn take(
         &self,
         deadline: Option<Instant>,
+        in_line_only: bool,
     ) -> Result<Result<Grant, oneshot::Receiver<Grant>>, PoolError> {
         let mut expired = Vec::new();
         let mut s = lock(&self.state);
@@ -543,7 +573,7 @@ impl Pool {
         }
         let r = if let Some(c) = found {
             Ok(Grant::Conn(c))
-        } else if s.open < size {
+        } else if s.open < size && !in_line_only {
             s.open += 1;
             Ok(Grant::Slot)
         } else {
@@ -578,9 +608,11 @@ impl Pool {
         let mut opening = Opening {
             pool: self,
             opened: false,
+            server_full: false,
         };
         let r = self.open_conn(deadline).await;
         opening.opened = r.is_ok();
+        opening.server_full = matches!(&r, Err(e) if e.server_full());
         drop(opening);
         Ok(self.guard(Box::new(r?)))
     }

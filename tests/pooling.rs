@@ -643,3 +643,48 @@ async fn work_left_running_on_a_closed_server_is_cancelled() {
         running(db, "timed") == "0"
     });
 }
+
+/// The server refuses a new connection for lack of slots (53300, here the role's CONNECTION
+/// LIMIT): a client waits for one of the pool's connections to come back, as PgBouncer's
+/// clients wait, rather than getting the refusal as a FATAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_out_of_connection_slots_makes_clients_wait_not_fail() {
+    let db = "pool_full_server";
+    let pg = PgCluster::shared();
+    pg.primary().psql(
+        "postgres",
+        "DO $$ BEGIN CREATE ROLE pool_limited LOGIN CONNECTION LIMIT 1; \
+         EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+    );
+    let px = start(
+        db,
+        "pool_mode = \"transaction\"\ndefault_pool_size = 3\nadmin_users = [\"postgres\"]",
+        "server_user = \"pool_limited\"",
+    );
+    let holder = connect(&px, db).await.unwrap();
+    holder.simple_query("BEGIN; SELECT 1").await.unwrap();
+    let waiter = connect(&px, db).await.unwrap();
+    let q = tokio::spawn(async move { waiter.simple_query("SELECT 'served'").await });
+    let console = common::probe::Console::connect(&px, "postgres", None).await;
+    wait_until_async("the second client waiting", WAIT, || async {
+        let pools = console.show("SHOW POOLS").await;
+        pools
+            .iter()
+            .any(|r| r["database"] == db && r["cl_waiting"] == "1")
+    })
+    .await;
+    holder.simple_query("COMMIT").await.unwrap();
+    let rows = q
+        .await
+        .unwrap()
+        .expect("served once the first server came back");
+    assert_eq!(first(&rows), "served");
+    // the pool's count is right: one server, idle
+    wait_until_async("one idle server", WAIT, || async {
+        let pools = console.show("SHOW POOLS").await;
+        pools
+            .iter()
+            .any(|r| r["database"] == db && r["sv_idle"] == "1" && r["sv_active"] == "0")
+    })
+    .await;
+}
