@@ -11,6 +11,8 @@ use std::time::Duration;
 pub const MAX_CONNECTIONS: u32 = 1_000_000;
 pub const MAX_PROCESSES: u32 = 64;
 pub const MAX_DURATION_SECS: f64 = 86_400.0;
+/// Above this, 100,000 accounts per branch overflow an int4 aid.
+pub const MAX_SCALE: u32 = 21_474;
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -144,6 +146,10 @@ pub enum ArgsError {
     Negative(&'static str),
     #[error("--connect-concurrency must be at least 1")]
     Concurrency,
+    #[error(
+        "--scale must be between 1 and {MAX_SCALE} (aid stays an int4, as pgbench's accounts)"
+    )]
+    Scale,
     #[error("-w sql needs --sql FILE")]
     SqlWithoutFile,
     #[error("--sql FILE runs the sql workload; drop -w {0:?}")]
@@ -182,6 +188,9 @@ impl Args {
         }
         if self.connect_concurrency == 0 {
             return Err(ArgsError::Concurrency);
+        }
+        if self.scale.is_some_and(|s| s == 0 || s > MAX_SCALE) {
+            return Err(ArgsError::Scale);
         }
         match (self.sql.is_some(), self.workload) {
             (true, WorkloadKind::Idle | WorkloadKind::Sql) => self.workload = WorkloadKind::Sql,
@@ -325,6 +334,12 @@ mod tests {
             parse(&["-c", "2", "-w", "sql"]),
             Err(ArgsError::SqlWithoutFile)
         ));
+        for bad in ["0", "21475"] {
+            assert!(matches!(
+                parse(&["-c", "2", "-w", "select", "--scale", bad]),
+                Err(ArgsError::Scale)
+            ));
+        }
         assert!(matches!(
             parse(&["-c", "2", "-w", "select", "--hold", "1"]),
             Err(ArgsError::HoldWithWorkload)
