@@ -201,29 +201,41 @@ impl Drop for InLine<'_> {
     }
 }
 
-/// A connection being opened in a slot counted in `open`. Dropped unfinished (its checkout
-/// abandoned mid-connect) or failed, it frees the slot; either way `connecting` goes down.
+/// A connection being opened in a slot counted in `open`. Dropped unsettled (its checkout
+/// abandoned mid-connect), it frees the slot; `connecting` goes down either way.
 struct Opening<'a> {
     pool: &'a Pool,
-    opened: bool,
-    /// Refused for lack of server slots: while the pool has other connections, the freed
-    /// slot is not handed to the next in line (it would be refused too); they wait for a
-    /// connection to come back.
-    server_full: bool,
+    settled: bool,
 }
 
-impl Drop for Opening<'_> {
-    fn drop(&mut self) {
+impl Opening<'_> {
+    /// Settles the slot after the attempt. A failure frees it for the next in line, except
+    /// a refusal for lack of server slots while the pool has connections of its own: the
+    /// next in line would be refused too, so the slot is only given up, and the returned
+    /// true tells the checkout to wait for one of those connections.
+    fn settle(&mut self, opened: bool, server_full: bool) -> bool {
+        self.settled = true;
         let mut s = lock(&self.pool.state);
         s.connecting -= 1;
-        if self.opened {
-            return;
+        if opened {
+            return false;
         }
-        if self.server_full && s.open > 1 {
+        // open connections besides this slot and the ones still being opened
+        let wait = server_full && s.open > s.connecting + 1;
+        if wait {
             s.open -= 1;
         } else {
             drop(s);
             self.pool.slot_freed();
+        }
+        wait
+    }
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.settle(false, false);
         }
     }
 }
@@ -454,12 +466,13 @@ impl Pool {
                         return Ok(c);
                     }
                 }
-                Grant::Slot => match self.open_slot(deadline).await {
-                    Err(e) if e.server_full() && lock(&self.state).open > 0 => {
+                Grant::Slot => match self.open_slot_or_wait(deadline).await {
+                    Ok(c) => return Ok(c),
+                    Err((e, true)) => {
                         tracing::debug!(db = %self.db, user = %self.user, "server full, waiting for a connection of the pool: {e}");
                         in_line_only = true;
                     }
-                    r => return r,
+                    Err((e, false)) => return Err(e),
                 },
                 Grant::Expired => return Err(PoolError::WaitTimeout),
             }
@@ -604,17 +617,27 @@ impl Pool {
         self: &Arc<Self>,
         deadline: Option<Instant>,
     ) -> Result<PooledConn, PoolError> {
+        self.open_slot_or_wait(deadline).await.map_err(|(e, _)| e)
+    }
+
+    /// Opens a connection in a slot already counted in `open`; on failure, whether the
+    /// checkout should wait in line (see `Opening::settle`).
+    async fn open_slot_or_wait(
+        self: &Arc<Self>,
+        deadline: Option<Instant>,
+    ) -> Result<PooledConn, (PoolError, bool)> {
         lock(&self.state).connecting += 1;
         let mut opening = Opening {
             pool: self,
-            opened: false,
-            server_full: false,
+            settled: false,
         };
         let r = self.open_conn(deadline).await;
-        opening.opened = r.is_ok();
-        opening.server_full = matches!(&r, Err(e) if e.server_full());
-        drop(opening);
-        Ok(self.guard(Box::new(r?)))
+        let full = matches!(&r, Err(e) if e.server_full());
+        let wait = opening.settle(r.is_ok(), full);
+        match r {
+            Ok(c) => Ok(self.guard(Box::new(c))),
+            Err(e) => Err((e, wait)),
+        }
     }
 
     async fn open_conn(&self, deadline: Option<Instant>) -> Result<ServerConn, PoolError> {
