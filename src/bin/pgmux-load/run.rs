@@ -302,43 +302,54 @@ async fn client(ctx: Arc<Ctx>, id: u64, start_at: Instant, source: Option<IpAddr
             }
         }
     } else {
-        let mut done = 0u64;
-        while !*stop.borrow() && ctx.transactions.is_none_or(|t| done < t) {
-            let began = Instant::now();
-            let one = ctx.workload.run_one(&pg);
-            tokio::pin!(one);
-            let result = tokio::select! {
-                r = &mut one => r,
-                _ = async { drop(stop.wait_for(|s| *s).await) } => {
-                    // the run is over: a transaction still running after a moment is
-                    // cancelled, not left running on the server after this program exits
-                    if tokio::time::timeout(CANCEL_AFTER, &mut one).await.is_err() {
-                        let _ = ctx.target.cancel(&pg.cancel_token()).await;
-                        let _ = tokio::time::timeout(GRACE, one).await;
-                    }
-                    break;
-                }
-            };
-            match result {
-                Ok(()) => ctx.stats.transaction(id, began.elapsed()),
-                Err(e) => {
-                    let (kind, msg) = classify(&e);
-                    ctx.stats.error(kind, msg);
-                    // one error for a lost connection: a FATAL is followed by the close
-                    let fatal = e
-                        .as_db_error()
-                        .is_some_and(|d| matches!(d.severity(), "FATAL" | "PANIC"));
-                    if fatal || e.is_closed() || pg.is_closed() {
-                        break;
-                    }
-                }
-            }
-            done += 1;
-        }
+        run_transactions(&ctx, &pg, id, &mut stop).await;
     }
     drop(pg);
     let _ = tokio::time::timeout(GRACE, conn).await;
     ctx.stats.closed();
+}
+
+/// The workload loop of one connection, until the stop, its --transactions or a lost
+/// connection.
+async fn run_transactions(
+    ctx: &Ctx,
+    pg: &tokio_postgres::Client,
+    id: u64,
+    stop: &mut watch::Receiver<bool>,
+) {
+    let mut done = 0u64;
+    while !*stop.borrow() && ctx.transactions.is_none_or(|t| done < t) {
+        let began = Instant::now();
+        let one = ctx.workload.run_one(pg);
+        tokio::pin!(one);
+        let result = tokio::select! {
+            r = &mut one => r,
+            _ = async { drop(stop.wait_for(|s| *s).await) } => {
+                // the run is over: a transaction still running after a moment is cancelled,
+                // not left running on the server after this program exits
+                if tokio::time::timeout(CANCEL_AFTER, &mut one).await.is_err() {
+                    let _ = ctx.target.cancel(&pg.cancel_token()).await;
+                    let _ = tokio::time::timeout(GRACE, one).await;
+                }
+                return;
+            }
+        };
+        match result {
+            Ok(()) => ctx.stats.transaction(id, began.elapsed()),
+            Err(e) => {
+                let (kind, msg) = classify(&e);
+                ctx.stats.error(kind, msg);
+                // one error for a lost connection: a FATAL is followed by the close
+                let fatal = e
+                    .as_db_error()
+                    .is_some_and(|d| matches!(d.severity(), "FATAL" | "PANIC"));
+                if fatal || e.is_closed() || pg.is_closed() {
+                    return;
+                }
+            }
+        }
+        done += 1;
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
