@@ -32,6 +32,8 @@ struct Slot {
 }
 
 /// Ctrl-C: the children finish and report; a second one ends them and this process.
+/// SIGTERM (`timeout`, `kill`) ends them at once: in their own process group, they would
+/// otherwise outlive this process until --duration.
 async fn pass_on_interrupts(pids: Vec<i32>) {
     let signal_all = |sig| {
         for &pid in &pids {
@@ -39,8 +41,20 @@ async fn pass_on_interrupts(pids: Vec<i32>) {
             unsafe { libc::kill(pid, sig) };
         }
     };
-    if tokio::signal::ctrl_c().await.is_err() {
-        return;
+    let terminated = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => drop(term.recv().await),
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => if r.is_err() {
+            return;
+        },
+        _ = terminated => {
+            signal_all(libc::SIGTERM);
+            std::process::exit(EXIT_TERMINATED);
+        }
     }
     eprintln!("pgmux-load: interrupted; finishing (Ctrl-C again to quit at once)");
     signal_all(libc::SIGINT);
@@ -49,6 +63,9 @@ async fn pass_on_interrupts(pids: Vec<i32>) {
         std::process::exit(crate::run::EXIT_INTERRUPTED);
     }
 }
+
+/// Exit status after SIGTERM, as a shell reports death by it.
+const EXIT_TERMINATED: i32 = 143;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
