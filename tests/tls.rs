@@ -444,14 +444,17 @@ fn openssl(args: &[&str]) {
     );
 }
 
-/// libpq sends ~/.postgresql/postgresql.crt whatever the hba method, and such files are often
-/// X.509 v1 (`openssl x509 -req` without extensions) or from another CA. A user who needs no
-/// certificate gets in with one (rustls' webpki cannot read v1: the handshake used to fail);
-/// none of them names anyone for the method `cert`; and the reasons reach the log.
-#[test]
-fn a_certificate_that_does_not_verify_is_ignored_and_logged() {
+/// An X.509 v1 certificate `STEM.crt` (and `STEM.key`) for `cn`, signed by the test CA the
+/// way `openssl x509 -req` signs by default (PostgreSQL's manual recipe): no extensions.
+fn v1_cert(stem: &str, cn: &str) {
     let pki = pki();
     std::fs::write(pki.path("ca.key"), pki.ca_key.serialize_pem()).unwrap();
+    let (key, csr, crt) = (
+        format!("{stem}.key"),
+        format!("{stem}.csr"),
+        format!("{stem}.crt"),
+    );
+    let subject = format!("/CN={cn}");
     openssl(&[
         "req",
         "-new",
@@ -461,17 +464,17 @@ fn a_certificate_that_does_not_verify_is_ignored_and_logged() {
         "ec_paramgen_curve:prime256v1",
         "-nodes",
         "-keyout",
-        "v1.key",
+        &key,
         "-subj",
-        "/CN=cert_user",
+        &subject,
         "-out",
-        "v1.csr",
+        &csr,
     ]);
     openssl(&[
         "x509",
         "-req",
         "-in",
-        "v1.csr",
+        &csr,
         "-CA",
         "ca.pem",
         "-CAkey",
@@ -480,8 +483,18 @@ fn a_certificate_that_does_not_verify_is_ignored_and_logged() {
         "-days",
         "2",
         "-out",
-        "v1.crt",
+        &crt,
     ]);
+}
+
+/// libpq sends ~/.postgresql/postgresql.crt whatever the hba method, and such files are often
+/// X.509 v1 (`openssl x509 -req` without extensions) or from another CA. A user who needs no
+/// certificate gets in with one (rustls' webpki cannot read v1: the handshake used to fail);
+/// none of them names anyone for the method `cert`; and the reasons reach the log.
+#[test]
+fn a_certificate_that_does_not_verify_is_ignored_and_logged() {
+    let pki = pki();
+    v1_cert("v1", "cert_user");
     openssl(&[
         "req",
         "-x509",
@@ -775,37 +788,7 @@ async fn recording_relay(port: u16) -> (u16, Arc<std::sync::Mutex<Vec<[u8; 8]>>>
 #[test]
 fn a_server_with_an_x509_v1_certificate_under_require() {
     let pki = pki();
-    std::fs::write(pki.path("ca.key"), pki.ca_key.serialize_pem()).unwrap();
-    openssl(&[
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        "server-v1.key",
-        "-subj",
-        "/CN=localhost",
-        "-out",
-        "server-v1.csr",
-    ]);
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server-v1.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-out",
-        "server-v1.crt",
-    ]);
+    v1_cert("server-v1", "localhost");
     let pg = PgCluster::start(0);
     pg.primary().enable_ssl(
         &std::fs::read_to_string(pki.path("server-v1.crt")).unwrap(),

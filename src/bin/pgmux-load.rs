@@ -90,14 +90,7 @@ async fn run_all(args: &Args) -> anyhow::Result<stats::Summary> {
 
 /// The pgbench scale of the target (count of pgbench_branches).
 async fn detect_scale(args: &Args) -> anyhow::Result<Option<u32>> {
-    let target = net::Target::resolve(
-        &args.host,
-        args.port,
-        &args.user,
-        args.password.as_deref(),
-        &args.dbname,
-    )
-    .await?;
+    let target = args.target().await?;
     let (client, conn) = target
         .connect(None)
         .await

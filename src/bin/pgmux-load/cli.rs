@@ -215,6 +215,18 @@ impl Args {
         Duration::from_secs_f64(self.connect_timeout)
     }
 
+    /// The endpoint and login of the run.
+    pub async fn target(&self) -> Result<crate::net::Target, crate::net::NetError> {
+        crate::net::Target::resolve(
+            &self.host,
+            self.port,
+            &self.user,
+            self.password.as_deref(),
+            &self.dbname,
+        )
+        .await
+    }
+
     /// The database whose server connections --direct counts.
     pub fn server_dbname(&self) -> &str {
         self.server_dbname.as_deref().unwrap_or(&self.dbname)

@@ -113,14 +113,7 @@ pub async fn run_local(
 ) -> Result<Summary, RunError> {
     // (a child's share passes: its parent checked the largest share)
     check_fd_limit(args.connections, 1)?;
-    let target = Target::resolve(
-        &args.host,
-        args.port,
-        &args.user,
-        args.password.as_deref(),
-        &args.dbname,
-    )
-    .await?;
+    let target = args.target().await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let requested = u64::from(args.connections);
     let ctx = Arc::new(Ctx {
