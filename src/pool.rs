@@ -21,6 +21,11 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio::time::Instant;
 
+/// The first pause before a checkout tries a restarting server again; it doubles up to
+/// `HOLD_MAX_PAUSE`.
+const HOLD_FIRST_PAUSE: Duration = Duration::from_millis(100);
+const HOLD_MAX_PAUSE: Duration = Duration::from_secs(1);
+
 /// Added to server_connect_timeout (which bounds a cancel) for how long a released server
 /// waits for its cancels before it is closed instead.
 const CANCEL_SETTLE_MARGIN: Duration = Duration::from_secs(5);
@@ -40,6 +45,20 @@ impl PoolError {
     /// clients, or only reserved slots left): one of the pool's own may free one.
     fn server_full(&self) -> bool {
         matches!(self, PoolError::Server(ServerError::Refused(f)) if f.code == "53300")
+    }
+}
+
+/// A failure a restarting or briefly unreachable server causes: the connection refused or
+/// cut, or the server saying it is starting up or shutting down (class 57P) or failing the
+/// connection (class 08). Not a timeout (the client has waited server_connect_timeout
+/// already), nor a refusal of the login itself (password, database, TLS).
+pub fn is_transient(e: &PoolError) -> bool {
+    match e {
+        PoolError::Server(ServerError::Connect { .. } | ServerError::Io(_)) => true,
+        PoolError::Server(ServerError::Refused(f)) => {
+            f.code.starts_with("57P") || (f.code.starts_with("08") && f.code != "08P01")
+        }
+        _ => false,
     }
 }
 
@@ -115,6 +134,9 @@ struct State {
     /// min_pool_size waits server_login_retry after it, so a refused login is not retried
     /// twice a second.
     failed_at: Option<Instant>,
+    /// The first failure of the current outage (cleared by a success): checkouts hold
+    /// through a restart only while the outage is younger than server_login_retry.
+    down_since: Option<Instant>,
 }
 
 /// What SHOW SERVERS shows of one server connection.
@@ -435,8 +457,21 @@ impl Pool {
         wants
     }
 
-    /// Lends a connection: an idle one, a new one while under size, else waits in line.
+    /// Lends a connection: an idle one, a new one while under size, else waits in line. A
+    /// new connection that fails as a restarting server fails (see `Pool::holds`) is tried
+    /// again, within query_wait_timeout, while the outage is younger than server_login_retry:
+    /// a restart costs clients a wait, not an error, as behind PgBouncer.
     pub async fn checkout(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
+        self.checkout_with(true).await
+    }
+
+    /// `checkout`, failing at once when the server cannot be reached: for a caller that has
+    /// another host to try.
+    pub async fn checkout_or_fail(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
+        self.checkout_with(false).await
+    }
+
+    async fn checkout_with(self: &Arc<Self>, hold: bool) -> Result<PooledConn, PoolError> {
         let deadline = self
             .settings
             .load()
@@ -466,7 +501,7 @@ impl Pool {
                         return Ok(c);
                     }
                 }
-                Grant::Slot => match self.open_slot_or_wait(deadline).await {
+                Grant::Slot => match self.open_slot_or_wait(deadline, hold).await {
                     Ok(c) => return Ok(c),
                     Err((e, true)) => {
                         tracing::debug!(db = %self.db, user = %self.user, "server full, waiting for a connection of the pool: {e}");
@@ -617,27 +652,62 @@ impl Pool {
         self: &Arc<Self>,
         deadline: Option<Instant>,
     ) -> Result<PooledConn, PoolError> {
-        self.open_slot_or_wait(deadline).await.map_err(|(e, _)| e)
+        self.open_slot_or_wait(deadline, false)
+            .await
+            .map_err(|(e, _)| e)
     }
 
     /// Opens a connection in a slot already counted in `open`; on failure, whether the
-    /// checkout should wait in line (see `Opening::settle`).
+    /// checkout should wait in line (see `Opening::settle`). With `hold`, failures of a
+    /// restarting server are retried, the slot kept, so that at most the pool's size of
+    /// checkouts knock on the server while the others wait in line.
     async fn open_slot_or_wait(
         self: &Arc<Self>,
         deadline: Option<Instant>,
+        hold: bool,
     ) -> Result<PooledConn, (PoolError, bool)> {
         lock(&self.state).connecting += 1;
         let mut opening = Opening {
             pool: self,
             settled: false,
         };
-        let r = self.open_conn(deadline).await;
+        let mut pause = HOLD_FIRST_PAUSE;
+        let r = loop {
+            let r = self.open_conn(deadline).await;
+            match &r {
+                Err(e) if hold && self.holds(e, deadline, pause) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(HOLD_MAX_PAUSE);
+                }
+                _ => break r,
+            }
+        };
         let full = matches!(&r, Err(e) if e.server_full());
         let wait = opening.settle(r.is_ok(), full);
         match r {
             Ok(c) => Ok(self.guard(Box::new(c))),
             Err(e) => Err((e, wait)),
         }
+    }
+
+    /// Whether a checkout whose new connection failed with `e` tries again after `pause`:
+    /// the failure is one a restart causes (`is_transient`) of a server this pool has
+    /// reached before, the outage began less than
+    /// server_login_retry ago, and the pause ends before query_wait_timeout. After that
+    /// window clients fail at once (PgBouncer's fast-fail), each still trying once, so the
+    /// server's return is seen by the first client after it.
+    fn holds(&self, e: &PoolError, deadline: Option<Instant>, pause: Duration) -> bool {
+        let Some(window) = self.settings.load().login_retry else {
+            return false;
+        };
+        let now = Instant::now();
+        let s = lock(&self.state);
+        is_transient(e)
+            && !s.closed
+            // it was up once: a restart, not a server that was never there (a wrong port)
+            && s.baseline.is_some()
+            && s.down_since.is_none_or(|d| now.duration_since(d) < window)
+            && deadline.is_none_or(|d| now + pause < d)
     }
 
     async fn open_conn(&self, deadline: Option<Instant>) -> Result<ServerConn, PoolError> {
@@ -651,10 +721,12 @@ impl Pool {
             Ok(c) => c,
             Err(e) => {
                 self.connect_failures.fetch_add(1, Ordering::Relaxed);
-                let first = lock(&self.state)
-                    .failed_at
-                    .replace(Instant::now())
-                    .is_none();
+                let first = {
+                    let mut s = lock(&self.state);
+                    let now = Instant::now();
+                    s.down_since.get_or_insert(now);
+                    s.failed_at.replace(now).is_none()
+                };
                 // once per outage at warn: what the operator must fix (a stale server
                 // password reads "server login failed", not like a client's wrong password)
                 if first {
@@ -665,7 +737,12 @@ impl Pool {
                 return Err(e.into());
             }
         };
-        if lock(&self.state).failed_at.take().is_some() {
+        let was_down = {
+            let mut s = lock(&self.state);
+            s.down_since = None;
+            s.failed_at.take().is_some()
+        };
+        if was_down {
             tracing::info!(db = %self.db, user = %self.user, server = %target.addr_string(), "server login works again");
         }
         self.connects.fetch_add(1, Ordering::Relaxed);

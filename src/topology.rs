@@ -154,6 +154,8 @@ pub struct Snapshot {
     /// The host that takes writes: healthy and out of recovery. With two such hosts (an old
     /// primary restarted after a promotion), the one on the higher timeline.
     pub primary: Option<usize>,
+    /// While there is no primary after there was one: when it went (a restart, a failover).
+    pub primary_lost_at: Option<Instant>,
     /// Grows with each published snapshot.
     pub version: u64,
 }
@@ -235,6 +237,7 @@ struct Shared {
 struct State {
     hosts: Vec<HostState>,
     primary: Option<usize>,
+    primary_lost_at: Option<Instant>,
     /// Some host was primary once: a change from now on is a failover.
     had_primary: bool,
     version: u64,
@@ -260,6 +263,7 @@ impl Topology {
         let initial = Arc::new(Snapshot {
             hosts: hosts.clone(),
             primary: None,
+            primary_lost_at: None,
             version: 0,
         });
         let (tx, rx) = watch::channel(initial);
@@ -269,6 +273,7 @@ impl Topology {
             state: Mutex::new(State {
                 hosts,
                 primary: None,
+                primary_lost_at: None,
                 had_primary: false,
                 version: 0,
                 history: LsnHistory::default(),
@@ -545,8 +550,14 @@ fn publish(st: &mut State, tx: &watch::Sender<Arc<Snapshot>>) {
         } else {
             tracing::warn!(primary = ?addr, "primary changed");
         }
+        if primary.is_none() && st.had_primary {
+            st.primary_lost_at = Some(Instant::now());
+        }
         st.had_primary |= primary.is_some();
         st.history.clear();
+    }
+    if primary.is_some() {
+        st.primary_lost_at = None;
     }
     st.primary = primary;
     // Stamped now, not when the check started: the primary had this WAL by the time its
@@ -560,6 +571,7 @@ fn publish(st: &mut State, tx: &watch::Sender<Arc<Snapshot>>) {
     tx.send_replace(Arc::new(Snapshot {
         hosts,
         primary,
+        primary_lost_at: st.primary_lost_at,
         version: st.version,
     }));
 }

@@ -990,3 +990,95 @@ async fn clients_leaving_during_a_stalled_server_login_free_everything() {
         c.simple_query("SELECT 1").await.unwrap();
     }
 }
+
+/// A PostgreSQL restart between two queries costs a client a wait, not an error: queries
+/// sent while the server is down wait in pgmux (the pool's size of them retrying the
+/// server, the rest in line) and run once it is back. An outage longer than
+/// server_login_retry fails at once with the server's error, not query_wait_timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_wait_through_a_postgres_restart() {
+    let pg = PgCluster::start(0);
+    let db = "app";
+    let px = Pgmux::start(&config(db, pg.primary().port, "server_login_retry = 60"));
+    let console = Console::connect(&px, "admin", None).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let c = client(&px, db).await;
+        c.simple_query("SELECT 1")
+            .await
+            .expect("before the restart");
+        clients.push(c);
+    }
+    console.wait_idle(db, 3).await;
+    let primary = pg.primary();
+    tokio::task::block_in_place(|| primary.stop("fast"));
+    console.empty_pool(db).await;
+
+    let mut queries: Vec<_> = clients
+        .into_iter()
+        .map(|c| {
+            tokio::spawn(async move {
+                let r = c.simple_query("SELECT 42").await;
+                (c, r.map(|m| first_int(&m)))
+            })
+        })
+        .collect();
+    // pool_size 2: two checkouts retry the server, the third waits in line
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(done) = queries.iter_mut().find(|q| q.is_finished()) {
+            let (_, r) = done.await.unwrap();
+            panic!(
+                "a query ended while the server was down: {:?}",
+                r.map_err(|e| told(&e))
+            );
+        }
+        let pool = console.pool(db).await;
+        if pool
+            .as_ref()
+            .is_some_and(|r| r["sv_login"] == 2 && r["cl_waiting"] == 3)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "queries not held after 30 s: {pool:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::task::block_in_place(|| primary.start());
+    let mut kept = Vec::new();
+    for q in queries {
+        let (c, r) = q.await.unwrap();
+        assert_eq!(
+            r.map_err(|e| told(&e)),
+            Ok(42),
+            "a query across the restart"
+        );
+        kept.push(c);
+    }
+    console.wait_idle(db, 3).await;
+
+    // an outage longer than server_login_retry ends the wait with the server's error, even
+    // with no query_wait_timeout to end it
+    for set in ["SET server_login_retry = 1", "SET query_wait_timeout = 0"] {
+        console.client.simple_query(set).await.unwrap();
+    }
+    tokio::task::block_in_place(|| primary.stop("fast"));
+    console.empty_pool(db).await;
+    for c in &kept {
+        let r = tokio::time::timeout(Duration::from_secs(30), c.simple_query("SELECT 1")).await;
+        let e = r
+            .expect("still waiting 30 s into the outage")
+            .expect_err("server is down");
+        assert_eq!(kind(&e), "08006", "{}", told(&e));
+    }
+    tokio::task::block_in_place(|| primary.start());
+    let again = client(&px, db).await;
+    let back = again.simple_query("SELECT 7").await.map(|m| first_int(&m));
+    assert_eq!(
+        back.map_err(|e| told(&e)),
+        Ok(7),
+        "the first query after the server is back"
+    );
+}

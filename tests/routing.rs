@@ -667,6 +667,7 @@ async fn writes_follow_a_promotion_without_touching_pgmux() {
 listen_port = {{port}}
 auth_type = "trust"
 server_connect_timeout = 2
+admin_users = ["app"]
 [[users]]
 name = "app"
 password = "secret"
@@ -686,7 +687,38 @@ ban_time = 1
     assert_eq!(one(&c, write).await, cluster.primary().port.to_string());
 
     cluster.primary().stop("fast");
-    // during the switch a write gets a clear error, never silence
+    // a failover is a wait: a write sent while there is no primary waits for one (within
+    // server_login_retry) and runs on the promoted replica
+    let console = common::probe::Console::connect(&px, "app", Some("secret")).await;
+    let c = connect(&px, "app").await;
+    let waiting = tokio::spawn(async move { try_one(&c, write).await.map_err(|e| e.to_string()) });
+    wait_until_async("the write waiting for a primary", WAIT, || async {
+        assert!(
+            !waiting.is_finished(),
+            "the write ended while there was no primary"
+        );
+        let clients = console.show("SHOW CLIENTS").await;
+        clients
+            .iter()
+            .any(|r| r["database"] == "app" && r["state"] == "waiting")
+    })
+    .await;
+    let new = &cluster.replicas()[0];
+    new.promote();
+    let new_port = new.port.to_string();
+    assert_eq!(
+        waiting.await.unwrap(),
+        Ok(new_port.clone()),
+        "the write across the failover"
+    );
+
+    // after server_login_retry without a primary, a write gets a clear error, never silence
+    console
+        .client
+        .simple_query("SET server_login_retry = 0.5")
+        .await
+        .unwrap();
+    new.stop("fast");
     let c = connect(&px, "app").await;
     let err = c.simple_query(write).await.unwrap_err();
     let code = err.as_db_error().map(|e| e.code().code().to_string());
@@ -694,19 +726,6 @@ ban_time = 1
         matches!(code.as_deref(), Some("57P03") | Some("08006")),
         "unexpected error: {err:?}"
     );
-
-    let new = &cluster.replicas()[0];
-    new.promote();
-    let new_port = new.port.to_string();
-    wait_until_async(
-        "writes to succeed on the promoted replica",
-        WAIT,
-        || async {
-            let c = connect(&px, "app").await;
-            matches!(try_one(&c, write).await, Ok(p) if p == new_port)
-        },
-    )
-    .await;
 }
 
 /// The host monitors run from pgmux's start, without any client: the very first query of the

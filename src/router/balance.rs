@@ -319,6 +319,7 @@ mod tests {
                 })
                 .collect(),
             primary: Some(0),
+            primary_lost_at: None,
             version: 1,
         };
         let r = Arc::new(DbRouter::new(

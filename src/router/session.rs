@@ -25,6 +25,7 @@ use crate::server::ServerError;
 use crate::topology::Snapshot;
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// What a client asked for at startup (`options='-c pgmux.route=replica'`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -473,26 +474,95 @@ impl RouteState {
             .unwrap_or_else(|_| self.router.topology.snapshot())
     }
 
+    /// Until when work for the primary waits for one through a restart or a failover: for
+    /// server_login_retry from when the primary went (or from now, if it has not been seen
+    /// to go), within query_wait_timeout. None: no wait (the outage is older, there was
+    /// never a primary, or server_login_retry is 0).
+    fn hold_until(&self, snap: &Snapshot) -> Option<Instant> {
+        let settings = self.pools[0].settings();
+        let now = Instant::now();
+        let since = match (snap.primary, snap.primary_lost_at) {
+            // none since pgmux started: no restart to wait through
+            (None, None) => return None,
+            (_, lost) => lost.unwrap_or(now),
+        };
+        let until = since + settings.login_retry?;
+        let until = match settings.query_wait_timeout {
+            Some(q) => until.min(now + q),
+            None => until,
+        };
+        (until > now).then_some(until)
+    }
+
+    /// The first snapshot that `ready` accepts, or the latest one at `until`.
+    async fn snapshot_when(
+        &self,
+        until: Instant,
+        ready: impl Fn(&Snapshot) -> bool,
+    ) -> Arc<Snapshot> {
+        let mut rx = self.router.topology.subscribe();
+        let wait = async {
+            loop {
+                let s = rx.borrow_and_update().clone();
+                if ready(&s) || rx.changed().await.is_err() {
+                    return s;
+                }
+            }
+        };
+        match tokio::time::timeout_at(until.into(), wait).await {
+            Ok(s) => s,
+            Err(_) => self.router.topology.snapshot(),
+        }
+    }
+
+    /// A server of the primary. While there is none, or it cannot be reached as a restart
+    /// makes it unreachable, the work waits (`hold_until`) for the host monitor to find a
+    /// primary answering again, the same host or a promoted one, rather than failing: a
+    /// restart or failover costs the client a wait, as a restart of a single server does
+    /// (`Pool::checkout`).
     async fn primary(
         &mut self,
         snap: &Snapshot,
         reason: Reason,
     ) -> Result<(PooledConn, usize, Target, Reason), PgError> {
-        let Some(p) = snap.primary else {
-            return Err(PgError::error(
-                "57P03",
-                "no primary server is available (failover in progress?); the statement was not run",
-            ));
-        };
-        match self.pools[p].checkout().await {
-            Ok(c) => Ok((c, p, Target::Primary, reason)),
-            Err(e) => {
-                let host_failed = is_host_failure(&e);
-                if host_failed {
+        let mut latest: Option<Arc<Snapshot>> = None;
+        // how long to wait, settled at the first setback
+        let mut hold: Option<Option<Instant>> = None;
+        loop {
+            let snap = latest.as_deref().unwrap_or(snap);
+            let (p, e) = match snap.primary {
+                Some(p) => match self.pools[p].checkout_or_fail().await {
+                    Ok(c) => return Ok((c, p, Target::Primary, reason)),
+                    Err(e) => (Some(p), Some(e)),
+                },
+                None => (None, None),
+            };
+            if let (Some(p), Some(e)) = (p, &e) {
+                if is_host_failure(e) {
                     self.router.topology.ban(p, &e.to_string());
                 }
-                Err(unavailable(e, host_failed, "primary"))
             }
+            let until = *hold.get_or_insert_with(|| self.hold_until(snap));
+            let waits = e.as_ref().is_none_or(crate::pool::is_transient);
+            let Some(until) = until.filter(|u| waits && *u > Instant::now()) else {
+                return Err(match e {
+                    Some(e) => {
+                        let host_failed = is_host_failure(&e);
+                        unavailable(e, host_failed, "primary")
+                    }
+                    None => PgError::error(
+                        "57P03",
+                        "no primary server is available (failover in progress?); the statement was not run",
+                    ),
+                });
+            };
+            // a primary checked healthy since: another host, or this one back
+            let checks = p.map(|p| snap.hosts[p].checks);
+            let back = move |s: &Snapshot| {
+                s.primary
+                    .is_some_and(|q| Some(q) != p || Some(s.hosts[q].checks) > checks)
+            };
+            latest = Some(self.snapshot_when(until, back).await);
         }
     }
 
@@ -535,7 +605,7 @@ impl RouteState {
                 }
                 break;
             };
-            match self.pools[i].checkout().await {
+            match self.pools[i].checkout_or_fail().await {
                 Ok(c) => {
                     let (target, reason) = if snap.primary == Some(i) {
                         (Target::Primary, Reason::PrimaryShare)
