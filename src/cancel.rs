@@ -184,7 +184,7 @@ impl CancelKey {
 pub async fn send_cancel(mut c: Cancel, timeout: Duration) -> std::io::Result<()> {
     let exchange = async {
         let mut s = match (c.to.connect().await?, &c.tls_host) {
-            (TcpOrUnix::Tcp(tcp), Some(host)) => crate::tls::connect_server(tcp, host)
+            (TcpOrUnix::Tcp(tcp), Some(host)) => crate::tls::connect_server(tcp, host, false)
                 .await
                 .map_err(std::io::Error::other)?,
             (socket, _) => socket.plain(),

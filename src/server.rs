@@ -32,6 +32,10 @@ pub enum ServerError {
     ConnectTimeout(String),
     #[error("server refused: {} ({})", .0.message, .0.code)]
     Refused(ErrorFields),
+    /// A refusal of a login made over TLS under server_tls_sslmode = prefer, which is made
+    /// again in plain text; `Refused` if that fails too.
+    #[error("server refused over TLS: {} ({})", .0.message, .0.code)]
+    RefusedOverTls(ErrorFields),
     #[error("server connection lost: {0}")]
     Io(#[from] std::io::Error),
     #[error("server protocol violation: {0}")]
@@ -42,6 +46,20 @@ pub enum ServerError {
     Scram(crate::auth::scram_client::ScramClientError),
     #[error("TLS to server: {0}")]
     Tls(#[from] crate::tls::TlsError),
+}
+
+impl ServerError {
+    /// A TLS connection made because server_tls_sslmode prefers it failed at the handshake
+    /// or the login: libpq then tries once more in plain text.
+    fn tls_preferred_failed(&self) -> bool {
+        match self {
+            ServerError::RefusedOverTls(_) => true,
+            ServerError::Tls(crate::tls::TlsError::Handshake(_)) => {
+                crate::tls::server_tls_preferred()
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Where and as whom a pool's connections log in.
@@ -106,6 +124,16 @@ impl ServerConn {
     }
 
     async fn connect_inner(target: &ServerTarget) -> Result<ServerConn, ServerError> {
+        match Self::connect_once(target, false).await {
+            Err(e) if e.tls_preferred_failed() => {
+                tracing::debug!(server = %target.addr_string(), "TLS preferred but failed ({e}): trying plain text");
+                Self::connect_once(target, true).await
+            }
+            r => r,
+        }
+    }
+
+    async fn connect_once(target: &ServerTarget, plain: bool) -> Result<ServerConn, ServerError> {
         let (socket, addr, dial) = crate::endpoint::open(&target.host, target.port)
             .await
             .map_err(|source| ServerError::Connect {
@@ -113,9 +141,10 @@ impl ServerConn {
                 source,
             })?;
         let stream = match socket {
-            TcpOrUnix::Tcp(tcp) => crate::tls::connect_server(tcp, &target.host).await?,
+            TcpOrUnix::Tcp(tcp) => crate::tls::connect_server(tcp, &target.host, plain).await?,
             unix => unix.plain(),
         };
+        let tls = stream.is_tls();
         let now = Instant::now();
         let mut conn = ServerConn {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -132,7 +161,13 @@ impl ServerConn {
             db_permit: None,
             cancels: Default::default(),
         };
-        conn.login(target).await?;
+        conn.login(target).await.map_err(|e| match e {
+            // the server refused the login over TLS: under prefer, libpq tries plain text
+            ServerError::Refused(f) if tls && crate::tls::server_tls_preferred() => {
+                ServerError::RefusedOverTls(f)
+            }
+            e => e,
+        })?;
         // the key is known once logged in: clients' cancels reach this backend through it
         let tls_host = conn.stream.is_tls().then(|| target.host.as_str().into());
         conn.cancels = std::sync::Arc::new(

@@ -963,10 +963,26 @@ fn server_name(host: &str) -> Result<ServerName<'static>, TlsError> {
         .map_err(|e| TlsError::Setup(format!("server host {host:?}: {e}")))
 }
 
-/// Sends SSLRequest and upgrades the connection as server_tls_sslmode says.
-pub async fn connect_server(mut tcp: TcpStream, host: &str) -> Result<ServerStream, TlsError> {
-    let Some(tls) = SERVER_TLS.load_full() else {
-        return Ok(ServerStream::Plain(tcp));
+/// Whether server_tls_sslmode is prefer: a connection whose TLS handshake or login fails is
+/// made again in plain text, once, as libpq does (a server whose pg_hba.conf says
+/// `hostnossl` for this user refuses the login over TLS).
+pub fn server_tls_preferred() -> bool {
+    SERVER_TLS
+        .load()
+        .as_ref()
+        .is_some_and(|t| t.mode == ServerSslMode::Prefer)
+}
+
+/// Sends SSLRequest and upgrades the connection as server_tls_sslmode says; `plain` (the
+/// retry of a preferred TLS connection that failed) skips it.
+pub async fn connect_server(
+    mut tcp: TcpStream,
+    host: &str,
+    plain: bool,
+) -> Result<ServerStream, TlsError> {
+    let tls = match SERVER_TLS.load_full() {
+        Some(tls) if !plain => tls,
+        _ => return Ok(ServerStream::Plain(tcp)),
     };
     tcp.write_all(&SSL_REQUEST).await?;
     let mut answer = [0u8; 1];

@@ -681,6 +681,31 @@ async fn server_tls_modes() {
         "{e}"
     );
 
+    // prefer, and the server's pg_hba.conf takes this user in plain text only: the login
+    // over TLS is refused, and pgmux tries again in plain text, as libpq does
+    let hba = pg.primary().data_dir.join("pg_hba.conf");
+    let rules = std::fs::read_to_string(&hba).unwrap();
+    let nossl =
+        "hostnossl all nossl_srv 127.0.0.1/32 trust\nhostssl all nossl_srv 127.0.0.1/32 reject\n";
+    std::fs::write(&hba, format!("{nossl}{rules}")).unwrap();
+    pg.primary().psql("postgres", "CREATE ROLE nossl_srv LOGIN");
+    pg.primary().psql("postgres", "SELECT pg_reload_conf()");
+    let nossl_db = |mode: &str| {
+        config(
+            mode,
+            &server_pki.path("ca.pem"),
+            &[("plain_only", "127.0.0.1")],
+        )
+        .replace("server_user = \"app\"", "server_user = \"nossl_srv\"")
+    };
+    let preferred = Pgmux::start(&nossl_db("prefer"));
+    common::wait_until("pg_hba.conf reloaded", Duration::from_secs(30), || {
+        run(&preferred, "plain_only") == Ok("false".into())
+    });
+    let required = Pgmux::start(&nossl_db("require"));
+    let e = run(&required, "plain_only").unwrap_err();
+    assert!(e.contains("pg_hba.conf rejects connection"), "{e}");
+
     let ca_only = Pgmux::start(&config(
         "verify-ca",
         &server_pki.path("ca.pem"),
@@ -724,7 +749,7 @@ async fn server_tls_modes() {
 
     // cancels follow the server connection's encryption: a relay in front of PostgreSQL
     // records how every connection pgmux opens begins (the login and the cancel)
-    let (relay_port, firsts) = recording_relay(port).await;
+    let (relay_port, firsts) = recording_relay(port, false).await;
     let via = Pgmux::start(&format!(
         "[pgmux]\nlisten_port = {{port}}\nauth_type = \"trust\"\nserver_tls_sslmode = \"require\"\n[[users]]\nname = \"app\"\n{}",
         db("relayed", "127.0.0.1").replace(&format!("port = {port}"), &format!("port = {relay_port}"))
@@ -753,10 +778,31 @@ async fn server_tls_modes() {
         firsts.iter().all(|f| *f == SSL_REQUEST),
         "every connection to the server starts with SSLRequest: {firsts:?}"
     );
+
+    // prefer, and a TLS handshake that fails: the connection is made again in plain text
+    let (broken_port, firsts) = recording_relay(port, true).await;
+    let broken = |mode: &str| {
+        format!(
+            "[pgmux]\nlisten_port = {{port}}\nauth_type = \"trust\"\nserver_tls_sslmode = \"{mode}\"\n[[users]]\nname = \"app\"\n{}",
+            db("broken", "127.0.0.1").replace(&format!("port = {port}"), &format!("port = {broken_port}"))
+        )
+    };
+    let preferred = Pgmux::start(&broken("prefer"));
+    assert_eq!(run(&preferred, "broken"), Ok("false".into()));
+    let firsts = firsts.lock().unwrap().clone();
+    assert_eq!(firsts.first(), Some(&SSL_REQUEST), "{firsts:?}");
+    assert!(
+        firsts.len() >= 2 && firsts[1] != SSL_REQUEST,
+        "then plain text: {firsts:?}"
+    );
+    let required = Pgmux::start(&broken("require"));
+    assert!(run(&required, "broken").is_err());
 }
 
 /// A TCP relay to `port` that records the first 8 bytes of each connection it accepts.
-async fn recording_relay(port: u16) -> (u16, Arc<std::sync::Mutex<Vec<[u8; 8]>>>) {
+/// With `break_tls`, an SSLRequest is answered `S` and then with bytes that are not TLS, as
+/// a server whose TLS is broken would.
+async fn recording_relay(port: u16, break_tls: bool) -> (u16, Arc<std::sync::Mutex<Vec<[u8; 8]>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let relay_port = listener.local_addr().unwrap().port();
     let firsts = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -770,6 +816,10 @@ async fn recording_relay(port: u16) -> (u16, Arc<std::sync::Mutex<Vec<[u8; 8]>>>
                     return;
                 }
                 seen.lock().unwrap().push(first);
+                if break_tls && first == SSL_REQUEST {
+                    let _ = inbound.write_all(b"Snot a TLS handshake\n").await;
+                    return;
+                }
                 let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", port)).await else {
                     return;
                 };
