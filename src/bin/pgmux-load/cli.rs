@@ -118,6 +118,10 @@ pub struct Args {
     /// Internal: global index of this process's first connection (spreads source addresses)
     #[arg(long, hide = true, default_value_t = 0)]
     pub first_index: u64,
+    /// Internal: seconds after the start at which this process's --rate schedule begins, so
+    /// the processes' schedules interleave instead of each opening one at time 0
+    #[arg(long, hide = true, default_value_t = 0.0)]
+    pub rate_offset: f64,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,6 +181,7 @@ impl Args {
         }
         for (name, v) in [
             ("rate", Some(self.rate)),
+            ("rate-offset", Some(self.rate_offset)),
             ("connect-timeout", Some(self.connect_timeout)),
             ("hold", self.hold),
         ] {
@@ -257,6 +262,13 @@ impl Args {
             first.to_string(),
             "--rate".into(),
             (self.rate / f64::from(k)).to_string(),
+            "--rate-offset".into(),
+            if self.rate > 0.0 {
+                f64::from(index) / self.rate
+            } else {
+                0.0
+            }
+            .to_string(),
             "--connect-concurrency".into(),
             self.connect_concurrency.to_string(),
             "--connect-timeout".into(),
@@ -324,6 +336,8 @@ mod tests {
             assert_eq!(c.connections, share);
             assert_eq!(c.first_index, u64::from(total));
             assert_eq!(c.rate, 100.0);
+            // child i's n-th connection at (3n + i) / 300 s: one every 1/300 s in all
+            assert_eq!(c.rate_offset, f64::from(i) / 300.0);
             assert_eq!(c.scale, Some(4));
             assert_eq!(c.source_addrs.len(), 2);
             total += share;

@@ -135,7 +135,7 @@ pub async fn run_local(
     let mut clients = JoinSet::new();
     for i in 0..requested {
         let start_at = if args.rate > 0.0 {
-            t0 + Duration::from_secs_f64(i as f64 / args.rate)
+            t0 + Duration::from_secs_f64(args.rate_offset + i as f64 / args.rate)
         } else {
             t0
         };
