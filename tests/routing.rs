@@ -653,15 +653,15 @@ async fn read_your_writes_lag_and_a_replica_stopped_under_load() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn writes_follow_a_promotion_without_touching_pgmux() {
-    let cluster = PgCluster::start(2);
+/// pgmux in front of all of `cluster`'s hosts, with no roles configured, checking them every
+/// 0.1 s; `app` is also an admin.
+fn start_unconfigured(cluster: &PgCluster) -> Pgmux {
     let hosts = std::iter::once(cluster.primary().port)
         .chain(cluster.replicas().iter().map(|r| r.port))
         .map(|p| format!("{{ host = \"127.0.0.1\", port = {p} }}"))
         .collect::<Vec<_>>()
         .join(", ");
-    let px = Pgmux::start(&format!(
+    Pgmux::start(&format!(
         r#"
 [pgmux]
 listen_port = {{port}}
@@ -678,20 +678,18 @@ read_write_split = true
 lag_check_interval = 0.1
 ban_time = 1
 "#
-    ));
-    let c = connect(&px, "app").await;
-    c.batch_execute("CREATE TABLE failover (port int)")
-        .await
-        .unwrap();
-    let write = "INSERT INTO failover VALUES (inet_server_port()) RETURNING port";
-    assert_eq!(one(&c, write).await, cluster.primary().port.to_string());
+    ))
+}
 
-    cluster.primary().stop("fast");
-    // a failover is a wait: a write sent while there is no primary waits for one (within
-    // server_login_retry) and runs on the promoted replica
-    let console = common::probe::Console::connect(&px, "app", Some("secret")).await;
-    let c = connect(&px, "app").await;
-    let waiting = tokio::spawn(async move { try_one(&c, write).await.map_err(|e| e.to_string()) });
+/// Sends `sql` from a new client while there is no primary, and returns it once pgmux
+/// shows the client waiting (panics if it ends first).
+async fn waiting_for_a_primary(
+    px: &Pgmux,
+    console: &common::probe::Console,
+    sql: &'static str,
+) -> tokio::task::JoinHandle<Result<String, String>> {
+    let c = connect(px, "app").await;
+    let waiting = tokio::spawn(async move { try_one(&c, sql).await.map_err(|e| e.to_string()) });
     wait_until_async("the write waiting for a primary", WAIT, || async {
         assert!(
             !waiting.is_finished(),
@@ -703,6 +701,48 @@ ban_time = 1
             .any(|r| r["database"] == "app" && r["state"] == "waiting")
     })
     .await;
+    waiting
+}
+
+/// A restart of the primary costs a write a wait, not an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_wait_through_a_primary_restart() {
+    let cluster = PgCluster::start(1);
+    let px = start_unconfigured(&cluster);
+    let console = common::probe::Console::connect(&px, "app", Some("secret")).await;
+    let c = connect(&px, "app").await;
+    c.batch_execute("CREATE TABLE restarted (port int)")
+        .await
+        .unwrap();
+    let write = "INSERT INTO restarted VALUES (inet_server_port()) RETURNING port";
+    let port = cluster.primary().port.to_string();
+    assert_eq!(one(&c, write).await, port);
+    cluster.primary().stop("fast");
+    let waiting = waiting_for_a_primary(&px, &console, write).await;
+    cluster.primary().start();
+    assert_eq!(
+        waiting.await.unwrap(),
+        Ok(port),
+        "the write across the restart"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_follow_a_promotion_without_touching_pgmux() {
+    let cluster = PgCluster::start(2);
+    let px = start_unconfigured(&cluster);
+    let c = connect(&px, "app").await;
+    c.batch_execute("CREATE TABLE failover (port int)")
+        .await
+        .unwrap();
+    let write = "INSERT INTO failover VALUES (inet_server_port()) RETURNING port";
+    assert_eq!(one(&c, write).await, cluster.primary().port.to_string());
+
+    cluster.primary().stop("fast");
+    // a failover is a wait: a write sent while there is no primary waits for one (within
+    // server_login_retry) and runs on the promoted replica
+    let console = common::probe::Console::connect(&px, "app", Some("secret")).await;
+    let waiting = waiting_for_a_primary(&px, &console, write).await;
     let new = &cluster.replicas()[0];
     new.promote();
     let new_port = new.port.to_string();
