@@ -362,7 +362,9 @@ impl RouteState {
         };
         // as `BEGIN ISOLATION LEVEL SERIALIZABLE`: a standby cannot run it
         let class = match class {
-            Class::Read | Class::BeginReadOnly if self.serializable => Class::Transaction,
+            Class::Read | Class::BeginReadOnly | Class::Transaction if self.serializable => {
+                Class::Begin
+            }
             c => c,
         };
         let choice = self.choose(class, hint);
@@ -406,7 +408,10 @@ impl RouteState {
 
     /// Primary or replica for this unit, before looking at hosts.
     fn choose(&self, class: Class, hint: Option<Hint>) -> Choice {
-        let may_write = !matches!(class, Class::Read | Class::BeginReadOnly);
+        let may_write = !matches!(
+            class,
+            Class::Read | Class::BeginReadOnly | Class::Transaction
+        );
         let at = |target, reason| Choice {
             target,
             reason,
@@ -442,7 +447,10 @@ impl RouteState {
             return at(Target::Primary, Reason::SplitOff);
         }
         match class {
-            Class::Read => at(Target::Replica, Reason::Read),
+            // A detached client is in no transaction (one in a transaction keeps its server):
+            // its COMMIT or ROLLBACK only draws PostgreSQL's warning, which any server gives,
+            // so a failover does not fail drivers' and pools' clean-up ROLLBACKs.
+            Class::Read | Class::Transaction => at(Target::Replica, Reason::Read),
             Class::BeginReadOnly => at(Target::Replica, Reason::ReadOnlyTransaction),
             _ => at(Target::Primary, Reason::Write),
         }
