@@ -143,24 +143,32 @@ async fn maintain(app: Arc<App>) {
     }
 }
 
-/// Waits until every client has left, or shutdown_timeout.
+/// Waits until every client has left, or shutdown_timeout; then closes those left.
 async fn drain(app: &App) {
-    let wait = async {
-        loop {
-            let notified = app.no_clients.notified();
-            if app.client_count() == 0 {
-                return;
-            }
-            notified.await;
-        }
+    let Some(t) = app.config().pgmux.shutdown_timeout.get() else {
+        return all_gone(app).await;
     };
-    let timeout = app.config().pgmux.shutdown_timeout.get();
-    match timeout {
-        Some(t) => {
-            if tokio::time::timeout(t, wait).await.is_err() {
-                warn!("shutdown_timeout: closing {} client(s)", app.client_count());
-            }
+    if tokio::time::timeout(t, all_gone(app)).await.is_ok() {
+        return;
+    }
+    warn!("shutdown_timeout: closing {} client(s)", app.client_count());
+    // told why (FATAL 57P01, as KILL tells them) rather than finding their socket closed;
+    // a client that does not read its socket is not waited for long
+    for c in app.registry.snapshot() {
+        c.kill();
+    }
+    let _ = tokio::time::timeout(KILL_GRACE, all_gone(app)).await;
+}
+
+async fn all_gone(app: &App) {
+    loop {
+        let notified = app.no_clients.notified();
+        if app.client_count() == 0 {
+            return;
         }
-        None => wait.await,
+        notified.await;
     }
 }
+
+/// How long clients closed at shutdown_timeout have to be told and go.
+const KILL_GRACE: Duration = Duration::from_secs(2);

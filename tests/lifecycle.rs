@@ -215,3 +215,32 @@ async fn workers_sets_the_threads_and_one_thread_serves_everything() {
     );
     assert_eq!(threads(px.pid()), 1);
 }
+
+/// At shutdown_timeout a client still inside a transaction is told why it is closed (FATAL
+/// 57P01, as PostgreSQL's own shutdown tells it), not just cut off; its transaction is rolled
+/// back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_timeout_tells_the_clients_it_closes() {
+    let pg = PgCluster::shared();
+    let mut px = start_trust(1);
+    let url = px.conn_str("postgres", "app", None);
+    let (c, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+    let conn = tokio::spawn(conn);
+    c.simple_query("CREATE TABLE IF NOT EXISTS shutdown_cut(x int)")
+        .await
+        .unwrap();
+    c.simple_query("BEGIN; INSERT INTO shutdown_cut VALUES (1)")
+        .await
+        .unwrap();
+    px.signal(libc::SIGTERM);
+    let ended = tokio::time::timeout(Duration::from_secs(30), conn)
+        .await
+        .expect("the connection ends at shutdown_timeout")
+        .unwrap();
+    let e = ended.expect_err("closed with an error");
+    assert_eq!(e.code().map(|c| c.code()), Some("57P01"), "{e}");
+    let status = px.wait_exit(Duration::from_secs(30)).expect("pgmux exits");
+    assert!(status.success(), "{status:?}");
+    let n = pg.psql(pg.primary(), "app", "SELECT count(*) FROM shutdown_cut");
+    assert_eq!(n, "0");
+}
