@@ -692,10 +692,10 @@ impl Pool {
 
     /// Whether a checkout whose new connection failed with `e` tries again after `pause`:
     /// the failure is one a restart causes (`is_transient`) of a server this pool has
-    /// reached before, the outage began less than
-    /// server_login_retry ago, and the pause ends before query_wait_timeout. After that
-    /// window clients fail at once (PgBouncer's fast-fail), each still trying once, so the
-    /// server's return is seen by the first client after it.
+    /// reached before, the outage began less than server_login_retry ago, and the pause
+    /// ends before query_wait_timeout. After that window clients fail at once (PgBouncer's
+    /// fast-fail), each still trying once, so the server's return is seen by the first
+    /// client after it.
     fn holds(&self, e: &PoolError, deadline: Option<Instant>, pause: Duration) -> bool {
         let Some(window) = self.settings.load().login_retry else {
             return false;

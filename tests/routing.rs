@@ -1290,3 +1290,33 @@ async fn read_your_writes_covers_work_forced_onto_the_primary() {
     })
     .await;
 }
+
+/// What pools and drivers send at every hand-back or login (asyncpg's reset: advisory
+/// unlocks, CLOSE ALL, UNLISTEN *, RESET ALL; pgjdbc's SET extra_float_digits) changes no
+/// data: under read-your-writes the reads after it still go to the replicas, while a real
+/// write keeps them on the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_commands_do_not_hold_reads_on_the_primary() {
+    let cluster = PgCluster::shared_with_replicas();
+    let px = start(cluster, "", "");
+    warm_up(&px, cluster).await;
+    let (primary, replicas) = ports(cluster);
+    let c = connect(&px, "app").await;
+    let read = "SELECT inet_server_port()";
+    for reset in [
+        "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;",
+        "SET extra_float_digits = 3",
+        "SET application_name = 'x'",
+    ] {
+        c.batch_execute(reset).await.unwrap();
+        let p: u16 = one(&c, read).await.parse().unwrap();
+        assert!(replicas.contains(&p), "a read after {reset:?} ran on {p}");
+    }
+    c.batch_execute(
+        "CREATE TABLE IF NOT EXISTS ryw_session (a int); INSERT INTO ryw_session VALUES (1)",
+    )
+    .await
+    .unwrap();
+    let p: u16 = one(&c, read).await.parse().unwrap();
+    assert_eq!(p, primary, "a read right after a write");
+}

@@ -114,6 +114,11 @@ const WRITE_FUNCTIONS: &[&str] = &[
     "pg_promote",
 ];
 
+fn starts_with_ignore_case(name: &str, prefix: &str) -> bool {
+    name.len() >= prefix.len()
+        && name.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+}
+
 /// Prefixes of function families that write or take session-level locks.
 const WRITE_FUNCTION_PREFIXES: &[&str] = &[
     "pg_advisory_",
@@ -737,6 +742,9 @@ struct Stmt<'a, 'w> {
     scan: bool,
     /// A DML keyword, a row-locking clause, INTO, or a write function: this cannot be a read.
     writes: bool,
+    /// A call of a function that releases session state (`pg_advisory_unlock_all()`): the
+    /// primary, where the session's locks are, but no write.
+    releases: bool,
     read_only: bool,
     read_write: bool,
     serializable: bool,
@@ -759,6 +767,7 @@ impl<'a, 'w> Stmt<'a, 'w> {
             hist: [Kw::Other; 2],
             scan: true,
             writes: false,
+            releases: false,
             read_only: false,
             read_write: false,
             serializable: false,
@@ -823,7 +832,9 @@ impl<'a, 'w> Stmt<'a, 'w> {
         }
         if matches!(t, Tok::LParen) {
             if let Tok::Word(name) | Tok::Quoted(name) = self.last {
-                if self.is_write_function(name) {
+                if starts_with_ignore_case(name, "pg_advisory_unlock") {
+                    self.releases = true;
+                } else if self.is_write_function(name) {
                     self.writes = true;
                 }
             }
@@ -880,9 +891,7 @@ impl<'a, 'w> Stmt<'a, 'w> {
 
     fn is_write_function(&self, name: &str) -> bool {
         let lower_eq = |a: &str, b: &str| a.eq_ignore_ascii_case(b);
-        let has_prefix = |p: &str| {
-            name.len() >= p.len() && name.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
-        };
+        let has_prefix = |p: &str| starts_with_ignore_case(name, p);
         let builtin = name
             .as_bytes()
             .first()
@@ -923,6 +932,8 @@ impl<'a, 'w> Stmt<'a, 'w> {
         let w = |k: &str| word_is(first, k);
         let read_unless_writes = if self.writes {
             Class::Write
+        } else if self.releases {
+            Class::Session
         } else {
             Class::Read
         };
@@ -981,7 +992,9 @@ impl<'a, 'w> Stmt<'a, 'w> {
                 None => Class::Session,
             };
         }
-        if w("discard") || w("deallocate") || w("listen") || w("unlisten") {
+        // CLOSE from a client between transactions closes nothing but WITH HOLD cursors,
+        // which are session state (CLOSE ALL: what pools send at every hand-back)
+        if w("discard") || w("deallocate") || w("listen") || w("unlisten") || w("close") {
             return Class::Session;
         }
         // INSERT, UPDATE, DELETE, MERGE, DDL, CALL, DO, VACUUM, ANALYZE, LOCK, NOTIFY, EXECUTE,

@@ -408,10 +408,10 @@ impl RouteState {
 
     /// Primary or replica for this unit, before looking at hosts.
     fn choose(&self, class: Class, hint: Option<Hint>) -> Choice {
-        let may_write = !matches!(
-            class,
-            Class::Read | Class::BeginReadOnly | Class::Transaction
-        );
+        // Session commands (SET, RESET ALL, UNLISTEN *, CLOSE ALL, advisory unlocks: what
+        // pools and drivers send at every hand-back or login) change no data: they leave a
+        // client's reads on the replicas.
+        let may_write = matches!(class, Class::Write | Class::Begin);
         let at = |target, reason| Choice {
             target,
             reason,
