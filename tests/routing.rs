@@ -1320,3 +1320,48 @@ async fn session_commands_do_not_hold_reads_on_the_primary() {
     let p: u16 = one(&c, read).await.parse().unwrap();
     assert_eq!(p, primary, "a read right after a write");
 }
+
+/// A Query after an extended unit left without its Sync (Parse, Describe, Flush: asyncpg's
+/// prepare before a COPY) ends that unit, as a Sync would: the read's server goes back after
+/// the Query's ReadyForQuery, and the client's next unit is answered. The Query used to leave
+/// the client waiting forever for the server that would not go back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_after_a_flushed_unit_ends_it() {
+    use common::raw::{error_code, login, msg, query, read_msg, until_ready};
+    use std::io::Write;
+    let cluster = PgCluster::shared_with_replicas();
+    let px = start(cluster, "", "consistency = \"eventual\"");
+    warm_up(&px, cluster).await;
+    let (mut s, _) = login(px.port, "app", "app");
+    let describe = |name: &str, sql: &str| {
+        let mut out = msg(b'P', format!("{name}\0{sql}\0\0\0").as_bytes());
+        out.extend(msg(b'D', format!("S{name}\0").as_bytes()));
+        out.extend(msg(b'H', b""));
+        out
+    };
+    let until = |s: &mut std::net::TcpStream, tag: u8| {
+        let mut got = Vec::new();
+        while let Some(m) = read_msg(s) {
+            let done = m.0 == tag;
+            got.push(m.0);
+            if done {
+                break;
+            }
+        }
+        got
+    };
+    for round in 0..3 {
+        s.write_all(&describe(&format!("d{round}"), "SELECT 1"))
+            .unwrap();
+        assert_eq!(until(&mut s, b'T'), b"1tT", "round {round}: the Describe");
+        s.write_all(&query("SELECT 2")).unwrap();
+        let answers = until_ready(&mut s);
+        assert_eq!(error_code(&answers), None, "{answers:?}");
+        // read timeout 30 s: a hang fails here
+        s.write_all(&describe(&format!("e{round}"), "SELECT 11"))
+            .unwrap();
+        assert_eq!(until(&mut s, b'T'), b"1tT", "round {round}: the next unit");
+        s.write_all(&msg(b'S', b"")).unwrap();
+        assert_eq!(until(&mut s, b'Z'), b"Z", "round {round}: its Sync");
+    }
+}

@@ -623,6 +623,10 @@ impl Relay {
             b'Q' | b'F' => {
                 f.pending += 1;
                 self.units += 1;
+                // it ends an unsynced extended unit (a Parse, Describe and Flush before it),
+                // as a Sync would: PostgreSQL commits that unit's implicit transaction with
+                // its own, and answers one ReadyForQuery
+                f.unsynced = false;
                 f.last_was_execute = false;
                 let fp = if tag == b'Q' {
                     self.keys.take_query()
