@@ -721,11 +721,18 @@ impl Pool {
             Ok(c) => c,
             Err(e) => {
                 self.connect_failures.fetch_add(1, Ordering::Relaxed);
+                let window = self.settings.load().login_retry.unwrap_or_default();
                 let first = {
                     let mut s = lock(&self.state);
                     let now = Instant::now();
-                    s.down_since.get_or_insert(now);
-                    s.failed_at.replace(now).is_none()
+                    // no failure for longer than server_login_retry: the server was back in
+                    // between (unseen, without a login here), and this is a new outage
+                    let new = s.failed_at.is_none_or(|f| now.duration_since(f) > window);
+                    if new {
+                        s.down_since = Some(now);
+                    }
+                    s.failed_at = Some(now);
+                    new
                 };
                 // once per outage at warn: what the operator must fix (a stale server
                 // password reads "server login failed", not like a client's wrong password)

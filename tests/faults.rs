@@ -1075,10 +1075,31 @@ async fn queries_wait_through_a_postgres_restart() {
     }
     tokio::task::block_in_place(|| primary.start());
     let again = client(&px, db).await;
-    let back = again.simple_query("SELECT 7").await.map(|m| first_int(&m));
+    // that outage ended unseen (no query while the server was back); a restart longer than
+    // server_login_retry after it is a new outage, waited through again
+    let quiet_until = Instant::now() + Duration::from_millis(1500);
+    tokio::time::sleep_until(quiet_until.into()).await; // the scenario: time with no traffic
+    tokio::task::block_in_place(|| primary.stop("fast"));
+    let held = tokio::spawn(async move {
+        let r = again.simple_query("SELECT 7").await;
+        r.map(|m| first_int(&m)).map_err(|e| told(&e))
+    });
+    wait_until_async(
+        "a query held in the new outage",
+        Duration::from_secs(30),
+        || async {
+            assert!(
+                !held.is_finished(),
+                "the query ended while the server was down"
+            );
+            console.pool(db).await.is_some_and(|r| r["sv_login"] == 1)
+        },
+    )
+    .await;
+    tokio::task::block_in_place(|| primary.start());
     assert_eq!(
-        back.map_err(|e| told(&e)),
+        held.await.unwrap(),
         Ok(7),
-        "the first query after the server is back"
+        "the query across the second restart"
     );
 }

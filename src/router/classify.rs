@@ -192,8 +192,10 @@ pub fn classify(sql: &str, write_functions: &[String]) -> Classified {
 /// setting) and pgmux reads back.
 fn rank(c: Class) -> u8 {
     match c {
-        Class::Read => 0,
-        Class::Transaction => 1,
+        // below a read: a COMMIT or ROLLBACK from a client in no transaction reads
+        // nothing, so a unit of nothing else may skip the read-your-writes floor
+        Class::Transaction => 0,
+        Class::Read => 1,
         Class::BeginReadOnly => 2,
         Class::Session | Class::Pgmux(_) => 3,
         Class::Begin => 4,

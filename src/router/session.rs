@@ -95,8 +95,10 @@ enum Need {
 /// Order of demand, as the classifier combines statements.
 fn rank(c: Class) -> u8 {
     match c {
-        Class::Read => 0,
-        Class::Transaction => 1,
+        // below a read: a COMMIT or ROLLBACK from a client in no transaction reads
+        // nothing, so a unit of nothing else may skip the read-your-writes floor
+        Class::Transaction => 0,
+        Class::Read => 1,
         Class::BeginReadOnly => 2,
         Class::Session => 3,
         Class::Begin => 4,
@@ -111,7 +113,8 @@ fn text(mut b: &[u8]) -> Option<&str> {
 
 /// Walks the complete messages in `buf` (none of them scanned yet) once.
 fn inspect(buf: &[u8], stmts: Option<&ClientStatements>, write_functions: &[String]) -> Need {
-    let mut class = Class::Read;
+    // the lowest rank: a unit of nothing but COMMIT/ROLLBACK (or a lone Sync) reads nothing
+    let mut class = Class::Transaction;
     let mut hint = None;
     let mut unit = None;
     // statements this batch parses (classified at their Parse): a Bind of one of them adds
@@ -232,6 +235,9 @@ struct Choice {
     target: Target,
     reason: Reason,
     may_write: bool,
+    /// Reads nothing (a COMMIT or ROLLBACK outside a transaction): any replica will do, the
+    /// client's read-your-writes floor does not apply.
+    reads_nothing: bool,
 }
 
 impl RouteState {
@@ -371,7 +377,7 @@ impl RouteState {
         let snap = self.settled_snapshot().await;
         let result = match choice.target {
             Target::Primary => self.primary(&snap, choice.reason).await,
-            Target::Replica => self.reader(&snap, choice.reason, choice.may_write).await,
+            Target::Replica => self.reader(&snap, &choice).await,
         };
         match result {
             Ok((conn, host, target, reason)) => {
@@ -416,6 +422,7 @@ impl RouteState {
             target,
             reason,
             may_write,
+            reads_nothing: class == Class::Transaction,
         };
         match self.router.route {
             DbRoute::Replica => return at(Target::Replica, Reason::Alias),
@@ -428,6 +435,7 @@ impl RouteState {
             target: Target::Primary,
             reason,
             may_write: true,
+            reads_nothing: false,
         };
         if let Some(h) = hint.filter(|_| !self.session_mode) {
             return match h {
@@ -581,10 +589,11 @@ impl RouteState {
     async fn reader(
         &mut self,
         snap: &Snapshot,
-        reason: Reason,
-        may_write: bool,
+        choice: &Choice,
     ) -> Result<(PooledConn, usize, Target, Reason), PgError> {
-        let overridden = reason != Reason::Read && reason != Reason::ReadOnlyTransaction;
+        let (reason, may_write) = (choice.reason, choice.may_write);
+        let overridden = choice.reads_nothing
+            || (reason != Reason::Read && reason != Reason::ReadOnlyTransaction);
         let floor = match self.read_floor(snap) {
             Some(f) => f,
             // a write of this client is not yet sampled on the primary
