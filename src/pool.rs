@@ -675,8 +675,10 @@ impl Pool {
         let r = loop {
             let r = self.open_conn(deadline).await;
             match &r {
-                Err(e) if hold && self.holds(e, deadline, pause) => {
-                    tokio::time::sleep(pause).await;
+                Err(e) if hold && self.holds(e, deadline) => {
+                    // the last try at query_wait_timeout itself
+                    let next = Instant::now() + pause;
+                    tokio::time::sleep_until(deadline.map_or(next, |d| d.min(next))).await;
                     pause = (pause * 2).min(HOLD_MAX_PAUSE);
                 }
                 _ => break r,
@@ -690,13 +692,12 @@ impl Pool {
         }
     }
 
-    /// Whether a checkout whose new connection failed with `e` tries again after `pause`:
-    /// the failure is one a restart causes (`is_transient`) of a server this pool has
-    /// reached before, the outage began less than server_login_retry ago, and the pause
-    /// ends before query_wait_timeout. After that window clients fail at once (PgBouncer's
-    /// fast-fail), each still trying once, so the server's return is seen by the first
-    /// client after it.
-    fn holds(&self, e: &PoolError, deadline: Option<Instant>, pause: Duration) -> bool {
+    /// Whether a checkout whose new connection failed with `e` tries again: the failure is
+    /// one a restart causes (`is_transient`) of a server this pool has reached before, the
+    /// outage began less than server_login_retry ago, and query_wait_timeout has not passed.
+    /// After that window clients fail at once (PgBouncer's fast-fail), each still trying
+    /// once, so the server's return is seen by the first client after it.
+    fn holds(&self, e: &PoolError, deadline: Option<Instant>) -> bool {
         let Some(window) = self.settings.load().login_retry else {
             return false;
         };
@@ -707,7 +708,7 @@ impl Pool {
             // it was up once: a restart, not a server that was never there (a wrong port)
             && s.baseline.is_some()
             && s.down_since.is_none_or(|d| now.duration_since(d) < window)
-            && deadline.is_none_or(|d| now + pause < d)
+            && deadline.is_none_or(|d| now < d)
     }
 
     async fn open_conn(&self, deadline: Option<Instant>) -> Result<ServerConn, PoolError> {

@@ -62,6 +62,23 @@ impl ServerError {
     }
 }
 
+/// The error of a preferred TLS login and of its plain-text retry, both refused: both
+/// reasons, as libpq reports them (a wrong password over TLS is not hidden behind the
+/// pg_hba.conf line that refuses plain text). The SQLSTATE is the plain attempt's, unless
+/// that is pg_hba.conf's 28000.
+fn both_refusals(tls: ServerError, plain: ServerError) -> ServerError {
+    match (tls, plain) {
+        (ServerError::RefusedOverTls(t), ServerError::Refused(p)) => {
+            ServerError::Refused(ErrorFields {
+                code: if p.code == "28000" { t.code } else { p.code },
+                message: format!("{} (in plain text); over TLS: {}", p.message, t.message),
+                severity: p.severity,
+            })
+        }
+        (_, plain) => plain,
+    }
+}
+
 /// Where and as whom a pool's connections log in.
 #[derive(Debug, Clone)]
 pub struct ServerTarget {
@@ -127,7 +144,9 @@ impl ServerConn {
         match Self::connect_once(target, false).await {
             Err(e) if e.tls_preferred_failed() => {
                 tracing::debug!(server = %target.addr_string(), "TLS preferred but failed ({e}): trying plain text");
-                Self::connect_once(target, true).await
+                Self::connect_once(target, true)
+                    .await
+                    .map_err(|plain| both_refusals(e, plain))
             }
             r => r,
         }

@@ -685,10 +685,14 @@ async fn server_tls_modes() {
     // over TLS is refused, and pgmux tries again in plain text, as libpq does
     let hba = pg.primary().data_dir.join("pg_hba.conf");
     let rules = std::fs::read_to_string(&hba).unwrap();
-    let nossl =
-        "hostnossl all nossl_srv 127.0.0.1/32 trust\nhostssl all nossl_srv 127.0.0.1/32 reject\n";
+    let nossl = "hostnossl all nossl_srv 127.0.0.1/32 trust\n\
+        hostssl all nossl_srv 127.0.0.1/32 reject\n\
+        hostssl all tls_pw_srv 127.0.0.1/32 scram-sha-256\n\
+        hostnossl all tls_pw_srv 127.0.0.1/32 reject\n";
     std::fs::write(&hba, format!("{nossl}{rules}")).unwrap();
     pg.primary().psql("postgres", "CREATE ROLE nossl_srv LOGIN");
+    pg.primary()
+        .psql("postgres", "CREATE ROLE tls_pw_srv LOGIN PASSWORD 'right'");
     pg.primary().psql("postgres", "SELECT pg_reload_conf()");
     let nossl_db = |mode: &str| {
         config(
@@ -705,6 +709,20 @@ async fn server_tls_modes() {
     let required = Pgmux::start(&nossl_db("require"));
     let e = run(&required, "plain_only").unwrap_err();
     assert!(e.contains("pg_hba.conf rejects connection"), "{e}");
+    // a wrong password over TLS, and plain text refused: both reasons reach the client
+    let wrong_pw = Pgmux::start(
+        &nossl_db("prefer")
+            .replace(
+                "server_user = \"nossl_srv\"",
+                "server_user = \"tls_pw_srv\"",
+            )
+            .replace(
+                &format!("server_password = \"{PW}\""),
+                "server_password = \"wrong\"",
+            ),
+    );
+    let e = run(&wrong_pw, "plain_only").unwrap_err();
+    assert!(e.contains("password authentication failed"), "{e}");
 
     let ca_only = Pgmux::start(&config(
         "verify-ca",
