@@ -244,3 +244,38 @@ async fn shutdown_timeout_tells_the_clients_it_closes() {
     let n = pg.psql(pg.primary(), "app", "SELECT count(*) FROM shutdown_cut");
     assert_eq!(n, "0");
 }
+
+/// SIGINT closes a client waiting for a server at once (it holds none), as it closes idle
+/// ones, while the client inside a transaction finishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_closes_clients_waiting_for_a_server() {
+    let pg = PgCluster::shared();
+    let mut px = Pgmux::start(&format!(
+        "[pgmux]\nlisten_port = {{port}}\nauth_type = \"trust\"\ndefault_pool_size = 1\nadmin_users = [\"postgres\"]\n[[users]]\nname = \"postgres\"\n[[databases]]\nname = \"app\"\nhost = \"127.0.0.1\"\nport = {}\n",
+        pg.primary().port
+    ));
+    let url = px.conn_str("postgres", "app", None);
+    let holder = connect(&url).await;
+    holder.simple_query("BEGIN; SELECT 1").await.unwrap();
+    let waiter = connect(&url).await;
+    let waiting = tokio::spawn(async move { waiter.simple_query("SELECT 2").await });
+    let console = common::probe::Console::connect(&px, "postgres", None).await;
+    wait_until_async(
+        "the second client waiting",
+        Duration::from_secs(20),
+        || async {
+            console
+                .pool("app")
+                .await
+                .is_some_and(|r| r["cl_waiting"] == 1)
+        },
+    )
+    .await;
+    px.signal(libc::SIGINT);
+    let e = waiting.await.unwrap().expect_err("closed, not served");
+    assert_eq!(e.code().map(|c| c.code()), Some("57P01"), "{e}");
+    // the transaction still finishes
+    holder.simple_query("COMMIT").await.unwrap();
+    let status = px.wait_exit(Duration::from_secs(30)).expect("pgmux exits");
+    assert!(status.success(), "{status:?}");
+}

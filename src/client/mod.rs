@@ -597,6 +597,7 @@ impl Session {
             relay: Some(relay),
             login,
             stream,
+            app,
             ..
         } = self
         else {
@@ -624,8 +625,9 @@ impl Session {
         };
         let conn = tokio::select! {
             r = checkout => r?,
-            // KILL reaches clients waiting for a (paused) pool too
-            _ = client.killed() => return Err(shutdown_error().into()),
+            // KILL reaches clients waiting for a (paused) pool too, and a safe shutdown
+            // closes them (they hold no server), as it closes idle ones
+            _ = stopped(client, app) => return Err(shutdown_error().into()),
             // one that left is taken out of the line, not handed a server
             _ = stream.hangup(said_bye) => return Err(AttachError::Left),
         };
@@ -1013,6 +1015,18 @@ fn whole_messages(mut b: &[u8]) -> bool {
         b = &b[total..];
     }
     b.is_empty()
+}
+
+/// KILL, or a safe shutdown (whose `wake_all` wakes the task `poll_killed` registered).
+async fn stopped(client: &stats::ClientHandle, app: &App) {
+    poll_fn(|cx| {
+        if client.poll_killed(cx).is_ready() || app.shutdown_stage() == Shutdown::Safe {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
 }
 
 fn shutdown_error() -> PgError {
