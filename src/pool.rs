@@ -96,6 +96,15 @@ fn close(c: Conn) {
     c.close()
 }
 
+/// What a checkout does after its new connection failed.
+enum Then {
+    Fail,
+    /// The server has no slot for it, but the pool has connections: wait for one of them.
+    WaitInLine,
+    /// The pool was paused while the checkout waited through a restart.
+    AfterResume,
+}
+
 enum Grant {
     Conn(Conn),
     /// Permission to open one connection, counted in `open` already.
@@ -503,11 +512,14 @@ impl Pool {
                 }
                 Grant::Slot => match self.open_slot_or_wait(deadline, hold).await {
                     Ok(c) => return Ok(c),
-                    Err((e, true)) => {
+                    Err((e, Then::WaitInLine)) => {
                         tracing::debug!(db = %self.db, user = %self.user, "server full, waiting for a connection of the pool: {e}");
                         in_line_only = true;
                     }
-                    Err((e, false)) => return Err(e),
+                    // PAUSE came while this waited through a restart: wait for RESUME
+                    // without a slot, so the PAUSE completes
+                    Err((_, Then::AfterResume)) => self.wait_resumed(deadline).await?,
+                    Err((e, Then::Fail)) => return Err(e),
                 },
                 Grant::Expired => return Err(PoolError::WaitTimeout),
             }
@@ -657,24 +669,29 @@ impl Pool {
             .map_err(|(e, _)| e)
     }
 
-    /// Opens a connection in a slot already counted in `open`; on failure, whether the
-    /// checkout should wait in line (see `Opening::settle`). With `hold`, failures of a
-    /// restarting server are retried, the slot kept, so that at most the pool's size of
-    /// checkouts knock on the server while the others wait in line.
+    /// Opens a connection in a slot already counted in `open`; on failure, what the
+    /// checkout does next (see `Opening::settle`). With `hold`, failures of a restarting
+    /// server are retried, the slot kept, so that at most the pool's size of checkouts knock
+    /// on the server while the others wait in line.
     async fn open_slot_or_wait(
         self: &Arc<Self>,
         deadline: Option<Instant>,
         hold: bool,
-    ) -> Result<PooledConn, (PoolError, bool)> {
+    ) -> Result<PooledConn, (PoolError, Then)> {
         lock(&self.state).connecting += 1;
         let mut opening = Opening {
             pool: self,
             settled: false,
         };
         let mut pause = HOLD_FIRST_PAUSE;
+        let mut paused = false;
         let r = loop {
             let r = self.open_conn(deadline).await;
             match &r {
+                Err(e) if hold && is_transient(e) && self.is_paused() => {
+                    paused = true;
+                    break r;
+                }
                 Err(e) if hold && self.holds(e, deadline) => {
                     // the last try at query_wait_timeout itself
                     let next = Instant::now() + pause;
@@ -688,7 +705,9 @@ impl Pool {
         let wait = opening.settle(r.is_ok(), full);
         match r {
             Ok(c) => Ok(self.guard(Box::new(c))),
-            Err(e) => Err((e, wait)),
+            Err(e) if wait => Err((e, Then::WaitInLine)),
+            Err(e) if paused => Err((e, Then::AfterResume)),
+            Err(e) => Err((e, Then::Fail)),
         }
     }
 

@@ -1046,7 +1046,14 @@ async fn queries_wait_through_a_postgres_restart() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // PAUSE (to restart the server) completes while they wait; they stay queued for RESUME
+    console.client.simple_query("PAUSE app").await.unwrap();
+    assert!(
+        queries.iter().all(|q| !q.is_finished()),
+        "a waiting query ended before PAUSE completed"
+    );
     tokio::task::block_in_place(|| primary.start());
+    console.client.simple_query("RESUME app").await.unwrap();
     let mut kept = Vec::new();
     for q in queries {
         let (c, r) = q.await.unwrap();
