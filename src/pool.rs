@@ -48,18 +48,10 @@ impl PoolError {
     }
 }
 
-/// A failure a restarting or briefly unreachable server causes: the connection refused or
-/// cut, or the server saying it is starting up or shutting down (class 57P) or failing the
-/// connection (class 08). Not a timeout (the client has waited server_connect_timeout
-/// already), nor a refusal of the login itself (password, database, TLS).
+/// A failure a restart causes (`ServerError::is_transient`). Not a timeout: the client has
+/// waited server_connect_timeout already.
 pub fn is_transient(e: &PoolError) -> bool {
-    match e {
-        PoolError::Server(ServerError::Connect { .. } | ServerError::Io(_)) => true,
-        PoolError::Server(ServerError::Refused(f)) => {
-            f.code.starts_with("57P") || (f.code.starts_with("08") && f.code != "08P01")
-        }
-        _ => false,
-    }
+    matches!(e, PoolError::Server(se) if se.is_transient())
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -49,6 +49,20 @@ pub enum ServerError {
 }
 
 impl ServerError {
+    /// A failure a restarting or briefly unreachable server causes: the connection refused
+    /// or cut, or the server saying it is starting up or shutting down (class 57P) or failing
+    /// the connection (class 08). Not a timeout, nor a refusal of the login itself
+    /// (password, database, TLS).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ServerError::Connect { .. } | ServerError::Io(_) => true,
+            ServerError::Refused(f) => {
+                f.code.starts_with("57P") || (f.code.starts_with("08") && f.code != "08P01")
+            }
+            _ => false,
+        }
+    }
+
     /// A TLS connection made because server_tls_sslmode prefers it failed at the handshake
     /// or the login: libpq then tries once more in plain text.
     fn tls_preferred_failed(&self) -> bool {

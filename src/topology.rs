@@ -103,6 +103,9 @@ pub struct HostState {
     pub failures: u64,
     /// Why the last check failed, when it did.
     pub last_error: Option<String>,
+    /// The last check failed because the server refused the login itself (password, role,
+    /// database, TLS), not because it was down or restarting: waiting for it will not help.
+    pub refused: bool,
 }
 
 impl HostState {
@@ -130,6 +133,7 @@ impl HostState {
             checks: 0,
             failures: 0,
             last_error: None,
+            refused: false,
         }
     }
 
@@ -524,6 +528,7 @@ fn record(shared: &Shared, index: usize, started: Instant, result: Result<Probe,
             h.lag_seconds = p.replay_age;
             h.checks += 1;
             h.last_error = None;
+            h.refused = false;
         }
         Err(e) => {
             if h.healthy || h.failures == 0 {
@@ -533,6 +538,8 @@ fn record(shared: &Shared, index: usize, started: Instant, result: Result<Probe,
             h.failures += 1;
             h.banned_until = Some(now + shared.config.ban_time);
             h.last_error = Some(e.to_string());
+            h.refused = matches!(&e, CheckError::Server(se)
+                if !se.is_transient() && !matches!(se, ServerError::ConnectTimeout(_)));
         }
     }
     publish(&mut st, &shared.tx);

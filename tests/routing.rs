@@ -1379,3 +1379,40 @@ async fn a_query_after_a_flushed_unit_ends_it() {
         assert_eq!(until(&mut s, b'Z'), b"Z", "round {round}: its Sync");
     }
 }
+
+/// A primary that refuses the login (its password changed under pgmux) is not a restart to
+/// wait through: writes fail at once, with the server's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_login_on_the_primary_is_not_waited_for() {
+    let cluster = PgCluster::start(1);
+    let px = start_unconfigured(&cluster);
+    let console = common::probe::Console::connect(&px, "app", Some("secret")).await;
+    let c = connect(&px, "app").await;
+    c.batch_execute("CREATE TABLE refused (a int)")
+        .await
+        .unwrap();
+    cluster
+        .primary()
+        .psql("postgres", "ALTER ROLE app PASSWORD 'changed'");
+    // the restart ends the monitor's connection and the pooled ones
+    cluster.primary().restart();
+    wait_until_async("the monitor refused", WAIT, || async {
+        let hosts = console.show("SHOW HOSTS").await;
+        hosts.iter().any(|h| {
+            h.get("last_error")
+                .is_some_and(|e| e.contains("password authentication failed"))
+        })
+    })
+    .await;
+    let c = connect(&px, "app").await;
+    let e = c
+        .simple_query("INSERT INTO refused VALUES (1)")
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("password authentication failed")
+            || e.as_db_error()
+                .is_some_and(|d| d.message().contains("password authentication failed")),
+        "{e:?}"
+    );
+}

@@ -500,6 +500,8 @@ impl RouteState {
         let since = match (snap.primary, snap.primary_lost_at) {
             // none since pgmux started: no restart to wait through
             (None, None) => return None,
+            // the last primary refuses the monitor's login (a changed password): no restart
+            (None, Some(_)) if last_primaries(snap).any(|h| h.refused) => return None,
             (_, lost) => lost.unwrap_or(now),
         };
         let until = since + settings.login_retry?;
@@ -566,10 +568,7 @@ impl RouteState {
                         let host_failed = is_host_failure(&e);
                         unavailable(e, host_failed, "primary")
                     }
-                    None => PgError::error(
-                        "57P03",
-                        "no primary server is available (failover in progress?); the statement was not run",
-                    ),
+                    None => no_primary(snap),
                 });
             };
             // a primary checked healthy since: another host, or this one back
@@ -712,6 +711,26 @@ impl RouteState {
         messages::ready_for_query(&mut out, b'I');
         s2c.insert(Bytes::from(out));
     }
+}
+
+/// Hosts last seen as the primary (their role is kept while they are down).
+fn last_primaries(snap: &Snapshot) -> impl Iterator<Item = &crate::topology::HostState> {
+    snap.hosts
+        .iter()
+        .filter(|h| h.role == crate::topology::Role::Primary)
+}
+
+/// No primary: why, with the monitor's last error for the host that was primary (a refused
+/// login is the operator's to fix, and the client's only clue).
+fn no_primary(snap: &Snapshot) -> PgError {
+    let mut message = String::from(
+        "no primary server is available (failover in progress?); the statement was not run",
+    );
+    if let Some(h) = last_primaries(snap).find(|h| h.last_error.is_some()) {
+        let why = h.last_error.as_deref().unwrap_or_default();
+        message.push_str(&format!(" (last check of {}: {why})", h.addr()));
+    }
+    PgError::error("57P03", message)
 }
 
 /// The host, not the request, failed: ban it and try elsewhere.
