@@ -681,6 +681,22 @@ ban_time = 1
     ))
 }
 
+/// A new primary with `replicas` replicas, pgmux over it without roles, an admin console,
+/// and a client that created `table (port int)`.
+async fn unconfigured_scene(
+    replicas: usize,
+    table: &str,
+) -> (PgCluster, Pgmux, common::probe::Console, Client) {
+    let cluster = PgCluster::start(replicas);
+    let px = start_unconfigured(&cluster);
+    let console = common::probe::Console::connect(&px, "app", Some("secret")).await;
+    let c = connect(&px, "app").await;
+    c.batch_execute(&format!("CREATE TABLE {table} (port int)"))
+        .await
+        .unwrap();
+    (cluster, px, console, c)
+}
+
 /// Sends `sql` from a new client while there is no primary, and returns it once pgmux
 /// shows the client waiting (panics if it ends first).
 async fn waiting_for_a_primary(
@@ -707,13 +723,7 @@ async fn waiting_for_a_primary(
 /// A restart of the primary costs a write a wait, not an error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_wait_through_a_primary_restart() {
-    let cluster = PgCluster::start(1);
-    let px = start_unconfigured(&cluster);
-    let console = common::probe::Console::connect(&px, "app", Some("secret")).await;
-    let c = connect(&px, "app").await;
-    c.batch_execute("CREATE TABLE restarted (port int)")
-        .await
-        .unwrap();
+    let (cluster, px, console, c) = unconfigured_scene(1, "restarted").await;
     let write = "INSERT INTO restarted VALUES (inet_server_port()) RETURNING port";
     let port = cluster.primary().port.to_string();
     assert_eq!(one(&c, write).await, port);
@@ -729,12 +739,7 @@ async fn writes_wait_through_a_primary_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_follow_a_promotion_without_touching_pgmux() {
-    let cluster = PgCluster::start(2);
-    let px = start_unconfigured(&cluster);
-    let c = connect(&px, "app").await;
-    c.batch_execute("CREATE TABLE failover (port int)")
-        .await
-        .unwrap();
+    let (cluster, px, console, c) = unconfigured_scene(2, "failover").await;
     let write = "INSERT INTO failover VALUES (inet_server_port()) RETURNING port";
     assert_eq!(one(&c, write).await, cluster.primary().port.to_string());
 
@@ -746,7 +751,6 @@ async fn writes_follow_a_promotion_without_touching_pgmux() {
     cluster.primary().stop("fast");
     // a failover is a wait: a write sent while there is no primary waits for one (within
     // server_login_retry) and runs on the promoted replica
-    let console = common::probe::Console::connect(&px, "app", Some("secret")).await;
     let waiting = waiting_for_a_primary(&px, &console, write).await;
     // a client that has just written (its read-your-writes floor not yet on any replica)
     // rolls back outside a transaction, as drivers clean up: it reads nothing, so a replica
@@ -1384,13 +1388,7 @@ async fn a_query_after_a_flushed_unit_ends_it() {
 /// wait through: writes fail at once, with the server's reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_login_on_the_primary_is_not_waited_for() {
-    let cluster = PgCluster::start(1);
-    let px = start_unconfigured(&cluster);
-    let console = common::probe::Console::connect(&px, "app", Some("secret")).await;
-    let c = connect(&px, "app").await;
-    c.batch_execute("CREATE TABLE refused (a int)")
-        .await
-        .unwrap();
+    let (cluster, px, console, _) = unconfigured_scene(1, "refused").await;
     cluster
         .primary()
         .psql("postgres", "ALTER ROLE app PASSWORD 'changed'");
