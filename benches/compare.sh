@@ -42,6 +42,7 @@
 #   SOCKETS=0            1: pgbench reaches PostgreSQL and both proxies through their Unix
 #                        sockets, and both proxies reach PostgreSQL through its socket (the
 #                        memory and busy-client rows stay on TCP: pgmux-load speaks TCP)
+#   BATCH_SIZE=16        pgmux's `server_batch_size` (0: no batches)
 #   LOG_LEVEL=info       pgmux's log_level (the default configuration's; RUST_LOG overrides it)
 #
 # Usage: benches/compare.sh            (as root or a user that can run PostgreSQL; root runs
@@ -50,6 +51,7 @@ set -euo pipefail
 
 T=${T:-15}
 WORKERS=${WORKERS:-0}
+BATCH_SIZE=${BATCH_SIZE:-16}
 SOCKETS=${SOCKETS:-0}
 REPEAT=${REPEAT:-1}
 WORKLOADS=${WORKLOADS:-S50 SX50 SP50 S500 TPCB50}
@@ -175,6 +177,7 @@ workers = $WORKERS
 unix_socket_dir = "$(sockets_or_empty "$DIR/mux")"
 pool_mode = "transaction"
 default_pool_size = $POOL_SIZE
+server_batch_size = $BATCH_SIZE
 max_client_conn = $MAX_CLIENTS
 auth_type = "trust"
 log_level = "${LOG_LEVEL:-info}"

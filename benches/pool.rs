@@ -65,6 +65,7 @@ fn settings(size: u32) -> PoolSettings {
         idle_timeout: None,
         lifetime: None,
         check: None,
+        batch_size: 0,
     }
 }
 

@@ -665,11 +665,15 @@ fn target(
 pub fn pool_settings(config: &Config, db: &Database, user: &str) -> PoolSettings {
     let g = &config.pgmux;
     let u = config.user(user);
+    let mode = u
+        .and_then(|u| u.pool_mode)
+        .or(db.pool_mode)
+        .unwrap_or(g.pool_mode);
+    // a batch returns its server without the reset query, and only transaction mode lends
+    // a server per query
+    let batches = mode == crate::config::PoolMode::Transaction && !g.server_reset_query_always;
     PoolSettings {
-        mode: u
-            .and_then(|u| u.pool_mode)
-            .or(db.pool_mode)
-            .unwrap_or(g.pool_mode),
+        mode,
         size: u
             .and_then(|u| u.pool_size)
             .or(db.pool_size)
@@ -686,6 +690,7 @@ pub fn pool_settings(config: &Config, db: &Database, user: &str) -> PoolSettings
         idle_timeout: g.server_idle_timeout.get(),
         lifetime: g.server_lifetime.get(),
         check: server_check(g),
+        batch_size: if batches { g.server_batch_size } else { 0 },
     }
 }
 

@@ -124,6 +124,9 @@ pub struct General {
     pub tcp_user_timeout: u32,
     pub server_reset_query: String,
     pub server_reset_query_always: bool,
+    /// Transaction mode: when a server comes free, up to this many waiting clients whose
+    /// request is one standalone simple query get it sent together (`batch`); 0 or 1: off.
+    pub server_batch_size: u32,
     pub shutdown_timeout: Seconds,
     pub max_message_size: u32,
     pub max_startup_parameters: u32,
@@ -234,6 +237,7 @@ impl Default for General {
             tcp_user_timeout: 0,
             server_reset_query: "DISCARD ALL".into(),
             server_reset_query_always: false,
+            server_batch_size: 16,
             shutdown_timeout: Seconds(30.0),
             max_message_size: 256 * 1024 * 1024,
             max_startup_parameters: 64,

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod alloc;
 pub mod app;
 pub mod auth;
+pub mod batch;
 pub mod cancel;
 pub mod client;
 pub mod config;

@@ -151,6 +151,18 @@ pub fn render(app: &App) -> String {
             &sl,
             p.connect_failures.load(Ordering::Relaxed) as f64,
         );
+        f.counter(
+            "pgmux_server_batches_total",
+            "Batches: waiting clients' queries sent to a server in one write (server_batch_size)",
+            &sl,
+            p.batches.load(Ordering::Relaxed) as f64,
+        );
+        f.counter(
+            "pgmux_batched_queries_total",
+            "Queries sent in batches",
+            &sl,
+            p.batched_queries.load(Ordering::Relaxed) as f64,
+        );
         // The pools of one (database, user) on several hosts share their statistics: the
         // per-pool families below come once, from the first of them.
         if !seen.insert(Arc::as_ptr(&p.stats)) {

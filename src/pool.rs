@@ -8,6 +8,7 @@
 //! A released connection with a cancel still on its way to it is held back until the cancel
 //! has been delivered, so the cancel cannot hit another client's query (see `cancel`).
 
+use crate::batch::{self, Batch, Seat, Ticket};
 use crate::config::PoolMode;
 use crate::params::Params;
 use crate::server::{ServerConn, ServerError, ServerTarget};
@@ -69,6 +70,9 @@ pub struct PoolSettings {
     pub lifetime: Option<Duration>,
     /// server_check_query / server_check_delay: None when checks are off.
     pub check: Option<ServerCheck>,
+    /// server_batch_size: most waiting clients' queries sent to a server in one write;
+    /// below 2, none are batched.
+    pub batch_size: u32,
 }
 
 /// A server idle at least `delay` runs `query` before it is lent (PgBouncer's
@@ -103,6 +107,15 @@ enum Grant {
     Slot,
     /// query_wait_timeout passed (found by `maintain`).
     Expired,
+    /// A place in a batch: the client's query was sent with others (`batch`).
+    Seat(Box<Seat>),
+}
+
+/// What a checkout gets: a server of its own, or a seat in a batch when it offered a
+/// `Ticket`.
+pub enum Lease {
+    Conn(PooledConn),
+    Seat(Box<Seat>),
 }
 
 /// A checkout in line. Its deadlines are kept by `maintain`, which runs every half second,
@@ -114,6 +127,8 @@ struct Waiter {
     deadline: Option<Instant>,
     /// reserve_pool_timeout runs out: a reserve connection may be opened for it
     reserve_at: Option<Instant>,
+    /// The client's query, if a batch may take it.
+    ticket: Option<Ticket>,
 }
 
 #[derive(Default)]
@@ -203,13 +218,16 @@ pub struct Pool {
     /// is shared by the hosts of a database).
     pub connects: AtomicU64,
     pub connect_failures: AtomicU64,
+    /// Batches sent to this pool's servers, and the queries they carried (`batch`).
+    pub batches: AtomicU64,
+    pub batched_queries: AtomicU64,
 }
 
 /// A checkout's place in line. Dropped before its grant was taken (its client left, a timeout
 /// ended the wait), it passes on what was already sent to it: a connection to the next in
 /// line or the idle list, a slot to the next waiter. Otherwise they would be lost to the pool.
 struct InLine<'a> {
-    pool: &'a Pool,
+    pool: &'a Arc<Pool>,
     rx: oneshot::Receiver<Grant>,
 }
 
@@ -307,6 +325,8 @@ impl Pool {
             wants: Mutex::new(Vec::new()),
             connects: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            batched_queries: AtomicU64::new(0),
         });
         if let Some(l) = &pool.db_limit {
             lock(&l.pools).push(Arc::downgrade(&pool));
@@ -463,16 +483,30 @@ impl Pool {
     /// again, within query_wait_timeout, while the outage is younger than server_login_retry:
     /// a restart costs clients a wait, not an error, as behind PgBouncer.
     pub async fn checkout(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
-        self.checkout_with(true).await
+        self.checkout_with(true, None).await.map(Lease::into_conn)?
+    }
+
+    /// `checkout` for a client whose query a batch may take, if it has to wait (`batch`).
+    pub async fn checkout_or_batch(
+        self: &Arc<Self>,
+        ticket: Option<Ticket>,
+    ) -> Result<Lease, PoolError> {
+        self.checkout_with(true, ticket).await
     }
 
     /// `checkout`, failing at once when the server cannot be reached: for a caller that has
     /// another host to try.
     pub async fn checkout_or_fail(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
-        self.checkout_with(false).await
+        self.checkout_with(false, None)
+            .await
+            .map(Lease::into_conn)?
     }
 
-    async fn checkout_with(self: &Arc<Self>, hold: bool) -> Result<PooledConn, PoolError> {
+    async fn checkout_with(
+        self: &Arc<Self>,
+        hold: bool,
+        mut ticket: Option<Ticket>,
+    ) -> Result<Lease, PoolError> {
         let deadline = self
             .settings
             .load()
@@ -484,7 +518,7 @@ impl Pool {
         // wait, instead of failing (or trying again at once)
         let mut in_line_only = false;
         loop {
-            let grant = match self.take(deadline, in_line_only)? {
+            let grant = match self.take(deadline, in_line_only, &mut ticket)? {
                 Ok(g) => g,
                 Err(rx) => {
                     let mut line = InLine { pool: self, rx };
@@ -499,11 +533,12 @@ impl Pool {
                 Grant::Conn(c) if c.is_broken() => self.discard(c),
                 Grant::Conn(c) => {
                     if let Some(c) = self.checked(c).await {
-                        return Ok(c);
+                        return Ok(Lease::Conn(c));
                     }
                 }
+                Grant::Seat(seat) => return Ok(Lease::Seat(seat)),
                 Grant::Slot => match self.open_slot_or_wait(deadline, hold).await {
-                    Ok(c) => return Ok(c),
+                    Ok(c) => return Ok(Lease::Conn(c)),
                     Err((e, Then::WaitInLine)) => {
                         tracing::debug!(db = %self.db, user = %self.user, "server full, waiting for a connection of the pool: {e}");
                         in_line_only = true;
@@ -604,6 +639,7 @@ impl Pool {
         &self,
         deadline: Option<Instant>,
         in_line_only: bool,
+        ticket: &mut Option<Ticket>,
     ) -> Result<Result<Grant, oneshot::Receiver<Grant>>, PoolError> {
         let mut expired = Vec::new();
         let mut s = lock(&self.state);
@@ -639,6 +675,7 @@ impl Pool {
                 tx,
                 deadline,
                 reserve_at,
+                ticket: ticket.take(),
             });
             Err(rx)
         };
@@ -835,7 +872,7 @@ impl Pool {
     }
 
     /// Takes back a clean, idle connection.
-    fn put(&self, mut c: Conn) {
+    fn put(self: &Arc<Self>, mut c: Conn) {
         let now = Instant::now();
         if self.too_old(&c, now) {
             return self.discard(c);
@@ -858,6 +895,11 @@ impl Pool {
             drop(s);
             return c.close();
         }
+        if let Some(batch) = self.batch_for(&mut s, &c) {
+            drop(s);
+            tokio::spawn(batch::drive(self.guard(c), batch));
+            return;
+        }
         while let Some(w) = s.waiters.pop_front() {
             match w.tx.send(Grant::Conn(c)) {
                 Ok(()) => return,
@@ -875,6 +917,43 @@ impl Pool {
             return self.discard(c);
         }
         s.idle.push(c);
+    }
+
+    /// A batch for the connection, when at least two clients at the front of the line
+    /// offered their query and are in step with it: each is given a seat, and the batch
+    /// goes to `batch::drive` with the connection.
+    fn batch_for(&self, s: &mut State, c: &ServerConn) -> Option<Batch> {
+        let max = self.settings.load().batch_size as usize;
+        if max < 2 {
+            return None;
+        }
+        while s.waiters.front().is_some_and(|w| w.tx.is_closed()) {
+            s.waiters.pop_front();
+        }
+        let fits = |w: &Waiter| {
+            w.ticket
+                .as_ref()
+                .is_some_and(|t| c.in_step_with(&t.wants) && !w.tx.is_closed())
+        };
+        let n = s.waiters.iter().take(max).take_while(|w| fits(w)).count();
+        if n < 2 {
+            return None;
+        }
+        let mut batch = Batch::new();
+        for w in s.waiters.drain(..n) {
+            let Some(t) = w.ticket.as_ref() else { continue };
+            let (seat, key) = batch.seat(c.id, c.addr, t);
+            if w.tx.send(Grant::Seat(Box::new(seat))).is_ok() {
+                batch.add(key);
+            }
+        }
+        if batch.is_empty() {
+            return None;
+        }
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.batched_queries
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        Some(batch)
     }
 
     /// More connections open than the pool may keep (its size and reserve), as after a
@@ -1031,6 +1110,16 @@ impl Pool {
 pub struct PooledConn {
     conn: Option<Conn>,
     pool: Arc<Pool>,
+}
+
+impl Lease {
+    /// A checkout that offered no ticket gets a connection.
+    fn into_conn(self) -> Result<PooledConn, PoolError> {
+        match self {
+            Lease::Conn(c) => Ok(c),
+            Lease::Seat(_) => Err(PoolError::Closed),
+        }
+    }
 }
 
 impl PooledConn {

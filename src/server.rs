@@ -435,6 +435,15 @@ impl ServerConn {
         self.stream.is_broken()
     }
 
+    /// Last brought in step with these very settings (a shared `Params`, see
+    /// `Pool::share_wants`) and unchanged since: a client expecting them needs no SET.
+    pub fn in_step_with(&self, wants: &std::sync::Arc<Params>) -> bool {
+        self.synced.as_ref().is_some_and(|(w, changes)| {
+            std::ptr::eq(w.as_ptr(), std::sync::Arc::as_ptr(wants))
+                && *changes == self.params.changes()
+        })
+    }
+
     pub fn cancel_target(&self) -> CancelTarget {
         self.cancels.clone()
     }

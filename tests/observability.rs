@@ -4,9 +4,9 @@
 
 mod common;
 
+use common::probe::{http_get, metric, scrape};
 use common::{free_port, wait_until, wait_until_async, PgCluster, Pgmux};
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::time::Duration;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
@@ -54,49 +54,6 @@ fn start(db: &str, general: &str, extra: &str) -> Setup {
     let metrics_port = free_port();
     let px = Pgmux::start(&config(db, metrics_port, general, extra));
     Setup { px, metrics_port }
-}
-
-/// The body of an HTTP GET, and its status code.
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect metrics");
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let status = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("bad response: {resp}"));
-    let body = resp.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
-    (status, body.to_string())
-}
-
-fn scrape(port: u16) -> String {
-    let (status, body) = http_get(port, "/metrics");
-    assert_eq!(status, 200, "{body}");
-    body
-}
-
-/// Sum of the samples of `name` whose labels include all of `labels` (0 when none).
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (n, rest) = match series.find('{') {
-                Some(i) => (&series[..i], &series[i..]),
-                None => (series, ""),
-            };
-            if n != name {
-                return None;
-            }
-            let ok = labels
-                .iter()
-                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
-            ok.then(|| value.parse::<f64>().unwrap())
-        })
-        .sum()
 }
 
 async fn connect(px: &Pgmux, user: &str, db: &str) -> Result<Client, tokio_postgres::Error> {

@@ -562,6 +562,7 @@ async fn waiters_are_served_first_in_first_out() {
         idle_timeout: None,
         lifetime: None,
         check: None,
+        batch_size: 0,
     };
     let pool = Pool::new("app".into(), "postgres".into(), target, settings, None);
     let held = pool.checkout().await.unwrap();

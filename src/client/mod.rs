@@ -6,11 +6,12 @@
 pub mod login;
 
 use crate::app::{App, Shutdown};
+use crate::batch::{self, Seat, Ticket};
 use crate::config::PoolMode;
 use crate::endpoint::{ClientAddr, ClientSocket};
 use crate::logging::{ClientTag, WithClient};
 use crate::params;
-use crate::pool::PooledConn;
+use crate::pool::{Lease, PooledConn};
 use crate::protocol::PgError;
 use crate::relay::statements::Tracker;
 use crate::relay::{Event, Relay, ServerSide};
@@ -207,6 +208,8 @@ struct Session {
     relay: Option<Box<Relay>>,
     parked: Parked,
     server: Option<PooledConn>,
+    /// In place of a server: the client's query runs in a batch (`batch`).
+    seat: Option<Box<Seat>>,
     mode: PoolMode,
     closing: bool,
     /// Pin reason last shown in the client registry.
@@ -215,8 +218,6 @@ struct Session {
     route: Option<Box<RouteState>>,
     /// The idle or query timeout running now, if one applies.
     timer: Option<Pin<Box<Sleep>>>,
-    max_message: u32,
-    max_prepared: u32,
 }
 
 /// What a parked client keeps of its relay.
@@ -230,10 +231,6 @@ struct Parked {
 impl Session {
     fn new(app: Arc<App>, stream: ClientStream, login: LoggedIn, start: StartupRoute) -> Session {
         let mode = login.pool.settings().mode;
-        let (max_message, max_prepared) = {
-            let g = &app.config().pgmux;
-            (g.max_message_size, g.max_prepared_statements)
-        };
         let route = route_state(&app, &login, mode, start).map(Box::new);
         let mut session = Session {
             app,
@@ -245,13 +242,12 @@ impl Session {
                 tracker: None,
             },
             server: None,
+            seat: None,
             mode,
             closing: false,
             pinned: None,
             route,
             timer: None,
-            max_message,
-            max_prepared,
         };
         if !session.can_park() {
             session.relay_mut();
@@ -274,12 +270,18 @@ impl Session {
         self.relay.insert(relay)
     }
 
+    /// A new relay, with the limits configured now (read here rather than kept: every byte
+    /// of an idle session counts, see the test below).
     fn unpark(&mut self) -> Box<Relay> {
+        let (max_message, max_prepared) = {
+            let g = &self.app.config().pgmux;
+            (g.max_message_size, g.max_prepared_statements)
+        };
         let mut relay = Box::new(Relay::new(
-            self.max_message as usize,
+            max_message as usize,
             self.mode == PoolMode::Transaction,
             self.app.statements.clone(),
-            self.max_prepared as usize,
+            max_prepared as usize,
         ));
         relay.meter = Meter::new(self.login.pool.stats.clone());
         relay.whole_units = self.route.is_some();
@@ -293,7 +295,7 @@ impl Session {
     /// Drops the relay if nothing in it outlives this idle moment: no server, nothing
     /// buffered or owed, no state a later request needs (except prepared statements).
     fn park(&mut self) {
-        if self.server.is_some() || !self.can_park() {
+        if self.has_server() || !self.can_park() {
             return;
         }
         let Some(r) = self.relay.as_deref_mut() else {
@@ -388,6 +390,11 @@ impl Session {
     fn on_event(&mut self, ev: Event) -> Option<Option<PgError>> {
         match ev {
             Event::NeedServer | Event::Release => None,
+            // a batched query cannot leave a transaction or state behind (`batch::eligible`)
+            Event::Quiet if self.seat.is_some() => Some(Some(PgError::fatal(
+                "08P01",
+                "a batched query left its session in a transaction",
+            ))),
             Event::Quiet => {
                 self.show_pin();
                 None
@@ -412,6 +419,7 @@ impl Session {
                 }
                 // the server's own last words (if any) are already queued for the client
                 self.server = None;
+                self.seat = None;
                 Some(Some(PgError::fatal(
                     "08006",
                     "server closed the connection unexpectedly",
@@ -465,12 +473,23 @@ impl Session {
             relay: Some(relay),
             stream,
             server,
+            seat,
             login,
             ..
         } = self
         else {
             return Poll::Pending;
         };
+        if let Some(seat) = seat.as_deref_mut() {
+            let side = ServerSide {
+                stream: &mut seat.pipe,
+                params: &mut seat.params,
+                statements: &mut seat.statements,
+            };
+            return relay
+                .poll(cx, stream, Some(side), &mut login.wants)
+                .map(Wake::Relay);
+        }
         let side = server.as_deref_mut().map(|s| ServerSide {
             stream: &mut s.stream,
             params: &mut s.params,
@@ -496,17 +515,18 @@ impl Session {
                 .get()
                 .map(|t| stats::mono_instant(self.parked.idle_since) + t);
         };
-        let timeout = match &self.server {
+        let attached = self.has_server();
+        let timeout = match attached {
             // a request unanswered since the client last sent: query_timeout
-            Some(_) if !f.quiet() => g.query_timeout.get(),
-            Some(_) if f.status != b'I' => g.idle_transaction_timeout.get(),
+            true if !f.quiet() => g.query_timeout.get(),
+            true if f.status != b'I' => g.idle_transaction_timeout.get(),
             _ => g.client_idle_timeout.get(),
         };
         let idle = timeout.map(|t| f.idle_since + t);
         // The relay starts requests without waking the session, so with a server attached
         // and quiet, look again within query_timeout to time a request begun meanwhile.
-        let recheck = match &self.server {
-            Some(_) if f.quiet() => g.query_timeout.get().map(|t| Instant::now() + t),
+        let recheck = match attached {
+            true if f.quiet() => g.query_timeout.get().map(|t| Instant::now() + t),
             _ => None,
         };
         match (idle, recheck) {
@@ -521,8 +541,8 @@ impl Session {
             return None;
         }
         let flow = self.relay.as_deref().map(|r| &r.flow);
-        let busy = self.server.is_some() && flow.is_some_and(|f| !f.quiet());
-        let in_transaction = self.server.is_some() && flow.is_some_and(|f| f.status != b'I');
+        let busy = self.has_server() && flow.is_some_and(|f| !f.quiet());
+        let in_transaction = self.has_server() && flow.is_some_and(|f| f.status != b'I');
         Some(if busy {
             // PgBouncer's answer; the server, still busy, is closed rather than pooled
             PgError::fatal("08P01", "query_timeout")
@@ -564,7 +584,12 @@ impl Session {
     fn begin_closing(&mut self) -> Option<PgError> {
         self.closing = true;
         let no_input = self.relay.as_deref().is_none_or(|r| r.c2s.buf.is_empty());
-        (self.server.is_none() && no_input).then(shutdown_error)
+        (!self.has_server() && no_input).then(shutdown_error)
+    }
+
+    /// A server, or a seat in a batch, serves the client's work now.
+    fn has_server(&self) -> bool {
+        self.server.is_some() || self.seat.is_some()
     }
 
     /// Lends the client a server without waiting when its pool has one idle, in step with
@@ -611,13 +636,17 @@ impl Session {
                 .is_some_and(|v| v.eq_ignore_ascii_case("serializable"));
         }
         let (pool, client) = (&login.pool, &login.client);
+        let ticket = match (&taken, &route) {
+            (None, None) => batch_ticket(relay, login),
+            _ => None,
+        };
         let checkout = async {
             match (taken, route) {
-                (Some(c), _) => Ok(Some(c)),
+                (Some(c), _) => Ok(Some(Lease::Conn(c))),
                 // which server: decided from the waiting work (router::session)
-                (None, Some(r)) => r.checkout(relay).await,
+                (None, Some(r)) => r.checkout(relay).await.map(|c| c.map(Lease::Conn)),
                 (None, None) => pool
-                    .checkout()
+                    .checkout_or_batch(ticket)
                     .await
                     .map(Some)
                     .map_err(login::server_unavailable),
@@ -631,10 +660,14 @@ impl Session {
             // one that left is taken out of the line, not handed a server
             _ = stream.hangup(said_bye) => return Err(AttachError::Left),
         };
-        let Some(mut conn) = conn else {
-            // pgmux answered the work itself
-            self.login.client.idle();
-            return Ok(());
+        let mut conn = match conn {
+            Some(Lease::Conn(c)) => c,
+            Some(Lease::Seat(seat)) => return self.seated(seat, waiting_since),
+            None => {
+                // pgmux answered the work itself
+                self.login.client.idle();
+                return Ok(());
+            }
         };
         let wants = &self.login.wants;
         let retryable = self.route.as_ref().is_some_and(|r| r.retryable());
@@ -715,10 +748,50 @@ impl Session {
         self.server = Some(conn);
     }
 
+    /// The client's request went to a server in a batch: its answer comes through the seat.
+    fn seated(&mut self, mut seat: Box<Seat>, waiting_since: Instant) -> Result<(), AttachError> {
+        self.relay_mut();
+        let Session {
+            relay: Some(relay),
+            login,
+            ..
+        } = self
+        else {
+            return Ok(());
+        };
+        relay.meter.statements.server = Some(seat.addr);
+        relay.attached(&seat.statements);
+        // the request is the whole unit: what the client sends next is routed on its own
+        relay.serve_one_unit();
+        relay.flow.idle_since = Instant::now();
+        login
+            .client
+            .active(waiting_since, seat.conn_id, &mut relay.meter);
+        // The batch sent the request already, and its answer may come before the relay would
+        // look at the request: counted now, or the answer would seem to be owed nothing and
+        // the request would be sent again.
+        let mut side = ServerSide {
+            stream: &mut seat.pipe,
+            params: &mut seat.params,
+            statements: &mut seat.statements,
+        };
+        if let Err(e) = relay.scan_client(&mut side) {
+            return Err(PgError::fatal("08P01", e.to_string()).into());
+        }
+        self.seat = Some(seat);
+        Ok(())
+    }
+
     /// Transaction mode: the server is idle and clean; back to the pool. Most returns need
     /// no waiting and are done here; the rest (settings to read back, a reset query) give
     /// the server back for `detach_after_queries`.
     fn detach(&mut self) -> Option<PooledConn> {
+        if self.seat.take().is_some() {
+            // the batch gives the server back; it also pointed the client's cancels at it
+            self.login.client.idle();
+            self.login.client.set_cancel_target(None);
+            return None;
+        }
         let conn = self.server.take()?;
         self.login.client.idle();
         self.show_pin();
@@ -857,8 +930,7 @@ impl Session {
     /// timeout ended the session). PostgreSQL would run that work to its end, unaware of the
     /// closed socket until it next writes, while the pool opens another server in its place:
     /// so it is cancelled (in the background, bounded like a client's cancel).
-    fn cancel_abandoned(&self, conn: &PooledConn) {
-        let c = conn.cancel_target().cancel();
+    fn cancel_abandoned(&self, c: crate::cancel::Cancel) {
         let timeout = self
             .app
             .config()
@@ -876,6 +948,17 @@ impl Session {
 
     /// After the session: the server goes back only if idle and clean, else it is closed.
     async fn finish(&mut self, error: Option<PgError>) {
+        if self.seat.take().is_some() {
+            // the batch reads the rest of the answer and drops it; a query still running
+            // (the batch points the client's cancels at the server only while its query
+            // runs) is cancelled, so the clients behind it in the batch need not wait it out
+            let busy = self.relay.as_deref().is_some_and(|r| !r.flow.quiet());
+            let key = &self.login.client.info().cancel;
+            if let Some(c) = busy.then(|| key.start_cancel(key.secret)).flatten() {
+                self.cancel_abandoned(c);
+            }
+            self.login.client.set_cancel_target(None);
+        }
         if let Some(conn) = self.server.take() {
             self.login.client.set_cancel_target(None);
             let relay = self.relay_mut();
@@ -890,7 +973,7 @@ impl Session {
                 || self.app.config().pgmux.server_reset_query_always;
             if !clean || ((reset || changed) && !cancels_settled(&conn).await) {
                 if busy {
-                    self.cancel_abandoned(&conn);
+                    self.cancel_abandoned(conn.cancel_target().cancel());
                 }
                 drop(conn);
             } else if reset {
@@ -950,16 +1033,37 @@ impl PgmuxSettings {
     }
 }
 
-/// Waits until no cancel is on its way to the server, before pgmux runs its own queries on it
-/// (a late cancel would hit them); false if one was not delivered: the server must be closed.
-/// The server was last brought in step with these very settings and has not changed since
-/// (see `ServerConn::synced`).
-fn in_step(conn: &PooledConn, wants: &Arc<params::Params>) -> bool {
-    conn.synced.as_ref().is_some_and(|(w, changes)| {
-        std::ptr::eq(w.as_ptr(), Arc::as_ptr(wants)) && *changes == conn.params.changes()
+/// The client's request, if a batch may take it while the client waits for a server: one
+/// standalone simple query (`batch::eligible`) from a client with nothing else going on.
+fn batch_ticket(relay: &Relay, login: &LoggedIn) -> Option<Ticket> {
+    if login.pool.settings().batch_size < 2 {
+        return None;
+    }
+    let idle = relay.c2s.scanned == 0
+        && relay.flow.quiet()
+        && !relay.flow.terminated
+        && relay.flow.status == b'I'
+        && relay.session.pin.is_none()
+        && !relay.session.settings_changed
+        && relay.tracker.as_ref().is_none_or(Tracker::is_settled);
+    if !idle || !batch::eligible(&relay.c2s.buf) {
+        return None;
+    }
+    Some(Ticket {
+        query: bytes::Bytes::copy_from_slice(&relay.c2s.buf),
+        wants: login.wants.clone(),
+        client: login.client.info().clone(),
     })
 }
 
+/// The server was last brought in step with these very settings and has not changed since
+/// (see `ServerConn::synced`).
+fn in_step(conn: &PooledConn, wants: &Arc<params::Params>) -> bool {
+    conn.in_step_with(wants)
+}
+
+/// Waits until no cancel is on its way to the server, before pgmux runs its own queries on it
+/// (a late cancel would hit them); false if one was not delivered: the server must be closed.
 async fn cancels_settled(conn: &PooledConn) -> bool {
     let flight = conn.cancels.clone();
     if !flight.pending() {

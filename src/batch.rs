@@ -1,0 +1,555 @@
+//! Batches: when a server comes free and several clients wait in line, each with one request
+//! that stands alone (a simple query or an unnamed extended-protocol unit that opens no
+//! transaction block, leaves no session state and is no COPY), the server gets all their
+//! requests in one write and answers them in turn. One `drive` task owns the server
+//! for the batch: it splits the answers at each ReadyForQuery and hands each client its own,
+//! streamed in chunks. Each client's session sees a [`Seat`], a stand-in for the server that
+//! its relay reads the answer from, so the client's accounting (statistics, SHOW QUERIES,
+//! timeouts) is the one any server gets.
+//!
+//! Batching saves the server side a write and a read per query, and PostgreSQL a wake-up: at
+//! hundreds of clients per server it is most of a pooler's system calls. The price is the
+//! pipeline's: a slow query holds up the ones behind it in its batch (they waited in line
+//! anyway), and a client that stops reading its answer holds up those behind it.
+
+use crate::endpoint::ServerAddr;
+use crate::params::Params;
+use crate::pool::PooledConn;
+use crate::prepared::{self, ServerStatements};
+use crate::stats::ClientInfo;
+use bytes::{Bytes, BytesMut};
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+/// Read size for the server's answers.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// A client's place in line, as the pool keeps it for batching: its request, whole.
+pub struct Ticket {
+    /// The request's messages as the client sent them (`eligible`).
+    pub query: Bytes,
+    /// The client's settings: only a server in step with them may take it into a batch.
+    pub wants: Arc<Params>,
+    /// Where the client's cancels go while its query runs.
+    pub client: Arc<ClientInfo>,
+}
+
+/// Whether a client's request may run in a batch: nothing but one unit the server answers
+/// with one ReadyForQuery and that leaves nothing behind, either a simple Query, or an
+/// extended-protocol unit on the unnamed statement and portal (Parse first, Bind, Describe,
+/// Execute, and its Sync last). Every query text must stand alone (`text_eligible`).
+pub fn eligible(buf: &[u8]) -> bool {
+    let (mut at, mut first, mut ended) = (0, true, false);
+    while let Some(head) = buf.get(at..at + 5) {
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let Some(body) = buf.get(at + 5..at + 1 + len).filter(|_| len >= 4) else {
+            return false;
+        };
+        at += 1 + len;
+        let last = at == buf.len();
+        let ok = match head[0] {
+            b'Q' => first && last && text_eligible(prepared::query_text(body)),
+            // the unnamed statement is made here, not found on the server
+            b'P' => {
+                first
+                    && prepared::split_parse(body).is_some_and(|(name, rest)| {
+                        name.is_empty() && text_eligible(prepared::query_text(rest))
+                    })
+            }
+            b'B' => {
+                !first
+                    && prepared::bind_names(body)
+                        .is_some_and(|(p, s, _)| p.is_empty() && s.is_empty())
+            }
+            b'D' => !first && prepared::target(body).is_some_and(|(_, name)| name.is_empty()),
+            b'E' => !first && body.first() == Some(&0),
+            b'S' => !first && last,
+            _ => false,
+        };
+        if !ok {
+            return false;
+        }
+        first = false;
+        ended = last && matches!(head[0], b'Q' | b'S');
+    }
+    // a Query or a Sync ends it, and nothing follows
+    ended
+}
+
+/// Query text that neither opens a transaction block nor leaves session state, and is no COPY
+/// (a COPY FROM STDIN would wait for the client's data in the middle of the batch).
+fn text_eligible(text: &str) -> bool {
+    if text.is_empty() || mentions_copy(text.as_bytes()) {
+        return false;
+    }
+    let (_, fx) = crate::router::normalize::fingerprint_and_effects(text);
+    if fx.any() {
+        return false;
+    }
+    use crate::router::classify::Class;
+    matches!(
+        crate::router::classify::classify(text, &[]).class,
+        Class::Read | Class::Write | Class::Transaction
+    )
+}
+
+/// "copy" anywhere, in any case: cruder than the lexer, and on the safe side.
+fn mentions_copy(text: &[u8]) -> bool {
+    text.windows(4).any(|w| w.eq_ignore_ascii_case(b"copy"))
+}
+
+/// What a client in a batch is lent instead of a server.
+pub struct Seat {
+    pub pipe: Pipe,
+    /// The server's id and address, for the client's statistics.
+    pub conn_id: u64,
+    pub addr: ServerAddr,
+    /// Stand-ins for the server's own: a batched query changes neither.
+    pub params: Params,
+    pub statements: ServerStatements,
+}
+
+/// The client's end of the batch: reads give its answer; writes take its query, which the
+/// batch has sent already, and nothing more.
+pub struct Pipe {
+    slot: Arc<Slot>,
+    chunk: Bytes,
+    unsent: usize,
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        self.slot.close(Side::Client);
+    }
+}
+
+/// The hand-off of one chunk of answer from the batch to a client: the batch waits while the
+/// client has not taken the last one (so a client's answer is never held whole), and each
+/// side sees the other go. Lighter than a channel: one small allocation per client.
+#[derive(Default)]
+struct Slot(Mutex<SlotState>);
+
+#[derive(Default)]
+struct SlotState {
+    chunk: Option<Bytes>,
+    client_gone: bool,
+    batch_gone: bool,
+    client: Option<Waker>,
+    batch: Option<Waker>,
+}
+
+enum Side {
+    Client,
+    Batch,
+}
+
+impl Slot {
+    fn state(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn close(&self, side: Side) {
+        let mut s = self.state();
+        let other = match side {
+            Side::Client => {
+                s.client_gone = true;
+                s.chunk = None;
+                s.batch.take()
+            }
+            Side::Batch => {
+                s.batch_gone = true;
+                s.client.take()
+            }
+        };
+        drop(s);
+        other.into_iter().for_each(Waker::wake);
+    }
+
+    /// Ready(false) when the client has gone.
+    fn poll_put(&self, cx: &mut Context<'_>, chunk: &mut Option<Bytes>) -> Poll<bool> {
+        let mut s = self.state();
+        if s.client_gone {
+            return Poll::Ready(false);
+        }
+        if s.chunk.is_some() {
+            s.batch = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        s.chunk = chunk.take();
+        let w = s.client.take();
+        drop(s);
+        w.into_iter().for_each(Waker::wake);
+        Poll::Ready(true)
+    }
+
+    /// Ready(None) at the end of the batch's part.
+    fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        let mut s = self.state();
+        if let Some(c) = s.chunk.take() {
+            let w = s.batch.take();
+            drop(s);
+            w.into_iter().for_each(Waker::wake);
+            return Poll::Ready(Some(c));
+        }
+        if s.batch_gone {
+            return Poll::Ready(None);
+        }
+        s.client = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl AsyncRead for Pipe {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.chunk.is_empty() {
+            match self.slot.poll_take(cx) {
+                Poll::Ready(Some(c)) => self.chunk = c,
+                // the batch ended before this answer did: end of stream
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        let n = self.chunk.len().min(buf.remaining());
+        buf.put_slice(&self.chunk.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Pipe {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.len() > self.unsent {
+            return Poll::Ready(Err(io::Error::other(
+                "a batched client sent more than its query",
+            )));
+        }
+        self.unsent -= buf.len();
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The server's side of one client in the batch.
+struct Place {
+    slot: Arc<Slot>,
+    client: Arc<ClientInfo>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.slot.close(Side::Batch);
+    }
+}
+
+/// A batch being formed (by the pool, under its lock): the queries in order, one place each.
+pub struct Batch {
+    out: BytesMut,
+    places: Vec<Place>,
+}
+
+impl Batch {
+    pub fn new() -> Batch {
+        Batch {
+            out: BytesMut::new(),
+            places: Vec::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.places.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.places.is_empty()
+    }
+
+    /// A seat for the ticket's client; its query joins the batch only if the client takes
+    /// the seat (`hand` gives it back when the client has left the line).
+    pub fn seat(&mut self, conn_id: u64, addr: ServerAddr, t: &Ticket) -> (Seat, PlaceKey) {
+        let slot = Arc::new(Slot::default());
+        let seat = Seat {
+            pipe: Pipe {
+                slot: slot.clone(),
+                chunk: Bytes::new(),
+                unsent: t.query.len(),
+            },
+            conn_id,
+            addr,
+            params: Params::default(),
+            statements: ServerStatements::default(),
+        };
+        (
+            seat,
+            PlaceKey {
+                slot,
+                client: t.client.clone(),
+                query: t.query.clone(),
+            },
+        )
+    }
+
+    /// The client took its seat.
+    pub fn add(&mut self, key: PlaceKey) {
+        self.out.extend_from_slice(&key.query);
+        self.places.push(Place {
+            slot: key.slot,
+            client: key.client,
+        });
+    }
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Batch::new()
+    }
+}
+
+/// What joins a batch once its client took the seat.
+pub struct PlaceKey {
+    slot: Arc<Slot>,
+    client: Arc<ClientInfo>,
+    query: Bytes,
+}
+
+/// Runs a batch on its server, then gives the server back (or closes it when the answers
+/// were not what a batch of plain queries gives).
+pub async fn drive(mut conn: PooledConn, batch: Batch) {
+    let Batch { out, places } = batch;
+    if conn.stream.write_all(&out).await.is_err() {
+        // dropped: closed, and every client in the batch reads end of stream
+        return;
+    }
+    if let Some(first) = places.first() {
+        first.client.cancel.set_target(Some(conn.cancel_target()));
+    }
+    match relay_answers(&mut conn, &places).await {
+        Ok(true) => conn.release(),
+        Ok(false) => tracing::debug!("closing server after a batch: unexpected answer"),
+        Err(e) => tracing::debug!("batch ended: server i/o error: {e}"),
+    }
+}
+
+/// Hands each place its answer, up to and including its ReadyForQuery. Ok(false): the
+/// server changed a setting or asked for COPY data, so it cannot go back to the pool.
+async fn relay_answers(conn: &mut PooledConn, places: &[Place]) -> io::Result<bool> {
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut scan = Split::default();
+    let mut at = 0;
+    let mut clean = true;
+    while let Some(place) = places.get(at) {
+        match scan.step(&buf) {
+            Some(SplitStep::Message(b'S')) => clean = false,
+            Some(SplitStep::Message(b'G' | b'W')) => return Ok(false),
+            Some(SplitStep::Message(_)) => {}
+            Some(SplitStep::Ready) => {
+                deliver(place, buf.split_to(scan.take()).freeze()).await;
+                place.client.cancel.set_target(None);
+                at += 1;
+                if let Some(next) = places.get(at) {
+                    next.client.cancel.set_target(Some(conn.cancel_target()));
+                }
+            }
+            None => {
+                // all buffered is walked: what belongs to this answer goes now, then more
+                let n = scan.take();
+                if n > 0 {
+                    deliver(place, buf.split_to(n).freeze()).await;
+                }
+                buf.reserve(READ_CHUNK);
+                if conn.stream.read_buf(&mut buf).await? == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+        }
+    }
+    // anything more is not an answer to the batch
+    Ok(clean && buf.is_empty())
+}
+
+/// A client that left drops its answer.
+async fn deliver(place: &Place, chunk: Bytes) {
+    let mut chunk = Some(chunk);
+    std::future::poll_fn(|cx| place.slot.poll_put(cx, &mut chunk)).await;
+}
+
+/// Walks message headers in the server's output: how much of the buffer may go to the
+/// current client, and where its answer ends (a whole ReadyForQuery).
+#[derive(Default)]
+struct Split {
+    /// Bytes of the buffer already walked and not yet taken.
+    walked: usize,
+    /// Bytes of the current message still to come after `walked`.
+    rest: usize,
+}
+
+enum SplitStep {
+    /// A message header was walked (its tag).
+    Message(u8),
+    /// A whole ReadyForQuery was walked: `take` ends the current answer.
+    Ready,
+}
+
+impl Split {
+    fn step(&mut self, buf: &[u8]) -> Option<SplitStep> {
+        if self.rest > 0 {
+            let n = self.rest.min(buf.len() - self.walked);
+            self.walked += n;
+            self.rest -= n;
+            if self.rest > 0 {
+                return None;
+            }
+        }
+        let head = buf.get(self.walked..self.walked + 5)?;
+        let tag = head[0];
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]).max(4) as usize;
+        if tag == b'Z' {
+            if buf.len() < self.walked + 1 + len {
+                return None;
+            }
+            self.walked += 1 + len;
+            return Some(SplitStep::Ready);
+        }
+        self.walked += 5;
+        self.rest = len - 4;
+        Some(SplitStep::Message(tag))
+    }
+
+    /// The bytes walked so far, to be split off the buffer.
+    fn take(&mut self) -> usize {
+        std::mem::take(&mut self.walked)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(text: &str) -> Vec<u8> {
+        let mut m = vec![b'Q'];
+        m.extend_from_slice(&((text.len() + 5) as u32).to_be_bytes());
+        m.extend_from_slice(text.as_bytes());
+        m.push(0);
+        m
+    }
+
+    #[test]
+    fn only_standalone_queries_are_batched() {
+        for ok in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 7",
+            "UPDATE t SET x = 1",
+            "select 1; select 2",
+            "COMMIT",
+        ] {
+            assert!(eligible(&q(ok)), "{ok}");
+        }
+        for no in [
+            "BEGIN",
+            "select 1; begin",
+            "START TRANSACTION",
+            "SET search_path = x",
+            "select set_config('search_path', 'x', false)",
+            "LISTEN x",
+            "CREATE TEMP TABLE t (x int)",
+            "select pg_advisory_lock(1)",
+            "COPY t FROM STDIN",
+            "copy (select 1) to stdout",
+            "PREPARE p AS SELECT 1",
+            "DISCARD ALL",
+        ] {
+            assert!(!eligible(&q(no)), "{no}");
+        }
+        let mut two = q("select 1");
+        two.extend_from_slice(&q("select 2"));
+        assert!(!eligible(&two), "two messages");
+        let one = q("select 1");
+        assert!(!eligible(&one[..one.len() - 1]), "cut short");
+        assert!(!eligible(b"H\0\0\0\x04"), "a Flush");
+    }
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    /// Parse (statement `stmt`), Bind (portal, statement), Describe portal, Execute, Sync.
+    fn unit(stmt: &str, portal: &str, text: &str) -> Vec<u8> {
+        let mut parse = format!("{stmt}\0{text}\0").into_bytes();
+        parse.extend_from_slice(&[0, 0]);
+        let mut bind = format!("{portal}\0{stmt}\0").into_bytes();
+        bind.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        let mut out = msg(b'P', &parse);
+        out.extend(msg(b'B', &bind));
+        out.extend(msg(b'D', format!("P{portal}\0").as_bytes()));
+        let mut exec = format!("{portal}\0").into_bytes();
+        exec.extend_from_slice(&[0, 0, 0, 0]);
+        out.extend(msg(b'E', &exec));
+        out.extend(msg(b'S', b""));
+        out
+    }
+
+    #[test]
+    fn unnamed_extended_units_are_batched() {
+        assert!(eligible(&unit("", "", "SELECT $1::int")));
+        assert!(
+            !eligible(&unit("s1", "", "SELECT $1::int")),
+            "a named statement"
+        );
+        assert!(
+            !eligible(&unit("", "p1", "SELECT $1::int")),
+            "a named portal"
+        );
+        assert!(!eligible(&unit("", "", "BEGIN")), "a transaction block");
+        let whole = unit("", "", "SELECT 1");
+        assert!(!eligible(&whole[..whole.len() - 5]), "no Sync yet");
+        let mut two = whole.clone();
+        two.extend_from_slice(&whole);
+        assert!(!eligible(&two), "two units");
+        // a Bind to a statement parsed earlier, on whichever server that was
+        let bind_first = whole[whole.iter().position(|&b| b == b'B').unwrap()..].to_vec();
+        assert!(!eligible(&bind_first));
+    }
+
+    #[test]
+    fn answers_split_at_each_ready_for_query() {
+        // C, Z for the first; T, D (long), C, Z for the second
+        let mut out = Vec::new();
+        out.extend_from_slice(b"C\0\0\0\x0dSELECT 1\0");
+        out.extend_from_slice(b"Z\0\0\0\x05I");
+        let first = out.len();
+        out.extend_from_slice(b"D\0\0\0\x0e");
+        out.extend_from_slice(&[7u8; 10]);
+        out.extend_from_slice(b"Z\0\0\0\x05I");
+        let mut s = Split::default();
+        // fed a byte at a time, as reads may cut anywhere
+        let mut ends = Vec::new();
+        let mut taken = 0;
+        for upto in 1..=out.len() {
+            while let Some(step) = s.step(&out[taken..upto]) {
+                if let SplitStep::Ready = step {
+                    taken += s.take();
+                    ends.push(taken);
+                }
+            }
+        }
+        assert_eq!(ends, vec![first, out.len()]);
+    }
+}

@@ -1,0 +1,370 @@
+//! Batches (`server_batch_size`): clients waiting in line with one standalone simple query
+//! each get their queries sent to a freed server together. Each client must get its own
+//! answer, whole and in order (errors, large and multi-statement answers included); work that
+//! cannot be batched keeps its place in line; a client that leaves or stops reading, a cancel,
+//! and a server that dies mid-batch must leave the pool as it was.
+//!
+//! Every test makes the line deterministically: a pool of one server, held by a client in a
+//! transaction until the waiting clients show in SHOW POOLS, then released.
+
+mod common;
+
+use common::probe::{metric, scrape, Console};
+use common::raw;
+use common::{free_port, wait_until_async, PgCluster, Pgmux};
+use std::io::Write;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Setup {
+    px: Pgmux,
+    metrics_port: u16,
+    console: Console,
+    db: String,
+}
+
+async fn start(db: &str, batch_size: u32) -> Setup {
+    let pg = PgCluster::shared();
+    pg.create_database(db, "app");
+    let metrics_port = free_port();
+    let px = Pgmux::start(&format!(
+        r#"
+[pgmux]
+listen_port = {{port}}
+auth_type = "trust"
+metrics_listen_port = {metrics_port}
+admin_users = ["admin"]
+default_pool_size = 1
+server_batch_size = {batch_size}
+[[users]]
+name = "app"
+password = "secret"
+[[users]]
+name = "admin"
+[[databases]]
+name = "{db}"
+host = "127.0.0.1"
+port = {}
+"#,
+        pg.primary().port
+    ));
+    let console = Console::connect(&px, "admin", None).await;
+    Setup {
+        px,
+        metrics_port,
+        console,
+        db: db.to_string(),
+    }
+}
+
+impl Setup {
+    async fn client(&self) -> Client {
+        let (c, conn) =
+            tokio_postgres::connect(&self.px.conn_str("app", &self.db, Some("secret")), NoTls)
+                .await
+                .expect("connect through pgmux");
+        tokio::spawn(conn);
+        c
+    }
+
+    /// Batches and batched queries so far.
+    fn batches(&self) -> (f64, f64) {
+        let m = scrape(self.metrics_port);
+        let l = [("database", self.db.as_str())];
+        (
+            metric(&m, "pgmux_server_batches_total", &l),
+            metric(&m, "pgmux_batched_queries_total", &l),
+        )
+    }
+
+    async fn wait_waiting(&self, n: i64) {
+        wait_until_async(&format!("{n} clients waiting"), WAIT, || async {
+            self.console
+                .pool(&self.db)
+                .await
+                .is_some_and(|p| p["cl_waiting"] == n)
+        })
+        .await;
+    }
+
+    async fn wait_batches(&self, n: f64) {
+        wait_until_async(&format!("{n} batches"), WAIT, || async {
+            self.batches().0 >= n
+        })
+        .await;
+    }
+}
+
+/// A client holding the pool's only server inside a transaction.
+async fn hold(s: &Setup) -> Client {
+    let holder = s.client().await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    holder
+}
+
+fn rows(msgs: &[SimpleQueryMessage]) -> Vec<Vec<String>> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or("NULL").to_string())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+fn spawn_simple(
+    c: Client,
+    sql: &'static str,
+) -> JoinHandle<(
+    Client,
+    Result<Vec<SimpleQueryMessage>, tokio_postgres::Error>,
+)> {
+    tokio::spawn(async move {
+        let r = c.simple_query(sql).await;
+        (c, r)
+    })
+}
+
+const BIG: &str = "SELECT string_agg(x::text, ',') FROM generate_series(1, 40000) x";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_batched_query_gets_its_own_answer() {
+    let pg = PgCluster::shared();
+    for size in [16u32, 0] {
+        let db = format!("batch_answers_{size}");
+        let s = start(&db, size).await;
+        pg.psql(
+            pg.primary(),
+            &db,
+            "CREATE TABLE t (x int); GRANT ALL ON t TO app",
+        );
+        let queries: [&'static str; 6] = [
+            "SELECT 1 AS one",
+            "SELECT 1/0",
+            BIG,
+            "SELECT x FROM generate_series(1, 5000) x",
+            "INSERT INTO t VALUES (4)",
+            "SELECT 5; SELECT 6",
+        ];
+        let mut clients = Vec::new();
+        for _ in queries {
+            clients.push(s.client().await);
+        }
+        let holder = hold(&s).await;
+        let mut tasks = Vec::new();
+        for (i, (c, q)) in clients.into_iter().zip(queries).enumerate() {
+            tasks.push(spawn_simple(c, q));
+            s.wait_waiting(i as i64 + 1).await;
+        }
+        holder.batch_execute("COMMIT").await.unwrap();
+        let mut answers = Vec::new();
+        for t in tasks {
+            answers.push(t.await.unwrap());
+        }
+        let ok = |i: usize| answers[i].1.as_ref().unwrap_or_else(|e| panic!("{i}: {e}"));
+        assert_eq!(rows(ok(0)), vec![vec!["1".to_string()]]);
+        let e = answers[1].1.as_ref().expect_err("division by zero");
+        assert_eq!(e.code().map(|c| c.code()), Some("22012"), "{e}");
+        let big = &rows(ok(2))[0][0];
+        let expected: Vec<String> = (1..=40000).map(|x| x.to_string()).collect();
+        assert_eq!(big, &expected.join(","), "the large answer, whole");
+        let series = rows(ok(3));
+        assert_eq!(series.len(), 5000);
+        assert_eq!(series[4999], vec!["5000".to_string()]);
+        assert!(matches!(ok(4)[0], SimpleQueryMessage::CommandComplete(1)));
+        assert_eq!(
+            rows(ok(5)),
+            vec![vec!["5".to_string()], vec!["6".to_string()]]
+        );
+        assert_eq!(
+            pg.psql(pg.primary(), &db, "SELECT count(*) FROM t"),
+            "1",
+            "the insert ran once"
+        );
+        // batched or not as configured: one batch of all six, or none
+        let expected = if size > 1 { (1.0, 6.0) } else { (0.0, 0.0) };
+        assert_eq!(s.batches(), expected, "server_batch_size = {size}");
+        // every client goes on as before, and the server is back in the pool
+        for (i, (c, _)) in answers.into_iter().enumerate() {
+            let r = c.simple_query(&format!("SELECT {i}")).await.unwrap();
+            assert_eq!(rows(&r), vec![vec![i.to_string()]]);
+        }
+        s.console.wait_idle(&db, 1).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_that_cannot_be_batched_keeps_its_place_in_line() {
+    let s = start("batch_line", 16).await;
+    let (a, b, tx, ext, typed, c) = (
+        s.client().await,
+        s.client().await,
+        s.client().await,
+        s.client().await,
+        s.client().await,
+        s.client().await,
+    );
+    let holder = hold(&s).await;
+    let first = spawn_simple(a, "SELECT 'a'");
+    s.wait_waiting(1).await;
+    let second = spawn_simple(b, "SELECT 'b'");
+    s.wait_waiting(2).await;
+    // a transaction, then a named prepared statement (query): not batched; then the unnamed
+    // statement of query_typed, which is
+    let in_tx = tokio::spawn(async move {
+        tx.batch_execute("BEGIN").await?;
+        let r = tx.simple_query("SELECT 'tx'").await?;
+        tx.batch_execute("COMMIT").await?;
+        Ok::<_, tokio_postgres::Error>(rows(&r))
+    });
+    s.wait_waiting(3).await;
+    let extended = tokio::spawn(async move {
+        let r = ext.query("SELECT $1::int + 1", &[&41i32]).await?;
+        Ok::<i32, tokio_postgres::Error>(r[0].get(0))
+    });
+    s.wait_waiting(4).await;
+    let typed_q = tokio::spawn(async move {
+        let r = typed
+            .query_typed(
+                "SELECT $1::text",
+                &[(&"typed", tokio_postgres::types::Type::TEXT)],
+            )
+            .await?;
+        Ok::<String, tokio_postgres::Error>(r[0].get(0))
+    });
+    s.wait_waiting(5).await;
+    let last = spawn_simple(c, "SELECT 'c'");
+    s.wait_waiting(6).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(rows(&first.await.unwrap().1.unwrap()), vec![vec!["a"]]);
+    assert_eq!(rows(&second.await.unwrap().1.unwrap()), vec![vec!["b"]]);
+    assert_eq!(in_tx.await.unwrap().unwrap(), vec![vec!["tx"]]);
+    assert_eq!(extended.await.unwrap().unwrap(), 42);
+    assert_eq!(typed_q.await.unwrap().unwrap(), "typed");
+    assert_eq!(rows(&last.await.unwrap().1.unwrap()), vec![vec!["c"]]);
+    // a and b went together, stopping at the transaction; the prepared statement's Parse came
+    // alone; then query_typed's unit and c went together
+    assert_eq!(s.batches(), (2.0, 4.0));
+    s.console.wait_idle("batch_line", 1).await;
+}
+
+/// A raw session logged in as app (all of them share their settings, so one server in step
+/// with one is in step with all).
+fn raw_login(s: &Setup) -> std::net::TcpStream {
+    raw::login(s.px.addr().port(), "app", &s.db).0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_holds_up_its_batch_only_until_it_leaves() {
+    let s = start("batch_stalled", 16).await;
+    let mut holder = raw_login(&s);
+    holder.write_all(&raw::query("BEGIN")).unwrap();
+    raw::until_ready(&mut holder);
+    // its answer (tens of megabytes) fills every buffer on the way, and it never reads it
+    let mut stalled = raw_login(&s);
+    stalled
+        .write_all(&raw::query(
+            "SELECT repeat('x', 1000000) FROM generate_series(1, 50)",
+        ))
+        .unwrap();
+    s.wait_waiting(1).await;
+    let mut behind = Vec::new();
+    for i in 0..3 {
+        let mut c = raw_login(&s);
+        c.write_all(&raw::query(&format!("SELECT {i}"))).unwrap();
+        s.wait_waiting(i as i64 + 2).await;
+        behind.push(c);
+    }
+    holder.write_all(&raw::query("COMMIT")).unwrap();
+    raw::until_ready(&mut holder);
+    s.wait_batches(1.0).await;
+    assert_eq!(s.batches(), (1.0, 4.0));
+    // the clients behind it wait for their answers while it stalls; once it is gone, they
+    // get them
+    drop(stalled);
+    for (i, c) in behind.iter_mut().enumerate() {
+        let msgs = raw::until_ready(c);
+        let row = msgs.iter().find(|(t, _)| *t == b'D').expect("a row");
+        assert!(row.1.ends_with(i.to_string().as_bytes()), "{msgs:?}");
+        assert_eq!(msgs.last().map(|m| m.0), Some(b'Z'));
+    }
+    s.console.wait_idle("batch_stalled", 4).await;
+    // and the server still serves
+    holder.write_all(&raw::query("SELECT 'after'")).unwrap();
+    let msgs = raw::until_ready(&mut holder);
+    assert!(raw::error_code(&msgs).is_none(), "{msgs:?}");
+}
+
+/// Waits until PostgreSQL runs `sql` for this database, and returns its backend's pid.
+async fn running(db: &str, sql: &str) -> String {
+    let pg = PgCluster::shared();
+    let q = format!(
+        "SELECT pid FROM pg_stat_activity WHERE datname = '{db}' AND state = 'active' \
+         AND query = '{sql}'"
+    );
+    let mut pid = String::new();
+    wait_until_async(&format!("{sql} running"), WAIT, || {
+        pid = pg.psql(pg.primary(), "postgres", &q);
+        let found = !pid.is_empty();
+        async move { found }
+    })
+    .await;
+    pid
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_reaches_the_batched_query_running_now() {
+    let s = start("batch_cancel", 16).await;
+    let (sleeper, next) = (s.client().await, s.client().await);
+    let holder = hold(&s).await;
+    let token = sleeper.cancel_token();
+    let slow = spawn_simple(sleeper, "SELECT pg_sleep(60)");
+    s.wait_waiting(1).await;
+    let fast = spawn_simple(next, "SELECT 'next'");
+    s.wait_waiting(2).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    running("batch_cancel", "SELECT pg_sleep(60)").await;
+    assert_eq!(s.batches(), (1.0, 2.0));
+    token.cancel_query(NoTls).await.unwrap();
+    let e = slow.await.unwrap().1.expect_err("cancelled");
+    assert_eq!(e.code().map(|c| c.code()), Some("57014"), "{e}");
+    assert_eq!(rows(&fast.await.unwrap().1.unwrap()), vec![vec!["next"]]);
+    s.console.wait_idle("batch_cancel", 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_lost_mid_batch_fails_its_clients_and_the_pool_recovers() {
+    let pg = PgCluster::shared();
+    let s = start("batch_lost", 16).await;
+    let (sleeper, next) = (s.client().await, s.client().await);
+    let holder = hold(&s).await;
+    let slow = spawn_simple(sleeper, "SELECT pg_sleep(60)");
+    s.wait_waiting(1).await;
+    let behind = spawn_simple(next, "SELECT 'never'");
+    s.wait_waiting(2).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    let pid = running("batch_lost", "SELECT pg_sleep(60)").await;
+    pg.psql(
+        pg.primary(),
+        "postgres",
+        &format!("SELECT pg_terminate_backend({pid})"),
+    );
+    assert!(slow.await.unwrap().1.is_err(), "the running query fails");
+    assert!(
+        behind.await.unwrap().1.is_err(),
+        "so does the one behind it"
+    );
+    // a new server serves new work
+    let c = s.client().await;
+    assert_eq!(
+        rows(&c.simple_query("SELECT 'again'").await.unwrap()),
+        vec![vec!["again"]]
+    );
+    s.console.wait_idle("batch_lost", 2).await;
+}
