@@ -13,6 +13,8 @@
 #   CLIENTS=10 SMALL=100 LARGE=1100   pgbench -c and the two -t
 #   PGBENCH_ARGS="-S"                 the workload (e.g. "-S -M extended", or "" for TPC-B)
 #   PGMUX                             binary (default: cargo build --release)
+#   BATCH_SIZE=16                     pgmux's server_batch_size (batches form only when
+#                                     CLIENTS outnumber the pool's 20 servers)
 #   DIR=/tmp/pgmux-instructions       state dir, removed at the end (KEEP=1 keeps it)
 #   PGBIN=/usr/lib/postgresql/15/bin
 #
@@ -26,6 +28,7 @@ PGBENCH_ARGS=${PGBENCH_ARGS--S}
 DIR=${DIR:-/tmp/pgmux-instructions}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 KEEP=${KEEP:-0}
+BATCH_SIZE=${BATCH_SIZE:-16}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 BENCH=instructions
@@ -67,6 +70,7 @@ listen_addr = "127.0.0.1"
 listen_port = $PGMUX_PORT
 pool_mode = "transaction"
 default_pool_size = 20
+server_batch_size = $BATCH_SIZE
 auth_type = "trust"
 metrics_listen_port = 0
 

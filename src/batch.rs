@@ -16,6 +16,7 @@ use crate::endpoint::ServerAddr;
 use crate::params::Params;
 use crate::pool::PooledConn;
 use crate::prepared::{self, ServerStatements};
+use crate::router::effects::Effects;
 use crate::stats::ClientInfo;
 use bytes::{Bytes, BytesMut};
 use std::io;
@@ -40,8 +41,10 @@ pub struct Ticket {
 /// Whether a client's request may run in a batch: nothing but one unit the server answers
 /// with one ReadyForQuery and that leaves nothing behind, either a simple Query, or an
 /// extended-protocol unit on the unnamed statement and portal (Parse first, Bind, Describe,
-/// Execute, and its Sync last). Every query text must stand alone (`text_eligible`).
-pub fn eligible(buf: &[u8]) -> bool {
+/// Execute, and its Sync last). Every query text must stand alone: `effects` (the caller's
+/// lexer pass, so it can keep what it found) must be none, `Effects::unbatchable` included.
+pub fn eligible(buf: &[u8], mut effects: impl FnMut(&str) -> Effects) -> bool {
+    let mut text_ok = |text: &str| !text.is_empty() && !effects(text).any();
     let (mut at, mut first, mut ended) = (0, true, false);
     while let Some(head) = buf.get(at..at + 5) {
         let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
@@ -51,12 +54,12 @@ pub fn eligible(buf: &[u8]) -> bool {
         at += 1 + len;
         let last = at == buf.len();
         let ok = match head[0] {
-            b'Q' => first && last && text_eligible(prepared::query_text(body)),
+            b'Q' => first && last && text_ok(prepared::query_text(body)),
             // the unnamed statement is made here, not found on the server
             b'P' => {
                 first
                     && prepared::split_parse(body).is_some_and(|(name, rest)| {
-                        name.is_empty() && text_eligible(prepared::query_text(rest))
+                        name.is_empty() && text_ok(prepared::query_text(rest))
                     })
             }
             b'B' => {
@@ -77,28 +80,6 @@ pub fn eligible(buf: &[u8]) -> bool {
     }
     // a Query or a Sync ends it, and nothing follows
     ended
-}
-
-/// Query text that neither opens a transaction block nor leaves session state, and is no COPY
-/// (a COPY FROM STDIN would wait for the client's data in the middle of the batch).
-fn text_eligible(text: &str) -> bool {
-    if text.is_empty() || mentions_copy(text.as_bytes()) {
-        return false;
-    }
-    let (_, fx) = crate::router::normalize::fingerprint_and_effects(text);
-    if fx.any() {
-        return false;
-    }
-    use crate::router::classify::Class;
-    matches!(
-        crate::router::classify::classify(text, &[]).class,
-        Class::Read | Class::Write | Class::Transaction
-    )
-}
-
-/// "copy" anywhere, in any case: cruder than the lexer, and on the safe side.
-fn mentions_copy(text: &[u8]) -> bool {
-    text.windows(4).any(|w| w.eq_ignore_ascii_case(b"copy"))
 }
 
 /// What a client in a batch is lent instead of a server.
@@ -265,10 +246,11 @@ pub struct Batch {
 }
 
 impl Batch {
-    pub fn new() -> Batch {
+    /// Room for `n` requests like `first`.
+    pub fn with_capacity(n: usize, first: &Ticket) -> Batch {
         Batch {
-            out: BytesMut::new(),
-            places: Vec::new(),
+            out: BytesMut::with_capacity(n * first.query.len()),
+            places: Vec::with_capacity(n),
         }
     }
 
@@ -312,12 +294,6 @@ impl Batch {
             slot: key.slot,
             client: key.client,
         });
-    }
-}
-
-impl Default for Batch {
-    fn default() -> Self {
-        Batch::new()
     }
 }
 
@@ -447,6 +423,10 @@ mod tests {
         m.extend_from_slice(text.as_bytes());
         m.push(0);
         m
+    }
+
+    fn eligible(buf: &[u8]) -> bool {
+        super::eligible(buf, crate::router::effects::effects)
     }
 
     #[test]

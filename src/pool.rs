@@ -939,7 +939,8 @@ impl Pool {
         if n < 2 {
             return None;
         }
-        let mut batch = Batch::new();
+        let first = s.waiters.front().and_then(|w| w.ticket.as_ref())?;
+        let mut batch = Batch::with_capacity(n, first);
         for w in s.waiters.drain(..n) {
             let Some(t) = w.ticket.as_ref() else { continue };
             let (seat, key) = batch.seat(c.id, c.addr, t);

@@ -637,7 +637,7 @@ impl Session {
         }
         let (pool, client) = (&login.pool, &login.client);
         let ticket = match (&taken, &route) {
-            (None, None) => batch_ticket(relay, login),
+            (None, None) => batch_ticket(&mut *relay, login),
             _ => None,
         };
         let checkout = async {
@@ -1035,7 +1035,7 @@ impl PgmuxSettings {
 
 /// The client's request, if a batch may take it while the client waits for a server: one
 /// standalone simple query (`batch::eligible`) from a client with nothing else going on.
-fn batch_ticket(relay: &Relay, login: &LoggedIn) -> Option<Ticket> {
+fn batch_ticket(relay: &mut Relay, login: &LoggedIn) -> Option<Ticket> {
     if login.pool.settings().batch_size < 2 {
         return None;
     }
@@ -1046,10 +1046,19 @@ fn batch_ticket(relay: &Relay, login: &LoggedIn) -> Option<Ticket> {
         && relay.session.pin.is_none()
         && !relay.session.settings_changed
         && relay.tracker.as_ref().is_none_or(Tracker::is_settled);
-    if !idle || !batch::eligible(&relay.c2s.buf) {
+    if !idle {
         return None;
     }
-    Some(Ticket {
+    let query = relay.c2s.buf.first() == Some(&b'Q');
+    let mut pre = None;
+    let eligible = batch::eligible(&relay.c2s.buf, |text| {
+        let (fp, fx) = crate::router::normalize::fingerprint_and_effects(text);
+        // the relay's scan of this very Query needs the same pass: it keeps this one
+        pre = query.then_some((fp, fx));
+        fx
+    });
+    relay.prescanned = pre;
+    eligible.then(|| Ticket {
         query: bytes::Bytes::copy_from_slice(&relay.c2s.buf),
         wants: login.wants.clone(),
         client: login.client.info().clone(),

@@ -185,6 +185,9 @@ pub struct Relay {
     /// A message no server may see came after valid ones: as PostgreSQL, pgmux answers what
     /// came before it, then refuses (and the server, clean again, goes back to the pool).
     refused: Option<ClientProtocolError>,
+    /// The fingerprint and effects of the Query at the front of the input, found while its
+    /// client waited (`client::batch_ticket`): the scan takes them instead of lexing again.
+    pub prescanned: Option<(u64, Effects)>,
 }
 
 /// Session state a transaction-mode client left on its server.
@@ -254,6 +257,7 @@ impl Relay {
             units: 0,
             whole_units: false,
             refused: None,
+            prescanned: None,
         }
     }
 
@@ -532,8 +536,12 @@ impl Relay {
                         continue;
                     }
                     if transaction_mode {
-                        // both from one pass of the lexer
-                        let (fp, fx) = fingerprint_and_effects(text);
+                        // both from one pass of the lexer, made already if the query was
+                        // looked at for a batch while its client waited
+                        let (fp, fx) = match self.prescanned.take() {
+                            Some(pre) if start == 0 && self.units == 0 => pre,
+                            _ => fingerprint_and_effects(text),
+                        };
                         self.keys.query_fingerprinted(&mut self.meter, text, fp);
                         if fx.custom_settings {
                             self.session

@@ -23,6 +23,10 @@ pub struct Effects {
     /// pgmux settings reset to their defaults (`RESET pgmux.route`, `SET pgmux.min_lsn TO
     /// DEFAULT`, `RESET ALL`, `DISCARD ALL`): `PGMUX_ROUTE` | `PGMUX_MIN_LSN`.
     pub pgmux_reset: u8,
+    /// A statement cannot run in a batch (`batch`): it opens a transaction block (`BEGIN`,
+    /// `START TRANSACTION`; also a PL/pgSQL block's `BEGIN` in a DO body), which may leave the
+    /// session inside it, or it is a `COPY`, whose data would come in the middle of the batch.
+    pub unbatchable: bool,
 }
 
 pub const PGMUX_ROUTE: u8 = 1;
@@ -258,7 +262,9 @@ fn statement(head: &[Option<Tok<'_>>; HEAD], n: usize, fx: &mut Effects) {
         return;
     }
     let w = |i: usize, k: &str| word(&head[i], k);
-    if w(0, "set") {
+    if w(0, "begin") || (w(0, "start") && w(1, "transaction")) || w(0, "copy") {
+        fx.unbatchable = true;
+    } else if w(0, "set") {
         // SET LOCAL, SET TRANSACTION and SET CONSTRAINTS end with the transaction
         if !(w(1, "local") || w(1, "transaction") || w(1, "constraints")) {
             fx.settings = true;
