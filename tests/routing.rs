@@ -749,7 +749,17 @@ async fn writes_follow_a_promotion_without_touching_pgmux() {
         cluster.primary().port.to_string()
     );
     cluster.primary().stop("fast");
-    // a failover is a wait: a write sent while there is no primary waits for one (within
+    // once pgmux has seen the primary go (a write sent before that may meet the shutdown
+    // itself, as it would straight to PostgreSQL)...
+    let old = cluster.primary().port.to_string();
+    wait_until_async("pgmux to see the primary down", WAIT, || async {
+        let hosts = console.show("SHOW HOSTS").await;
+        hosts
+            .iter()
+            .any(|h| h["port"] == old && h["health"] != "up")
+    })
+    .await;
+    // ...a failover is a wait: a write sent while there is no primary waits for one (within
     // server_login_retry) and runs on the promoted replica
     let waiting = waiting_for_a_primary(&px, &console, write).await;
     // a client that has just written (its read-your-writes floor not yet on any replica)
