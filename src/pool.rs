@@ -7,6 +7,8 @@
 //! connection for SHOW SERVERS, and its `PoolStats` for the console and metrics.
 //! A released connection with a cancel still on its way to it is held back until the cancel
 //! has been delivered, so the cancel cannot hit another client's query (see `cancel`).
+//! A released connection that finds clients in line with standalone requests may go to
+//! several of them at once, as a batch (see `batch`).
 
 use crate::batch::{self, Batch, Seat, Ticket};
 use crate::config::PoolMode;
