@@ -698,26 +698,50 @@ async fn unconfigured_scene(
 }
 
 /// Sends `sql` from a new client while there is no primary, and returns it once pgmux
-/// shows the client waiting (panics if it ends first).
+/// shows the client waiting (panics if it ends first). A write that meets a pooled connection
+/// the stopping server closed before pgmux noticed fails as it would straight to PostgreSQL
+/// (`08006`, `57P01`); it is sent again from a new client, a few times at most.
 async fn waiting_for_a_primary(
     px: &Pgmux,
     console: &common::probe::Console,
     sql: &'static str,
 ) -> tokio::task::JoinHandle<Result<String, String>> {
-    let c = connect(px, "app").await;
-    let waiting = tokio::spawn(async move { try_one(&c, sql).await.map_err(|e| e.to_string()) });
-    wait_until_async("the write waiting for a primary", WAIT, || async {
-        assert!(
-            !waiting.is_finished(),
-            "the write ended while there was no primary"
-        );
-        let clients = console.show("SHOW CLIENTS").await;
-        clients
-            .iter()
-            .any(|r| r["database"] == "app" && r["state"] == "waiting")
-    })
-    .await;
-    waiting
+    for _ in 0..5 {
+        let c = connect(px, "app").await;
+        let waiting = tokio::spawn(async move {
+            try_one(&c, sql).await.map_err(|e| {
+                let code = e.as_db_error().map(|d| d.code().code().to_string());
+                format!("{} {e}", code.unwrap_or_default())
+            })
+        });
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if waiting.is_finished() {
+                match waiting.await.unwrap() {
+                    Err(e)
+                        if e.contains("08006") || e.contains("57P01") || e.contains("closed") =>
+                    {
+                        eprintln!("the write met a closed server connection: {e}");
+                        break;
+                    }
+                    got => panic!("the write ended while there was no primary: {got:?}"),
+                }
+            }
+            let clients = console.show("SHOW CLIENTS").await;
+            if clients
+                .iter()
+                .any(|r| r["database"] == "app" && r["state"] == "waiting")
+            {
+                return waiting;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the write not waiting after {WAIT:?}: {clients:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    panic!("every write met a closed server connection");
 }
 
 /// A restart of the primary costs a write a wait, not an error.
