@@ -334,6 +334,12 @@ async fn relay_answers(conn: &mut PooledConn, places: &[Place]) -> io::Result<bo
             Some(SplitStep::Message(b'S')) => clean = false,
             Some(SplitStep::Message(b'G' | b'W')) => return Ok(false),
             Some(SplitStep::Message(_)) => {}
+            Some(SplitStep::Bad) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "ReadyForQuery of a wrong length",
+                ))
+            }
             Some(SplitStep::Ready) => {
                 deliver(place, buf.split_to(scan.take()).freeze()).await;
                 place.client.cancel.set_target(None);
@@ -380,6 +386,9 @@ enum SplitStep {
     Message(u8),
     /// A whole ReadyForQuery was walked: `take` ends the current answer.
     Ready,
+    /// A ReadyForQuery of another length than PostgreSQL's: read whole, its length word
+    /// alone would size the buffer, so the server is given up instead.
+    Bad,
 }
 
 impl Split {
@@ -396,6 +405,9 @@ impl Split {
         let tag = head[0];
         let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]).max(4) as usize;
         if tag == b'Z' {
+            if len != 5 {
+                return Some(SplitStep::Bad);
+            }
             if buf.len() < self.walked + 1 + len {
                 return None;
             }
@@ -531,5 +543,11 @@ mod tests {
             }
         }
         assert_eq!(ends, vec![first, out.len()]);
+        // a ReadyForQuery claiming 4 GiB is refused, not waited for
+        let mut s = Split::default();
+        assert!(matches!(
+            s.step(b"Z\xff\xff\xff\xffI"),
+            Some(SplitStep::Bad)
+        ));
     }
 }
