@@ -52,10 +52,14 @@ impl ServerError {
     /// A failure a restarting or briefly unreachable server causes: the connection refused
     /// or cut, or the server saying it is starting up or shutting down (class 57P) or failing
     /// the connection (class 08). Not a timeout, nor a refusal of the login itself
-    /// (password, database, TLS).
+    /// (password, database, TLS). A connection cut around the TLS handshake is transient
+    /// too: a server shutting down resets it before it can answer.
     pub fn is_transient(&self) -> bool {
+        use crate::tls::TlsError;
         match self {
             ServerError::Connect { .. } | ServerError::Io(_) => true,
+            ServerError::Tls(TlsError::Io(_)) => true,
+            ServerError::Tls(TlsError::Handshake(e)) => is_cut(e),
             ServerError::Refused(f) => {
                 f.code.starts_with("57P") || (f.code.starts_with("08") && f.code != "08P01")
             }
@@ -74,6 +78,16 @@ impl ServerError {
             _ => false,
         }
     }
+}
+
+/// The connection was closed or reset under us, as opposed to a certificate or protocol
+/// failure the handshake reports as invalid data.
+fn is_cut(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionReset | ConnectionAborted | UnexpectedEof | BrokenPipe
+    )
 }
 
 /// The error of a preferred TLS login and of its plain-text retry, both refused: both
@@ -542,4 +556,21 @@ fn sasl_offers(mut data: &[u8], mechanism: &str) -> bool {
         }
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::TlsError;
+    use std::io::{Error, ErrorKind};
+
+    #[test]
+    fn a_connection_cut_around_tls_is_transient_but_a_bad_certificate_is_not() {
+        let reset = || Error::new(ErrorKind::ConnectionReset, "reset");
+        assert!(ServerError::Tls(TlsError::Io(reset())).is_transient());
+        assert!(ServerError::Tls(TlsError::Handshake(reset())).is_transient());
+        let cert = Error::new(ErrorKind::InvalidData, "invalid peer certificate");
+        assert!(!ServerError::Tls(TlsError::Handshake(cert)).is_transient());
+        assert!(!ServerError::Tls(TlsError::ServerRefusedSsl).is_transient());
+    }
 }
