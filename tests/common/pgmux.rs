@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::util::{
     conn_str, ensure_exit_hook, free_port, identity_alive, lock, process_identity, reap_orphans,
-    tail, temp_base, write_owner,
+    tail, temp_base, warnings, write_owner,
 };
 
 const DIR_PREFIX: &str = "pgmux-proc-";
@@ -180,8 +180,9 @@ impl Drop for Pgmux {
         // The temp dir (and the log) goes with us; a failing test is the one time it matters.
         if std::thread::panicking() {
             eprintln!(
-                "--- pgmux log ({}), last lines ---\n{}",
+                "--- pgmux log ({}), last warnings ---\n{}\n--- pgmux log, last lines ---\n{}",
                 self.log_path.display(),
+                warnings(&self.log_path, 30),
                 tail(&self.log_path, 60)
             );
         }

@@ -197,3 +197,14 @@ pub(crate) fn tail(path: &Path, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+/// The last `n` lines of a pgmux log at WARN or ERROR: what went wrong earlier in a test,
+/// which the debug lines of its last moments push out of [`tail`].
+pub(crate) fn warnings(path: &Path, n: usize) -> String {
+    let text = String::from_utf8_lossy(&fs::read(path).unwrap_or_default()).into_owned();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
