@@ -165,12 +165,17 @@ impl CancelKey {
         *self.target.lock().unwrap_or_else(|e| e.into_inner()) = t;
     }
 
+    /// Whether `secret` is this key's: a constant-time compare, so a guessed key learns
+    /// nothing from timing.
+    pub fn matches(&self, secret: i32) -> bool {
+        (self.secret ^ secret) == 0
+    }
+
     /// A cancel for the current target if `secret` is this key's, counted in the target's
     /// flight under the same lock that `set_target` takes, so a server released after
     /// `set_target(None)` sees it.
     pub fn start_cancel(&self, secret: i32) -> Option<Cancel> {
-        // constant-time compare so a guessed key learns nothing from timing
-        if (self.secret ^ secret) != 0 {
+        if !self.matches(secret) {
             return None;
         }
         let t = self.target.lock().unwrap_or_else(|e| e.into_inner());

@@ -17,6 +17,7 @@ use crate::server::{ServerConn, ServerError, ServerTarget};
 use crate::stats::PoolStats;
 use arc_swap::ArcSwap;
 use std::collections::VecDeque;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -41,6 +42,9 @@ pub enum PoolError {
     Server(#[from] ServerError),
     #[error("pool is closed")]
     Closed,
+    /// The client cancelled its query while it waited for a server (`checkout_or_batch`).
+    #[error("canceling statement due to user request")]
+    Cancelled,
 }
 
 impl PoolError {
@@ -231,6 +235,14 @@ pub struct Pool {
 struct InLine<'a> {
     pool: &'a Arc<Pool>,
     rx: oneshot::Receiver<Grant>,
+}
+
+impl InLine<'_> {
+    /// Steps out of line: None, or what was sent before it could (to be used, not lost).
+    fn leave(&mut self) -> Option<Grant> {
+        self.rx.close();
+        self.rx.try_recv().ok()
+    }
 }
 
 impl Drop for InLine<'_> {
@@ -485,21 +497,28 @@ impl Pool {
     /// again, within query_wait_timeout, while the outage is younger than server_login_retry:
     /// a restart costs clients a wait, not an error, as behind PgBouncer.
     pub async fn checkout(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
-        self.checkout_with(true, None).await.map(Lease::into_conn)?
+        self.checkout_with(true, None, std::future::pending())
+            .await
+            .map(Lease::into_conn)?
     }
 
     /// `checkout` for a client whose query a batch may take, if it has to wait (`batch`).
+    /// When `cancel` completes while the client waits (in line, for a new connection, for
+    /// RESUME), the wait ends with `PoolError::Cancelled`; a server or a seat already handed
+    /// to it by then is taken instead, as PostgreSQL runs a query a cancel arrives too late
+    /// for.
     pub async fn checkout_or_batch(
         self: &Arc<Self>,
         ticket: Option<Ticket>,
+        cancel: impl Future<Output = ()>,
     ) -> Result<Lease, PoolError> {
-        self.checkout_with(true, ticket).await
+        self.checkout_with(true, ticket, cancel).await
     }
 
     /// `checkout`, failing at once when the server cannot be reached: for a caller that has
     /// another host to try.
     pub async fn checkout_or_fail(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
-        self.checkout_with(false, None)
+        self.checkout_with(false, None, std::future::pending())
             .await
             .map(Lease::into_conn)?
     }
@@ -508,13 +527,18 @@ impl Pool {
         self: &Arc<Self>,
         hold: bool,
         mut ticket: Option<Ticket>,
+        cancel: impl Future<Output = ()>,
     ) -> Result<Lease, PoolError> {
         let deadline = self
             .settings
             .load()
             .query_wait_timeout
             .map(|d| Instant::now() + d);
-        self.wait_resumed(deadline).await?;
+        tokio::pin!(cancel);
+        tokio::select! {
+            r = self.wait_resumed(deadline) => r?,
+            _ = &mut cancel => return Err(PoolError::Cancelled),
+        }
         // set once the server refused a connection for lack of slots while this pool had
         // others: from then on this checkout waits for one of those, as PgBouncer's clients
         // wait, instead of failing (or trying again at once)
@@ -524,7 +548,14 @@ impl Pool {
                 Ok(g) => g,
                 Err(rx) => {
                     let mut line = InLine { pool: self, rx };
-                    match (&mut line.rx).await {
+                    let granted = tokio::select! {
+                        g = &mut line.rx => g,
+                        _ = &mut cancel => match line.leave() {
+                            Some(g) => Ok(g),
+                            None => return Err(PoolError::Cancelled),
+                        },
+                    };
+                    match granted {
                         Ok(Grant::Expired) => return Err(PoolError::WaitTimeout),
                         Ok(g) => g,
                         Err(_) => return Err(PoolError::Closed),
@@ -539,7 +570,11 @@ impl Pool {
                     }
                 }
                 Grant::Seat(seat) => return Ok(Lease::Seat(seat)),
-                Grant::Slot => match self.open_slot_or_wait(deadline, hold).await {
+                Grant::Slot => match tokio::select! {
+                    r = self.open_slot_or_wait(deadline, hold) => r,
+                    // an unfinished connection gives its slot back (`Opening`)
+                    _ = &mut cancel => return Err(PoolError::Cancelled),
+                } {
                     Ok(c) => return Ok(Lease::Conn(c)),
                     Err((e, Then::WaitInLine)) => {
                         tracing::debug!(db = %self.db, user = %self.user, "server full, waiting for a connection of the pool: {e}");
@@ -547,7 +582,10 @@ impl Pool {
                     }
                     // PAUSE came while this waited through a restart: wait for RESUME
                     // without a slot, so the PAUSE completes
-                    Err((_, Then::AfterResume)) => self.wait_resumed(deadline).await?,
+                    Err((_, Then::AfterResume)) => tokio::select! {
+                        r = self.wait_resumed(deadline) => r?,
+                        _ = &mut cancel => return Err(PoolError::Cancelled),
+                    },
                     Err((e, Then::Fail)) => return Err(e),
                 },
                 Grant::Expired => return Err(PoolError::WaitTimeout),

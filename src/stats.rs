@@ -469,6 +469,8 @@ pub struct ClientInfo {
     pinned: AtomicU8,
     /// KILL (or a safe shutdown) asked the session to end.
     killed: AtomicBool,
+    /// A CancelRequest came while the client waited for a server.
+    cancel_asked: AtomicBool,
     /// The session's task, woken by KILL and by a safe shutdown.
     waker: AtomicWaker,
 }
@@ -530,6 +532,30 @@ impl ClientInfo {
     pub fn kill(&self) {
         self.killed.store(true, Ordering::Release);
         self.waker.wake();
+    }
+
+    /// A CancelRequest for a client waiting for a server: its session takes it out of line.
+    /// A client doing anything else is not told (an idle one has nothing to cancel).
+    fn ask_cancel(&self) {
+        if self.state() == ClientState::Waiting {
+            self.cancel_asked.store(true, Ordering::Release);
+            self.waker.wake();
+        }
+    }
+
+    /// Forgets a cancel asked before the wait that is about to begin.
+    pub fn forget_cancel(&self) {
+        self.cancel_asked.store(false, Ordering::Relaxed);
+    }
+
+    /// Ready (once) when a cancel was asked; otherwise the task is woken by `ask_cancel`.
+    pub fn poll_cancel_asked(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.waker.register(cx.waker());
+        if self.cancel_asked.swap(false, Ordering::AcqRel) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
     }
 
     /// Wakes the session's task so it looks at the shutdown stage.
@@ -630,10 +656,14 @@ impl ClientRegistry {
     }
 
     /// A CancelRequest: a cancel to send, if the key is a client's and that client's work
-    /// runs on a server now.
+    /// runs on a server now. A client still waiting for a server is told instead.
     pub fn cancel(&self, pid: i32, secret: i32) -> Option<Cancel> {
         let client = self.lock().by_pid.get(&pid)?.0.clone();
-        client.cancel.start_cancel(secret)
+        let cancel = client.cancel.start_cancel(secret);
+        if cancel.is_none() && client.cancel.matches(secret) {
+            client.ask_cancel();
+        }
+        cancel
     }
 
     /// Registers a client (idle) under a fresh random cancel key until the returned handle
@@ -669,6 +699,7 @@ impl ClientRegistry {
             server: AtomicU64::new(0),
             pinned: AtomicU8::new(0),
             killed: AtomicBool::new(false),
+            cancel_asked: AtomicBool::new(false),
             waker: AtomicWaker::new(),
         });
         stats.move_client(None, Some(ClientState::Idle));
@@ -747,6 +778,14 @@ impl ClientHandle {
 
     pub fn poll_killed(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         self.info.poll_killed(cx)
+    }
+
+    pub fn poll_cancel_asked(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.info.poll_cancel_asked(cx)
+    }
+
+    pub fn forget_cancel(&self) {
+        self.info.forget_cancel();
     }
 }
 

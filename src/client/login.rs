@@ -428,6 +428,7 @@ pub fn server_unavailable(e: PoolError) -> PgError {
         },
         PoolError::WaitTimeout => PgError::fatal("08P01", "query_wait_timeout"),
         PoolError::Closed => PgError::fatal("57P01", "pool is closed"),
+        PoolError::Cancelled => PgError::error("57014", "canceling statement due to user request"),
         PoolError::Server(e) => {
             PgError::fatal("08006", format!("pgmux could not connect to server: {e}"))
         }

@@ -11,15 +11,15 @@ use crate::config::PoolMode;
 use crate::endpoint::{ClientAddr, ClientSocket};
 use crate::logging::{ClientTag, WithClient};
 use crate::params;
-use crate::pool::{Lease, PooledConn};
-use crate::protocol::PgError;
+use crate::pool::{Lease, PoolError, PooledConn};
+use crate::protocol::{messages, PgError};
 use crate::relay::statements::Tracker;
 use crate::relay::{Event, Relay, ServerSide};
 use crate::router::effects::PinReason;
 use crate::router::session::{RouteState, StartupRoute};
 use crate::stats::{self, Meter};
 use crate::tls::{ClientStream, Opened};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures_util::future::OptionFuture;
 use login::{Entry, LoggedIn, Refusal};
 use std::future::{poll_fn, Future};
@@ -640,20 +640,39 @@ impl Session {
             (None, None) => batch_ticket(&mut *relay, login),
             _ => None,
         };
+        // a cancel sent before this wait began was for nothing running (PostgreSQL ignores it)
+        client.forget_cancel();
+        let cancellable = cancellable_request(&relay.c2s);
         let checkout = async {
             match (taken, route) {
                 (Some(c), _) => Ok(Some(Lease::Conn(c))),
                 // which server: decided from the waiting work (router::session)
-                (None, Some(r)) => r.checkout(relay).await.map(|c| c.map(Lease::Conn)),
-                (None, None) => pool
-                    .checkout_or_batch(ticket)
+                (None, Some(r)) => r
+                    .checkout(relay)
                     .await
-                    .map(Some)
-                    .map_err(login::server_unavailable),
+                    .map(|c| c.map(Lease::Conn))
+                    .map_err(Some),
+                (None, None) => match pool
+                    .checkout_or_batch(ticket, cancel_asked(client, cancellable.is_some()))
+                    .await
+                {
+                    Ok(lease) => Ok(Some(lease)),
+                    Err(PoolError::Cancelled) => Err(None),
+                    Err(e) => Err(Some(login::server_unavailable(e))),
+                },
             }
         };
         let conn = tokio::select! {
-            r = checkout => r?,
+            r = checkout => match r {
+                Ok(conn) => conn,
+                Err(Some(e)) => return Err(e.into()),
+                Err(None) => {
+                    if let Some(len) = cancellable {
+                        self.answer_cancelled(len);
+                    }
+                    return Ok(());
+                }
+            },
             // KILL reaches clients waiting for a (paused) pool too, and a safe shutdown
             // closes them (they hold no server), as it closes idle ones
             _ = stopped(client, app) => return Err(shutdown_error().into()),
@@ -720,6 +739,21 @@ impl Session {
         }
         self.attached(conn, waiting_since);
         Ok(())
+    }
+
+    /// Answers the request at the front of the input, cancelled while it waited for a
+    /// server, as PostgreSQL answers a cancelled query; none of it reached a server.
+    fn answer_cancelled(&mut self, len: usize) {
+        self.login.client.idle();
+        let Some(relay) = self.relay.as_deref_mut() else {
+            return;
+        };
+        relay.prescanned = None;
+        relay.c2s.consume_unscanned(len);
+        let mut out = BytesMut::new();
+        PgError::error("57014", "canceling statement due to user request").encode(&mut out);
+        messages::ready_for_query(&mut out, b'I');
+        relay.s2c.insert(Bytes::from(out));
     }
 
     /// The server is the client's now.
@@ -1116,6 +1150,39 @@ impl From<PgError> for AttachError {
     fn from(e: PgError) -> Self {
         AttachError::Refused(e)
     }
+}
+
+/// The length of the request at the front of the client's input when a cancel can end it
+/// before it reaches a server: whole messages up to its Query, Sync or FunctionCall, as
+/// PostgreSQL skips a cancelled unit's messages up to its Sync. None for anything else (an
+/// unfinished unit, COPY data, a Terminate), which the cancel leaves waiting.
+fn cancellable_request(c2s: &crate::relay::channel::Channel) -> Option<usize> {
+    if c2s.scanned != 0 || !c2s.scanner.at_boundary() {
+        return None;
+    }
+    let b = &c2s.buf[..];
+    let mut at = 0;
+    while b.len() >= at + 5 {
+        let len = u32::from_be_bytes([b[at + 1], b[at + 2], b[at + 3], b[at + 4]]) as usize;
+        let end = at.checked_add(1 + len).filter(|_| len >= 4)?;
+        if end > b.len() {
+            return None;
+        }
+        match b[at] {
+            b'Q' | b'S' | b'F' => return Some(end),
+            b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => at = end,
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// Resolves when a CancelRequest for the waiting client arrives, if `armed`; else never.
+async fn cancel_asked(client: &stats::ClientHandle, armed: bool) {
+    if !armed {
+        return std::future::pending().await;
+    }
+    poll_fn(|cx| client.poll_cancel_asked(cx)).await
 }
 
 /// The bytes hold whole messages only: what comes next on the socket starts a message.

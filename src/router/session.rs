@@ -742,7 +742,7 @@ fn is_host_failure(e: &PoolError) -> bool {
         }
         PoolError::Server(ServerError::Auth(_)) => false,
         PoolError::Server(_) => true,
-        PoolError::WaitTimeout | PoolError::Closed => false,
+        PoolError::WaitTimeout | PoolError::Closed | PoolError::Cancelled => false,
     }
 }
 

@@ -1,0 +1,223 @@
+//! A cancel for a query still waiting for a server (the pool full): the client gets `57014`
+//! at once, as from PostgreSQL, its request never reaches a server, and it keeps its
+//! connection; the clients waiting with it are untouched. PgBouncer leaves such a client
+//! waiting (pgbouncer/pgbouncer#1222).
+//!
+//! Each test holds the pool's only server in a transaction, so the line is made
+//! deterministically, and waits on SHOW POOLS.
+
+mod common;
+
+use common::probe::Console;
+use common::raw;
+use common::{wait_until_async, PgCluster, Pgmux};
+use std::io::Write;
+use std::time::Duration;
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Setup {
+    px: Pgmux,
+    url: String,
+    console: Console,
+    db: String,
+}
+
+async fn start(db: &str, batch_size: u32) -> Setup {
+    let pg = PgCluster::shared();
+    pg.create_database(db, "app");
+    let px = Pgmux::start(&format!(
+        r#"
+[pgmux]
+listen_port = {{port}}
+auth_type = "trust"
+admin_users = ["admin"]
+default_pool_size = 1
+server_batch_size = {batch_size}
+[[users]]
+name = "app"
+password = "secret"
+[[users]]
+name = "admin"
+[[databases]]
+name = "{db}"
+host = "127.0.0.1"
+port = {}
+"#,
+        pg.primary().port
+    ));
+    let console = Console::connect(&px, "admin", None).await;
+    let url = px.conn_str("app", db, Some("secret"));
+    let s = Setup {
+        px,
+        url,
+        console,
+        db: db.to_string(),
+    };
+    s.client()
+        .await
+        .batch_execute("CREATE TABLE IF NOT EXISTS t (x int)")
+        .await
+        .unwrap();
+    s
+}
+
+impl Setup {
+    async fn client(&self) -> Client {
+        let (c, conn) = tokio_postgres::connect(&self.url, NoTls)
+            .await
+            .expect("connect through pgmux");
+        tokio::spawn(conn);
+        c
+    }
+
+    async fn wait_waiting(&self, n: i64) {
+        wait_until_async(&format!("{n} clients waiting"), WAIT, || async {
+            self.console
+                .pool(&self.db)
+                .await
+                .is_some_and(|p| p["cl_waiting"] == n)
+        })
+        .await;
+    }
+
+    async fn count(&self, c: &Client) -> i64 {
+        c.query_one("SELECT count(*) FROM t", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+}
+
+/// A cancelled request's outcome; bounded, so a cancel that does nothing fails the test
+/// instead of hanging it (the pool stays held until the test releases it).
+async fn answered<T>(task: tokio::task::JoinHandle<T>) -> T {
+    tokio::time::timeout(WAIT, task)
+        .await
+        .expect("no answer to the cancelled request")
+        .unwrap()
+}
+
+fn code(e: &tokio_postgres::Error) -> Option<&str> {
+    e.code().map(|c| c.code())
+}
+
+fn one_value(msgs: &[SimpleQueryMessage]) -> Option<String> {
+    msgs.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+        _ => None,
+    })
+}
+
+/// simple_query and query (extended protocol), with and without batches: the cancelled
+/// insert never runs, the client works afterwards, and a client behind it in line is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_waiting_for_a_server_is_cancelled_at_once() {
+    for (batch_size, db) in [(16, "wcancel_batch"), (0, "wcancel_plain")] {
+        let s = start(db, batch_size).await;
+        let holder = s.client().await;
+        holder.batch_execute("BEGIN").await.unwrap();
+
+        let simple = s.client().await;
+        let token = simple.cancel_token();
+        let waiting =
+            tokio::spawn(async move { (simple.simple_query("INSERT INTO t VALUES (1)").await,) });
+        s.wait_waiting(1).await;
+        let behind = s.client().await;
+        let behind_q = tokio::spawn(async move { behind.simple_query("SELECT 'behind'").await });
+        s.wait_waiting(2).await;
+
+        token.cancel_query(NoTls).await.unwrap();
+        let e = answered(waiting)
+            .await
+            .0
+            .expect_err("the insert was cancelled");
+        assert_eq!(code(&e), Some("57014"), "{e}");
+        s.wait_waiting(1).await;
+
+        // extended protocol: the cancel ends the unit it waits with
+        let extended = s.client().await;
+        let token = extended.cancel_token();
+        let waiting = tokio::spawn(async move {
+            let r = extended
+                .execute("INSERT INTO t VALUES ($1)", &[&2i32])
+                .await;
+            (extended, r)
+        });
+        s.wait_waiting(2).await;
+        token.cancel_query(NoTls).await.unwrap();
+        let (extended, r) = answered(waiting).await;
+        let e = r.expect_err("the extended insert was cancelled");
+        assert_eq!(code(&e), Some("57014"), "{e}");
+        s.wait_waiting(1).await;
+
+        holder.batch_execute("COMMIT").await.unwrap();
+        let served = behind_q
+            .await
+            .unwrap()
+            .expect("the client behind was served");
+        assert_eq!(one_value(&served).as_deref(), Some("behind"));
+        // neither insert reached a server, and the cancelled client goes on
+        assert_eq!(s.count(&extended).await, 0, "a cancelled insert ran ({db})");
+        assert_eq!(
+            extended
+                .query_one("SELECT $1::int + 1", &[&41i32])
+                .await
+                .unwrap()
+                .get::<_, i32>(0),
+            42
+        );
+        s.console.wait_idle(db, 2).await;
+    }
+}
+
+/// A cancel for a client that waits with only part of a unit (no Sync yet) does nothing, as
+/// PostgreSQL ignores a cancel when nothing runs: the unit, once whole, is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_for_an_unfinished_unit_or_an_idle_client_does_nothing() {
+    let s = start("wcancel_idle", 16).await;
+    let idle = s.client().await;
+    // nothing runs: no error later either
+    idle.cancel_token().cancel_query(NoTls).await.unwrap();
+    let holder = s.client().await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    let token = idle.cancel_token();
+    let waiting = tokio::spawn(async move {
+        let r = idle.simple_query("SELECT 'after'").await;
+        (idle, r)
+    });
+    s.wait_waiting(1).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    let (idle, r) = waiting.await.unwrap();
+    assert_eq!(one_value(&r.unwrap()).as_deref(), Some("after"));
+    // a cancel sent while the client was idle did not linger to hit this later wait
+    holder.batch_execute("BEGIN").await.unwrap();
+    let waiting = tokio::spawn(async move { idle.simple_query("SELECT 'later'").await });
+    s.wait_waiting(1).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        one_value(&waiting.await.unwrap().unwrap()).as_deref(),
+        Some("later")
+    );
+    drop(token);
+
+    // Parse, Bind, Execute without their Sync: the cancel finds no whole request to end
+    let (mut unit, (pid, secret)) = raw::login(s.px.port, "app", "wcancel_idle");
+    holder.batch_execute("BEGIN").await.unwrap();
+    let mut head = raw::msg(b'P', b"\0SELECT 'unit'\0\0\0");
+    head.extend(raw::msg(b'B', b"\0\0\0\0\0\0\0\0"));
+    head.extend(raw::msg(b'E', b"\0\0\0\0\0"));
+    unit.write_all(&head).unwrap();
+    s.wait_waiting(1).await;
+    let mut c = raw::connect(s.px.port);
+    c.write_all(&raw::cancel_request(pid, secret)).unwrap();
+    raw::until_eof(&mut c);
+    unit.write_all(&raw::msg(b'S', b"")).unwrap();
+    holder.batch_execute("COMMIT").await.unwrap();
+    let answer = raw::until_ready(&mut unit);
+    let tags: Vec<u8> = answer.iter().map(|m| m.0).collect();
+    assert_eq!(tags, b"12DCZ", "{answer:?}");
+    drop(unit);
+    s.console.wait_idle("wcancel_idle", 1).await;
+}
