@@ -25,7 +25,18 @@ struct Setup {
 }
 
 async fn start(db: &str, batch_size: u32) -> Setup {
-    let pg = PgCluster::shared();
+    start_on(
+        PgCluster::shared(),
+        db,
+        &format!("server_batch_size = {batch_size}"),
+        "",
+    )
+    .await
+}
+
+/// pgmux in front of `pg` (a pool of one server per host), `general` and `database` added to
+/// its sections.
+async fn start_on(pg: &PgCluster, db: &str, general: &str, database: &str) -> Setup {
     pg.create_database(db, "app");
     let px = Pgmux::start(&format!(
         r#"
@@ -34,7 +45,7 @@ listen_port = {{port}}
 auth_type = "trust"
 admin_users = ["admin"]
 default_pool_size = 1
-server_batch_size = {batch_size}
+{general}
 [[users]]
 name = "app"
 password = "secret"
@@ -44,6 +55,7 @@ name = "admin"
 name = "{db}"
 host = "127.0.0.1"
 port = {}
+{database}
 "#,
         pg.primary().port
     ));
@@ -72,12 +84,12 @@ impl Setup {
         c
     }
 
+    /// Waits until `n` clients wait in line (each host's row of a database with replicas
+    /// counts the database's clients).
     async fn wait_waiting(&self, n: i64) {
         wait_until_async(&format!("{n} clients waiting"), WAIT, || async {
-            self.console
-                .pool(&self.db)
-                .await
-                .is_some_and(|p| p["cl_waiting"] == n)
+            let rows = self.console.pools(&self.db).await;
+            !rows.is_empty() && rows.iter().all(|p| p["cl_waiting"] == n)
         })
         .await;
     }
@@ -220,4 +232,54 @@ async fn a_cancel_for_an_unfinished_unit_or_an_idle_client_does_nothing() {
     assert_eq!(tags, b"12DCZ", "{answer:?}");
     drop(unit);
     s.console.wait_idle("wcancel_idle", 1).await;
+}
+
+/// A database with replicas: a write waiting for the primary's only server is cancelled in
+/// line the same way, and never runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_waiting_for_the_primary_is_cancelled_at_once() {
+    let pg = PgCluster::shared_with_replicas();
+    let replicas: Vec<String> = pg
+        .replicas()
+        .iter()
+        .map(|r| format!("{{ host = \"127.0.0.1\", port = {} }}", r.port))
+        .collect();
+    let db = "wcancel_routed";
+    let s = start_on(
+        pg,
+        db,
+        "",
+        &format!(
+            "read_write_split = true\nreplicas = [ {} ]\nlag_check_interval = 0.1",
+            replicas.join(", ")
+        ),
+    )
+    .await;
+    let holder = s.client().await;
+    holder
+        .batch_execute("BEGIN; INSERT INTO t VALUES (0)")
+        .await
+        .unwrap();
+    let writer = s.client().await;
+    let token = writer.cancel_token();
+    let waiting = tokio::spawn(async move {
+        let r = writer.simple_query("INSERT INTO t VALUES (1)").await;
+        (writer, r)
+    });
+    s.wait_waiting(1).await;
+    token.cancel_query(NoTls).await.unwrap();
+    let (mut writer, r) = answered(waiting).await;
+    let e = r.expect_err("the write was cancelled");
+    assert_eq!(code(&e), Some("57014"), "{e}");
+    s.wait_waiting(0).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    // on the primary (a transaction), only the holder's row
+    let tx = writer.transaction().await.unwrap();
+    let n: i64 = tx
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    tx.commit().await.unwrap();
+    assert_eq!(n, 1, "the cancelled write ran");
 }

@@ -647,11 +647,12 @@ impl Session {
             match (taken, route) {
                 (Some(c), _) => Ok(Some(Lease::Conn(c))),
                 // which server: decided from the waiting work (router::session)
-                (None, Some(r)) => r
-                    .checkout(relay)
-                    .await
-                    .map(|c| c.map(Lease::Conn))
-                    .map_err(Some),
+                // a server the router got just as the cancel came is closed, not lent: it
+                // has run nothing of this client's
+                (None, Some(r)) => tokio::select! {
+                    c = r.checkout(relay) => c.map(|c| c.map(Lease::Conn)).map_err(Some),
+                    _ = cancel_asked(client, cancellable.is_some()) => Err(None),
+                },
                 (None, None) => match pool
                     .checkout_or_batch(ticket, cancel_asked(client, cancellable.is_some()))
                     .await
