@@ -235,6 +235,8 @@ struct Place {
 
 impl Drop for Place {
     fn drop(&mut self) {
+        // a batch ended early (its server lost) leaves no client marked as queued in it
+        self.client.set_batch_queued(false);
         self.slot.close(Side::Batch);
     }
 }
@@ -289,6 +291,8 @@ impl Batch {
 
     /// The client took its seat.
     pub fn add(&mut self, key: PlaceKey) {
+        // behind another client's query: a cancel for it waits until it runs
+        key.client.set_batch_queued(!self.places.is_empty());
         self.out.extend_from_slice(&key.query);
         self.places.push(Place {
             slot: key.slot,
@@ -313,13 +317,33 @@ pub async fn drive(mut conn: PooledConn, batch: Batch) {
         return;
     }
     if let Some(first) = places.first() {
-        first.client.cancel.set_target(Some(conn.cancel_target()));
+        runs_now(&conn, &first.client);
     }
     match relay_answers(&mut conn, &places).await {
         Ok(true) => conn.release(),
         Ok(false) => tracing::debug!("closing server after a batch: unexpected answer"),
         Err(e) => tracing::debug!("batch ended: server i/o error: {e}"),
     }
+}
+
+/// The client's query runs now: its cancels go to the server, and one it asked for while
+/// the query waited in the batch is sent now (a counted cancel, as any other).
+fn runs_now(conn: &PooledConn, client: &ClientInfo) {
+    client.cancel.set_target(Some(conn.cancel_target()));
+    client.set_batch_queued(false);
+    if !client.take_cancel_asked() {
+        return;
+    }
+    let Some(c) = client.cancel.start_cancel(client.cancel.secret) else {
+        return;
+    };
+    let timeout = conn.pool_settings().connect_timeout;
+    tokio::spawn(async move {
+        let to = c.to.clone();
+        if let Err(e) = crate::cancel::send_cancel(c, timeout).await {
+            tracing::warn!("sending a cancel deferred in a batch to {to} failed: {e}");
+        }
+    });
 }
 
 /// Hands each place its answer, up to and including its ReadyForQuery. Ok(false): the
@@ -345,7 +369,7 @@ async fn relay_answers(conn: &mut PooledConn, places: &[Place]) -> io::Result<bo
                 place.client.cancel.set_target(None);
                 at += 1;
                 if let Some(next) = places.get(at) {
-                    next.client.cancel.set_target(Some(conn.cancel_target()));
+                    runs_now(conn, &next.client);
                 }
             }
             None => {

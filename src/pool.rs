@@ -1164,6 +1164,11 @@ impl Lease {
 }
 
 impl PooledConn {
+    /// The settings of the pool the connection belongs to.
+    pub fn pool_settings(&self) -> Arc<PoolSettings> {
+        self.pool.settings()
+    }
+
     /// Back to the pool; held back first while a cancel is on its way to it. The client's
     /// cancel target must already be cleared (`ClientHandle::set_cancel_target(None)`), so no new
     /// cancel can start after the check here.

@@ -469,8 +469,11 @@ pub struct ClientInfo {
     pinned: AtomicU8,
     /// KILL (or a safe shutdown) asked the session to end.
     killed: AtomicBool,
-    /// A CancelRequest came while the client waited for a server.
+    /// A CancelRequest came while the client waited for a server, or while its query waited
+    /// behind another in a batch.
     cancel_asked: AtomicBool,
+    /// Its query is in a batch, behind another client's (`batch::drive`).
+    batch_queued: AtomicBool,
     /// The session's task, woken by KILL and by a safe shutdown.
     waker: AtomicWaker,
 }
@@ -541,6 +544,17 @@ impl ClientInfo {
             self.cancel_asked.store(true, Ordering::Release);
             self.waker.wake();
         }
+    }
+
+    /// Its batched query now waits behind another (true), or runs (false).
+    pub fn set_batch_queued(&self, queued: bool) {
+        self.batch_queued.store(queued, Ordering::Release);
+    }
+
+    /// Takes a cancel asked while the client's query waited in its batch: the batch sends
+    /// it once the query runs.
+    pub fn take_cancel_asked(&self) -> bool {
+        self.cancel_asked.swap(false, Ordering::AcqRel)
     }
 
     /// Forgets a cancel asked before the wait that is about to begin.
@@ -660,10 +674,20 @@ impl ClientRegistry {
     pub fn cancel(&self, pid: i32, secret: i32) -> Option<Cancel> {
         let client = self.lock().by_pid.get(&pid)?.0.clone();
         let cancel = client.cancel.start_cancel(secret);
-        if cancel.is_none() && client.cancel.matches(secret) {
-            client.ask_cancel();
+        if cancel.is_some() || !client.cancel.matches(secret) {
+            return cancel;
         }
-        cancel
+        if !client.batch_queued.load(Ordering::Acquire) {
+            client.ask_cancel();
+            return None;
+        }
+        // Queued in a batch: left for the batch to send when the query runs. If it started
+        // meanwhile, whoever takes the flag back sends the cancel, so it goes exactly once.
+        client.cancel_asked.store(true, Ordering::Release);
+        match client.cancel.start_cancel(secret) {
+            Some(c) if client.take_cancel_asked() => Some(c),
+            _ => None,
+        }
     }
 
     /// Registers a client (idle) under a fresh random cancel key until the returned handle
@@ -700,6 +724,7 @@ impl ClientRegistry {
             pinned: AtomicU8::new(0),
             killed: AtomicBool::new(false),
             cancel_asked: AtomicBool::new(false),
+            batch_queued: AtomicBool::new(false),
             waker: AtomicWaker::new(),
         });
         stats.move_client(None, Some(ClientState::Idle));

@@ -11,7 +11,7 @@ mod common;
 
 use common::probe::{metric, scrape, Console};
 use common::raw;
-use common::{free_port, wait_until_async, PgCluster, Pgmux};
+use common::{conn_str, free_port, wait_until_async, PgCluster, Pgmux};
 use std::io::Write;
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -336,6 +336,48 @@ async fn a_cancel_reaches_the_batched_query_running_now() {
     assert_eq!(e.code().map(|c| c.code()), Some("57014"), "{e}");
     assert_eq!(rows(&fast.await.unwrap().1.unwrap()), vec![vec!["next"]]);
     s.console.wait_idle("batch_cancel", 1).await;
+}
+
+/// A cancel for a query that waits behind another in its batch is sent when that query
+/// starts: the query ahead is held on an advisory lock (taken straight on PostgreSQL) while
+/// the cancel comes, then released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_for_a_query_queued_in_its_batch_reaches_it_when_it_runs() {
+    let pg = PgCluster::shared();
+    let s = start("batch_qcancel", 16).await;
+    let (ahead, queued) = (s.client().await, s.client().await);
+    let (locker, conn) = tokio_postgres::connect(
+        &conn_str(pg.primary().port, "app", "batch_qcancel", Some("secret")),
+        NoTls,
+    )
+    .await
+    .expect("connect straight to PostgreSQL");
+    tokio::spawn(conn);
+    locker
+        .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(42)")
+        .await
+        .unwrap();
+    let holder = hold(&s).await;
+    let token = queued.cancel_token();
+    let first = spawn_simple(ahead, "SELECT pg_advisory_xact_lock(42)");
+    s.wait_waiting(1).await;
+    let slow = spawn_simple(queued, "SELECT pg_sleep(60)");
+    s.wait_waiting(2).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    running("batch_qcancel", "SELECT pg_advisory_xact_lock(42)").await;
+    assert_eq!(s.batches(), (1.0, 2.0));
+    // the sleep waits behind the lock: the cancel must wait for it to start
+    token.cancel_query(NoTls).await.unwrap();
+    locker.batch_execute("COMMIT").await.unwrap();
+    let e = tokio::time::timeout(WAIT, slow)
+        .await
+        .expect("the queued query was not cancelled when it ran")
+        .unwrap()
+        .1
+        .expect_err("cancelled");
+    assert_eq!(e.code().map(|c| c.code()), Some("57014"), "{e}");
+    assert!(first.await.unwrap().1.is_ok());
+    s.console.wait_idle("batch_qcancel", 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
