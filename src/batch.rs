@@ -331,10 +331,7 @@ pub async fn drive(mut conn: PooledConn, batch: Batch) {
 fn runs_now(conn: &PooledConn, client: &ClientInfo) {
     client.cancel.set_target(Some(conn.cancel_target()));
     client.set_batch_queued(false);
-    if !client.take_cancel_asked() {
-        return;
-    }
-    let Some(c) = client.cancel.start_cancel(client.cancel.secret) else {
+    let Some(c) = client.cancel_if_running() else {
         return;
     };
     let timeout = conn.pool_settings().connect_timeout;

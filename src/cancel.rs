@@ -165,6 +165,14 @@ impl CancelKey {
         *self.target.lock().unwrap_or_else(|e| e.into_inner()) = t;
     }
 
+    /// The client's work runs on a server now.
+    pub fn has_target(&self) -> bool {
+        self.target
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
     /// Whether `secret` is this key's: a constant-time compare, so a guessed key learns
     /// nothing from timing.
     pub fn matches(&self, secret: i32) -> bool {

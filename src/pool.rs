@@ -238,10 +238,23 @@ struct InLine<'a> {
 }
 
 impl InLine<'_> {
-    /// Steps out of line: None, or what was sent before it could (to be used, not lost).
-    fn leave(&mut self) -> Option<Grant> {
+    /// Steps out of line for a cancel: what was sent before it could is passed on (a
+    /// connection to the next in line, a slot freed), except a seat in a batch, which has
+    /// sent the client's query already and is returned to be taken.
+    fn leave(&mut self) -> Option<Box<Seat>> {
         self.rx.close();
-        self.rx.try_recv().ok()
+        match self.rx.try_recv() {
+            Ok(Grant::Seat(seat)) => Some(seat),
+            Ok(Grant::Conn(c)) => {
+                self.pool.put(c);
+                None
+            }
+            Ok(Grant::Slot) => {
+                self.pool.slot_freed();
+                None
+            }
+            Ok(Grant::Expired) | Err(_) => None,
+        }
     }
 }
 
@@ -504,9 +517,9 @@ impl Pool {
 
     /// `checkout` for a client whose query a batch may take, if it has to wait (`batch`).
     /// When `cancel` completes while the client waits (in line, for a new connection, for
-    /// RESUME), the wait ends with `PoolError::Cancelled`; a server or a seat already handed
-    /// to it by then is taken instead, as PostgreSQL runs a query a cancel arrives too late
-    /// for.
+    /// RESUME), the wait ends with `PoolError::Cancelled`, and a server or a slot handed to
+    /// it meanwhile goes to the next in line; a seat in a batch, whose query the server has
+    /// already, is taken instead (the caller passes the cancel on to the batch).
     pub async fn checkout_or_batch(
         self: &Arc<Self>,
         ticket: Option<Ticket>,
@@ -551,7 +564,7 @@ impl Pool {
                     let granted = tokio::select! {
                         g = &mut line.rx => g,
                         _ = &mut cancel => match line.leave() {
-                            Some(g) => Ok(g),
+                            Some(seat) => Ok(Grant::Seat(seat)),
                             None => return Err(PoolError::Cancelled),
                         },
                     };

@@ -551,10 +551,15 @@ impl ClientInfo {
         self.batch_queued.store(queued, Ordering::Release);
     }
 
-    /// Takes a cancel asked while the client's query waited in its batch: the batch sends
-    /// it once the query runs.
-    pub fn take_cancel_asked(&self) -> bool {
-        self.cancel_asked.swap(false, Ordering::AcqRel)
+    /// The cancel to send for a cancel asked while the client's query waited (in line or in
+    /// a batch), if the query runs now. The kept request is taken back first, so of two
+    /// callers racing (the batch starting the query, a CancelRequest arriving) only one
+    /// sends it; an unsent `Cancel` would count as failed.
+    pub fn cancel_if_running(&self) -> Option<Cancel> {
+        if !self.cancel.has_target() || !self.cancel_asked.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        self.cancel.start_cancel(self.cancel.secret)
     }
 
     /// Forgets a cancel asked before the wait that is about to begin.
@@ -562,10 +567,12 @@ impl ClientInfo {
         self.cancel_asked.store(false, Ordering::Relaxed);
     }
 
-    /// Ready (once) when a cancel was asked; otherwise the task is woken by `ask_cancel`.
+    /// Ready when a cancel was asked (kept until taken or forgotten: a seat in a batch
+    /// handed over just before it passes it on); otherwise the task is woken by
+    /// `ask_cancel`.
     pub fn poll_cancel_asked(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         self.waker.register(cx.waker());
-        if self.cancel_asked.swap(false, Ordering::AcqRel) {
+        if self.cancel_asked.load(Ordering::Acquire) {
             std::task::Poll::Ready(())
         } else {
             std::task::Poll::Pending
@@ -681,13 +688,10 @@ impl ClientRegistry {
             client.ask_cancel();
             return None;
         }
-        // Queued in a batch: left for the batch to send when the query runs. If it started
-        // meanwhile, whoever takes the flag back sends the cancel, so it goes exactly once.
+        // Queued in a batch: left for the batch to send when the query runs, unless it
+        // started meanwhile
         client.cancel_asked.store(true, Ordering::Release);
-        match client.cancel.start_cancel(secret) {
-            Some(c) if client.take_cancel_asked() => Some(c),
-            _ => None,
-        }
+        client.cancel_if_running()
     }
 
     /// Registers a client (idle) under a fresh random cancel key until the returned handle

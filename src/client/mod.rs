@@ -682,7 +682,14 @@ impl Session {
         };
         let mut conn = match conn {
             Some(Lease::Conn(c)) => c,
-            Some(Lease::Seat(seat)) => return self.seated(seat, waiting_since),
+            Some(Lease::Seat(seat)) => {
+                // a cancel that came as the seat was given: the batch sends it when the
+                // query runs, or this does if it runs already
+                if let Some(c) = self.login.client.info().cancel_if_running() {
+                    self.cancel_abandoned(c);
+                }
+                return self.seated(seat, waiting_since);
+            }
             None => {
                 // pgmux answered the work itself
                 self.login.client.idle();
