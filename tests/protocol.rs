@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{wait_until_async, PgCluster, Pgmux};
+use common::{cancel_and_wait, wait_until_async, PgCluster, Pgmux};
 use futures_util::{SinkExt, StreamExt};
 use std::time::Duration;
 use tokio_postgres::{types::Type, AsyncMessage, Client, NoTls, SimpleQueryMessage};
@@ -217,9 +217,10 @@ async fn cancel_reaches_the_running_query() {
     token.cancel_query(NoTls).await.unwrap();
     let err = sleeper.await.unwrap().unwrap_err();
     assert_eq!(err.code().unwrap().code(), "57014");
-    // a cancel for a client with no query running does nothing harmful
+    // a cancel for a client with no query running does nothing harmful (acted on before
+    // its next query: one arriving while that query waited for a server would cancel it)
     let idle = connect(&px).await;
-    idle.cancel_token().cancel_query(NoTls).await.unwrap();
+    cancel_and_wait(&idle.cancel_token(), px.port).await;
     assert_eq!(
         rows_of(&idle.simple_query("SELECT 7").await.unwrap()),
         vec!["7"]

@@ -15,7 +15,7 @@ pub use cluster::{PgCluster, PgInstance};
 #[allow(unused_imports)]
 pub use pgmux::Pgmux;
 #[allow(unused_imports)]
-pub use util::{conn_str, free_port, wait_until, wait_until_async};
+pub use util::{cancel_and_wait, conn_str, free_port, wait_until, wait_until_async};
 
 // The reliability harness (issue 9): a fault-injecting relay and outside views of pgmux.
 pub mod faults;

@@ -208,3 +208,20 @@ pub(crate) fn warnings(path: &Path, n: usize) -> String {
         .collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+/// Sends the token's cancel to pgmux on `port` and waits until pgmux closes the cancel
+/// connection, which it does once it has acted on the cancel. (`cancel_query` returns once
+/// the request is written, so a query the client sends next may overtake the cancel and be
+/// the one it cancels, as with PostgreSQL.)
+pub async fn cancel_and_wait(token: &tokio_postgres::CancelToken, port: u16) {
+    use tokio::io::AsyncReadExt;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to pgmux for a cancel");
+    token
+        .cancel_query_raw(&mut s, tokio_postgres::NoTls)
+        .await
+        .expect("send the cancel");
+    let mut buf = [0u8; 64];
+    while s.read(&mut buf).await.unwrap_or(0) > 0 {}
+}
