@@ -283,3 +283,32 @@ async fn a_write_waiting_for_the_primary_is_cancelled_at_once() {
     tx.commit().await.unwrap();
     assert_eq!(n, 1, "the cancelled write ran");
 }
+
+/// A client waiting for RESUME (the pool paused) is cancelled in line too, and works after
+/// RESUME.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_waiting_for_resume_is_cancelled_at_once() {
+    let s = start("wcancel_pause", 16).await;
+    let c = s.client().await;
+    s.console
+        .client
+        .simple_query("PAUSE wcancel_pause")
+        .await
+        .unwrap();
+    let token = c.cancel_token();
+    let waiting = tokio::spawn(async move {
+        let r = c.simple_query("INSERT INTO t VALUES (1)").await;
+        (c, r)
+    });
+    s.wait_waiting(1).await;
+    token.cancel_query(NoTls).await.unwrap();
+    let (c, r) = answered(waiting).await;
+    let e = r.expect_err("the insert was cancelled");
+    assert_eq!(code(&e), Some("57014"), "{e}");
+    s.console
+        .client
+        .simple_query("RESUME wcancel_pause")
+        .await
+        .unwrap();
+    assert_eq!(s.count(&c).await, 0, "the cancelled insert ran");
+}
