@@ -556,6 +556,10 @@ impl ClientInfo {
     /// callers racing (the batch starting the query, a CancelRequest arriving) only one
     /// sends it; an unsent `Cancel` would count as failed.
     pub fn cancel_if_running(&self) -> Option<Cancel> {
+        // the common case (nothing asked) costs one load, not the key's lock
+        if !self.cancel_asked.load(Ordering::Acquire) {
+            return None;
+        }
         if !self.cancel.has_target() || !self.cancel_asked.swap(false, Ordering::AcqRel) {
             return None;
         }
@@ -677,7 +681,8 @@ impl ClientRegistry {
     }
 
     /// A CancelRequest: a cancel to send, if the key is a client's and that client's work
-    /// runs on a server now. A client still waiting for a server is told instead.
+    /// runs on a server now. A client still waiting for a server is told instead; for one
+    /// whose query waits behind another in a batch, the cancel is kept until it runs.
     pub fn cancel(&self, pid: i32, secret: i32) -> Option<Cancel> {
         let client = self.lock().by_pid.get(&pid)?.0.clone();
         let cancel = client.cancel.start_cancel(secret);
