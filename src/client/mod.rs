@@ -650,7 +650,9 @@ impl Session {
                 // a server the router got just as the cancel came is closed, not lent: it
                 // has run nothing of this client's
                 (None, Some(r)) => tokio::select! {
-                    c = r.checkout(relay) => c.map(|c| c.map(Lease::Conn)).map_err(Some),
+                    // boxed, as the pool's rare waits are: this future is allocated for
+                    // every client that waits
+                    c = Box::pin(r.checkout(relay)) => c.map(|c| c.map(Lease::Conn)).map_err(Some),
                     _ = cancel_asked(client, cancellable.is_some()) => Err(None),
                 },
                 (None, None) => match pool
@@ -678,7 +680,7 @@ impl Session {
             // closes them (they hold no server), as it closes idle ones
             _ = stopped(client, app) => return Err(shutdown_error().into()),
             // one that left is taken out of the line, not handed a server
-            _ = stream.hangup(said_bye) => return Err(AttachError::Left),
+            _ = Box::pin(stream.hangup(said_bye)) => return Err(AttachError::Left),
         };
         let mut conn = match conn {
             Some(Lease::Conn(c)) => c,
@@ -704,7 +706,7 @@ impl Session {
             false => params::sync_statement(wants, &conn.params, &conn.extras),
         };
         if let Some(sql) = sync {
-            let synced = conn.run_internal(&sql).await;
+            let synced = Box::pin(conn.run_internal(&sql)).await;
             let failed = match &synced {
                 Err(e) => Some(e.to_string()),
                 Ok(Some(e)) if e.code.starts_with("57P") || e.code.starts_with("08") => {
