@@ -24,6 +24,7 @@ pub mod router;
 pub mod run;
 pub mod server;
 pub mod sockopts;
+pub mod spares;
 pub mod stats;
 pub mod tls;
 pub mod topology;

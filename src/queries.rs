@@ -128,6 +128,12 @@ pub struct Recorder {
     memo_generation: u64,
 }
 
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        crate::spares::give(std::mem::take(&mut self.pending));
+    }
+}
+
 impl Recorder {
     /// The fingerprint of `sql`, with its text in `table` (0: nothing to record).
     pub fn statement(&mut self, table: &QueryTable, sql: &str) -> u64 {
@@ -159,6 +165,9 @@ impl Recorder {
 
     /// A request went to the server.
     pub fn request(&mut self, fp: u64) {
+        if self.pending.capacity() == 0 {
+            self.pending = crate::spares::take();
+        }
         self.pending.push_back(fp);
     }
 

@@ -318,7 +318,10 @@ impl Session {
             .tracker
             .take()
             .filter(|t| !t.stmts.is_empty())
-            .map(Box::new);
+            .map(|mut t| {
+                t.shed();
+                Box::new(t)
+            });
         self.relay = None;
     }
 

@@ -17,37 +17,6 @@ pub const READ_CHUNK: usize = 16 * 1024;
 const FIRST_READ: usize = 512;
 /// Unwritten bytes in one direction beyond which its source is not read.
 pub const HIGH_WATER: usize = 64 * 1024;
-/// Emptied buffers kept per thread for the next first read (`Channel::shrink_if_empty`):
-/// more than the clients of a busy thread that end and begin a transaction between polls.
-const SPARES: usize = 32;
-/// Largest buffer kept as a spare.
-const SPARE_CAPACITY: usize = READ_CHUNK + READ_CHUNK / 2;
-
-thread_local! {
-    static SPARE_BUFS: std::cell::RefCell<Vec<BytesMut>> =
-        const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// A spare buffer of this thread, empty, if there is one.
-fn spare_buf() -> Option<BytesMut> {
-    SPARE_BUFS.try_with(|s| s.borrow_mut().pop()).ok().flatten()
-}
-
-/// Keeps an emptied buffer for another channel of this thread, if it is whole again (no
-/// chunk sealed off it is still held) and not too large, and fewer than SPARES are kept.
-fn keep_spare(mut buf: BytesMut) {
-    if !buf.is_empty() || !buf.try_reclaim(FIRST_READ) || buf.capacity() > SPARE_CAPACITY {
-        return;
-    }
-    // a thread being torn down keeps nothing
-    let _ = SPARE_BUFS.try_with(|s| {
-        let mut s = s.borrow_mut();
-        if s.len() < SPARES {
-            s.push(buf);
-        }
-    });
-}
-
 #[derive(Default)]
 pub struct Channel {
     pub buf: BytesMut,
@@ -77,12 +46,12 @@ impl Channel {
     }
 
     /// Gives the memory back while the connection sits idle: to this thread's spares, for
-    /// the next channel's first read. In transaction mode a client gives its buffers back
-    /// after each transaction; allocating them anew each time was about 1,000 instructions
-    /// of a batched transaction's 19,000 (benches/instructions.sh).
+    /// the next channel's first read (`spares`). In transaction mode a client gives its
+    /// buffers back after each transaction; freeing and allocating them each time cost
+    /// about 350 instructions per transaction (benches/instructions.sh).
     pub fn shrink_if_empty(&mut self) {
         if self.buf.is_empty() && self.buf.capacity() > 0 {
-            keep_spare(std::mem::take(&mut self.buf));
+            crate::spares::give_buf(std::mem::take(&mut self.buf), FIRST_READ);
         }
     }
 
@@ -192,7 +161,7 @@ impl Channel {
             return Ok(None);
         }
         if self.buf.capacity() == 0 {
-            match spare_buf() {
+            match crate::spares::take_buf() {
                 Some(b) => self.buf = b,
                 None => self.buf.reserve(FIRST_READ),
             }
@@ -231,29 +200,29 @@ mod tests {
 
     #[test]
     fn an_emptied_buffer_is_kept_whole_for_the_next_read() {
-        while spare_buf().is_some() {}
+        while crate::spares::take_buf().is_some() {}
         let mut ch = drained(FIRST_READ);
         let at = ch.buf.as_ptr();
         ch.out.clear(); // written
         ch.shrink_if_empty();
         assert_eq!(ch.buf.capacity(), 0, "the channel gave it up");
-        let b = spare_buf().expect("kept");
+        let b = crate::spares::take_buf().expect("kept");
         assert!(b.is_empty());
         assert!(b.capacity() >= FIRST_READ);
         assert_eq!(b.as_ptr(), at.wrapping_sub(14), "from its start again");
-        assert!(spare_buf().is_none());
+        assert!(crate::spares::take_buf().is_none());
     }
 
     #[test]
     fn a_buffer_still_shared_or_large_is_not_kept() {
-        while spare_buf().is_some() {}
+        while crate::spares::take_buf().is_some() {}
         // the sealed chunk is not written yet: its bytes are still held
         let mut ch = drained(FIRST_READ);
         ch.shrink_if_empty();
-        assert!(spare_buf().is_none());
-        let mut ch = drained(4 * READ_CHUNK);
+        assert!(crate::spares::take_buf().is_none());
+        let mut ch = drained(crate::spares::MAX_BUF * 2);
         ch.out.clear();
         ch.shrink_if_empty();
-        assert!(spare_buf().is_none());
+        assert!(crate::spares::take_buf().is_none());
     }
 }

@@ -93,10 +93,18 @@ pub fn inspects_server(tag: u8) -> bool {
     matches!(tag, b'1' | b'3' | b'E')
 }
 
+crate::spares_of!(Expect);
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        crate::spares::give(std::mem::take(&mut self.expect));
+    }
+}
+
 impl Tracker {
     pub fn new(registry: Arc<Registry>, max_prepared: usize) -> Tracker {
         Tracker {
-            expect: VecDeque::new(),
+            expect: crate::spares::take(),
             stmts: ClientStatements::default(),
             registry,
             max_prepared,
@@ -104,6 +112,11 @@ impl Tracker {
             journal: None,
             custom_settings: Vec::new(),
         }
+    }
+
+    /// Gives the memory of its (empty) queue of answers back while its client idles.
+    pub fn shed(&mut self) {
+        crate::spares::give(std::mem::take(&mut self.expect));
     }
 
     /// Nothing owed: safe to hand the server back.
