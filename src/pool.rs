@@ -945,7 +945,9 @@ impl Pool {
     /// Takes back a clean, idle connection.
     fn put(self: &Arc<Self>, mut c: Conn) {
         let now = Instant::now();
-        if self.too_old(&c, now) {
+        // loaded once: this runs at the end of every transaction
+        let settings = self.settings.load();
+        if too_old(&settings, &c, now) {
             return self.discard(c);
         }
         c.last_used = now;
@@ -958,7 +960,7 @@ impl Pool {
             drop(s);
             return self.discard(c);
         }
-        if self.oversized(&s) {
+        if oversized(&settings, &s) {
             // the pool was made smaller (RELOAD, SET): closed without passing its slot on, so
             // the pool shrinks under load too
             s.servers.remove(&c.id);
@@ -966,7 +968,7 @@ impl Pool {
             drop(s);
             return c.close();
         }
-        if let Some(batch) = self.batch_for(&mut s, &c) {
+        if let Some(batch) = self.batch_for(&mut s, &c, settings.batch_size as usize) {
             drop(s);
             tokio::spawn(batch::drive(self.guard(c), batch));
             return;
@@ -993,8 +995,7 @@ impl Pool {
     /// A batch for the connection, when at least two clients at the front of the line
     /// offered their query and are in step with it: each is given a seat, and the batch
     /// goes to `batch::drive` with the connection.
-    fn batch_for(&self, s: &mut State, c: &ServerConn) -> Option<Batch> {
-        let max = self.settings.load().batch_size as usize;
+    fn batch_for(&self, s: &mut State, c: &ServerConn, max: usize) -> Option<Batch> {
         if max < 2 {
             return None;
         }
@@ -1031,8 +1032,7 @@ impl Pool {
     /// More connections open than the pool may keep (its size and reserve), as after a
     /// RELOAD or SET made it smaller.
     fn oversized(&self, s: &State) -> bool {
-        let settings = self.settings.load();
-        s.open > settings.size + settings.reserve_size
+        oversized(&self.settings.load(), s)
     }
 
     /// A released connection with a cancel on its way: held (counted in `open`, lent to no
@@ -1246,6 +1246,11 @@ impl Drop for PooledConn {
 }
 
 /// Past server_lifetime at `now`.
+/// More connections open than the pool's size and reserve (made smaller by RELOAD or SET).
+fn oversized(settings: &PoolSettings, s: &State) -> bool {
+    s.open > settings.size + settings.reserve_size
+}
+
 fn too_old(settings: &PoolSettings, c: &ServerConn, now: Instant) -> bool {
     settings
         .lifetime
