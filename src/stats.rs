@@ -776,7 +776,11 @@ impl ClientHandle {
 
     /// The client got server `server_id` after waiting since `since`.
     pub fn active(&self, since: Instant, server_id: u64, meter: &mut Meter) {
-        let now = Instant::now();
+        self.active_at(since, Instant::now(), server_id, meter);
+    }
+
+    /// `active`, with the clock read at `now` (a server lent at once: the wait's own start).
+    pub fn active_at(&self, since: Instant, now: Instant, server_id: u64, meter: &mut Meter) {
         self.info
             .stats
             .record_wait(now.saturating_duration_since(since));

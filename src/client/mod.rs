@@ -275,20 +275,21 @@ impl Session {
     fn unpark(&mut self) -> Box<Relay> {
         let (max_message, max_prepared) = {
             let g = &self.app.config().pgmux;
-            (g.max_message_size, g.max_prepared_statements)
+            (
+                g.max_message_size as usize,
+                g.max_prepared_statements as usize,
+            )
         };
-        let mut relay = Box::new(Relay::new(
-            max_message as usize,
-            self.mode == PoolMode::Transaction,
-            self.app.statements.clone(),
-            max_prepared as usize,
-        ));
+        let transaction_mode = self.mode == PoolMode::Transaction;
+        let idle_since = stats::mono_instant(self.parked.idle_since);
+        let mut relay = Box::new(Relay::bare(max_message, transaction_mode, idle_since));
+        relay.tracker = match self.parked.tracker.take() {
+            Some(t) => Some(*t),
+            None => (transaction_mode && max_prepared > 0)
+                .then(|| Tracker::new(self.app.statements.clone(), max_prepared)),
+        };
         relay.meter = Meter::new(self.login.pool.stats.clone());
         relay.whole_units = self.route.is_some();
-        relay.flow.idle_since = stats::mono_instant(self.parked.idle_since);
-        if let Some(t) = self.parked.tracker.take() {
-            relay.tracker = Some(*t);
-        }
         relay
     }
 
@@ -610,7 +611,8 @@ impl Session {
         if !in_step(&conn, &self.login.wants) {
             return Some((waiting_since, Some(conn)));
         }
-        self.attached(conn, waiting_since);
+        // lent at once: the wait began and ended at this reading of the clock
+        self.attached(conn, waiting_since, waiting_since);
         None
     }
 
@@ -750,7 +752,7 @@ impl Session {
         if let Some(relay) = self.relay.as_deref_mut() {
             relay.flow.idle_since = Instant::now();
         }
-        self.attached(conn, waiting_since);
+        self.attached(conn, waiting_since, Instant::now());
         Ok(())
     }
 
@@ -770,7 +772,7 @@ impl Session {
     }
 
     /// The server is the client's now.
-    fn attached(&mut self, conn: PooledConn, waiting_since: Instant) {
+    fn attached(&mut self, conn: PooledConn, waiting_since: Instant, now: Instant) {
         let retryable = self.route.as_ref().is_some_and(|r| r.retryable());
         self.login
             .client
@@ -787,7 +789,7 @@ impl Session {
         let client = &login.client;
         relay.meter.statements.server = Some(conn.addr);
         relay.attached(&conn.statements);
-        client.active(waiting_since, conn.id, &mut relay.meter);
+        client.active_at(waiting_since, now, conn.id, &mut relay.meter);
         if retryable {
             relay.serve_one_unit();
             relay.arm_retry();

@@ -230,8 +230,15 @@ impl Relay {
         registry: Arc<Registry>,
         max_prepared: usize,
     ) -> Relay {
-        let tracker =
+        let mut relay = Relay::bare(max_message, transaction_mode, Instant::now());
+        relay.tracker =
             (transaction_mode && max_prepared > 0).then(|| Tracker::new(registry, max_prepared));
+        relay
+    }
+
+    /// A relay without a statement tracker or a pool's statistics, its client last heard
+    /// from at `idle_since`.
+    pub fn bare(max_message: usize, transaction_mode: bool, idle_since: Instant) -> Relay {
         Relay {
             c2s: Channel::default(),
             s2c: Channel::default(),
@@ -240,7 +247,7 @@ impl Relay {
                 unsynced: false,
                 status: b'I',
                 terminated: false,
-                idle_since: Instant::now(),
+                idle_since,
                 last_was_execute: false,
                 syncs_since_execute: 0,
                 copy_done_sent: false,
@@ -248,7 +255,7 @@ impl Relay {
             },
             max_message,
             transaction_mode,
-            tracker,
+            tracker: None,
             meter: Meter::default(),
             session: SessionState::default(),
             keys: keys::Keys::default(),
