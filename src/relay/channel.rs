@@ -229,5 +229,21 @@ mod tests {
         ch.out.clear();
         ch.shrink_if_empty();
         assert!(crate::spares::take_buf().is_none());
+        // a small view left at the end of a large allocation, nothing else holding it
+        let mut ch = Channel::default();
+        ch.buf.reserve(1 << 20);
+        let fill = ch.buf.capacity() - 2 * FIRST_READ;
+        ch.buf.resize(fill, b'x');
+        ch.scanned = fill;
+        ch.seal(fill);
+        ch.out.clear();
+        assert_eq!(ch.buf.capacity(), 2 * FIRST_READ);
+        ch.shrink_if_empty();
+        let kept = crate::spares::take_buf();
+        assert!(
+            kept.is_none(),
+            "it would keep 1 MiB alive: {:?}",
+            kept.map(|b| b.capacity())
+        );
     }
 }
