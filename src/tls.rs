@@ -522,16 +522,33 @@ impl ClientStream {
     /// server: one that left is taken out of the line instead of being handed a server.
     /// Under TLS and on a Unix socket only the end of stream is seen.
     pub async fn hangup(&self, said_bye: bool) {
+        let mut spoke = false;
+        std::future::poll_fn(|cx| self.poll_hangup(cx, said_bye, &mut spoke)).await
+    }
+
+    /// `hangup` as a poll, so a wait can watch for it without allocating a future: `spoke`
+    /// is set once the client has sent something else, and from then on this stays
+    /// pending without looking again.
+    pub fn poll_hangup(&self, cx: &mut Context<'_>, said_bye: bool, spoke: &mut bool) -> Poll<()> {
         const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
+        if *spoke {
+            return Poll::Pending;
+        }
         let mut b = [0u8; 5];
+        let mut peek = |tcp: &TcpStream| {
+            let mut rb = ReadBuf::new(&mut b);
+            tcp.poll_peek(cx, &mut rb)
+        };
         let left = match self {
-            ClientStream::Plain(tcp) => match tcp.peek(&mut b).await {
+            ClientStream::Plain(tcp) => match std::task::ready!(peek(tcp)) {
                 Ok(0) | Err(_) => true,
-                Ok(n) => said_bye && b[..n] == TERMINATE[..n] && n == 5,
+                Ok(n) => said_bye && n == 5 && b == TERMINATE,
             },
-            ClientStream::Tls(tls) => matches!(tls.get_ref().0.peek(&mut b).await, Ok(0) | Err(_)),
+            ClientStream::Tls(tls) => {
+                matches!(std::task::ready!(peek(tls.get_ref().0)), Ok(0) | Err(_))
+            }
             ClientStream::Unix(unix) => loop {
-                if unix.readable().await.is_err() {
+                if std::task::ready!(unix.poll_read_ready(cx)).is_err() {
                     break true;
                 }
                 // (only the end of stream: peeked bytes come uninitialised-typed here)
@@ -546,9 +563,11 @@ impl ClientStream {
                 }
             },
         };
-        if !left {
-            std::future::pending::<()>().await;
+        if left {
+            return Poll::Ready(());
         }
+        *spoke = true;
+        Poll::Pending
     }
 }
 

@@ -685,7 +685,7 @@ impl Session {
             // closes them (they hold no server), as it closes idle ones
             _ = stopped(client, app) => return Err(shutdown_error().into()),
             // one that left is taken out of the line, not handed a server
-            _ = Box::pin(stream.hangup(said_bye)) => return Err(AttachError::Left),
+            _ = stream.hangup(said_bye) => return Err(AttachError::Left),
         };
         let mut conn = match conn {
             Some(Lease::Conn(c)) => c,
