@@ -25,24 +25,13 @@ pub fn take_buf() -> Option<BytesMut> {
     BUFS.try_with(|s| s.borrow_mut().pop()).ok().flatten()
 }
 
-/// Keeps an emptied buffer for `take_buf` if nothing else holds its memory (no chunk split
-/// off it is still held) and its whole allocation has room for `min` to MAX_BUF bytes. Only
-/// whole: a small view of a large allocation would keep all of it alive (an earlier
-/// version of these spares held 50 MB of RSS against 17 MB in the soak, docs/performance.md).
-pub fn give_buf(buf: BytesMut, min: usize) {
-    if !buf.is_empty() || buf.capacity() == 0 {
-        return;
-    }
-    let frozen = buf.freeze();
-    if !frozen.is_unique() {
-        return;
-    }
-    let Ok(mut buf) = frozen.try_into_mut() else {
-        return;
-    };
-    // the view becomes the whole allocation (this fails only if it is whole already)
-    let _ = buf.try_reclaim(buf.capacity() + 1);
-    if buf.capacity() < min || buf.capacity() > MAX_BUF {
+/// Keeps an emptied buffer for `take_buf` if it has, or can take back without allocating,
+/// room for `min` bytes. The caller vouches that its allocation is at most MAX_BUF
+/// (`relay::channel`): a small view of a large one would keep all of it alive, as an
+/// earlier version of these spares did (50 MB of RSS against 17 MB in the soak,
+/// docs/performance.md).
+pub fn give_buf(mut buf: BytesMut, min: usize) {
+    if !buf.is_empty() || !buf.try_reclaim(min) {
         return;
     }
     // a thread being torn down keeps nothing

@@ -24,6 +24,10 @@ pub struct Channel {
     pub scanner: Scanner,
     out: VecDeque<Bytes>,
     out_len: usize,
+    /// At least the size of any allocation `buf` has been a view of: only a buffer known to
+    /// be small goes to the spares, since a small view of a large allocation (the tail of a
+    /// large message) keeps all of it alive.
+    grown: usize,
 }
 
 impl Channel {
@@ -31,6 +35,8 @@ impl Channel {
     pub fn with_input(buf: BytesMut) -> Channel {
         Channel {
             buf,
+            // of unknown origin: never a spare
+            grown: usize::MAX,
             ..Channel::default()
         }
     }
@@ -51,7 +57,11 @@ impl Channel {
     /// about 350 instructions per transaction (benches/instructions.sh).
     pub fn shrink_if_empty(&mut self) {
         if self.buf.is_empty() && self.buf.capacity() > 0 {
-            crate::spares::give_buf(std::mem::take(&mut self.buf), FIRST_READ);
+            let buf = std::mem::take(&mut self.buf);
+            if self.grown <= crate::spares::MAX_BUF {
+                crate::spares::give_buf(buf, FIRST_READ);
+            }
+            self.grown = 0;
         }
     }
 
@@ -71,6 +81,7 @@ impl Channel {
     }
 
     /// Drops `n` scanned bytes from the front of `buf` (after a `seal`).
+    #[inline]
     pub fn skip(&mut self, n: usize) {
         self.buf.advance(n);
         self.scanned -= n;
@@ -109,9 +120,9 @@ impl Channel {
 
     /// Writes what is ready; Ok(true) when some bytes went out.
     // Inlined into the relay's loop, which calls it several times a transaction: left to
-    // the compiler, whether it was depended on unrelated changes (about 100 instructions
+    // the compiler, whether it was depended on unrelated changes (100 to 400 instructions
     // per transaction, benches/instructions.sh).
-    #[inline]
+    #[inline(always)]
     pub fn write_to<W: AsyncWrite + Unpin>(
         &mut self,
         cx: &mut Context<'_>,
@@ -156,7 +167,7 @@ impl Channel {
     }
 
     /// Reads more unless too much is waiting; Some(0) is end of stream, None nothing yet.
-    #[inline]
+    #[inline(always)]
     pub fn read_from<R: AsyncRead + Unpin>(
         &mut self,
         cx: &mut Context<'_>,
@@ -167,12 +178,15 @@ impl Channel {
         }
         if self.buf.capacity() == 0 {
             match crate::spares::take_buf() {
-                Some(b) => self.buf = b,
-                None => self.buf.reserve(FIRST_READ),
+                Some(b) => {
+                    self.buf = b;
+                    self.grown = self.grown.max(crate::spares::MAX_BUF);
+                }
+                None => self.grow(FIRST_READ),
             }
         }
         if self.buf.capacity() - self.buf.len() < 256 {
-            self.buf.reserve(READ_CHUNK);
+            self.grow(READ_CHUNK);
         }
         match tokio_util::io::poll_read_buf(Pin::new(r), cx, &mut self.buf) {
             Poll::Ready(Ok(n)) => Ok(Some(n)),
@@ -185,8 +199,14 @@ impl Channel {
     pub fn reserve_for(&mut self, need: usize) {
         let have = self.buf.len() - self.scanned;
         if need > have {
-            self.buf.reserve(need - have);
+            self.grow(need - have);
         }
+    }
+
+    /// Room for `n` more bytes: a new allocation, if any, is a whole one of `capacity()`.
+    fn grow(&mut self, n: usize) {
+        self.buf.reserve(n);
+        self.grown = self.grown.max(self.buf.capacity());
     }
 }
 
@@ -196,7 +216,7 @@ mod tests {
 
     fn drained(cap: usize) -> Channel {
         let mut ch = Channel::default();
-        ch.buf.reserve(cap);
+        ch.reserve_for(cap);
         ch.buf.extend_from_slice(b"Q\0\0\0\x0dSELECT 1\0");
         ch.scanned = ch.buf.len();
         ch.seal(ch.scanned);
@@ -231,7 +251,7 @@ mod tests {
         assert!(crate::spares::take_buf().is_none());
         // a small view left at the end of a large allocation, nothing else holding it
         let mut ch = Channel::default();
-        ch.buf.reserve(1 << 20);
+        ch.reserve_for(1 << 20);
         let fill = ch.buf.capacity() - 2 * FIRST_READ;
         ch.buf.resize(fill, b'x');
         ch.scanned = fill;
