@@ -1245,12 +1245,12 @@ impl Drop for PooledConn {
     }
 }
 
-/// Past server_lifetime at `now`.
 /// More connections open than the pool's size and reserve (made smaller by RELOAD or SET).
 fn oversized(settings: &PoolSettings, s: &State) -> bool {
     s.open > settings.size + settings.reserve_size
 }
 
+/// Past server_lifetime at `now`.
 fn too_old(settings: &PoolSettings, c: &ServerConn, now: Instant) -> bool {
     settings
         .lifetime

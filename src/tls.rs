@@ -529,7 +529,7 @@ impl ClientStream {
     /// `hangup` as a poll, so a wait can watch for it without allocating a future: `spoke`
     /// is set once the client has sent something else, and from then on this stays
     /// pending without looking again.
-    pub fn poll_hangup(&self, cx: &mut Context<'_>, said_bye: bool, spoke: &mut bool) -> Poll<()> {
+    fn poll_hangup(&self, cx: &mut Context<'_>, said_bye: bool, spoke: &mut bool) -> Poll<()> {
         const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
         if *spoke {
             return Poll::Pending;

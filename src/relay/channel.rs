@@ -17,6 +17,7 @@ pub const READ_CHUNK: usize = 16 * 1024;
 const FIRST_READ: usize = 512;
 /// Unwritten bytes in one direction beyond which its source is not read.
 pub const HIGH_WATER: usize = 64 * 1024;
+
 #[derive(Default)]
 pub struct Channel {
     pub buf: BytesMut,
