@@ -132,6 +132,7 @@ pub(super) struct Scan<'a> {
 }
 
 impl<'a> Scan<'a> {
+    #[inline(always)]
     pub(super) fn token(&mut self, tok: Tok<'a>) {
         if tok == Tok::Semi {
             statement(&self.head, self.n, &mut self.fx);

@@ -110,6 +110,7 @@ impl Default for Walk {
 
 impl Walk {
     /// `tok` spans `sql[before..end]` (with the whitespace and comments before it).
+    #[inline(always)]
     fn token<'a>(
         &mut self,
         sql: &'a str,
