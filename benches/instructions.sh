@@ -13,6 +13,7 @@
 #   CLIENTS=10 SMALL=100 LARGE=1100   pgbench -c and the two -t
 #   PGBENCH_ARGS="-S"                 the workload (e.g. "-S -M extended", or "" for TPC-B)
 #   PGMUX                             binary (default: cargo build --release)
+#   WORKERS=0                         pgmux's `workers` (1: one thread, as compare.sh WORKERS=1)
 #   BATCH_SIZE=16                     pgmux's server_batch_size (batches form only when
 #                                     CLIENTS outnumber the pool's 20 servers)
 #   DIR=/tmp/pgmux-instructions       state dir, removed at the end (KEEP=1 keeps it)
@@ -29,6 +30,7 @@ DIR=${DIR:-/tmp/pgmux-instructions}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 KEEP=${KEEP:-0}
 BATCH_SIZE=${BATCH_SIZE:-16}
+WORKERS=${WORKERS:-0}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 BENCH=instructions
@@ -71,6 +73,7 @@ listen_port = $PGMUX_PORT
 pool_mode = "transaction"
 default_pool_size = 20
 server_batch_size = $BATCH_SIZE
+workers = $WORKERS
 auth_type = "trust"
 metrics_listen_port = 0
 
