@@ -211,6 +211,18 @@ impl Walk {
     }
 }
 
+/// `u8::to_ascii_lowercase` as one load: every byte of every word of every statement goes
+/// through it.
+const LOWER: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = (i as u8).to_ascii_lowercase();
+        i += 1;
+    }
+    t
+};
+
 /// FNV-1a over the pieces, each closed by 0xFF (a byte UTF-8 text never contains).
 struct Hasher {
     h: u64,
@@ -246,7 +258,7 @@ impl<'a> Out<'a> for Hasher {
     fn piece(&mut self, _space: bool, p: Piece<'a>) {
         self.pieces += 1;
         match p {
-            Piece::Word(w) => w.bytes().for_each(|b| self.byte(b.to_ascii_lowercase())),
+            Piece::Word(w) => w.bytes().for_each(|b| self.byte(LOWER[b as usize])),
             Piece::Text(t) => t.bytes().for_each(|b| self.byte(b)),
             Piece::Const => self.byte(b'$'),
             Piece::List => self.byte(b'L'),
