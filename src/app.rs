@@ -4,7 +4,7 @@
 use crate::auth::lookup::SecretCache;
 use crate::auth::password::Secret;
 use crate::auth::VerifierCache;
-use crate::config::{Config, ConfigError, Database};
+use crate::config::{Config, ConfigError, Database, General, Seconds};
 use crate::pool::{DbLimit, Pool, PoolSettings};
 use crate::router::balance::DbRouter;
 use crate::server::ServerTarget;
@@ -60,6 +60,8 @@ struct PauseState {
 
 pub struct App {
     config: ArcSwap<Config>,
+    /// The client timeouts of `config`, read at every wake-up of every session.
+    pub timeouts: ClientTimeouts,
     /// Where the configuration came from, for SIGHUP and RELOAD.
     pub config_path: Option<PathBuf>,
     pub verifiers: VerifierCache,
@@ -100,6 +102,50 @@ pub struct App {
     pub auth_failures: AtomicU64,
 }
 
+/// The client timeouts in force, as plain atomics (nanoseconds, 0: off). Every session reads
+/// them at every wake-up (`client::Session::deadline`): from the configuration, a load and a
+/// float conversion of each cost more than the rest of that check.
+#[derive(Default)]
+pub struct ClientTimeouts {
+    query: AtomicU64,
+    idle_transaction: AtomicU64,
+    client_idle: AtomicU64,
+}
+
+impl ClientTimeouts {
+    fn set(&self, g: &General) {
+        let nanos = |s: Seconds| s.get().map_or(0, |d| d.as_nanos() as u64);
+        // config checks bound them (MAX_SECONDS), far below u64 nanoseconds
+        self.query.store(nanos(g.query_timeout), Ordering::Relaxed);
+        self.idle_transaction
+            .store(nanos(g.idle_transaction_timeout), Ordering::Relaxed);
+        self.client_idle
+            .store(nanos(g.client_idle_timeout), Ordering::Relaxed);
+    }
+
+    fn get(a: &AtomicU64) -> Option<Duration> {
+        match a.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(Duration::from_nanos(n)),
+        }
+    }
+
+    /// `query_timeout`.
+    pub fn query(&self) -> Option<Duration> {
+        Self::get(&self.query)
+    }
+
+    /// `idle_transaction_timeout`.
+    pub fn idle_transaction(&self) -> Option<Duration> {
+        Self::get(&self.idle_transaction)
+    }
+
+    /// `client_idle_timeout`.
+    pub fn client_idle(&self) -> Option<Duration> {
+        Self::get(&self.client_idle)
+    }
+}
+
 impl App {
     pub fn new(config: Config) -> Arc<App> {
         App::with_path(config, None)
@@ -109,8 +155,11 @@ impl App {
         crate::tls::install(&config.security);
         crate::queries::set_log_min_duration_ms(config.pgmux.log_min_duration_ms);
         crate::sockopts::configure(crate::sockopts::TcpOptions::from_config(&config.pgmux));
+        let timeouts = ClientTimeouts::default();
+        timeouts.set(&config.pgmux);
         Arc::new(App {
             config: ArcSwap::from_pointee(config),
+            timeouts,
             config_path,
             verifiers: VerifierCache::default(),
             auth_lookups: SecretCache::default(),
@@ -476,6 +525,7 @@ impl App {
         let new = Arc::new(new);
         crate::tls::install(&new.security);
         self.config.store(new.clone());
+        self.timeouts.set(&new.pgmux);
         crate::queries::set_log_min_duration_ms(new.pgmux.log_min_duration_ms);
         crate::sockopts::configure(crate::sockopts::TcpOptions::from_config(&new.pgmux));
 

@@ -234,6 +234,37 @@ async fn client_idle_timeout_disconnects_idle_clients() {
     assert!(c.simple_query("SELECT 1").await.is_err());
 }
 
+/// Timeouts set at run time (console SET, as RELOAD does) apply to the sessions already
+/// connected, from their next wake-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_set_from_the_console_applies() {
+    let db = "muxidleset";
+    let px = start(db, "admin_users = [\"postgres\"]", "");
+    let console = Console::connect(&px, "postgres", None).await;
+    let idle = connect(&px, db).await.unwrap();
+    idle.simple_query("SELECT 1").await.unwrap();
+    let in_tx = connect(&px, db).await.unwrap();
+    in_tx.simple_query("BEGIN").await.unwrap();
+    console
+        .client
+        .simple_query("SET client_idle_timeout = 0.3")
+        .await
+        .unwrap();
+    console
+        .client
+        .simple_query("SET idle_transaction_timeout = 0.3")
+        .await
+        .unwrap();
+    // each wakes once more (a statement) and then times out at the new limit
+    idle.simple_query("SELECT 2").await.unwrap();
+    in_tx.simple_query("SELECT 2").await.unwrap();
+    wait_until_async("idle client closed", WAIT, || async { idle.is_closed() }).await;
+    wait_until_async("idle-in-transaction client closed", WAIT, || async {
+        in_tx.is_closed()
+    })
+    .await;
+}
+
 /// A client that waited for a server longer than client_idle_timeout was not idle: it is
 /// served when the server comes, not disconnected with 57P05 at the hand-off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

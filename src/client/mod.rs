@@ -510,27 +510,25 @@ impl Session {
 
     /// When the client's idleness runs out, if a timeout applies now.
     fn deadline(&self) -> Option<Instant> {
-        let config = self.app.config();
-        let g = &config.pgmux;
+        let g = &self.app.timeouts;
         let Some(f) = self.relay.as_deref().map(|r| &r.flow) else {
             // parked: no server, nothing owed
             return g
-                .client_idle_timeout
-                .get()
+                .client_idle()
                 .map(|t| stats::mono_instant(self.parked.idle_since) + t);
         };
         let attached = self.has_server();
         let timeout = match attached {
             // a request unanswered since the client last sent: query_timeout
-            true if !f.quiet() => g.query_timeout.get(),
-            true if f.status != b'I' => g.idle_transaction_timeout.get(),
-            _ => g.client_idle_timeout.get(),
+            true if !f.quiet() => g.query(),
+            true if f.status != b'I' => g.idle_transaction(),
+            _ => g.client_idle(),
         };
         let idle = timeout.map(|t| f.idle_since + t);
         // The relay starts requests without waking the session, so with a server attached
         // and quiet, look again within query_timeout to time a request begun meanwhile.
         let recheck = match attached {
-            true if f.quiet() => g.query_timeout.get().map(|t| Instant::now() + t),
+            true if f.quiet() => g.query().map(|t| Instant::now() + t),
             _ => None,
         };
         match (idle, recheck) {
