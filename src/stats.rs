@@ -10,12 +10,12 @@
 use crate::cancel::{Cancel, CancelKey, CancelTarget};
 use crate::endpoint::ClientAddr;
 use crate::router::effects::PinReason;
-use futures_util::task::AtomicWaker;
 use prometheus::{Histogram, HistogramOpts};
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::task::Waker;
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
@@ -474,8 +474,10 @@ pub struct ClientInfo {
     cancel_asked: AtomicBool,
     /// Its query is in a batch, behind another client's (`batch::drive`).
     batch_queued: AtomicBool,
-    /// The session's task, woken by KILL and by a safe shutdown.
-    waker: AtomicWaker,
+    /// The session's task, woken by KILL, a safe shutdown and a cancel while it waits. Kept
+    /// once registered (waking does not take it), so the session registers once rather than
+    /// at every poll: two atomic read-modify-writes per poll of every session otherwise.
+    waker: Mutex<Option<Waker>>,
 }
 
 impl ClientInfo {
@@ -534,7 +536,7 @@ impl ClientInfo {
     /// Asks the client's session to end (KILL).
     pub fn kill(&self) {
         self.killed.store(true, Ordering::Release);
-        self.waker.wake();
+        self.wake();
     }
 
     /// A CancelRequest for a client waiting for a server: its session takes it out of line.
@@ -542,7 +544,7 @@ impl ClientInfo {
     fn ask_cancel(&self) {
         if self.state() == ClientState::Waiting {
             self.cancel_asked.store(true, Ordering::Release);
-            self.waker.wake();
+            self.wake();
         }
     }
 
@@ -575,7 +577,7 @@ impl ClientInfo {
     /// handed over just before it passes it on); otherwise the task is woken by
     /// `ask_cancel`.
     pub fn poll_cancel_asked(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        self.waker.register(cx.waker());
+        self.watch(cx.waker());
         if self.cancel_asked.load(Ordering::Acquire) {
             std::task::Poll::Ready(())
         } else {
@@ -585,14 +587,31 @@ impl ClientInfo {
 
     /// Wakes the session's task so it looks at the shutdown stage.
     pub fn wake(&self) {
-        self.waker.wake();
+        let task = self.waker.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(task) = task {
+            task.wake();
+        }
+    }
+
+    /// Has `kill`, `ask_cancel` and `wake` wake `task` from now on. Each of them wakes
+    /// whichever task registered last, so every caller must be the session's own task (whose
+    /// waker is the same at every poll).
+    fn watch(&self, task: &Waker) {
+        let mut slot = self.waker.lock().unwrap_or_else(|e| e.into_inner());
+        if !slot.as_ref().is_some_and(|w| w.will_wake(task)) {
+            *slot = Some(task.clone());
+        }
+    }
+
+    fn is_killed(&self) -> bool {
+        self.killed.load(Ordering::Acquire)
     }
 
     /// Ready once KILL was asked; otherwise the task is woken by `kill` and `wake`.
     pub fn poll_killed(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         // registered before the flag is read, so a kill in between still wakes the task
-        self.waker.register(cx.waker());
-        if self.killed.load(Ordering::Acquire) {
+        self.watch(cx.waker());
+        if self.is_killed() {
             std::task::Poll::Ready(())
         } else {
             std::task::Poll::Pending
@@ -734,7 +753,7 @@ impl ClientRegistry {
             killed: AtomicBool::new(false),
             cancel_asked: AtomicBool::new(false),
             batch_queued: AtomicBool::new(false),
-            waker: AtomicWaker::new(),
+            waker: Mutex::new(None),
         });
         stats.move_client(None, Some(ClientState::Idle));
         clients.by_pid.insert(ByPid(info.clone()));
@@ -816,6 +835,16 @@ impl ClientHandle {
 
     pub fn poll_killed(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         self.info.poll_killed(cx)
+    }
+
+    /// `poll_killed` in two steps, for the session's own polls: `watch` once (the task is
+    /// kept), then `is_killed` at each poll, a plain load.
+    pub fn watch(&self, cx: &mut std::task::Context<'_>) {
+        self.info.watch(cx.waker());
+    }
+
+    pub fn is_killed(&self) -> bool {
+        self.info.is_killed()
     }
 
     pub fn poll_cancel_asked(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {

@@ -557,6 +557,22 @@ async fn pause_holds_new_transactions_and_resume_releases_them() {
     assert_eq!(first(&busy.simple_query("SELECT 3").await.unwrap()), "3");
 }
 
+/// KILL closes at once a transaction-mode client that idles without a server: its session
+/// waits on its socket alone and is woken through the client registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_closes_an_idle_client_that_holds_no_server() {
+    let db = "obskillidle";
+    let s = start(db, "pool_mode = \"transaction\"", "");
+    let admin = console(&s.px).await;
+    let victim = connect(&s.px, "app", db).await.unwrap();
+    victim.simple_query("SELECT 1").await.unwrap();
+    admin.simple_query(&format!("KILL {db}")).await.unwrap();
+    wait_until_async("killed idle client closed", WAIT, || async {
+        victim.is_closed()
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_disconnects_a_databases_clients_and_reconnect_replaces_servers() {
     let db = "obskill";

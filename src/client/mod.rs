@@ -212,6 +212,9 @@ struct Session {
     seat: Option<Box<Seat>>,
     mode: PoolMode,
     closing: bool,
+    /// The task is registered for KILL and shutdown wake-ups (`ClientHandle::watch`): once
+    /// is enough, the registration stays.
+    watching: bool,
     /// Pin reason last shown in the client registry.
     pinned: Option<PinReason>,
     /// Read/write routing, for a database with replicas (see `router::session`).
@@ -245,6 +248,7 @@ impl Session {
             seat: None,
             mode,
             closing: false,
+            watching: false,
             pinned: None,
             route,
             timer: None,
@@ -448,7 +452,12 @@ impl Session {
     /// One look at everything a session waits for. KILL and a safe shutdown wake the task
     /// through the client registry, so an idle session waits on its socket alone.
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Wake> {
-        if self.login.client.poll_killed(cx).is_ready() {
+        // registered before the flag is read, so a kill in between still wakes the task
+        if !self.watching {
+            self.login.client.watch(cx);
+            self.watching = true;
+        }
+        if self.login.client.is_killed() {
             return Poll::Ready(Wake::Killed);
         }
         // the stage is read, not subscribed to: a safe shutdown wakes every session
