@@ -391,6 +391,18 @@ impl Meter {
         }
     }
 
+    /// [`Meter::statement`] for a text that recurs as it is (a Parse of the unnamed statement,
+    /// a tracked statement's at each Bind): fingerprinted through `router::memo`.
+    pub fn recurring_statement(&mut self, sql: &str) -> u64 {
+        match &self.stats {
+            Some(s) => {
+                let fp = crate::router::memo::lexed(sql).0;
+                self.statements.fingerprinted(&s.statements, sql, fp)
+            }
+            None => 0,
+        }
+    }
+
     /// [`Meter::statement`] with the fingerprint of `sql` already computed.
     pub fn fingerprinted(&mut self, sql: &str, fp: u64) -> u64 {
         match &self.stats {

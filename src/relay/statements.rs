@@ -9,7 +9,7 @@
 
 use super::channel::Channel;
 use crate::prepared::{self, ClientStatements, Held, Registry, ServerStatements, StmtDef};
-use crate::router::effects::{effects, Effects};
+use crate::router::effects::Effects;
 use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -232,7 +232,8 @@ impl Tracker {
             });
             let text =
                 prepared::split_parse(&body).map_or("", |(_, rest)| prepared::query_text(rest));
-            return effects(text);
+            // `Keys::parse` lexed the same text just before, through the memo
+            return crate::router::memo::lexed(text).1;
         };
         if let Some(existing) = self.stmts.get(name).cloned() {
             self.refuse_duplicate(name, &existing, start, end, c2s, server);
