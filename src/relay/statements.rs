@@ -199,7 +199,15 @@ impl Tracker {
         let end = c2s.scanned;
         let body = &c2s.buf[start + 5..end];
         let fx = match tag {
-            b'P' => self.on_parse(body.to_vec(), start, end, c2s, server, aborted),
+            // the unnamed statement's Parse goes as it is: its body needs no copy
+            b'P' => match prepared::split_parse(body) {
+                Some((name, _)) if !name.is_empty() => {
+                    self.on_parse(body.to_vec(), start, end, c2s, server, aborted)
+                }
+                parsed => {
+                    self.on_unnamed_parse(parsed.map_or("", |(_, rest)| prepared::query_text(rest)))
+                }
+            },
             b'B' => self.on_bind(start, end, c2s, server),
             b'D' => {
                 self.on_describe(start, end, c2s, server);
@@ -215,6 +223,16 @@ impl Tracker {
         fx
     }
 
+    fn on_unnamed_parse(&mut self, text: &str) -> Effects {
+        self.expect.push_back(Expect::Parse {
+            def: None,
+            ours: false,
+            name: None,
+        });
+        // `Keys::parse` lexed the same text just before, through the memo
+        crate::router::memo::lexed(text).1
+    }
+
     fn on_parse(
         &mut self,
         body: Vec<u8>,
@@ -225,15 +243,9 @@ impl Tracker {
         aborted: bool,
     ) -> Effects {
         let Some((name, rest)) = prepared::split_parse(&body).filter(|(n, _)| !n.is_empty()) else {
-            self.expect.push_back(Expect::Parse {
-                def: None,
-                ours: false,
-                name: None,
-            });
             let text =
                 prepared::split_parse(&body).map_or("", |(_, rest)| prepared::query_text(rest));
-            // `Keys::parse` lexed the same text just before, through the memo
-            return crate::router::memo::lexed(text).1;
+            return self.on_unnamed_parse(text);
         };
         if let Some(existing) = self.stmts.get(name).cloned() {
             self.refuse_duplicate(name, &existing, start, end, c2s, server);
