@@ -597,7 +597,8 @@ impl ClientInfo {
         }
     }
 
-    /// Wakes the session's task so it looks at the shutdown stage.
+    /// Wakes the session's task (the one `watch` keeps): for KILL, a cancel while it waits,
+    /// or a safe shutdown, whose stage it then reads.
     pub fn wake(&self) {
         let task = self.waker.lock().unwrap_or_else(|e| e.into_inner()).clone();
         if let Some(task) = task {
