@@ -1,8 +1,23 @@
 //! The statement classifier runs on every statement a client sends: its cost on the statements
 //! applications send most (short reads and writes, transaction control, an ORM-sized SELECT).
+//! In transaction mode every simple Query also goes through one lexer pass for SHOW QUERIES'
+//! fingerprint and the session-state scan: its cost on pgbench's TPC-B-like transaction.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use pgmux::router::classify;
+use pgmux::router::normalize::fingerprint_and_effects;
+
+/// pgbench's TPC-B-like transaction as its simple protocol sends it.
+const TPCB: &[&str] = &[
+    "BEGIN;",
+    "UPDATE pgbench_accounts SET abalance = abalance + -2311 WHERE aid = 463221;",
+    "SELECT abalance FROM pgbench_accounts WHERE aid = 463221;",
+    "UPDATE pgbench_tellers SET tbalance = tbalance + -2311 WHERE tid = 37;",
+    "UPDATE pgbench_branches SET bbalance = bbalance + -2311 WHERE bid = 4;",
+    "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) \
+     VALUES (37, 4, 463221, -2311, CURRENT_TIMESTAMP);",
+    "END;",
+];
 
 const STATEMENTS: &[(&str, &str)] = &[
     ("select_pk", "SELECT * FROM users WHERE id = $1"),
@@ -49,6 +64,17 @@ fn bench(c: &mut Criterion) {
             b.iter(|| classify(black_box(sql), black_box(&write_functions)))
         });
     }
+    g.finish();
+    let bytes: usize = TPCB.iter().map(|s| s.len()).sum();
+    let mut g = c.benchmark_group("lexer_pass");
+    g.throughput(Throughput::Bytes(bytes as u64));
+    g.bench_function("tpcb_transaction", |b| {
+        b.iter(|| {
+            for sql in TPCB {
+                black_box(fingerprint_and_effects(black_box(sql)));
+            }
+        })
+    });
     g.finish();
 }
 

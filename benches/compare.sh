@@ -19,7 +19,9 @@
 #
 # Settings (environment):
 #   T=15                 seconds per pgbench run
-#   REPEAT=1             pgbench rounds (each runs every workload against all three in turn);
+#   REPEAT=1             pgbench rounds (each runs every workload against all three in turn,
+#                        the proxies' order alternating by round; before each TPC-B-like run
+#                        the branches and tellers are vacuumed and the history emptied);
 #                        TPS and CPU are the median of the rounds. On a 2-core machine one run
 #                        differs from the next by up to ~15%: use 3 or more to compare
 #   WORKLOADS="S50 SX50 SP50 S500 TPCB50"   which pgbench rows to run: -S at 50 clients in
@@ -231,6 +233,15 @@ run_pgbench() {
   fi
 }
 
+# fresh_tables KEY: before a run of the TPC-B-like workload, what pgbench does unless given
+# -n (vacuum the branches and tellers, empty the history), so every run starts alike. Read-only
+# workloads leave the tables as they are.
+fresh_tables() {
+  [ "$1" = TPCB50 ] || return 0
+  as_pg "$PGBIN/psql" -X -q -h "$DIR/run" -p "$PG_PORT" -U postgres -d bench \
+    -c "VACUUM pgbench_branches" -c "VACUUM pgbench_tellers" -c "TRUNCATE pgbench_history" >/dev/null
+}
+
 per_ktx() {  # per_ktx TICKS TX -> ms per 1,000 transactions
   awk -v d="$1" -v hz="$CLK_TCK" -v tx="$2" 'BEGIN {printf "%.1f", d * 1000 / hz / (tx / 1000)}'
 }
@@ -381,9 +392,21 @@ main() {
   for r in $(seq "$REPEAT"); do
     for k in $WORKLOADS; do
       read -r -a args <<<"$(args_of "$k")"
+      fresh_tables "$k"
       run_pgbench direct "$PG_PORT" "" "$k" "${args[@]}"
-      run_pgbench pgbouncer "$BOUNCER_PORT" "$BOUNCER_PID" "$k" "${args[@]}"
-      run_pgbench pgmux "$PGMUX_PORT" "$PGMUX_PID" "$k" "${args[@]}"
+      # The two proxies take turns going first: a write workload slows as it runs (dead
+      # rows), so whoever always went second would always be measured on the worse tables.
+      if [ $((r % 2)) = 1 ]; then
+        fresh_tables "$k"
+        run_pgbench pgbouncer "$BOUNCER_PORT" "$BOUNCER_PID" "$k" "${args[@]}"
+        fresh_tables "$k"
+        run_pgbench pgmux "$PGMUX_PORT" "$PGMUX_PID" "$k" "${args[@]}"
+      else
+        fresh_tables "$k"
+        run_pgbench pgmux "$PGMUX_PORT" "$PGMUX_PID" "$k" "${args[@]}"
+        fresh_tables "$k"
+        run_pgbench pgbouncer "$BOUNCER_PORT" "$BOUNCER_PID" "$k" "${args[@]}"
+      fi
     done
   done
   settle
