@@ -144,6 +144,13 @@ impl ClientTimeouts {
     pub fn client_idle(&self) -> Option<Duration> {
         Self::get(&self.client_idle)
     }
+
+    /// Whether any of the three is set.
+    pub fn any(&self) -> bool {
+        [&self.query, &self.idle_transaction, &self.client_idle]
+            .iter()
+            .any(|a| a.load(Ordering::Relaxed) != 0)
+    }
 }
 
 impl App {

@@ -488,11 +488,16 @@ impl Session {
             server,
             seat,
             login,
+            app,
+            pinned,
             ..
         } = self
         else {
             return Poll::Pending;
         };
+        // read at every poll: a timeout set from the console applies from the next answer
+        relay.quiet_wanted = seat.is_some() || app.timeouts.any();
+        relay.pin_shown = *pinned;
         if let Some(seat) = seat.as_deref_mut() {
             let side = ServerSide {
                 stream: &mut seat.pipe,

@@ -188,6 +188,13 @@ pub struct Relay {
     /// The fingerprint and effects of the Query at the front of the input, found while its
     /// client waited (`client::batch_ticket`): the scan takes them instead of lexing again.
     pub prescanned: Option<(u64, Effects)>,
+    /// Set by the session before each poll: whether it acts on every `Event::Quiet` (a
+    /// client timeout is set, which starts or stops there, or it holds a batch's seat).
+    /// Otherwise a quiet server is reported only when the pin changed from `pin_shown`: in
+    /// a transaction of many statements each report cost the session a turn of its loop.
+    pub quiet_wanted: bool,
+    /// The pin the session shows (SHOW CLIENTS), set with `quiet_wanted`.
+    pub pin_shown: Option<PinReason>,
 }
 
 /// Session state a transaction-mode client left on its server.
@@ -265,6 +272,8 @@ impl Relay {
             whole_units: false,
             refused: None,
             prescanned: None,
+            quiet_wanted: true,
+            pin_shown: None,
         }
     }
 
@@ -781,7 +790,8 @@ impl Relay {
                 }
                 Ok(Step::NeedMore { reserve }) => {
                     ch.reserve_for(reserve);
-                    return quiet.then_some(Event::Quiet);
+                    let reported = self.quiet_wanted || self.session.pin != self.pin_shown;
+                    return (quiet && reported).then_some(Event::Quiet);
                 }
                 Err(e) => {
                     return Some(Event::ServerIo(io::Error::new(
