@@ -136,6 +136,7 @@ impl Drop for Recorder {
 
 impl Recorder {
     /// The fingerprint of `sql`, with its text in `table` (0: nothing to record).
+    #[cfg(test)]
     pub fn statement(&mut self, table: &QueryTable, sql: &str) -> u64 {
         self.fingerprinted(table, sql, normalize::fingerprint(sql))
     }

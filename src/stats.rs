@@ -383,17 +383,9 @@ impl Meter {
     }
 
     /// The fingerprint of a statement about to run (its text goes into the pool's table if
-    /// new); 0 when there is nothing to record.
+    /// new); 0 when there is nothing to record. Through `router::memo`: most texts recur, as
+    /// they are or with other numbers.
     pub fn statement(&mut self, sql: &str) -> u64 {
-        match &self.stats {
-            Some(s) => self.statements.statement(&s.statements, sql),
-            None => 0,
-        }
-    }
-
-    /// [`Meter::statement`] for a text that recurs as it is (a Parse of the unnamed statement,
-    /// a tracked statement's at each Bind): fingerprinted through `router::memo`.
-    pub fn recurring_statement(&mut self, sql: &str) -> u64 {
         match &self.stats {
             Some(s) => {
                 let fp = crate::router::memo::lexed(sql).0;

@@ -1113,7 +1113,7 @@ fn batch_ticket(relay: &mut Relay, login: &LoggedIn) -> Option<Ticket> {
     let query = relay.c2s.buf.first() == Some(&b'Q');
     let mut pre = None;
     let eligible = batch::eligible(&relay.c2s.buf, |text| {
-        let (fp, fx) = crate::router::normalize::fingerprint_and_effects(text);
+        let (fp, fx) = crate::router::memo::lexed(text);
         // the relay's scan of this very Query needs the same pass: it keeps this one
         pre = query.then_some((fp, fx));
         fx

@@ -52,9 +52,9 @@ impl Keys {
             return;
         };
         if name.is_empty() {
-            self.unnamed = meter.recurring_statement(prepared::query_text(rest));
+            self.unnamed = meter.statement(prepared::query_text(rest));
         } else if !tracked && (self.named.len() < MAX_NAMED || self.named.contains_key(name)) {
-            let fp = meter.recurring_statement(prepared::query_text(rest));
+            let fp = meter.statement(prepared::query_text(rest));
             self.named.insert(name.into(), fp);
         }
     }
@@ -65,9 +65,9 @@ impl Keys {
         self.bound = match prepared::bind_names(head) {
             Some((_, [], _)) => self.unnamed,
             Some((_, stmt, _)) => match tracked {
-                Some(stmts) => stmts.get(stmt).map_or(0, |d| {
-                    meter.recurring_statement(prepared::query_text(&d.body))
-                }),
+                Some(stmts) => stmts
+                    .get(stmt)
+                    .map_or(0, |d| meter.statement(prepared::query_text(&d.body))),
                 None => self.named.get(stmt).copied().unwrap_or(0),
             },
             None => 0,

@@ -16,7 +16,7 @@ use crate::prepared::{self, Registry, ServerStatements};
 use crate::protocol::messages::{is_frontend_type, parse_parameter_status};
 use crate::protocol::scan::{ScanError, Step};
 use crate::router::effects::{custom_setting_names, Effects, PinReason};
-use crate::router::normalize::fingerprint_and_effects;
+use crate::router::memo;
 use crate::stats::Meter;
 pub use channel::{Channel, HIGH_WATER, READ_CHUNK};
 use statements::Tracker;
@@ -554,11 +554,11 @@ impl Relay {
                         continue;
                     }
                     if transaction_mode {
-                        // both from one pass of the lexer, made already if the query was
-                        // looked at for a batch while its client waited
+                        // both from one pass of the lexer (or its memo), made already if the
+                        // query was looked at for a batch while its client waited
                         let (fp, fx) = match self.prescanned.take() {
                             Some(pre) if start == 0 && self.units == 0 => pre,
-                            _ => fingerprint_and_effects(text),
+                            _ => memo::lexed(text),
                         };
                         self.keys.query_fingerprinted(&mut self.meter, text, fp);
                         if fx.custom_settings {

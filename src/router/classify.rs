@@ -401,7 +401,7 @@ fn is_ident_start(b: u8) -> bool {
     CLASS[b as usize] & IDENT_START != 0
 }
 
-fn is_ident_char(b: u8) -> bool {
+pub(super) fn is_ident_char(b: u8) -> bool {
     CLASS[b as usize] & IDENT_CHAR != 0
 }
 
