@@ -522,6 +522,10 @@ impl ClientStream {
     /// server: one that left is taken out of the line instead of being handed a server.
     /// Under TLS and on a Unix socket only the end of stream is seen.
     pub async fn hangup(&self, said_bye: bool) {
+        if let ClientStream::Tls(tls) = self {
+            // boxed: only a TLS client's wait holds its timer
+            return Box::pin(tls_hangup(tls.get_ref().0)).await;
+        }
         let mut spoke = false;
         std::future::poll_fn(|cx| self.poll_hangup(cx, said_bye, &mut spoke)).await
     }
@@ -544,9 +548,8 @@ impl ClientStream {
                 Ok(0) | Err(_) => true,
                 Ok(n) => said_bye && n == 5 && b == TERMINATE,
             },
-            ClientStream::Tls(tls) => {
-                matches!(std::task::ready!(peek(tls.get_ref().0)), Ok(0) | Err(_))
-            }
+            // `tls_hangup`
+            ClientStream::Tls(_) => return Poll::Pending,
             ClientStream::Unix(unix) => loop {
                 if std::task::ready!(unix.poll_read_ready(cx)).is_err() {
                     break true;
@@ -569,6 +572,51 @@ impl ClientStream {
         *spoke = true;
         Poll::Pending
     }
+}
+
+/// How often a TLS client with unread records is looked at while it waits (`tls_hangup`).
+const TLS_HANGUP_CHECK: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// A TLS client's end of stream. Its unread bytes are records only rustls can read: data, or
+/// the close_notify a client sends just before it closes. While some wait in the socket its
+/// end of stream (a FIN behind them) shows in the connection's state alone, which is looked
+/// at every [`TLS_HANGUP_CHECK`].
+async fn tls_hangup(tcp: &TcpStream) {
+    let mut b = [0u8; 1];
+    loop {
+        match tcp.peek(&mut b).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) if peer_closed(tcp) => return,
+            Ok(_) => tokio::time::sleep(TLS_HANGUP_CHECK).await,
+        }
+    }
+}
+
+/// Whether the peer has closed its side of `tcp` (its FIN came), by the kernel's state of the
+/// connection: CLOSE_WAIT.
+#[cfg(target_os = "linux")]
+fn peer_closed(tcp: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    const TCP_CLOSE_WAIT: u8 = 8;
+    // SAFETY: tcp_info is plain integers, for which zeroes are valid, and the kernel writes
+    // at most `len` bytes of it
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    rc == 0 && info.tcpi_state == TCP_CLOSE_WAIT
+}
+
+#[cfg(not(target_os = "linux"))]
+fn peer_closed(_: &TcpStream) -> bool {
+    false
 }
 
 /// A client whose encryption is settled, and the first packet it sent after that.

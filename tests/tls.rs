@@ -110,6 +110,11 @@ host all app 0.0.0.0/0 scram-sha-256
 /// pgmux with client TLS in `mode`, the test CA for client certificates, and (when `hba`)
 /// the rules above.
 fn start(mode: &str, hba: bool) -> Pgmux {
+    start_with(mode, hba, "")
+}
+
+/// [`start`] with more settings for the `[pgmux]` section.
+fn start_with(mode: &str, hba: bool, general: &str) -> Pgmux {
     let pg = PgCluster::shared();
     let pki = pki();
     let hba_line = if hba {
@@ -145,6 +150,7 @@ client_tls_cert_file = "{cert}"
 client_tls_key_file = "{key}"
 client_tls_ca_file = "{ca}"
 {hba_line}
+{general}
 {users}
 [[databases]]
 name = "app"
@@ -882,4 +888,89 @@ fn a_server_with_an_x509_v1_certificate_under_require() {
             "{mode}"
         );
     }
+}
+
+/// A TLS connection to pgmux (by SSLRequest) that a client speaks through the returned
+/// stream, and a sender that ends it as a TLS client closes: close_notify, then FIN.
+async fn tls_pipe(px: &Pgmux) -> (tokio::io::DuplexStream, tokio::sync::oneshot::Sender<()>) {
+    let mut tcp = TcpStream::connect(("127.0.0.1", px.port)).await.unwrap();
+    tcp.write_all(&SSL_REQUEST).await.unwrap();
+    let mut b = [0u8; 1];
+    tcp.read_exact(&mut b).await.unwrap();
+    assert_eq!(b[0], b'S', "pgmux declined SSLRequest");
+    let tls = tokio_rustls::TlsConnector::from(client_config(None, false))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    let (close, closed) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (mut tls_r, mut tls_w) = tokio::io::split(tls);
+        let (mut r, mut w) = tokio::io::split(theirs);
+        tokio::select! {
+            _ = tokio::io::copy(&mut tls_r, &mut w) => {}
+            _ = tokio::io::copy(&mut r, &mut tls_w) => {}
+            _ = closed => {}
+        }
+        let _ = tls_r.unsplit(tls_w).shutdown().await;
+    });
+    (ours, close)
+}
+
+/// A TLS client that closes cleanly (close_notify, then FIN) while its query waits for a
+/// server leaves the line at once, as a plain one does: the close_notify it sent, which pgmux
+/// has not read, is not taken for more of its request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_tls_client_that_closes_leaves_the_line() {
+    let px = start_with("prefer", false, "admin_users = [\"app\"]");
+    let console = common::probe::Console::connect(&px, "app", Some(PW)).await;
+    let waiting = |n: i64| {
+        let console = &console;
+        async move {
+            console
+                .pool("app")
+                .await
+                .is_some_and(|p| p["cl_waiting"] == n)
+        }
+    };
+    // the pool's two servers held in transactions
+    let mut holders = Vec::new();
+    for _ in 0..2 {
+        let (c, conn) = tokio_postgres::connect(&px.conn_str("app", "app", Some(PW)), NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        c.simple_query("BEGIN; SELECT 1").await.unwrap();
+        holders.push(c);
+    }
+    let (stream, close) = tls_pipe(&px).await;
+    let mut config = tokio_postgres::Config::new();
+    config
+        .user("app")
+        .dbname("app")
+        .password(PW)
+        .ssl_mode(SslMode::Disable);
+    let (client, conn) = config.connect_raw(stream, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let query = tokio::spawn(async move { client.simple_query("SELECT 1").await });
+    common::wait_until_async("the TLS client in line", Duration::from_secs(30), || {
+        waiting(1)
+    })
+    .await;
+    close.send(()).unwrap();
+    common::wait_until_async(
+        "the TLS client out of line",
+        Duration::from_secs(30),
+        || waiting(0),
+    )
+    .await;
+    assert!(
+        query.await.unwrap().is_err(),
+        "the query of a client that left was answered"
+    );
+    for c in &holders {
+        c.simple_query("COMMIT").await.unwrap();
+    }
+    let p = console.wait_idle("app", 2).await;
+    assert_eq!(p["sv_active"], 0, "{p:?}");
 }
