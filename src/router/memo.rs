@@ -21,7 +21,7 @@ use super::normalize::fingerprint_and_effects;
 use std::cell::RefCell;
 
 /// Keys kept per thread, one per slot (chosen by the key's hash).
-const SLOTS: usize = 64;
+const SLOTS: usize = 256;
 /// Longest text kept: longer ones are lexed each time (and are rarer).
 const MAX_TEXT: usize = 512;
 
