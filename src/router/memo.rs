@@ -103,35 +103,40 @@ fn masked_into(sql: &[u8], key: &mut Vec<u8>) -> bool {
     let mut copied = 0;
     let mut i = 0;
     while i < sql.len() {
-        // eight bytes without a digit or a quote at a time: most of a statement
-        if let Some(w) = sql.get(i..i + 8) {
-            if !has_digit_or_quote(u64::from_le_bytes(w.try_into().expect("eight bytes"))) {
-                i += 8;
-                continue;
-            }
-        }
-        // otherwise those eight (or the last few) one by one
-        let end = sql.len().min(i + 8);
-        while i < end {
-            let b = sql[i];
-            if b == b'"' {
-                return false;
-            }
-            if !b.is_ascii_digit() || (i > 0 && is_ident_char(sql[i - 1])) {
+        // to the next digit or quote, eight bytes at a time: most of a statement has none
+        match sql.get(i..i + 8) {
+            Some(w) => match first_digit_or_quote(u64::from_le_bytes(w.try_into().expect("8"))) {
+                None => {
+                    i += 8;
+                    continue;
+                }
+                Some(at) => i += at,
+            },
+            // the last few bytes one by one
+            None if !(sql[i].is_ascii_digit() || sql[i] == b'"') => {
                 i += 1;
                 continue;
             }
-            if !masked {
-                key.clear();
-                masked = true;
-            }
-            key.extend_from_slice(&sql[copied..i]);
-            key.push(DIGITS);
-            while i < sql.len() && sql[i].is_ascii_digit() {
-                i += 1;
-            }
-            copied = i;
+            None => {}
         }
+        if sql[i] == b'"' {
+            return false;
+        }
+        let run = i;
+        while i < sql.len() && sql[i].is_ascii_digit() {
+            i += 1;
+        }
+        if run > 0 && is_ident_char(sql[run - 1]) {
+            // part of a word (`t1`) or a parameter (`$1`): kept as written
+            continue;
+        }
+        if !masked {
+            key.clear();
+            masked = true;
+        }
+        key.extend_from_slice(&sql[copied..run]);
+        key.push(DIGITS);
+        copied = i;
     }
     if masked {
         key.extend_from_slice(&sql[copied..]);
@@ -139,9 +144,9 @@ fn masked_into(sql: &[u8], key: &mut Vec<u8>) -> bool {
     masked
 }
 
-/// Whether one of the eight bytes of `w` is an ASCII digit or `"` (bitwise, per byte; a byte
-/// of 0x80 or more is neither).
-fn has_digit_or_quote(w: u64) -> bool {
+/// Which of the eight bytes of `w` (little-endian) is the first ASCII digit or `"`, if any
+/// (bitwise, per byte; a byte of 0x80 or more is neither).
+fn first_digit_or_quote(w: u64) -> Option<usize> {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
     let ascii = !w & HIGH;
@@ -150,9 +155,11 @@ fn has_digit_or_quote(w: u64) -> bool {
     let at_least_0 = low7 + ONES * (0x80 - b'0' as u64);
     let above_9 = low7 + ONES * (0x7F - b'9' as u64);
     let digit = at_least_0 & !above_9 & ascii;
+    // a zero byte of w ^ "...": exact at the lowest one (a borrow only runs up from a zero)
     let q = w ^ (ONES * b'"' as u64);
     let quote = q.wrapping_sub(ONES) & !q & HIGH;
-    digit | quote != 0
+    let found = digit | quote;
+    (found != 0).then(|| (found.trailing_zeros() / 8) as usize)
 }
 
 /// A multiply-rotate hash eight bytes at a time: it only spreads texts over the slots.
@@ -182,7 +189,7 @@ mod tests {
     }
 
     #[test]
-    fn eight_bytes_are_told_to_hold_a_digit_or_quote_as_each_byte_alone_is() {
+    fn the_first_digit_or_quote_of_eight_bytes_is_found_as_byte_by_byte() {
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         for n in 0..200_000u64 {
             seed ^= seed << 13;
@@ -202,8 +209,8 @@ mod tests {
             let alone = w
                 .to_le_bytes()
                 .iter()
-                .any(|b| b.is_ascii_digit() || *b == b'"');
-            assert_eq!(has_digit_or_quote(w), alone, "{w:#018x}");
+                .position(|b| b.is_ascii_digit() || *b == b'"');
+            assert_eq!(first_digit_or_quote(w), alone, "{w:#018x}");
         }
     }
 
