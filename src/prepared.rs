@@ -218,12 +218,16 @@ impl ServerStatements {
     }
 }
 
-/// The query text at the start of a Parse body after the name (or of a Query body); text
-/// that is not UTF-8 reads as empty, which the effects reader treats as harmless.
+/// What a query text that is not UTF-8 reads as. A database in SQL_ASCII takes any bytes, so
+/// such a text may well change the session; this reads as an unterminated comment, which
+/// every scan takes as unreadable (its client keeps its server, `PinReason::Unreadable`),
+/// and SHOW QUERIES shows as it is.
+pub const NOT_UTF8: &str = "/* query text not valid UTF-8";
+
+/// The query text at the start of a Parse body after the name (or of a Query body), or
+/// [`NOT_UTF8`]; empty when the body has no terminated text.
 pub fn query_text(mut body: &[u8]) -> &str {
-    take_cstr(&mut body)
-        .and_then(|q| std::str::from_utf8(q).ok())
-        .unwrap_or("")
+    take_cstr(&mut body).map_or("", |q| std::str::from_utf8(q).unwrap_or(NOT_UTF8))
 }
 
 /// The statement name a Parse body names, and the rest (query and types).
@@ -274,6 +278,18 @@ pub fn close_statement(out: &mut BytesMut, id: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_text_that_is_not_utf8_reads_as_unreadable() {
+        assert_eq!(query_text(b"SELECT 1\0\0\0"), "SELECT 1");
+        assert_eq!(query_text(b"SELECT 1"), "");
+        let text = query_text(b"SET search_path = a /* \xff */\0\0\0");
+        assert_eq!(text, NOT_UTF8);
+        assert_eq!(
+            crate::router::effects::effects(text).pin,
+            Some(crate::router::effects::PinReason::Unreadable)
+        );
+    }
 
     #[test]
     fn names_and_bodies() {

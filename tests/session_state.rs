@@ -389,3 +389,35 @@ async fn a_reset_query_that_leaves_a_transaction_open_closes_the_server() {
         );
     }
 }
+
+/// A database in SQL_ASCII takes query texts that are not UTF-8. pgmux cannot read what such
+/// a text does to the session, so its client keeps its server (pinned "unreadable") rather
+/// than handing on a server whose settings it changed unseen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_text_that_is_not_utf8_pins_its_client() {
+    use std::io::Write;
+    let db = "ss_sql_ascii";
+    let pg = PgCluster::shared();
+    let exists = format!("select count(*) from pg_database where datname = '{db}'");
+    if pg.primary().psql("postgres", &exists) != "1" {
+        pg.primary().psql(
+            "postgres",
+            &format!(
+                "CREATE DATABASE {db} OWNER app ENCODING 'SQL_ASCII' LC_COLLATE 'C' \
+                 LC_CTYPE 'C' TEMPLATE template0"
+            ),
+        );
+    }
+    let px = start(db, 2);
+    let admin = connect(&px, "postgres", "pgmux").await;
+    let (mut s, _) = common::raw::login(px.port, "app", db);
+    // a setting changed in a statement with a byte that is not UTF-8 (in a comment)
+    let sql = b"SET search_path = pg_catalog /* \xff */\0";
+    s.write_all(&common::raw::msg(b'Q', sql)).unwrap();
+    let answer = common::raw::until_ready(&mut s);
+    assert_eq!(common::raw::error_code(&answer), None, "{answer:?}");
+    wait_until_async("the client pinned", Duration::from_secs(30), || async {
+        pinned(&admin, db).await == vec!["unreadable".to_string()]
+    })
+    .await;
+}
