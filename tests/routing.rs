@@ -1418,6 +1418,99 @@ async fn a_query_after_a_flushed_unit_ends_it() {
     }
 }
 
+/// asyncpg's `copy_records_to_table`: Parse and Describe of a `SELECT` of the table, Flush,
+/// then `COPY ... FROM STDIN` as a Query. The read goes to a replica; the Query must not (a
+/// standby refuses it with 25006): pgmux ends the read with a Sync of its own, whose
+/// ReadyForQuery the client never sees, and routes the Query on its own. A write Query after
+/// a flushed read reaches the primary the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_after_a_flushed_read_reaches_the_primary() {
+    use common::raw::{error_code, login, msg, query, read_msg, until_ready};
+    use std::io::Write;
+    let cluster = PgCluster::shared_with_replicas();
+    let px = start(cluster, "", "consistency = \"eventual\"");
+    warm_up(&px, cluster).await;
+    let (primary, replicas) = ports(cluster);
+    let c = connect(&px, "app").await;
+    c.simple_query("CREATE TABLE IF NOT EXISTS flushed_copy (a int, port int)")
+        .await
+        .unwrap();
+    // the Describe below must find the table on whichever replica it reaches
+    for r in cluster.replicas() {
+        wait_until_async("the table on the replica", WAIT, || async {
+            r.try_psql("app", "SELECT 1 FROM flushed_copy LIMIT 1")
+                .is_ok()
+        })
+        .await;
+    }
+    let (mut s, _) = login(px.port, "app", "app");
+    let until = |s: &mut std::net::TcpStream, tag: u8| {
+        let mut got = Vec::new();
+        while let Some(m) = read_msg(s) {
+            let done = m.0 == tag;
+            got.push(m);
+            if done {
+                break;
+            }
+        }
+        got
+    };
+    let describe_port = |s: &mut std::net::TcpStream| {
+        let mut out = msg(
+            b'P',
+            b"\0SELECT a, inet_server_port() FROM flushed_copy LIMIT 1\0\0\0",
+        );
+        out.extend(msg(b'D', b"S\0"));
+        out.extend(msg(b'H', b""));
+        s.write_all(&out).unwrap();
+        let got: Vec<u8> = until(s, b'T').iter().map(|m| m.0).collect();
+        assert_eq!(got, b"1tT", "the Describe, answered from the Flush");
+    };
+    for round in 0..3 {
+        describe_port(&mut s);
+        s.write_all(&query("COPY flushed_copy (a) FROM STDIN"))
+            .unwrap();
+        let got = until(&mut s, b'G');
+        assert_eq!(error_code(&got), None, "round {round}: {got:?}");
+        let mut out = msg(b'd', format!("{round}\n").as_bytes());
+        out.extend(msg(b'c', b""));
+        s.write_all(&out).unwrap();
+        let answers = until_ready(&mut s);
+        let tags: Vec<u8> = answers.iter().map(|m| m.0).collect();
+        assert_eq!(tags, b"CZ", "round {round}: {answers:?}");
+        assert_eq!(answers[0].1, b"COPY 1\0");
+
+        describe_port(&mut s);
+        s.write_all(&query(
+            "INSERT INTO flushed_copy VALUES (-1, inet_server_port()) RETURNING port",
+        ))
+        .unwrap();
+        let answers = until_ready(&mut s);
+        assert_eq!(error_code(&answers), None, "{answers:?}");
+        let tags: Vec<u8> = answers.iter().map(|m| m.0).collect();
+        assert_eq!(tags, b"TDCZ", "one ReadyForQuery, the Query's: {answers:?}");
+        let row = &answers[1].1;
+        let port: u16 = std::str::from_utf8(&row[6..]).unwrap().parse().unwrap();
+        assert_eq!(port, primary, "round {round}");
+
+        // a read Query after a flushed read is still answered, by a replica
+        describe_port(&mut s);
+        s.write_all(&query("SELECT inet_server_port()")).unwrap();
+        let answers = until_ready(&mut s);
+        let tags: Vec<u8> = answers.iter().map(|m| m.0).collect();
+        assert_eq!(tags, b"TDCZ", "{answers:?}");
+        let port: u16 = std::str::from_utf8(&answers[1].1[6..])
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(replicas.contains(&port), "{port}");
+    }
+    let copied = cluster
+        .primary()
+        .psql("app", "SELECT count(*) FROM flushed_copy WHERE a >= 0");
+    assert!(copied.parse::<u32>().unwrap() >= 3, "{copied}");
+}
+
 /// A primary that refuses the login (its password changed under pgmux) is not a restart to
 /// wait through: writes fail at once, with the server's reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,6 +18,7 @@ use crate::protocol::scan::{ScanError, Step};
 use crate::router::effects::{custom_setting_names, Effects, PinReason};
 use crate::router::memo;
 use crate::stats::Meter;
+use bytes::Bytes;
 pub use channel::{Channel, HIGH_WATER, READ_CHUNK};
 use statements::Tracker;
 use std::io;
@@ -28,6 +29,9 @@ use tokio::time::Instant;
 
 /// Rounds of work in one poll before yielding to other tasks.
 const POLL_BUDGET: u32 = 32;
+
+/// A Sync message, as pgmux sends it to end a flushed read unit (`end_flushed_read`).
+const SYNC: &[u8] = b"S\0\0\0\x04";
 
 /// What the session must act on.
 #[derive(Debug)]
@@ -179,6 +183,11 @@ pub struct Relay {
     one_unit: bool,
     /// Units (Query, Sync, FunctionCall) scanned since the server was attached.
     units: u32,
+    /// pgmux sent a Sync of its own to end a flushed read unit (`end_flushed_read`): the
+    /// next ReadyForQuery is its answer, not the client's.
+    own_sync: bool,
+    /// An ErrorResponse came since the last ReadyForQuery: the server skips to the next Sync.
+    unit_failed: bool,
     /// Read/write splitting: an extended-protocol unit is routed once it is whole (its Sync,
     /// or a Flush, has arrived), so a write behind a read in the same unit is seen.
     pub whole_units: bool,
@@ -269,6 +278,8 @@ impl Relay {
             retry: retry::Retry::default(),
             one_unit: false,
             units: 0,
+            own_sync: false,
+            unit_failed: false,
             whole_units: false,
             refused: None,
             prescanned: None,
@@ -282,6 +293,8 @@ impl Relay {
         self.flow.status = b'I';
         self.one_unit = false;
         self.units = 0;
+        self.own_sync = false;
+        self.unit_failed = false;
         if let Some(t) = self.tracker.as_mut() {
             t.attach(statements);
         }
@@ -322,6 +335,8 @@ impl Relay {
         f.syncs_since_execute = 0;
         f.copy_done_sent = false;
         f.copy_in = false;
+        self.own_sync = false;
+        self.unit_failed = false;
         // requests in flight on the lost server are counted again when replayed
         self.meter.statements.forget_pending();
         Some(())
@@ -509,11 +524,19 @@ impl Relay {
             if ch.scanner.at_boundary() {
                 // refused before it is scanned: what went before may still be answered and
                 // the server kept (a session-mode client's goes back to the pool)
+                let mut query_next = false;
                 if let Some(head) = ch.buf.get(ch.scanned..ch.scanned + 5) {
                     check_header(head, self.max_message)?;
+                    query_next = head[0] == b'Q';
                 }
+                if query_next && self.flushed_read_open() {
+                    self.end_flushed_read(server.statements);
+                    return Ok(());
+                }
+                let ch = &self.c2s;
                 big_bind = tracking && big_bind_named(&ch.buf[ch.scanned..]);
             }
+            let ch = &mut self.c2s;
             let step = ch.scanner.step(
                 &ch.buf,
                 &mut ch.scanned,
@@ -623,6 +646,40 @@ impl Relay {
                     None => t.client_passed(tag, server.statements),
                 }
             }
+        }
+    }
+
+    /// A replica lent for one read unit has answered that unit up to a Flush, without its
+    /// Sync, and nothing failed (asyncpg prepares a `SELECT` of the table this way before
+    /// its `COPY ... FROM STDIN`). A Query now would end the unit on the replica.
+    fn flushed_read_open(&self) -> bool {
+        let f = &self.flow;
+        self.one_unit
+            && self.units == 0
+            && f.unsynced
+            && f.pending == 0
+            && !f.last_was_execute
+            && !f.copy_in
+            && !self.unit_failed
+            && !self.own_sync
+            && !self.retry.is_armed()
+            && self.session.pin.is_none()
+    }
+
+    /// Ends the flushed read unit with a Sync of pgmux's own, so the Query behind it is
+    /// routed on its own once the replica goes back: a write must reach the primary. The
+    /// Query drops the unnamed statement and ends the unit's implicit transaction on
+    /// PostgreSQL anyway, so nothing the client could still use stays behind on the replica
+    /// (named statements are the tracker's to prepare wherever they are used).
+    fn end_flushed_read(&mut self, statements: &ServerStatements) {
+        self.c2s.insert(Bytes::from_static(SYNC));
+        let f = &mut self.flow;
+        f.pending += 1;
+        f.unsynced = false;
+        self.units += 1;
+        self.own_sync = true;
+        if let Some(t) = self.tracker.as_mut() {
+            t.client_passed(b'S', statements);
         }
     }
 
@@ -761,6 +818,7 @@ impl Relay {
                         return Some(Event::ServerFailed(format!("{}: {}", e.code, e.message)));
                     }
                     self.meter.error(body);
+                    self.unit_failed = true;
                     (b'E', start)
                 }
                 Ok(Step::Message {
@@ -809,17 +867,31 @@ impl Relay {
             }
             if let Some(t) = self.tracker.as_mut() {
                 t.server_message(tag, start, &mut self.s2c, server.statements);
+            }
+            // the answer to pgmux's own Sync, the last thing the server was sent
+            let own = tag == b'Z' && self.own_sync && self.flow.pending == 1;
+            if own {
+                let ch = &mut self.s2c;
+                let end = ch.scanned;
+                ch.seal(start);
+                ch.skip(end - start);
+                self.own_sync = false;
+            }
+            if let Some(t) = self.tracker.as_mut() {
                 t.answer_ready(&mut self.s2c);
             }
             if tag == b'Z' {
+                self.unit_failed = false;
                 self.flow.pending = self.flow.pending.saturating_sub(1);
                 if self.flow.quiet() {
                     // the unit is answered in full: it goes to the client now
                     self.retry.disarm();
                 }
                 let now = Instant::now();
-                self.meter
-                    .ready(self.flow.status, self.flow.pending > 0, now);
+                if !own {
+                    self.meter
+                        .ready(self.flow.status, self.flow.pending > 0, now);
+                }
                 self.flow.idle_since = now;
                 if self.transaction_mode && self.session.pin.is_none() && self.server_clean() {
                     // whatever follows belongs to the server, not to this client
