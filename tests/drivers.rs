@@ -2,7 +2,8 @@
 //! clients each, so statements really move between servers: psycopg 3 (every statement
 //! prepared, pipeline mode), asyncpg (statement cache on), node-postgres (named queries),
 //! pgjdbc (prepareThreshold=1), PHP's PDO (server-side prepares, deallocated with SQL). Each
-//! script checks results, not only the absence of errors.
+//! script checks results, not only the absence of errors. Each runs twice: against a primary
+//! alone, and with reads split off to two streaming replicas.
 //! `.ci/run` installs the drivers; tests/drivers/ holds the scripts.
 
 mod common;
@@ -16,12 +17,72 @@ const CLIENTS: &str = "20";
 
 fn start() -> Pgmux {
     let pg = PgCluster::shared();
-    Pgmux::start(&format!(
+    Pgmux::start(&config(pg.primary().port, ""))
+}
+
+/// pgmux in front of a primary with two streaming replicas, reads split off to them: the
+/// same scripts, their statements now moving between servers of different kinds as well.
+fn start_split() -> Pgmux {
+    let cluster = PgCluster::shared_with_replicas();
+    let replicas: Vec<String> = cluster
+        .replicas()
+        .iter()
+        .map(|r| format!("{{ host = \"127.0.0.1\", port = {} }}", r.port))
+        .collect();
+    // lag limits out of reach: other tests write to the shared cluster
+    let split = format!(
+        "read_write_split = true\nreplicas = [ {} ]\n\
+         max_replica_lag_bytes = 1099511627776\nmax_replica_lag_ms = 3600000\n",
+        replicas.join(", ")
+    );
+    Pgmux::start(&config(cluster.primary().port, &split))
+}
+
+/// The reads of a `start_split` pgmux reached the replicas: its pooled connections to them
+/// are still open (server_idle_timeout is long); the host monitor's, which also log in as
+/// app, last ran its check.
+fn assert_replicas_served() {
+    let cluster = PgCluster::shared_with_replicas();
+    let backends: u32 = cluster
+        .replicas()
+        .iter()
+        .map(|r| {
+            r.psql(
+                "postgres",
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' AND datname = 'app' \
+                 AND query NOT LIKE '%pg_is_in_recovery%'",
+            )
+            .parse::<u32>()
+            .unwrap()
+        })
+        .sum();
+    assert!(backends > 0, "no connection of app's on a replica");
+}
+
+/// A driver's test against a primary alone (`start`) and against one with replicas
+/// (`start_split`), where its reads must reach the replicas.
+macro_rules! both_topologies {
+    ($alone:ident, $split:ident, $check:ident) => {
+        #[test]
+        fn $alone() {
+            $check(&start());
+        }
+
+        #[test]
+        fn $split() {
+            let px = start_split();
+            $check(&px);
+            assert_replicas_served();
+        }
+    };
+}
+
+fn config(port: u16, database_extra: &str) -> String {
+    format!(
         "[pgmux]\nlisten_port = {{port}}\npool_mode = \"transaction\"\ndefault_pool_size = 3\nauth_type = \"scram-sha-256\"\n\
          [[users]]\nname = \"app\"\npassword = \"secret\"\n\
-         [[databases]]\nname = \"app\"\nhost = \"127.0.0.1\"\nport = {}\n",
-        pg.primary().port
-    ))
+         [[databases]]\nname = \"app\"\nhost = \"127.0.0.1\"\nport = {port}\n{database_extra}"
+    )
 }
 
 fn drivers_dir() -> PathBuf {
@@ -58,9 +119,13 @@ fn run(mut cmd: Command, expect: &str) {
     assert!(text.contains(expect), "{text}");
 }
 
-#[test]
-fn psycopg3_prepares_everything_and_pipelines() {
-    let px = start();
+both_topologies!(
+    psycopg3_prepares_everything_and_pipelines,
+    psycopg3_prepares_everything_and_pipelines_through_replicas,
+    psycopg3_prepares_everything_and_pipelines_on
+);
+
+fn psycopg3_prepares_everything_and_pipelines_on(px: &Pgmux) {
     let mut cmd = Command::new("python3");
     cmd.arg("psycopg_check.py")
         .arg(px.conn_str("app", "app", Some("secret")))
@@ -68,11 +133,20 @@ fn psycopg3_prepares_everything_and_pipelines() {
     run(cmd, "clients ok");
 }
 
-#[test]
-fn asyncpg_with_its_statement_cache() {
-    let px = start();
+both_topologies!(
+    asyncpg_with_its_statement_cache,
+    asyncpg_with_its_statement_cache_through_replicas,
+    asyncpg_with_its_statement_cache_on
+);
+
+fn asyncpg_with_its_statement_cache_on(px: &Pgmux) {
+    run_asyncpg("asyncpg_check.py", px);
+}
+
+/// An asyncpg script, given HOST PORT USER PASSWORD DATABASE CLIENTS.
+fn run_asyncpg(script: &str, px: &Pgmux) {
     let mut cmd = Command::new("python3");
-    cmd.arg("asyncpg_check.py").args([
+    cmd.arg(script).args([
         "127.0.0.1",
         &px.port.to_string(),
         "app",
@@ -83,9 +157,33 @@ fn asyncpg_with_its_statement_cache() {
     run(cmd, "clients ok");
 }
 
+/// asyncpg's `copy_records_to_table` prepares a `SELECT` of the table (a read, so a
+/// replica's) and then sends its `COPY` as a Query: through a database with replicas the
+/// COPY must still reach the primary.
 #[test]
-fn node_postgres_named_queries() {
-    let px = start();
+fn asyncpg_copy_through_replicas() {
+    let cluster = PgCluster::shared_with_replicas();
+    cluster.primary().psql(
+        "app",
+        "DROP TABLE IF EXISTS asyncpg_copy; CREATE TABLE asyncpg_copy (c int, r int, k int); \
+         ALTER TABLE asyncpg_copy OWNER TO app",
+    );
+    for r in cluster.replicas() {
+        // the driver's Describe must find the table on whichever replica it reaches
+        common::wait_until("the table on the replica", Duration::from_secs(60), || {
+            r.try_psql("app", "SELECT 1 FROM asyncpg_copy").is_ok()
+        });
+    }
+    run_asyncpg("asyncpg_copy_check.py", &start_split());
+}
+
+both_topologies!(
+    node_postgres_named_queries,
+    node_postgres_named_queries_through_replicas,
+    node_postgres_named_queries_on
+);
+
+fn node_postgres_named_queries_on(px: &Pgmux) {
     let mut cmd = Command::new("node");
     cmd.arg("node_pg_check.js")
         .arg(format!("postgresql://app:secret@127.0.0.1:{}/app", px.port))
@@ -93,9 +191,13 @@ fn node_postgres_named_queries() {
     run(cmd, "clients ok");
 }
 
-#[test]
-fn pgjdbc_with_prepare_threshold_one() {
-    let px = start();
+both_topologies!(
+    pgjdbc_with_prepare_threshold_one,
+    pgjdbc_with_prepare_threshold_one_through_replicas,
+    pgjdbc_with_prepare_threshold_one_on
+);
+
+fn pgjdbc_with_prepare_threshold_one_on(px: &Pgmux) {
     let mut cmd = Command::new("java");
     cmd.args(["-cp", "/usr/share/java/postgresql.jar", "JdbcCheck.java"])
         .arg(format!(
@@ -106,9 +208,13 @@ fn pgjdbc_with_prepare_threshold_one() {
     run(cmd, "clients ok");
 }
 
-#[test]
-fn php_pdo_deallocates_with_sql() {
-    let px = start();
+both_topologies!(
+    php_pdo_deallocates_with_sql,
+    php_pdo_deallocates_with_sql_through_replicas,
+    php_pdo_deallocates_with_sql_on
+);
+
+fn php_pdo_deallocates_with_sql_on(px: &Pgmux) {
     let mut cmd = Command::new("php");
     cmd.arg("pdo_check.php")
         .arg(format!("pgsql:host=127.0.0.1;port={};dbname=app", px.port))
