@@ -1,8 +1,9 @@
-//! A keyed hasher for maps whose keys are u64 values already spread over their range
-//! (statement fingerprints, connection ids), looked up on every transaction. std's SipHash
-//! cost about 150 instructions per lookup there (callgrind, docs/performance.md); this is a
-//! splitmix64 finalizer, a handful. The key is random per process, so a client cannot choose
-//! statements whose fingerprints fall into one bucket of the query table.
+//! A keyed hasher for maps looked up on every transaction: u64 keys (statement fingerprints
+//! and ids, connection ids) and short byte strings (the names clients give prepared
+//! statements). std's SipHash cost about 150 instructions per lookup there (callgrind,
+//! docs/performance.md); this is a splitmix64 finalizer per eight bytes, a handful. The key is
+//! random per process and mixed in before the first byte, so a client cannot choose
+//! statements, or names, that fall into one bucket of a map.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
@@ -10,6 +11,9 @@ use std::sync::OnceLock;
 
 /// A map from u64 keys, hashed with [`U64Keyed`].
 pub type U64Map<V> = HashMap<u64, V, U64Keyed>;
+
+/// The hasher's builder by a name that fits other keys (statement names).
+pub type Keyed = U64Keyed;
 
 /// The process's key, drawn once.
 fn process_key() -> u64 {
@@ -54,7 +58,8 @@ impl Hasher for U64Hasher {
         self.h = mix(self.h ^ n);
     }
 
-    /// Other key types are not meant for this hasher, but still hash correctly.
+    /// Byte strings eight bytes at a time (std's `Hash` for them writes their length first,
+    /// so a shorter string's zero padding does not collide with a longer one).
     fn write(&mut self, bytes: &[u8]) {
         for chunk in bytes.chunks(8) {
             let mut b = [0u8; 8];
@@ -89,5 +94,27 @@ mod tests {
             low.len(),
             top.len()
         );
+    }
+
+    #[test]
+    fn names_round_trip_and_spread() {
+        // drivers' statement names: a common prefix and a counter, some past eight bytes
+        let names: Vec<Vec<u8>> = (0..256)
+            .flat_map(|i| [format!("P0_{i}"), format!("__asyncpg_stmt_{i:x}__")])
+            .map(String::into_bytes)
+            .collect();
+        let mut m: std::collections::HashMap<Box<[u8]>, usize, Keyed> = Default::default();
+        for (i, n) in names.iter().enumerate() {
+            m.insert(n.as_slice().into(), i);
+        }
+        assert!(names.iter().enumerate().all(|(i, n)| m[n.as_slice()] == i));
+        assert!(
+            !m.contains_key(&b"P0_1\0"[..]),
+            "a zero byte more is another name"
+        );
+        let h = |n: &Vec<u8>| Keyed::default().hash_one(n.as_slice());
+        let low: std::collections::HashSet<u64> = names.iter().map(|n| h(n) & 0xff).collect();
+        // 512 names over 256 buckets: about 221 buckets used if spread at random
+        assert!(low.len() > 200, "{}", low.len());
     }
 }

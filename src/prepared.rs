@@ -5,8 +5,10 @@
 //! owns that bookkeeping and the few message bodies it reads and writes; `relay` decides
 //! when to rewrite, inject or answer.
 
+use crate::fasthash::{Keyed, U64Map};
 use crate::protocol::messages::{self, take_cstr};
-use crate::router::effects::{effects, Effects};
+use crate::router::effects::Effects;
+use crate::router::normalize::fingerprint_and_effects;
 use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -22,6 +24,9 @@ pub struct StmtDef {
     validated: AtomicBool,
     /// What running it does to the session (read once, at first sight).
     pub effects: Effects,
+    /// Its SHOW QUERIES fingerprint (`router::normalize`), found in the same lexer pass: a
+    /// Bind of it is recorded without reading its text again.
+    pub fingerprint: u64,
     /// Raised when a server said its plan is outdated (a schema change: "cached plan must
     /// not change result type"): every server holding an older generation prepares it again.
     generation: AtomicU32,
@@ -92,9 +97,11 @@ impl Registry {
             map.retain(|_, d| Arc::strong_count(d) > 1);
         }
         let body = Bytes::copy_from_slice(body);
+        let (fingerprint, effects) = fingerprint_and_effects(query_text(&body));
         let d = Arc::new(StmtDef {
             id: self.next_id.fetch_add(1, Ordering::Relaxed) + 1,
-            effects: effects(query_text(&body)),
+            effects,
+            fingerprint,
             body: body.clone(),
             validated: AtomicBool::new(false),
             generation: AtomicU32::new(0),
@@ -107,7 +114,7 @@ impl Registry {
 /// A client's named statements.
 #[derive(Default)]
 pub struct ClientStatements {
-    by_name: HashMap<Box<[u8]>, Arc<StmtDef>>,
+    by_name: HashMap<Box<[u8]>, Arc<StmtDef>, Keyed>,
 }
 
 impl ClientStatements {
@@ -154,7 +161,7 @@ impl ClientStatements {
 /// the generation of each statement it prepared (`StmtDef::outdate`).
 #[derive(Debug, Default)]
 pub struct ServerStatements {
-    ticks: HashMap<u64, (u64, u32)>,
+    ticks: U64Map<(u64, u32)>,
     clock: u64,
 }
 

@@ -143,6 +143,16 @@ impl Recorder {
 
     /// [`Recorder::statement`] with the fingerprint of `sql` already computed.
     pub fn fingerprinted(&mut self, table: &QueryTable, sql: &str, fp: u64) -> u64 {
+        self.fingerprinted_with(table, fp, || sql)
+    }
+
+    /// [`Recorder::fingerprinted`] reading the text only if the table may lack it.
+    pub fn fingerprinted_with<'a>(
+        &mut self,
+        table: &QueryTable,
+        fp: u64,
+        sql: impl FnOnce() -> &'a str,
+    ) -> u64 {
         if fp == 0 {
             return 0;
         }
@@ -153,7 +163,7 @@ impl Recorder {
         } else if self.memo.contains(&fp) {
             return fp;
         }
-        table.ensure(fp, sql);
+        table.ensure(fp, sql());
         self.memo[self.memo_next] = fp;
         self.memo_next = (self.memo_next + 1) % MEMO;
         fp

@@ -403,6 +403,19 @@ impl Meter {
         }
     }
 
+    /// The fingerprint of a prepared statement about to run, its text read only if the
+    /// pool's table may lack it.
+    pub fn prepared(&mut self, d: &crate::prepared::StmtDef) -> u64 {
+        match &self.stats {
+            Some(s) => self
+                .statements
+                .fingerprinted_with(&s.statements, d.fingerprint, || {
+                    crate::prepared::query_text(&d.body)
+                }),
+            None => 0,
+        }
+    }
+
     /// An ErrorResponse body on its way to the client: counted by SQLSTATE class.
     pub fn error(&self, body: &[u8]) {
         let Some(s) = &self.stats else { return };

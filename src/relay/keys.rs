@@ -4,6 +4,7 @@
 //! Texts are fingerprinted by the relay's `stats::Meter` as they pass (no allocation unless
 //! the pool has not seen the statement).
 
+use crate::fasthash::Keyed;
 use crate::prepared::{self, ClientStatements};
 use crate::stats::Meter;
 use std::collections::HashMap;
@@ -20,7 +21,7 @@ pub struct Keys {
     unnamed: u64,
     /// Named statements by client name, when no `statements::Tracker` knows them (session
     /// mode, or max_prepared_statements = 0).
-    named: HashMap<Box<[u8]>, u64>,
+    named: HashMap<Box<[u8]>, u64, Keyed>,
     /// The statement of the last Bind.
     bound: u64,
     /// The statement of the batch's first Execute.
@@ -65,9 +66,7 @@ impl Keys {
         self.bound = match prepared::bind_names(head) {
             Some((_, [], _)) => self.unnamed,
             Some((_, stmt, _)) => match tracked {
-                Some(stmts) => stmts
-                    .get(stmt)
-                    .map_or(0, |d| meter.statement(prepared::query_text(&d.body))),
+                Some(stmts) => stmts.get(stmt).map_or(0, |d| meter.prepared(d)),
                 None => self.named.get(stmt).copied().unwrap_or(0),
             },
             None => 0,
