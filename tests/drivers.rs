@@ -162,19 +162,39 @@ fn run_asyncpg(script: &str, px: &Pgmux) {
 /// COPY must still reach the primary.
 #[test]
 fn asyncpg_copy_through_replicas() {
+    fresh_table("asyncpg_copy", "c int, r int, k int");
+    run_asyncpg("asyncpg_copy_check.py", &start_split());
+}
+
+/// psycopg's pipeline mode fetches a read's result (a Flush) before it sends the write
+/// behind it, in the same unit: the write must still reach the primary.
+#[test]
+fn psycopg3_pipeline_writes_through_replicas() {
+    fresh_table("psycopg_rw", "c int, n int");
+    let px = start_split();
+    let mut cmd = Command::new("python3");
+    cmd.arg("psycopg_pipeline_rw.py")
+        .arg(px.conn_str("app", "app", Some("secret")))
+        .arg(CLIENTS);
+    run(cmd, "clients ok");
+}
+
+/// An empty table of app's on the primary, there on every replica by the time this returns
+/// (a driver's read of it may reach either).
+fn fresh_table(name: &str, columns: &str) {
     let cluster = PgCluster::shared_with_replicas();
     cluster.primary().psql(
         "app",
-        "DROP TABLE IF EXISTS asyncpg_copy; CREATE TABLE asyncpg_copy (c int, r int, k int); \
-         ALTER TABLE asyncpg_copy OWNER TO app",
+        &format!(
+            "DROP TABLE IF EXISTS {name}; CREATE TABLE {name} ({columns}); \
+             ALTER TABLE {name} OWNER TO app"
+        ),
     );
     for r in cluster.replicas() {
-        // the driver's Describe must find the table on whichever replica it reaches
         common::wait_until("the table on the replica", Duration::from_secs(60), || {
-            r.try_psql("app", "SELECT 1 FROM asyncpg_copy").is_ok()
+            r.try_psql("app", &format!("SELECT 1 FROM {name}")).is_ok()
         });
     }
-    run_asyncpg("asyncpg_copy_check.py", &start_split());
 }
 
 both_topologies!(

@@ -1421,20 +1421,16 @@ async fn a_query_after_a_flushed_unit_ends_it() {
 /// asyncpg's `copy_records_to_table`: Parse and Describe of a `SELECT` of the table, Flush,
 /// then `COPY ... FROM STDIN` as a Query. The read goes to a replica; the Query must not (a
 /// standby refuses it with 25006): pgmux ends the read with a Sync of its own, whose
-/// ReadyForQuery the client never sees, and routes the Query on its own. A write Query after
-/// a flushed read reaches the primary the same way.
+/// ReadyForQuery the client never sees, and routes the Query on its own. A write Query, or a
+/// write's Parse (psycopg's pipeline mode), after a flushed read reaches the primary the
+/// same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_after_a_flushed_read_reaches_the_primary() {
     use common::raw::{error_code, login, msg, query, read_msg, until_ready};
     use std::io::Write;
     let cluster = PgCluster::shared_with_replicas();
-    let px = start(cluster, "", "consistency = \"eventual\"");
-    warm_up(&px, cluster).await;
+    let (px, _c) = flushed_copy_scene(cluster, "", "").await;
     let (primary, replicas) = ports(cluster);
-    let c = connect(&px, "app").await;
-    c.simple_query("CREATE TABLE IF NOT EXISTS flushed_copy (a int, port int)")
-        .await
-        .unwrap();
     // the Describe below must find the table on whichever replica it reaches
     for r in cluster.replicas() {
         wait_until_async("the table on the replica", WAIT, || async {
@@ -1493,6 +1489,67 @@ async fn a_write_after_a_flushed_read_reaches_the_primary() {
         let port: u16 = std::str::from_utf8(&row[6..]).unwrap().parse().unwrap();
         assert_eq!(port, primary, "round {round}");
 
+        // psycopg's pipeline mode: a read executed up to a Flush, its rows fetched, then an
+        // INSERT in the same unit; the INSERT's Parse ends the read
+        let exec = |sql: &str| {
+            let mut out = msg(b'P', format!("\0{sql}\0\0\0").as_bytes());
+            out.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
+            out.extend(msg(b'E', b"\0\0\0\0\0"));
+            out
+        };
+        let mut out = exec("SELECT inet_server_port()");
+        out.extend(msg(b'H', b""));
+        s.write_all(&out).unwrap();
+        let got = until(&mut s, b'C');
+        let tags: Vec<u8> = got.iter().map(|m| m.0).collect();
+        assert_eq!(
+            tags, b"12DC",
+            "round {round}: the read, up to its Flush: {got:?}"
+        );
+        let port: u16 = std::str::from_utf8(&got[2].1[6..])
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            replicas.contains(&port),
+            "the read ran on a replica: {port}"
+        );
+        let mut out =
+            exec("INSERT INTO flushed_copy VALUES (-2, inet_server_port()) RETURNING port");
+        out.extend(msg(b'S', b""));
+        s.write_all(&out).unwrap();
+        let answers = until_ready(&mut s);
+        assert_eq!(error_code(&answers), None, "{answers:?}");
+        let tags: Vec<u8> = answers.iter().map(|m| m.0).collect();
+        assert_eq!(tags, b"12DCZ", "one ReadyForQuery, the Sync's: {answers:?}");
+        let port: u16 = std::str::from_utf8(&answers[2].1[6..])
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(port, primary, "round {round}: the INSERT");
+
+        // a portal suspended by a row limit may still be fetched from after another
+        // statement: the unit stays on its replica
+        let mut out = msg(b'P', b"\0SELECT generate_series(1, 3)\0\0\0");
+        out.extend(msg(b'B', b"c\0\0\0\0\0\0\0\0"));
+        out.extend(msg(b'E', b"c\0\0\0\0\x01"));
+        out.extend(msg(b'H', b""));
+        s.write_all(&out).unwrap();
+        let tags: Vec<u8> = until(&mut s, b's').iter().map(|m| m.0).collect();
+        assert_eq!(tags, b"12Ds", "one row, then suspended");
+        let mut out = exec("SELECT 7");
+        out.extend(msg(b'E', b"c\0\0\0\0\0"));
+        out.extend(msg(b'S', b""));
+        s.write_all(&out).unwrap();
+        let answers = until_ready(&mut s);
+        assert_eq!(
+            error_code(&answers),
+            None,
+            "the portal is still there: {answers:?}"
+        );
+        let tags: Vec<u8> = answers.iter().map(|m| m.0).collect();
+        assert_eq!(tags, b"12DCDDCZ", "{answers:?}");
+
         // a read Query after a flushed read is still answered, by a replica
         describe_port(&mut s);
         s.write_all(&query("SELECT inet_server_port()")).unwrap();
@@ -1509,6 +1566,104 @@ async fn a_write_after_a_flushed_read_reaches_the_primary() {
         .primary()
         .psql("app", "SELECT count(*) FROM flushed_copy WHERE a >= 0");
     assert!(copied.parse::<u32>().unwrap() >= 3, "{copied}");
+}
+
+/// pgmux over the replica cluster (eventual consistency, and `app_extra`), warmed up, with
+/// the table `flushed_copy` on the primary; and a client of it.
+async fn flushed_copy_scene(
+    cluster: &PgCluster,
+    general: &str,
+    app_extra: &str,
+) -> (Pgmux, Client) {
+    let px = start(
+        cluster,
+        general,
+        &format!("consistency = \"eventual\"\n{app_extra}"),
+    );
+    warm_up(&px, cluster).await;
+    let c = connect(&px, "app").await;
+    c.simple_query("CREATE TABLE IF NOT EXISTS flushed_copy (a int, port int)")
+        .await
+        .unwrap();
+    (px, c)
+}
+
+/// The port an extended-protocol write ran on: Parse, Bind and Execute of an INSERT
+/// returning `inet_server_port()`, then `tail` (a Sync, perhaps more), answered up to its
+/// ReadyForQuery; the error's SQLSTATE if it failed.
+fn insert_port(s: &mut std::net::TcpStream, tail: &[u8]) -> Result<u16, String> {
+    use common::raw::{error_code, msg, until_ready};
+    use std::io::Write;
+    let sql = "INSERT INTO flushed_copy VALUES (-3, inet_server_port()) RETURNING port";
+    let mut out = msg(b'P', format!("\0{sql}\0\0\0").as_bytes());
+    out.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
+    out.extend(msg(b'E', b"\0\0\0\0\0"));
+    out.extend_from_slice(tail);
+    s.write_all(&out).unwrap();
+    let answers = until_ready(s);
+    if let Some(code) = error_code(&answers) {
+        return Err(code);
+    }
+    let row = answers.iter().find(|m| m.0 == b'D').expect("a row");
+    Ok(std::str::from_utf8(&row.1[6..]).unwrap().parse().unwrap())
+}
+
+/// psycopg's pipeline mode sends a Flush right behind each Sync, often after the Sync's
+/// ReadyForQuery, when no server is attached. Such a Flush has nothing to flush: it takes no
+/// server (a replica lent for it used to keep serving the client, writes included, until a
+/// Sync; 25006). A lone COMMIT or ROLLBACK sent to a replica without a Sync (class
+/// `Transaction`) ends its unit there the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_flush_or_rollback_does_not_keep_a_replica() {
+    use common::raw::{login, msg, read_msg};
+    use std::io::Write;
+    let cluster = PgCluster::shared_with_replicas();
+    let (px, _c) = flushed_copy_scene(cluster, "", "").await;
+    let (primary, _) = ports(cluster);
+    let (mut s, _) = login(px.port, "app", "app");
+    for round in 0..3 {
+        s.write_all(&msg(b'H', b"")).unwrap();
+        let port = insert_port(&mut s, &msg(b'S', b""));
+        assert_eq!(port, Ok(primary), "round {round}: after a lone Flush");
+
+        let mut out = msg(b'P', b"\0ROLLBACK\0\0\0");
+        out.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
+        out.extend(msg(b'E', b"\0\0\0\0\0"));
+        out.extend(msg(b'H', b""));
+        s.write_all(&out).unwrap();
+        // ParseComplete, BindComplete, then the WARNING (no transaction) and the tag
+        while let Some(m) = read_msg(&mut s) {
+            if m.0 == b'C' {
+                break;
+            }
+        }
+        let port = insert_port(&mut s, &msg(b'S', b""));
+        assert_eq!(port, Ok(primary), "round {round}: after a flushed ROLLBACK");
+    }
+}
+
+/// A Flush right behind a Sync, both sent while the server is attached (psycopg's pipeline
+/// mode again): the server goes back to the pool at that Sync's ReadyForQuery. With a pool of
+/// one, another client's write waits for nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_behind_a_sync_lets_the_server_go_back() {
+    use common::raw::{login, msg};
+    let cluster = PgCluster::shared_with_replicas();
+    let (px, c) = flushed_copy_scene(cluster, "query_wait_timeout = 5", "pool_size = 1").await;
+    let (primary, _) = ports(cluster);
+    let (mut s, _) = login(px.port, "app", "app");
+    let mut tail = msg(b'S', b"");
+    tail.extend(msg(b'H', b""));
+    for round in 0..3 {
+        assert_eq!(insert_port(&mut s, &tail), Ok(primary), "round {round}");
+        // the one primary server is free again: this does not wait out query_wait_timeout
+        let other = try_one(&c, "INSERT INTO flushed_copy VALUES (-4, 0) RETURNING a").await;
+        assert_eq!(
+            other.map_err(|e| e.to_string()),
+            Ok("-4".to_string()),
+            "round {round}"
+        );
+    }
 }
 
 /// A primary that refuses the login (its password changed under pgmux) is not a restart to

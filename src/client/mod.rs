@@ -786,6 +786,7 @@ impl Session {
     /// The server is the client's now.
     fn attached(&mut self, conn: PooledConn, waiting_since: Instant, now: Instant) {
         let retryable = self.route.as_ref().is_some_and(|r| r.retryable());
+        let one_unit = self.route.as_ref().is_some_and(|r| r.serves_one_unit());
         self.login
             .client
             .set_cancel_target(Some(conn.cancel_target()));
@@ -802,8 +803,10 @@ impl Session {
         relay.meter.statements.server = Some(conn.addr);
         relay.attached(&conn.statements);
         client.active_at(waiting_since, now, conn.id, &mut relay.meter);
-        if retryable {
+        if one_unit {
             relay.serve_one_unit();
+        }
+        if retryable {
             relay.arm_retry();
         }
         self.server = Some(conn);

@@ -32,6 +32,8 @@ const POLL_BUDGET: u32 = 32;
 
 /// A Sync message, as pgmux sends it to end a flushed read unit (`end_flushed_read`).
 const SYNC: &[u8] = b"S\0\0\0\x04";
+/// A Flush message.
+const FLUSH: &[u8] = b"H\0\0\0\x04";
 
 /// What the session must act on.
 #[derive(Debug)]
@@ -188,6 +190,9 @@ pub struct Relay {
     own_sync: bool,
     /// An ErrorResponse came since the last ReadyForQuery: the server skips to the next Sync.
     unit_failed: bool,
+    /// A PortalSuspended came since the last ReadyForQuery: the client may still fetch more
+    /// of that portal, on this server.
+    suspended: bool,
     /// Read/write splitting: an extended-protocol unit is routed once it is whole (its Sync,
     /// or a Flush, has arrived), so a write behind a read in the same unit is seen.
     pub whole_units: bool,
@@ -280,6 +285,7 @@ impl Relay {
             units: 0,
             own_sync: false,
             unit_failed: false,
+            suspended: false,
             whole_units: false,
             refused: None,
             prescanned: None,
@@ -295,6 +301,7 @@ impl Relay {
         self.units = 0;
         self.own_sync = false;
         self.unit_failed = false;
+        self.suspended = false;
         if let Some(t) = self.tracker.as_mut() {
             t.attach(statements);
         }
@@ -337,6 +344,7 @@ impl Relay {
         f.copy_in = false;
         self.own_sync = false;
         self.unit_failed = false;
+        self.suspended = false;
         // requests in flight on the lost server are counted again when replayed
         self.meter.statements.forget_pending();
         Some(())
@@ -492,6 +500,11 @@ impl Relay {
         if self.flow.terminated {
             return Some(Event::Terminated);
         }
+        // a Flush with no server attached has nothing to flush: PostgreSQL would answer it
+        // with nothing, and a server lent for it alone would be held by its client
+        while self.c2s.buf.get(..5) == Some(FLUSH) {
+            self.c2s.consume_unscanned(FLUSH.len());
+        }
         let head = self.c2s.buf.get(..5)?;
         if let Err(e) = check_header(head, self.max_message) {
             return Some(Event::Protocol(e));
@@ -524,14 +537,21 @@ impl Relay {
             if ch.scanner.at_boundary() {
                 // refused before it is scanned: what went before may still be answered and
                 // the server kept (a session-mode client's goes back to the pool)
-                let mut query_next = false;
+                let mut next = 0;
                 if let Some(head) = ch.buf.get(ch.scanned..ch.scanned + 5) {
                     check_header(head, self.max_message)?;
-                    query_next = head[0] == b'Q';
+                    next = head[0];
                 }
-                if query_next && self.flushed_read_open() {
-                    self.end_flushed_read(server.statements);
-                    return Ok(());
+                if matches!(next, b'Q' | b'P' | b'B') && self.flushed_read_open() {
+                    match self.starts_own_statement(next) {
+                        Some(true) => {
+                            self.end_flushed_read(server.statements);
+                            return Ok(());
+                        }
+                        Some(false) => {}
+                        // a Bind whose names are still on their way
+                        None => return Ok(()),
+                    }
                 }
                 let ch = &self.c2s;
                 big_bind = tracking && big_bind_named(&ch.buf[ch.scanned..]);
@@ -649,28 +669,47 @@ impl Relay {
         }
     }
 
-    /// A replica lent for one read unit has answered that unit up to a Flush, without its
-    /// Sync, and nothing failed (asyncpg prepares a `SELECT` of the table this way before
-    /// its `COPY ... FROM STDIN`). A Query now would end the unit on the replica.
+    /// A replica lent for one read unit was sent that unit up to a Flush, without its Sync,
+    /// and nothing failed or was left half-fetched (asyncpg prepares a `SELECT` of the table
+    /// this way before its `COPY ... FROM STDIN`; psycopg's pipeline mode flushes to fetch a
+    /// result before it sends the next statement). A new statement now (`starts_own_statement`)
+    /// would run on the replica as part of that unit.
     fn flushed_read_open(&self) -> bool {
         let f = &self.flow;
         self.one_unit
             && self.units == 0
             && f.unsynced
             && f.pending == 0
-            && !f.last_was_execute
             && !f.copy_in
             && !self.unit_failed
+            && !self.suspended
             && !self.own_sync
             && !self.retry.is_armed()
             && self.session.pin.is_none()
     }
 
-    /// Ends the flushed read unit with a Sync of pgmux's own, so the Query behind it is
-    /// routed on its own once the replica goes back: a write must reach the primary. The
-    /// Query drops the unnamed statement and ends the unit's implicit transaction on
-    /// PostgreSQL anyway, so nothing the client could still use stays behind on the replica
-    /// (named statements are the tracker's to prepare wherever they are used).
+    /// Whether the client message at the scan position, of type `tag`, starts a statement
+    /// of its own: a Query, a Parse, or a Bind of a named statement the tracker knows (and
+    /// prepares wherever it runs). A Bind of the unnamed statement runs what the read
+    /// parsed. None until a Bind's names have arrived.
+    fn starts_own_statement(&self, tag: u8) -> Option<bool> {
+        if tag != b'B' {
+            return Some(true);
+        }
+        let ch = &self.c2s;
+        let (_, stmt, _) = prepared::bind_names(ch.buf.get(ch.scanned + 5..)?)?;
+        let known = self
+            .tracker
+            .as_ref()
+            .is_some_and(|t| t.stmts.get(stmt).is_some());
+        Some(!stmt.is_empty() && known)
+    }
+
+    /// Ends the flushed read unit with a Sync of pgmux's own, so what follows is routed on
+    /// its own once the replica goes back: a write must reach the primary. PostgreSQL would
+    /// run it in the read's implicit transaction, which only read; a Query drops the unnamed
+    /// statement and ends that transaction anyway, a Parse defines the statement it runs,
+    /// and a named statement is the tracker's to prepare wherever it is used.
     fn end_flushed_read(&mut self, statements: &ServerStatements) {
         self.c2s.insert(Bytes::from_static(SYNC));
         let f = &mut self.flow;
@@ -736,8 +775,11 @@ impl Relay {
                 f.copy_done_sent = false;
             }
             b'H' => {
-                // the client waits for answers without a Sync: they must not be held back
-                f.unsynced = true;
+                // the client waits for answers without a Sync: they must not be held back.
+                // A Flush adds no answer of its own: only what came before it (a Parse,
+                // Bind...) leaves the server owing more than its ReadyForQuerys. psycopg's
+                // pipeline sends a Flush right behind each Sync, and the server must still
+                // go back at that Sync's ReadyForQuery.
                 self.retry.disarm();
             }
             b'P' | b'B' | b'D' | b'C' => f.unsynced = true,
@@ -861,6 +903,9 @@ impl Relay {
             if tag == b'G' {
                 self.copy_in_started();
             }
+            if tag == b's' {
+                self.suspended = true;
+            }
             if matches!(tag, b'G' | b'W') {
                 // the server waits for the client's data: it must see the answer
                 self.retry.disarm();
@@ -882,6 +927,7 @@ impl Relay {
             }
             if tag == b'Z' {
                 self.unit_failed = false;
+                self.suspended = false;
                 self.flow.pending = self.flow.pending.saturating_sub(1);
                 if self.flow.quiet() {
                     // the unit is answered in full: it goes to the client now

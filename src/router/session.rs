@@ -225,6 +225,10 @@ pub struct RouteState {
     /// The server lent now is a replica serving an autocommit read: if it fails before
     /// answering, the read may be sent again elsewhere (`relay::retry`).
     retryable: bool,
+    /// The server lent now is a replica serving a unit outside any transaction (a read, or
+    /// a lone COMMIT, ROLLBACK or Sync): what the client sends after that unit is routed on
+    /// its own (`Relay::serve_one_unit`).
+    one_unit: bool,
     /// The client's `default_transaction_isolation` is serializable: a hot standby refuses
     /// every statement then (0A000), so its reads go to the primary.
     pub serializable: bool,
@@ -258,6 +262,7 @@ impl RouteState {
             mark: None,
             lease: None,
             retryable: false,
+            one_unit: false,
             serializable: false,
         }
     }
@@ -270,6 +275,11 @@ impl RouteState {
     /// Whether the unit on the server lent now is a replica read that may be retried.
     pub fn retryable(&self) -> bool {
         self.retryable && self.lease.is_some()
+    }
+
+    /// Whether the server lent now serves one unit only (see `one_unit`).
+    pub fn serves_one_unit(&self) -> bool {
+        self.one_unit && self.lease.is_some()
     }
 
     /// Whether `buf` (complete client messages) holds nothing but autocommit reads.
@@ -288,6 +298,7 @@ impl RouteState {
     /// banned and its lease dropped, so the work can be routed again elsewhere.
     pub fn server_failed(&mut self, why: &str) {
         self.retryable = false;
+        self.one_unit = false;
         let Some((lease, _)) = self.lease.take() else {
             return;
         };
@@ -334,6 +345,7 @@ impl RouteState {
     /// counts for read-your-writes.
     pub fn released(&mut self) {
         self.retryable = false;
+        self.one_unit = false;
         let Some((lease, may_write)) = self.lease.take() else {
             return;
         };
@@ -386,6 +398,8 @@ impl RouteState {
                 self.lease = Some((self.router.lease(host), may_write));
                 // only replicas: the primary is never banned away, so a retry could loop
                 self.retryable = class == Class::Read && target == Target::Replica;
+                self.one_unit =
+                    target == Target::Replica && matches!(class, Class::Read | Class::Transaction);
                 Ok(Some(conn))
             }
             Err(e) => {
