@@ -500,10 +500,8 @@ impl Relay {
         if self.flow.terminated {
             return Some(Event::Terminated);
         }
-        // a Flush with no server attached has nothing to flush: PostgreSQL would answer it
-        // with nothing, and a server lent for it alone would be held by its client
-        while self.c2s.buf.get(..5) == Some(FLUSH) {
-            self.c2s.consume_unscanned(FLUSH.len());
+        if self.c2s.buf.first() == Some(&b'H') {
+            self.drop_lone_flushes();
         }
         let head = self.c2s.buf.get(..5)?;
         if let Err(e) = check_header(head, self.max_message) {
@@ -517,6 +515,15 @@ impl Relay {
             return None;
         }
         Some(Event::NeedServer)
+    }
+
+    /// A Flush with no server attached has nothing to flush: PostgreSQL would answer it with
+    /// nothing, and a server lent for it alone would be held by its client.
+    #[cold]
+    fn drop_lone_flushes(&mut self) {
+        while self.c2s.buf.get(..5) == Some(FLUSH) {
+            self.c2s.consume_unscanned(FLUSH.len());
+        }
     }
 
     /// Scans what the client sent, now that a server is attached (a client's messages are
@@ -912,20 +919,19 @@ impl Relay {
             }
             if let Some(t) = self.tracker.as_mut() {
                 t.server_message(tag, start, &mut self.s2c, server.statements);
-            }
-            // the answer to pgmux's own Sync, the last thing the server was sent
-            let own = tag == b'Z' && self.own_sync && self.flow.pending == 1;
-            if own {
-                let ch = &mut self.s2c;
-                let end = ch.scanned;
-                ch.seal(start);
-                ch.skip(end - start);
-                self.own_sync = false;
-            }
-            if let Some(t) = self.tracker.as_mut() {
                 t.answer_ready(&mut self.s2c);
             }
             if tag == b'Z' {
+                // the answer to pgmux's own Sync, the last thing the server was sent (so no
+                // answer of pgmux's was put in behind it)
+                let own = self.own_sync && self.flow.pending == 1;
+                if own {
+                    let ch = &mut self.s2c;
+                    let end = ch.scanned;
+                    ch.seal(start);
+                    ch.skip(end - start);
+                    self.own_sync = false;
+                }
                 self.unit_failed = false;
                 self.suspended = false;
                 self.flow.pending = self.flow.pending.saturating_sub(1);
