@@ -1462,6 +1462,12 @@ async fn a_write_after_a_flushed_read_reaches_the_primary() {
         let got: Vec<u8> = until(s, b'T').iter().map(|m| m.0).collect();
         assert_eq!(got, b"1tT", "the Describe, answered from the Flush");
     };
+    let exec = |sql: &str| {
+        let mut out = msg(b'P', format!("\0{sql}\0\0\0").as_bytes());
+        out.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
+        out.extend(msg(b'E', b"\0\0\0\0\0"));
+        out
+    };
     for round in 0..3 {
         describe_port(&mut s);
         s.write_all(&query("COPY flushed_copy (a) FROM STDIN"))
@@ -1491,12 +1497,6 @@ async fn a_write_after_a_flushed_read_reaches_the_primary() {
 
         // psycopg's pipeline mode: a read executed up to a Flush, its rows fetched, then an
         // INSERT in the same unit; the INSERT's Parse ends the read
-        let exec = |sql: &str| {
-            let mut out = msg(b'P', format!("\0{sql}\0\0\0").as_bytes());
-            out.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
-            out.extend(msg(b'E', b"\0\0\0\0\0"));
-            out
-        };
         let mut out = exec("SELECT inet_server_port()");
         out.extend(msg(b'H', b""));
         s.write_all(&out).unwrap();
@@ -1562,6 +1562,29 @@ async fn a_write_after_a_flushed_read_reaches_the_primary() {
             .unwrap();
         assert!(replicas.contains(&port), "{port}");
     }
+    // a malformed Bind behind a flushed read (no names in it) goes on to the replica, which
+    // refuses it; the client is answered instead of left waiting
+    let mut out = exec("SELECT inet_server_port()");
+    out.extend(msg(b'H', b""));
+    s.write_all(&out).unwrap();
+    let got = until(&mut s, b'C');
+    let port: u16 = std::str::from_utf8(&got[2].1[6..])
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        replicas.contains(&port),
+        "the read ran on a replica: {port}"
+    );
+    let mut out = msg(b'B', b"abcd");
+    out.extend(msg(b'S', b""));
+    s.write_all(&out).unwrap();
+    let answers = until_ready(&mut s);
+    assert_eq!(
+        error_code(&answers).as_deref(),
+        Some("08P01"),
+        "{answers:?}"
+    );
     let copied = cluster
         .primary()
         .psql("app", "SELECT count(*) FROM flushed_copy WHERE a >= 0");

@@ -704,7 +704,14 @@ impl Relay {
             return Some(true);
         }
         let ch = &self.c2s;
-        let (_, stmt, _) = prepared::bind_names(ch.buf.get(ch.scanned + 5..)?)?;
+        let head = ch.buf.get(ch.scanned..ch.scanned + 5)?;
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let end = (ch.scanned + 1 + len).min(ch.buf.len());
+        let body = &ch.buf[ch.scanned + 5..end];
+        let Some((_, stmt, _)) = prepared::bind_names(body) else {
+            // malformed if the whole message is here: the server will say so
+            return (body.len() + 4 >= len).then_some(false);
+        };
         let known = self
             .tracker
             .as_ref()
