@@ -1082,14 +1082,6 @@ async fn a_write_later_in_the_same_extended_unit_goes_to_the_primary() {
     c.simple_query("CREATE TABLE IF NOT EXISTS rw_unit (port int)")
         .await
         .unwrap();
-    let exec = |sql: &str| {
-        [
-            msg(b'P', format!("\0{sql}\0\0\0").as_bytes()),
-            msg(b'B', b"\0\0\0\0\0\0\0\0"),
-            msg(b'E', b"\0\0\0\0\0"),
-        ]
-        .concat()
-    };
     let console = common::probe::Console::connect(&px, "postgres", None).await;
     let received = || async {
         let rows = console.show("SHOW STATS_TOTALS").await;
@@ -1462,12 +1454,6 @@ async fn a_write_after_a_flushed_read_reaches_the_primary() {
         let got: Vec<u8> = until(s, b'T').iter().map(|m| m.0).collect();
         assert_eq!(got, b"1tT", "the Describe, answered from the Flush");
     };
-    let exec = |sql: &str| {
-        let mut out = msg(b'P', format!("\0{sql}\0\0\0").as_bytes());
-        out.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
-        out.extend(msg(b'E', b"\0\0\0\0\0"));
-        out
-    };
     for round in 0..3 {
         describe_port(&mut s);
         s.write_all(&query("COPY flushed_copy (a) FROM STDIN"))
@@ -1591,6 +1577,15 @@ async fn a_write_after_a_flushed_read_reaches_the_primary() {
     assert!(copied.parse::<u32>().unwrap() >= 3, "{copied}");
 }
 
+/// Parse, Bind and Execute of `sql` (unnamed statement and portal, no parameters, all rows).
+fn exec(sql: &str) -> Vec<u8> {
+    use common::raw::msg;
+    let mut out = msg(b'P', format!("\0{sql}\0\0\0").as_bytes());
+    out.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
+    out.extend(msg(b'E', b"\0\0\0\0\0"));
+    out
+}
+
 /// pgmux over the replica cluster (eventual consistency, and `app_extra`), warmed up, with
 /// the table `flushed_copy` on the primary; and a client of it.
 async fn flushed_copy_scene(
@@ -1615,12 +1610,9 @@ async fn flushed_copy_scene(
 /// returning `inet_server_port()`, then `tail` (a Sync, perhaps more), answered up to its
 /// ReadyForQuery; the error's SQLSTATE if it failed.
 fn insert_port(s: &mut std::net::TcpStream, tail: &[u8]) -> Result<u16, String> {
-    use common::raw::{error_code, msg, until_ready};
+    use common::raw::{error_code, until_ready};
     use std::io::Write;
-    let sql = "INSERT INTO flushed_copy VALUES (-3, inet_server_port()) RETURNING port";
-    let mut out = msg(b'P', format!("\0{sql}\0\0\0").as_bytes());
-    out.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
-    out.extend(msg(b'E', b"\0\0\0\0\0"));
+    let mut out = exec("INSERT INTO flushed_copy VALUES (-3, inet_server_port()) RETURNING port");
     out.extend_from_slice(tail);
     s.write_all(&out).unwrap();
     let answers = until_ready(s);
@@ -1649,9 +1641,7 @@ async fn a_lone_flush_or_rollback_does_not_keep_a_replica() {
         let port = insert_port(&mut s, &msg(b'S', b""));
         assert_eq!(port, Ok(primary), "round {round}: after a lone Flush");
 
-        let mut out = msg(b'P', b"\0ROLLBACK\0\0\0");
-        out.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
-        out.extend(msg(b'E', b"\0\0\0\0\0"));
+        let mut out = exec("ROLLBACK");
         out.extend(msg(b'H', b""));
         s.write_all(&out).unwrap();
         // ParseComplete, BindComplete, then the WARNING (no transaction) and the tag
