@@ -8,6 +8,7 @@ pub mod auth;
 pub mod batch;
 pub mod cancel;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod endpoint;
 pub mod fasthash;

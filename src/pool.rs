@@ -11,6 +11,7 @@
 //! several of them at once, as a batch (see `batch`).
 
 use crate::batch::{self, Batch, Seat, Ticket};
+use crate::clock::Mono;
 use crate::config::PoolMode;
 use crate::params::Params;
 use crate::server::{ServerConn, ServerError, ServerTarget};
@@ -619,7 +620,7 @@ impl Pool {
     /// paused, not past server_lifetime, no check query due, not broken. None sends the
     /// caller to `checkout`, which handles everything else (and waits). `now`: the caller's
     /// reading of the clock, a moment ago.
-    pub fn try_checkout(self: &Arc<Self>, now: Instant) -> Option<PooledConn> {
+    pub fn try_checkout(self: &Arc<Self>, now: Mono) -> Option<PooledConn> {
         if self.is_paused() {
             return None;
         }
@@ -633,7 +634,7 @@ impl Pool {
             let check_due = settings
                 .check
                 .as_ref()
-                .is_some_and(|k| now.duration_since(c.last_used) >= k.delay);
+                .is_some_and(|k| now.at_least(c.last_used, k.delay));
             if check_due || too_old(&settings, &c, now) {
                 s.idle.push(c);
                 return None;
@@ -669,7 +670,7 @@ impl Pool {
         let r = tokio::time::timeout(settings.connect_timeout, conn.run_internal(&check.query));
         match r.await {
             Ok(Ok(None)) => {
-                conn.last_used = Instant::now();
+                conn.last_used = Mono::now();
                 Some(conn)
             }
             Ok(Ok(Some(e))) => {
@@ -717,7 +718,7 @@ impl Pool {
         if s.closed {
             return Err(PoolError::Closed);
         }
-        let now = Instant::now();
+        let now = Mono::now();
         let size = self.settings.load().size;
         let mut found = None;
         while let Some(c) = s.idle.pop() {
@@ -740,7 +741,7 @@ impl Pool {
             let settings = self.settings.load();
             let reserve_at = match (settings.reserve_size, settings.reserve_timeout) {
                 (0, _) => None,
-                (_, t) => Some(now + t.unwrap_or_default()),
+                (_, t) => Some((now + t.unwrap_or_default()).instant()),
             };
             s.waiters.push_back(Waiter {
                 tx,
@@ -755,7 +756,7 @@ impl Pool {
         Ok(r)
     }
 
-    fn too_old(&self, c: &ServerConn, now: Instant) -> bool {
+    fn too_old(&self, c: &ServerConn, now: Mono) -> bool {
         too_old(&self.settings.load(), c, now)
     }
 
@@ -944,7 +945,7 @@ impl Pool {
 
     /// Takes back a clean, idle connection.
     fn put(self: &Arc<Self>, mut c: Conn) {
-        let now = Instant::now();
+        let now = Mono::now();
         // loaded once: this runs at the end of every transaction
         let settings = self.settings.load();
         if too_old(&settings, &c, now) {
@@ -1080,6 +1081,7 @@ impl Pool {
     /// min_pool_size) or server_lifetime, or found closed by the server, and open connections up to min_pool_size.
     pub fn maintain(self: &Arc<Self>) {
         let now = Instant::now();
+        let mono = Mono::now();
         let settings = self.settings.load_full();
         let mut closing = Vec::new();
         let need;
@@ -1088,14 +1090,14 @@ impl Pool {
             let mut i = 0;
             while i < s.idle.len() {
                 let c = &s.idle[i];
-                let idle_for = now.duration_since(c.last_used);
+                let idle_for = mono.since(c.last_used);
                 let stale = settings.idle_timeout.is_some_and(|t| idle_for >= t)
                     && s.open > settings.min_size;
                 let stale = stale || self.oversized(&s);
                 // A server that closed (restart, administrator's terminate) or spoke unprompted
                 // while idle goes now, as PgBouncer's would, not when next lent: SHOW SERVERS
                 // and the counts stay true. (A non-blocking peek, no I/O wait under the lock.)
-                if stale || self.too_old(c, now) || c.is_broken() {
+                if stale || self.too_old(c, mono) || c.is_broken() {
                     let c = s.idle.remove(i);
                     s.servers.remove(&c.id);
                     closing.push(c);
@@ -1251,10 +1253,10 @@ fn oversized(settings: &PoolSettings, s: &State) -> bool {
 }
 
 /// Past server_lifetime at `now`.
-fn too_old(settings: &PoolSettings, c: &ServerConn, now: Instant) -> bool {
+fn too_old(settings: &PoolSettings, c: &ServerConn, now: Mono) -> bool {
     settings
         .lifetime
-        .is_some_and(|l| now.duration_since(c.created) >= l)
+        .is_some_and(|l| now.at_least(c.created, l))
 }
 
 #[cfg(test)]

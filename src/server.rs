@@ -6,6 +6,7 @@ use crate::auth::channel_binding;
 use crate::auth::password::{md5_response, Secret};
 use crate::auth::scram_client::KeyedScramClient;
 use crate::cancel::{CancelFlight, CancelTarget};
+use crate::clock::Mono;
 use crate::endpoint::{ServerAddr, TcpOrUnix};
 use crate::params::Params;
 use crate::protocol::messages::{self, parse_error_fields, parse_parameter_status, ErrorFields};
@@ -16,7 +17,6 @@ use postgres_protocol::message::frontend;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::time::Instant;
 
 /// Largest message pgmux reads whole from a server outside the relay (login, internal queries).
 const MAX_INTERNAL_MESSAGE: usize = 1 << 20;
@@ -141,8 +141,8 @@ pub struct ServerConn {
     /// from being reused, and a `Params` with weak pointers is never changed in place
     /// (`Arc::make_mut` moves it).
     pub synced: Option<(std::sync::Weak<Params>, u32)>,
-    pub created: Instant,
-    pub last_used: Instant,
+    pub created: Mono,
+    pub last_used: Mono,
     /// Statements pgmux prepared here under its own names (transaction mode).
     pub statements: crate::prepared::ServerStatements,
     /// A share of the database's max_db_connections, held while the connection lives.
@@ -192,7 +192,7 @@ impl ServerConn {
             unix => unix.plain(),
         };
         let tls = stream.is_tls();
-        let now = Instant::now();
+        let now = Mono::now();
         let mut conn = ServerConn {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             stream,

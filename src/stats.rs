@@ -8,6 +8,7 @@
 //! atomics, so the console and the metrics cannot disagree about what was counted.
 
 use crate::cancel::{Cancel, CancelKey, CancelTarget};
+use crate::clock::Mono;
 use crate::endpoint::ClientAddr;
 use crate::router::effects::PinReason;
 use prometheus::{Histogram, HistogramOpts};
@@ -17,7 +18,6 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::task::Waker;
 use std::time::{Duration, SystemTime};
-use tokio::time::Instant;
 
 /// Bucket bounds (seconds) of the wait, query and transaction histograms.
 pub const DURATION_BUCKETS: &[f64] = &[
@@ -25,7 +25,7 @@ pub const DURATION_BUCKETS: &[f64] = &[
     60.0,
 ];
 
-static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+static EPOCH: LazyLock<Mono> = LazyLock::new(Mono::now);
 /// Wall-clock time at EPOCH, so a monotonic reading also gives the time of day without a
 /// second clock read (SHOW CLIENTS' request_time is taken once per transaction).
 static EPOCH_UNIX_US: LazyLock<u64> = LazyLock::new(|| {
@@ -35,17 +35,12 @@ static EPOCH_UNIX_US: LazyLock<u64> = LazyLock::new(|| {
 
 /// Microseconds on a monotonic clock since the process's first use of it.
 pub fn mono_us() -> u64 {
-    EPOCH.elapsed().as_micros() as u64
+    mono_us_at(Mono::now())
 }
 
 /// `t` on the clock of `mono_us` (0 if before its start).
-pub fn mono_us_at(t: Instant) -> u64 {
-    t.saturating_duration_since(*EPOCH).as_micros() as u64
-}
-
-/// The instant `us` microseconds after `mono_us`'s start.
-pub fn mono_instant(us: u64) -> Instant {
-    *EPOCH + Duration::from_micros(us)
+pub fn mono_us_at(t: Mono) -> u64 {
+    t.micros_since(*EPOCH)
 }
 
 pub fn unix_us(t: SystemTime) -> u64 {
@@ -300,8 +295,8 @@ impl PoolStats {
 #[derive(Default)]
 pub struct Meter {
     stats: Option<Arc<PoolStats>>,
-    query_start: Option<Instant>,
-    xact_start: Option<Instant>,
+    query_start: Option<Mono>,
+    xact_start: Option<Mono>,
     /// Which statement each request in flight runs (SHOW QUERIES, slow log).
     pub statements: crate::queries::Recorder,
 }
@@ -341,7 +336,7 @@ impl Meter {
     /// `statement`), read from the client at `now`: starts the query clock (and the
     /// transaction's) unless one is running.
     #[inline]
-    pub fn request(&mut self, fp: u64, now: Instant) {
+    pub fn request(&mut self, fp: u64, now: Mono) {
         if self.stats.is_some() {
             self.statements.request(fp);
         }
@@ -354,11 +349,11 @@ impl Meter {
     /// A ReadyForQuery with transaction status `status`, read at `now`; `more` when other
     /// requests are still in flight (pipelining), whose clock starts then.
     #[inline]
-    pub fn ready(&mut self, status: u8, more: bool, now: Instant) {
+    pub fn ready(&mut self, status: u8, more: bool, now: Mono) {
         let Some(s) = &self.stats else { return };
         s.queries.fetch_add(1, Ordering::Relaxed);
         let took = self.query_start.take().map(|t| {
-            let d = now.saturating_duration_since(t);
+            let d = now.since(t);
             s.query_time_us
                 .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
             s.query_hist.observe(d.as_secs_f64());
@@ -371,7 +366,7 @@ impl Meter {
         if status == b'I' {
             s.xacts.fetch_add(1, Ordering::Relaxed);
             if let Some(t) = self.xact_start.take() {
-                let d = now.saturating_duration_since(t);
+                let d = now.since(t);
                 s.xact_time_us
                     .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
                 s.xact_hist.observe(d.as_secs_f64());
@@ -430,7 +425,7 @@ impl Meter {
     }
 
     /// A server was just attached at `now`: time spent waiting for it is not query time.
-    pub fn attached(&mut self, now: Instant) {
+    pub fn attached(&mut self, now: Mono) {
         if self.query_start.is_some() {
             self.query_start = Some(now);
         }
@@ -800,8 +795,8 @@ impl ClientHandle {
 
     /// The client asks for a server; returns when it started waiting (one clock read serves
     /// the wait, SHOW CLIENTS' request_time and the caller).
-    pub fn waiting(&self) -> Instant {
-        let now = Instant::now();
+    pub fn waiting(&self) -> Mono {
+        let now = Mono::now();
         let mono = mono_us_at(now);
         self.info.wait_since.store(mono, Ordering::Relaxed);
         self.info
@@ -812,15 +807,13 @@ impl ClientHandle {
     }
 
     /// The client got server `server_id` after waiting since `since`.
-    pub fn active(&self, since: Instant, server_id: u64, meter: &mut Meter) {
-        self.active_at(since, Instant::now(), server_id, meter);
+    pub fn active(&self, since: Mono, server_id: u64, meter: &mut Meter) {
+        self.active_at(since, Mono::now(), server_id, meter);
     }
 
     /// `active`, with the clock read at `now` (a server lent at once: the wait's own start).
-    pub fn active_at(&self, since: Instant, now: Instant, server_id: u64, meter: &mut Meter) {
-        self.info
-            .stats
-            .record_wait(now.saturating_duration_since(since));
+    pub fn active_at(&self, since: Mono, now: Mono, server_id: u64, meter: &mut Meter) {
+        self.info.stats.record_wait(now.since(since));
         self.info.server.store(server_id, Ordering::Relaxed);
         self.set_state(ClientState::Active);
         meter.attached(now);
@@ -970,15 +963,15 @@ mod tests {
         let stats = PoolStats::new("db", "u");
         let mut m = Meter::new(stats.clone());
         // autocommit query
-        m.request(0, Instant::now());
-        m.ready(b'I', false, Instant::now());
+        m.request(0, Mono::now());
+        m.ready(b'I', false, Mono::now());
         // BEGIN; SELECT; COMMIT as three round trips
-        m.request(0, Instant::now());
-        m.ready(b'T', false, Instant::now());
-        m.request(0, Instant::now());
-        m.ready(b'T', false, Instant::now());
-        m.request(0, Instant::now());
-        m.ready(b'I', false, Instant::now());
+        m.request(0, Mono::now());
+        m.ready(b'T', false, Mono::now());
+        m.request(0, Mono::now());
+        m.ready(b'T', false, Mono::now());
+        m.request(0, Mono::now());
+        m.ready(b'I', false, Mono::now());
         let t = stats.totals();
         assert_eq!(t.queries, 4);
         assert_eq!(t.xacts, 2);

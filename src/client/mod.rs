@@ -7,6 +7,7 @@ pub mod login;
 
 use crate::app::{App, Shutdown};
 use crate::batch::{self, Seat, Ticket};
+use crate::clock::Mono;
 use crate::config::PoolMode;
 use crate::endpoint::{ClientAddr, ClientSocket};
 use crate::logging::{ClientTag, WithClient};
@@ -225,8 +226,8 @@ struct Session {
 
 /// What a parked client keeps of its relay.
 struct Parked {
-    /// Last client input or server ReadyForQuery (`stats::mono_us`: half an `Instant`).
-    idle_since: u64,
+    /// Last client input or server ReadyForQuery.
+    idle_since: Mono,
     /// The client's named prepared statements (transaction mode), if it has any.
     tracker: Option<Box<Tracker>>,
 }
@@ -241,7 +242,7 @@ impl Session {
             login,
             relay: None,
             parked: Parked {
-                idle_since: stats::mono_us(),
+                idle_since: Mono::now(),
                 tracker: None,
             },
             server: None,
@@ -285,7 +286,7 @@ impl Session {
             )
         };
         let transaction_mode = self.mode == PoolMode::Transaction;
-        let idle_since = stats::mono_instant(self.parked.idle_since);
+        let idle_since = self.parked.idle_since;
         let mut relay = Box::new(Relay::bare(max_message, transaction_mode, idle_since));
         relay.tracker = match self.parked.tracker.take() {
             Some(t) => Some(*t),
@@ -318,7 +319,7 @@ impl Session {
         if !idle {
             return;
         }
-        self.parked.idle_since = stats::mono_us_at(r.flow.idle_since);
+        self.parked.idle_since = r.flow.idle_since;
         self.parked.tracker = r
             .tracker
             .take()
@@ -529,7 +530,7 @@ impl Session {
             // parked: no server, nothing owed
             return g
                 .client_idle()
-                .map(|t| stats::mono_instant(self.parked.idle_since) + t);
+                .map(|t| (self.parked.idle_since + t).instant());
         };
         let attached = self.has_server();
         let timeout = match attached {
@@ -538,7 +539,7 @@ impl Session {
             true if f.status != b'I' => g.idle_transaction(),
             _ => g.client_idle(),
         };
-        let idle = timeout.map(|t| f.idle_since + t);
+        let idle = timeout.map(|t| (f.idle_since + t).instant());
         // The relay starts requests without waking the session, so with a server attached
         // and quiet, look again within query_timeout to time a request begun meanwhile.
         let recheck = match attached {
@@ -612,7 +613,7 @@ impl Session {
     /// the client's settings and due no check; otherwise returns when the client started
     /// waiting, and the server already taken if it only needs its settings brought in step,
     /// for `attach`.
-    fn attach_now(&mut self) -> Option<(Instant, Option<PooledConn>)> {
+    fn attach_now(&mut self) -> Option<(Mono, Option<PooledConn>)> {
         let waiting_since = self.login.client.waiting();
         if self.route.is_some() {
             return Some((waiting_since, None));
@@ -630,7 +631,7 @@ impl Session {
 
     async fn attach(
         &mut self,
-        waiting_since: Instant,
+        waiting_since: Mono,
         taken: Option<PooledConn>,
     ) -> Result<(), AttachError> {
         self.relay_mut();
@@ -761,10 +762,11 @@ impl Session {
         }
         // The wait is over: the client's timers (client_idle_timeout, query_timeout) count
         // from here, not from its request, or a long wait would end it at the hand-off.
+        let now = Mono::now();
         if let Some(relay) = self.relay.as_deref_mut() {
-            relay.flow.idle_since = Instant::now();
+            relay.flow.idle_since = now;
         }
-        self.attached(conn, waiting_since, Instant::now());
+        self.attached(conn, waiting_since, now);
         Ok(())
     }
 
@@ -784,7 +786,7 @@ impl Session {
     }
 
     /// The server is the client's now.
-    fn attached(&mut self, conn: PooledConn, waiting_since: Instant, now: Instant) {
+    fn attached(&mut self, conn: PooledConn, waiting_since: Mono, now: Mono) {
         let retryable = self.route.as_ref().is_some_and(|r| r.retryable());
         let one_unit = self.route.as_ref().is_some_and(|r| r.serves_one_unit());
         self.login
@@ -813,7 +815,7 @@ impl Session {
     }
 
     /// The client's request went to a server in a batch: its answer comes through the seat.
-    fn seated(&mut self, mut seat: Box<Seat>, waiting_since: Instant) -> Result<(), AttachError> {
+    fn seated(&mut self, mut seat: Box<Seat>, waiting_since: Mono) -> Result<(), AttachError> {
         self.relay_mut();
         let Session {
             relay: Some(relay),
@@ -827,7 +829,7 @@ impl Session {
         relay.attached(&seat.statements);
         // the request is the whole unit: what the client sends next is routed on its own
         relay.serve_one_unit();
-        relay.flow.idle_since = Instant::now();
+        relay.flow.idle_since = Mono::now();
         login
             .client
             .active(waiting_since, seat.conn_id, &mut relay.meter);

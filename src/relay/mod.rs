@@ -11,6 +11,7 @@ mod keys;
 pub mod retry;
 pub mod statements;
 
+use crate::clock::Mono;
 use crate::params::{self, Params};
 use crate::prepared::{self, Registry, ServerStatements};
 use crate::protocol::messages::{is_frontend_type, parse_parameter_status};
@@ -25,7 +26,6 @@ use std::io;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::Instant;
 
 /// Rounds of work in one poll before yielding to other tasks.
 const POLL_BUDGET: u32 = 32;
@@ -141,7 +141,7 @@ pub struct Flow {
     /// The client sent Terminate.
     pub terminated: bool,
     /// Last client input or server ReadyForQuery: when idling started.
-    pub idle_since: Instant,
+    pub idle_since: Mono,
     /// COPY FROM STDIN bookkeeping: the server ignores Syncs while it is in copy-in mode.
     last_was_execute: bool,
     syncs_since_execute: u32,
@@ -251,7 +251,7 @@ impl Relay {
         registry: Arc<Registry>,
         max_prepared: usize,
     ) -> Relay {
-        let mut relay = Relay::bare(max_message, transaction_mode, Instant::now());
+        let mut relay = Relay::bare(max_message, transaction_mode, Mono::now());
         relay.tracker =
             (transaction_mode && max_prepared > 0).then(|| Tracker::new(registry, max_prepared));
         relay
@@ -259,7 +259,7 @@ impl Relay {
 
     /// A relay without a statement tracker or a pool's statistics, its client last heard
     /// from at `idle_since`.
-    pub fn bare(max_message: usize, transaction_mode: bool, idle_since: Instant) -> Relay {
+    pub fn bare(max_message: usize, transaction_mode: bool, idle_since: Mono) -> Relay {
         Relay {
             c2s: Channel::default(),
             s2c: Channel::default(),
@@ -445,7 +445,7 @@ impl Relay {
                     Ok(Some(n)) => {
                         progress = true;
                         self.meter.received(n);
-                        self.flow.idle_since = Instant::now();
+                        self.flow.idle_since = Mono::now();
                         if self.retry.is_armed() {
                             let b = &self.c2s.buf;
                             self.retry.client_bytes(&b[b.len() - n..]);
@@ -946,7 +946,7 @@ impl Relay {
                     // the unit is answered in full: it goes to the client now
                     self.retry.disarm();
                 }
-                let now = Instant::now();
+                let now = Mono::now();
                 if !own {
                     self.meter
                         .ready(self.flow.status, self.flow.pending > 0, now);
