@@ -13,7 +13,7 @@ use crate::topology::{HostConfig, Topology, TopologyConfig};
 use arc_swap::{ArcSwap, Guard};
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::sync::{watch, Notify};
@@ -62,6 +62,8 @@ pub struct App {
     config: ArcSwap<Config>,
     /// The client timeouts of `config`, read at every wake-up of every session.
     pub timeouts: ClientTimeouts,
+    /// The limits of `config` a session reads at each transaction.
+    pub limits: SessionLimits,
     /// Where the configuration came from, for SIGHUP and RELOAD.
     pub config_path: Option<PathBuf>,
     pub verifiers: VerifierCache,
@@ -153,6 +155,40 @@ impl ClientTimeouts {
     }
 }
 
+/// What a session reads of the configuration at each transaction, as plain atomics: it
+/// makes a relay (message and statement limits) and gives its server back
+/// (`server_reset_query_always`), and loading the configuration for each cost about 90
+/// instructions.
+#[derive(Default)]
+pub struct SessionLimits {
+    max_message_size: AtomicUsize,
+    max_prepared_statements: AtomicUsize,
+    server_reset_query_always: AtomicBool,
+}
+
+impl SessionLimits {
+    fn set(&self, g: &General) {
+        self.max_message_size
+            .store(g.max_message_size as usize, Ordering::Relaxed);
+        self.max_prepared_statements
+            .store(g.max_prepared_statements as usize, Ordering::Relaxed);
+        self.server_reset_query_always
+            .store(g.server_reset_query_always, Ordering::Relaxed);
+    }
+
+    pub fn max_message_size(&self) -> usize {
+        self.max_message_size.load(Ordering::Relaxed)
+    }
+
+    pub fn max_prepared_statements(&self) -> usize {
+        self.max_prepared_statements.load(Ordering::Relaxed)
+    }
+
+    pub fn server_reset_query_always(&self) -> bool {
+        self.server_reset_query_always.load(Ordering::Relaxed)
+    }
+}
+
 impl App {
     pub fn new(config: Config) -> Arc<App> {
         App::with_path(config, None)
@@ -164,9 +200,12 @@ impl App {
         crate::sockopts::configure(crate::sockopts::TcpOptions::from_config(&config.pgmux));
         let timeouts = ClientTimeouts::default();
         timeouts.set(&config.pgmux);
+        let limits = SessionLimits::default();
+        limits.set(&config.pgmux);
         Arc::new(App {
             config: ArcSwap::from_pointee(config),
             timeouts,
+            limits,
             config_path,
             verifiers: VerifierCache::default(),
             auth_lookups: SecretCache::default(),
@@ -533,6 +572,7 @@ impl App {
         crate::tls::install(&new.security);
         self.config.store(new.clone());
         self.timeouts.set(&new.pgmux);
+        self.limits.set(&new.pgmux);
         crate::queries::set_log_min_duration_ms(new.pgmux.log_min_duration_ms);
         crate::sockopts::configure(crate::sockopts::TcpOptions::from_config(&new.pgmux));
 

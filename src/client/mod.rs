@@ -278,13 +278,9 @@ impl Session {
     /// A new relay, with the limits configured now (read here rather than kept: every byte
     /// of an idle session counts, see the test below).
     fn unpark(&mut self) -> Box<Relay> {
-        let (max_message, max_prepared) = {
-            let g = &self.app.config().pgmux;
-            (
-                g.max_message_size as usize,
-                g.max_prepared_statements as usize,
-            )
-        };
+        let limits = &self.app.limits;
+        let (max_message, max_prepared) =
+            (limits.max_message_size(), limits.max_prepared_statements());
         let transaction_mode = self.mode == PoolMode::Transaction;
         let idle_since = self.parked.idle_since;
         let mut relay = Box::new(Relay::bare(max_message, transaction_mode, idle_since));
@@ -866,7 +862,7 @@ impl Session {
             r.released();
         }
         let settings_changed = self.relay_mut().session.settings_changed;
-        if settings_changed || self.app.config().pgmux.server_reset_query_always {
+        if settings_changed || self.app.limits.server_reset_query_always() {
             return Some(conn);
         }
         conn.release();
@@ -885,7 +881,7 @@ impl Session {
                 return;
             }
         }
-        if self.app.config().pgmux.server_reset_query_always {
+        if self.app.limits.server_reset_query_always() {
             self.reset_and_release(conn).await;
         } else {
             conn.release();
@@ -1036,7 +1032,7 @@ impl Session {
             );
             let reset = self.mode == PoolMode::Session
                 || pinned
-                || self.app.config().pgmux.server_reset_query_always;
+                || self.app.limits.server_reset_query_always();
             if !clean || ((reset || changed) && !cancels_settled(&conn).await) {
                 if busy {
                     self.cancel_abandoned(conn.cancel_target().cancel());
