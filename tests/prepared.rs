@@ -576,3 +576,66 @@ fn errors_name_the_clients_statement() {
     let (mut through, _) = login(px.port, "app", "preperrname");
     assert_eq!(message(&mut through), expected);
 }
+
+/// Each client's unnamed statement is its own, as on PostgreSQL, although in transaction
+/// mode its server serves other clients between its transactions (pgx without a statement
+/// cache parses and describes in one unit and binds in the next). Three clients share one
+/// server through pgmux; directly, each has its own backend. Before pgmux followed the
+/// unnamed statement, a client bound whatever another client had parsed last, or got 26000.
+#[test]
+fn each_client_keeps_its_own_unnamed_statement() {
+    use common::raw::{login, msg, query};
+    let describe = || msg(b'D', b"S\0");
+    let close = || msg(b'C', b"S\0");
+    let script =
+        |a: &mut std::net::TcpStream, b: &mut std::net::TcpStream, c: &mut std::net::TcpStream| {
+            vec![
+                batch(a, &[parse("", "select 'a1'"), describe(), sync()]),
+                batch(b, &[parse("", "select 'b1'"), sync()]),
+                batch(a, &[describe(), bind(""), exec(), sync()]),
+                batch(b, &[bind(""), exec(), sync()]),
+                batch(a, &[bind(""), exec(), sync()]),
+                // never parsed one: PostgreSQL has none for it
+                batch(c, &[bind(""), exec(), sync()]),
+                batch(c, &[describe(), sync()]),
+                // in one unit, with another client's in between
+                batch(a, &[parse("", "select 'a2'"), bind(""), exec(), sync()]),
+                batch(b, &[parse("", "select 'b2'"), bind(""), exec(), sync()]),
+                batch(a, &[bind(""), exec(), sync()]),
+                // a simple Query drops it
+                batch(a, &[query("select 'q'")]),
+                batch(b, &[parse("", "select 'b3'"), sync()]),
+                batch(a, &[bind(""), exec(), sync()]),
+                batch(b, &[bind(""), exec(), sync()]),
+                // so does a Parse that fails, and a Close
+                batch(a, &[parse("", "select 'a4'"), sync()]),
+                batch(a, &[parse("", "selec 'a5'"), sync()]),
+                batch(a, &[bind(""), exec(), sync()]),
+                batch(b, &[close(), sync()]),
+                batch(a, &[parse("", "select 'a6'"), sync()]),
+                batch(b, &[bind(""), exec(), sync()]),
+                batch(a, &[bind(""), exec(), sync()]),
+                // inside a transaction block, and after it
+                batch(a, &[query("begin")]),
+                batch(a, &[parse("", "select 'a7'"), sync()]),
+                batch(a, &[bind(""), exec(), sync()]),
+                batch(a, &[query("commit")]),
+                batch(b, &[parse("", "select 'b8'"), bind(""), exec(), sync()]),
+                batch(a, &[bind(""), exec(), sync()]),
+            ]
+        };
+    let pg = PgCluster::shared();
+    let direct = |_| login(pg.primary().port, "postgres", "postgres").0;
+    let (mut a, mut b, mut c) = (direct(0), direct(1), direct(2));
+    let expected = script(&mut a, &mut b, &mut c);
+    assert_eq!(
+        expected[2],
+        ["t", "T", "2", "Da1", "C", "ZI"],
+        "{expected:?}"
+    );
+    assert_eq!(expected[5], ["E26000", "ZI"], "{expected:?}");
+    let px = start("prepunnamed", 1, "");
+    let through = |_| login(px.port, "app", "prepunnamed").0;
+    let (mut a, mut b, mut c) = (through(0), through(1), through(2));
+    assert_eq!(script(&mut a, &mut b, &mut c), expected);
+}

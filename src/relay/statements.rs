@@ -2,7 +2,10 @@
 //! moving between servers. A client's Parse is renamed to pgmux's shared name (or dropped
 //! and answered by pgmux when the server already has the statement); Bind and Describe are
 //! renamed, with a Parse sent first where the server lacks the statement; Close of a
-//! statement is answered by pgmux (other clients may share it). To put pgmux's answers, and
+//! statement is answered by pgmux (other clients may share it). The client's unnamed
+//! statement is followed too: a Bind or Describe of it on a server that has not seen the
+//! client's Parse of it gets that Parse first (or a Close, when the client has none), so it
+//! never runs another client's unnamed statement. To put pgmux's answers, and
 //! remove the server's answers to pgmux's own messages, at the right place in the response
 //! stream, every request that gets an answer is queued here and matched against what the
 //! server sends back.
@@ -16,6 +19,8 @@ use std::sync::Arc;
 
 const PARSE_COMPLETE: &[u8] = &[b'1', 0, 0, 0, 4];
 const CLOSE_COMPLETE: &[u8] = &[b'3', 0, 0, 0, 4];
+/// Close of the unnamed statement: PostgreSQL answers CloseComplete whether or not it has one.
+const CLOSE_UNNAMED: &[u8] = &[b'C', 0, 0, 0, 6, b'S', 0];
 const READY_IDLE: &[u8] = &[b'Z', 0, 0, 0, 5, b'I'];
 const READY_IN_TRANSACTION: &[u8] = &[b'Z', 0, 0, 0, 5, b'T'];
 const DEALLOCATE_COMPLETE: &[u8] = b"C\0\0\0\x0fDEALLOCATE\0";
@@ -81,6 +86,19 @@ pub struct Tracker {
     journal: Option<Vec<NameChange>>,
     /// Custom settings named by the statements just passed (`note_custom_settings`).
     pub custom_settings: Vec<String>,
+    unnamed: Unnamed,
+}
+
+/// The client's unnamed statement. PostgreSQL keeps it until the next unnamed Parse or
+/// simple Query, and drivers use it across a Sync (pgx without a statement cache parses and
+/// describes in one unit, then binds in the next); in transaction mode the server that
+/// has it may meanwhile serve other clients, whose unnamed statements replace it there.
+#[derive(Default)]
+struct Unnamed {
+    /// The client's last unnamed Parse, whole; None: the client has no unnamed statement.
+    parse: Option<Bytes>,
+    /// The attached server's unnamed statement is the one `parse` says (none if None).
+    here: bool,
 }
 
 /// The message types the tracker must read whole on the client side.
@@ -111,7 +129,13 @@ impl Tracker {
             batch_tick: 0,
             journal: None,
             custom_settings: Vec::new(),
+            unnamed: Unnamed::default(),
         }
+    }
+
+    /// Whether the client has an unnamed statement to keep while it idles.
+    pub fn has_unnamed(&self) -> bool {
+        self.unnamed.parse.is_some()
     }
 
     /// Gives the memory of its (empty) queue of answers back while its client idles.
@@ -127,6 +151,7 @@ impl Tracker {
     /// A new server: anything owed by the last one is gone with it.
     pub fn attach(&mut self, server: &ServerStatements) {
         self.expect.clear();
+        self.unnamed.here = false;
         self.batch_tick = server.now();
     }
 
@@ -175,7 +200,15 @@ impl Tracker {
     pub fn client_passed(&mut self, tag: u8, server: &ServerStatements) {
         match tag {
             b'E' => self.expect.push_back(Expect::Execute),
-            b'Q' | b'F' => self.expect.push_back(Expect::Ready),
+            b'Q' => {
+                // a simple Query drops the unnamed statement, on PostgreSQL as here
+                self.unnamed = Unnamed {
+                    parse: None,
+                    here: true,
+                };
+                self.expect.push_back(Expect::Ready);
+            }
+            b'F' => self.expect.push_back(Expect::Ready),
             b'S' => {
                 self.expect.push_back(Expect::Ready);
                 self.batch_tick = server.now();
@@ -204,9 +237,16 @@ impl Tracker {
                 Some((name, _)) if !name.is_empty() => {
                     self.on_parse(body.to_vec(), start, end, c2s, server, aborted)
                 }
-                parsed => {
-                    self.on_unnamed_parse(parsed.map_or("", |(_, rest)| prepared::query_text(rest)))
+                Some((_, rest)) => {
+                    let msg = &c2s.buf[start..end];
+                    // most clients parse the same few texts again and again: no copy then
+                    if self.unnamed.parse.as_deref() != Some(msg) {
+                        self.unnamed.parse = Some(Bytes::copy_from_slice(msg));
+                    }
+                    self.unnamed.here = true;
+                    self.on_unnamed_parse(prepared::query_text(rest))
                 }
+                None => self.on_unnamed_parse(""),
             },
             b'B' => self.on_bind(start, end, c2s, server),
             b'D' => {
@@ -335,11 +375,12 @@ impl Tracker {
             self.expect.push_back(Expect::Bind { stmt: 0 });
             return Effects::default();
         };
-        let Some(def) = (!stmt.is_empty())
-            .then(|| self.stmts.get(stmt))
-            .flatten()
-            .cloned()
-        else {
+        if stmt.is_empty() {
+            self.ensure_unnamed(start, c2s);
+            self.expect.push_back(Expect::Bind { stmt: 0 });
+            return Effects::default();
+        }
+        let Some(def) = self.stmts.get(stmt).cloned() else {
             self.expect.push_back(Expect::Bind { stmt: 0 });
             return Effects::default();
         };
@@ -375,6 +416,10 @@ impl Tracker {
         let body = &c2s.buf[start + 5..end];
         let def = match prepared::target(body) {
             Some((b'S', name)) if !name.is_empty() => self.stmts.get(name).cloned(),
+            Some((b'S', _)) => {
+                self.ensure_unnamed(start, c2s);
+                None
+            }
             _ => None,
         };
         if let Some(def) = def {
@@ -402,7 +447,39 @@ impl Tracker {
                 c2s.skip(end - start);
                 self.expect.push_back(Expect::Answer(CLOSE_COMPLETE));
             }
+            Some((b'S', _)) => {
+                self.unnamed = Unnamed {
+                    parse: None,
+                    here: true,
+                };
+                self.expect.push_back(Expect::Close { ours: false })
+            }
             _ => self.expect.push_back(Expect::Close { ours: false }),
+        }
+    }
+
+    /// Before a Bind or Describe of the unnamed statement at `c2s.buf[start..]`: unless the
+    /// server has the client's own, it gets the client's last unnamed Parse again, or a
+    /// Close of the unnamed statement when the client has none (the Bind then fails as it
+    /// would on PostgreSQL, 26000, rather than run what another client left there).
+    fn ensure_unnamed(&mut self, start: usize, c2s: &mut Channel) {
+        if std::mem::replace(&mut self.unnamed.here, true) {
+            return;
+        }
+        c2s.seal(start);
+        match &self.unnamed.parse {
+            Some(parse) => {
+                c2s.push(parse.clone());
+                self.expect.push_back(Expect::Parse {
+                    def: None,
+                    ours: true,
+                    name: None,
+                });
+            }
+            None => {
+                c2s.push(Bytes::from_static(CLOSE_UNNAMED));
+                self.expect.push_back(Expect::Close { ours: true });
+            }
         }
     }
 
@@ -497,6 +574,22 @@ impl Tracker {
                     s2c.skip(end - start);
                     s2c.push(error);
                 }
+                return self.failed(server);
+            }
+            (
+                b'E',
+                Expect::Parse {
+                    def: None,
+                    ours: false,
+                    ..
+                },
+            ) => {
+                // PostgreSQL dropped the client's unnamed statement before it parsed the new
+                // one, which failed: it has none now
+                self.unnamed = Unnamed {
+                    parse: None,
+                    here: true,
+                };
                 return self.failed(server);
             }
             (b'E', _) => return self.failed(server),
@@ -597,6 +690,8 @@ impl Tracker {
             return false;
         };
         self.name_changed(name.as_bytes(), Some(before));
+        // a simple Query drops the unnamed statement on PostgreSQL
+        self.unnamed.parse = None;
         s2c.insert(Bytes::from_static(DEALLOCATE_COMPLETE));
         s2c.insert(Bytes::from_static(READY_IDLE));
         c2s.consume_unscanned(1 + len);
@@ -614,6 +709,12 @@ impl Tracker {
     ) {
         let before = self.stmts.remove(name);
         self.name_changed(name, before);
+        // a simple Query drops the unnamed statement on PostgreSQL; this one does not reach
+        // the server, which must lose it before the client's next use of it
+        self.unnamed = Unnamed {
+            parse: None,
+            here: false,
+        };
         let end = c2s.scanned;
         c2s.seal(start);
         c2s.skip(end - start);
