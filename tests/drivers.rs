@@ -2,7 +2,7 @@
 //! clients each, so statements really move between servers: psycopg 3 (every statement
 //! prepared, pipeline mode), asyncpg (statement cache on), node-postgres (named queries),
 //! pgjdbc (prepareThreshold=1), PHP's PDO (server-side prepares, deallocated with SQL), Go's
-//! pgx v4 (its prepare and describe statement caches, simple protocol, batches, COPY). Each
+//! pgx v4 (its prepare and describe caches, no cache, simple protocol, batches, COPY). Each
 //! script checks results, not only the absence of errors. Each runs twice: against a primary
 //! alone, and with reads split off to two streaming replicas.
 //! `.ci/run` installs the drivers; tests/drivers/ holds the scripts.

@@ -1,11 +1,14 @@
-// pgx v4 (Go) through pgmux: each client connects on its own, in one of pgx's ways of running
-// a statement, so their messages differ:
+// pgx v4 (Go) through pgmux: each client connects on its own, in one of pgx's four ways of
+// running a statement, so their messages differ:
 //   - prepare: the default statement cache, named statements (lrupsc_N_M) prepared with
 //     Parse/Describe/Sync, then Bind/Execute; a small cache so it evicts them with a simple
 //     `deallocate lrupsc_N_M`, between transactions and inside them;
 //   - describe: the describe cache: an unnamed Parse/Describe/Sync once per text, then an
 //     unnamed Parse/Bind/Execute each time;
-//   - simple: PreferSimpleProtocol, arguments inlined into simple Queries.
+//   - simple: PreferSimpleProtocol, arguments inlined into simple Queries;
+//   - nocache: no cache (statement_cache_capacity=0): an unnamed Parse/Describe/Sync, then
+//     Bind/Execute/Sync of the unnamed statement, a unit of its own after its Parse's Sync
+//     (a PostgreSQL session keeps the unnamed statement until the next unnamed Parse).
 //
 // Each also sends batches (one Sync behind many statements, reads before writes, a failing one
 // in the middle), explicit transactions (committed, rolled back, failed), COPY (pgx sends its
@@ -42,7 +45,7 @@ const (
 	streamRows = 20000
 )
 
-var modes = []string{"prepare", "describe", "simple"}
+var modes = []string{"prepare", "describe", "simple", "nocache"}
 
 func main() {
 	if len(os.Args) != 3 {
@@ -128,6 +131,8 @@ func worker(ctx context.Context, connStr string, i int) error {
 		}
 	case "simple":
 		cfg.PreferSimpleProtocol = true
+	case "nocache":
+		cfg.BuildStatementCache = nil
 	}
 	c, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
