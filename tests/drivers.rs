@@ -1,7 +1,8 @@
 //! Real drivers in other languages through pgmux in transaction mode with a small pool, many
 //! clients each, so statements really move between servers: psycopg 3 (every statement
 //! prepared, pipeline mode), asyncpg (statement cache on), node-postgres (named queries),
-//! pgjdbc (prepareThreshold=1), PHP's PDO (server-side prepares, deallocated with SQL). Each
+//! pgjdbc (prepareThreshold=1), PHP's PDO (server-side prepares, deallocated with SQL), Go's
+//! pgx v4 (its prepare and describe caches, no cache, simple protocol, batches, COPY). Each
 //! script checks results, not only the absence of errors. Each runs twice: against a primary
 //! alone, and with reads split off to two streaming replicas.
 //! `.ci/run` installs the drivers; tests/drivers/ holds the scripts.
@@ -11,6 +12,7 @@ mod common;
 use common::{PgCluster, Pgmux};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 const CLIENTS: &str = "20";
@@ -240,4 +242,42 @@ fn php_pdo_deallocates_with_sql_on(px: &Pgmux) {
         .arg(format!("pgsql:host=127.0.0.1;port={};dbname=app", px.port))
         .args(["app", "secret", CLIENTS]);
     run(cmd, "clients ok");
+}
+
+both_topologies!(
+    pgx_statement_caches_batches_and_copy,
+    pgx_statement_caches_batches_and_copy_through_replicas,
+    pgx_statement_caches_batches_and_copy_on
+);
+
+fn pgx_statement_caches_batches_and_copy_on(px: &Pgmux) {
+    let mut cmd = Command::new(pgx_check_binary());
+    cmd.arg(px.conn_str("app", "app", Some("secret")))
+        .arg(CLIENTS);
+    run(cmd, "clients ok");
+}
+
+/// tests/drivers/pgx_check.go, built once per run. In GOPATH mode, against the sources of
+/// Debian's golang-github-jackc-pgx-v4-dev under /usr/share/gocode: CI cannot reach the Go
+/// module proxy, and this build needs nothing from the network.
+fn pgx_check_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("pgx_check");
+        let bin = dir.join("pgx_check");
+        let mut go = Command::new("go");
+        go.args(["build", "-o"])
+            .arg(&bin)
+            .arg("pgx_check.go")
+            // the caller's Go settings (modules, vendoring, a proxy) must not change the build
+            .env("GOENV", "off")
+            .env("GOFLAGS", "")
+            .env("GO111MODULE", "off")
+            .env("GOPROXY", "off")
+            .env("GOPATH", "/usr/share/gocode")
+            .env("GOCACHE", dir.join("cache"));
+        // go build prints nothing when it succeeds
+        run(go, "");
+        bin
+    })
 }
