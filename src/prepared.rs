@@ -111,10 +111,13 @@ impl Registry {
     }
 }
 
-/// A client's named statements.
+/// A client's named statements, and its unnamed one.
 #[derive(Default)]
 pub struct ClientStatements {
     by_name: HashMap<Box<[u8]>, Arc<StmtDef>, Keyed>,
+    /// The client's last unnamed Parse, whole (`relay::statements` keeps it, since its
+    /// server may serve others before the client binds it); None: it has none.
+    unnamed: Option<Bytes>,
 }
 
 impl ClientStatements {
@@ -152,8 +155,33 @@ impl ClientStatements {
         self.by_name.keys().cloned()
     }
 
+    /// No named statement and no unnamed one.
     pub fn is_empty(&self) -> bool {
-        self.by_name.is_empty()
+        self.by_name.is_empty() && self.unnamed.is_none()
+    }
+
+    /// The client's unnamed statement: its Parse message, whole.
+    pub fn unnamed(&self) -> Option<&Bytes> {
+        self.unnamed.as_ref()
+    }
+
+    /// The unnamed statement's query string and parameter types (as `StmtDef::body`).
+    pub fn unnamed_body(&self) -> Option<&[u8]> {
+        let msg = self.unnamed.as_deref()?;
+        split_parse(msg.get(5..)?).map(|(_, rest)| rest)
+    }
+
+    /// The client parsed the unnamed statement with Parse message `msg`.
+    pub fn set_unnamed(&mut self, msg: &[u8]) {
+        // most clients parse the same few texts again and again: no copy then
+        if self.unnamed.as_deref() != Some(msg) {
+            self.unnamed = Some(Bytes::copy_from_slice(msg));
+        }
+    }
+
+    /// The client's unnamed statement is gone (a simple Query, a Close, a failed Parse).
+    pub fn drop_unnamed(&mut self) {
+        self.unnamed = None;
     }
 }
 

@@ -1609,6 +1609,53 @@ async fn flushed_copy_scene(
 /// The port an extended-protocol write ran on: Parse, Bind and Execute of an INSERT
 /// returning `inet_server_port()`, then `tail` (a Sync, perhaps more), answered up to its
 /// ReadyForQuery; the error's SQLSTATE if it failed.
+/// pgx without a statement cache parses and describes the unnamed statement in one unit and
+/// binds it in the next: the Bind's unit is routed by the text of the client's last unnamed
+/// Parse (pgmux keeps it), and the server it lands on is given that Parse first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unnamed_statement_bound_in_a_later_unit_is_routed_by_its_text() {
+    use common::raw::{error_code, login, msg, until_ready};
+    use std::io::Write;
+    let cluster = PgCluster::shared_with_replicas();
+    let px = start(cluster, "", "consistency = \"eventual\"");
+    warm_up(&px, cluster).await;
+    let (primary, replicas) = ports(cluster);
+    let c = connect(&px, "app").await;
+    c.batch_execute("CREATE TABLE IF NOT EXISTS rw_unnamed (port int)")
+        .await
+        .unwrap();
+    let (mut s, _) = login(px.port, "app", "app");
+    let mut send = |msgs: &[Vec<u8>]| {
+        s.write_all(&msgs.concat()).unwrap();
+        let answers = until_ready(&mut s);
+        assert_eq!(error_code(&answers), None, "{answers:?}");
+        answers
+            .iter()
+            .find(|(t, _)| *t == b'D')
+            .map(|(_, row)| String::from_utf8_lossy(&row[6..]).parse::<u16>().unwrap())
+    };
+    let sync = || msg(b'S', b"");
+    let bound = || {
+        vec![
+            msg(b'B', b"\0\0\0\0\0\0\0\0"),
+            msg(b'E', b"\0\0\0\0\0"),
+            sync(),
+        ]
+    };
+    let write = "INSERT INTO rw_unnamed VALUES (inet_server_port()) RETURNING port";
+    for round in 0..3 {
+        for (sql, read) in [("SELECT inet_server_port()", true), (write, false)] {
+            let parse = msg(b'P', format!("\0{sql}\0\0\0").as_bytes());
+            send(&[parse, msg(b'D', b"S\0"), sync()]);
+            let p = send(&bound()).expect("a row");
+            match read {
+                true => assert!(replicas.contains(&p), "round {round}: read on {p}"),
+                false => assert_eq!(p, primary, "round {round}: write on {p}"),
+            }
+        }
+    }
+}
+
 fn insert_port(s: &mut std::net::TcpStream, tail: &[u8]) -> Result<u16, String> {
     use common::raw::{error_code, until_ready};
     use std::io::Write;

@@ -319,7 +319,7 @@ impl Session {
         self.parked.tracker = r
             .tracker
             .take()
-            .filter(|t| !t.stmts.is_empty() || t.has_unnamed())
+            .filter(|t| !t.stmts.is_empty())
             .map(|mut t| {
                 t.shed();
                 Box::new(t)

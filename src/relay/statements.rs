@@ -86,19 +86,12 @@ pub struct Tracker {
     journal: Option<Vec<NameChange>>,
     /// Custom settings named by the statements just passed (`note_custom_settings`).
     pub custom_settings: Vec<String>,
-    unnamed: Unnamed,
-}
-
-/// The client's unnamed statement. PostgreSQL keeps it until the next unnamed Parse or
-/// simple Query, and drivers use it across a Sync (pgx without a statement cache parses and
-/// describes in one unit, then binds in the next); in transaction mode the server that
-/// has it may meanwhile serve other clients, whose unnamed statements replace it there.
-#[derive(Default)]
-struct Unnamed {
-    /// The client's last unnamed Parse, whole; None: the client has no unnamed statement.
-    parse: Option<Bytes>,
-    /// The attached server's unnamed statement is the one `parse` says (none if None).
-    here: bool,
+    /// The attached server's unnamed statement is the client's (`stmts.unnamed()`, none if
+    /// None). PostgreSQL keeps a session's unnamed statement until its next unnamed Parse
+    /// or simple Query, and drivers use it across a Sync (pgx without a statement cache
+    /// parses and describes in one unit, then binds in the next); in transaction mode the
+    /// server may meanwhile serve other clients, whose unnamed statements replace it there.
+    unnamed_here: bool,
 }
 
 /// The message types the tracker must read whole on the client side.
@@ -129,13 +122,15 @@ impl Tracker {
             batch_tick: 0,
             journal: None,
             custom_settings: Vec::new(),
-            unnamed: Unnamed::default(),
+            unnamed_here: false,
         }
     }
 
-    /// Whether the client has an unnamed statement to keep while it idles.
-    pub fn has_unnamed(&self) -> bool {
-        self.unnamed.parse.is_some()
+    /// The client's unnamed statement is gone, on the attached server as on PostgreSQL
+    /// (`here`), or only for the client (the server still has it).
+    fn drop_unnamed(&mut self, here: bool) {
+        self.stmts.drop_unnamed();
+        self.unnamed_here = here;
     }
 
     /// Gives the memory of its (empty) queue of answers back while its client idles.
@@ -151,7 +146,7 @@ impl Tracker {
     /// A new server: anything owed by the last one is gone with it.
     pub fn attach(&mut self, server: &ServerStatements) {
         self.expect.clear();
-        self.unnamed.here = false;
+        self.unnamed_here = false;
         self.batch_tick = server.now();
     }
 
@@ -202,10 +197,7 @@ impl Tracker {
             b'E' => self.expect.push_back(Expect::Execute),
             b'Q' => {
                 // a simple Query drops the unnamed statement, on PostgreSQL as here
-                self.unnamed = Unnamed {
-                    parse: None,
-                    here: true,
-                };
+                self.drop_unnamed(true);
                 self.expect.push_back(Expect::Ready);
             }
             b'F' => self.expect.push_back(Expect::Ready),
@@ -238,12 +230,8 @@ impl Tracker {
                     self.on_parse(body.to_vec(), start, end, c2s, server, aborted)
                 }
                 Some((_, rest)) => {
-                    let msg = &c2s.buf[start..end];
-                    // most clients parse the same few texts again and again: no copy then
-                    if self.unnamed.parse.as_deref() != Some(msg) {
-                        self.unnamed.parse = Some(Bytes::copy_from_slice(msg));
-                    }
-                    self.unnamed.here = true;
+                    self.stmts.set_unnamed(&c2s.buf[start..end]);
+                    self.unnamed_here = true;
                     self.on_unnamed_parse(prepared::query_text(rest))
                 }
                 None => self.on_unnamed_parse(""),
@@ -448,10 +436,7 @@ impl Tracker {
                 self.expect.push_back(Expect::Answer(CLOSE_COMPLETE));
             }
             Some((b'S', _)) => {
-                self.unnamed = Unnamed {
-                    parse: None,
-                    here: true,
-                };
+                self.drop_unnamed(true);
                 self.expect.push_back(Expect::Close { ours: false })
             }
             _ => self.expect.push_back(Expect::Close { ours: false }),
@@ -463,11 +448,11 @@ impl Tracker {
     /// Close of the unnamed statement when the client has none (the Bind then fails as it
     /// would on PostgreSQL, 26000, rather than run what another client left there).
     fn ensure_unnamed(&mut self, start: usize, c2s: &mut Channel) {
-        if std::mem::replace(&mut self.unnamed.here, true) {
+        if std::mem::replace(&mut self.unnamed_here, true) {
             return;
         }
         c2s.seal(start);
-        match &self.unnamed.parse {
+        match self.stmts.unnamed() {
             Some(parse) => {
                 c2s.push(parse.clone());
                 self.expect.push_back(Expect::Parse {
@@ -586,10 +571,7 @@ impl Tracker {
             ) => {
                 // PostgreSQL dropped the client's unnamed statement before it parsed the new
                 // one, which failed: it has none now
-                self.unnamed = Unnamed {
-                    parse: None,
-                    here: true,
-                };
+                self.drop_unnamed(true);
                 return self.failed(server);
             }
             (b'E', _) => return self.failed(server),
@@ -690,8 +672,8 @@ impl Tracker {
             return false;
         };
         self.name_changed(name.as_bytes(), Some(before));
-        // a simple Query drops the unnamed statement on PostgreSQL
-        self.unnamed.parse = None;
+        // a simple Query drops the unnamed statement on PostgreSQL (no server is attached)
+        self.stmts.drop_unnamed();
         s2c.insert(Bytes::from_static(DEALLOCATE_COMPLETE));
         s2c.insert(Bytes::from_static(READY_IDLE));
         c2s.consume_unscanned(1 + len);
@@ -711,10 +693,7 @@ impl Tracker {
         self.name_changed(name, before);
         // a simple Query drops the unnamed statement on PostgreSQL; this one does not reach
         // the server, which must lose it before the client's next use of it
-        self.unnamed = Unnamed {
-            parse: None,
-            here: false,
-        };
+        self.drop_unnamed(false);
         let end = c2s.scanned;
         c2s.seal(start);
         c2s.skip(end - start);

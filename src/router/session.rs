@@ -150,9 +150,9 @@ fn inspect(buf: &[u8], stmts: Option<&ClientStatements>, write_functions: &[Stri
                 text(rest)
             }),
             b'B' => match prepared::bind_names(body) {
+                // parsed in this batch (classified then), or earlier: the tracker keeps it
                 Some((_, b"", _)) => {
-                    // the unnamed statement only exists if this batch parses it
-                    (!parsed_unnamed).then_some(None)
+                    (!parsed_unnamed).then(|| stmts.and_then(|s| s.unnamed_body()).and_then(text))
                 }
                 Some((_, stmt, _)) if parsed[..n_parsed].contains(&stmt) => None,
                 Some((_, stmt, _)) => {
@@ -840,6 +840,28 @@ mod tests {
         );
         let mut b = bind("w");
         b.extend(msg(b'S', b""));
+        assert_eq!(
+            inspect(&b, Some(&stmts), &[]),
+            work(Class::Write, Some(b.len()))
+        );
+        // the unnamed statement parsed in an earlier unit, by its text
+        let mut b = bind("");
+        b.extend(msg(b'S', b""));
+        assert_eq!(
+            inspect(&b, Some(&stmts), &[]),
+            work(Class::Write, Some(b.len()))
+        );
+        stmts.set_unnamed(&parse("", "SELECT 2"));
+        assert_eq!(
+            inspect(&b, Some(&stmts), &[]),
+            work(Class::Read, Some(b.len()))
+        );
+        stmts.set_unnamed(&parse("", "DELETE FROM t"));
+        assert_eq!(
+            inspect(&b, Some(&stmts), &[]),
+            work(Class::Write, Some(b.len()))
+        );
+        stmts.drop_unnamed();
         assert_eq!(
             inspect(&b, Some(&stmts), &[]),
             work(Class::Write, Some(b.len()))
