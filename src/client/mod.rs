@@ -285,7 +285,10 @@ impl Session {
         let idle_since = self.parked.idle_since;
         let mut relay = Box::new(Relay::bare(max_message, transaction_mode, idle_since));
         relay.tracker = match self.parked.tracker.take() {
-            Some(t) => Some(*t),
+            Some(mut t) => {
+                t.unshed();
+                Some(*t)
+            }
             None => (transaction_mode && max_prepared > 0)
                 .then(|| Tracker::new(self.app.statements.clone(), max_prepared)),
         };

@@ -138,6 +138,14 @@ impl Tracker {
         crate::spares::give(std::mem::take(&mut self.expect));
     }
 
+    /// Its client is back: a queue of answers from the spares, as a new tracker's (an empty
+    /// one would be grown by the first request).
+    pub fn unshed(&mut self) {
+        if self.expect.capacity() == 0 {
+            self.expect = crate::spares::take();
+        }
+    }
+
     /// Nothing owed: safe to hand the server back.
     pub fn is_settled(&self) -> bool {
         self.expect.is_empty()
