@@ -720,3 +720,33 @@ async fn a_server_out_of_connection_slots_makes_clients_wait_not_fail() {
     })
     .await;
 }
+
+/// A Sync or a Flush from a client that holds no server is answered by pgmux as PostgreSQL
+/// would (ReadyForQuery, idle; nothing): sqlx sends a lone Sync to check each pooled
+/// connection when it takes it and when it gives it back, which took a server each time.
+/// The pool's only server is held by a transaction here, so a Sync that needed a server
+/// would wait, then fail with query_wait_timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_sync_is_answered_without_a_server() {
+    use common::raw::{login, msg, query, until_ready};
+    use std::io::Write;
+    let db = "pool_lone_sync";
+    let px = start(
+        db,
+        "pool_mode = \"transaction\"\ndefault_pool_size = 1\nquery_wait_timeout = 2",
+        "",
+    );
+    let holder = connect(&px, db).await.unwrap();
+    holder.batch_execute("BEGIN").await.unwrap();
+    let (mut s, _) = login(px.port, "app", db);
+    s.write_all(&[msg(b'S', b""), msg(b'H', b""), msg(b'S', b"")].concat())
+        .unwrap();
+    let idle = vec![(b'Z', b"I".to_vec())];
+    assert_eq!(until_ready(&mut s), idle);
+    assert_eq!(until_ready(&mut s), idle);
+    holder.batch_execute("COMMIT").await.unwrap();
+    s.write_all(&query("SELECT 41 + 1")).unwrap();
+    let answer = until_ready(&mut s);
+    let row = answer.iter().find(|(t, _)| *t == b'D').expect("a row");
+    assert_eq!(&row.1[6..], b"42", "{answer:?}");
+}

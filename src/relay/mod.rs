@@ -34,6 +34,7 @@ const POLL_BUDGET: u32 = 32;
 const SYNC: &[u8] = b"S\0\0\0\x04";
 /// A Flush message.
 const FLUSH: &[u8] = b"H\0\0\0\x04";
+const READY_IDLE: &[u8] = b"Z\0\0\0\x05I";
 
 /// What the session must act on.
 #[derive(Debug)]
@@ -476,6 +477,13 @@ impl Relay {
                         continue;
                     }
                 }
+                if matches!(self.c2s.buf.first(), Some(b'H' | b'S'))
+                    && !self.flow.terminated
+                    && self.answer_lone_flushes_and_syncs()
+                {
+                    // the answer goes out on the next pass
+                    continue;
+                }
                 if let Some(ev) = self.detached_input() {
                     return Poll::Ready(ev);
                 }
@@ -500,9 +508,6 @@ impl Relay {
         if self.flow.terminated {
             return Some(Event::Terminated);
         }
-        if self.c2s.buf.first() == Some(&b'H') {
-            self.drop_lone_flushes();
-        }
         let head = self.c2s.buf.get(..5)?;
         if let Err(e) = check_header(head, self.max_message) {
             return Some(Event::Protocol(e));
@@ -517,12 +522,25 @@ impl Relay {
         Some(Event::NeedServer)
     }
 
-    /// A Flush with no server attached has nothing to flush: PostgreSQL would answer it with
-    /// nothing, and a server lent for it alone would be held by its client.
+    /// A Flush or a Sync with no server attached has nothing to flush or end: PostgreSQL
+    /// would answer the Flush with nothing, and the Sync with ReadyForQuery, idle (a client
+    /// holds its server while in a transaction). A server lent for a Flush alone would be held
+    /// by its client; sqlx sends a lone Sync to check each pooled connection when it takes it
+    /// and when it gives it back, which took a server each time.
+    /// Returns whether it answered anything.
     #[cold]
-    fn drop_lone_flushes(&mut self) {
-        while self.c2s.buf.get(..5) == Some(FLUSH) {
-            self.c2s.consume_unscanned(FLUSH.len());
+    fn answer_lone_flushes_and_syncs(&mut self) -> bool {
+        let mut answered = false;
+        loop {
+            match self.c2s.buf.get(..5) {
+                Some(FLUSH) => {}
+                Some(SYNC) => {
+                    self.s2c.insert(Bytes::from_static(READY_IDLE));
+                    answered = true;
+                }
+                _ => return answered,
+            }
+            self.c2s.consume_unscanned(5);
         }
     }
 
