@@ -6,8 +6,8 @@
 //! savepoints, COPY in and out, errors, a custom type sqlx looks up in `pg_type`, startup and
 //! `SET` settings of two pools sharing servers, and `PgListener` through a session-mode
 //! database. Each runs against a primary alone and with reads split off to two streaming
-//! replicas. Unnamed statements (`persistent(false)`) are checked too, but pgmux gets them
-//! wrong: those tests are ignored until it is fixed (`--ignored` runs them).
+//! replicas. Unnamed statements (`persistent(false)`) are checked too, and sqlx's
+//! lone-Sync pings.
 
 mod common;
 
@@ -283,15 +283,46 @@ async fn named_statements_through_a_small_cache_on(t: &Target) -> Result<()> {
     .await
 }
 
-/// What pgmux gets wrong (ignored until pgmux is fixed, run with `--ignored`): the unnamed
-/// statement does not follow the client past Sync. A Bind of it in the client's next unit of
-/// work runs on whichever server pgmux lends, where the unnamed statement is whatever that
-/// server's last client parsed (another client's query: a wrong answer, silently) or nothing
-/// (`26000 unnamed prepared statement does not exist`). With replicas it fails every time:
-/// the Parse, a read, goes to a replica, and the Bind without its Parse, unknown work, to the
-/// primary.
+/// sqlx checks a connection with a lone Sync each time the pool lends it and takes it back:
+/// pgmux answers those itself (the client holds no server then), so each query takes one
+/// server, not three (100 queries took 301 before).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "pgmux bug: the unnamed statement does not survive Sync in transaction mode"]
+async fn pings_take_no_server() {
+    let t = Target::alone();
+    let pool = pool_options()
+        .max_connections(1)
+        .connect_with(connect_options(t.px.port, "app"))
+        .await
+        .expect("connect sqlx's pool");
+    const QUERIES: i64 = 100;
+    for i in 0..QUERIES {
+        let row = sqlx::query("SELECT $1::int8 + 1")
+            .bind(i)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(row.get::<i64, _>(0), i + 1);
+    }
+    let console = Console::connect(&t.px, "app", Some("secret")).await;
+    let stats = console.show("SHOW STATS").await;
+    let app = stats
+        .iter()
+        .find(|r| r["database"] == "app")
+        .expect("app's row");
+    let assigned: i64 = app["total_server_assignment_count"].parse().unwrap();
+    // the pool's own setup takes a few
+    assert!(
+        assigned < QUERIES + 10,
+        "{assigned} server assignments for {QUERIES} queries"
+    );
+}
+
+/// `persistent(false)`: sqlx parses and describes the unnamed statement in one unit and binds
+/// it in the next. Before pgmux kept each client's unnamed Parse, that Bind ran on whichever
+/// server pgmux lent, whose unnamed statement was another client's (a wrong answer,
+/// silently) or none (`26000`); with replicas it failed every time, the Parse going to a
+/// replica and the Bind to the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unnamed_statements() {
     let t = Target::alone();
     unnamed_statements_on(&t.pool("app", 100).await)
@@ -300,7 +331,6 @@ async fn unnamed_statements() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "pgmux bug: the unnamed statement does not survive Sync in transaction mode"]
 async fn unnamed_statements_through_replicas() {
     let t = Target::split();
     unnamed_statements_on(&t.pool("app", 100).await)
@@ -316,82 +346,6 @@ async fn unnamed_statements_straight_to_postgres() {
     unnamed_statements_on(&pool_on(port, "app", 100).await)
         .await
         .unwrap();
-}
-
-/// The smallest reproduction, by hand, of what `persistent(false)` sends: one server, two
-/// clients. A parses its unnamed statement (Parse, Describe, Sync, as sqlx does), B parses
-/// its own, then A binds and executes "its" statement. PostgreSQL, one session per client,
-/// answers A with 1005; through pgmux A's Bind runs on the one server, whose unnamed
-/// statement is now B's, and A gets -5.
-#[test]
-#[ignore = "pgmux bug: the unnamed statement does not survive Sync in transaction mode"]
-fn an_unnamed_statement_is_bound_in_the_next_unit_of_work() {
-    let pg = PgCluster::shared();
-    let px = Pgmux::start(&format!(
-        "[pgmux]\nlisten_port = {{port}}\npool_mode = \"transaction\"\ndefault_pool_size = 1\n\
-         auth_type = \"trust\"\n[[users]]\nname = \"app\"\npassword = \"secret\"\n\
-         [[databases]]\nname = \"app\"\nhost = \"127.0.0.1\"\nport = {}\n",
-        pg.primary().port
-    ));
-    let (mut a, _) = raw::login(px.port, "app", "app");
-    let (mut b, _) = raw::login(px.port, "app", "app");
-    const INT8: u32 = 20;
-
-    let mut unit = parse("SELECT $1::int8 + 1000", &[INT8]);
-    unit.extend(raw::msg(b'D', b"S\0"));
-    unit.extend(raw::msg(b'S', b""));
-    a.write_all(&unit).unwrap();
-    let got = raw::until_ready(&mut a);
-    assert_eq!(tags(&got), "1tTZ", "A's Parse: {got:?}");
-
-    let mut unit = parse("SELECT $1::int8 * -1", &[INT8]);
-    unit.extend(raw::msg(b'S', b""));
-    b.write_all(&unit).unwrap();
-    let got = raw::until_ready(&mut b);
-    assert_eq!(tags(&got), "1Z", "B's Parse: {got:?}");
-
-    let mut unit = bind_int8(5);
-    unit.extend(raw::msg(b'E', b"\0\0\0\0\0"));
-    unit.extend(raw::msg(b'S', b""));
-    a.write_all(&unit).unwrap();
-    let got = raw::until_ready(&mut a);
-    assert_eq!(tags(&got), "2DCZ", "A's Bind and Execute: {got:?}");
-    let (_, row) = &got[1];
-    // DataRow: one column, its length, its text
-    assert_eq!(
-        String::from_utf8_lossy(&row[6..]),
-        "1005",
-        "A's statement's answer"
-    );
-}
-
-/// A Parse of the unnamed statement with these parameter types.
-fn parse(sql: &str, types: &[u32]) -> Vec<u8> {
-    let mut body = vec![0u8];
-    body.extend_from_slice(sql.as_bytes());
-    body.push(0);
-    body.extend_from_slice(&(types.len() as u16).to_be_bytes());
-    for t in types {
-        body.extend_from_slice(&t.to_be_bytes());
-    }
-    raw::msg(b'P', &body)
-}
-
-/// A Bind of the unnamed statement to the unnamed portal: one int8 parameter in binary, text
-/// results.
-fn bind_int8(v: i64) -> Vec<u8> {
-    let mut body = vec![0u8, 0u8];
-    body.extend_from_slice(&1u16.to_be_bytes());
-    body.extend_from_slice(&1u16.to_be_bytes());
-    body.extend_from_slice(&1u16.to_be_bytes());
-    body.extend_from_slice(&8u32.to_be_bytes());
-    body.extend_from_slice(&v.to_be_bytes());
-    body.extend_from_slice(&0u16.to_be_bytes());
-    raw::msg(b'B', &body)
-}
-
-fn tags(msgs: &[(u8, Vec<u8>)]) -> String {
-    msgs.iter().map(|(t, _)| *t as char).collect()
 }
 
 /// `persistent(false)`: sqlx Parses and Describes the unnamed statement and Syncs, then, in a
