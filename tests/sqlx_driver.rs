@@ -13,7 +13,7 @@ mod common;
 
 use anyhow::{bail, ensure, Context, Result};
 use common::probe::Console;
-use common::{raw, PgCluster, Pgmux};
+use common::{PgCluster, Pgmux};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{StreamExt, TryStreamExt};
 use sqlx::encode::IsNull;
@@ -24,7 +24,6 @@ use sqlx::postgres::{
 };
 use sqlx::{Connection, Decode, Encode, Executor, Row, Statement};
 use std::future::Future;
-use std::io::Write;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
