@@ -26,18 +26,7 @@ fn start() -> Pgmux {
 /// same scripts, their statements now moving between servers of different kinds as well.
 fn start_split() -> Pgmux {
     let cluster = PgCluster::shared_with_replicas();
-    let replicas: Vec<String> = cluster
-        .replicas()
-        .iter()
-        .map(|r| format!("{{ host = \"127.0.0.1\", port = {} }}", r.port))
-        .collect();
-    // lag limits out of reach: other tests write to the shared cluster
-    let split = format!(
-        "read_write_split = true\nreplicas = [ {} ]\n\
-         max_replica_lag_bytes = 1099511627776\nmax_replica_lag_ms = 3600000\n",
-        replicas.join(", ")
-    );
-    Pgmux::start(&config(cluster.primary().port, &split))
+    Pgmux::start(&config(cluster.primary().port, &cluster.split_settings()))
 }
 
 /// The reads of a `start_split` pgmux reached the replicas: its pooled connections to them

@@ -63,19 +63,8 @@ impl Target {
     /// moving between servers of different kinds as well.
     fn split() -> Target {
         let cluster = PgCluster::shared_with_replicas();
-        let replicas: Vec<String> = cluster
-            .replicas()
-            .iter()
-            .map(|r| format!("{{ host = \"127.0.0.1\", port = {} }}", r.port))
-            .collect();
-        // lag limits out of reach: other tests write to the shared cluster
-        let split = format!(
-            "read_write_split = true\nreplicas = [ {} ]\n\
-             max_replica_lag_bytes = 1099511627776\nmax_replica_lag_ms = 3600000\n",
-            replicas.join(", ")
-        );
         Target {
-            px: Pgmux::start(&config(cluster.primary().port, &split)),
+            px: Pgmux::start(&config(cluster.primary().port, &cluster.split_settings())),
             cluster,
         }
     }

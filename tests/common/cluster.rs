@@ -402,6 +402,21 @@ impl PgCluster {
         &self.instances[0]
     }
 
+    /// A `[[databases]]` entry's lines that split reads off to this cluster's replicas, with
+    /// lag limits out of reach (other tests write to the shared cluster).
+    pub fn split_settings(&self) -> String {
+        let replicas: Vec<String> = self
+            .replicas()
+            .iter()
+            .map(|r| format!("{{ host = \"127.0.0.1\", port = {} }}", r.port))
+            .collect();
+        format!(
+            "read_write_split = true\nreplicas = [ {} ]\n\
+             max_replica_lag_bytes = 1099511627776\nmax_replica_lag_ms = 3600000\n",
+            replicas.join(", ")
+        )
+    }
+
     pub fn replicas(&self) -> &[PgInstance] {
         &self.instances[1..]
     }
