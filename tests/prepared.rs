@@ -639,3 +639,34 @@ fn each_client_keeps_its_own_unnamed_statement() {
     let (mut a, mut b, mut c) = (through(0), through(1), through(2));
     assert_eq!(script(&mut a, &mut b, &mut c), expected);
 }
+
+/// An unnamed statement that changes a setting (`set_config(..., false)`), parsed in one
+/// lending and bound in another, on another server: pgmux sends its Parse again there and
+/// notes what it does to that server's session, so the setting follows its client and does
+/// not stay behind for the next one. Pool of two; B's transaction holds the first server.
+#[test]
+fn an_unnamed_set_config_bound_on_another_server_does_not_leak() {
+    use common::raw::{login, msg, query};
+    let px = start("prepunnamedset", 2, "");
+    let (mut a, _) = login(px.port, "app", "prepunnamedset");
+    let (mut b, _) = login(px.port, "app", "prepunnamedset");
+    let (mut c, _) = login(px.port, "app", "prepunnamedset");
+    let set = "select set_config('myapp.tenant', 'a', false)";
+    let show = "select current_setting('myapp.tenant', true)";
+    assert_eq!(
+        batch(&mut a, &[parse("", set), msg(b'D', b"S\0"), sync()]),
+        ["1", "t", "T", "ZI"]
+    );
+    assert_eq!(batch(&mut b, &[query("begin")]), ["C", "ZT"]);
+    assert_eq!(batch(&mut a, &run("")), ["2", "Da", "C", "ZI"]);
+    // C gets the server A's statement ran on, the other one being B's
+    let c_sees = batch(&mut c, &[query(show)]);
+    assert!(
+        !c_sees.contains(&"Da".to_string()),
+        "A's setting leaked: {c_sees:?}"
+    );
+    assert_eq!(batch(&mut b, &[query("commit")]), ["C", "ZI"]);
+    for _ in 0..2 {
+        assert!(batch(&mut a, &[query(show)]).contains(&"Da".to_string()));
+    }
+}

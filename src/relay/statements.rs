@@ -372,9 +372,9 @@ impl Tracker {
             return Effects::default();
         };
         if stmt.is_empty() {
-            self.ensure_unnamed(start, c2s);
+            let fx = self.ensure_unnamed(start, c2s);
             self.expect.push_back(Expect::Bind { stmt: 0 });
-            return Effects::default();
+            return fx;
         }
         let Some(def) = self.stmts.get(stmt).cloned() else {
             self.expect.push_back(Expect::Bind { stmt: 0 });
@@ -455,25 +455,32 @@ impl Tracker {
     /// server has the client's own, it gets the client's last unnamed Parse again, or a
     /// Close of the unnamed statement when the client has none (the Bind then fails as it
     /// would on PostgreSQL, 26000, rather than run what another client left there).
-    fn ensure_unnamed(&mut self, start: usize, c2s: &mut Channel) {
+    /// Returns the statement's effects when it sent its Parse again: what it does to the
+    /// session (a `set_config`) happens on this server, not on the one whose lending saw
+    /// the Parse and noted them.
+    fn ensure_unnamed(&mut self, start: usize, c2s: &mut Channel) -> Effects {
         if std::mem::replace(&mut self.unnamed_here, true) {
-            return;
+            return Effects::default();
         }
         c2s.seal(start);
-        match self.stmts.unnamed() {
-            Some(parse) => {
-                c2s.push(parse.clone());
-                self.expect.push_back(Expect::Parse {
-                    def: None,
-                    ours: true,
-                    name: None,
-                });
-            }
-            None => {
-                c2s.push(Bytes::from_static(CLOSE_UNNAMED));
-                self.expect.push_back(Expect::Close { ours: true });
-            }
+        let Some(parse) = self.stmts.unnamed() else {
+            c2s.push(Bytes::from_static(CLOSE_UNNAMED));
+            self.expect.push_back(Expect::Close { ours: true });
+            return Effects::default();
+        };
+        c2s.push(parse.clone());
+        self.expect.push_back(Expect::Parse {
+            def: None,
+            ours: true,
+            name: None,
+        });
+        let text = self.stmts.unnamed_body().map_or("", prepared::query_text);
+        let fx = crate::router::memo::lexed(text).1;
+        if fx.custom_settings {
+            self.custom_settings
+                .extend(crate::router::effects::custom_setting_names(text));
         }
+        fx
     }
 
     /// Sends a Parse first if this server lacks the statement.
