@@ -299,7 +299,7 @@ pub fn check_relay(data: &[u8]) {
 
 mod relay_fuzz {
     use pgmux::params::Params;
-    use pgmux::prepared::{Registry, ServerStatements};
+    use pgmux::prepared::{self, Registry, ServerStatements};
     use pgmux::relay::{Event, Relay, ServerSide};
     use std::collections::{HashSet, VecDeque};
     use std::io;
@@ -539,6 +539,36 @@ mod relay_fuzz {
         }
     }
 
+    /// On what one server was sent while lent to the client (`lending`, from a message
+    /// boundary): the unnamed statement is bound or described only after something in that
+    /// lending set it to the client's (a Parse of it, or a Close, or a simple Query, which
+    /// drops it): the server may hold another client's from before.
+    fn check_unnamed_lending(lending: &[u8]) {
+        let mut set = false;
+        for (tag, body) in messages(lending) {
+            let unnamed_use = match tag {
+                b'P' | b'Q' => {
+                    set |= tag == b'Q' || name_of(body).is_empty();
+                    continue;
+                }
+                b'C' => {
+                    set |= body.first() == Some(&b'S') && name_of(&body[1..]).is_empty();
+                    continue;
+                }
+                b'B' => match prepared::bind_names(body) {
+                    Some((_, stmt, _)) => stmt.is_empty(),
+                    None => false,
+                },
+                b'D' => body.first() == Some(&b'S') && name_of(&body[1..]).is_empty(),
+                _ => false,
+            };
+            assert!(
+                !unnamed_use || set,
+                "the unnamed statement used on a server before this lending set it"
+            );
+        }
+    }
+
     fn new_server() -> Server {
         Server {
             peer: Peer {
@@ -565,6 +595,8 @@ mod relay_fuzz {
         let mut closed: Vec<Vec<u8>> = Vec::new();
         let mut wants = std::sync::Arc::new(Params::default());
         let mut attached: Option<usize> = None;
+        // where the attached server's input stood when it was lent
+        let mut lent_at = 0;
         let mut next_server = 0;
         // pgmux's names typed by the client itself pass through unrenamed: no claim then
         let mut client_typed_ours = false;
@@ -624,6 +656,7 @@ mod relay_fuzz {
                         }
                         attached = Some(i);
                         let sv = &servers[attached.unwrap()];
+                        lent_at = sv.peer.out.len();
                         relay.attached(&sv.statements);
                     }
                     Event::Release => {
@@ -633,7 +666,9 @@ mod relay_fuzz {
                             "gave back a server that owes something"
                         );
                         assert_eq!(relay.flow.pending, 0);
-                        attached = None;
+                        if let Some(i) = attached.take() {
+                            check_unnamed_lending(&servers[i].peer.out[lent_at..]);
+                        }
                     }
                     Event::Quiet => {}
                     Event::ClientClosed
@@ -645,6 +680,9 @@ mod relay_fuzz {
                     | Event::Protocol(_) => break 'script,
                 }
             }
+        }
+        if let Some(i) = attached {
+            check_unnamed_lending(&servers[i].peer.out[lent_at..]);
         }
         for out in closed.iter().chain(servers.iter().map(|sv| &sv.peer.out)) {
             if !client_typed_ours {
