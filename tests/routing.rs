@@ -1600,9 +1600,14 @@ async fn flushed_copy_scene(
     );
     warm_up(&px, cluster).await;
     let c = connect(&px, "app").await;
+    // several tests set this scene at once, and PostgreSQL's CREATE TABLE IF NOT EXISTS run
+    // concurrently can fail (42710, the table's type already exists)
+    static CREATING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let creating = CREATING.lock().await;
     c.simple_query("CREATE TABLE IF NOT EXISTS flushed_copy (a int, port int)")
         .await
         .unwrap();
+    drop(creating);
     (px, c)
 }
 
