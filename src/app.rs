@@ -74,7 +74,8 @@ pub struct App {
     /// (see `learn_server_secret`).
     learned: Mutex<HashMap<(String, String), Secret>>,
     /// Every distinct named statement clients prepared (transaction mode).
-    pub statements: Arc<crate::prepared::Registry>,
+    /// Lives as long as the process: each client's tracker holds it without a count.
+    pub statements: &'static crate::prepared::Registry,
     /// Connected clients (counted from accept, so max_client_conn holds during login too).
     pub clients: AtomicUsize,
     /// Logged-in clients, for SHOW CLIENTS and KILL.
@@ -210,7 +211,7 @@ impl App {
             verifiers: VerifierCache::default(),
             auth_lookups: SecretCache::default(),
             learned: Mutex::new(HashMap::new()),
-            statements: Arc::default(),
+            statements: Box::leak(Box::default()),
             clients: AtomicUsize::new(0),
             registry: Arc::new(ClientRegistry::default()),
             pools: Mutex::new(HashMap::new()),

@@ -304,9 +304,14 @@ mod relay_fuzz {
     use std::collections::{HashSet, VecDeque};
     use std::io;
     use std::pin::Pin;
-    use std::sync::Arc;
     use std::task::{Context, Poll, Waker};
     use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+    /// One registry for every run, as pgmux has one for its process.
+    fn registry() -> &'static Registry {
+        static REGISTRY: std::sync::OnceLock<Registry> = std::sync::OnceLock::new();
+        REGISTRY.get_or_init(Registry::default)
+    }
 
     /// A peer: bytes to deliver in chunks of at most `chunk`, and everything written to it,
     /// taken at most `write_cap` bytes per write (so writes are partial).
@@ -584,7 +589,7 @@ mod relay_fuzz {
     pub fn run(data: &[u8]) {
         let mut s = Script(data);
         let max_prepared = 1 + s.byte().unwrap_or(0) as usize % 3;
-        let mut relay = Relay::new(1 << 16, true, Arc::new(Registry::default()), max_prepared);
+        let mut relay = Relay::new(1 << 16, true, registry(), max_prepared);
         let mut client = Peer {
             chunk: 7,
             write_cap: 13,

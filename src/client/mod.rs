@@ -15,7 +15,7 @@ use crate::params;
 use crate::pool::{Lease, PoolError, PooledConn};
 use crate::protocol::{messages, PgError};
 use crate::relay::statements::Tracker;
-use crate::relay::{Event, Relay, ServerSide};
+use crate::relay::{Event, Relay, ServerSide, Tracking};
 use crate::router::effects::PinReason;
 use crate::router::session::{RouteState, StartupRoute};
 use crate::stats::{self, Meter};
@@ -284,14 +284,11 @@ impl Session {
         let transaction_mode = self.mode == PoolMode::Transaction;
         let idle_since = self.parked.idle_since;
         let mut relay = Box::new(Relay::bare(max_message, transaction_mode, idle_since));
-        relay.tracker = match self.parked.tracker.take() {
-            Some(mut t) => {
-                t.unshed();
-                Some(*t)
-            }
-            None => (transaction_mode && max_prepared > 0)
-                .then(|| Tracker::new(self.app.statements.clone(), max_prepared)),
-        };
+        relay.tracker = self.parked.tracker.take().map(|mut t| {
+            t.unshed();
+            *t
+        });
+        relay.tracking = Tracking::when(transaction_mode, self.app.statements, max_prepared);
         relay.meter = Meter::new(self.login.pool.stats.clone());
         relay.whole_units = self.route.is_some();
         relay

@@ -170,8 +170,12 @@ pub struct Relay {
     pub flow: Flow,
     pub max_message: usize,
     pub transaction_mode: bool,
-    /// Named-statement rewriting (transaction mode with max_prepared_statements > 0).
+    /// Named-statement rewriting (transaction mode with max_prepared_statements > 0): made
+    /// at the client's first extended-protocol message (`new_tracker`), so a client that only
+    /// sends simple Queries never has one.
     pub tracker: Option<Tracker>,
+    /// Whether this client's statements are tracked, and with what.
+    pub tracking: Option<Tracking>,
     /// Statistics hook (bytes, query and transaction clocks); see `stats::Meter`.
     pub meter: Meter,
     /// What the client's queries did to the server session (transaction mode).
@@ -245,16 +249,51 @@ impl SessionState {
     }
 }
 
+/// What a relay makes its client's statement tracker with.
+#[derive(Clone, Copy)]
+pub struct Tracking {
+    pub registry: &'static Registry,
+    pub max_prepared: usize,
+}
+
+impl Tracking {
+    /// Tracking as configured: transaction mode with max_prepared_statements > 0.
+    pub fn when(
+        transaction_mode: bool,
+        registry: &'static Registry,
+        max_prepared: usize,
+    ) -> Option<Tracking> {
+        (transaction_mode && max_prepared > 0).then_some(Tracking {
+            registry,
+            max_prepared,
+        })
+    }
+}
+
+/// A tracker made while a server is attached, as one there since the lending would be now:
+/// it expects the ReadyForQuery of each unit still `pending` (the simple Queries before it,
+/// which a tracker only counts), and journals if a replay is armed.
+fn new_tracker(how: Tracking, server: &ServerStatements, pending: u32, journal: bool) -> Tracker {
+    let mut t = Tracker::new(how.registry, how.max_prepared);
+    t.attach(server);
+    for _ in 0..pending {
+        t.owes_ready();
+    }
+    if journal {
+        t.begin_journal();
+    }
+    t
+}
+
 impl Relay {
     pub fn new(
         max_message: usize,
         transaction_mode: bool,
-        registry: Arc<Registry>,
+        registry: &'static Registry,
         max_prepared: usize,
     ) -> Relay {
         let mut relay = Relay::bare(max_message, transaction_mode, Mono::now());
-        relay.tracker =
-            (transaction_mode && max_prepared > 0).then(|| Tracker::new(registry, max_prepared));
+        relay.tracking = Tracking::when(transaction_mode, registry, max_prepared);
         relay
     }
 
@@ -278,6 +317,7 @@ impl Relay {
             max_message,
             transaction_mode,
             tracker: None,
+            tracking: None,
             meter: Meter::default(),
             session: SessionState::default(),
             keys: keys::Keys::default(),
@@ -467,6 +507,12 @@ impl Relay {
                 }
             }
             if server.is_none() {
+                if self.tracker.is_none() && self.c2s.buf.first() == Some(&b'P') {
+                    // a Parse may be answered without a server (`answer_prepare_alone`)
+                    if let Some(how) = self.tracking {
+                        self.tracker = Some(Tracker::new(how.registry, how.max_prepared));
+                    }
+                }
                 if let Some(t) = self.tracker.as_mut() {
                     // most passes here have no input: skip the calls, not only their work
                     if !self.flow.terminated
@@ -550,7 +596,7 @@ impl Relay {
         &mut self,
         server: &mut ServerSide<'_, S>,
     ) -> Result<(), ClientProtocolError> {
-        let tracking = self.tracker.is_some();
+        let tracking = self.tracking.is_some();
         let transaction_mode = self.transaction_mode;
         loop {
             let ch = &mut self.c2s;
@@ -594,6 +640,19 @@ impl Relay {
                 },
                 self.max_message,
             )?;
+            if let (None, Some(how), Step::Message { tag, .. } | Step::Passed { tag, .. }) =
+                (&self.tracker, self.tracking, &step)
+            {
+                if statements::needs_tracker(*tag) {
+                    let journal = self.retry.is_armed();
+                    self.tracker = Some(new_tracker(
+                        how,
+                        server.statements,
+                        self.flow.pending,
+                        journal,
+                    ));
+                }
+            }
             let (tag, start) = match step {
                 Step::Message {
                     tag: b'X', start, ..
@@ -849,7 +908,7 @@ impl Relay {
         server: &mut ServerSide<'_, S>,
         wants: &mut Arc<Params>,
     ) -> Option<Event> {
-        let tracking = self.tracker.is_some();
+        let tracking = self.tracking.is_some();
         let mut quiet = false;
         loop {
             let ch = &mut self.s2c;
@@ -901,8 +960,12 @@ impl Relay {
                     start,
                 }) => {
                     self.meter.statements.command_complete(body);
-                    if let (Some(b'D'), Some(t)) = (body.first(), self.tracker.as_mut()) {
-                        t.command_complete(body, server.statements);
+                    if body.first() == Some(&b'D') && tracking {
+                        statements::command_complete(
+                            self.tracker.as_mut(),
+                            body,
+                            server.statements,
+                        );
                     }
                     (b'C', start)
                 }

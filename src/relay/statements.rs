@@ -76,7 +76,7 @@ type NameChange = (Box<[u8]>, Option<Arc<StmtDef>>);
 pub struct Tracker {
     expect: VecDeque<Expect>,
     pub stmts: ClientStatements,
-    registry: Arc<Registry>,
+    registry: &'static Registry,
     max_prepared: usize,
     /// Statements used since this server clock tick belong to the batch being sent.
     batch_tick: u64,
@@ -99,6 +99,25 @@ pub fn inspects_client(tag: u8) -> bool {
     matches!(tag, b'P' | b'B' | b'D' | b'C')
 }
 
+/// The client message types that need a tracker (`Relay::tracker`, made at the first):
+/// those that define, use or drop statements, and an Execute, whose answer it counts.
+/// Queries, Syncs and FunctionCalls before the first are counted when it is made.
+pub fn needs_tracker(tag: u8) -> bool {
+    matches!(tag, b'P' | b'B' | b'D' | b'C' | b'E')
+}
+
+/// A CommandComplete of a simple Query, while statements are tracked: DEALLOCATE ALL or
+/// DISCARD ALL emptied the server (whose statements other clients prepared too) and the
+/// client's names, if it has a tracker yet.
+pub fn command_complete(tracker: Option<&mut Tracker>, tag: &[u8], server: &mut ServerStatements) {
+    if tag == b"DEALLOCATE ALL\0" || tag == b"DISCARD ALL\0" {
+        server.clear();
+        if let Some(t) = tracker {
+            t.forget_all_names();
+        }
+    }
+}
+
 /// The message types the tracker must read whole on the server side.
 pub fn inspects_server(tag: u8) -> bool {
     matches!(tag, b'1' | b'3' | b'E')
@@ -113,7 +132,7 @@ impl Drop for Tracker {
 }
 
 impl Tracker {
-    pub fn new(registry: Arc<Registry>, max_prepared: usize) -> Tracker {
+    pub fn new(registry: &'static Registry, max_prepared: usize) -> Tracker {
         Tracker {
             expect: crate::spares::take(),
             stmts: ClientStatements::default(),
@@ -720,15 +739,18 @@ impl Tracker {
     /// of pgmux's statements, and the client's names are gone too, as they would be on
     /// PostgreSQL (so it may prepare the same names again). Read from the command tag, so a
     /// refused command changes nothing.
-    pub fn command_complete(&mut self, tag: &[u8], server: &mut ServerStatements) {
-        if tag == b"DEALLOCATE ALL\0" || tag == b"DISCARD ALL\0" {
-            server.clear();
-            let names: Vec<Box<[u8]>> = self.stmts.names().collect();
-            for name in names {
-                let before = self.stmts.remove(&name);
-                self.name_changed(&name, before);
-            }
+    fn forget_all_names(&mut self) {
+        let names: Vec<Box<[u8]>> = self.stmts.names().collect();
+        for name in names {
+            let before = self.stmts.remove(&name);
+            self.name_changed(&name, before);
         }
+    }
+
+    /// A unit sent before this tracker was made (`needs_tracker`) still owes its
+    /// ReadyForQuery.
+    pub fn owes_ready(&mut self) {
+        self.expect.push_back(Expect::Ready);
     }
 
     /// The server entered COPY FROM STDIN and ignores the `n` Syncs that followed the
@@ -836,7 +858,7 @@ mod tests {
 
     #[test]
     fn a_replay_finds_the_names_as_they_were_when_armed() {
-        let registry = Arc::new(Registry::default());
+        let registry: &'static Registry = Box::leak(Box::default());
         let (one, two) = (
             registry.intern(b"SELECT 1\0\0\0"),
             registry.intern(b"SELECT 2\0\0\0"),
