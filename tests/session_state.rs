@@ -96,6 +96,44 @@ async fn a_set_right_after_a_shared_sync_does_not_leak() {
     }
 }
 
+/// PostgreSQL reports some settings as they change (`default_transaction_read_only`, since
+/// 14; pgjdbc's `setReadOnly(true)` with readOnlyMode=always sets it with SET SESSION
+/// CHARACTERISTICS): the report of pgmux's own set_config, bringing the server to one
+/// client's value, must not make pgmux forget to undo it for the next client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reported_setting_applied_by_pgmux_does_not_leak() {
+    let db = "ss_reported";
+    let px = start(db, 1);
+    let a = connect(&px, "app", db).await;
+    let b = connect(&px, "app", db).await;
+    a.simple_query("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        .await
+        .unwrap();
+    for round in 0..3 {
+        // b's turn resets the only server; a's brings it back to read only
+        assert_eq!(
+            one(&b, "SHOW default_transaction_read_only").await,
+            "off",
+            "round {round}"
+        );
+        assert_eq!(
+            one(&a, "SHOW default_transaction_read_only").await,
+            "on",
+            "round {round}"
+        );
+        assert_eq!(
+            one(&b, "SHOW transaction_read_only").await,
+            "off",
+            "round {round}"
+        );
+    }
+    a.simple_query("SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE")
+        .await
+        .unwrap();
+    assert_eq!(one(&a, "SHOW default_transaction_read_only").await, "off");
+    assert_eq!(one(&b, "SHOW default_transaction_read_only").await, "off");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_follow_the_client_and_never_leak() {
     let db = "ss_settings";

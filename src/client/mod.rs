@@ -723,6 +723,9 @@ impl Session {
             false => params::sync_statement(wants, &conn.params, &conn.extras),
         };
         if let Some(sql) = sync {
+            // taken before the run: the server reports some settings as it changes them
+            // (default_transaction_read_only), and that updates conn.params under us
+            let applied = params::untracked_sets(wants, &conn.params);
             let synced = Box::pin(conn.run_internal(&sql)).await;
             let failed = match &synced {
                 Err(e) => Some(e.to_string()),
@@ -739,7 +742,7 @@ impl Session {
                 return Ok(());
             }
             match synced {
-                Ok(None) => note_applied(&mut conn, wants),
+                Ok(None) => note_applied(&mut conn, wants, applied),
                 Ok(Some(e)) => {
                     conn.release();
                     return Err(PgError {
@@ -1302,8 +1305,10 @@ fn forget_reset_settings(conn: &mut PooledConn, upper_sql: &str) {
     conn.synced = None;
 }
 
-/// After a successful sync the server holds the client's values, reported or not.
-fn note_applied(conn: &mut PooledConn, wants: &params::Params) {
+/// After a successful sync the server holds the client's values, reported or not; the
+/// untracked ones it was given (`applied`) must be reset before it serves a client that
+/// does not expect them.
+fn note_applied(conn: &mut PooledConn, wants: &params::Params, applied: Vec<String>) {
     let stale: Vec<String> = conn
         .extras
         .iter()
@@ -1317,9 +1322,11 @@ fn note_applied(conn: &mut PooledConn, wants: &params::Params) {
     for (n, v) in wants.iter() {
         if conn.params.get(n) != Some(v) {
             conn.params.set(n, v);
-            if !params::is_tracked(n) && !conn.extras.iter().any(|e| e.eq_ignore_ascii_case(n)) {
-                conn.extras.push(n.to_string());
-            }
+        }
+    }
+    for n in applied {
+        if !conn.extras.iter().any(|e| e.eq_ignore_ascii_case(&n)) {
+            conn.extras.push(n);
         }
     }
 }
