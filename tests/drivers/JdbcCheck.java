@@ -2,7 +2,8 @@
 // servers. Each long-lived client connects in one of pgjdbc's ways of running statements
 // (MODES: the default prepareThreshold of 5, 1, -1 (binary from the start), the simple query
 // mode, extendedForPrepared, extendedCacheEverything, a statement cache of 3 so the driver
-// closes statements, rewritten batch inserts, autosave) and runs every stage below on it:
+// closes statements, rewritten batch inserts, autosave, stringtype=unspecified) and runs
+// every stage below on it:
 // prepared statements of several texts, types (numeric, timestamptz, bytea, arrays, json,
 // jsonb, uuid, float8, nulls) read back through ResultSetMetaData, generated keys, batches
 // (one of them failing), fetch sizes (suspended portals, cursors left half read), transactions
@@ -43,6 +44,7 @@ public class JdbcCheck {
         {"evict", "prepareThreshold=1", "preparedStatementCacheQueries=3"},
         {"rewrite", "reWriteBatchedInserts=true", "autosave=conservative", "prepareThreshold=2"},
         {"autosave", "autosave=always", "prepareThreshold=1"},
+        {"unspecified", "stringtype=unspecified", "prepareThreshold=1"},
     };
 
     static final String SEARCH_PATH_OPTION = "-c search_path=jdbc_s,public";
@@ -136,6 +138,7 @@ public class JdbcCheck {
         }
         tasks.put("read-only always", pool.submit(() -> { readOnlyAlways(1000); return null; }));
         tasks.put("read-only transaction", pool.submit(() -> { readOnlyTransaction(1001); return null; }));
+        tasks.put("serializable", pool.submit(() -> { serializableReads(1005); return null; }));
         tasks.put("cancel", pool.submit(() -> { cancels(1002); return null; }));
         tasks.put("churn 0", pool.submit(() -> { churn(1003); return null; }));
         tasks.put("churn 1", pool.submit(() -> { churn(1004); return null; }));
@@ -418,6 +421,33 @@ public class JdbcCheck {
             if (!c.getAutoCommit()) c.commit();
         }
         c.setAutoCommit(true);
+        largeValue(cl);
+    }
+
+    // A value larger than pgmux's and the driver's buffers, both ways.
+    static void largeValue(Client cl) throws Exception {
+        Connection c = cl.c;
+        byte[] big = new byte[600 * 1024];
+        new Random(cl.id).nextBytes(big);
+        try (PreparedStatement ps = c.prepareStatement("SELECT ?::bytea, length(?::bytea), repeat('x', 300000)")) {
+            for (int round = 0; round < 3; round++) {
+                if (cl.mode.simple()) {
+                    StringBuilder hex = new StringBuilder("\\x");
+                    for (byte x : big) hex.append(String.format("%02x", x));
+                    ps.setString(1, hex.toString());
+                    ps.setString(2, hex.toString());
+                } else {
+                    ps.setBytes(1, big);
+                    ps.setBytes(2, big);
+                }
+                try (ResultSet rs = ps.executeQuery()) {
+                    rs.next();
+                    check(Arrays.equals(big, rs.getBytes(1)), "a large bytea back", rs.getBytes(1).length);
+                    eq(big.length, rs.getInt(2), "a large bytea's length");
+                    eq(300000, rs.getString(3).length(), "a large text");
+                }
+            }
+        }
     }
 
     static void metadataOfTypes(ResultSetMetaData md) throws Exception {
@@ -616,6 +646,39 @@ public class JdbcCheck {
             usable(c, id, commit ? "commit of a half-read cursor" : "rollback of a half-read cursor");
             c.commit();
         }
+        // setMaxRows: an Execute with a row limit, the rest of the portal never asked for,
+        // in a transaction and in autocommit
+        for (boolean auto : new boolean[] {false, true}) {
+            c.setAutoCommit(auto);
+            for (int round = 0; round < 3; round++) {
+                try (PreparedStatement ps = c.prepareStatement("SELECT g FROM generate_series(1, 100) g")) {
+                    ps.setMaxRows(5 + round);
+                    long rows = 0;
+                    try (ResultSet rs = ps.executeQuery()) {
+                        while (rs.next()) eq(++rows, rs.getLong(1), "a row under setMaxRows");
+                    }
+                    // (pgjdbc 42.5's simple query mode ignores it)
+                    eq(cl.mode.simple() ? 100L : 5L + round, rows, "rows under setMaxRows");
+                }
+                usable(c, id, "setMaxRows");
+                if (!auto) c.commit();
+            }
+        }
+        c.setAutoCommit(false);
+        // many rows and wide ones, fetched a few at a time
+        try (PreparedStatement ps = c.prepareStatement("SELECT g, repeat(md5(g::text), 64) FROM generate_series(1, ?) g")) {
+            ps.setFetchSize(500);
+            ps.setInt(1, 5000);
+            long rows = 0;
+            try (ResultSet rs = ps.executeQuery()) {
+                while (rs.next()) {
+                    rows++;
+                    eq(2048, rs.getString(2).length(), "a wide row");
+                }
+            }
+            eq(5000L, rows, "many rows fetched");
+        }
+        c.commit();
         // half read, then autocommit back on (which commits)
         try (PreparedStatement ps = c.prepareStatement("SELECT g FROM generate_series(1, 50) g")) {
             ps.setFetchSize(4);
@@ -918,6 +981,34 @@ public class JdbcCheck {
             } else {
                 c.commit();
             }
+        }
+    }
+
+    // pgjdbc's setTransactionIsolation sets the session's default isolation (SET SESSION
+    // CHARACTERISTICS); a hot standby refuses serializable transactions, so a serializable
+    // session's reads, autocommit or in read-only transactions (Spring's
+    // @Transactional(readOnly = true, isolation = SERIALIZABLE)), must run where they work.
+    static void serializableReads(int id) throws Exception {
+        Properties p = new Properties();
+        p.setProperty("ApplicationName", "jdbc_serializable_" + id);
+        try (Connection c = connect(p)) {
+            c.setTransactionIsolation(Connection.TRANSACTION_SERIALIZABLE);
+            for (int i = 0; i < 3; i++) {
+                eq("f", one(c, "SELECT pg_is_in_recovery()"), "where a serializable read runs");
+                eq("serializable", one(c, "SELECT current_setting('transaction_isolation')"), "an autocommit read");
+                eq("public", one(c, "SELECT s FROM jdbc_where"), "an autocommit read of a table");
+            }
+            c.setReadOnly(true);
+            c.setAutoCommit(false);
+            for (int i = 0; i < 3; i++) {
+                eq("serializable", one(c, "SELECT current_setting('transaction_isolation')"), "a read-only transaction");
+                eq("on", one(c, "SHOW transaction_read_only"), "a read-only transaction");
+                c.commit();
+            }
+            c.setAutoCommit(true);
+            c.setReadOnly(false);
+            c.setTransactionIsolation(Connection.TRANSACTION_READ_COMMITTED);
+            eq("read committed", one(c, "SELECT current_setting('transaction_isolation')"), "back to read committed");
         }
     }
 
