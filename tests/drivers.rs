@@ -1,10 +1,12 @@
 //! Real drivers in other languages through pgmux in transaction mode with a small pool, many
 //! clients each, so statements really move between servers: psycopg 3 (every statement
 //! prepared, pipeline mode), asyncpg (statement cache on), node-postgres (named queries),
-//! pgjdbc (prepareThreshold=1), PHP's PDO (server-side prepares, deallocated with SQL), Go's
-//! pgx v4 (its prepare and describe caches, no cache, simple protocol, batches, COPY). Each
-//! script checks results, not only the absence of errors. Each runs twice: against a primary
-//! alone, and with reads split off to two streaming replicas.
+//! pgjdbc (every prepareThreshold and preferQueryMode, an evicting statement cache, batches,
+//! fetch sizes, savepoints and autosave, isolation levels, read-only sessions, COPY, cancels,
+//! startup settings, short-lived connections), PHP's PDO (server-side prepares, deallocated
+//! with SQL), Go's pgx v4 (its prepare and describe caches, no cache, simple protocol,
+//! batches, COPY). Each script checks results, not only the absence of errors. Each runs
+//! twice: against a primary alone, and with reads split off to two streaming replicas.
 //! `.ci/run` installs the drivers; tests/drivers/ holds the scripts.
 
 mod common;
