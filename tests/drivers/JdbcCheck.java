@@ -47,7 +47,7 @@ public class JdbcCheck {
         {"unspecified", "stringtype=unspecified", "prepareThreshold=1"},
     };
 
-    static final String SEARCH_PATH_OPTION = "-c search_path=jdbc_s,public";
+    static final String STARTUP_OPTIONS = "-c search_path=jdbc_s,public -c statement_timeout=300s";
 
     static class Fail extends Exception {
         Fail(String m) { super(m); }
@@ -110,7 +110,7 @@ public class JdbcCheck {
             Properties p = new Properties();
             p.putAll(mode.props);
             p.setProperty("ApplicationName", appName);
-            if (searchPath) p.setProperty("options", SEARCH_PATH_OPTION);
+            if (searchPath) p.setProperty("options", STARTUP_OPTIONS);
             if (id % 2 == 1) p.setProperty("assumeMinServerVersion", "12");
             c = connect(p);
         }
@@ -241,6 +241,7 @@ public class JdbcCheck {
                 "search_path");
             eq(cl.searchPath ? "jdbc_s" : "public", one(c, "SELECT s FROM jdbc_where"),
                 "the table search_path finds");
+            eq(cl.searchPath ? "5min" : "0", one(c, "SHOW statement_timeout"), "statement_timeout");
             // the shortest text that reads back as the same double: extra_float_digits >= 1
             try (PreparedStatement ps = c.prepareStatement("SELECT ?::float8 * 3")) {
                 ps.setDouble(1, 0.1 + cl.id);
@@ -1065,7 +1066,9 @@ public class JdbcCheck {
             Mode mode = new Mode(MODES[i % MODES.length]);
             Properties p = new Properties();
             p.putAll(mode.props);
-            String app = "jdbc_churn_" + id + "_" + i;
+            // quotes and a backslash, in the startup packet or in pgjdbc's SET (PostgreSQL
+            // turns what is not printable ASCII into '?')
+            String app = "jdbc_churn_" + id + "_" + i + (i % 3 == 0 ? "_o'q\"\\" : "");
             p.setProperty("ApplicationName", app);
             if (i % 2 == 0) p.setProperty("assumeMinServerVersion", "12");
             try (Connection c = connect(p)) {
