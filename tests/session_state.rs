@@ -407,13 +407,12 @@ async fn startup_settings_survive_the_reset_query_between_clients() {
     }
 }
 
-/// On PostgreSQL, RESET and RESET ALL go back to what the client's startup packet set, not to
-/// the server's default. KNOWN LIMITATION, not fixed: pgmux applies startup settings with
-/// `set_config(..., false)`, so a RESET on the server goes to the server's default, and the
-/// read-back makes that the client's value from then on (`application_name` too, through its
-/// ParameterStatus). Found with pgjdbc (`setSchema` and then `RESET search_path`).
+/// On PostgreSQL, RESET, RESET ALL and DISCARD ALL go back to what the client's startup
+/// packet set, not to the server's default; pgmux applies startup settings with
+/// `set_config(..., false)`, so on the server they go to its default, and pgmux must bring
+/// the client back to its startup values (`application_name` too, which the server reports).
+/// Found with pgjdbc (`setSchema`, then `RESET search_path`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known limitation: RESET goes to the server's default, not the startup value"]
 async fn reset_goes_back_to_the_startup_value() {
     let db = "ss_reset_startup";
     let px = start(db, 1);
@@ -433,6 +432,14 @@ async fn reset_goes_back_to_the_startup_value() {
     assert_eq!(one(&c, "SHOW search_path").await, "tenant1");
     c.simple_query("RESET application_name").await.unwrap();
     assert_eq!(one(&c, "SHOW application_name").await, "startup_app");
+    c.simple_query("SET work_mem = '9MB'").await.unwrap();
+    c.simple_query("DISCARD ALL").await.unwrap();
+    assert_eq!(one(&c, "SHOW work_mem").await, "7MB");
+    // and another client on the same server keeps the server's defaults
+    let b = connect(&px, "app", db).await;
+    assert_eq!(one(&b, "SHOW work_mem").await, "4MB");
+    assert_eq!(one(&b, "SHOW search_path").await, "\"$user\", public");
+    assert_eq!(one(&c, "SHOW search_path").await, "tenant1");
 }
 
 /// A server_reset_query that leaves a transaction open (here BEGIN) must not hand that

@@ -910,7 +910,7 @@ impl Session {
             Ok(Some(e)) => return Err(e.message),
             Err(e) => return Err(e.to_string()),
         }
-        let wants = Arc::make_mut(&mut self.login.wants);
+        let (wants, startup) = self.login.wants_mut();
         wants.retain(params::is_tracked);
         for name in std::mem::take(&mut conn.extras) {
             conn.params.remove(&name);
@@ -940,6 +940,18 @@ impl Session {
             }
             conn.params.set(name, value);
             conn.extras.push(name.clone());
+        }
+        // pgmux gave the server the client's startup settings with set_config, so a RESET
+        // (RESET ALL, DISCARD ALL) there went to the server's default; on PostgreSQL it goes
+        // back to the startup value, which the client's next unit gets wherever it runs. A
+        // startup setting the session no longer holds was reset.
+        for (name, value) in startup {
+            let held = rows
+                .iter()
+                .any(|row| row[0].eq_ignore_ascii_case(name) && !is_unset(&row[0], &row[1]));
+            if !held {
+                wants.set(name, value);
+            }
         }
         let reset = self
             .relay
