@@ -145,6 +145,17 @@ pub fn sync_statement(wants: &Params, has: &Params, extras: &[String]) -> Option
     (!sql.is_empty()).then_some(sql)
 }
 
+/// The settings outside `TRACKED` that `sync_statement(wants, has, ..)` sets. Some of them
+/// the server reports back as it applies them (`default_transaction_read_only` since
+/// PostgreSQL 14), so they must be taken before the statement runs.
+pub fn untracked_sets(wants: &Params, has: &Params) -> Vec<String> {
+    wants
+        .iter()
+        .filter(|&(name, value)| !is_tracked(name) && has.get(name) != Some(value))
+        .map(|(name, _)| name.to_string())
+        .collect()
+}
+
 pub fn quote_ident(out: &mut String, s: &str) {
     out.push('"');
     for c in s.chars() {

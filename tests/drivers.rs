@@ -1,10 +1,12 @@
 //! Real drivers in other languages through pgmux in transaction mode with a small pool, many
 //! clients each, so statements really move between servers: psycopg 3 (every statement
 //! prepared, pipeline mode), asyncpg (statement cache on), node-postgres (named queries),
-//! pgjdbc (prepareThreshold=1), PHP's PDO (server-side prepares, deallocated with SQL), Go's
-//! pgx v4 (its prepare and describe caches, no cache, simple protocol, batches, COPY). Each
-//! script checks results, not only the absence of errors. Each runs twice: against a primary
-//! alone, and with reads split off to two streaming replicas.
+//! pgjdbc (every prepareThreshold and preferQueryMode, an evicting statement cache, batches,
+//! fetch sizes, savepoints and autosave, isolation levels, read-only sessions, COPY, cancels,
+//! startup settings, short-lived connections), PHP's PDO (server-side prepares, deallocated
+//! with SQL), Go's pgx v4 (its prepare and describe caches, no cache, simple protocol,
+//! batches, COPY). Each script checks results, not only the absence of errors. Each runs
+//! twice: against a primary alone, and with reads split off to two streaming replicas.
 //! `.ci/run` installs the drivers; tests/drivers/ holds the scripts.
 
 mod common;
@@ -202,21 +204,53 @@ fn node_postgres_named_queries_on(px: &Pgmux) {
     run(cmd, "clients ok");
 }
 
-both_topologies!(
-    pgjdbc_with_prepare_threshold_one,
-    pgjdbc_with_prepare_threshold_one_through_replicas,
-    pgjdbc_with_prepare_threshold_one_on
-);
+#[test]
+fn pgjdbc_query_modes_batches_cursors_copy_and_cancels() {
+    pgjdbc_tables(PgCluster::shared());
+    pgjdbc_check(&start(), "alone");
+}
 
-fn pgjdbc_with_prepare_threshold_one_on(px: &Pgmux) {
+#[test]
+fn pgjdbc_query_modes_batches_cursors_copy_and_cancels_through_replicas() {
+    pgjdbc_tables(PgCluster::shared_with_replicas());
+    let px = start_split();
+    pgjdbc_check(&px, "split");
+    assert_replicas_served();
+}
+
+/// tests/drivers/JdbcCheck.java; `topology` tells it whether read-only transactions must run
+/// on a replica.
+fn pgjdbc_check(px: &Pgmux, topology: &str) {
     let mut cmd = Command::new("java");
     cmd.args(["-cp", "/usr/share/java/postgresql.jar", "JdbcCheck.java"])
         .arg(format!(
-            "jdbc:postgresql://127.0.0.1:{}/app?user=app&password=secret&prepareThreshold=1",
+            "jdbc:postgresql://127.0.0.1:{}/app?user=app&password=secret",
             px.port
         ))
-        .arg(CLIENTS);
+        .args([CLIENTS, topology]);
     run(cmd, "clients ok");
+}
+
+/// JdbcCheck.java's tables, empty, on the primary and (its reads may reach them) on every
+/// replica by the time this returns.
+fn pgjdbc_tables(cluster: &PgCluster) {
+    cluster.primary().psql(
+        "app",
+        "DROP TABLE IF EXISTS jdbc_items, jdbc_types, jdbc_keys, jdbc_copy, jdbc_where; \
+         DROP SCHEMA IF EXISTS jdbc_s CASCADE; \
+         CREATE TABLE jdbc_items (c int, k int, v text, PRIMARY KEY (c, k)); \
+         CREATE TABLE jdbc_types (id serial PRIMARY KEY, c int, n numeric, ts timestamptz, \
+           b bytea, ia int[], ta text[], j json, jb jsonb, u uuid, f float8); \
+         CREATE TABLE jdbc_keys (id bigserial PRIMARY KEY, c int, v text); \
+         CREATE TABLE jdbc_copy (c int, n int, s text NOT NULL); \
+         CREATE TABLE jdbc_where (s text); INSERT INTO jdbc_where VALUES ('public'); \
+         CREATE SCHEMA jdbc_s AUTHORIZATION app; \
+         CREATE TABLE jdbc_s.jdbc_where (s text); INSERT INTO jdbc_s.jdbc_where VALUES ('jdbc_s'); \
+         ALTER TABLE jdbc_items OWNER TO app; ALTER TABLE jdbc_types OWNER TO app; \
+         ALTER TABLE jdbc_keys OWNER TO app; ALTER TABLE jdbc_copy OWNER TO app; \
+         ALTER TABLE jdbc_where OWNER TO app; ALTER TABLE jdbc_s.jdbc_where OWNER TO app",
+    );
+    cluster.wait_replicas_caught_up();
 }
 
 both_topologies!(

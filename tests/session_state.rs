@@ -96,6 +96,44 @@ async fn a_set_right_after_a_shared_sync_does_not_leak() {
     }
 }
 
+/// PostgreSQL reports some settings as they change (`default_transaction_read_only`, since
+/// 14; pgjdbc's `setReadOnly(true)` with readOnlyMode=always sets it with SET SESSION
+/// CHARACTERISTICS): the report of pgmux's own set_config, bringing the server to one
+/// client's value, must not make pgmux forget to undo it for the next client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reported_setting_applied_by_pgmux_does_not_leak() {
+    let db = "ss_reported";
+    let px = start(db, 1);
+    let a = connect(&px, "app", db).await;
+    let b = connect(&px, "app", db).await;
+    a.simple_query("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        .await
+        .unwrap();
+    for round in 0..3 {
+        // b's turn resets the only server; a's brings it back to read only
+        assert_eq!(
+            one(&b, "SHOW default_transaction_read_only").await,
+            "off",
+            "round {round}"
+        );
+        assert_eq!(
+            one(&a, "SHOW default_transaction_read_only").await,
+            "on",
+            "round {round}"
+        );
+        assert_eq!(
+            one(&b, "SHOW transaction_read_only").await,
+            "off",
+            "round {round}"
+        );
+    }
+    a.simple_query("SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE")
+        .await
+        .unwrap();
+    assert_eq!(one(&a, "SHOW default_transaction_read_only").await, "off");
+    assert_eq!(one(&b, "SHOW default_transaction_read_only").await, "off");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_follow_the_client_and_never_leak() {
     let db = "ss_settings";
@@ -367,6 +405,41 @@ async fn startup_settings_survive_the_reset_query_between_clients() {
         assert_eq!(one(&c, shown).await, want, "transaction {i}");
         assert_eq!(one(&c, "SHOW work_mem").await, "5MB", "transaction {i}");
     }
+}
+
+/// On PostgreSQL, RESET, RESET ALL and DISCARD ALL go back to what the client's startup
+/// packet set, not to the server's default; pgmux applies startup settings with
+/// `set_config(..., false)`, so on the server they go to its default, and pgmux must bring
+/// the client back to its startup values (`application_name` too, which the server reports).
+/// Found with pgjdbc (`setSchema`, then `RESET search_path`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_goes_back_to_the_startup_value() {
+    let db = "ss_reset_startup";
+    let px = start(db, 1);
+    let conn = format!(
+        "{} application_name=startup_app options='-c search_path=tenant1 -c work_mem=7MB'",
+        px.conn_str("app", db, Some("secret"))
+    );
+    let (c, conn) = tokio_postgres::connect(&conn, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    c.simple_query("SET search_path = public; SET work_mem = '9MB'")
+        .await
+        .unwrap();
+    c.simple_query("RESET search_path").await.unwrap();
+    assert_eq!(one(&c, "SHOW search_path").await, "tenant1");
+    c.simple_query("RESET ALL").await.unwrap();
+    assert_eq!(one(&c, "SHOW work_mem").await, "7MB");
+    assert_eq!(one(&c, "SHOW search_path").await, "tenant1");
+    c.simple_query("RESET application_name").await.unwrap();
+    assert_eq!(one(&c, "SHOW application_name").await, "startup_app");
+    c.simple_query("SET work_mem = '9MB'").await.unwrap();
+    c.simple_query("DISCARD ALL").await.unwrap();
+    assert_eq!(one(&c, "SHOW work_mem").await, "7MB");
+    // and another client on the same server keeps the server's defaults
+    let b = connect(&px, "app", db).await;
+    assert_eq!(one(&b, "SHOW work_mem").await, "4MB");
+    assert_eq!(one(&b, "SHOW search_path").await, "\"$user\", public");
+    assert_eq!(one(&c, "SHOW search_path").await, "tenant1");
 }
 
 /// A server_reset_query that leaves a transaction open (here BEGIN) must not hand that

@@ -33,15 +33,22 @@ pub struct LoggedIn {
     /// The client's pool, which also names its database (and its user, unless the database
     /// logs in to servers as another: `user`).
     pub pool: Arc<Pool>,
-    /// The client's user name where it is not the pool's (seldom: boxed twice to take one
-    /// word in every idle session).
-    #[allow(clippy::box_collection)]
-    user: Option<Box<String>>,
+    /// The client's user name where it is not the pool's, and the settings of its startup
+    /// packet: boxed, to take one word in every idle session.
+    rare: Option<Box<Rare>>,
     /// Settings the client expects on every server it is lent (shared: `Pool::share_wants`).
     pub wants: Arc<Params>,
     /// Its entry in the client registry (SHOW CLIENTS, the pool's client counts, KILL) and
     /// its cancel key, from the welcome until the session ends.
     pub client: ClientHandle,
+}
+
+/// What few clients of a pool have, or what an idle session need not hold inline.
+struct Rare {
+    user: Option<String>,
+    /// The settings the client's startup packet gave (`options` unpacked, pgmux's own
+    /// taken out): on PostgreSQL, RESET goes back to these, not to the server's defaults.
+    startup: Vec<(String, String)>,
 }
 
 impl LoggedIn {
@@ -50,15 +57,25 @@ impl LoggedIn {
     }
 
     pub fn user(&self) -> &str {
-        self.user.as_deref().map_or(&self.pool.user, |u| u)
+        self.rare
+            .as_ref()
+            .and_then(|r| r.user.as_deref())
+            .unwrap_or(&self.pool.user)
     }
 
     /// Database and user for the client's log lines: its pool's, unless its user is not.
     pub fn log_names(&self) -> crate::logging::Names {
-        match &self.user {
+        match self.rare.as_ref().and_then(|r| r.user.as_deref()) {
             None => self.pool.log_names.clone(),
             Some(u) => crate::logging::Names::new(self.db(), u),
         }
+    }
+
+    /// The client's settings, its own copy from now on (see `Pool::share_wants`), beside
+    /// those of its startup packet.
+    pub fn wants_mut(&mut self) -> (&mut Params, &[(String, String)]) {
+        let startup = self.rare.as_ref().map_or(&[][..], |r| &r.startup[..]);
+        (Arc::make_mut(&mut self.wants), startup)
     }
 }
 
@@ -262,10 +279,16 @@ pub async fn login(
     welcome(&mut out, &baseline, &wants, &client.info().cancel);
     // a refused client leaves the registry with its handle
     write(stream, &out).await?;
-    let user = (user != pool.user).then(|| Box::new(user));
+    let user = (user != pool.user).then_some(user);
+    let rare = (user.is_some() || !settings.is_empty()).then(|| {
+        Box::new(Rare {
+            user,
+            startup: settings,
+        })
+    });
     Ok(Entry::Pool(
         LoggedIn {
-            user,
+            rare,
             pool,
             wants,
             client,

@@ -720,6 +720,9 @@ impl Session {
             false => params::sync_statement(wants, &conn.params, &conn.extras),
         };
         if let Some(sql) = sync {
+            // taken before the run: the server reports some settings as it changes them
+            // (default_transaction_read_only), and that updates conn.params under us
+            let applied = params::untracked_sets(wants, &conn.params);
             let synced = Box::pin(conn.run_internal(&sql)).await;
             let failed = match &synced {
                 Err(e) => Some(e.to_string()),
@@ -736,7 +739,7 @@ impl Session {
                 return Ok(());
             }
             match synced {
-                Ok(None) => note_applied(&mut conn, wants),
+                Ok(None) => note_applied(&mut conn, wants, applied),
                 Ok(Some(e)) => {
                     conn.release();
                     return Err(PgError {
@@ -904,7 +907,7 @@ impl Session {
             Ok(Some(e)) => return Err(e.message),
             Err(e) => return Err(e.to_string()),
         }
-        let wants = Arc::make_mut(&mut self.login.wants);
+        let (wants, startup) = self.login.wants_mut();
         wants.retain(params::is_tracked);
         for name in std::mem::take(&mut conn.extras) {
             conn.params.remove(&name);
@@ -934,6 +937,18 @@ impl Session {
             }
             conn.params.set(name, value);
             conn.extras.push(name.clone());
+        }
+        // pgmux gave the server the client's startup settings with set_config, so a RESET
+        // (RESET ALL, DISCARD ALL) there went to the server's default; on PostgreSQL it goes
+        // back to the startup value, which the client's next unit gets wherever it runs. A
+        // startup setting the session no longer holds was reset.
+        for (name, value) in startup {
+            let held = rows
+                .iter()
+                .any(|row| row[0].eq_ignore_ascii_case(name) && !is_unset(&row[0], &row[1]));
+            if !held {
+                wants.set(name, value);
+            }
         }
         let reset = self
             .relay
@@ -1299,8 +1314,10 @@ fn forget_reset_settings(conn: &mut PooledConn, upper_sql: &str) {
     conn.synced = None;
 }
 
-/// After a successful sync the server holds the client's values, reported or not.
-fn note_applied(conn: &mut PooledConn, wants: &params::Params) {
+/// After a successful sync the server holds the client's values, reported or not; the
+/// untracked ones it was given (`applied`) must be reset before it serves a client that
+/// does not expect them.
+fn note_applied(conn: &mut PooledConn, wants: &params::Params, applied: Vec<String>) {
     let stale: Vec<String> = conn
         .extras
         .iter()
@@ -1314,9 +1331,11 @@ fn note_applied(conn: &mut PooledConn, wants: &params::Params) {
     for (n, v) in wants.iter() {
         if conn.params.get(n) != Some(v) {
             conn.params.set(n, v);
-            if !params::is_tracked(n) && !conn.extras.iter().any(|e| e.eq_ignore_ascii_case(n)) {
-                conn.extras.push(n.to_string());
-            }
+        }
+    }
+    for n in applied {
+        if !conn.extras.iter().any(|e| e.eq_ignore_ascii_case(&n)) {
+            conn.extras.push(n);
         }
     }
 }
