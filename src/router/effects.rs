@@ -266,10 +266,7 @@ fn statement(head: &[Option<Tok<'_>>; HEAD], n: usize, fx: &mut Effects) {
         return;
     }
     let w = |i: usize, k: &str| word(&head[i], k);
-    if w(0, "begin")
-        || (w(0, "start") && w(1, "transaction"))
-        || w(0, "copy")
-        || w(0, "deallocate")
+    if w(0, "begin") || (w(0, "start") && w(1, "transaction")) || w(0, "copy") || w(0, "deallocate")
     {
         fx.unbatchable = true;
     } else if w(0, "set") {
