@@ -60,10 +60,9 @@ enum Expect {
     },
     /// Sync, Query or FunctionCall: answered by ReadyForQuery.
     Ready,
-    /// pgmux answers this one itself once everything before it is answered.
-    Answer(&'static [u8]),
-    /// CloseComplete that pgmux answers for the client's Close of `name` (`def` before it),
-    /// unless an error before it makes the server skip to Sync: then the name stays.
+    /// CloseComplete that pgmux answers for the client's Close of `name` (`def` before it)
+    /// once everything before it is answered, unless an error before it makes the server
+    /// skip to Sync: then the name stays.
     Closed {
         name: Box<[u8]>,
         def: Option<Arc<StmtDef>>,
@@ -852,7 +851,6 @@ impl Tracker {
         }
         loop {
             let msg = match self.expect.front() {
-                Some(&Expect::Answer(msg)) => msg,
                 Some(Expect::ParseAnswered { .. }) => PARSE_COMPLETE,
                 Some(Expect::Closed { .. }) => CLOSE_COMPLETE,
                 _ => break,
