@@ -485,6 +485,8 @@ mod tests {
             "copy (select 1) to stdout",
             "PREPARE p AS SELECT 1",
             "DISCARD ALL",
+            "DEALLOCATE ALL",
+            "select 1; deallocate prepare all",
         ] {
             assert!(!eligible(&q(no)), "{no}");
         }

@@ -254,6 +254,37 @@ async fn work_that_cannot_be_batched_keeps_its_place_in_line() {
     s.console.wait_idle("batch_line", 1).await;
 }
 
+/// A `DEALLOCATE ALL` drops every statement pgmux prepared on its server (psycopg sends one
+/// after a ROLLBACK it ran as a statement): pgmux must know, or the next client's Bind of a
+/// statement it believes the server holds fails with 26000. So it never runs in a batch, whose
+/// client is lent a stand-in for the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deallocate_all_is_not_batched_and_statements_are_prepared_again() {
+    let s = start("batch_deallocate", 16).await;
+    let (user, dealloc, other) = (s.client().await, s.client().await, s.client().await);
+    // the pool's only server now holds the statement
+    let stmt = user.prepare("SELECT $1::int * 2").await.unwrap();
+    let r = user.query_one(&stmt, &[&21i32]).await.unwrap();
+    assert_eq!(r.get::<_, i32>(0), 42);
+    let holder = hold(&s).await;
+    let dropped = spawn_simple(dealloc, "DEALLOCATE ALL");
+    s.wait_waiting(1).await;
+    let after = spawn_simple(other, "SELECT 'after'");
+    s.wait_waiting(2).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    let (_, r) = dropped.await.unwrap();
+    assert!(
+        matches!(r.unwrap()[..], [SimpleQueryMessage::CommandComplete(0)]),
+        "DEALLOCATE ALL"
+    );
+    assert_eq!(rows(&after.await.unwrap().1.unwrap()), vec![vec!["after"]]);
+    // the server lost the statement: pgmux prepares it again
+    let r = user.query_one(&stmt, &[&5i32]).await.unwrap();
+    assert_eq!(r.get::<_, i32>(0), 10);
+    // user and holder stay connected
+    s.console.wait_idle("batch_deallocate", 2).await;
+}
+
 /// A raw session logged in as app (all of them share their settings, so one server in step
 /// with one is in step with all).
 fn raw_login(s: &Setup) -> std::net::TcpStream {

@@ -1,12 +1,16 @@
 //! Real drivers in other languages through pgmux in transaction mode with a small pool, many
-//! clients each, so statements really move between servers: psycopg 3 (every statement
-//! prepared, pipeline mode), asyncpg (statement cache on), node-postgres (named queries),
+//! clients each, so statements really move between servers: psycopg 3 (prepare thresholds 0,
+//! 5 and none with a small prepared_max, executemany, pipeline mode with errors, server-side
+//! and binary cursors, COPY, savepoints, cancels, notices, AsyncConnection, psycopg_pool),
+//! asyncpg (small and no statement caches, prepare, cursors, COPY helpers, isolation levels,
+//! type codecs and introspection, timeouts, its pool's reset), node-postgres (named queries),
 //! pgjdbc (every prepareThreshold and preferQueryMode, an evicting statement cache, batches,
 //! fetch sizes, savepoints and autosave, isolation levels, read-only sessions, COPY, cancels,
 //! startup settings, short-lived connections), PHP's PDO (server-side prepares, deallocated
 //! with SQL), Go's pgx v4 (its prepare and describe caches, no cache, simple protocol,
 //! batches, COPY). Each script checks results, not only the absence of errors. Each runs
 //! twice: against a primary alone, and with reads split off to two streaming replicas.
+//! LISTEN/NOTIFY (asyncpg, psycopg) runs through pgmux in session mode.
 //! `.ci/run` installs the drivers; tests/drivers/ holds the scripts.
 
 mod common;
@@ -112,32 +116,93 @@ fn run(mut cmd: Command, expect: &str) {
     assert!(text.contains(expect), "{text}");
 }
 
-both_topologies!(
-    psycopg3_prepares_everything_and_pipelines,
-    psycopg3_prepares_everything_and_pipelines_through_replicas,
-    psycopg3_prepares_everything_and_pipelines_on
-);
+/// psycopg_check.py's tables.
+const PSYCOPG_SCHEMA: &str = "DROP TABLE IF EXISTS py_psy_items, py_psy_copy, py_psy_uniq; \
+    CREATE TABLE py_psy_items (c int, k int, v text, PRIMARY KEY (c, k)); \
+    CREATE TABLE py_psy_copy (c int, k int, t text, b bytea); \
+    CREATE TABLE py_psy_uniq (id int PRIMARY KEY)";
 
-fn psycopg3_prepares_everything_and_pipelines_on(px: &Pgmux) {
+#[test]
+fn psycopg3_prepares_pipelines_copies_and_cancels() {
+    psycopg3_on(&start(), PgCluster::shared(), "alone");
+}
+
+#[test]
+fn psycopg3_prepares_pipelines_copies_and_cancels_through_replicas() {
+    let px = start_split();
+    psycopg3_on(&px, PgCluster::shared_with_replicas(), "split");
+    assert_replicas_served();
+}
+
+fn psycopg3_on(px: &Pgmux, cluster: &PgCluster, topology: &str) {
+    python_schema(cluster, PSYCOPG_SCHEMA);
     let mut cmd = Command::new("python3");
     cmd.arg("psycopg_check.py")
         .arg(px.conn_str("app", "app", Some("secret")))
-        .arg(CLIENTS);
+        .args([CLIENTS, topology]);
     run(cmd, "clients ok");
 }
 
-both_topologies!(
-    asyncpg_with_its_statement_cache,
-    asyncpg_with_its_statement_cache_through_replicas,
-    asyncpg_with_its_statement_cache_on
-);
+/// asyncpg_check.py's tables and types.
+const ASYNCPG_SCHEMA: &str = "DROP TABLE IF EXISTS py_apg_items, py_apg_copy, py_apg_uniq; \
+    DROP TYPE IF EXISTS py_apg_mood, py_apg_pair; \
+    CREATE TABLE py_apg_items (c int, k int, v text, PRIMARY KEY (c, k)); \
+    CREATE TABLE py_apg_copy (c int, k int, t text); \
+    CREATE TABLE py_apg_uniq (id int PRIMARY KEY); \
+    CREATE TYPE py_apg_mood AS ENUM ('sad', 'ok', 'happy'); \
+    CREATE TYPE py_apg_pair AS (a int, b text)";
 
-fn asyncpg_with_its_statement_cache_on(px: &Pgmux) {
-    run_asyncpg("asyncpg_check.py", px);
+#[test]
+fn asyncpg_caches_cursors_copies_and_pools() {
+    asyncpg_on(&start(), PgCluster::shared(), "alone");
 }
 
-/// An asyncpg script, given HOST PORT USER PASSWORD DATABASE CLIENTS.
-fn run_asyncpg(script: &str, px: &Pgmux) {
+#[test]
+fn asyncpg_caches_cursors_copies_and_pools_through_replicas() {
+    let px = start_split();
+    asyncpg_on(&px, PgCluster::shared_with_replicas(), "split");
+    assert_replicas_served();
+}
+
+fn asyncpg_on(px: &Pgmux, cluster: &PgCluster, topology: &str) {
+    python_schema(cluster, ASYNCPG_SCHEMA);
+    run_asyncpg("asyncpg_check.py", px, topology);
+}
+
+/// Runs `sql` as app on `cluster`'s primary (the objects it creates are app's) and waits
+/// until every replica has it: a script's first read may reach either.
+fn python_schema(cluster: &PgCluster, sql: &str) {
+    cluster
+        .primary()
+        .psql("app", &format!("SET ROLE app; {sql}"));
+    cluster.wait_replicas_caught_up();
+}
+
+/// LISTEN/NOTIFY with asyncpg and psycopg 3, through pgmux in session mode, where listeners
+/// belong (in transaction mode a LISTEN pins its client to its server).
+#[test]
+fn python_listen_notify_in_session_mode() {
+    let pg = PgCluster::shared();
+    let session = config(pg.primary().port, "")
+        .replace("pool_mode = \"transaction\"", "pool_mode = \"session\"")
+        .replace("default_pool_size = 3", "default_pool_size = 6");
+    let px = Pgmux::start(&session);
+    // four listeners and a notifier, each holding one of the 6 servers for its session
+    let mut cmd = Command::new("python3");
+    cmd.arg("python_listen_check.py").args([
+        "127.0.0.1",
+        &px.port.to_string(),
+        "app",
+        "secret",
+        "app",
+        "4",
+    ]);
+    run(cmd, "clients ok");
+}
+
+/// An asyncpg script, given HOST PORT USER PASSWORD DATABASE CLIENTS TOPOLOGY (`alone` or
+/// `split`).
+fn run_asyncpg(script: &str, px: &Pgmux, topology: &str) {
     let mut cmd = Command::new("python3");
     cmd.arg(script).args([
         "127.0.0.1",
@@ -146,6 +211,7 @@ fn run_asyncpg(script: &str, px: &Pgmux) {
         "secret",
         "app",
         CLIENTS,
+        topology,
     ]);
     run(cmd, "clients ok");
 }
@@ -156,7 +222,7 @@ fn run_asyncpg(script: &str, px: &Pgmux) {
 #[test]
 fn asyncpg_copy_through_replicas() {
     fresh_table("asyncpg_copy", "c int, r int, k int");
-    run_asyncpg("asyncpg_copy_check.py", &start_split());
+    run_asyncpg("asyncpg_copy_check.py", &start_split(), "split");
 }
 
 /// psycopg's pipeline mode fetches a read's result (a Flush) before it sends the write

@@ -670,3 +670,58 @@ fn an_unnamed_set_config_bound_on_another_server_does_not_leak() {
         assert!(batch(&mut a, &[query(show)]).contains(&"Da".to_string()));
     }
 }
+
+/// After an error PostgreSQL skips what the client sends up to its next Sync, also what
+/// arrives after the error was sent (psycopg's pipeline mode sends its next statements while
+/// it reads the answers): those messages get no answer, a Parse among them defines no name,
+/// a Close closes nothing. pgmux kept expecting answers for them, so its own answers for the
+/// client's next requests (ParseComplete, CloseComplete) went missing and the client waited.
+#[test]
+fn messages_sent_after_an_error_before_the_sync_are_skipped_as_on_postgresql() {
+    use common::raw::{login, msg, read_msg};
+    use std::io::Write;
+    let script = |s: &mut std::net::TcpStream| {
+        // the error comes back (a Flush, no Sync) before the rest of the batch is sent
+        s.write_all(&[parse("a", "select 1/0"), bind("a"), exec(), msg(b'H', b"")].concat())
+            .unwrap();
+        let mut first = Vec::new();
+        while let Some((tag, _)) = read_msg(s) {
+            first.push((tag as char).to_string());
+            if tag == b'E' {
+                break;
+            }
+        }
+        vec![
+            first,
+            batch(
+                s,
+                &[
+                    parse("b", "select 2"),
+                    bind("b"),
+                    exec(),
+                    parse("s1", "select 1"),
+                    msg(b'C', b"Sa\0"),
+                    bind("a"),
+                    exec(),
+                    sync(),
+                ],
+            ),
+            // b and s1 were never made, a never closed
+            batch(s, &[parse("b", "select 3"), bind("b"), exec(), sync()]),
+            batch(s, &[parse("s1", "select 4"), bind("s1"), exec(), sync()]),
+            batch(s, &[bind("a"), exec(), sync()]),
+            batch(s, &[msg(b'C', b"Sa\0"), sync()]),
+            batch(s, &[parse("a", "select 5"), bind("a"), exec(), sync()]),
+        ]
+    };
+    let pg = PgCluster::shared();
+    let (mut direct, _) = login(pg.primary().port, "postgres", "postgres");
+    // a statement the server already has, so that pgmux answers its ParseComplete itself
+    batch(&mut direct, &[parse("warm", "select 1"), sync()]);
+    let expected = script(&mut direct);
+    assert_eq!(expected[1], ["ZI"], "{expected:?}");
+    let px = start("prepskipped", 1, "");
+    let (mut through, _) = login(px.port, "app", "prepskipped");
+    batch(&mut through, &[parse("warm", "select 1"), sync()]);
+    assert_eq!(script(&mut through), expected);
+}

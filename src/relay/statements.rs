@@ -60,8 +60,13 @@ enum Expect {
     },
     /// Sync, Query or FunctionCall: answered by ReadyForQuery.
     Ready,
-    /// pgmux answers this one itself once everything before it is answered.
-    Answer(&'static [u8]),
+    /// CloseComplete that pgmux answers for the client's Close of `name` (`def` before it)
+    /// once everything before it is answered, unless an error before it makes the server
+    /// skip to Sync: then the name stays.
+    Closed {
+        name: Box<[u8]>,
+        def: Option<Arc<StmtDef>>,
+    },
     /// A Parse of a name the client already uses, sent on so that the server refuses it
     /// (and skips to Sync as PostgreSQL would); its error is replaced by `error`, which names
     /// the client's statement rather than pgmux's.
@@ -92,6 +97,9 @@ pub struct Tracker {
     /// parses and describes in one unit, then binds in the next); in transaction mode the
     /// server may meanwhile serve other clients, whose unnamed statements replace it there.
     unnamed_here: bool,
+    /// The server failed a request and skips what the client sends until its next Sync,
+    /// which had not arrived: those messages get no answer (`failed`).
+    skipping: bool,
 }
 
 /// The message types the tracker must read whole on the client side.
@@ -142,6 +150,7 @@ impl Tracker {
             journal: None,
             custom_settings: Vec::new(),
             unnamed_here: false,
+            skipping: false,
         }
     }
 
@@ -174,6 +183,7 @@ impl Tracker {
     pub fn attach(&mut self, server: &ServerStatements) {
         self.expect.clear();
         self.unnamed_here = false;
+        self.skipping = false;
         self.batch_tick = server.now();
     }
 
@@ -220,6 +230,10 @@ impl Tracker {
 
     /// A client message the tracker does not read whole.
     pub fn client_passed(&mut self, tag: u8, server: &ServerStatements) {
+        if self.skipping && tag != b'S' {
+            // PostgreSQL ignores every message until the Sync
+            return;
+        }
         match tag {
             b'E' => self.expect.push_back(Expect::Execute),
             b'Q' => {
@@ -231,6 +245,7 @@ impl Tracker {
             b'S' => {
                 self.expect.push_back(Expect::Ready);
                 self.batch_tick = server.now();
+                self.skipping = false;
             }
             _ => {}
         }
@@ -274,6 +289,11 @@ impl Tracker {
             }
             _ => Effects::default(),
         };
+        if self.skipping {
+            // the server skips this message and whatever pgmux sent for it: no answer is
+            // owed, and a statement it would have prepared or defined is not there
+            self.failed(server);
+        }
         self.answer_ready(s2c);
         fx
     }
@@ -456,11 +476,12 @@ impl Tracker {
         match prepared::target(body) {
             Some((b'S', name)) if !name.is_empty() => {
                 // other clients may use the same server-side statement: it stays
-                let before = self.stmts.remove(name);
-                self.name_changed(name, before);
+                let name: Box<[u8]> = name.into();
+                let before = self.stmts.remove(&name);
+                self.name_changed(&name, before.clone());
                 c2s.seal(start);
                 c2s.skip(end - start);
-                self.expect.push_back(Expect::Answer(CLOSE_COMPLETE));
+                self.expect.push_back(Expect::Closed { name, def: before });
             }
             Some((b'S', _)) => {
                 self.drop_unnamed(true);
@@ -803,7 +824,8 @@ impl Tracker {
         }
     }
 
-    /// After an error the server skips to the next Sync: so do the expectations.
+    /// After an error the server skips to the next Sync: so do the expectations, and, until
+    /// that Sync arrives, what the client sends meanwhile.
     fn failed(&mut self, server: &mut ServerStatements) {
         while let Some(front) = self.expect.front() {
             if matches!(front, Expect::Ready) {
@@ -821,9 +843,18 @@ impl Tracker {
                 Some(Expect::ParseAnswered { name, def } | Expect::ParseProbe { name, def }) => {
                     self.undefine(&name, &def)
                 }
+                Some(Expect::Closed {
+                    name,
+                    def: Some(def),
+                }) => {
+                    let before = self.stmts.insert(&name, def);
+                    self.name_changed(&name, before);
+                }
                 _ => {}
             }
         }
+        // nothing left up to a Sync: the client has not sent it yet
+        self.skipping = self.expect.is_empty();
     }
 
     /// The client's Parse of `name` did not take effect: the name is free again.
@@ -842,8 +873,8 @@ impl Tracker {
         }
         loop {
             let msg = match self.expect.front() {
-                Some(&Expect::Answer(msg)) => msg,
                 Some(Expect::ParseAnswered { .. }) => PARSE_COMPLETE,
+                Some(Expect::Closed { .. }) => CLOSE_COMPLETE,
                 _ => break,
             };
             s2c.insert(Bytes::from_static(msg));

@@ -25,7 +25,10 @@ pub struct Effects {
     pub pgmux_reset: u8,
     /// A statement cannot run in a batch (`batch`): it opens a transaction block (`BEGIN`,
     /// `START TRANSACTION`; also a PL/pgSQL block's `BEGIN` in a DO body), which may leave the
-    /// session inside it, or it is a `COPY`, whose data would come in the middle of the batch.
+    /// session inside it, or it is a `COPY`, whose data would come in the middle of the batch,
+    /// or a `DEALLOCATE`: after `DEALLOCATE ALL` pgmux must forget the statements it prepared
+    /// on that server, which a batched query cannot tell it (its client is lent a stand-in for
+    /// the server, `batch::Seat`).
     pub unbatchable: bool,
 }
 
@@ -263,7 +266,8 @@ fn statement(head: &[Option<Tok<'_>>; HEAD], n: usize, fx: &mut Effects) {
         return;
     }
     let w = |i: usize, k: &str| word(&head[i], k);
-    if w(0, "begin") || (w(0, "start") && w(1, "transaction")) || w(0, "copy") {
+    if w(0, "begin") || (w(0, "start") && w(1, "transaction")) || w(0, "copy") || w(0, "deallocate")
+    {
         fx.unbatchable = true;
     } else if w(0, "set") {
         // SET LOCAL, SET TRANSACTION and SET CONSTRAINTS end with the transaction
