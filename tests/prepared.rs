@@ -725,3 +725,51 @@ fn messages_sent_after_an_error_before_the_sync_are_skipped_as_on_postgresql() {
     batch(&mut through, &[parse("warm", "select 1"), sync()]);
     assert_eq!(script(&mut through), expected);
 }
+
+/// A client's statement tracker is made at its first extended-protocol message: simple
+/// Queries pipelined ahead of it in the same lending are still answered in order, around
+/// pgmux's own ParseComplete. And a DISCARD ALL sent as a simple Query by a client that never
+/// prepared anything (so has no tracker) still tells pgmux its server's statements are gone:
+/// the next client's Bind is prepared again there, not refused with 26000.
+#[test]
+fn queries_before_the_first_parse_and_a_discard_from_a_client_without_statements() {
+    use common::raw::{login, query};
+    let script = |s: &mut std::net::TcpStream| {
+        let pipelined = [
+            query("select 1"),
+            parse("p", "select 2"),
+            bind("p"),
+            exec(),
+            sync(),
+            query("select 3"),
+        ];
+        vec![
+            batch(s, &pipelined),
+            batch(s, &[]),
+            batch(s, &[]),
+            batch(s, &[bind("p"), exec(), sync()]),
+        ]
+    };
+    let pg = PgCluster::shared();
+    let (mut direct, _) = login(pg.primary().port, "postgres", "postgres");
+    // a statement the server already has, so that pgmux answers the Parse itself
+    batch(&mut direct, &[parse("warm", "select 2"), sync()]);
+    let expected = script(&mut direct);
+    assert_eq!(expected[0], ["T", "D1", "C", "ZI"], "{expected:?}");
+    let px = start("prepfirst", 1, "");
+    let (mut warm, _) = login(px.port, "app", "prepfirst");
+    batch(&mut warm, &[parse("warm", "select 2"), sync()]);
+    let (mut through, _) = login(px.port, "app", "prepfirst");
+    assert_eq!(script(&mut through), expected);
+
+    // the pool's one server holds pgmux's statements for `select 2` and `select 42`
+    let (mut a, _) = login(px.port, "app", "prepfirst");
+    let prepared = [parse("d", "select 42"), bind("d"), exec(), sync()];
+    assert_eq!(batch(&mut a, &prepared), ["1", "2", "D42", "C", "ZI"]);
+    let (mut b, _) = login(px.port, "app", "prepfirst");
+    assert_eq!(batch(&mut b, &[query("DISCARD ALL")]), ["C", "ZI"]);
+    assert_eq!(
+        batch(&mut a, &[bind("d"), exec(), sync()]),
+        ["2", "D42", "C", "ZI"]
+    );
+}
