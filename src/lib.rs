@@ -12,6 +12,7 @@ pub mod clock;
 pub mod config;
 pub mod endpoint;
 pub mod fasthash;
+pub mod interned;
 pub mod listener;
 pub mod logging;
 pub mod metrics;

@@ -250,7 +250,7 @@ pub struct Pool {
     /// The pool's database left the configuration: it serves its clients until they leave.
     retired: AtomicBool,
     /// Settings clients of this pool expect, shared by the clients that expect the same.
-    wants: Mutex<Vec<Arc<Params>>>,
+    wants: crate::interned::Interned<Params>,
     /// Server connections opened, and attempts that failed: per pool, so per host (`stats`
     /// is shared by the hosts of a database).
     pub connects: AtomicU64,
@@ -383,7 +383,7 @@ impl Pool {
             paused: AtomicBool::new(false),
             resumed: Notify::new(),
             retired: AtomicBool::new(false),
-            wants: Mutex::new(Vec::new()),
+            wants: crate::interned::Interned::new(SHARED_WANTS),
             connects: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
             batches: AtomicU64::new(0),
@@ -528,17 +528,7 @@ impl Pool {
     /// clients of a pool do): an idle client holds a pointer instead of a copy. A client
     /// that changes its settings gets its own copy then (`Arc::make_mut`).
     pub fn share_wants(&self, wants: Params) -> Arc<Params> {
-        let mut shared = lock(&self.wants);
-        if let Some(w) = shared.iter().find(|w| ***w == wants) {
-            return w.clone();
-        }
-        // settings no client holds any more make room
-        shared.retain(|w| Arc::strong_count(w) > 1);
-        let wants = Arc::new(wants);
-        if shared.len() < SHARED_WANTS {
-            shared.push(wants.clone());
-        }
-        wants
+        self.wants.share(wants)
     }
 
     /// Lends a connection: an idle one, a new one while under size, else waits in line. A

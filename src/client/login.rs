@@ -34,8 +34,9 @@ pub struct LoggedIn {
     /// logs in to servers as another: `user`).
     pub pool: Arc<Pool>,
     /// The client's user name where it is not the pool's, and the settings of its startup
-    /// packet: boxed, to take one word in every idle session.
-    rare: Option<Box<Rare>>,
+    /// packet: one word in every idle session, shared by the clients that have the same
+    /// (most that have any: a driver's application_name).
+    rare: Option<Arc<Rare>>,
     /// Settings the client expects on every server it is lent (shared: `Pool::share_wants`).
     pub wants: Arc<Params>,
     /// Its entry in the client registry (SHOW CLIENTS, the pool's client counts, KILL) and
@@ -44,12 +45,16 @@ pub struct LoggedIn {
 }
 
 /// What few clients of a pool have, or what an idle session need not hold inline.
+#[derive(PartialEq)]
 struct Rare {
     user: Option<String>,
     /// The settings the client's startup packet gave (`options` unpacked, pgmux's own
     /// taken out): on PostgreSQL, RESET goes back to these, not to the server's defaults.
     startup: Vec<(String, String)>,
 }
+
+/// Distinct `Rare`s shared across the process's clients.
+static RARE: crate::interned::Interned<Rare> = crate::interned::Interned::new(64);
 
 impl LoggedIn {
     pub fn db(&self) -> &str {
@@ -281,7 +286,7 @@ pub async fn login(
     write(stream, &out).await?;
     let user = (user != pool.user).then_some(user);
     let rare = (user.is_some() || !settings.is_empty()).then(|| {
-        Box::new(Rare {
+        RARE.share(Rare {
             user,
             startup: settings,
         })
