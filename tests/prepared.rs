@@ -726,6 +726,86 @@ fn messages_sent_after_an_error_before_the_sync_are_skipped_as_on_postgresql() {
     assert_eq!(script(&mut through), expected);
 }
 
+/// A simple Query sent after an extended-protocol message that fails, before the Sync, is
+/// skipped by PostgreSQL like the rest: only the Sync is answered. pgmux must not wait for a
+/// ReadyForQuery of the Query, which would keep the server from going back to the pool (its
+/// one server, here), and must not lend a server that still skips to a Sync.
+#[test]
+fn a_query_inside_a_failed_extended_batch_is_skipped_as_on_postgresql() {
+    use common::raw::{login, msg, query, read_msg};
+    use std::io::Write;
+    let failing = || [parse("", "select 1/0"), bind(""), exec()].concat();
+    let script = |s: &mut std::net::TcpStream| {
+        // the error and the Query in one write
+        let mut out = vec![batch(s, &[failing(), query("select 2"), sync()])];
+        // the Query and Sync sent once the error came back (a Flush, no Sync)
+        s.write_all(&[failing(), msg(b'H', b"")].concat()).unwrap();
+        let mut first = Vec::new();
+        while let Some((tag, _)) = read_msg(s) {
+            first.push((tag as char).to_string());
+            if tag == b'E' {
+                break;
+            }
+        }
+        out.push(first);
+        out.push(batch(s, &[query("select 3"), sync()]));
+        out.push(batch(s, &[query("select 4")]));
+        out
+    };
+    let pg = PgCluster::shared();
+    let (mut direct, _) = login(pg.primary().port, "postgres", "postgres");
+    let expected = script(&mut direct);
+    assert_eq!(expected[0], ["1", "E22012", "ZI"], "{expected:?}");
+    assert_eq!(expected[2], ["ZI"], "{expected:?}");
+    let px = start("prepquerymid", 1, "query_wait_timeout = 20");
+    let (mut through, _) = login(px.port, "app", "prepquerymid");
+    assert_eq!(script(&mut through), expected);
+    // the server went back: another client gets it
+    let (mut other, _) = login(px.port, "app", "prepquerymid");
+    assert_eq!(
+        batch(&mut other, &[query("select 5")]),
+        ["T", "D5", "C", "ZI"]
+    );
+
+    // the Query after the failure, and no Sync yet: the server still skips, so it stays
+    // with this client while another waits for it
+    through
+        .write_all(&[failing(), query("select 6"), msg(b'H', b"")].concat())
+        .unwrap();
+    let mut seen = Vec::new();
+    while let Some((tag, _)) = read_msg(&mut through) {
+        seen.push(tag);
+        if tag == b'E' {
+            break;
+        }
+    }
+    assert_eq!(seen, [b'1', b'E']);
+    let waiter = std::thread::spawn(move || {
+        assert_eq!(
+            batch(&mut other, &[query("select 7")]),
+            ["T", "D7", "C", "ZI"]
+        );
+        other
+    });
+    // answered only after the Sync below: the server skipped to it first
+    assert_eq!(batch(&mut through, &[sync()]), ["ZI"]);
+    let mut other = waiter
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e));
+
+    // the same, and the client leaves before its Sync: the server, still skipping, is not
+    // lent again (the next client's Query would be skipped too)
+    through
+        .write_all(&[failing(), query("select 8"), msg(b'H', b"")].concat())
+        .unwrap();
+    while read_msg(&mut through).is_some_and(|(tag, _)| tag != b'E') {}
+    drop(through);
+    assert_eq!(
+        batch(&mut other, &[query("select 9")]),
+        ["T", "D9", "C", "ZI"]
+    );
+}
+
 /// A client's statement tracker is made at its first extended-protocol message: simple
 /// Queries pipelined ahead of it in the same lending are still answered in order, around
 /// pgmux's own ParseComplete. And a DISCARD ALL sent as a simple Query by a client that never

@@ -724,6 +724,14 @@ impl Relay {
                     return Ok(());
                 }
             };
+            if matches!(tag, b'Q' | b'F') && self.tracker.as_ref().is_some_and(Tracker::is_skipping)
+            {
+                // PostgreSQL skips it on its way to the Sync after an error: nothing is owed
+                if tag == b'Q' {
+                    self.keys.take_query();
+                }
+                continue;
+            }
             if !self.count_request(tag)? {
                 continue;
             }
@@ -1008,6 +1016,16 @@ impl Relay {
             if let Some(t) = self.tracker.as_mut() {
                 t.server_message(tag, start, &mut self.s2c, server.statements);
                 t.answer_ready(&mut self.s2c);
+                let skipped = t.take_skipped();
+                if skipped > 0 {
+                    // Queries sent behind a failed extended message, before its Sync
+                    self.flow.pending = self.flow.pending.saturating_sub(skipped);
+                    self.meter.statements.ignored(skipped);
+                }
+                if t.is_skipping() {
+                    // the server waits for the client's Sync
+                    self.flow.unsynced = true;
+                }
             }
             if tag == b'Z' {
                 // the answer to pgmux's own Sync, the last thing the server was sent (so no

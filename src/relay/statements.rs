@@ -58,8 +58,11 @@ enum Expect {
     Close {
         ours: bool,
     },
-    /// Sync, Query or FunctionCall: answered by ReadyForQuery.
+    /// Sync (or a unit sent before the tracker was made): answered by ReadyForQuery.
     Ready,
+    /// Query or FunctionCall: answered by ReadyForQuery, unless an error in an
+    /// extended-protocol message before it makes the server skip it on its way to the Sync.
+    QueryReady,
     /// CloseComplete that pgmux answers for the client's Close of `name` (`def` before it)
     /// once everything before it is answered, unless an error before it makes the server
     /// skip to Sync: then the name stays.
@@ -100,6 +103,9 @@ pub struct Tracker {
     /// The server failed a request and skips what the client sends until its next Sync,
     /// which had not arrived: those messages get no answer (`failed`).
     skipping: bool,
+    /// Queries and FunctionCalls the server skipped after an error, for the relay to take
+    /// off what it is owed (`take_skipped`).
+    skipped: u32,
 }
 
 /// The message types the tracker must read whole on the client side.
@@ -151,6 +157,7 @@ impl Tracker {
             custom_settings: Vec::new(),
             unnamed_here: false,
             skipping: false,
+            skipped: 0,
         }
     }
 
@@ -176,7 +183,19 @@ impl Tracker {
 
     /// Nothing owed: safe to hand the server back.
     pub fn is_settled(&self) -> bool {
-        self.expect.is_empty()
+        self.expect.is_empty() && !self.skipping
+    }
+
+    /// The server failed an extended-protocol message and skips what the client sends
+    /// until a Sync that has not come yet: it must not go back to the pool before that.
+    pub fn is_skipping(&self) -> bool {
+        self.skipping
+    }
+
+    /// Queries and FunctionCalls found skipped since the last call, whose ReadyForQuery
+    /// will never come.
+    pub fn take_skipped(&mut self) -> u32 {
+        std::mem::take(&mut self.skipped)
     }
 
     /// A new server: anything owed by the last one is gone with it.
@@ -184,6 +203,7 @@ impl Tracker {
         self.expect.clear();
         self.unnamed_here = false;
         self.skipping = false;
+        self.skipped = 0;
         self.batch_tick = server.now();
     }
 
@@ -239,9 +259,9 @@ impl Tracker {
             b'Q' => {
                 // a simple Query drops the unnamed statement, on PostgreSQL as here
                 self.drop_unnamed(true);
-                self.expect.push_back(Expect::Ready);
+                self.expect.push_back(Expect::QueryReady);
             }
-            b'F' => self.expect.push_back(Expect::Ready),
+            b'F' => self.expect.push_back(Expect::QueryReady),
             b'S' => {
                 self.expect.push_back(Expect::Ready);
                 self.batch_tick = server.now();
@@ -594,7 +614,7 @@ impl Tracker {
             return;
         };
         let ours = match (tag, front) {
-            (b'E', Expect::Ready) => return,
+            (b'E', Expect::Ready | Expect::QueryReady) => return,
             (b'E', Expect::Duplicate { error }) => {
                 let (error, end) = (error.clone(), s2c.scanned);
                 s2c.seal(start);
@@ -641,7 +661,7 @@ impl Tracker {
             (b'2', Expect::Bind { .. })
             | (b'T' | b'n', Expect::Describe)
             | (b'C' | b'I' | b's', Expect::Execute)
-            | (b'Z', Expect::Ready) => false,
+            | (b'Z', Expect::Ready | Expect::QueryReady) => false,
             _ => return,
         };
         self.expect.pop_front();
@@ -825,13 +845,15 @@ impl Tracker {
     }
 
     /// After an error the server skips to the next Sync: so do the expectations, and, until
-    /// that Sync arrives, what the client sends meanwhile.
+    /// that Sync arrives, what the client sends meanwhile. Queries and FunctionCalls on the
+    /// way are skipped too (PostgreSQL ignores every message but Sync): counted in `skipped`.
     fn failed(&mut self, server: &mut ServerStatements) {
         while let Some(front) = self.expect.front() {
             if matches!(front, Expect::Ready) {
                 break;
             }
             match self.expect.pop_front() {
+                Some(Expect::QueryReady) => self.skipped += 1,
                 Some(Expect::Parse {
                     def: Some(d), name, ..
                 }) => {
