@@ -16,6 +16,9 @@
 #   WORKERS=0                         pgmux's `workers` (1: one thread, as compare.sh WORKERS=1)
 #   BATCH_SIZE=16                     pgmux's server_batch_size (batches form only when
 #                                     CLIENTS outnumber the pool's 20 servers)
+#   PROXY=pgmux                       or pgbouncer: the same count for PgBouncer (Debian's
+#                                     /usr/sbin/pgbouncer, pool 20, transaction mode, trust,
+#                                     run as `postgres`), for the comparison
 #   DIR=/tmp/pgmux-instructions       state dir, removed at the end (KEEP=1 keeps it)
 #   PGBIN=/usr/lib/postgresql/15/bin
 #
@@ -31,6 +34,7 @@ PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 KEEP=${KEEP:-0}
 BATCH_SIZE=${BATCH_SIZE:-16}
 WORKERS=${WORKERS:-0}
+PROXY=${PROXY:-pgmux}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 BENCH=instructions
@@ -47,6 +51,13 @@ cleanup() {
 
 command -v valgrind >/dev/null || die "valgrind not found (apt-get install valgrind)"
 command -v pgbench >/dev/null || die "pgbench not found (apt-get install postgresql-client-15)"
+case "$PROXY" in
+  pgmux) ;;
+  pgbouncer)
+    PGMUX=${PGBOUNCER:-/usr/sbin/pgbouncer}
+    command -v setpriv >/dev/null || die "setpriv not found (util-linux)" ;;
+  *) die "PROXY must be pgmux or pgbouncer" ;;
+esac
 if [ -z "${PGMUX:-}" ]; then
   log "building pgmux (release)"
   PGMUX=$(cd "$REPO" && cargo build --release --bin pgmux --message-format=json-render-diagnostics \
@@ -85,11 +96,39 @@ name = "postgres"
 host = "127.0.0.1"
 port = $PG_PORT
 EOF
+cat > "$DIR/pgbouncer.ini" <<EOF
+[databases]
+postgres = host=127.0.0.1 port=$PG_PORT
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PGMUX_PORT
+unix_socket_dir =
+auth_type = trust
+auth_file = $DIR/users.txt
+pool_mode = transaction
+default_pool_size = 20
+max_client_conn = 1000
+logfile = $DIR/log/pgbouncer.log
+EOF
+echo '"postgres" ""' > "$DIR/users.txt"
+[ "$(id -u)" = 0 ] && chown postgres: "$DIR/pgbouncer.ini" "$DIR/users.txt"
+
+# proxy CMD...: runs as the proxy under CMD, in place of the (background) subshell, so its PID
+# is the one signalled (PgBouncer refuses to run as root)
+proxy() {
+  if [ "$PROXY" = pgmux ]; then
+    exec "$@" "$PGMUX" --config "$DIR/pgmux.toml"
+  elif [ "$(id -u)" = 0 ]; then
+    exec setpriv --reuid=postgres --regid=postgres --init-groups "$@" "$PGMUX" "$DIR/pgbouncer.ini"
+  else
+    exec "$@" "$PGMUX" "$DIR/pgbouncer.ini"
+  fi
+}
 
 # instructions TX: total instructions of a pgmux that served CLIENTS x TX transactions
 instructions() {
   local out="$DIR/callgrind.$1"
-  valgrind --tool=callgrind --callgrind-out-file="$out" "$PGMUX" --config "$DIR/pgmux.toml" \
+  proxy valgrind --tool=callgrind --callgrind-out-file="$out" \
     </dev/null >"$DIR/log/pgmux.$1.log" 2>&1 &
   VG_PID=$!
   local deadline=$((SECONDS + 60))
@@ -111,4 +150,4 @@ small=$(instructions "$SMALL")
 large=$(instructions "$LARGE")
 [ -n "$small" ] && [ -n "$large" ] || die "no callgrind summary; see $DIR/log"
 awk -v a="$small" -v b="$large" -v n=$(( CLIENTS * (LARGE - SMALL) )) -v w="pgbench $PGBENCH_ARGS" \
-  'BEGIN {printf "pgmux user-space instructions per transaction (%s, callgrind): %.0f\n", w, (b - a) / n}'
+  -v p="$PROXY" 'BEGIN {printf p " user-space instructions per transaction (%s, callgrind): %.0f\n", w, (b - a) / n}'
