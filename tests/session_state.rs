@@ -322,11 +322,13 @@ async fn temp_tables_prepare_cursors_and_locks_pin_until_the_client_leaves() {
         let a = connect(&px, "app", db).await;
         let pid = one(&a, "SELECT pg_backend_pid()").await;
         a.simple_query(setup).await.unwrap();
-        assert_eq!(
-            pinned(&admin, db).await,
-            vec![reason.to_string()],
-            "{setup}"
-        );
+        // the last round's client may still be listed, unpinned, while pgmux ends its session
+        let pins: Vec<String> = pinned(&admin, db)
+            .await
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .collect();
+        assert_eq!(pins, vec![reason.to_string()], "{setup}");
         // works across transactions: the state stayed where it was made
         let first = one(&a, again).await;
         assert!(!first.is_empty(), "{again}");
