@@ -511,6 +511,12 @@ impl App {
         p.all || p.dbs.contains(db)
     }
 
+    /// Whether PAUSE [db] would pause nothing new: all pools, or that database's, already are.
+    pub fn already_paused(&self, db: Option<&str>) -> bool {
+        let p = lock(&self.pause);
+        p.all || db.is_some_and(|d| p.dbs.contains(d))
+    }
+
     /// PAUSE [db]: new checkouts wait; returns the pools now paused.
     pub fn pause(&self, db: Option<&str>) -> Vec<Arc<Pool>> {
         {

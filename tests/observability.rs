@@ -550,6 +550,11 @@ async fn pause_holds_new_transactions_and_resume_releases_them() {
     assert_eq!(num(&pool, "cl_waiting"), 1, "still held while paused");
     assert!(!held.is_finished());
     wait_until("servers closed", WAIT, || server_conns(db) == 0);
+    // as PgBouncer: pausing again pauses nothing and says so
+    for again in ["PAUSE".to_string(), format!("PAUSE {db}")] {
+        let e = admin.simple_query(&again).await.unwrap_err();
+        assert_eq!(e.code().map(|c| c.code()), Some("55000"), "{again}: {e}");
+    }
 
     admin.simple_query("RESUME").await.unwrap();
     let msgs = held.await.unwrap().expect("no client error after RESUME");

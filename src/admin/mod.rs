@@ -335,6 +335,16 @@ impl Session {
     /// their idle servers are closed (so the database can be restarted).
     async fn pause(&self, db: Option<&str>) -> Result<(), PgError> {
         self.known_db(db)?;
+        if self.app.already_paused(db) {
+            // as PgBouncer: a PAUSE that pauses nothing new is a mistake worth hearing of
+            return Err(PgError::error(
+                "55000",
+                match db {
+                    None => "already suspended/paused".to_string(),
+                    Some(d) => format!("database {d} is already paused"),
+                },
+            ));
+        }
         info!(user = %self.console.user, db = ?db, "PAUSE: waiting for running transactions");
         let pools = self.app.pause(db);
         let mut tick = tokio::time::interval(PAUSE_POLL);
