@@ -191,6 +191,9 @@ impl ClientStatements {
 pub struct ServerStatements {
     ticks: U64Map<(u64, u32)>,
     clock: u64,
+    /// A client's query may have dropped some of them unseen (`Effects::may_drop_statements`):
+    /// the server deallocates all before it serves another client.
+    pub unsure: bool,
 }
 
 /// Whether a server holds a statement.

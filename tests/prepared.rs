@@ -325,6 +325,25 @@ fn batch(s: &mut std::net::TcpStream, msgs: &[Vec<u8>]) -> Vec<String> {
         .collect()
 }
 
+/// Runs `script` on PostgreSQL directly, checks its answers there (that they show what the
+/// test is about), then runs it through pgmux (database `db`, a pool of `pool`): the
+/// answers must be the same.
+fn same_as_postgresql(
+    db: &str,
+    pool: u32,
+    script: impl Fn(&mut std::net::TcpStream) -> Vec<Vec<String>>,
+    check: impl Fn(&Vec<Vec<String>>),
+) {
+    use common::raw::login;
+    let pg = PgCluster::shared();
+    let (mut direct, _) = login(pg.primary().port, "postgres", "postgres");
+    let expected = script(&mut direct);
+    check(&expected);
+    let px = start(db, pool, "");
+    let (mut through, _) = login(px.port, "app", db);
+    assert_eq!(script(&mut through), expected);
+}
+
 /// A Parse of `sql` (no parameter types) named `name`.
 fn parse(name: &str, sql: &str) -> Vec<u8> {
     common::raw::msg(
@@ -353,7 +372,7 @@ fn run(stmt: &str) -> Vec<Vec<u8>> {
 
 #[test]
 fn a_statement_name_in_use_is_refused_as_postgresql_refuses_it() {
-    use common::raw::{login, msg, query};
+    use common::raw::{msg, query};
     let script = |s: &mut std::net::TcpStream| {
         vec![
             batch(s, &[parse("s1", "select 1"), sync()]),
@@ -379,13 +398,9 @@ fn a_statement_name_in_use_is_refused_as_postgresql_refuses_it() {
             ),
         ]
     };
-    let pg = PgCluster::shared();
-    let (mut direct, _) = login(pg.primary().port, "postgres", "postgres");
-    let expected = script(&mut direct);
-    assert!(expected[1].contains(&"E42P05".to_string()), "{expected:?}");
-    let px = start("prepdup", 2, "");
-    let (mut through, _) = login(px.port, "app", "prepdup");
-    assert_eq!(script(&mut through), expected);
+    same_as_postgresql("prepdup", 2, script, |expected| {
+        assert!(expected[1].contains(&"E42P05".to_string()), "{expected:?}");
+    });
 }
 
 /// `DEALLOCATE ALL`, `DISCARD ALL` (also as a named prepared statement, as pgjdbc runs it)
@@ -394,7 +409,7 @@ fn a_statement_name_in_use_is_refused_as_postgresql_refuses_it() {
 /// `DEALLOCATE ALL` frees nothing.
 #[test]
 fn deallocate_and_discard_free_names_as_on_postgresql() {
-    use common::raw::{login, query};
+    use common::raw::query;
     let script = |s: &mut std::net::TcpStream| {
         let mut out = vec![batch(s, &[parse("s1", "select 1"), sync()])];
         for (sql, next) in [
@@ -438,13 +453,86 @@ fn deallocate_and_discard_free_names_as_on_postgresql() {
         out.push(batch(s, &run("s1")));
         out
     };
-    let pg = PgCluster::shared();
-    let (mut direct, _) = login(pg.primary().port, "postgres", "postgres");
-    let expected = script(&mut direct);
-    assert_eq!(expected[3], ["E26000", "ZI"], "{expected:?}");
-    let px = start("prepdealloc", 2, "");
-    let (mut through, _) = login(px.port, "app", "prepdealloc");
-    assert_eq!(script(&mut through), expected);
+    same_as_postgresql("prepdealloc", 2, script, |expected| {
+        assert_eq!(expected[3], ["E26000", "ZI"], "{expected:?}");
+    });
+}
+
+/// Every answer to a pipeline ending in `syncs` ReadyForQuery messages, as `batch` shows them.
+fn pipeline(s: &mut std::net::TcpStream, msgs: &[Vec<u8>], syncs: usize) -> Vec<String> {
+    let mut out = batch(s, msgs);
+    for _ in 1..syncs {
+        out.extend(batch(s, &[]));
+    }
+    out
+}
+
+/// `DEALLOCATE ALL` or `DISCARD ALL` sent in one write with the requests behind it: those see
+/// the statements gone (the first Bind fails, the name can be prepared again and it stays
+/// defined afterwards), as on PostgreSQL.
+#[test]
+fn a_pipelined_deallocate_all_applies_to_what_follows_it() {
+    use common::raw::query;
+    let script = |s: &mut std::net::TcpStream| {
+        let mut out = Vec::new();
+        for (i, sql) in ["DEALLOCATE ALL", "DISCARD ALL", "deallocate prepare all"]
+            .iter()
+            .enumerate()
+        {
+            let old = format!("select {i}");
+            out.push(batch(s, &[parse("s5", &old), sync()]));
+            out.push(batch(s, &run("s5")));
+            let mut msgs = vec![query(sql)];
+            msgs.extend(run("s5"));
+            msgs.push(parse("s5", &format!("select {i} + 10")));
+            msgs.extend(run("s5"));
+            out.push(pipeline(s, &msgs, 3));
+            out.push(batch(s, &run("s5")));
+            out.push(batch(s, &[query("DEALLOCATE ALL")]));
+        }
+        out
+    };
+    same_as_postgresql("prepdeallocpipe", 2, script, |expected| {
+        assert!(expected[2].contains(&"E26000".to_string()), "{expected:?}");
+    });
+}
+
+/// pgmux's statement names (`pgmux_<id>`) show in pg_prepared_statements; a client that
+/// deallocates one with SQL must not break the other clients' statements on that server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deallocating_pgmuxs_own_statement_names_harms_no_other_client() {
+    let db = "prepdeallocours";
+    let px = start(db, 1, "");
+    let a = connect(&px, db).await;
+    let stmt = a.prepare("SELECT 40 + $1::int").await.unwrap();
+    let row = a.query_one(&stmt, &[&2i32]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 42);
+    let b = connect(&px, db).await;
+    for round in 0..2 {
+        let names = b
+            .simple_query("SELECT name FROM pg_prepared_statements WHERE name LIKE 'pgmux%'")
+            .await
+            .unwrap();
+        let names: Vec<String> = names
+            .iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            !names.is_empty(),
+            "round {round}: none of pgmux's statements listed"
+        );
+        let drop_them: String = names.iter().map(|n| format!("DEALLOCATE {n};")).collect();
+        b.batch_execute(&drop_them).await.unwrap();
+        // the statement still runs for its client, on the one server
+        let row = a.query_one(&stmt, &[&2i32]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), 42, "round {round}");
+    }
+    drop(b);
+    let row = a.query_one(&stmt, &[&3i32]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 43);
 }
 
 /// After a schema change PostgreSQL refuses to run a statement prepared before it (0A000
@@ -499,7 +587,7 @@ fn a_statement_outdated_by_a_schema_change_is_prepared_again() {
 /// no name, as on PostgreSQL: the client can prepare the name again, and binding it fails.
 #[test]
 fn a_parse_that_failed_or_was_skipped_defines_no_name() {
-    use common::raw::{login, query};
+    use common::raw::query;
     let script = |s: &mut std::net::TcpStream| {
         vec![
             batch(s, &[parse("a", "selec 1"), sync()]),
@@ -533,13 +621,9 @@ fn a_parse_that_failed_or_was_skipped_defines_no_name() {
             batch(s, &[bind("r"), exec(), sync()]),
         ]
     };
-    let pg = PgCluster::shared();
-    let (mut direct, _) = login(pg.primary().port, "postgres", "postgres");
-    let expected = script(&mut direct);
-    assert_eq!(expected[0], ["E42601", "ZI"], "{expected:?}");
-    let px = start("prepfailed", 1, "");
-    let (mut through, _) = login(px.port, "app", "prepfailed");
-    assert_eq!(script(&mut through), expected);
+    same_as_postgresql("prepfailed", 1, script, |expected| {
+        assert_eq!(expected[0], ["E42601", "ZI"], "{expected:?}");
+    });
 }
 
 /// An error about a client's statement names it as the client does, not by pgmux's name for

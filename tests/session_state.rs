@@ -74,6 +74,14 @@ async fn pinned(admin: &Client, db: &str) -> Vec<String> {
         .collect()
 }
 
+/// The reasons of the pinned clients of `db` (the last test round's client may still be
+/// listed, unpinned, while pgmux ends its session).
+async fn pins_shown(admin: &Client, db: &str) -> Vec<String> {
+    let mut pins = pinned(admin, db).await;
+    pins.retain(|p| !p.is_empty());
+    pins
+}
+
 /// pgmux skips comparing settings when a server was last brought in step with the very
 /// settings the next client expects (clients with the same startup settings share them);
 /// a SET on that server in between must still be undone for the next client.
@@ -317,18 +325,34 @@ async fn temp_tables_prepare_cursors_and_locks_pin_until_the_client_leaves() {
             "FETCH cur",
             "hold_cursor",
         ),
+        // temporary tables made without saying TEMP
+        (
+            "SET search_path = pg_temp, public; CREATE TABLE t(x int); INSERT INTO t VALUES (1)",
+            "SELECT count(*) FROM t",
+            "temp_object",
+        ),
+        (
+            "SELECT 1 AS x INTO pg_temp.t",
+            "SELECT count(*) FROM t",
+            "temp_object",
+        ),
+        (
+            "SELECT set_config('search_path', 'pg_temp', false); CREATE TABLE t(x int)",
+            "SELECT count(*) + 1 FROM t",
+            "temp_object",
+        ),
+        // what a DO block runs through EXECUTE cannot be read
+        (
+            "DO $$ BEGIN EXECUTE 'SELECT pg_advisory_lock(' || 4242 || ')'; END $$",
+            "SELECT pg_advisory_unlock(4242)",
+            "dynamic_sql",
+        ),
     ];
     for (setup, again, reason) in cases {
         let a = connect(&px, "app", db).await;
         let pid = one(&a, "SELECT pg_backend_pid()").await;
         a.simple_query(setup).await.unwrap();
-        // the last round's client may still be listed, unpinned, while pgmux ends its session
-        let pins: Vec<String> = pinned(&admin, db)
-            .await
-            .into_iter()
-            .filter(|p| !p.is_empty())
-            .collect();
-        assert_eq!(pins, vec![reason.to_string()], "{setup}");
+        assert_eq!(pins_shown(&admin, db).await, [reason], "{setup}");
         // works across transactions: the state stayed where it was made
         let first = one(&a, again).await;
         assert!(!first.is_empty(), "{again}");
@@ -495,4 +519,73 @@ async fn a_query_text_that_is_not_utf8_pins_its_client() {
         pinned(&admin, db).await == vec!["unreadable".to_string()]
     })
     .await;
+}
+
+/// A search_path naming pg_temp in the startup options makes plain CREATE TABLE make a
+/// temporary table: the client keeps its server, which the next client gets without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_startup_search_path_of_pg_temp_pins() {
+    let db = "ss_temp_path";
+    let px = start(db, 1);
+    let admin = connect(&px, "postgres", "pgmux").await;
+    let conn = format!(
+        "{} options='-c search_path=pg_temp,public'",
+        px.conn_str("app", db, Some("secret"))
+    );
+    let (a, conn) = tokio_postgres::connect(&conn, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let pid = one(&a, "SELECT pg_backend_pid()").await;
+    a.simple_query("CREATE TABLE t(x int); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    assert_eq!(one(&a, "SELECT count(*) FROM pg_temp.t").await, "1");
+    assert_eq!(pins_shown(&admin, db).await, ["temp_object"]);
+    drop(a);
+    let b = connect(&px, "app", db).await;
+    assert_eq!(one(&b, "SELECT pg_backend_pid()").await, pid, "pool of one");
+    assert_eq!(one(&b, "SELECT to_regclass('pg_temp.t')").await, "");
+}
+
+/// `q` run until it is not cancelled by the client's own very short statement_timeout.
+async fn past_timeout(c: &Client, q: &str) -> String {
+    loop {
+        match c.simple_query(q).await {
+            Ok(m) => {
+                return m
+                    .iter()
+                    .find_map(|m| match m {
+                        SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("").to_string()),
+                        _ => None,
+                    })
+                    .unwrap_or_default()
+            }
+            Err(e) if e.code().map(|c| c.code()) == Some("57014") => continue,
+            Err(e) => panic!("{q}: {e}"),
+        }
+    }
+}
+
+/// pgmux reads a client's settings back after a unit that changed them; a statement_timeout
+/// of 1ms must not cancel that read-back (which would lose the client's settings).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_very_short_statement_timeout_is_kept() {
+    let db = "ss_short_timeout";
+    let px = start(db, 1);
+    let a = connect(&px, "app", db).await;
+    for i in 0..40 {
+        let value = if i % 2 == 0 { "1ms" } else { "2ms" };
+        past_timeout(&a, &format!("SET statement_timeout = '{value}'")).await;
+        assert_eq!(
+            past_timeout(&a, "SHOW statement_timeout").await,
+            value,
+            "round {i}"
+        );
+    }
+    past_timeout(&a, "RESET statement_timeout").await;
+    assert_eq!(past_timeout(&a, "SHOW statement_timeout").await, "0");
+    let log = px.log();
+    assert!(
+        !log.contains("reading back session settings failed"),
+        "{log}"
+    );
 }

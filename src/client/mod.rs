@@ -337,6 +337,9 @@ impl Session {
         relay.tracking = Tracking::when(transaction_mode, self.app.statements, max_prepared);
         relay.meter = Meter::new(self.login.pool.stats.clone());
         relay.whole_units = self.route.is_some();
+        if transaction_mode && startup_temp_path(&self.login.wants) {
+            relay.session.pin = Some(PinReason::TempObject);
+        }
         relay
     }
 
@@ -923,7 +926,8 @@ impl Session {
             r.released();
         }
         let settings_changed = self.relay_mut().session.settings_changed;
-        if settings_changed || self.app.limits.server_reset_query_always() {
+        if settings_changed || conn.statements.unsure || self.app.limits.server_reset_query_always()
+        {
             return Some(conn);
         }
         conn.release();
@@ -945,7 +949,7 @@ impl Session {
         if self.app.limits.server_reset_query_always() {
             self.reset_and_release(conn).await;
         } else {
-            conn.release();
+            self.reset_with(conn, "").await;
         }
     }
 
@@ -960,11 +964,24 @@ impl Session {
             .map(|r| std::mem::take(&mut r.session.custom_settings))
             .unwrap_or_default();
         let sql = read_back_statement(&named, &conn.extras, &self.login.wants);
-        match conn.query_internal(&sql, Some(&mut rows)).await {
-            Ok(None) => {}
-            Ok(Some(e)) => return Err(e.message),
-            Err(e) => return Err(e.to_string()),
+        // its first, quick statement runs under the client's statement_timeout (the rest
+        // without): a very short one may cancel it, and a retry may well pass
+        let mut tries = 3;
+        loop {
+            rows.clear();
+            match conn.query_internal(&sql, Some(&mut rows)).await {
+                Ok(None) => break,
+                Ok(Some(e)) if e.code == "57014" && tries > 1 => tries -= 1,
+                Ok(Some(e)) => return Err(e.message),
+                Err(e) => return Err(e.to_string()),
+            }
         }
+        let timeout = rows.first().and_then(|r| r.first()).cloned();
+        let (Some(timeout), Some(rest)) = (timeout, rows.get(1..)) else {
+            return Err("no statement_timeout read back".into());
+        };
+        let mut rows = rest.to_vec();
+        take_statement_timeout(&mut rows, timeout);
         let (wants, startup) = self.login.wants_mut();
         wants.retain(params::is_tracked);
         for name in std::mem::take(&mut conn.extras) {
@@ -1039,6 +1056,9 @@ impl Session {
     }
 
     async fn reset_with(&self, mut conn: PooledConn, sql: &str) {
+        if conn.statements.unsure && !drop_statements(&mut conn).await {
+            return warn!(db = %self.login.db(), "closing server: deallocating its statements failed");
+        }
         if sql.is_empty() {
             return conn.release();
         }
@@ -1118,7 +1138,7 @@ impl Session {
                 // RESET ALL leaves a SET ROLE alone
                 self.reset_with(conn, "RESET ALL; RESET ROLE").await;
             } else {
-                conn.release();
+                self.reset_with(conn, "").await;
             }
         }
         let (pending, at_boundary) = match self.relay.as_deref_mut() {
@@ -1321,9 +1341,19 @@ fn shutdown_error() -> PgError {
 /// pg_settings does not list, by name: `role` (SET ROLE, which RESET ALL leaves alone too),
 /// pgmux's own, and the custom ones (`myapp.tenant`) the unit named, the server was given
 /// or the client expects.
+///
+/// The client's statement_timeout would apply to the read-back too, and one of a few
+/// milliseconds cancels it: so it is read first, by a statement quick enough to pass, and
+/// the rest runs without (`SET LOCAL`, in the implicit transaction of the one Query); the
+/// value is then compared with its default (`take_statement_timeout`).
 fn read_back_statement(named: &[String], extras: &[String], wants: &params::Params) -> String {
     let mut sql = String::from(
-        "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' \
+        "SELECT pg_catalog.current_setting('statement_timeout'); \
+         SET LOCAL statement_timeout = 0; \
+         SELECT name, setting FROM pg_catalog.pg_settings \
+         WHERE source = 'session' AND name <> 'statement_timeout' \
+         UNION ALL SELECT '', reset_val FROM pg_catalog.pg_settings \
+         WHERE name = 'statement_timeout' \
          UNION ALL SELECT 'role', pg_catalog.current_setting('role') \
          UNION ALL SELECT 'pgmux.route', pg_catalog.current_setting('pgmux.route', true) \
          UNION ALL SELECT 'pgmux.min_lsn', pg_catalog.current_setting('pgmux.min_lsn', true)",
@@ -1349,10 +1379,65 @@ fn read_back_statement(named: &[String], extras: &[String], wants: &params::Para
     sql
 }
 
+/// The read-back's statement_timeout: `value` as the session holds it (`30s`, `1min`), and a
+/// row named '' with its default in milliseconds, which becomes the setting's row when the
+/// two differ (a value equal to the default needs no following).
+fn take_statement_timeout(rows: &mut Vec<Vec<String>>, value: String) {
+    let Some(at) = rows
+        .iter()
+        .position(|r| r.first().is_some_and(|n| n.is_empty()))
+    else {
+        return;
+    };
+    let default = rows.remove(at).pop().unwrap_or_default();
+    if milliseconds(&value).is_none_or(|ms| default.parse::<i64>().ok() != Some(ms)) {
+        rows.push(vec!["statement_timeout".to_string(), value]);
+    }
+}
+
+/// A time setting as PostgreSQL shows it (`0`, `250ms`, `30s`, `5min`, `2h`, `1d`), in ms.
+fn milliseconds(shown: &str) -> Option<i64> {
+    let digits = shown
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(shown.len());
+    let n: i64 = shown[..digits].parse().ok()?;
+    let unit = match &shown[digits..] {
+        "" | "ms" => 1,
+        "s" => 1_000,
+        "min" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    n.checked_mul(unit)
+}
+
+/// A startup search_path that names pg_temp: an unqualified CREATE may make a temporary
+/// object, which must not outlive the client's use of the server (one set later is seen by
+/// `router::effects`).
+fn startup_temp_path(wants: &params::Params) -> bool {
+    wants
+        .get("search_path")
+        .is_some_and(|p| p.to_ascii_lowercase().contains("pg_temp"))
+}
+
 /// A read-back value that means the session does not hold the setting: no role set, or a
 /// custom setting never set (NULL) or reset ('').
 fn is_unset(name: &str, value: &str) -> bool {
     (name == "role" && value == "none") || (name.contains('.') && value.is_empty())
+}
+
+/// A client's query may have dropped some of pgmux's statements on the server
+/// (`ServerStatements::unsure`): it drops them all, so that pgmux knows what it holds.
+/// Returns whether it did.
+async fn drop_statements(conn: &mut PooledConn) -> bool {
+    let dropped = tokio::time::timeout(RESET_TIMEOUT, conn.run_internal("DEALLOCATE ALL")).await;
+    if !matches!(dropped, Ok(Ok(None))) {
+        return false;
+    }
+    conn.statements.clear();
+    conn.statements.unsure = false;
+    true
 }
 
 /// The server ran RESET ALL or DISCARD ALL: the settings pgmux applied that the server does
@@ -1430,5 +1515,28 @@ mod tests {
             std::mem::size_of::<Session>()
         );
         assert!(std::mem::size_of::<PooledConn>() <= 16);
+    }
+
+    #[test]
+    fn a_statement_timeout_is_followed_only_when_not_its_default() {
+        let row = |n: &str, v: &str| vec![n.to_string(), v.to_string()];
+        let read = |value: &str, default: &str| {
+            let mut rows = vec![row("search_path", "a"), row("", default)];
+            take_statement_timeout(&mut rows, value.to_string());
+            rows
+        };
+        assert_eq!(read("0", "0"), [row("search_path", "a")]);
+        assert_eq!(read("30s", "30000"), [row("search_path", "a")]);
+        assert_eq!(read("2min", "120000"), [row("search_path", "a")]);
+        assert_eq!(
+            read("1ms", "0"),
+            [row("search_path", "a"), row("statement_timeout", "1ms")]
+        );
+        assert_eq!(
+            read("0", "30000"),
+            [row("search_path", "a"), row("statement_timeout", "0")]
+        );
+        assert_eq!(milliseconds("1d"), Some(86_400_000));
+        assert_eq!(milliseconds("5x"), None);
     }
 }

@@ -693,6 +693,10 @@ impl Relay {
                                 .note_custom_settings(custom_setting_names(text));
                         }
                         self.apply_effects(fx);
+                        // a failed transaction refuses it: nothing is dropped
+                        if fx.may_drop_statements && self.flow.status != b'E' {
+                            statements::query_drops(self.tracker.as_mut(), fx, server.statements);
+                        }
                     } else {
                         self.keys.query(&mut self.meter, text);
                     }
@@ -753,6 +757,8 @@ impl Relay {
                             self.session
                                 .note_custom_settings(t.custom_settings.drain(..));
                         }
+                        // run at its Execute, which `statements::command_complete` follows
+                        server.statements.unsure |= fx.may_drop_statements;
                         self.apply_effects(fx);
                     }
                     None => t.client_passed(tag, server.statements),

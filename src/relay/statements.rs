@@ -120,13 +120,30 @@ pub fn needs_tracker(tag: u8) -> bool {
     matches!(tag, b'P' | b'B' | b'D' | b'C' | b'E')
 }
 
-/// A CommandComplete of a simple Query, while statements are tracked: DEALLOCATE ALL or
-/// DISCARD ALL emptied the server (whose statements other clients prepared too) and the
-/// client's names, if it has a tracker yet.
-pub fn command_complete(tracker: Option<&mut Tracker>, tag: &[u8], server: &mut ServerStatements) {
-    if tag == b"DEALLOCATE ALL\0" || tag == b"DISCARD ALL\0" {
+/// A simple Query that may drop pgmux's statements on the server
+/// (`Effects::may_drop_statements`), as it is sent: one that drops them all (`DEALLOCATE
+/// ALL`, `DISCARD ALL`) empties the server and the client's names now, so the requests
+/// behind it in the same write see it done, as on PostgreSQL. Should the server refuse it,
+/// or drop only some, the server is `unsure` and deallocates everything before its next
+/// client.
+pub fn query_drops(tracker: Option<&mut Tracker>, fx: Effects, server: &mut ServerStatements) {
+    server.unsure = true;
+    if fx.drops_all_statements {
         server.clear();
         if let Some(t) = tracker {
+            t.forget_all_names();
+        }
+    }
+}
+
+/// A CommandComplete while statements are tracked: DEALLOCATE ALL or DISCARD ALL run by an
+/// Execute (a simple Query's was followed when it was sent, `query_drops`) emptied the
+/// server (whose statements other clients prepared too) and the client's names. Read from
+/// the command tag, so a refused command changes nothing.
+pub fn command_complete(tracker: Option<&mut Tracker>, tag: &[u8], server: &mut ServerStatements) {
+    if tag == b"DEALLOCATE ALL\0" || tag == b"DISCARD ALL\0" {
+        if let Some(t) = tracker.filter(|t| matches!(t.expect.front(), Some(Expect::Execute))) {
+            server.clear();
             t.forget_all_names();
         }
     }
@@ -776,11 +793,9 @@ impl Tracker {
         s2c.insert(Bytes::from_static(READY_IN_TRANSACTION));
     }
 
-    /// The server completed a command: after `DEALLOCATE ALL` or `DISCARD ALL` it has none
-    /// of pgmux's statements, and the client's names are gone too, as they would be on
-    /// PostgreSQL (so it may prepare the same names again). Read from the command tag, so a
-    /// refused command changes nothing.
-    fn forget_all_names(&mut self) {
+    /// `DEALLOCATE ALL` or `DISCARD ALL`: the client's names are gone, as they would be on
+    /// PostgreSQL (so it may prepare the same names again).
+    pub fn forget_all_names(&mut self) {
         let names: Vec<Box<[u8]>> = self.stmts.names().collect();
         for name in names {
             let before = self.stmts.remove(&name);

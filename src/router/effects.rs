@@ -30,6 +30,14 @@ pub struct Effects {
     /// on that server, which a batched query cannot tell it (its client is lent a stand-in for
     /// the server, `batch::Seat`).
     pub unbatchable: bool,
+    /// `DEALLOCATE ALL` or `DISCARD ALL`: the client's prepared statements are gone, and so
+    /// are those pgmux prepared on its server (forgotten when the query is sent, so the
+    /// requests behind it in the same write see it done).
+    pub drops_all_statements: bool,
+    /// The server may lose statements pgmux prepared there in a way pgmux cannot follow (a
+    /// SQL `DEALLOCATE` of one of pgmux's names, dynamic SQL in a DO block): it deallocates
+    /// them all before it serves another client.
+    pub may_drop_statements: bool,
 }
 
 pub const PGMUX_ROUTE: u8 = 1;
@@ -47,10 +55,13 @@ pub enum PinReason {
     /// Settings pgmux cannot follow to another server: `SET SESSION AUTHORIZATION`, or
     /// set_config with a computed name.
     Settings,
+    /// A DO block runs SQL built at run time (PL/pgSQL `EXECUTE`), which may do anything
+    /// above unseen.
+    DynamicSql,
 }
 
 impl PinReason {
-    pub const ALL: [PinReason; 7] = [
+    pub const ALL: [PinReason; 8] = [
         PinReason::Listen,
         PinReason::Prepare,
         PinReason::TempObject,
@@ -58,6 +69,7 @@ impl PinReason {
         PinReason::AdvisoryLock,
         PinReason::Unreadable,
         PinReason::Settings,
+        PinReason::DynamicSql,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -69,6 +81,7 @@ impl PinReason {
             PinReason::AdvisoryLock => "advisory_lock",
             PinReason::Unreadable => "unreadable",
             PinReason::Settings => "settings",
+            PinReason::DynamicSql => "dynamic_sql",
         }
     }
 }
@@ -132,6 +145,12 @@ pub(super) struct Scan<'a> {
     selecting: bool,
     /// The last token was INTO in a SELECT: `SELECT ... INTO TEMP t` creates a table.
     select_into: bool,
+    /// The statement sets search_path, where one naming pg_temp makes unqualified CREATEs
+    /// make temporary objects: `SEARCH_PATH_SET` (any later word), or set_config's name
+    /// seen (`SEARCH_PATH_NAME`) and then its comma (`SEARCH_PATH_VALUE`: the next token).
+    search_path: u8,
+    /// Scanning a DO block's body (`do_block_effects`), where EXECUTE runs dynamic SQL.
+    in_block: bool,
 }
 
 impl<'a> Scan<'a> {
@@ -144,16 +163,26 @@ impl<'a> Scan<'a> {
             self.declare_seen_with = false;
             self.selecting = false;
             self.select_into = false;
+            self.search_path = 0;
             return;
         }
         if self.n < self.head.len() {
             self.head[self.n] = Some(tok);
         }
         self.n += 1;
+        // before set_config_arg, which may mark the next tokens as search_path's
+        if self.search_path != 0 {
+            self.search_path_value(tok);
+        }
         if self.set_config > 0 {
             self.set_config_arg(tok);
         }
         let Tok::Word(w) = tok else {
+            if self.select_into
+                && matches!(tok, Tok::Quoted(q) if q.eq_ignore_ascii_case("pg_temp"))
+            {
+                self.fx.pin.get_or_insert(PinReason::TempObject);
+            }
             self.select_into = false;
             match tok {
                 // a quoted function name is still the function
@@ -181,9 +210,17 @@ impl<'a> Scan<'a> {
                 self.declare_seen_with = false;
             }
         } else if self.select_into
-            && (w.eq_ignore_ascii_case("temp") || w.eq_ignore_ascii_case("temporary"))
+            && ["temp", "temporary", "pg_temp"]
+                .iter()
+                .any(|k| w.eq_ignore_ascii_case(k))
         {
+            // SELECT ... INTO TEMP t, SELECT ... INTO pg_temp.t
             self.fx.pin.get_or_insert(PinReason::TempObject);
+        } else if self.in_block && w.eq_ignore_ascii_case("execute") {
+            self.fx.pin.get_or_insert(PinReason::DynamicSql);
+            self.fx.may_drop_statements = true;
+        } else if w.eq_ignore_ascii_case("search_path") && word(&self.head[0], "set") {
+            self.search_path = SEARCH_PATH_SET;
         }
         if self.n == 1 {
             self.selecting = w.eq_ignore_ascii_case("select") || w.eq_ignore_ascii_case("with");
@@ -194,8 +231,23 @@ impl<'a> Scan<'a> {
     fn merge(&mut self, inner: Effects) {
         self.fx.settings |= inner.settings;
         self.fx.custom_settings |= inner.custom_settings;
+        self.fx.may_drop_statements |= inner.may_drop_statements;
         if let Some(p) = inner.pin {
             self.fx.pin.get_or_insert(p);
+        }
+    }
+
+    fn search_path_value(&mut self, tok: Tok<'a>) {
+        match self.search_path {
+            SEARCH_PATH_NAME if tok == Tok::Comma => return self.search_path = SEARCH_PATH_VALUE,
+            SEARCH_PATH_NAME => {}
+            _ if names_pg_temp(tok) => {
+                self.fx.pin.get_or_insert(PinReason::TempObject);
+            }
+            _ => {}
+        }
+        if self.search_path != SEARCH_PATH_SET {
+            self.search_path = 0;
         }
     }
 
@@ -205,7 +257,9 @@ impl<'a> Scan<'a> {
         match (self.set_config, tok) {
             (1, Tok::LParen) => return self.set_config = 2,
             (2, Tok::Str(name)) => {
-                if name.contains('.') {
+                if name.eq_ignore_ascii_case("search_path") {
+                    self.search_path = SEARCH_PATH_NAME;
+                } else if name.contains('.') {
                     self.fx.custom_settings = true;
                 } else if name.eq_ignore_ascii_case("session_authorization") {
                     self.fx.pin.get_or_insert(PinReason::Settings);
@@ -231,6 +285,10 @@ impl<'a> Scan<'a> {
     }
 }
 
+const SEARCH_PATH_SET: u8 = 1;
+const SEARCH_PATH_NAME: u8 = 2;
+const SEARCH_PATH_VALUE: u8 = 3;
+
 /// PL/pgSQL words after which a new statement starts inside a DO block's body.
 fn opens_statement(tok: Tok<'_>) -> bool {
     matches!(tok, Tok::Word(w) if ["begin", "then", "else", "loop", "declare"]
@@ -242,7 +300,10 @@ fn opens_statement(tok: Tok<'_>) -> bool {
 /// CREATE TEMP TABLE ...`), so each block keyword also ends a statement.
 fn do_block_effects(body: &str) -> Effects {
     let mut lexer = Lexer::new(body, Backslash::Literal);
-    let mut scan = Scan::default();
+    let mut scan = Scan {
+        in_block: true,
+        ..Scan::default()
+    };
     loop {
         match lexer.next() {
             Ok(Some(tok)) => {
@@ -266,9 +327,13 @@ fn statement(head: &[Option<Tok<'_>>; HEAD], n: usize, fx: &mut Effects) {
         return;
     }
     let w = |i: usize, k: &str| word(&head[i], k);
-    if w(0, "begin") || (w(0, "start") && w(1, "transaction")) || w(0, "copy") || w(0, "deallocate")
-    {
+    if w(0, "begin") || (w(0, "start") && w(1, "transaction")) || w(0, "copy") {
         fx.unbatchable = true;
+    } else if w(0, "deallocate") {
+        fx.unbatchable = true;
+        fx.may_drop_statements = true;
+        let all = if w(1, "prepare") { 2 } else { 1 };
+        fx.drops_all_statements |= w(all, "all");
     } else if w(0, "set") {
         // SET LOCAL, SET TRANSACTION and SET CONSTRAINTS end with the transaction
         if !(w(1, "local") || w(1, "transaction") || w(1, "constraints")) {
@@ -299,6 +364,8 @@ fn statement(head: &[Option<Tok<'_>>; HEAD], n: usize, fx: &mut Effects) {
         if w(1, "all") {
             fx.pgmux_reset = PGMUX_ROUTE | PGMUX_MIN_LSN;
             fx.discard_all = true;
+            fx.drops_all_statements = true;
+            fx.may_drop_statements = true;
             // what pinned before this statement is gone; what follows may pin again
             fx.pin = None;
         }
@@ -420,6 +487,16 @@ fn creates_temp(head: &[Option<Tok<'_>>; HEAD]) -> bool {
         .iter()
         .any(|t| word(t, "temp") || word(t, "temporary"))
         || head[1..].windows(2).any(in_pg_temp)
+}
+
+/// A search_path value that names pg_temp (`pg_temp`, `"pg_temp"`, `'pg_temp, public'`).
+fn names_pg_temp(tok: Tok<'_>) -> bool {
+    let (Tok::Word(s) | Tok::Quoted(s) | Tok::Str(s)) = tok else {
+        return false;
+    };
+    s.as_bytes()
+        .windows(7)
+        .any(|w| w.eq_ignore_ascii_case(b"pg_temp"))
 }
 
 /// pg_advisory_lock, pg_try_advisory_lock and their _shared forms; the _xact_ ones end
@@ -601,6 +678,61 @@ mod tests {
             "SELECT 'DO $$ create temp table x $$'",
         ] {
             assert_eq!(pin(sql), None, "{sql}");
+        }
+    }
+
+    #[test]
+    fn temp_objects_made_through_search_path_pin() {
+        for sql in [
+            "SET search_path = pg_temp, public",
+            "set session search_path to \"pg_temp\"",
+            "SET LOCAL search_path = public, pg_temp",
+            "SET search_path = 'pg_temp,public'; CREATE TABLE t (a int)",
+            "SELECT set_config('search_path', 'pg_temp, public', false)",
+            "SELECT 1 AS x INTO pg_temp.t",
+            "select 1 into \"pg_temp\".t",
+            "DO $$ BEGIN SET search_path = pg_temp; CREATE TABLE t (a int); END $$",
+        ] {
+            assert_eq!(pin(sql), Some(PinReason::TempObject), "{sql}");
+        }
+        for sql in [
+            "SET search_path = public, app",
+            "SELECT set_config('search_path', 'public', false), 'pg_temp'",
+            "SET search_path = public; SELECT 'pg_temp'",
+            "SELECT a INTO t FROM pg_temp_x",
+            "SHOW search_path",
+        ] {
+            assert_eq!(pin(sql), None, "{sql}");
+        }
+    }
+
+    #[test]
+    fn dynamic_sql_in_a_do_block_pins_and_may_drop_statements() {
+        let fx = effects("DO $$ BEGIN EXECUTE 'SELECT pg_advisory_lock(' || 1 || ')'; END $$");
+        assert_eq!(fx.pin, Some(PinReason::DynamicSql));
+        assert!(fx.may_drop_statements);
+        let fx = effects("do language plpgsql $b$ begin execute format('x'); end $b$");
+        assert_eq!(fx.pin, Some(PinReason::DynamicSql));
+        assert_eq!(pin("EXECUTE p(1)"), None);
+        assert_eq!(pin("DO $$ BEGIN PERFORM 'execute'; END $$"), None);
+    }
+
+    #[test]
+    fn deallocations_may_drop_pgmuxs_statements() {
+        for sql in ["DEALLOCATE ALL", "deallocate prepare all", "DISCARD ALL"] {
+            let fx = effects(sql);
+            assert!(fx.drops_all_statements && fx.may_drop_statements, "{sql}");
+        }
+        for sql in ["DEALLOCATE pgmux_3", "select 1; DEALLOCATE s1"] {
+            let fx = effects(sql);
+            assert!(!fx.drops_all_statements && fx.may_drop_statements, "{sql}");
+        }
+        for sql in [
+            "SELECT 'DEALLOCATE ALL'",
+            "DISCARD PLANS",
+            "PREPARE p AS SELECT 1",
+        ] {
+            assert!(!effects(sql).may_drop_statements, "{sql}");
         }
     }
 
