@@ -966,7 +966,7 @@ impl Session {
         let sql = read_back_statement(&named, &conn.extras, &self.login.wants);
         // its first, quick statement runs under the client's statement_timeout (the rest
         // without): a very short one may cancel it, and a retry may well pass
-        let mut tries = 3;
+        let mut tries = 5;
         loop {
             rows.clear();
             match conn.query_internal(&sql, Some(&mut rows)).await {
@@ -1343,13 +1343,14 @@ fn shutdown_error() -> PgError {
 /// or the client expects.
 ///
 /// The client's statement_timeout would apply to the read-back too, and one of a few
-/// milliseconds cancels it: so it is read first, by a statement quick enough to pass, and
-/// the rest runs without (`SET LOCAL`, in the implicit transaction of the one Query); the
-/// value is then compared with its default (`take_statement_timeout`).
+/// milliseconds cancels it: so a first statement, quick enough to pass, reads it and then
+/// sets it to 0 for the rest (`set_config(..., true)`, local to the implicit transaction of
+/// the one Query; `OFFSET 0` keeps the read first); the value is then compared with its
+/// default (`take_statement_timeout`).
 fn read_back_statement(named: &[String], extras: &[String], wants: &params::Params) -> String {
     let mut sql = String::from(
-        "SELECT pg_catalog.current_setting('statement_timeout'); \
-         SET LOCAL statement_timeout = 0; \
+        "SELECT v, pg_catalog.set_config('statement_timeout', '0', true) FROM \
+         (SELECT pg_catalog.current_setting('statement_timeout') AS v OFFSET 0) s; \
          SELECT name, setting FROM pg_catalog.pg_settings \
          WHERE source = 'session' AND name <> 'statement_timeout' \
          UNION ALL SELECT '', reset_val FROM pg_catalog.pg_settings \
