@@ -490,6 +490,12 @@ impl Pool {
         idle.into_iter().for_each(close);
     }
 
+    /// Whether an open connection is marked to close once it is released (WAIT_CLOSE).
+    pub fn has_close_needed(&self) -> bool {
+        let s = lock(&self.state);
+        s.servers.values().any(|i| i.generation < s.generation)
+    }
+
     /// Open connections as SHOW SERVERS lists them.
     pub fn servers(&self) -> Vec<ServerInfo> {
         let s = lock(&self.state);

@@ -663,6 +663,99 @@ async fn kill_disconnects_a_databases_clients_and_reconnect_replaces_servers() {
     }
 }
 
+/// Ids of the database's clients in SHOW CLIENTS.
+async fn client_ids(admin: &Client, db: &str) -> Vec<String> {
+    rows(admin, "SHOW CLIENTS")
+        .await
+        .into_iter()
+        .filter(|r| r["database"].as_deref() == Some(db))
+        .filter_map(|r| r["id"].clone())
+        .collect()
+}
+
+/// KILL_CLIENT ends one client (its transaction's server closed) and leaves the database
+/// running; WAIT_CLOSE returns only once the servers RECONNECT marked are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_client_ends_one_client_and_wait_close_waits_for_marked_servers() {
+    let db = "obskillclient";
+    let s = start(db, "pool_mode = \"transaction\"", "");
+    let admin = console(&s.px).await;
+    let keeper = connect(&s.px, "app", db).await.unwrap();
+    keeper.simple_query("SELECT 1").await.unwrap();
+    let before = client_ids(&admin, db).await;
+    let victim = connect(&s.px, "app", db).await.unwrap();
+    victim.simple_query("BEGIN; SELECT 1").await.unwrap();
+    let id = client_ids(&admin, db)
+        .await
+        .into_iter()
+        .find(|i| !before.contains(i))
+        .expect("the victim's id");
+    assert_eq!(num(&pool_row(&admin, db, "app").await, "sv_active"), 1);
+    admin
+        .simple_query(&format!("KILL_CLIENT {id}"))
+        .await
+        .unwrap();
+    wait_until_async("killed client closed", WAIT, || async {
+        victim.is_closed()
+    })
+    .await;
+    // its server, left in a transaction, is closed, not lent again
+    wait_until_async("killed client's server gone", WAIT, || async {
+        num(&pool_row(&admin, db, "app").await, "sv_active") == 0
+    })
+    .await;
+    assert_eq!(first(&keeper.simple_query("SELECT 2").await.unwrap()), "2");
+    for (bad, code) in [
+        (format!("KILL_CLIENT {id}"), "42704"),
+        ("KILL_CLIENT x".to_string(), "42601"),
+        ("KILL_CLIENT".to_string(), "42601"),
+    ] {
+        let e = admin.simple_query(&bad).await.unwrap_err();
+        assert_eq!(e.code().map(|c| c.code()), Some(code), "{bad}: {e}");
+    }
+
+    // WAIT_CLOSE: a server in a transaction, marked by RECONNECT, holds it until released
+    keeper.simple_query("BEGIN; SELECT 3").await.unwrap();
+    admin
+        .simple_query(&format!("RECONNECT {db}"))
+        .await
+        .unwrap();
+    // the SHOW SERVERS behind it in the same Query runs once WAIT_CLOSE has returned
+    let waiter = console(&s.px).await;
+    let wait = tokio::spawn(async move {
+        waiter
+            .simple_query(&format!("WAIT_CLOSE {db}; SHOW SERVERS"))
+            .await
+    });
+    // the marked server is still there while its transaction runs
+    let marked = rows(&admin, "SHOW SERVERS").await;
+    assert!(
+        marked
+            .iter()
+            .any(|r| r["database"].as_deref() == Some(db)
+                && r["close_needed"].as_deref() == Some("1")),
+        "{marked:?}"
+    );
+    wait_until("WAIT_CLOSE waiting", WAIT, || {
+        s.px.log().contains("WAIT_CLOSE: waiting")
+    });
+    assert_eq!(first(&keeper.simple_query("SELECT 4").await.unwrap()), "4");
+    keeper.simple_query("COMMIT").await.unwrap();
+    let after = wait.await.unwrap().expect("WAIT_CLOSE completes");
+    let still_marked = after.iter().any(|m| match m {
+        SimpleQueryMessage::Row(r) => r.get("close_needed") == Some("1"),
+        _ => false,
+    });
+    assert!(
+        !still_marked,
+        "WAIT_CLOSE returned while a marked server was lent"
+    );
+    // nothing to wait for: at once; an unknown database is refused
+    admin.simple_query("WAIT_CLOSE").await.unwrap();
+    let e = admin.simple_query("WAIT_CLOSE nosuchdb").await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("3D000"), "{e}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_changes_pool_size_live_and_refuses_an_invalid_config() {
     let db = "obsreload";

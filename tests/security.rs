@@ -177,6 +177,8 @@ async fn non_admin_users_cannot_use_the_console() {
     for cmd in [
         "PAUSE",
         "KILL sec_console",
+        "KILL_CLIENT 1",
+        "WAIT_CLOSE",
         "SHUTDOWN",
         "SET default_pool_size = 1",
     ] {

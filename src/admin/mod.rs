@@ -300,6 +300,16 @@ impl Session {
                 self.kill(db);
                 Ok(done("KILL"))
             }
+            "KILL_CLIENT" if words.len() == 2 => {
+                let id = words[1].parse().map_err(|_| syntax(stmt))?;
+                self.kill_client(id)?;
+                Ok(done("KILL_CLIENT"))
+            }
+            "WAIT_CLOSE" if one_arg => {
+                self.known_db(arg.as_deref())?;
+                self.wait_close(arg.as_deref()).await?;
+                Ok(done("WAIT_CLOSE"))
+            }
             "RECONNECT" if one_arg => {
                 self.known_db(arg.as_deref())?;
                 for p in self.app.all_pools() {
@@ -315,8 +325,6 @@ impl Session {
                 self.app.shutdown_requested.notify_one();
                 Ok(done("SHUTDOWN"))
             }
-            "PAUSE" | "RESUME" | "RELOAD" | "KILL" | "RECONNECT" | "SHUTDOWN" | "DISABLE"
-            | "ENABLE" => Err(syntax(stmt)),
             _ => Err(syntax(stmt)),
         }
     }
@@ -367,6 +375,49 @@ impl Session {
                     "57014",
                     "PAUSE was resumed before it completed",
                 ));
+            }
+        }
+    }
+
+    /// KILL_CLIENT id (the `id` of SHOW CLIENTS): that client is disconnected now, as by
+    /// KILL, and a server it held in a transaction is closed; nothing else is paused.
+    fn kill_client(&self, id: u64) -> Result<(), PgError> {
+        let client = self
+            .app
+            .registry
+            .snapshot()
+            .into_iter()
+            .find(|c| c.id == id);
+        let Some(client) = client else {
+            return Err(PgError::error("42704", format!("client {id} not found")));
+        };
+        warn!(user = %self.console.user, id, db = client.db(), "KILL_CLIENT");
+        client.kill();
+        Ok(())
+    }
+
+    /// WAIT_CLOSE: returns once no server of the database (of every database without an
+    /// argument) is marked close_needed (RECONNECT, or a RELOAD that changed its target),
+    /// so a switchover script knows the old connections are gone.
+    async fn wait_close(&self, db: Option<&str>) -> Result<(), PgError> {
+        let mut tick = tokio::time::interval(PAUSE_POLL);
+        let mut said = false;
+        loop {
+            tick.tick().await;
+            let pending = self
+                .app
+                .all_pools()
+                .iter()
+                .any(|p| db.is_none_or(|d| p.db == d) && p.has_close_needed());
+            if !pending {
+                return Ok(());
+            }
+            if !said {
+                info!(user = %self.console.user, db = ?db, "WAIT_CLOSE: waiting for servers marked close_needed");
+                said = true;
+            }
+            if self.app.shutdown_stage() >= Shutdown::Safe {
+                return Err(PgError::error("57P01", "shutting down"));
             }
         }
     }
