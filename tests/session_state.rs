@@ -6,9 +6,11 @@
 
 mod common;
 
-use common::{wait_until_async, PgCluster, Pgmux};
+use common::{raw, wait_until_async, PgCluster, Pgmux};
 use futures_util::StreamExt;
+use std::io::Write;
 use std::time::Duration;
+use tokio_postgres::types::Type;
 use tokio_postgres::{AsyncMessage, Client, NoTls, SimpleQueryMessage};
 
 fn start(db: &str, pool_size: u32) -> Pgmux {
@@ -234,6 +236,81 @@ async fn roles_and_custom_settings_follow_the_client_and_never_leak() {
     assert_eq!(one(&c, a_sees).await, "app//");
 }
 
+/// A custom setting set through the unnamed statement (Parse, Bind and Execute before one
+/// Sync: tokio-postgres `query_typed`, psycopg's parameters, asyncpg without a statement
+/// cache), or named with quotes (`"set_config"(...)`, `SET "myapp"."x"`), follows its client
+/// like any other and never reaches another client of the same server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_settings_through_the_unnamed_statement_or_quoted_follow_the_client() {
+    let db = "ss_unnamed_custom";
+    let px = start(db, 1);
+    let a = connect(&px, "app", db).await;
+    let b = connect(&px, "app", db).await;
+    a.query_typed(
+        "SELECT set_config('myapp.tenant', $1, false)",
+        &[(&"alice", Type::TEXT)],
+    )
+    .await
+    .unwrap();
+    a.simple_query("SELECT \"set_config\"('work_mem', '9MB', false)")
+        .await
+        .unwrap();
+    a.simple_query("SET \"myapp\".\"quoted\" = 'q'")
+        .await
+        .unwrap();
+    a.simple_query("SELECT pg_catalog.\"set_config\"('myapp.catalog', 'k', false)")
+        .await
+        .unwrap();
+    let seen = "SELECT coalesce(current_setting('myapp.tenant', true), '') || '/' \
+                || current_setting('work_mem') || '/' \
+                || coalesce(current_setting('myapp.quoted', true), '') || '/' \
+                || coalesce(current_setting('myapp.catalog', true), '')";
+    for _ in 0..3 {
+        // one server shared by both: each sees only its own
+        assert_eq!(one(&a, seen).await, "alice/9MB/q/k");
+        assert_eq!(one(&b, seen).await, "/4MB//");
+    }
+    // set again through the unnamed statement, after a simple SET of the same name
+    a.simple_query("SET myapp.tenant = 'other'").await.unwrap();
+    let rows = a
+        .query_typed(
+            "SELECT set_config('myapp.tenant', $1, false)",
+            &[(&"bob", Type::TEXT)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows[0].get::<_, String>(0), "bob");
+    assert_eq!(one(&a, seen).await, "bob/9MB/q/k");
+    assert_eq!(one(&b, seen).await, "/4MB//");
+    drop(a);
+    let c = connect(&px, "app", db).await;
+    assert_eq!(one(&c, seen).await, "/4MB//");
+
+    // Parse and Sync, then Bind, Execute and Sync: the set_config runs in the second unit
+    let (mut r, _) = raw::login(px.port, "app", db);
+    let mut parse = b"\0SELECT set_config('myapp.split', 'v', false)\0".to_vec();
+    parse.extend_from_slice(&0u16.to_be_bytes());
+    let mut out = raw::msg(b'P', &parse);
+    out.extend(raw::msg(b'S', &[]));
+    r.write_all(&out).unwrap();
+    raw::until_ready(&mut r);
+    let mut out = raw::msg(b'B', b"\0\0\0\0\0\0\0\0");
+    out.extend(raw::msg(b'E', b"\0\0\0\0\0"));
+    out.extend(raw::msg(b'S', &[]));
+    r.write_all(&out).unwrap();
+    let answers = raw::until_ready(&mut r);
+    assert_eq!(raw::error_code(&answers), None, "{answers:?}");
+    let split = "SELECT coalesce(current_setting('myapp.split', true), '')";
+    r.write_all(&raw::query(split)).unwrap();
+    let rows: Vec<_> = raw::until_ready(&mut r)
+        .into_iter()
+        .filter(|(t, _)| *t == b'D')
+        .collect();
+    assert_eq!(rows.len(), 1);
+    assert!(rows[0].1.ends_with(b"v"), "{rows:?}");
+    assert_eq!(one(&c, split).await, "");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_move_between_servers_under_load() {
     let db = "ss_moving";
@@ -340,6 +417,18 @@ async fn temp_tables_prepare_cursors_and_locks_pin_until_the_client_leaves() {
             "SELECT set_config('search_path', 'pg_temp', false); CREATE TABLE t(x int)",
             "SELECT count(*) + 1 FROM t",
             "temp_object",
+        ),
+        // a setting's name quoted is the same setting
+        (
+            "SET \"search_path\" = pg_temp, public; CREATE TABLE t(x int)",
+            "SELECT count(*) + 1 FROM t",
+            "temp_object",
+        ),
+        // a custom setting whose name is computed cannot be read back by name
+        (
+            "SELECT set_config('myapp.' || 'computed', 'c', false)",
+            "SELECT current_setting('myapp.computed', true)",
+            "settings",
         ),
         // what a DO block runs through EXECUTE cannot be read
         (

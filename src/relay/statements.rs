@@ -342,7 +342,7 @@ impl Tracker {
             name: None,
         });
         // `Keys::parse` lexed the same text just before, through the memo
-        crate::router::memo::lexed(text).1
+        effects_noted(text, &mut self.custom_settings)
     }
 
     fn on_parse(
@@ -532,12 +532,13 @@ impl Tracker {
     /// server has the client's own, it gets the client's last unnamed Parse again, or a
     /// Close of the unnamed statement when the client has none (the Bind then fails as it
     /// would on PostgreSQL, 26000, rather than run what another client left there).
-    /// Returns the statement's effects when it sent its Parse again: what it does to the
-    /// session (a `set_config`) happens on this server, not on the one whose lending saw
-    /// the Parse and noted them.
+    /// Returns the effects of the statement it binds: what it does to the session (a
+    /// `set_config`) happens now, on this server, whether its Parse came in this unit or
+    /// an earlier one (noted again: the same names, the same flags).
     fn ensure_unnamed(&mut self, start: usize, c2s: &mut Channel) -> Effects {
         if std::mem::replace(&mut self.unnamed_here, true) {
-            return Effects::default();
+            let text = self.stmts.unnamed_body().map_or("", prepared::query_text);
+            return effects_noted(text, &mut self.custom_settings);
         }
         c2s.seal(start);
         let Some(parse) = self.stmts.unnamed() else {
@@ -552,12 +553,7 @@ impl Tracker {
             name: None,
         });
         let text = self.stmts.unnamed_body().map_or("", prepared::query_text);
-        let fx = crate::router::memo::lexed(text).1;
-        if fx.custom_settings {
-            self.custom_settings
-                .extend(crate::router::effects::custom_setting_names(text));
-        }
-        fx
+        effects_noted(text, &mut self.custom_settings)
     }
 
     /// Sends a Parse first if this server lacks the statement.
@@ -918,6 +914,16 @@ impl Tracker {
             self.expect.pop_front();
         }
     }
+}
+
+/// The effects of a statement's text, its custom settings noted in `custom` for the
+/// read-back.
+fn effects_noted(text: &str, custom: &mut Vec<String>) -> Effects {
+    let fx = crate::router::memo::lexed(text).1;
+    if fx.custom_settings {
+        custom.extend(crate::router::effects::custom_setting_names(text));
+    }
+    fx
 }
 
 #[cfg(test)]

@@ -139,7 +139,8 @@ pub(super) struct Scan<'a> {
     head: [Option<Tok<'a>>; HEAD],
     n: usize,
     declare_seen_with: bool,
-    /// Tokens of `set_config(` seen so far (1: the name, 2: and its parenthesis).
+    /// Tokens of `set_config('name',` seen so far (1: the function, 2: its parenthesis, 3:
+    /// a literal name, which must be all of the first argument).
     set_config: u8,
     /// The statement is a SELECT (or WITH ... SELECT).
     selecting: bool,
@@ -188,6 +189,16 @@ impl<'a> Scan<'a> {
                 // a quoted function name is still the function
                 Tok::Quoted(q) if is_session_advisory_lock(q) => {
                     self.fx.pin.get_or_insert(PinReason::AdvisoryLock);
+                }
+                Tok::Quoted(q) if q.eq_ignore_ascii_case("set_config") => {
+                    self.fx.settings = true;
+                    self.set_config = 1;
+                }
+                // a setting's name, quoted or not, is read without regard to case
+                Tok::Quoted(q)
+                    if q.eq_ignore_ascii_case("search_path") && word(&self.head[0], "set") =>
+                {
+                    self.search_path = SEARCH_PATH_SET;
                 }
                 // an anonymous block's body runs here: what it does counts as this statement's
                 Tok::Str(body) if word(&self.head[0], "do") => self.merge(do_block_effects(body)),
@@ -264,8 +275,11 @@ impl<'a> Scan<'a> {
                 } else if name.eq_ignore_ascii_case("session_authorization") {
                     self.fx.pin.get_or_insert(PinReason::Settings);
                 }
+                return self.set_config = 3;
             }
-            (2, _) => {
+            (3, Tok::Comma) => {}
+            // a name computed from the literal (`'myapp.' || $1`, a cast): not known
+            (2 | 3, _) => {
                 self.fx.pin.get_or_insert(PinReason::Settings);
             }
             _ => {}
@@ -382,13 +396,15 @@ fn statement(head: &[Option<Tok<'_>>; HEAD], n: usize, fx: &mut Effects) {
 /// unless quoted (as PostgreSQL reads it).
 fn custom_name(head: &[Option<Tok<'_>>], i: usize) -> Option<String> {
     match (head.get(i)?, head.get(i + 1), head.get(i + 2)) {
-        (Some(Tok::Word(a)), Some(Some(Tok::Dot)), Some(Some(Tok::Word(b) | Tok::Quoted(b)))) => {
-            Some(format!(
-                "{}.{}",
-                a.to_ascii_lowercase(),
-                b.to_ascii_lowercase()
-            ))
-        }
+        (
+            Some(Tok::Word(a) | Tok::Quoted(a)),
+            Some(Some(Tok::Dot)),
+            Some(Some(Tok::Word(b) | Tok::Quoted(b))),
+        ) => Some(format!(
+            "{}.{}",
+            a.to_ascii_lowercase(),
+            b.to_ascii_lowercase()
+        )),
         (Some(Tok::Quoted(q)), _, _) if q.contains('.') => Some(q.to_ascii_lowercase()),
         _ => None,
     }
@@ -415,7 +431,9 @@ fn collect_custom_names(sql: &str, block: bool, names: &mut Vec<String>) {
             (head, n) = ([None; HEAD], 0);
             continue;
         }
-        if let (Tok::Str(name), Some(Tok::LParen), Some(Tok::Word(f))) = (tok, prev, prev2) {
+        if let (Tok::Str(name), Some(Tok::LParen), Some(Tok::Word(f) | Tok::Quoted(f))) =
+            (tok, prev, prev2)
+        {
             if f.eq_ignore_ascii_case("set_config") && name.contains('.') {
                 names.push(name.to_ascii_lowercase());
             }
@@ -604,6 +622,40 @@ mod tests {
         ] {
             assert_eq!(deallocated_name(not), None, "{not}");
         }
+    }
+
+    #[test]
+    fn quoted_names_and_computed_setting_names() {
+        let fx = effects("select \"set_config\"('work_mem', '9MB', false)");
+        assert!(fx.settings && fx.pin.is_none());
+        let sql = "select pg_catalog.\"set_config\"('myapp.x', 'v', false)";
+        assert!(effects(sql).custom_settings);
+        assert_eq!(custom_setting_names(sql), ["myapp.x"]);
+        for sql in [
+            "SET \"myapp\".\"qa\" = '1'",
+            "SET \"myapp\".qa TO '1'",
+            "RESET myapp.\"qa\"",
+        ] {
+            assert!(effects(sql).custom_settings, "{sql}");
+            assert_eq!(custom_setting_names(sql), ["myapp.qa"], "{sql}");
+        }
+        assert_eq!(
+            pin("SET \"search_path\" = pg_temp, public"),
+            Some(PinReason::TempObject)
+        );
+        assert_eq!(
+            pin("SET \"SEARCH_PATH\" TO 'pg_temp'"),
+            Some(PinReason::TempObject)
+        );
+        for sql in [
+            "select set_config('myapp.' || 'x', 'v', false)",
+            "select set_config('myapp.' || $1, 'v', false)",
+            "select \"set_config\"('myapp.x'::text, 'v', false)",
+        ] {
+            assert_eq!(pin(sql), Some(PinReason::Settings), "{sql}");
+        }
+        // a literal name, then its value: nothing to pin
+        assert_eq!(pin("select set_config('myapp.x', 'a' || 'b', false)"), None);
     }
 
     #[test]
