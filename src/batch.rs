@@ -85,6 +85,9 @@ pub fn eligible(buf: &[u8], mut effects: impl FnMut(&str) -> Effects) -> bool {
 /// What a client in a batch is lent instead of a server.
 pub struct Seat {
     pub pipe: Pipe,
+    /// The request as the batch sent it: sent again elsewhere if the batch's server is lost
+    /// before it runs (`Pipe::never_ran`).
+    pub request: Bytes,
     /// The server's id and address, for the client's statistics.
     pub conn_id: u64,
     pub addr: ServerAddr,
@@ -118,6 +121,8 @@ struct SlotState {
     chunk: Option<Bytes>,
     client_gone: bool,
     batch_gone: bool,
+    /// The batch ended before the server started this request.
+    never_ran: bool,
     client: Option<Waker>,
     batch: Option<Waker>,
 }
@@ -147,6 +152,13 @@ impl Slot {
         };
         drop(s);
         other.into_iter().for_each(Waker::wake);
+    }
+
+    /// The batch's server was lost before it started this request: PostgreSQL runs a
+    /// pipeline's requests in turn, so it never ran.
+    fn close_never_ran(&self) {
+        self.state().never_ran = true;
+        self.close(Side::Batch);
     }
 
     /// Ready(false) when the client has gone.
@@ -180,6 +192,13 @@ impl Slot {
         }
         s.client = Some(cx.waker().clone());
         Poll::Pending
+    }
+}
+
+impl Pipe {
+    /// The batch ended, its server lost, before the server started this client's request.
+    pub fn never_ran(&self) -> bool {
+        self.slot.state().never_ran
     }
 }
 
@@ -274,6 +293,7 @@ impl Batch {
                 chunk: Bytes::new(),
                 unsent: t.query.len(),
             },
+            request: t.query.clone(),
             conn_id,
             addr,
             params: Params::default(),
@@ -312,17 +332,31 @@ pub struct PlaceKey {
 /// were not what a batch of plain queries gives).
 pub async fn drive(mut conn: PooledConn, batch: Batch) {
     let Batch { out, places } = batch;
-    if conn.stream.write_all(&out).await.is_err() {
-        // dropped: closed, and every client in the batch reads end of stream
-        return;
-    }
-    if let Some(first) = places.first() {
-        runs_now(&conn, &first.client);
-    }
-    match relay_answers(&mut conn, &places).await {
+    // the place whose answer comes now
+    let mut at = 0;
+    let lost = match conn.stream.write_all(&out).await {
+        Err(e) => Err(e),
+        Ok(()) => {
+            if let Some(first) = places.first() {
+                runs_now(&conn, &first.client);
+            }
+            relay_answers(&mut conn, &places, &mut at).await
+        }
+    };
+    match lost {
         Ok(true) => conn.release(),
         Ok(false) => tracing::debug!("closing server after a batch: unexpected answer"),
-        Err(e) => tracing::debug!("batch ended: server i/o error: {e}"),
+        Err(e) => {
+            // The request running fails with the server, as any client's would; those behind
+            // it never started and go back in line (the connection, dropped, is closed).
+            tracing::debug!(
+                "batch ended: server i/o error: {e}; {} requests to send again",
+                places.len().saturating_sub(at + 1)
+            );
+            for p in places.iter().skip(at + 1) {
+                p.slot.close_never_ran();
+            }
+        }
     }
 }
 
@@ -345,12 +379,15 @@ fn runs_now(conn: &PooledConn, client: &ClientInfo) {
 
 /// Hands each place its answer, up to and including its ReadyForQuery. Ok(false): the
 /// server changed a setting or asked for COPY data, so it cannot go back to the pool.
-async fn relay_answers(conn: &mut PooledConn, places: &[Place]) -> io::Result<bool> {
+async fn relay_answers(
+    conn: &mut PooledConn,
+    places: &[Place],
+    at: &mut usize,
+) -> io::Result<bool> {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut scan = Split::default();
-    let mut at = 0;
     let mut clean = true;
-    while let Some(place) = places.get(at) {
+    while let Some(place) = places.get(*at) {
         match scan.step(&buf) {
             Some(SplitStep::Message(b'S')) => clean = false,
             Some(SplitStep::Message(b'G' | b'W')) => return Ok(false),
@@ -364,8 +401,8 @@ async fn relay_answers(conn: &mut PooledConn, places: &[Place]) -> io::Result<bo
             Some(SplitStep::Ready) => {
                 deliver(place, buf.split_to(scan.take()).freeze()).await;
                 place.client.cancel.set_target(None);
-                at += 1;
-                if let Some(next) = places.get(at) {
+                *at += 1;
+                if let Some(next) = places.get(*at) {
                     runs_now(conn, &next.client);
                 }
             }

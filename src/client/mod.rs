@@ -476,7 +476,7 @@ impl Session {
                     Event::ServerFailed(e) => format!("server failed: {e}"),
                     _ => "server closed the connection".to_string(),
                 };
-                if self.replay(&why) {
+                if self.replay(&why) || self.send_again_unrun() {
                     // routed again as soon as the session loop polls the relay
                     return None;
                 }
@@ -652,6 +652,22 @@ impl Session {
         self.login.client.set_cancel_target(None);
         self.login.client.idle();
         replayed
+    }
+
+    /// The client's request waited in a batch whose server was lost before it ran: it goes
+    /// back in line, as if just sent, instead of failing with the server.
+    fn send_again_unrun(&mut self) -> bool {
+        let Some(relay) = self.relay.as_deref_mut() else {
+            return false;
+        };
+        let Some(seat) = self.seat.take_if(|s| s.pipe.never_ran()) else {
+            return false;
+        };
+        relay.put_back(&seat.request);
+        self.login.client.set_cancel_target(None);
+        self.login.client.idle();
+        debug!(db = %self.login.db(), "batch's server lost before it ran this request: in line again");
+        true
     }
 
     /// Safe shutdown: a client without a server leaves now, others after their transaction.

@@ -19,7 +19,7 @@ use crate::protocol::scan::{ScanError, Step};
 use crate::router::effects::{custom_setting_names, Effects, PinReason};
 use crate::router::memo;
 use crate::stats::Meter;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 pub use channel::{Channel, HIGH_WATER, READ_CHUNK};
 use statements::Tracker;
 use std::io;
@@ -372,7 +372,24 @@ impl Relay {
         if let Some(t) = self.tracker.as_mut() {
             t.roll_back();
         }
-        self.c2s = Channel::with_input(request);
+        self.restart_with(request);
+        Some(())
+    }
+
+    /// A request a batch sent for this client was never run, its server lost: it is put
+    /// back in front of what the client sent after it, as if it had just arrived. (Batched
+    /// requests use only the unnamed statement, which their Parse makes again.)
+    pub fn put_back(&mut self, request: &[u8]) {
+        let later = &self.c2s.buf[self.c2s.scanned..];
+        let mut input = BytesMut::with_capacity(request.len() + later.len());
+        input.extend_from_slice(request);
+        input.extend_from_slice(later);
+        self.restart_with(input);
+    }
+
+    /// The relay as before the server was attached, `input` unscanned client bytes.
+    fn restart_with(&mut self, input: BytesMut) {
+        self.c2s = Channel::with_input(input);
         self.s2c = Channel::default();
         let f = &mut self.flow;
         f.pending = 0;
@@ -388,7 +405,6 @@ impl Relay {
         self.suspended = false;
         // requests in flight on the lost server are counted again when replayed
         self.meter.statements.forget_pending();
-        Some(())
     }
 
     /// Nothing kept here outlives the moment (besides the channels, flow, session state and
