@@ -88,7 +88,15 @@ pub struct Totals {
     pub xact_time_us: u64,
     pub query_time_us: u64,
     pub wait_time_us: u64,
+    /// Named statements: Parses from clients, Parses sent to servers, Binds (`PREPARED_*`).
+    pub prepared: [u64; 3],
 }
+
+/// Indexes of `Totals::prepared`, as PgBouncer counts them: a client's named Parse, a Parse
+/// sent to a server (the statement missing there), a Bind of a named statement.
+pub const CLIENT_PARSES: usize = 0;
+pub const SERVER_PARSES: usize = 1;
+pub const BINDS: usize = 2;
 
 impl Totals {
     pub fn add(&mut self, o: &Totals) {
@@ -100,6 +108,9 @@ impl Totals {
         self.xact_time_us += o.xact_time_us;
         self.query_time_us += o.query_time_us;
         self.wait_time_us += o.wait_time_us;
+        for (a, b) in self.prepared.iter_mut().zip(o.prepared) {
+            *a += b;
+        }
     }
 }
 
@@ -115,6 +126,8 @@ pub struct Averages {
     pub xact_time_us: u64,
     pub query_time_us: u64,
     pub wait_time_us: u64,
+    /// Per second, as `Totals::prepared`.
+    pub prepared: [u64; 3],
 }
 
 impl Averages {
@@ -146,6 +159,7 @@ impl Averages {
                 old.server_assignments,
                 new.server_assignments,
             ),
+            prepared: std::array::from_fn(|i| rate(old.prepared[i], new.prepared[i])),
         }
     }
 }
@@ -163,6 +177,7 @@ pub struct PoolStats {
     xact_time_us: AtomicU64,
     query_time_us: AtomicU64,
     wait_time_us: AtomicU64,
+    prepared: [AtomicU64; 3],
     /// Clients that became pinned to their server in transaction mode.
     pub pins: AtomicU64,
     pub wait_hist: Histogram,
@@ -199,6 +214,7 @@ impl PoolStats {
             xact_time_us: AtomicU64::new(0),
             query_time_us: AtomicU64::new(0),
             wait_time_us: AtomicU64::new(0),
+            prepared: Default::default(),
             pins: AtomicU64::new(0),
             wait_hist: histogram(
                 "pgmux_client_wait_seconds",
@@ -257,6 +273,7 @@ impl PoolStats {
             xact_time_us: l(&self.xact_time_us),
             query_time_us: l(&self.query_time_us),
             wait_time_us: l(&self.wait_time_us),
+            prepared: std::array::from_fn(|i| l(&self.prepared[i])),
         }
     }
 
@@ -314,6 +331,17 @@ impl Meter {
     /// No clock running and no request in flight.
     pub fn is_idle(&self) -> bool {
         self.query_start.is_none() && self.xact_start.is_none() && self.statements.is_idle()
+    }
+
+    /// Named statements parsed and bound since the last call (`Tracker::counts`).
+    pub fn count_prepared(&self, counts: [u32; 3]) {
+        if let Some(s) = &self.stats {
+            for (total, n) in s.prepared.iter().zip(counts) {
+                if n > 0 {
+                    total.fetch_add(u64::from(n), Ordering::Relaxed);
+                }
+            }
+        }
     }
 
     /// Bytes read from the client.

@@ -663,6 +663,35 @@ async fn kill_disconnects_a_databases_clients_and_reconnect_replaces_servers() {
     }
 }
 
+/// SHOW STATS counts named statements as PgBouncer does: a client's Parse, a Parse pgmux
+/// sends a server that lacks the statement, and each Bind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_stats_counts_named_parses_and_binds() {
+    let db = "obsparses";
+    let s = start(db, "pool_mode = \"transaction\"", "pool_size = 1");
+    let admin = console(&s.px).await;
+    let a = connect(&s.px, "app", db).await.unwrap();
+    let st = a.prepare("SELECT $1::int + 1").await.unwrap();
+    for i in 0..3 {
+        let r = a.query_one(&st, &[&i]).await.unwrap();
+        assert_eq!(r.get::<_, i32>(0), i + 1);
+    }
+    // the same text from another client: its Parse is answered, the server has it
+    let b = connect(&s.px, "app", db).await.unwrap();
+    b.prepare("SELECT $1::int + 1").await.unwrap();
+    let stats = rows(&admin, &format!("SHOW STATS_TOTALS {db}")).await;
+    let col = |c: &str| stats[0][c].clone().unwrap_or_default();
+    assert_eq!(
+        (
+            col("client_parse_count"),
+            col("server_parse_count"),
+            col("bind_count")
+        ),
+        ("2".into(), "1".into(), "3".into()),
+        "{stats:?}"
+    );
+}
+
 /// Ids of the database's clients in SHOW CLIENTS.
 async fn client_ids(admin: &Client, db: &str) -> Vec<String> {
     rows(admin, "SHOW CLIENTS")

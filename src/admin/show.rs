@@ -7,7 +7,9 @@ use super::settings;
 use super::wire::{notice, ResultSet, Type, Value};
 use crate::app::App;
 use crate::config::PoolMode;
-use crate::stats::{unix_us, Averages, ClientInfo, ClientState, Totals};
+use crate::stats::{
+    unix_us, Averages, ClientInfo, ClientState, Totals, BINDS, CLIENT_PARSES, SERVER_PARSES,
+};
 use bytes::BytesMut;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -209,9 +211,9 @@ fn total_values(t: &Totals) -> [u64; 11] {
         t.xact_time_us,
         t.query_time_us,
         t.wait_time_us,
-        0,
-        0,
-        0,
+        t.prepared[CLIENT_PARSES],
+        t.prepared[SERVER_PARSES],
+        t.prepared[BINDS],
     ]
 }
 
@@ -225,9 +227,9 @@ fn average_values(a: &Averages) -> [u64; 11] {
         a.xact_time_us,
         a.query_time_us,
         a.wait_time_us,
-        0,
-        0,
-        0,
+        a.prepared[CLIENT_PARSES],
+        a.prepared[SERVER_PARSES],
+        a.prepared[BINDS],
     ]
 }
 

@@ -536,6 +536,7 @@ impl Relay {
                         && (t.answer_prepare_alone(&mut self.c2s, &mut self.s2c)
                             || t.answer_deallocate_alone(&mut self.c2s, &mut self.s2c))
                     {
+                        self.meter.count_prepared(std::mem::take(&mut t.counts));
                         continue;
                     }
                 }
@@ -772,6 +773,9 @@ impl Relay {
                         if fx.custom_settings {
                             self.session
                                 .note_custom_settings(t.custom_settings.drain(..));
+                        }
+                        if t.counts != [0; 3] {
+                            self.meter.count_prepared(std::mem::take(&mut t.counts));
                         }
                         // run at its Execute, which `statements::command_complete` follows
                         server.statements.unsure |= fx.may_drop_statements;

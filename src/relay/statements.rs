@@ -13,6 +13,7 @@
 use super::channel::Channel;
 use crate::prepared::{self, ClientStatements, Held, Registry, ServerStatements, StmtDef};
 use crate::router::effects::Effects;
+use crate::stats::{BINDS, CLIENT_PARSES, SERVER_PARSES};
 use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -94,6 +95,9 @@ pub struct Tracker {
     journal: Option<Vec<NameChange>>,
     /// Custom settings named by the statements just passed (`note_custom_settings`).
     pub custom_settings: Vec<String>,
+    /// Named Parses and Binds since the relay last took them, for SHOW STATS
+    /// (`stats::CLIENT_PARSES`...).
+    pub counts: [u32; 3],
     /// The attached server's unnamed statement is the client's (`stmts.unnamed()`, none if
     /// None). PostgreSQL keeps a session's unnamed statement until its next unnamed Parse
     /// or simple Query, and drivers use it across a Sync (pgx without a statement cache
@@ -172,6 +176,7 @@ impl Tracker {
             batch_tick: 0,
             journal: None,
             custom_settings: Vec::new(),
+            counts: [0; 3],
             unnamed_here: false,
             skipping: false,
             skipped: 0,
@@ -364,6 +369,7 @@ impl Tracker {
             return Effects::default();
         }
         let def = self.registry.intern(rest);
+        self.counts[CLIENT_PARSES] += 1;
         let before = self.stmts.insert(name, def.clone());
         self.name_changed(name, before);
         c2s.seal(start);
@@ -392,6 +398,7 @@ impl Tracker {
             let mut msg = BytesMut::new();
             def.parse_message(&mut msg);
             c2s.push(msg.freeze());
+            self.counts[SERVER_PARSES] += 1;
             server.touch(&def);
             self.expect.push_back(Expect::Parse {
                 def: Some(def.clone()),
@@ -474,6 +481,7 @@ impl Tracker {
         c2s.push(head.freeze());
         c2s.skip(5 + names_len);
         self.expect.push_back(Expect::Bind { stmt: def.id });
+        self.counts[BINDS] += 1;
         self.note_custom_settings(&def);
         def.effects
     }
@@ -571,6 +579,7 @@ impl Tracker {
         let mut msg = BytesMut::new();
         def.parse_message(&mut msg);
         c2s.push(msg.freeze());
+        self.counts[SERVER_PARSES] += 1;
         server.touch(def);
         self.expect.push_back(Expect::Parse {
             def: Some(def.clone()),
@@ -726,6 +735,7 @@ impl Tracker {
         }
         for (name, def) in parsed {
             self.stmts.insert(&name, def);
+            self.counts[CLIENT_PARSES] += 1;
             s2c.insert(Bytes::from_static(PARSE_COMPLETE));
         }
         s2c.insert(Bytes::from_static(READY_IDLE));
