@@ -311,6 +311,28 @@ async fn custom_settings_through_the_unnamed_statement_or_quoted_follow_the_clie
     assert_eq!(one(&c, split).await, "");
 }
 
+/// With the statement tracking off (`max_prepared_statements = 0`), what a Parse's text does
+/// to the session is still followed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_through_the_extended_protocol_follow_without_statement_tracking() {
+    let db = "ss_untracked";
+    let px = start_with(db, "transaction", 1, "max_prepared_statements = 0");
+    let a = connect(&px, "app", db).await;
+    let b = connect(&px, "app", db).await;
+    for (sql, value) in [
+        ("SELECT set_config('work_mem', $1, false)", "9MB"),
+        ("SELECT set_config('myapp.tenant', $1, false)", "alice"),
+    ] {
+        a.query_typed(sql, &[(&value, Type::TEXT)]).await.unwrap();
+    }
+    let seen = "SELECT current_setting('work_mem') || '/' \
+                || coalesce(current_setting('myapp.tenant', true), '')";
+    for _ in 0..3 {
+        assert_eq!(one(&a, seen).await, "9MB/alice");
+        assert_eq!(one(&b, seen).await, "4MB/");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_move_between_servers_under_load() {
     let db = "ss_moving";

@@ -721,6 +721,19 @@ impl Relay {
                 }
                 Step::Message { tag, start, body } => {
                     match tag {
+                        b'P' if transaction_mode && !tracking => {
+                            // no tracker to note what the statement does to the session
+                            // (max_prepared_statements = 0): noted here, at its Parse
+                            self.keys.parse(&mut self.meter, body, tracking);
+                            let text = prepared::split_parse(body)
+                                .map_or("", |(_, rest)| prepared::query_text(rest));
+                            let fx = memo::lexed(text).1;
+                            if fx.custom_settings {
+                                self.session
+                                    .note_custom_settings(custom_setting_names(text));
+                            }
+                            self.apply_effects(fx);
+                        }
                         b'P' => self.keys.parse(&mut self.meter, body, tracking),
                         b'B' => {
                             let stmts = self.tracker.as_ref().map(|t| &t.stmts);
