@@ -274,7 +274,13 @@ impl App {
 
     /// Every pool, the retired ones (still serving their last clients) included.
     pub fn all_pools(&self) -> Vec<Arc<Pool>> {
-        let mut v: Vec<Arc<Pool>> = lock(&self.pools).values().cloned().collect();
+        // in host order within a database (the first host's pool first), then the retired
+        let mut live: Vec<_> = lock(&self.pools)
+            .iter()
+            .map(|(k, p)| (k.clone(), p.clone()))
+            .collect();
+        live.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut v: Vec<Arc<Pool>> = live.into_iter().map(|(_, p)| p).collect();
         v.extend(lock(&self.retired).iter().cloned());
         v.sort_by(|a, b| (&a.db, &a.user).cmp(&(&b.db, &b.user)));
         v

@@ -858,6 +858,18 @@ async fn host_monitors_run_from_start_so_the_first_read_finds_a_replica() {
         replicas.contains(&first),
         "the first read ran on {first}, not a replica"
     );
+    // one row per host, sharing the one client: counted once, so the rows add up
+    let rows: Vec<_> = admin
+        .show("SHOW POOLS")
+        .await
+        .into_iter()
+        .filter(|p| p["database"] == "app_ro")
+        .collect();
+    let clients: i64 = rows
+        .iter()
+        .map(|p| p["cl_active"].parse::<i64>().unwrap())
+        .sum();
+    assert_eq!(clients, 1, "{rows:?}");
 
     // a reload that adds a database starts its monitor at once
     let config = std::fs::read_to_string(&px.config_path).unwrap();

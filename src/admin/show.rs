@@ -84,19 +84,29 @@ fn pools(app: &App) -> BytesMut {
     ]);
     let clients = app.registry.snapshot();
     let waits = max_waits(&clients);
+    let mut seen = std::collections::HashSet::new();
     for p in app.all_pools() {
         let s = &p.stats;
         let c = p.counts();
-        let w = waits
-            .get(&(p.db.as_str(), p.user.as_str()))
-            .copied()
-            .unwrap_or_default();
+        // The per-host pools of a database with replicas share their clients (one PoolStats):
+        // counted on the first row only, so the rows add up as PgBouncer's do.
+        let first = seen.insert(Arc::as_ptr(s));
+        let (active, waiting, w) = if first {
+            let w = waits
+                .get(&(p.db.as_str(), p.user.as_str()))
+                .copied()
+                .unwrap_or_default();
+            // PgBouncer counts idle clients as active: linked or not, they are not waiting
+            let active = s.clients(ClientState::Active) + s.clients(ClientState::Idle);
+            (active, s.clients(ClientState::Waiting), w)
+        } else {
+            (0, 0, Duration::ZERO)
+        };
         rs.row(vec![
             p.db.as_str().into(),
             p.user.as_str().into(),
-            // PgBouncer counts idle clients as active: linked or not, they are not waiting
-            (s.clients(ClientState::Active) + s.clients(ClientState::Idle)).into(),
-            s.clients(ClientState::Waiting).into(),
+            active.into(),
+            waiting.into(),
             0i32.into(),
             0i32.into(),
             c.active.into(),
@@ -141,6 +151,9 @@ fn per_database(app: &App) -> BTreeMap<String, (Totals, Averages)> {
         b.queries += a.queries;
         b.recv += a.recv;
         b.sent += a.sent;
+        for (sum, rate) in b.prepared.iter_mut().zip(a.prepared) {
+            *sum += rate;
+        }
         // summed as time x rate here, divided by the summed rates below
         b.xact_time_us += a.xact_time_us * a.xacts;
         b.query_time_us += a.query_time_us * a.queries;

@@ -94,21 +94,22 @@ impl Console {
             .collect()
     }
 
-    /// Waits until `db`'s pool is at rest (each host's, for a database with replicas):
-    /// `clients` clients connected and none waiting, no server lent, logging in or held for a
-    /// cancel. Returns the (first) pool row; panics with the last rows after 30 s.
+    /// Waits until `db`'s pool is at rest (each host's, for a database with replicas, whose
+    /// rows share the clients: counted once): `clients` clients connected and none waiting, no
+    /// server lent, logging in or held for a cancel. Returns the (first) pool row; panics with
+    /// the last rows after 30 s.
     pub async fn wait_idle(&self, db: &str, clients: i64) -> HashMap<String, i64> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let rows = self.pools(db).await;
             let at_rest = |r: &HashMap<String, i64>| {
-                r["cl_active"] == clients
-                    && r["cl_waiting"] == 0
+                r["cl_waiting"] == 0
                     && r["sv_active"] == 0
                     && r["sv_login"] == 0
                     && r["sv_being_canceled"] == 0
             };
-            if !rows.is_empty() && rows.iter().all(at_rest) {
+            let connected: i64 = rows.iter().map(|r| r["cl_active"]).sum();
+            if !rows.is_empty() && connected == clients && rows.iter().all(at_rest) {
                 return rows.into_iter().next().unwrap();
             }
             assert!(
