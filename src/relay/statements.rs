@@ -104,6 +104,9 @@ pub struct Tracker {
     /// parses and describes in one unit, then binds in the next); in transaction mode the
     /// server may meanwhile serve other clients, whose unnamed statements replace it there.
     unnamed_here: bool,
+    /// What the unnamed statement of `unnamed_here` does to the session, from its Parse: a
+    /// Bind of it notes the same again without lexing its text each time.
+    unnamed_fx: Effects,
     /// The server failed a request and skips what the client sends until its next Sync,
     /// which had not arrived: those messages get no answer (`failed`).
     skipping: bool,
@@ -178,6 +181,7 @@ impl Tracker {
             custom_settings: Vec::new(),
             counts: [0; 3],
             unnamed_here: false,
+            unnamed_fx: Effects::default(),
             skipping: false,
             skipped: 0,
         }
@@ -188,6 +192,7 @@ impl Tracker {
     fn drop_unnamed(&mut self, here: bool) {
         self.stmts.drop_unnamed();
         self.unnamed_here = here;
+        self.unnamed_fx = Effects::default();
     }
 
     /// Gives the memory of its (empty) queue of answers back while its client idles.
@@ -347,7 +352,8 @@ impl Tracker {
             name: None,
         });
         // `Keys::parse` lexed the same text just before, through the memo
-        effects_noted(text, &mut self.custom_settings)
+        self.unnamed_fx = effects_noted(text, &mut self.custom_settings);
+        self.unnamed_fx
     }
 
     fn on_parse(
@@ -545,8 +551,11 @@ impl Tracker {
     /// an earlier one (noted again: the same names, the same flags).
     fn ensure_unnamed(&mut self, start: usize, c2s: &mut Channel) -> Effects {
         if std::mem::replace(&mut self.unnamed_here, true) {
-            let text = self.stmts.unnamed_body().map_or("", prepared::query_text);
-            return effects_noted(text, &mut self.custom_settings);
+            if self.unnamed_fx.custom_settings {
+                let text = self.stmts.unnamed_body().map_or("", prepared::query_text);
+                effects_noted(text, &mut self.custom_settings);
+            }
+            return self.unnamed_fx;
         }
         c2s.seal(start);
         let Some(parse) = self.stmts.unnamed() else {
@@ -561,7 +570,8 @@ impl Tracker {
             name: None,
         });
         let text = self.stmts.unnamed_body().map_or("", prepared::query_text);
-        effects_noted(text, &mut self.custom_settings)
+        self.unnamed_fx = effects_noted(text, &mut self.custom_settings);
+        self.unnamed_fx
     }
 
     /// Sends a Parse first if this server lacks the statement.
