@@ -1773,3 +1773,44 @@ async fn a_refused_login_on_the_primary_is_not_waited_for() {
         "{e:?}"
     );
 }
+
+/// State that pins its client is made on the primary, where its writes can follow: an
+/// autocommit `SET LOCAL search_path` naming pg_temp (a read to the classifier), SQL
+/// `PREPARE` and a `WITH HOLD` cursor; and a client pinned by the one unit a replica was lent
+/// for keeps that server rather than waiting for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_that_pins_is_made_on_the_primary() {
+    let cluster = PgCluster::shared_with_replicas();
+    let px = start(cluster, "", "consistency = \"eventual\"");
+    warm_up(&px, cluster).await;
+    let (primary, _) = ports(cluster);
+    let c = connect(&px, "app").await;
+    c.simple_query("CREATE TABLE IF NOT EXISTS pin_w (x int)")
+        .await
+        .unwrap();
+    for setup in [
+        "SET LOCAL search_path = pg_temp, public",
+        "PREPARE pin_p AS SELECT 1",
+        "DECLARE pin_c CURSOR WITH HOLD FOR SELECT 1",
+    ] {
+        let c = connect(&px, "app").await;
+        c.simple_query(setup).await.unwrap();
+        let port = tokio::time::timeout(WAIT, one(&c, "SELECT inet_server_port()"))
+            .await
+            .unwrap_or_else(|_| panic!("the query after {setup:?} was never answered"));
+        assert_eq!(port, primary.to_string(), "{setup}");
+        c.simple_query("INSERT INTO pin_w VALUES (1)")
+            .await
+            .unwrap_or_else(|e| panic!("a write after {setup:?}: {e}"));
+    }
+    // an explicit replica hint still sends it there: pinned to the replica, the client
+    // keeps that server for its next query instead of waiting for good
+    let c = connect(&px, "app").await;
+    c.simple_query("/* pgmux:replica */ SET LOCAL search_path = pg_temp, public")
+        .await
+        .unwrap();
+    let port = tokio::time::timeout(WAIT, one(&c, "SELECT inet_server_port()"))
+        .await
+        .expect("the query after a pin on a replica was never answered");
+    assert_ne!(port, primary.to_string());
+}

@@ -1096,6 +1096,12 @@ impl Relay {
                     ch.buf.truncate(ch.scanned);
                     return Some(Event::Release);
                 }
+                if self.one_unit && self.session.pin.is_some() && self.flow.quiet() {
+                    // pinned by the unit it was lent for: the client keeps this server for
+                    // what follows, which waited to be routed on its own and would
+                    // otherwise wait for good
+                    self.one_unit = false;
+                }
                 quiet = self.flow.quiet();
             }
         }

@@ -203,11 +203,14 @@ fn rank(c: Class) -> u8 {
     }
 }
 
+/// The hint of two readings of one text: the primary if either reading asks for it (the
+/// safe side), a replica only if both do (a hint one reading finds inside a string is text
+/// to the other, and a write sent to a replica fails).
 fn merge_hints(a: Option<Hint>, b: Option<Hint>) -> Option<Hint> {
     match (a, b) {
         (Some(Hint::Primary), _) | (_, Some(Hint::Primary)) => Some(Hint::Primary),
-        (Some(h), _) | (_, Some(h)) => Some(h),
-        (None, None) => None,
+        (Some(h), Some(g)) if h == g => Some(h),
+        _ => None,
     }
 }
 
@@ -1305,6 +1308,18 @@ mod tests {
         ] {
             assert_eq!(classify(sql, &[]).hint, None, "{sql}");
         }
+        // A hint inside a string when backslashes are literal (PostgreSQL's default) and
+        // outside it when they escape: a replica hint only counts if both readings have it,
+        // a primary hint if either does.
+        let c = classify(
+            r"INSERT INTO t SELECT 'a\' || ' /* pgmux:replica */ ' -- '",
+            &[],
+        );
+        assert_eq!((c.class, c.hint), (Class::Write, None));
+        let c = classify(r"SELECT 'a\' || ' /* pgmux:primary */ ' -- '", &[]);
+        assert_eq!(c.hint, Some(Hint::Primary));
+        let c = classify(r"/* pgmux:replica */ SELECT 'a\' || 'b'", &[]);
+        assert_eq!(c.hint, Some(Hint::Replica));
     }
 
     #[test]

@@ -166,7 +166,15 @@ fn inspect(buf: &[u8], stmts: Option<&ClientStatements>, write_functions: &[Stri
         };
         match sql {
             Some(Some(sql)) => {
-                let c = classify(sql, write_functions);
+                let mut c = classify(sql, write_functions);
+                if rank(c.class) < rank(Class::Session)
+                    && crate::router::memo::lexed(sql).1.pin.is_some()
+                {
+                    // state that pins its client (a WITH HOLD cursor, SQL PREPARE, a
+                    // search_path naming pg_temp) is made where the client's writes can
+                    // follow it: pinned on a replica, they would fail there
+                    c.class = Class::Session;
+                }
                 if let (0, b'Q', Class::Pgmux(cmd)) = (at, tag, c.class) {
                     let reset = sql
                         .trim_start()
