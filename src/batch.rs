@@ -399,8 +399,18 @@ async fn relay_answers(
                 ))
             }
             Some(SplitStep::Ready) => {
-                deliver(place, buf.split_to(scan.take()).freeze()).await;
+                let answer = buf.split_to(scan.take()).freeze();
+                let idle = answer.last() == Some(&b'I');
+                deliver(place, answer).await;
                 place.client.cancel.set_target(None);
+                if !idle {
+                    // A request that stood alone to the lexer opened a transaction block: the
+                    // requests behind it ran inside it, and closing the server undoes them,
+                    // so they are sent again (`drive`), never reported done.
+                    return Err(io::Error::other(
+                        "a batched request left its session in a transaction",
+                    ));
+                }
                 *at += 1;
                 if let Some(next) = places.get(*at) {
                     runs_now(conn, &next.client);

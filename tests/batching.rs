@@ -471,3 +471,34 @@ async fn a_server_lost_mid_batch_fails_the_running_request_and_sends_the_rest_ag
     );
     s.console.wait_idle("batch_lost", 1).await;
 }
+
+/// A `BEGIN` behind a `--` comment that a carriage return ends (as PostgreSQL ends it) is
+/// seen, so that request is not batched: batched, the requests behind it would run inside
+/// its transaction, and a write among them would be lost with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_begin_after_a_comment_ended_by_a_carriage_return_is_not_batched() {
+    let pg = PgCluster::shared();
+    let s = start("batch_cr", 16).await;
+    pg.psql(
+        pg.primary(),
+        "batch_cr",
+        "DROP TABLE IF EXISTS cr_t; CREATE TABLE cr_t(n int); GRANT ALL ON cr_t TO app",
+    );
+    let (opener, writer) = (s.client().await, s.client().await);
+    let holder = hold(&s).await;
+    let begins = spawn_simple(opener, "SELECT 1; -- note\rBEGIN");
+    s.wait_waiting(1).await;
+    let insert = spawn_simple(writer, "INSERT INTO cr_t VALUES (1)");
+    s.wait_waiting(2).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    // the opener holds the only server in its transaction; the write waits for it
+    let (opener, r) = begins.await.unwrap();
+    r.expect("SELECT 1; BEGIN answered");
+    opener.batch_execute("ROLLBACK").await.unwrap();
+    insert.await.unwrap().1.expect("the write is done");
+    assert_eq!(
+        pg.psql(pg.primary(), "batch_cr", "SELECT count(*) FROM cr_t"),
+        "1"
+    );
+    assert_eq!(s.batches(), (0.0, 0.0));
+}

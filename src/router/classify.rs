@@ -424,6 +424,12 @@ impl<'a> Lexer<'a> {
         }
     }
 
+    /// A backslash was seen in a plain '' string: the text reads otherwise under
+    /// standard_conforming_strings = off.
+    pub(super) fn saw_backslash(&self) -> bool {
+        self.saw_backslash
+    }
+
     /// Byte offset just past the last token returned (`router::normalize` needs spans).
     pub(super) fn pos(&self) -> usize {
         self.pos
@@ -465,7 +471,8 @@ impl<'a> Lexer<'a> {
                 b'-' if c1 == b'-' => {
                     self.pos = b[self.pos..]
                         .iter()
-                        .position(|&x| x == b'\n')
+                        // PostgreSQL ends a line comment at either newline byte
+                        .position(|&x| x == b'\n' || x == b'\r')
                         .map_or(b.len(), |p| self.pos + p + 1);
                 }
                 b'/' if c1 == b'*' => self.block_comment()?,

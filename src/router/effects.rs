@@ -99,9 +99,41 @@ pub fn effects(sql: &str) -> Effects {
     loop {
         match lexer.next() {
             Ok(Some(t)) => scan.token(t),
-            Ok(None) => return scan.finish(),
+            Ok(None) => return also_escaped(sql, lexer.saw_backslash(), scan.finish()),
             Err(_) => return scan.unreadable(),
         }
+    }
+}
+
+/// `fx`, the effects of `sql` read as PostgreSQL does by default, joined with those of its
+/// other reading when a backslash in a plain string makes one (standard_conforming_strings
+/// = off, where `'a\'; SET x = 1; --'` sets x): pgmux does not know the session's setting,
+/// so what either reading does counts. A text that does not lex that way fails there.
+pub(super) fn also_escaped(sql: &str, saw_backslash: bool, fx: Effects) -> Effects {
+    if !saw_backslash {
+        return fx;
+    }
+    let mut lexer = Lexer::new(sql, Backslash::Escape);
+    let mut scan = Scan::default();
+    let other = loop {
+        match lexer.next() {
+            Ok(Some(t)) => scan.token(t),
+            Ok(None) => break scan.finish(),
+            Err(_) => return fx,
+        }
+    };
+    Effects {
+        settings: fx.settings || other.settings,
+        pin: fx.pin.or(other.pin),
+        // what the readings disagree on is not done for the client: the server is cleaned
+        discard_all: fx.discard_all && other.discard_all,
+        custom_settings: fx.custom_settings || other.custom_settings,
+        pgmux_reset: fx.pgmux_reset | other.pgmux_reset,
+        unbatchable: fx.unbatchable || other.unbatchable,
+        drops_all_statements: fx.drops_all_statements && other.drops_all_statements,
+        may_drop_statements: fx.may_drop_statements
+            || other.may_drop_statements
+            || fx.drops_all_statements != other.drops_all_statements,
     }
 }
 
@@ -414,15 +446,19 @@ fn custom_name(head: &[Option<Tok<'_>>], i: usize) -> Option<String> {
 /// (not SET LOCAL), and by set_config with a literal name.
 pub fn custom_setting_names(sql: &str) -> Vec<String> {
     let mut names = Vec::new();
-    collect_custom_names(sql, false, &mut names);
+    collect_custom_names(sql, false, Backslash::Literal, &mut names);
+    if sql.contains('\\') {
+        // the other reading's too (`also_escaped`)
+        collect_custom_names(sql, false, Backslash::Escape, &mut names);
+    }
     names.sort();
     names.dedup();
     names
 }
 
 /// `custom_setting_names` of `sql`; `block`: a DO block's body (see `do_block_effects`).
-fn collect_custom_names(sql: &str, block: bool, names: &mut Vec<String>) {
-    let mut lexer = Lexer::new(sql, Backslash::Literal);
+fn collect_custom_names(sql: &str, block: bool, mode: Backslash, names: &mut Vec<String>) {
+    let mut lexer = Lexer::new(sql, mode);
     let mut head: [Option<Tok<'_>>; HEAD] = [None; HEAD];
     let (mut n, mut prev, mut prev2) = (0, None, None);
     while let Ok(Some(tok)) = lexer.next() {
@@ -440,7 +476,7 @@ fn collect_custom_names(sql: &str, block: bool, names: &mut Vec<String>) {
         }
         if let Tok::Str(body) = tok {
             if word(&head[0], "do") {
-                collect_custom_names(body, true, names);
+                collect_custom_names(body, true, mode, names);
             }
         }
         if n < HEAD {
@@ -656,6 +692,23 @@ mod tests {
         }
         // a literal name, then its value: nothing to pin
         assert_eq!(pin("select set_config('myapp.x', 'a' || 'b', false)"), None);
+    }
+
+    #[test]
+    fn a_line_comment_ends_at_a_carriage_return_and_backslashes_read_both_ways() {
+        // PostgreSQL ends `--` comments at \r as at \n
+        assert!(effects("SELECT 1; -- note\rSET work_mem = '4MB'").settings);
+        assert!(effects("SELECT 1; -- note\rBEGIN").unbatchable);
+        assert_eq!(pin("SELECT 1; -- x\rLISTEN c"), Some(PinReason::Listen));
+        // with standard_conforming_strings = off the SET and LISTEN are outside the string
+        let sql = r"SELECT 'a\''; SET work_mem = '1111kB'; SELECT 1; --'";
+        assert!(effects(sql).settings, "{sql}");
+        assert_eq!(pin(r"SELECT 'a\''; LISTEN c; --'"), Some(PinReason::Listen));
+        assert!(effects(r"SELECT 'a\''; BEGIN; --'").unbatchable);
+        let sql = r"SELECT 'a\''; SET myapp.x = '1'; --'";
+        assert_eq!(custom_setting_names(sql), ["myapp.x"]);
+        // a backslash that changes nothing changes nothing
+        assert!(!effects(r"SELECT * FROM t WHERE x ~ '\d+'").any());
     }
 
     #[test]

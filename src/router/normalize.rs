@@ -293,7 +293,8 @@ pub fn fingerprint_and_effects(sql: &str) -> (u64, super::effects::Effects) {
             }
             Ok(None) => {
                 walk.finish(&mut h);
-                return (h.value(), scan.finish());
+                let fx = super::effects::also_escaped(sql, lx.saw_backslash(), scan.finish());
+                return (h.value(), fx);
             }
             Err(_) => {
                 walk.unterminated(sql, before, &mut h);
