@@ -77,7 +77,11 @@ pub fn put_server_name(b: &mut BytesMut, id: u64) {
     b.put_u8(0);
 }
 
-/// Every distinct statement any client prepared, so equal statements share one id.
+/// Every distinct statement any client prepared, so equal statements share one id. Equal
+/// means the same text and parameter types, prepared under the same `search_path`: under
+/// another one the text may name tables of another shape (a schema per tenant), which
+/// PostgreSQL refuses to run under a plan made for the first (`0A000 cached plan must not
+/// change result type`).
 #[derive(Default)]
 pub struct Registry {
     by_body: Mutex<HashMap<Bytes, Arc<StmtDef>>>,
@@ -88,14 +92,26 @@ pub struct Registry {
 const REGISTRY_SWEEP_AT: usize = 10_000;
 
 impl Registry {
-    pub fn intern(&self, body: &[u8]) -> Arc<StmtDef> {
+    /// The statement of `body` (a Parse's text and parameter types) for a client whose
+    /// `search_path` is this (None: the server's default).
+    pub fn intern(&self, body: &[u8], search_path: Option<&str>) -> Arc<StmtDef> {
+        // the body ends where its parameter types do, so the path after it keeps keys apart
+        let keyed;
+        let key = match search_path {
+            Some(p) => {
+                keyed = [body, b"\xff", p.as_bytes()].concat();
+                &keyed[..]
+            }
+            None => body,
+        };
         let mut map = self.by_body.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(d) = map.get(body) {
+        if let Some(d) = map.get(key) {
             return d.clone();
         }
         if map.len() >= REGISTRY_SWEEP_AT {
             map.retain(|_, d| Arc::strong_count(d) > 1);
         }
+        let key = Bytes::copy_from_slice(key);
         let body = Bytes::copy_from_slice(body);
         let (fingerprint, effects) = fingerprint_and_effects(query_text(&body));
         let d = Arc::new(StmtDef {
@@ -106,7 +122,7 @@ impl Registry {
             validated: AtomicBool::new(false),
             generation: AtomicU32::new(0),
         });
-        map.insert(body, d.clone());
+        map.insert(key, d.clone());
         d
     }
 }
@@ -348,9 +364,9 @@ mod tests {
     #[test]
     fn equal_statements_share_an_id() {
         let r = Registry::default();
-        let a = r.intern(b"SELECT 1\0\0\0");
-        let b = r.intern(b"SELECT 1\0\0\0");
-        let c = r.intern(b"SELECT 2\0\0\0");
+        let a = r.intern(b"SELECT 1\0\0\0", None);
+        let b = r.intern(b"SELECT 1\0\0\0", None);
+        let c = r.intern(b"SELECT 2\0\0\0", None);
         assert_eq!(a.id, b.id);
         assert_ne!(a.id, c.id);
     }
@@ -359,7 +375,7 @@ mod tests {
     fn lru_eviction_spares_the_current_batch() {
         let r = Registry::default();
         let d: Vec<_> = (0..4)
-            .map(|i| r.intern(format!("SELECT {i}\0\0\0").as_bytes()))
+            .map(|i| r.intern(format!("SELECT {i}\0\0\0").as_bytes(), None))
             .collect();
         let mut s = ServerStatements::default();
         s.touch(&d[1]);
@@ -375,14 +391,14 @@ mod tests {
     #[test]
     fn an_outdated_statement_is_held_as_outdated_until_prepared_again() {
         let r = Registry::default();
-        let d = r.intern(b"SELECT * FROM t\0\0\0");
+        let d = r.intern(b"SELECT * FROM t\0\0\0", None);
         let mut s = ServerStatements::default();
         assert_eq!(s.holds(&d), Held::No);
         s.touch(&d);
         assert_eq!(s.holds(&d), Held::Current);
         d.outdate();
         assert_eq!(s.holds(&d), Held::Outdated);
-        assert_eq!(r.intern(b"SELECT * FROM t\0\0\0").generation(), 1);
+        assert_eq!(r.intern(b"SELECT * FROM t\0\0\0", None).generation(), 1);
         s.touch(&d);
         assert_eq!(s.holds(&d), Held::Current);
     }

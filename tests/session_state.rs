@@ -700,3 +700,43 @@ async fn a_very_short_statement_timeout_is_kept() {
         "{log}"
     );
 }
+
+/// Clients with different search_paths (a schema per tenant) prepare the same text, which
+/// names tables of another shape in each schema: each gets its own table's rows, every
+/// time, as on PostgreSQL, and never `0A000 cached plan must not change result type`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_text_under_different_search_paths_is_not_shared() {
+    let db = "ss_tenants";
+    let px = start(db, 1);
+    let pg = PgCluster::shared();
+    pg.psql(
+        pg.primary(),
+        db,
+        "DROP SCHEMA IF EXISTS ta CASCADE; DROP SCHEMA IF EXISTS tb CASCADE; \
+         CREATE SCHEMA ta; CREATE SCHEMA tb; \
+         CREATE TABLE ta.t (a text); INSERT INTO ta.t VALUES ('a'); \
+         CREATE TABLE tb.t (a text, b text); INSERT INTO tb.t VALUES ('x', 'y'); \
+         GRANT USAGE ON SCHEMA ta, tb TO app; GRANT SELECT ON ta.t, tb.t TO app",
+    );
+    let tenant = |schema: &str| {
+        format!(
+            "{} options='-c search_path={schema}'",
+            px.conn_str("app", db, Some("secret"))
+        )
+    };
+    let mut clients = Vec::new();
+    for schema in ["ta", "tb"] {
+        let (c, conn) = tokio_postgres::connect(&tenant(schema), NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let st = c.prepare("SELECT * FROM t").await.unwrap();
+        clients.push((c, st));
+    }
+    for _ in 0..3 {
+        for (i, (c, st)) in clients.iter().enumerate() {
+            let rows = c.query(st, &[]).await.unwrap();
+            assert_eq!(rows[0].len(), i + 1, "client {i}");
+        }
+    }
+}

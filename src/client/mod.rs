@@ -917,7 +917,7 @@ impl Session {
             params: &mut seat.params,
             statements: &mut seat.statements,
         };
-        if let Err(e) = relay.scan_client(&mut side) {
+        if let Err(e) = relay.scan_client(&mut side, &login.wants) {
             return Err(PgError::fatal("08P01", e.to_string()).into());
         }
         self.seat = Some(seat);

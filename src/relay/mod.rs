@@ -514,7 +514,7 @@ impl Relay {
                 if let Some(s) = server.as_mut() {
                     if self.c2s.buf.len() > self.c2s.scanned {
                         let before = (self.c2s.ready_len(), self.s2c.ready_len());
-                        if let Err(e) = self.scan_client(s) {
+                        if let Err(e) = self.scan_client(s, wants) {
                             self.refused = Some(e);
                             progress = true;
                         }
@@ -533,7 +533,7 @@ impl Relay {
                     // most passes here have no input: skip the calls, not only their work
                     if !self.flow.terminated
                         && self.c2s.buf.len() > 5
-                        && (t.answer_prepare_alone(&mut self.c2s, &mut self.s2c)
+                        && (t.answer_prepare_alone(&mut self.c2s, &mut self.s2c, wants)
                             || t.answer_deallocate_alone(&mut self.c2s, &mut self.s2c))
                     {
                         self.meter.count_prepared(std::mem::take(&mut t.counts));
@@ -612,6 +612,7 @@ impl Relay {
     pub fn scan_client<S>(
         &mut self,
         server: &mut ServerSide<'_, S>,
+        wants: &Params,
     ) -> Result<(), ClientProtocolError> {
         let tracking = self.tracking.is_some();
         let transaction_mode = self.transaction_mode;
@@ -781,7 +782,10 @@ impl Relay {
                             &mut self.c2s,
                             &mut self.s2c,
                             server.statements,
-                            self.flow.status == b'E',
+                            statements::Where {
+                                aborted: self.flow.status == b'E',
+                                wants,
+                            },
                         );
                         if fx.custom_settings {
                             self.session

@@ -11,6 +11,7 @@
 //! server sends back.
 
 use super::channel::Channel;
+use crate::params::Params;
 use crate::prepared::{self, ClientStatements, Held, Registry, ServerStatements, StmtDef};
 use crate::router::effects::Effects;
 use crate::stats::{BINDS, CLIENT_PARSES, SERVER_PARSES};
@@ -81,6 +82,16 @@ enum Expect {
 
 /// A client statement name and what it meant before it changed.
 type NameChange = (Box<[u8]>, Option<Arc<StmtDef>>);
+
+/// Where a client message is sent: the server's state and the client's settings.
+#[derive(Clone, Copy)]
+pub struct Where<'a> {
+    /// The server's last ReadyForQuery said its transaction failed.
+    pub aborted: bool,
+    /// The client's settings as its transaction began (its `search_path` keys statements,
+    /// `prepared::Registry`).
+    pub wants: &'a Params,
+}
 
 pub struct Tracker {
     expect: VecDeque<Expect>,
@@ -299,8 +310,7 @@ impl Tracker {
     }
 
     /// A whole Parse, Bind, Describe or Close at `c2s.buf[start..c2s.scanned]`, or the head
-    /// of a large Bind there (its names; the rest streams after). `aborted`: the server's
-    /// last ReadyForQuery said its transaction failed.
+    /// of a large Bind there (its names; the rest streams after).
     pub fn client_message(
         &mut self,
         tag: u8,
@@ -308,7 +318,7 @@ impl Tracker {
         c2s: &mut Channel,
         s2c: &mut Channel,
         server: &mut ServerStatements,
-        aborted: bool,
+        at: Where,
     ) -> Effects {
         let end = c2s.scanned;
         let body = &c2s.buf[start + 5..end];
@@ -316,7 +326,7 @@ impl Tracker {
             // the unnamed statement's Parse goes as it is: its body needs no copy
             b'P' => match prepared::split_parse(body) {
                 Some((name, _)) if !name.is_empty() => {
-                    self.on_parse(body.to_vec(), start, end, c2s, server, aborted)
+                    self.on_parse(body.to_vec(), start, end, c2s, server, at)
                 }
                 Some((_, rest)) => {
                     self.stmts.set_unnamed(&c2s.buf[start..end]);
@@ -363,8 +373,9 @@ impl Tracker {
         end: usize,
         c2s: &mut Channel,
         server: &mut ServerStatements,
-        aborted: bool,
+        at: Where,
     ) -> Effects {
+        let aborted = at.aborted;
         let Some((name, rest)) = prepared::split_parse(&body).filter(|(n, _)| !n.is_empty()) else {
             let text =
                 prepared::split_parse(&body).map_or("", |(_, rest)| prepared::query_text(rest));
@@ -374,7 +385,7 @@ impl Tracker {
             self.refuse_duplicate(name, &existing, start, end, c2s, server);
             return Effects::default();
         }
-        let def = self.registry.intern(rest);
+        let def = self.registry.intern(rest, at.wants.get("search_path"));
         self.counts[CLIENT_PARSES] += 1;
         let before = self.stmts.insert(name, def.clone());
         self.name_changed(name, before);
@@ -707,7 +718,12 @@ impl Tracker {
     /// Without a server: a batch of nothing but Parses of statements some server already
     /// accepted, and a Sync, is answered by pgmux (so preparing never waits for a server
     /// that other clients hold). Returns whether the batch was consumed.
-    pub fn answer_prepare_alone(&mut self, c2s: &mut Channel, s2c: &mut Channel) -> bool {
+    pub fn answer_prepare_alone(
+        &mut self,
+        c2s: &mut Channel,
+        s2c: &mut Channel,
+        wants: &Params,
+    ) -> bool {
         let mut at = 0;
         let mut parsed = Vec::new();
         loop {
@@ -728,7 +744,7 @@ impl Tracker {
                     else {
                         return false;
                     };
-                    let def = self.registry.intern(rest);
+                    let def = self.registry.intern(rest, wants.get("search_path"));
                     // a name in use is refused by a server (refuse_duplicate)
                     if !def.validated() || self.stmts.get(name).is_some() {
                         return false;
@@ -954,8 +970,8 @@ mod tests {
     fn a_replay_finds_the_names_as_they_were_when_armed() {
         let registry: &'static Registry = Box::leak(Box::default());
         let (one, two) = (
-            registry.intern(b"SELECT 1\0\0\0"),
-            registry.intern(b"SELECT 2\0\0\0"),
+            registry.intern(b"SELECT 1\0\0\0", None),
+            registry.intern(b"SELECT 2\0\0\0", None),
         );
         let mut t = Tracker::new(registry, 10);
         t.stmts.insert(b"kept", one.clone());

@@ -838,8 +838,8 @@ mod tests {
     fn named_statements_are_routed_by_their_text() {
         let reg = crate::prepared::Registry::default();
         let mut stmts = ClientStatements::default();
-        stmts.insert(b"r", reg.intern(b"SELECT 1\0\0\0"));
-        stmts.insert(b"w", reg.intern(b"UPDATE t SET a = 1\0\0\0"));
+        stmts.insert(b"r", reg.intern(b"SELECT 1\0\0\0", None));
+        stmts.insert(b"w", reg.intern(b"UPDATE t SET a = 1\0\0\0", None));
         let mut b = bind("r");
         b.extend(msg(b'S', b""));
         assert_eq!(
