@@ -524,6 +524,13 @@ impl<'a> Lexer<'a> {
                     // U&'...': backslash starts a Unicode escape, never escapes the quote.
                     return self.string(self.pos + 2, false, false);
                 }
+                if next == b'&' && self.peek(self.pos + 1) == b'"' && word.eq_ignore_ascii_case("u")
+                {
+                    // U&"...": an identifier in Unicode escapes (U&"\006Eextval" is nextval),
+                    // which pgmux does not decode: read as text it cannot read, so the
+                    // statement goes to the primary and pins its client
+                    return Err(Unterminated);
+                }
                 Ok(Tok::Word(word))
             }
             _ if is_op_char(c) => {
@@ -1327,6 +1334,14 @@ mod tests {
         assert_eq!(c.hint, Some(Hint::Primary));
         let c = classify(r"/* pgmux:replica */ SELECT 'a\' || 'b'", &[]);
         assert_eq!(c.hint, Some(Hint::Replica));
+    }
+
+    #[test]
+    fn unicode_escaped_identifiers_are_not_read() {
+        assert_eq!(class(r#"SELECT U&"\006Eextval"('s')"#), Class::Write);
+        assert_eq!(class(r#"SELECT u&"x" FROM t"#), Class::Write);
+        // a U& string is read as a string
+        assert_eq!(class(r"SELECT U&'d\0061t'"), Class::Read);
     }
 
     #[test]

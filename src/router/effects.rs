@@ -709,6 +709,11 @@ mod tests {
         assert_eq!(custom_setting_names(sql), ["myapp.x"]);
         // a backslash that changes nothing changes nothing
         assert!(!effects(r"SELECT * FROM t WHERE x ~ '\d+'").any());
+        // an identifier in Unicode escapes may name anything
+        assert_eq!(
+            pin(r#"SELECT U&"\0070g_advisory_lock"(1)"#),
+            Some(PinReason::Unreadable)
+        );
     }
 
     #[test]
