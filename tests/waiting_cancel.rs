@@ -84,12 +84,12 @@ impl Setup {
         c
     }
 
-    /// Waits until `n` clients wait in line (each host's row of a database with replicas
-    /// counts the database's clients).
+    /// Waits until `n` clients wait in line (the rows of a database with replicas, one per
+    /// host, count its clients once between them).
     async fn wait_waiting(&self, n: i64) {
         wait_until_async(&format!("{n} clients waiting"), WAIT, || async {
             let rows = self.console.pools(&self.db).await;
-            !rows.is_empty() && rows.iter().all(|p| p["cl_waiting"] == n)
+            !rows.is_empty() && rows.iter().map(|p| p["cl_waiting"]).sum::<i64>() == n
         })
         .await;
     }
