@@ -5,8 +5,9 @@
 mod common;
 
 use common::probe::{http_get, metric, scrape};
-use common::{free_port, wait_until, wait_until_async, PgCluster, Pgmux};
+use common::{free_port, raw, wait_until, wait_until_async, PgCluster, Pgmux};
 use std::collections::HashMap;
+use std::io::Write;
 use std::time::Duration;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
@@ -749,6 +750,24 @@ async fn kill_client_ends_one_client_and_wait_close_waits_for_marked_servers() {
         .simple_query(&format!("RECONNECT {db}"))
         .await
         .unwrap();
+    let said = |line: &str| s.px.log().matches(line).count();
+    // a console that leaves while its WAIT_CLOSE waits ends its session there
+    let mut quitter = raw::connect(s.px.port);
+    quitter
+        .write_all(&raw::startup(&[("user", "admin"), ("database", "pgmux")]))
+        .unwrap();
+    raw::until_ready(&mut quitter);
+    let gone_before = said("admin console disconnected");
+    quitter
+        .write_all(&raw::query(&format!("WAIT_CLOSE {db}")))
+        .unwrap();
+    wait_until("the quitter's WAIT_CLOSE waiting", WAIT, || {
+        said("WAIT_CLOSE: waiting") == 1
+    });
+    drop(quitter);
+    wait_until("the quitter's session ended", WAIT, || {
+        said("admin console disconnected") == gone_before + 1
+    });
     // the SHOW SERVERS behind it in the same Query runs once WAIT_CLOSE has returned
     let waiter = console(&s.px).await;
     let wait = tokio::spawn(async move {
@@ -766,7 +785,7 @@ async fn kill_client_ends_one_client_and_wait_close_waits_for_marked_servers() {
         "{marked:?}"
     );
     wait_until("WAIT_CLOSE waiting", WAIT, || {
-        s.px.log().contains("WAIT_CLOSE: waiting")
+        said("WAIT_CLOSE: waiting") == 2
     });
     assert_eq!(first(&keeper.simple_query("SELECT 4").await.unwrap()), "4");
     keeper.simple_query("COMMIT").await.unwrap();

@@ -24,6 +24,9 @@ use tracing::{info, warn};
 
 /// Largest console message accepted; commands are short.
 const MAX_MESSAGE: usize = 64 * 1024;
+/// Input kept while a command waits; past it the console is not read until the command ends.
+const MAX_PENDING: usize = 64 * 1024;
+
 /// How often PAUSE checks whether the paused pools have given back their servers.
 const PAUSE_POLL: Duration = Duration::from_millis(20);
 
@@ -108,7 +111,20 @@ pub async fn serve(app: Arc<App>, mut stream: ClientStream, peer: ClientAddr, co
                 if tag == b'X' {
                     break;
                 }
-                let out = session.handle(tag, &body).await;
+                // A command that waits (PAUSE, WAIT_CLOSE) ends with its console: what the
+                // client sends meanwhile is kept for after it, and its hangup ends the wait.
+                let work = session.handle(tag, &body);
+                tokio::pin!(work);
+                let out = loop {
+                    tokio::select! {
+                        out = &mut work => break Some(out),
+                        r = stream.read_buf(&mut buf), if buf.len() < MAX_PENDING => match r {
+                            Ok(0) | Err(_) => break None,
+                            Ok(_) => {}
+                        },
+                    }
+                };
+                let Some(out) = out else { break };
                 if stream.write_all(&out).await.is_err() {
                     break;
                 }
