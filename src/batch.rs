@@ -12,6 +12,7 @@
 //! pipeline's: a slow query holds up the ones behind it in its batch (they waited in line
 //! anyway), and a client that stops reading its answer holds up those behind it.
 
+use crate::cancel::Cancel;
 use crate::endpoint::ServerAddr;
 use crate::params::Params;
 use crate::pool::PooledConn;
@@ -21,8 +22,10 @@ use crate::stats::ClientInfo;
 use bytes::{Bytes, BytesMut};
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 /// Read size for the server's answers.
@@ -334,15 +337,17 @@ pub async fn drive(mut conn: PooledConn, batch: Batch) {
     let Batch { out, places } = batch;
     // the place whose answer comes now
     let mut at = 0;
+    let mut begun = Begun::default();
     let lost = match conn.stream.write_all(&out).await {
         Err(e) => Err(e),
         Ok(()) => {
             if let Some(first) = places.first() {
-                runs_now(&conn, &first.client);
+                begun.watch(runs_now(&conn, &first.client));
             }
-            relay_answers(&mut conn, &places, &mut at).await
+            relay_answers(&mut conn, &places, &mut at, &mut begun).await
         }
     };
+    begun.seen();
     match lost {
         Ok(true) => conn.release(),
         Ok(false) => tracing::debug!("closing server after a batch: unexpected answer"),
@@ -361,20 +366,74 @@ pub async fn drive(mut conn: PooledConn, batch: Batch) {
 }
 
 /// The client's query runs now: its cancels go to the server, and one it asked for while
-/// the query waited in the batch is sent now (a counted cancel, as any other).
-fn runs_now(conn: &PooledConn, client: &ClientInfo) {
+/// the query waited in the batch is sent now (a counted cancel, as any other). Returns what
+/// that deferred cancel watches for: the query's first answer bytes.
+fn runs_now(conn: &PooledConn, client: &Arc<ClientInfo>) -> Option<Arc<AtomicBool>> {
     client.cancel.set_target(Some(conn.cancel_target()));
     client.set_batch_queued(false);
-    let Some(c) = client.cancel_if_running() else {
-        return;
-    };
+    let c = client.cancel_if_running()?;
+    let begun = Arc::new(AtomicBool::new(false));
     let timeout = conn.pool_settings().connect_timeout;
-    tokio::spawn(async move {
+    tokio::spawn(send_deferred(c, client.clone(), begun.clone(), timeout));
+    Some(begun)
+}
+
+/// Waits before each resend of a deferred cancel whose query has not answered.
+const RESEND_AFTER: [Duration; 3] = [
+    Duration::from_millis(100),
+    Duration::from_millis(200),
+    Duration::from_millis(400),
+];
+
+/// Sends a cancel deferred in a batch, and sends it again while its query has answered
+/// nothing. PostgreSQL ignores a cancel that reaches a backend between two pipelined queries
+/// (it is reading its next command); the batch sends the cancel as the query ahead ends,
+/// just then. A query cancelled, or running and answering, sends bytes; a resend stops at
+/// the first, or once the client's query is no longer the one running (no target).
+async fn send_deferred(
+    mut c: Cancel,
+    client: Arc<ClientInfo>,
+    begun: Arc<AtomicBool>,
+    timeout: Duration,
+) {
+    for wait in RESEND_AFTER {
         let to = c.to.clone();
         if let Err(e) = crate::cancel::send_cancel(c, timeout).await {
             tracing::warn!("sending a cancel deferred in a batch to {to} failed: {e}");
+            return;
         }
-    });
+        tokio::time::sleep(wait).await;
+        if begun.load(Ordering::Acquire) {
+            return;
+        }
+        c = match client.cancel.start_cancel(client.cancel.secret) {
+            Some(c) => c,
+            None => return,
+        };
+        tracing::debug!("resending a cancel deferred in a batch: its query answered nothing");
+    }
+    let to = c.to.clone();
+    if let Err(e) = crate::cancel::send_cancel(c, timeout).await {
+        tracing::warn!("sending a cancel deferred in a batch to {to} failed: {e}");
+    }
+}
+
+/// The deferred cancel of the place running now, if it has one: told when the place's
+/// answer begins (or the place is done, or the batch ends), so it is not sent again.
+#[derive(Default)]
+struct Begun(Option<Arc<AtomicBool>>);
+
+impl Begun {
+    fn watch(&mut self, begun: Option<Arc<AtomicBool>>) {
+        self.seen();
+        self.0 = begun;
+    }
+
+    fn seen(&mut self) {
+        if let Some(b) = self.0.take() {
+            b.store(true, Ordering::Release);
+        }
+    }
 }
 
 /// Hands each place its answer, up to and including its ReadyForQuery. Ok(false): the
@@ -383,6 +442,7 @@ async fn relay_answers(
     conn: &mut PooledConn,
     places: &[Place],
     at: &mut usize,
+    begun: &mut Begun,
 ) -> io::Result<bool> {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut scan = Split::default();
@@ -413,7 +473,11 @@ async fn relay_answers(
                 }
                 *at += 1;
                 if let Some(next) = places.get(*at) {
-                    runs_now(conn, &next.client);
+                    begun.watch(runs_now(conn, &next.client));
+                    if !buf.is_empty() {
+                        // its answer is here already
+                        begun.seen();
+                    }
                 }
             }
             None => {
@@ -426,6 +490,7 @@ async fn relay_answers(
                 if conn.stream.read_buf(&mut buf).await? == 0 {
                     return Err(io::ErrorKind::UnexpectedEof.into());
                 }
+                begun.seen();
             }
         }
     }
@@ -619,5 +684,71 @@ mod tests {
             s.step(b"Z\xff\xff\xff\xffI"),
             Some(SplitStep::Bad)
         ));
+    }
+
+    /// A listener standing in for PostgreSQL's cancel port: counts the CancelRequests it is
+    /// sent, closing each connection (delivery) at once.
+    async fn cancel_port() -> (crate::endpoint::Dial, Arc<std::sync::atomic::AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dial = crate::endpoint::Dial::Tcp(l.local_addr().unwrap());
+        let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = n.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut req = [0u8; 16];
+                if s.read_exact(&mut req).await.is_ok() {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        });
+        (dial, n)
+    }
+
+    /// A deferred cancel is sent again while its query answers nothing (PostgreSQL may have
+    /// ignored it between two pipelined queries), and not once the answer has begun or the
+    /// query is no longer the client's running one.
+    #[tokio::test]
+    async fn a_deferred_cancel_is_resent_only_while_its_query_answers_nothing() {
+        let reg = Arc::new(crate::stats::ClientRegistry::default());
+        let addr: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let client = reg.register(
+            crate::stats::PoolStats::new("db", "u"),
+            crate::endpoint::ClientAddr::from(addr),
+            None,
+            "app",
+        );
+        let info = client.info().clone();
+        let (dial, sent) = cancel_port().await;
+        let flight = Arc::new(crate::cancel::CancelFlight::new(dial, 9, 10));
+        let timeout = Duration::from_secs(5);
+        let start = |info: &Arc<ClientInfo>| info.cancel.start_cancel(info.cancel.secret);
+
+        client.set_cancel_target(Some(flight.clone()));
+        let never = Arc::new(AtomicBool::new(false));
+        send_deferred(start(&info).unwrap(), info.clone(), never, timeout).await;
+        assert_eq!(sent.swap(0, Ordering::SeqCst), 1 + RESEND_AFTER.len());
+
+        let begun = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(send_deferred(
+            start(&info).unwrap(),
+            info.clone(),
+            begun.clone(),
+            timeout,
+        ));
+        begun.store(true, Ordering::Release);
+        task.await.unwrap();
+        assert_eq!(sent.swap(0, Ordering::SeqCst), 1, "answered: not resent");
+
+        let never = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(send_deferred(
+            start(&info).unwrap(),
+            info.clone(),
+            never,
+            timeout,
+        ));
+        client.set_cancel_target(None);
+        task.await.unwrap();
+        assert_eq!(sent.swap(0, Ordering::SeqCst), 1, "done: not resent");
+        assert!(!flight.pending(), "every cancel sent was delivered");
     }
 }
