@@ -651,10 +651,76 @@ async fn a_startup_search_path_of_pg_temp_pins() {
         .unwrap();
     assert_eq!(one(&a, "SELECT count(*) FROM pg_temp.t").await, "1");
     assert_eq!(pins_shown(&admin, db).await, ["temp_object"]);
+    // DISCARD ALL goes back to the startup search_path: the client stays pinned
+    a.simple_query("DISCARD ALL").await.unwrap();
+    assert_eq!(one(&a, "SHOW search_path").await, "pg_temp,public");
+    assert_eq!(pins_shown(&admin, db).await, ["temp_object"]);
+    a.simple_query("CREATE TABLE zz(x int)").await.unwrap();
+    assert_eq!(
+        one(&a, "SELECT to_regclass('pg_temp.zz') IS NOT NULL").await,
+        "t"
+    );
     drop(a);
     let b = connect(&px, "app", db).await;
     assert_eq!(one(&b, "SELECT pg_backend_pid()").await, pid, "pool of one");
     assert_eq!(one(&b, "SELECT to_regclass('pg_temp.t')").await, "");
+    assert_eq!(one(&b, "SELECT to_regclass('pg_temp.zz')").await, "");
+}
+
+/// PostgreSQL refuses DISCARD ALL in a transaction block, among other statements and in a
+/// pipeline, and then discards nothing: the client keeps its pin and its prepared
+/// statements, and what pinned it does not reach the next client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discard_all_that_postgresql_refuses_keeps_the_pin() {
+    let db = "ss_discard_refused";
+    let px = start(db, 1);
+    let admin = connect(&px, "postgres", "pgmux").await;
+    let a = connect(&px, "app", db).await;
+    let pid = one(&a, "SELECT pg_backend_pid()").await;
+    let st = a.prepare("SELECT 7").await.unwrap();
+    a.simple_query("CREATE TEMP TABLE tt(x int); SELECT pg_advisory_lock(4242)")
+        .await
+        .unwrap();
+    let refused = |r: Result<Vec<SimpleQueryMessage>, tokio_postgres::Error>, how: &str| {
+        let e = r.expect_err(how);
+        assert_eq!(e.code().map(|c| c.code()), Some("25001"), "{how}: {e}");
+    };
+    a.simple_query("BEGIN").await.unwrap();
+    refused(a.simple_query("DISCARD ALL").await, "in a block");
+    a.simple_query("ROLLBACK").await.unwrap();
+    refused(
+        a.simple_query("SELECT 1; DISCARD ALL").await,
+        "with another",
+    );
+    refused(
+        a.simple_query("DISCARD ALL; SELECT 1").await,
+        "before another",
+    );
+    a.simple_query("BEGIN").await.unwrap();
+    let e = a
+        .execute("DISCARD ALL", &[])
+        .await
+        .expect_err("extended, in a block");
+    assert_eq!(e.code().map(|c| c.code()), Some("25001"), "{e}");
+    a.simple_query("ROLLBACK").await.unwrap();
+    assert_eq!(pins_shown(&admin, db).await, ["temp_object"]);
+    let row = a
+        .query_one(&st, &[])
+        .await
+        .expect("the statement is still there");
+    assert_eq!(row.get::<_, i32>(0), 7);
+    assert_eq!(one(&a, "SELECT count(*) FROM tt").await, "0");
+    drop(a);
+    let b = connect(&px, "app", db).await;
+    assert_eq!(one(&b, "SELECT pg_backend_pid()").await, pid, "pool of one");
+    assert_eq!(one(&b, "SELECT to_regclass('pg_temp.tt')").await, "");
+    let locks = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242";
+    assert_eq!(one(&b, locks).await, "0");
+    // one PostgreSQL runs lets go of everything
+    b.simple_query("CREATE TEMP TABLE t2(x int)").await.unwrap();
+    assert_eq!(pins_shown(&admin, db).await, ["temp_object"]);
+    b.simple_query("DISCARD ALL").await.unwrap();
+    assert!(pins_shown(&admin, db).await.is_empty());
 }
 
 /// `q` run until it is not cancelled by the client's own very short statement_timeout.

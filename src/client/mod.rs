@@ -339,6 +339,7 @@ impl Session {
         relay.whole_units = self.route.is_some();
         if transaction_mode && startup_temp_path(&self.login.wants) {
             relay.session.pin = Some(PinReason::TempObject);
+            relay.session.startup_pin = relay.session.pin;
         }
         relay
     }
@@ -928,6 +929,10 @@ impl Session {
     /// no waiting and are done here; the rest (settings to read back, a reset query) give
     /// the server back for `detach_after_queries`.
     fn detach(&mut self) -> Option<PooledConn> {
+        if let Some(r) = self.relay.as_deref_mut() {
+            // after a DISCARD ALL: the client's startup search_path names pg_temp again
+            r.session.pin = r.session.startup_pin;
+        }
         if self.seat.take().is_some() {
             // the batch gives the server back; it also pointed the client's cancels at it
             self.login.client.idle();

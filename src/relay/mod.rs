@@ -229,19 +229,40 @@ pub struct SessionState {
     /// pg_settings, so the read-back asks for each by name. Bounded: past
     /// `MAX_CUSTOM_SETTINGS` the client keeps its server (`PinReason::Settings`).
     pub custom_settings: Vec<String>,
+    /// The pin the client's startup settings give it (a `search_path` naming `pg_temp`),
+    /// which a DISCARD ALL, going back to them, does not undo.
+    pub startup_pin: Option<PinReason>,
+    /// A DISCARD ALL was sent and nothing pinned since: when the server says it ran, what
+    /// pinned the client is gone (`Relay::discarded`).
+    pub unpin_at_discard: bool,
 }
 
 /// Custom setting names one unit of work may name before its client is pinned instead.
 pub const MAX_CUSTOM_SETTINGS: usize = 64;
 
 impl SessionState {
+    fn pin(&mut self, reason: PinReason) {
+        self.pin.get_or_insert(reason);
+        self.unpin_at_discard = false;
+    }
+
+    /// The server ran a DISCARD ALL: what pinned the client before it is gone, unless the
+    /// client sent something that pins since (it may have run after it). The startup pin
+    /// comes back once the server is let go (`Session::detach`): the server's settings are
+    /// now its defaults, and the next one is brought to the client's startup settings.
+    fn discarded(&mut self) {
+        if std::mem::take(&mut self.unpin_at_discard) {
+            self.pin = None;
+        }
+    }
+
     fn note_custom_settings(&mut self, names: impl IntoIterator<Item = String>) {
         for name in names {
             if self.custom_settings.contains(&name) {
                 continue;
             }
             if self.custom_settings.len() >= MAX_CUSTOM_SETTINGS {
-                self.pin.get_or_insert(PinReason::Settings);
+                self.pin(PinReason::Settings);
                 return;
             }
             self.custom_settings.push(name);
@@ -713,7 +734,13 @@ impl Relay {
                         self.apply_effects(fx);
                         // a failed transaction refuses it: nothing is dropped
                         if fx.may_drop_statements && self.flow.status != b'E' {
-                            statements::query_drops(self.tracker.as_mut(), fx, server.statements);
+                            let in_block = self.flow.status == b'T';
+                            statements::query_drops(
+                                self.tracker.as_mut(),
+                                fx,
+                                in_block,
+                                server.statements,
+                            );
                         }
                     } else {
                         self.keys.query(&mut self.meter, text);
@@ -871,11 +898,11 @@ impl Relay {
         }
         self.session.settings_changed |= fx.settings;
         self.session.pgmux_reset |= fx.pgmux_reset;
-        if fx.discard_all {
-            self.session.pin = None;
-        }
+        // unpinned only once the server says it ran: PostgreSQL refuses it in a
+        // transaction block or a pipeline
+        self.session.unpin_at_discard |= fx.discard_all;
         if let Some(p) = fx.pin {
-            self.session.pin.get_or_insert(p);
+            self.session.pin(p);
         }
     }
 
@@ -1011,12 +1038,17 @@ impl Relay {
                     start,
                 }) => {
                     self.meter.statements.command_complete(body);
-                    if body.first() == Some(&b'D') && tracking {
-                        statements::command_complete(
-                            self.tracker.as_mut(),
-                            body,
-                            server.statements,
-                        );
+                    if body.first() == Some(&b'D') {
+                        if body == b"DISCARD ALL\0" {
+                            self.session.discarded();
+                        }
+                        if tracking {
+                            statements::command_complete(
+                                self.tracker.as_mut(),
+                                body,
+                                server.statements,
+                            );
+                        }
                     }
                     (b'C', start)
                 }

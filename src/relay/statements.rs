@@ -143,10 +143,16 @@ pub fn needs_tracker(tag: u8) -> bool {
 /// ALL`, `DISCARD ALL`) empties the server and the client's names now, so the requests
 /// behind it in the same write see it done, as on PostgreSQL. Should the server refuse it,
 /// or drop only some, the server is `unsure` and deallocates everything before its next
-/// client.
-pub fn query_drops(tracker: Option<&mut Tracker>, fx: Effects, server: &mut ServerStatements) {
+/// client. A DISCARD ALL sent in a transaction block (`in_block`) is refused: the client's
+/// names stay.
+pub fn query_drops(
+    tracker: Option<&mut Tracker>,
+    fx: Effects,
+    in_block: bool,
+    server: &mut ServerStatements,
+) {
     server.unsure = true;
-    if fx.drops_all_statements {
+    if fx.drops_all_statements && !(fx.discard_all && in_block) {
         server.clear();
         if let Some(t) = tracker {
             t.forget_all_names();

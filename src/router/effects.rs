@@ -14,7 +14,10 @@ pub struct Effects {
     pub settings: bool,
     /// State that cannot follow the client: it keeps this server until it leaves.
     pub pin: Option<PinReason>,
-    /// DISCARD ALL ran: whatever pinned before it is gone (`pin` is what came after it).
+    /// A DISCARD ALL alone in its text. PostgreSQL refuses one among other statements (an
+    /// implicit transaction block), so such a text reports none: it discards nothing. One
+    /// alone may still be refused (in a transaction block, in a pipeline): what it undoes is
+    /// forgotten only when the server says `DISCARD ALL` (`SessionState::discarded`).
     pub discard_all: bool,
     /// A custom setting (a dotted name, `myapp.tenant`) was named by SET, RESET or
     /// set_config: PostgreSQL does not list those in pg_settings, so pgmux reads them back
@@ -184,13 +187,15 @@ pub(super) struct Scan<'a> {
     search_path: u8,
     /// Scanning a DO block's body (`do_block_effects`), where EXECUTE runs dynamic SQL.
     in_block: bool,
+    /// Statements ended so far (saturating).
+    statements: u8,
 }
 
 impl<'a> Scan<'a> {
     #[inline(always)]
     pub(super) fn token(&mut self, tok: Tok<'a>) {
         if tok == Tok::Semi {
-            statement(&self.head, self.n, &mut self.fx);
+            self.end_statement();
             self.head = [None; HEAD];
             self.n = 0;
             self.declare_seen_with = false;
@@ -319,8 +324,21 @@ impl<'a> Scan<'a> {
         self.set_config = 0;
     }
 
-    pub(super) fn finish(mut self) -> Effects {
+    fn end_statement(&mut self) {
+        if self.n > 0 {
+            self.statements = self.statements.saturating_add(1);
+        }
         statement(&self.head, self.n, &mut self.fx);
+    }
+
+    pub(super) fn finish(mut self) -> Effects {
+        self.end_statement();
+        if self.fx.discard_all && self.statements > 1 {
+            // refused, and the text's implicit transaction with it: nothing is dropped or
+            // unpinned (what the other statements pinned is kept, as when in doubt)
+            self.fx.discard_all = false;
+            self.fx.drops_all_statements = false;
+        }
         self.fx
     }
 
@@ -412,8 +430,6 @@ fn statement(head: &[Option<Tok<'_>>; HEAD], n: usize, fx: &mut Effects) {
             fx.discard_all = true;
             fx.drops_all_statements = true;
             fx.may_drop_statements = true;
-            // what pinned before this statement is gone; what follows may pin again
-            fx.pin = None;
         }
     } else if w(0, "prepare") && !w(1, "transaction") {
         fx.pin.get_or_insert(PinReason::Prepare);
@@ -851,7 +867,14 @@ mod tests {
         let d = effects("DISCARD ALL");
         assert!(d.discard_all && d.settings);
         assert!(!effects("DISCARD PLANS").discard_all);
-        assert_eq!(pin("LISTEN a; DISCARD ALL"), None);
-        assert_eq!(pin("DISCARD ALL; LISTEN a"), Some(PinReason::Listen));
+        assert!(effects("discard all;").discard_all, "one statement");
+        // PostgreSQL refuses it among other statements: nothing is discarded or unpinned
+        for sql in ["LISTEN a; DISCARD ALL", "DISCARD ALL; LISTEN a"] {
+            let fx = effects(sql);
+            assert_eq!(fx.pin, Some(PinReason::Listen), "{sql}");
+            assert!(!fx.discard_all && !fx.drops_all_statements, "{sql}");
+            assert!(fx.may_drop_statements, "{sql}");
+        }
+        assert!(!effects("select 1; discard all").discard_all);
     }
 }
