@@ -1067,8 +1067,9 @@ async fn queries_wait_through_a_postgres_restart() {
     console.wait_idle(db, 3).await;
 
     // an outage longer than server_login_retry ends the wait with the server's error, even
-    // with no query_wait_timeout to end it
-    for set in ["SET server_login_retry = 1", "SET query_wait_timeout = 0"] {
+    // with no query_wait_timeout to end it. The window is long enough for the restart
+    // below to fit in it on a loaded machine (a PostgreSQL stop and start took 2 s there).
+    for set in ["SET server_login_retry = 8", "SET query_wait_timeout = 0"] {
         console.client.simple_query(set).await.unwrap();
     }
     tokio::task::block_in_place(|| primary.stop("fast"));
@@ -1084,7 +1085,7 @@ async fn queries_wait_through_a_postgres_restart() {
     let again = client(&px, db).await;
     // that outage ended unseen (no query while the server was back); a restart longer than
     // server_login_retry after it is a new outage, waited through again
-    let quiet_until = Instant::now() + Duration::from_millis(1500);
+    let quiet_until = Instant::now() + Duration::from_millis(9000);
     tokio::time::sleep_until(quiet_until.into()).await; // the scenario: time with no traffic
     tokio::task::block_in_place(|| primary.stop("fast"));
     let held = tokio::spawn(async move {

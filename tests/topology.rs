@@ -241,5 +241,6 @@ async fn dropping_the_handle_stops_the_monitor() {
     assert!(count() > before, "the monitor's connection is visible");
     drop(topo);
     // The tasks close their connections when they notice; the server then drops the backend.
-    common::wait_until("monitor connection closed", DEADLINE, || count() == before);
+    // at most as many as before: another test's monitor on the shared cluster may have gone too
+    common::wait_until("monitor connection closed", DEADLINE, || count() <= before);
 }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -214,12 +214,11 @@ fn wait_ready(child: &mut Child, addr: SocketAddr) -> Startup {
         if let Ok(Some(status)) = child.try_wait() {
             return Startup::Exited(status);
         }
-        if let Ok(stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(250)) {
-            // With nothing listening, Linux can "connect" a socket to itself when the kernel
-            // picks the target port as the local port; that is not pgmux.
-            if stream.local_addr().ok() != Some(addr) {
-                return Startup::Ready;
-            }
+        // The child's own listening socket, not a connect: until pgmux binds, the port is
+        // free for another test process to take a moment (free_port binds port 0 and lets
+        // go), and a connect would reach that socket and count it as pgmux.
+        if listens_on(child.id(), addr.port()) {
+            return Startup::Ready;
         }
         if Instant::now() >= deadline {
             return Startup::TimedOut;
