@@ -667,6 +667,44 @@ async fn a_startup_search_path_of_pg_temp_pins() {
     assert_eq!(one(&b, "SELECT to_regclass('pg_temp.zz')").await, "");
 }
 
+/// A pinned client that resets settings gets its startup values back, as on PostgreSQL,
+/// though its server (kept) had them from pgmux's set_config, whose reset is the server's
+/// default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_client_that_resets_gets_its_startup_settings() {
+    let db = "ss_pinned_reset";
+    let px = start(db, 2);
+    let admin = connect(&px, "postgres", "pgmux").await;
+    let conn = format!(
+        "{} application_name=fromstartup options='-c search_path=public -c work_mem=3MB'",
+        px.conn_str("app", db, Some("secret"))
+    );
+    let (a, conn) = tokio_postgres::connect(&conn, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    a.simple_query("LISTEN x").await.unwrap();
+    assert_eq!(pins_shown(&admin, db).await, ["listen"]);
+    let pid = one(&a, "SELECT pg_backend_pid()").await;
+    a.simple_query("SET application_name = 'changed'; SET work_mem = '5MB'")
+        .await
+        .unwrap();
+    a.simple_query("RESET ALL").await.unwrap();
+    assert_eq!(one(&a, "SHOW application_name").await, "fromstartup");
+    assert_eq!(one(&a, "SHOW search_path").await, "public");
+    assert_eq!(one(&a, "SHOW work_mem").await, "3MB");
+    a.simple_query("SET work_mem = '5MB'").await.unwrap();
+    a.simple_query("SET work_mem TO DEFAULT").await.unwrap();
+    assert_eq!(one(&a, "SHOW work_mem").await, "3MB");
+    a.simple_query("SET work_mem = '6MB'").await.unwrap();
+    a.simple_query("RESET work_mem").await.unwrap();
+    assert_eq!(one(&a, "SHOW work_mem").await, "3MB");
+    assert_eq!(
+        one(&a, "SELECT pg_backend_pid()").await,
+        pid,
+        "kept its server"
+    );
+    assert_eq!(pins_shown(&admin, db).await, ["listen"]);
+}
+
 /// PostgreSQL refuses DISCARD ALL in a transaction block, among other statements and in a
 /// pipeline, and then discards nothing: the client keeps its pin and its prepared
 /// statements, and what pinned it does not reach the next client.

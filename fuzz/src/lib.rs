@@ -676,6 +676,8 @@ mod relay_fuzz {
                         }
                     }
                     Event::Quiet => {}
+                    // the session reads the server back and keeps it: nothing owed
+                    Event::Resync => assert!(relay.server_clean(), "resync with work owed"),
                     Event::ClientClosed
                     | Event::Terminated
                     | Event::ClientIo(_)

@@ -410,9 +410,11 @@ impl Session {
                 }
             }
             // the awaits below hold only a box: the task's future stays small
-            let serverwards = match self.next().await {
-                Wake::Relay(Event::NeedServer) => true,
-                Wake::Relay(Event::Release) => false,
+            // (serverwards, and for a server going back: whether the client keeps it)
+            let (serverwards, keep) = match self.next().await {
+                Wake::Relay(Event::NeedServer) => (true, false),
+                Wake::Relay(Event::Release) => (false, false),
+                Wake::Relay(Event::Resync) => (false, true),
                 Wake::Relay(ev) => match self.on_event(ev) {
                     Some(end) => return end,
                     None => continue,
@@ -441,10 +443,14 @@ impl Session {
                     _ => {}
                 }
             } else {
-                let detaching = self
-                    .detach()
-                    .map(|conn| Box::pin(self.detach_after_queries(conn)));
-                OptionFuture::from(detaching).await;
+                let conn = match keep {
+                    true => self.server.take(),
+                    false => self.detach(),
+                };
+                let after = conn.map(|conn| Box::pin(self.after_unit(conn, keep)));
+                if let Some(Some(e)) = OptionFuture::from(after).await {
+                    return Some(e);
+                }
                 if self.closing {
                     return Some(shutdown_error());
                 }
@@ -456,7 +462,7 @@ impl Session {
     /// Some(outcome) ends the session.
     fn on_event(&mut self, ev: Event) -> Option<Option<PgError>> {
         match ev {
-            Event::NeedServer | Event::Release => None,
+            Event::NeedServer | Event::Release | Event::Resync => None,
             // a batched query cannot leave a transaction or state behind (`batch::eligible`)
             Event::Quiet if self.seat.is_some() => Some(Some(PgError::fatal(
                 "08P01",
@@ -971,6 +977,50 @@ impl Session {
             self.reset_and_release(conn).await;
         } else {
             self.reset_with(conn, "").await;
+        }
+    }
+
+    /// After a unit: the server goes back (`detach_after_queries`), or, for a pinned client
+    /// that reset settings (`keep`), which on its server went to the server's defaults where
+    /// PostgreSQL gives the client's startup values, it is read back and brought in step
+    /// with the client again, and kept. If that fails, the server's state is unknown and the
+    /// client, which cannot move, is disconnected.
+    async fn after_unit(&mut self, mut conn: PooledConn, keep: bool) -> Option<PgError> {
+        if !keep {
+            self.detach_after_queries(conn).await;
+            return None;
+        }
+        match self.resync_on(&mut conn).await {
+            Ok(()) => {
+                self.server = Some(conn);
+                None
+            }
+            Err(e) => {
+                warn!(db = %self.login.db(), "bringing a pinned server back to its client's settings failed: {e}");
+                Some(PgError::fatal(
+                    "08006",
+                    format!("pgmux lost the session's settings: {e}"),
+                ))
+            }
+        }
+    }
+
+    async fn resync_on(&mut self, conn: &mut PooledConn) -> Result<(), String> {
+        if std::mem::take(&mut self.relay_mut().session.settings_changed) {
+            self.read_back_settings(conn).await?;
+        }
+        let wants = &self.login.wants;
+        let Some(sql) = params::sync_statement(wants, &conn.params, &conn.extras) else {
+            return Ok(());
+        };
+        let applied = params::untracked_sets(wants, &conn.params);
+        match conn.run_internal(&sql).await {
+            Ok(None) => {
+                note_applied(conn, wants, applied);
+                Ok(())
+            }
+            Ok(Some(e)) => Err(format!("{}: {}", e.code, e.message)),
+            Err(e) => Err(e.to_string()),
         }
     }
 

@@ -43,6 +43,10 @@ pub enum Event {
     NeedServer,
     /// Transaction mode: the server is idle with nothing in flight and may go back.
     Release,
+    /// Transaction mode: a pinned client reset settings, which on its server went to the
+    /// server's defaults; it is idle with nothing in flight, to be brought back to the
+    /// client's startup settings before it goes on.
+    Resync,
     /// The server answered everything and keeps serving this client (inside a transaction,
     /// or in session mode): idle timeouts start now.
     Quiet,
@@ -232,6 +236,9 @@ pub struct SessionState {
     /// The pin the client's startup settings give it (a `search_path` naming `pg_temp`),
     /// which a DISCARD ALL, going back to them, does not undo.
     pub startup_pin: Option<PinReason>,
+    /// The client reset a setting (`Effects::resets`) since its server was last brought in
+    /// step with it.
+    pub reset_seen: bool,
     /// A DISCARD ALL was sent and nothing pinned since: when the server says it ran, what
     /// pinned the client is gone (`Relay::discarded`).
     pub unpin_at_discard: bool,
@@ -901,6 +908,7 @@ impl Relay {
         // unpinned only once the server says it ran: PostgreSQL refuses it in a
         // transaction block or a pipeline
         self.session.unpin_at_discard |= fx.discard_all;
+        self.session.reset_seen |= fx.resets;
         if let Some(p) = fx.pin {
             self.session.pin(p);
         }
@@ -1130,6 +1138,8 @@ impl Relay {
                     // whatever follows belongs to the server, not to this client
                     let ch = &mut self.s2c;
                     ch.buf.truncate(ch.scanned);
+                    // the read-back on its return brings the client's startup settings back
+                    self.session.reset_seen = false;
                     return Some(Event::Release);
                 }
                 if self.one_unit && self.session.pin.is_some() && self.flow.quiet() {
@@ -1137,6 +1147,10 @@ impl Relay {
                     // what follows, which waited to be routed on its own and would
                     // otherwise wait for good
                     self.one_unit = false;
+                }
+                if self.transaction_mode && self.session.reset_seen && self.server_clean() {
+                    self.session.reset_seen = false;
+                    return Some(Event::Resync);
                 }
                 quiet = self.flow.quiet();
             }

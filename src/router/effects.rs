@@ -23,6 +23,9 @@ pub struct Effects {
     /// set_config: PostgreSQL does not list those in pg_settings, so pgmux reads them back
     /// by name ([`custom_setting_names`]).
     pub custom_settings: bool,
+    /// A setting reset (`RESET name`, `RESET ALL`, `SET name TO DEFAULT`): on a server it
+    /// goes to the server's default, where PostgreSQL gives the client's startup value.
+    pub resets: bool,
     /// pgmux settings reset to their defaults (`RESET pgmux.route`, `SET pgmux.min_lsn TO
     /// DEFAULT`, `RESET ALL`, `DISCARD ALL`): `PGMUX_ROUTE` | `PGMUX_MIN_LSN`.
     pub pgmux_reset: u8,
@@ -131,6 +134,7 @@ pub(super) fn also_escaped(sql: &str, saw_backslash: bool, fx: Effects) -> Effec
         // what the readings disagree on is not done for the client: the server is cleaned
         discard_all: fx.discard_all && other.discard_all,
         custom_settings: fx.custom_settings || other.custom_settings,
+        resets: fx.resets || other.resets,
         pgmux_reset: fx.pgmux_reset | other.pgmux_reset,
         unbatchable: fx.unbatchable || other.unbatchable,
         drops_all_statements: fx.drops_all_statements && other.drops_all_statements,
@@ -408,6 +412,8 @@ fn statement(head: &[Option<Tok<'_>>; HEAD], n: usize, fx: &mut Effects) {
                 fx.pin.get_or_insert(PinReason::Settings);
             }
             fx.custom_settings |= custom_name(head, at).is_some();
+            let assigns = matches!(head[at + 1], Some(Tok::Op("="))) || w(at + 1, "to");
+            fx.resets |= assigns && w(at + 2, "default");
             if let Some((bit, next)) = pgmux_name(head, at) {
                 let assigns = matches!(head[next], Some(Tok::Op("="))) || w(next, "to");
                 if assigns && head.get(next + 1).is_some_and(|t| word(t, "default")) {
@@ -417,6 +423,7 @@ fn statement(head: &[Option<Tok<'_>>; HEAD], n: usize, fx: &mut Effects) {
         }
     } else if w(0, "reset") {
         fx.settings = true;
+        fx.resets = true;
         fx.custom_settings |= custom_name(head, 1).is_some();
         if w(1, "all") {
             fx.pgmux_reset = PGMUX_ROUTE | PGMUX_MIN_LSN;
@@ -859,6 +866,25 @@ mod tests {
             "PREPARE p AS SELECT 1",
         ] {
             assert!(!effects(sql).may_drop_statements, "{sql}");
+        }
+    }
+
+    #[test]
+    fn resets_are_seen() {
+        for sql in [
+            "RESET ALL",
+            "reset work_mem",
+            "SET work_mem TO DEFAULT",
+            "set session application_name = default",
+        ] {
+            assert!(effects(sql).resets, "{sql}");
+        }
+        for sql in [
+            "SET work_mem = '4MB'",
+            "SET LOCAL work_mem TO DEFAULT",
+            "SELECT 'RESET ALL'",
+        ] {
+            assert!(!effects(sql).resets, "{sql}");
         }
     }
 
