@@ -507,10 +507,17 @@ async fn temp_tables_prepare_cursors_and_locks_pin_until_the_client_leaves() {
 
 /// A client with startup settings (`options=-c ...`) connecting with the same connection string.
 async fn connect_with_options(px: &Pgmux, db: &str) -> Client {
-    let conn = format!(
-        "{} options='-c search_path=tenant1 -c statement_timeout=1234ms'",
-        px.conn_str("app", db, Some("secret"))
-    );
+    connect_with(
+        px,
+        db,
+        "options='-c search_path=tenant1 -c statement_timeout=1234ms'",
+    )
+    .await
+}
+
+/// The app user's client, with `extra` added to its connection string.
+async fn connect_with(px: &Pgmux, db: &str, extra: &str) -> Client {
+    let conn = format!("{} {extra}", px.conn_str("app", db, Some("secret")));
     let (c, conn) = tokio_postgres::connect(&conn, NoTls).await.unwrap();
     tokio::spawn(conn);
     c
@@ -639,12 +646,7 @@ async fn a_startup_search_path_of_pg_temp_pins() {
     let db = "ss_temp_path";
     let px = start(db, 1);
     let admin = connect(&px, "postgres", "pgmux").await;
-    let conn = format!(
-        "{} options='-c search_path=pg_temp,public'",
-        px.conn_str("app", db, Some("secret"))
-    );
-    let (a, conn) = tokio_postgres::connect(&conn, NoTls).await.unwrap();
-    tokio::spawn(conn);
+    let a = connect_with(&px, db, "options='-c search_path=pg_temp,public'").await;
     let pid = one(&a, "SELECT pg_backend_pid()").await;
     a.simple_query("CREATE TABLE t(x int); INSERT INTO t VALUES (1)")
         .await
@@ -675,12 +677,8 @@ async fn a_pinned_client_that_resets_gets_its_startup_settings() {
     let db = "ss_pinned_reset";
     let px = start(db, 2);
     let admin = connect(&px, "postgres", "pgmux").await;
-    let conn = format!(
-        "{} application_name=fromstartup options='-c search_path=public -c work_mem=3MB'",
-        px.conn_str("app", db, Some("secret"))
-    );
-    let (a, conn) = tokio_postgres::connect(&conn, NoTls).await.unwrap();
-    tokio::spawn(conn);
+    let startup = "application_name=fromstartup options='-c search_path=public -c work_mem=3MB'";
+    let a = connect_with(&px, db, startup).await;
     a.simple_query("LISTEN x").await.unwrap();
     assert_eq!(pins_shown(&admin, db).await, ["listen"]);
     let pid = one(&a, "SELECT pg_backend_pid()").await;
