@@ -414,7 +414,7 @@ impl Pool {
         // a bigger pool serves clients already in line at once, not at the next release
         let mut s = lock(&self.state);
         s.hot = hot;
-        while s.open < size {
+        while s.open < size && !self.is_paused() {
             let Some(w) = s.waiters.pop_front() else {
                 break;
             };
@@ -451,6 +451,28 @@ impl Pool {
     pub fn resume(&self) {
         self.paused.store(false, Ordering::Release);
         self.resumed.notify_waiters();
+        self.serve_line();
+    }
+
+    /// After a PAUSE: clients that were already in line when it came were lent nothing
+    /// meanwhile (`put`, `slot_freed`); they get idle servers, then free slots, in turn.
+    fn serve_line(&self) {
+        let size = self.settings.load().size;
+        let mut s = lock(&self.state);
+        while let Some(w) = s.waiters.pop_front() {
+            if let Some(c) = s.idle.pop() {
+                if let Err(Grant::Conn(back)) = w.tx.send(Grant::Conn(c)) {
+                    s.idle.push(back);
+                }
+            } else if s.open < size {
+                if w.tx.send(Grant::Slot).is_ok() {
+                    s.open += 1;
+                }
+            } else {
+                s.waiters.push_front(w);
+                break;
+            }
+        }
     }
 
     pub fn retire(&self) {
@@ -994,6 +1016,12 @@ impl Pool {
             drop(s);
             return c.close();
         }
+        if self.is_paused() {
+            // PAUSE: nothing more is lent, not even to clients already in line
+            // (`serve_line` at RESUME)
+            s.idle.push(c);
+            return;
+        }
         let batch_size = s.hot.batch_size as usize;
         if let Some(batch) = self.batch_for(&mut s, &c, batch_size) {
             drop(s);
@@ -1091,7 +1119,11 @@ impl Pool {
 
     fn slot_freed(&self) {
         let mut s = lock(&self.state);
-        while let Some(w) = s.waiters.pop_front() {
+        // PAUSE: the slot is not passed on (`serve_line` at RESUME)
+        while !self.is_paused() {
+            let Some(w) = s.waiters.pop_front() else {
+                break;
+            };
             if w.tx.send(Grant::Slot).is_ok() {
                 return;
             }
@@ -1169,7 +1201,8 @@ impl Pool {
                 continue;
             }
             let reserve = w.reserve_at.is_some_and(|r| now >= r)
-                && s.open < settings.size + settings.reserve_size;
+                && s.open < settings.size + settings.reserve_size
+                && !self.is_paused();
             if reserve {
                 if w.tx.send(Grant::Slot).is_ok() {
                     s.open += 1;

@@ -312,3 +312,56 @@ async fn a_query_waiting_for_resume_is_cancelled_at_once() {
         .unwrap();
     assert_eq!(s.count(&c).await, 0, "the cancelled insert ran");
 }
+
+/// PAUSE lends nothing more, not even to clients already in line when it came: it completes
+/// once the running transaction ends, with those clients still waiting (as with PgBouncer),
+/// and RESUME serves them. With and without batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_holds_the_clients_already_in_line() {
+    for (batch_size, db) in [(16, "wpause_line_batch"), (0, "wpause_line_plain")] {
+        let s = start(db, batch_size).await;
+        let holder = s.client().await;
+        holder.batch_execute("BEGIN").await.unwrap();
+        let mut line = Vec::new();
+        for i in 0..3 {
+            let c = s.client().await;
+            line.push(tokio::spawn(async move {
+                c.simple_query("INSERT INTO t VALUES (1)").await
+            }));
+            s.wait_waiting(i + 1).await;
+        }
+        let admin = Console::connect(&s.px, "admin", None).await;
+        let pause = tokio::spawn(async move {
+            let r = admin.client.simple_query(&format!("PAUSE {db}")).await;
+            (admin, r)
+        });
+        // PAUSE waits for the transaction; the line waits with it
+        wait_until_async("the database paused", WAIT, || async {
+            let dbs = s.console.show("SHOW DATABASES").await;
+            dbs.iter().any(|d| d["name"] == db && d["paused"] == "1")
+        })
+        .await;
+        holder.batch_execute("COMMIT").await.unwrap();
+        let (_admin, r) = tokio::time::timeout(WAIT, pause)
+            .await
+            .expect("PAUSE did not complete")
+            .unwrap();
+        r.expect("PAUSE");
+        assert!(
+            line.iter().all(|q| !q.is_finished()),
+            "a client in line was served during PAUSE"
+        );
+        s.wait_waiting(3).await;
+        s.console
+            .client
+            .simple_query(&format!("RESUME {db}"))
+            .await
+            .unwrap();
+        for q in line {
+            answered(q).await.expect("served after RESUME");
+        }
+        assert_eq!(s.count(&holder).await, 3);
+        // the three in line have left; the holder stays, with the server back in the pool
+        s.console.wait_idle(db, 1).await;
+    }
+}
