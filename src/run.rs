@@ -99,8 +99,12 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Run
         let _ = a.await;
     }
     let escalate = async {
-        // SIGINT after SIGTERM: stop waiting for idle clients to leave
-        let _ = int.recv().await;
+        // SIGINT or the console's SHUTDOWN after SIGTERM: stop waiting for idle clients to
+        // leave
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = app.shutdown_requested.notified() => {}
+        }
         app.begin_shutdown(Shutdown::Safe);
         std::future::pending::<()>().await
     };

@@ -987,6 +987,33 @@ async fn shutdown_from_the_console_stops_pgmux() {
     assert!(app.simple_query("SELECT 1").await.is_err());
 }
 
+/// The console's SHUTDOWN during a SIGTERM drain escalates it, as SIGINT does: clients
+/// between transactions are closed instead of waited for, and pgmux exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_from_the_console_escalates_a_sigterm_drain() {
+    let db = "obsshutdown_drain";
+    let mut s = start(db, "shutdown_timeout = 600", "");
+    let app = connect(&s.px, "app", db).await.unwrap();
+    app.simple_query("SELECT 1").await.unwrap();
+    let admin = console(&s.px).await;
+    s.px.signal(libc::SIGTERM);
+    wait_until_async("the drain began", WAIT, || async {
+        s.px.log().contains("shutting down (Drain)")
+    })
+    .await;
+    app.simple_query("SELECT 2")
+        .await
+        .expect("served while draining");
+    admin.simple_query("SHUTDOWN").await.unwrap();
+    wait_until_async("the idle client closed", WAIT, || async {
+        app.simple_query("SELECT 3").await.is_err()
+    })
+    .await;
+    drop(admin);
+    let status = tokio::task::block_in_place(|| s.px.wait_exit(WAIT)).expect("pgmux exited");
+    assert!(status.success(), "{status}");
+}
+
 /// log_connections and log_disconnections (PgBouncer's names, on by default) silence the
 /// session start and end lines, and SET changes them live.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
