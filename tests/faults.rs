@@ -962,15 +962,27 @@ async fn clients_leaving_during_a_stalled_server_login_free_everything() {
             .unwrap();
         gone.push(s);
     }
-    // SHOW LISTS counts the console among the clients logging in
+    // logins waiting for the pool's first server are its waiting clients (as PgBouncer's
+    // CL_WAITING_LOGIN): in used_clients and cl_waiting; the console is the one login client
+    let waiting = || async {
+        let pools = console.show("SHOW POOLS").await;
+        let lists = console.show("SHOW LISTS").await;
+        let cl_waiting: i64 = pools
+            .iter()
+            .filter(|r| r["database"] == db)
+            .map(|r| r["cl_waiting"].parse::<i64>().unwrap())
+            .sum();
+        let used = list(lists.clone(), "used_clients");
+        (cl_waiting, used, list(lists, "login_clients"))
+    };
     wait_until_async("three logins waiting for the server", WAIT, || async {
-        list(console.show("SHOW LISTS").await, "login_clients") == 4
+        waiting().await == (3, 3, 1)
     })
     .await;
     wait_until("pgmux connecting to the server", WAIT, || relay.open() >= 1);
     drop(gone);
     wait_until_async("the logins gone", WAIT, || async {
-        list(console.show("SHOW LISTS").await, "login_clients") == 1
+        waiting().await == (0, 0, 1)
     })
     .await;
     wait_until_async("no server connection being opened", WAIT, || async {

@@ -1096,3 +1096,60 @@ async fn failed_server_logins_are_not_retried_at_every_upkeep() {
     let log = s.px.log();
     assert_eq!(log.matches("server login failed").count(), 1, "{log}");
 }
+
+/// A client whose login needs the first server of a paused pool (the pool has none yet)
+/// waits in line like any other: counted in cl_waiting, shown waiting in SHOW CLIENTS, ended
+/// by KILL, and closed at once by SIGINT instead of holding the shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_waiting_for_the_first_server_of_a_paused_pool_is_a_waiting_client() {
+    let db = "obsloginwait";
+    let mut s = start(db, "shutdown_timeout = 600", "");
+    let admin = console(&s.px).await;
+    admin.simple_query(&format!("PAUSE {db}")).await.unwrap();
+    let url = s.px.conn_str("app", db, Some("secret"));
+    let login = || {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let (c, conn) = tokio_postgres::connect(&url, NoTls).await?;
+            tokio::spawn(conn);
+            Ok::<_, tokio_postgres::Error>(c)
+        })
+    };
+    let waiting_in_line = || async {
+        let pool = pool_row(&admin, db, "app").await;
+        !pool.is_empty() && num(&pool, "cl_waiting") == 1
+    };
+
+    let first = login();
+    wait_until_async(
+        "the login waiting for the paused pool",
+        WAIT,
+        waiting_in_line,
+    )
+    .await;
+    let clients = rows(&admin, "SHOW CLIENTS").await;
+    let mine: Vec<_> = clients
+        .iter()
+        .filter(|r| r["database"].as_deref() == Some(db))
+        .collect();
+    assert_eq!(mine.len(), 1, "{clients:?}");
+    assert_eq!(mine[0]["state"].as_deref(), Some("waiting"), "{clients:?}");
+
+    admin.simple_query(&format!("KILL {db}")).await.unwrap();
+    let e = first.await.unwrap().expect_err("killed, not logged in");
+    assert_eq!(e.code().map(|c| c.code()), Some("57P01"), "{e}");
+    wait_until_async("the killed login gone", WAIT, || async {
+        num(&pool_row(&admin, db, "app").await, "cl_waiting") == 0
+    })
+    .await;
+
+    // still paused after KILL: the next login waits, and SIGINT closes it at once
+    let second = login();
+    wait_until_async("the second login waiting", WAIT, waiting_in_line).await;
+    s.px.signal(libc::SIGINT);
+    let e = second.await.unwrap().expect_err("closed by SIGINT");
+    assert_eq!(e.code().map(|c| c.code()), Some("57P01"), "{e}");
+    let status = tokio::task::block_in_place(|| s.px.wait_exit(WAIT))
+        .expect("pgmux exited without waiting for shutdown_timeout");
+    assert!(status.success(), "{status}");
+}

@@ -257,14 +257,37 @@ pub async fn login(
         )));
     }
     let pool = app.pool(database, &user);
-    // a client that gives up while its pool's first server is being connected leaves now,
-    // with its slot under max_client_conn, rather than when the server answers
-    let baseline = tokio::select! {
-        b = any_baseline(app, database, &user, &pool) => b,
-        _ = stream.hangup(false) => {
-            return Err(Refusal::silent(
-                "the client left while a server connection was being made for it",
-            ))
+    // Registered before its pool's first server is asked for: a login that waits for it (a
+    // paused pool, a full one) is a waiting client of the pool, seen in SHOW POOLS and SHOW
+    // CLIENTS, ended by KILL and by a safe shutdown like any other.
+    let known = pool.baseline();
+    let app_name = settings
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "application_name")
+        .map(|(_, v)| v.as_str())
+        .or_else(|| known.as_deref().and_then(|b| b.get("application_name")))
+        .unwrap_or("");
+    let client = app
+        .registry
+        .register(pool.stats.clone(), conn.addr, local, app_name);
+    let baseline = match known {
+        Some(b) => Ok(b),
+        None => {
+            client.waiting();
+            // a client that gives up while its pool's first server is being connected leaves
+            // now, with its slot under max_client_conn, rather than when the server answers
+            let b = tokio::select! {
+                b = any_baseline(app, database, &user, &pool) => b,
+                _ = super::stopped(&client, app) => Err(super::shutdown_error()),
+                _ = stream.hangup(false) => {
+                    return Err(Refusal::silent(
+                        "the client left while a server connection was being made for it",
+                    ))
+                }
+            };
+            client.idle();
+            b
         }
     };
     let baseline = match baseline {
@@ -275,12 +298,6 @@ pub async fn login(
         }
     };
     let wants = pool.share_wants(params::client_wants(&baseline, &settings));
-    let client = app.registry.register(
-        pool.stats.clone(),
-        conn.addr,
-        local,
-        wants.get("application_name").unwrap_or(""),
-    );
     welcome(&mut out, &baseline, &wants, &client.info().cancel);
     // a refused client leaves the registry with its handle
     write(stream, &out).await?;
