@@ -1153,3 +1153,61 @@ async fn a_login_waiting_for_the_first_server_of_a_paused_pool_is_a_waiting_clie
         .expect("pgmux exited without waiting for shutdown_timeout");
     assert!(status.success(), "{status}");
 }
+
+/// A database name with a space (or a `;`, or a double quote) is named in console commands
+/// as a quoted identifier, as in PgBouncer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_commands_take_quoted_database_names() {
+    let db = "obsquoted";
+    let pg = PgCluster::shared();
+    let extra = format!(
+        "[[databases]]\nname = \"my db\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"{db}\"\n\
+         [[databases]]\nname = 'a;\"b\"'\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"{db}\"\n",
+        pg.primary().port,
+        pg.primary().port
+    );
+    let s = start(db, "pool_mode = \"transaction\"", &extra);
+    let admin = console(&s.px).await;
+    let paused = |name: &'static str| {
+        let admin = &admin;
+        async move {
+            rows(admin, "SHOW DATABASES")
+                .await
+                .into_iter()
+                .find(|r| r["name"].as_deref() == Some(name))
+                .and_then(|r| r["paused"].clone())
+                .unwrap_or_else(|| panic!("no database {name:?} in SHOW DATABASES"))
+        }
+    };
+    for (name, quoted) in [("my db", "\"my db\""), ("a;\"b\"", "\"a;\"\"b\"\"\"")] {
+        let c = connect(&s.px, "app", name).await.unwrap();
+        assert_eq!(first(&c.simple_query("SELECT 'in'").await.unwrap()), "in");
+        admin
+            .simple_query(&format!("PAUSE {quoted}"))
+            .await
+            .unwrap_or_else(|e| panic!("PAUSE {quoted}: {e}"));
+        assert_eq!(paused(name).await, "1");
+        admin
+            .simple_query(&format!("RESUME {quoted}; RECONNECT {quoted}"))
+            .await
+            .unwrap_or_else(|e| panic!("RESUME {quoted}: {e}"));
+        assert_eq!(paused(name).await, "0");
+        let stats = rows(&admin, &format!("SHOW STATS {quoted}")).await;
+        assert_eq!(stats.len(), 1, "{stats:?}");
+        assert_eq!(stats[0]["database"].as_deref(), Some(name));
+        admin
+            .simple_query(&format!("KILL {quoted}"))
+            .await
+            .unwrap_or_else(|e| panic!("KILL {quoted}: {e}"));
+        wait_until_async("the killed client closed", WAIT, || async { c.is_closed() }).await;
+        admin
+            .simple_query(&format!("RESUME {quoted}"))
+            .await
+            .unwrap();
+    }
+    // an unquoted name with a space is two words; an unterminated quote is no command
+    for bad in ["PAUSE my db", "PAUSE \"my db", "PAUSE \"my\"db"] {
+        let e = admin.simple_query(bad).await.unwrap_err();
+        assert_eq!(e.code().unwrap().code(), "42601", "{bad}: {e}");
+    }
+}

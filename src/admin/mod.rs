@@ -239,11 +239,26 @@ impl Session {
     }
 
     async fn command(&mut self, stmt: &str) -> Result<BytesMut, PgError> {
-        let words: Vec<&str> = stmt.split_whitespace().collect();
-        let verb = words[0].to_ascii_uppercase();
+        // a SET's value is a '...' string, which may hold anything: read by `parse_set`
+        let first = stmt.split_whitespace().next().unwrap_or_default();
+        if first.eq_ignore_ascii_case("SET") {
+            return self.set(stmt);
+        }
+        let words = words(stmt).ok_or_else(|| syntax(stmt))?;
+        // a keyword is never quoted: `"SHOW" POOLS` is no command
+        let keyword = |i: usize| {
+            words
+                .get(i)
+                .filter(|w| !w.quoted)
+                .map(|w| w.text.to_ascii_uppercase())
+        };
+        let verb = keyword(0).ok_or_else(|| syntax(stmt))?;
         if verb == "SHOW" {
-            let what = words.get(1).map(|w| w.to_ascii_uppercase());
-            let arg = words.get(2).map(|w| unquote_ident(w));
+            let what = keyword(1);
+            if words.len() > 1 && what.is_none() {
+                return Err(syntax(stmt));
+            }
+            let arg = words.get(2).map(|w| w.text.clone());
             if words.len() > 3 {
                 return Err(syntax(stmt));
             }
@@ -256,15 +271,10 @@ impl Session {
                 .await
                 .ok_or_else(|| syntax(stmt));
         }
-        if verb == "SET" {
-            if let Some(ignored) = client_parameter_set(stmt) {
-                return Ok(ignored);
-            }
-        }
         if self.console.role != Role::Admin {
             return Err(PgError::error("42501", "admin access needed"));
         }
-        let arg = words.get(1).map(|w| unquote_ident(w));
+        let arg = words.get(1).map(|w| w.text.clone());
         let one_arg = words.len() <= 2;
         let done = |tag: &str| {
             let mut b = BytesMut::new();
@@ -272,12 +282,6 @@ impl Session {
             b
         };
         match verb.as_str() {
-            "SET" => {
-                let (key, value) = parse_set(stmt).ok_or_else(|| syntax(stmt))?;
-                settings::set(&self.app, &key, &value).map_err(|m| PgError::error("22023", m))?;
-                info!(user = %self.console.user, "SET {key} = {value:?}");
-                Ok(done("SET"))
-            }
             "PAUSE" if one_arg => {
                 self.pause(arg.as_deref()).await?;
                 Ok(done("PAUSE"))
@@ -317,7 +321,7 @@ impl Session {
                 Ok(done("KILL"))
             }
             "KILL_CLIENT" if words.len() == 2 => {
-                let id = words[1].parse().map_err(|_| syntax(stmt))?;
+                let id = words[1].text.parse().map_err(|_| syntax(stmt))?;
                 self.kill_client(id)?;
                 Ok(done("KILL_CLIENT"))
             }
@@ -343,6 +347,23 @@ impl Session {
             }
             _ => Err(syntax(stmt)),
         }
+    }
+
+    /// `SET key = value`: a setting of pgmux (admin_users only), or a client parameter a
+    /// driver sets, acknowledged and ignored (any console user).
+    fn set(&self, stmt: &str) -> Result<BytesMut, PgError> {
+        if let Some(ignored) = client_parameter_set(stmt) {
+            return Ok(ignored);
+        }
+        if self.console.role != Role::Admin {
+            return Err(PgError::error("42501", "admin access needed"));
+        }
+        let (key, value) = parse_set(stmt).ok_or_else(|| syntax(stmt))?;
+        settings::set(&self.app, &key, &value).map_err(|m| PgError::error("22023", m))?;
+        info!(user = %self.console.user, "SET {key} = {value:?}");
+        let mut b = BytesMut::new();
+        wire::command_complete(&mut b, "SET");
+        Ok(b)
     }
 
     fn known_db(&self, db: Option<&str>) -> Result<(), PgError> {
@@ -470,18 +491,24 @@ fn syntax(stmt: &str) -> PgError {
     PgError::error("42601", format!("invalid command '{stmt}', use SHOW HELP;"))
 }
 
-/// Statements separated by `;` outside single quotes, trimmed, empty ones dropped.
+/// Statements separated by `;` outside single quotes and double-quoted names, trimmed, empty
+/// ones dropped.
 fn split_statements(sql: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
-    let mut quoted = false;
+    // the quote character open now, if any ('' and "" inside close and reopen it: the same)
+    let mut open: Option<char> = None;
     for c in sql.chars() {
-        match c {
-            '\'' => {
-                quoted = !quoted;
+        match (c, open) {
+            ('\'' | '"', None) => {
+                open = Some(c);
                 cur.push(c);
             }
-            ';' if !quoted => out.push(std::mem::take(&mut cur)),
+            (c, Some(q)) if c == q => {
+                open = None;
+                cur.push(c);
+            }
+            (';', None) => out.push(std::mem::take(&mut cur)),
             _ => cur.push(c),
         }
     }
@@ -492,11 +519,52 @@ fn split_statements(sql: &str) -> Vec<String> {
         .collect()
 }
 
-/// A database name, with or without double quotes; names match the configuration exactly.
-fn unquote_ident(w: &str) -> String {
-    match w.strip_prefix('"').and_then(|w| w.strip_suffix('"')) {
-        Some(inner) => inner.replace("\"\"", "\""),
-        None => w.to_string(),
+/// One word of a console command: a keyword or a name.
+#[derive(Debug, PartialEq)]
+struct Word {
+    /// As written, or for a quoted name its content (`""` read as `"`).
+    text: String,
+    /// It was a double-quoted name, which may hold spaces, `;` and quotes.
+    quoted: bool,
+}
+
+/// The words of a command, separated by whitespace; a double-quoted name is one word (as
+/// PgBouncer reads it). Names match the configuration exactly, quoted or not. None for an
+/// unterminated quote or a quote that does not stand alone (`a"b"`).
+fn words(stmt: &str) -> Option<Vec<Word>> {
+    let mut out = Vec::new();
+    let mut chars = stmt.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let Some(&first) = chars.peek() else {
+            return Some(out);
+        };
+        let mut text = String::new();
+        if first == '"' {
+            chars.next();
+            loop {
+                match chars.next()? {
+                    '"' if chars.next_if_eq(&'"').is_some() => text.push('"'),
+                    '"' => break,
+                    c => text.push(c),
+                }
+            }
+            if chars.peek().is_some_and(|c| !c.is_whitespace()) {
+                return None;
+            }
+            out.push(Word { text, quoted: true });
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                if c == '"' {
+                    return None;
+                }
+                text.push(c);
+            }
+            out.push(Word {
+                text,
+                quoted: false,
+            });
+        }
     }
 }
 
@@ -604,9 +672,39 @@ mod tests {
         }
     }
 
+    fn texts(stmt: &str) -> Option<Vec<(String, bool)>> {
+        words(stmt).map(|w| w.into_iter().map(|w| (w.text, w.quoted)).collect())
+    }
+
     #[test]
     fn identifiers() {
-        assert_eq!(unquote_ident("App"), "App");
-        assert_eq!(unquote_ident("\"App\""), "App");
+        let plain = |t: &str| (t.to_string(), false);
+        let quoted = |t: &str| (t.to_string(), true);
+        assert_eq!(texts("PAUSE App"), Some(vec![plain("PAUSE"), plain("App")]));
+        assert_eq!(
+            texts("PAUSE \"App\""),
+            Some(vec![plain("PAUSE"), quoted("App")])
+        );
+        assert_eq!(
+            texts("  KILL\t\"my db\"  "),
+            Some(vec![plain("KILL"), quoted("my db")])
+        );
+        assert_eq!(
+            texts("RESUME \"a \"\"b\"\"; c\""),
+            Some(vec![plain("RESUME"), quoted("a \"b\"; c")])
+        );
+        assert_eq!(texts("PAUSE \"\""), Some(vec![plain("PAUSE"), quoted("")]));
+        for bad in [
+            "PAUSE \"my db",
+            "PAUSE \"a\"b",
+            "PAUSE a\"b\"",
+            "PAUSE \"a\"\"",
+        ] {
+            assert_eq!(texts(bad), None, "{bad}");
+        }
+        assert_eq!(
+            split_statements("PAUSE \"a;b\"; RESUME \"it's\"; show pools"),
+            vec!["PAUSE \"a;b\"", "RESUME \"it's\"", "show pools"]
+        );
     }
 }
