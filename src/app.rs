@@ -512,6 +512,15 @@ impl App {
         lock(&self.disabled).contains(db)
     }
 
+    /// Whether a console command may name `db`: it is in the configuration, or a reload
+    /// removed it while it still has pools (serving their last clients) or is paused.
+    pub fn knows_db(&self, db: &str) -> bool {
+        self.config().database(db).is_some()
+            || lock(&self.pause).dbs.contains(db)
+            || lock(&self.retired).iter().any(|p| p.db == db)
+            || lock(&self.pools).values().any(|p| p.db == db)
+    }
+
     pub fn is_paused(&self, db: &str) -> bool {
         let p = lock(&self.pause);
         p.all || p.dbs.contains(db)

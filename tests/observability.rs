@@ -1154,6 +1154,62 @@ async fn a_login_waiting_for_the_first_server_of_a_paused_pool_is_a_waiting_clie
     assert!(status.success(), "{status}");
 }
 
+/// A database paused (or killed) and then removed by RELOAD can still be named by RESUME and
+/// KILL while its pool serves its last clients, so those clients are never stranded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_and_kill_reach_a_paused_database_removed_by_reload() {
+    let db = "obsremovedpause";
+    let s = start(db, "pool_mode = \"transaction\"", "");
+    let admin = console(&s.px).await;
+    let c = connect(&s.px, "app", db).await.unwrap();
+    c.simple_query("SELECT 1").await.unwrap();
+    admin.simple_query(&format!("PAUSE {db}")).await.unwrap();
+    let held = tokio::spawn(async move {
+        let r = c.simple_query("SELECT 'resumed'").await;
+        (c, r)
+    });
+    wait_until_async("the query waiting", WAIT, || async {
+        num(&pool_row(&admin, db, "app").await, "cl_waiting") == 1
+    })
+    .await;
+
+    // the database leaves the configuration while paused
+    let without = config(db, s.metrics_port, "pool_mode = \"transaction\"", "")
+        .replace("{port}", &s.px.port.to_string());
+    let cut = without.find("[[databases]]").unwrap();
+    std::fs::write(&s.px.config_path, &without[..cut]).unwrap();
+    admin.simple_query("RELOAD").await.unwrap();
+    let err = connect(&s.px, "app", db).await.unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "3D000");
+
+    admin
+        .simple_query(&format!("RESUME {db}"))
+        .await
+        .expect("RESUME of the removed database");
+    let (c, r) = held.await.unwrap();
+    assert_eq!(first(&r.expect("served after RESUME")), "resumed");
+
+    admin
+        .simple_query(&format!("KILL {db}"))
+        .await
+        .expect("KILL of the removed database");
+    wait_until_async("the killed client closed", WAIT, || async { c.is_closed() }).await;
+    admin
+        .simple_query(&format!("RESUME {db}"))
+        .await
+        .expect("RESUME after KILL");
+    wait_until_async("drained pool gone", WAIT, || async {
+        pool_row(&admin, db, "app").await.is_empty()
+    })
+    .await;
+    // once nothing is left of it, the name is unknown again
+    let err = admin
+        .simple_query(&format!("RESUME {db}"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "3D000");
+}
+
 /// A database name with a space (or a `;`, or a double quote) is named in console commands
 /// as a quoted identifier, as in PgBouncer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -366,9 +366,11 @@ impl Session {
         Ok(b)
     }
 
+    /// A database the command may name: one in the configuration, or one a reload removed
+    /// that still has clients or a pause (so RESUME and KILL reach the clients it strands).
     fn known_db(&self, db: Option<&str>) -> Result<(), PgError> {
         match db {
-            Some(d) if self.app.config().database(d).is_none() => Err(PgError::error(
+            Some(d) if !self.app.knows_db(d) => Err(PgError::error(
                 "3D000",
                 format!("database \"{d}\" does not exist"),
             )),
