@@ -98,19 +98,28 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Run
     if let Some(a) = accepting_unix {
         let _ = a.await;
     }
-    let escalate = async {
-        // SIGINT or the console's SHUTDOWN after SIGTERM: stop waiting for idle clients to
-        // leave
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = app.shutdown_requested.notified() => {}
+    // As PgBouncer 1.23: a second SIGTERM or SIGINT while a shutdown is under way ends it
+    // at once. The console's SHUTDOWN during a drain escalates it to a safe shutdown.
+    let second_signal = async {
+        loop {
+            tokio::select! {
+                _ = term.recv() => break "SIGTERM",
+                _ = int.recv() => break "SIGINT",
+                _ = app.shutdown_requested.notified() => {
+                    app.begin_shutdown(Shutdown::Safe);
+                }
+            }
         }
-        app.begin_shutdown(Shutdown::Safe);
-        std::future::pending::<()>().await
     };
     tokio::select! {
         _ = drain(&app) => {}
-        _ = escalate => {}
+        signal = second_signal => {
+            warn!(
+                "{signal} during the shutdown: closing {} client(s) now",
+                app.client_count()
+            );
+            close_all(&app).await;
+        }
     }
     maintenance.abort();
     if let Some(t) = metrics_task {
@@ -156,6 +165,14 @@ async fn drain(app: &App) {
         return;
     }
     warn!("shutdown_timeout: closing {} client(s)", app.client_count());
+    close_all(app).await;
+}
+
+/// Closes every client now (at shutdown_timeout, or on a second signal), console sessions
+/// included, and waits a little for them to go.
+async fn close_all(app: &App) {
+    // console sessions end at a safe shutdown; so do clients waiting for a server
+    app.begin_shutdown(Shutdown::Safe);
     // told why (FATAL 57P01, as KILL tells them) rather than finding their socket closed;
     // a client that does not read its socket is not waited for long
     for c in app.registry.snapshot() {

@@ -279,3 +279,42 @@ async fn sigint_closes_clients_waiting_for_a_server() {
     let status = px.wait_exit(Duration::from_secs(30)).expect("pgmux exits");
     assert!(status.success(), "{status:?}");
 }
+
+/// As PgBouncer 1.23: a second SIGTERM or SIGINT while a shutdown (drain or safe) is under way
+/// ends it at once: the clients it waited for are told (FATAL 57P01) and pgmux exits, long
+/// before shutdown_timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_during_a_shutdown_exits_at_once() {
+    for (first, second) in [
+        (libc::SIGTERM, libc::SIGTERM),
+        (libc::SIGINT, libc::SIGINT),
+        (libc::SIGTERM, libc::SIGINT),
+    ] {
+        let mut px = start_trust(600);
+        let url = px.conn_str("postgres", "app", None);
+        let (c, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        let conn = tokio::spawn(conn);
+        // inside a transaction: neither shutdown closes it before it ends
+        c.simple_query("BEGIN; SELECT 1").await.unwrap();
+        px.signal(first);
+        wait_until_async("the shutdown began", Duration::from_secs(20), || async {
+            px.log().contains("shutting down (")
+        })
+        .await;
+        c.simple_query("SELECT 2")
+            .await
+            .expect("served during the shutdown");
+        px.signal(second);
+        let ended = tokio::time::timeout(Duration::from_secs(30), conn)
+            .await
+            .expect("the connection ends at the second signal")
+            .unwrap();
+        let e = ended.expect_err("closed with an error");
+        assert_eq!(e.code().map(|c| c.code()), Some("57P01"), "{e}");
+        let status = px
+            .wait_exit(Duration::from_secs(30))
+            .expect("pgmux exits at the second signal");
+        assert!(status.success(), "{status:?}");
+        assert!(px.log().contains("during the shutdown: closing"));
+    }
+}
