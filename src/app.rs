@@ -29,6 +29,16 @@ pub enum Shutdown {
     Safe,
 }
 
+impl Shutdown {
+    fn from_u8(v: u8) -> Shutdown {
+        match v {
+            0 => Shutdown::Running,
+            1 => Shutdown::Drain,
+            _ => Shutdown::Safe,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
     #[error("no configuration file to reload from")]
@@ -96,8 +106,10 @@ pub struct App {
     /// The stage as a plain atomic: every session reads it on every wake-up, and a watch
     /// channel's read takes its lock.
     stage: std::sync::atomic::AtomicU8,
-    /// SHUTDOWN from the admin console: `run` treats it as SIGINT.
+    /// SHUTDOWN from the admin console: `run` begins (or escalates to) the stage it asked
+    /// for, kept in `requested` (the latest stage asked so far).
     pub shutdown_requested: Notify,
+    requested: std::sync::atomic::AtomicU8,
     /// Woken when the last client leaves.
     pub no_clients: tokio::sync::Notify,
     pub started: SystemTime,
@@ -224,6 +236,7 @@ impl App {
             shutdown: watch::channel(Shutdown::Running).0,
             stage: std::sync::atomic::AtomicU8::new(Shutdown::Running as u8),
             shutdown_requested: Notify::new(),
+            requested: std::sync::atomic::AtomicU8::new(Shutdown::Running as u8),
             no_clients: tokio::sync::Notify::new(),
             started: SystemTime::now(),
             auth_failures: AtomicU64::new(0),
@@ -261,11 +274,19 @@ impl App {
     }
 
     pub fn shutdown_stage(&self) -> Shutdown {
-        match self.stage.load(Ordering::Acquire) {
-            0 => Shutdown::Running,
-            1 => Shutdown::Drain,
-            _ => Shutdown::Safe,
-        }
+        Shutdown::from_u8(self.stage.load(Ordering::Acquire))
+    }
+
+    /// SHUTDOWN from the console: asks `run` for `stage` (Drain: WAIT_FOR_CLIENTS, Safe:
+    /// WAIT_FOR_SERVERS or bare SHUTDOWN). A later stage than one asked before wins.
+    pub fn request_shutdown(&self, stage: Shutdown) {
+        self.requested.fetch_max(stage as u8, Ordering::AcqRel);
+        self.shutdown_requested.notify_one();
+    }
+
+    /// The latest stage the console asked for (`request_shutdown`).
+    pub fn requested_shutdown(&self) -> Shutdown {
+        Shutdown::from_u8(self.requested.load(Ordering::Acquire))
     }
 
     pub fn client_count(&self) -> usize {

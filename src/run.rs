@@ -80,7 +80,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Run
         tokio::select! {
             _ = term.recv() => break Shutdown::Drain,
             _ = int.recv() => break Shutdown::Safe,
-            _ = app.shutdown_requested.notified() => break Shutdown::Safe,
+            _ = app.shutdown_requested.notified() => break app.requested_shutdown(),
             _ = hup.recv() => {
                 info!("SIGHUP: reloading the configuration");
                 if let Err(e) = app.reload() {
@@ -99,14 +99,15 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Run
         let _ = a.await;
     }
     // As PgBouncer 1.23: a second SIGTERM or SIGINT while a shutdown is under way ends it
-    // at once. The console's SHUTDOWN during a drain escalates it to a safe shutdown.
+    // at once. The console's SHUTDOWN (or SHUTDOWN WAIT_FOR_SERVERS) during a drain escalates
+    // it to a safe shutdown; WAIT_FOR_CLIENTS during one changes nothing.
     let second_signal = async {
         loop {
             tokio::select! {
                 _ = term.recv() => break "SIGTERM",
                 _ = int.recv() => break "SIGINT",
                 _ = app.shutdown_requested.notified() => {
-                    app.begin_shutdown(Shutdown::Safe);
+                    app.begin_shutdown(app.requested_shutdown());
                 }
             }
         }

@@ -1267,3 +1267,63 @@ async fn console_commands_take_quoted_database_names() {
         assert_eq!(e.code().unwrap().code(), "42601", "{bad}: {e}");
     }
 }
+
+/// SHUTDOWN WAIT_FOR_CLIENTS is SIGTERM's drain and SHUTDOWN WAIT_FOR_SERVERS SIGINT's safe
+/// shutdown, as in PgBouncer 1.23.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_wait_for_clients_drains_and_wait_for_servers_shuts_down_safely() {
+    let db = "obsshutdown_wait";
+    let general = "pool_mode = \"transaction\"\nshutdown_timeout = 600";
+    let mut s = start(db, general, "");
+    let admin = console(&s.px).await;
+    let e = admin.simple_query("SHUTDOWN NOW").await.unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "42601", "{e}");
+    let app = connect(&s.px, "app", db).await.unwrap();
+    app.simple_query("SELECT 1").await.unwrap();
+    admin
+        .simple_query("shutdown wait_for_clients")
+        .await
+        .expect("SHUTDOWN WAIT_FOR_CLIENTS");
+    wait_until_async("the drain began", WAIT, || async {
+        s.px.log().contains("shutting down (Drain)")
+    })
+    .await;
+    wait_until_async("no new clients", WAIT, || async {
+        connect(&s.px, "app", db).await.is_err()
+    })
+    .await;
+    // connected clients are served, between transactions too
+    for sql in ["SELECT 2", "BEGIN", "SELECT 3", "COMMIT"] {
+        app.simple_query(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql} while draining: {e}"));
+    }
+    drop(admin);
+    drop(app);
+    let status = tokio::task::block_in_place(|| s.px.wait_exit(WAIT))
+        .expect("pgmux exits once its clients left");
+    assert!(status.success(), "{status}");
+
+    let db = "obsshutdown_wait2";
+    let mut s = start(db, general, "");
+    let admin = console(&s.px).await;
+    let holder = connect(&s.px, "app", db).await.unwrap();
+    holder.simple_query("BEGIN; SELECT 1").await.unwrap();
+    let idle = connect(&s.px, "app", db).await.unwrap();
+    idle.simple_query("SELECT 1").await.unwrap();
+    admin
+        .simple_query("SHUTDOWN WAIT_FOR_SERVERS")
+        .await
+        .expect("SHUTDOWN WAIT_FOR_SERVERS");
+    // a client between transactions is closed, the open transaction finishes
+    wait_until_async("the idle client closed", WAIT, || async {
+        idle.is_closed()
+    })
+    .await;
+    holder
+        .simple_query("SELECT 2; COMMIT")
+        .await
+        .expect("the open transaction finishes");
+    let status = tokio::task::block_in_place(|| s.px.wait_exit(WAIT)).expect("pgmux exited");
+    assert!(status.success(), "{status}");
+}

@@ -340,9 +340,16 @@ impl Session {
                 info!(user = %self.console.user, db = ?arg, "RECONNECT");
                 Ok(done("RECONNECT"))
             }
-            "SHUTDOWN" if words.len() == 1 => {
-                warn!(user = %self.console.user, "SHUTDOWN from the admin console");
-                self.app.shutdown_requested.notify_one();
+            "SHUTDOWN" if one_arg => {
+                // as PgBouncer 1.23: WAIT_FOR_CLIENTS is SIGTERM's drain, WAIT_FOR_SERVERS
+                // SIGINT's safe shutdown; bare SHUTDOWN is pgmux's safe shutdown too
+                let stage = match keyword(1).as_deref() {
+                    None | Some("WAIT_FOR_SERVERS") => Shutdown::Safe,
+                    Some("WAIT_FOR_CLIENTS") => Shutdown::Drain,
+                    Some(_) => return Err(syntax(stmt)),
+                };
+                warn!(user = %self.console.user, "{stmt} from the admin console");
+                self.app.request_shutdown(stage);
                 Ok(done("SHUTDOWN"))
             }
             _ => Err(syntax(stmt)),
