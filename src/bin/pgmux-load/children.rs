@@ -5,11 +5,11 @@ use crate::cli::Args;
 use crate::observe::Observed;
 use crate::run::{report, write_ready_file, ChildMsg, Report, GRACE};
 use crate::stats::{Progress, Summary};
-use std::process::Stdio;
+use std::io::BufRead;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChildError {
@@ -71,6 +71,31 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The children started and not yet reaped, killed if this process gives up on them (an
+/// error starting a later one, a child past its time). std's processes, each waited for on
+/// a thread of its own: tokio's `process` feature would reap orphans at every park of the
+/// runtime, pgmux's own included (the feature is crate-wide), about 60 instructions a park.
+#[derive(Default)]
+struct Unreaped(Mutex<Vec<u32>>);
+
+impl Unreaped {
+    fn kill(&self, pid: u32) {
+        if lock(&self.0).contains(&pid) {
+            // SAFETY: kill(2) of a child this process started and has not reaped
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+impl Drop for Unreaped {
+    fn drop(&mut self) {
+        for &pid in lock(&self.0).iter() {
+            // SAFETY: as in `kill`
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
 pub async fn run(
     args: &Args,
     scale: Option<u32>,
@@ -80,6 +105,7 @@ pub async fn run(
     let exe = std::env::current_exe().map_err(ChildError::Exe)?;
     let slots: Arc<Vec<Mutex<Slot>>> =
         Arc::new((0..args.processes).map(|_| Mutex::default()).collect());
+    let unreaped = Arc::new(Unreaped::default());
     let mut children = Vec::new();
     for i in 0..args.processes {
         let (child_args, _) = args.child_args(i, scale);
@@ -90,18 +116,19 @@ pub async fn run(
             .stderr(Stdio::inherit())
             // its own process group: a terminal's Ctrl-C reaches the parent alone, which
             // passes it on once (a second one would make a child quit without its summary)
-            .process_group(0)
-            .kill_on_drop(true);
+            .process_group(0);
         match &args.password {
             Some(pw) => cmd.env("PGPASSWORD", pw),
             None => cmd.env_remove("PGPASSWORD"),
         };
         let mut child = cmd.spawn().map_err(|e| ChildError::Spawn(i, e))?;
+        let pid = child.id();
+        lock(&unreaped.0).push(pid);
         let stdout = child.stdout.take().expect("piped stdout");
         let slots2 = slots.clone();
-        let reader = tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
+        let reader = tokio::task::spawn_blocking(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
                 match serde_json::from_str::<ChildMsg>(&line) {
                     Ok(ChildMsg::Progress(p)) => lock(&slots2[i as usize]).progress = p,
                     Ok(ChildMsg::Summary(s)) => lock(&slots2[i as usize]).summary = Some(*s),
@@ -109,14 +136,16 @@ pub async fn run(
                 }
             }
         });
-        children.push((child, reader));
+        let unreaped2 = unreaped.clone();
+        let waited = tokio::task::spawn_blocking(move || {
+            let status = child.wait();
+            lock(&unreaped2.0).retain(|&p| p != pid);
+            status
+        });
+        children.push((pid, waited, reader));
     }
 
-    let pids: Vec<i32> = children
-        .iter()
-        .filter_map(|(c, _)| c.id())
-        .map(|p| p as i32)
-        .collect();
+    let pids: Vec<i32> = children.iter().map(|(p, _, _)| *p as i32).collect();
     let interrupt = tokio::spawn(pass_on_interrupts(pids));
     let requested = u64::from(args.connections);
     let reporter = {
@@ -147,12 +176,14 @@ pub async fn run(
     let deadline = tokio::time::Instant::now() + limit;
     let mut parts = Vec::new();
     let mut failure = None;
-    for (i, (mut child, reader)) in children.into_iter().enumerate() {
+    for (i, (pid, mut waited, reader)) in children.into_iter().enumerate() {
         let i = i as u32;
-        let status = match tokio::time::timeout_at(deadline, child.wait()).await {
-            Ok(s) => s.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+        let status = match tokio::time::timeout_at(deadline, &mut waited).await {
+            Ok(Ok(s)) => s.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+            Ok(Err(e)) => e.to_string(),
             Err(_) => {
-                let _ = child.kill().await;
+                unreaped.kill(pid);
+                let _ = waited.await;
                 failure.get_or_insert(ChildError::Timeout(i));
                 continue;
             }
