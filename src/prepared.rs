@@ -280,8 +280,42 @@ pub const NOT_UTF8: &str = "/* query text not valid UTF-8";
 
 /// The query text at the start of a Parse body after the name (or of a Query body), or
 /// [`NOT_UTF8`]; empty when the body has no terminated text.
-pub fn query_text(mut body: &[u8]) -> &str {
-    take_cstr(&mut body).map_or("", |q| std::str::from_utf8(q).unwrap_or(NOT_UTF8))
+pub fn query_text(body: &[u8]) -> &str {
+    let Some((q, ascii)) = cstr_ascii(body) else {
+        return "";
+    };
+    if ascii {
+        // SAFETY: every byte is below 0x80: ASCII, which is UTF-8
+        return unsafe { std::str::from_utf8_unchecked(q) };
+    }
+    std::str::from_utf8(q).unwrap_or(NOT_UTF8)
+}
+
+/// The bytes of `b` before its first NUL (None without one), and whether they are all
+/// ASCII: one pass, eight bytes at a time. Every simple Query and Parse goes through here;
+/// finding the NUL and then checking the text as UTF-8 (`take_cstr`, `str::from_utf8`) cost
+/// about 180 instructions for pgbench's 55-byte SELECT.
+fn cstr_ascii(b: &[u8]) -> Option<(&[u8], bool)> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let mut high = 0u64;
+    let mut i = 0;
+    while let Some(w) = b.get(i..i + 8) {
+        let w = u64::from_le_bytes(w.try_into().expect("eight bytes"));
+        // exact at the lowest zero byte (a borrow only runs up from a zero)
+        let zero = w.wrapping_sub(ONES) & !w & HIGH;
+        if zero != 0 {
+            let at = (zero.trailing_zeros() / 8) as usize;
+            // the bytes below the NUL
+            high |= w & ((1u64 << (at * 8)) - 1);
+            return Some((&b[..i + at], high & HIGH == 0));
+        }
+        high |= w;
+        i += 8;
+    }
+    let end = i + b[i..].iter().position(|&c| c == 0)?;
+    let tail = b[i..end].iter().fold(0u8, |a, &c| a | c);
+    Some((&b[..end], high & HIGH == 0 && tail < 0x80))
 }
 
 /// The statement name a Parse body names, and the rest (query and types).
@@ -332,6 +366,44 @@ pub fn close_statement(out: &mut BytesMut, id: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn query_text_reads_as_the_text_before_the_first_nul_checked_as_utf8() {
+        let old = |mut b: &[u8]| -> String {
+            take_cstr(&mut b)
+                .map_or("", |q| std::str::from_utf8(q).unwrap_or(NOT_UTF8))
+                .to_string()
+        };
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let pieces: [&[u8]; 8] = [
+            b"a",
+            b"SELECT 1",
+            b"\0",
+            b"\xc3\xa9",
+            b"\xff",
+            b"\xe2\x82",
+            b"x",
+            b"\x7f",
+        ];
+        for n in 0..20_000 {
+            let mut body = Vec::new();
+            for _ in 0..n % 23 {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                body.extend_from_slice(pieces[(seed % 8) as usize]);
+            }
+            assert_eq!(query_text(&body), old(&body), "{body:?}");
+        }
+        assert_eq!(
+            query_text(b"SELECT abalance FROM t WHERE aid = 5;\0"),
+            "SELECT abalance FROM t WHERE aid = 5;"
+        );
+        assert_eq!(query_text(b"SELECT 1"), "");
+        assert_eq!(query_text(b"caf\xc3\xa9\0"), "caf\u{e9}");
+        assert_eq!(query_text(b"abcdefg\xff\0"), NOT_UTF8);
+        assert_eq!(query_text(b"abcdefgh\0\xff"), "abcdefgh");
+    }
 
     #[test]
     fn a_text_that_is_not_utf8_reads_as_unreadable() {
