@@ -590,6 +590,10 @@ impl Session {
     /// When the client's idleness runs out, if a timeout applies now.
     fn deadline(&self) -> Option<Instant> {
         let g = &self.app.timeouts;
+        if !g.any() {
+            // the usual case, twice a transaction: none of the three is set
+            return None;
+        }
         let Some(f) = self.relay.as_deref().map(|r| &r.flow) else {
             // parked: no server, nothing owed
             return g
