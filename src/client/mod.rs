@@ -629,6 +629,12 @@ impl Session {
         let busy = self.has_server() && flow.is_some_and(|f| !f.quiet());
         let in_transaction = self.has_server() && flow.is_some_and(|f| f.status != b'I');
         Some(if busy {
+            // which server did not answer: a slow or stalled host shows in the log
+            let server = (self.server.as_ref().map(|c| c.addr))
+                .or_else(|| self.seat.as_ref().map(|s| s.addr));
+            if let Some(server) = server {
+                info!(%server, "query_timeout: no answer from the server");
+            }
             // PgBouncer's answer; the server, still busy, is closed rather than pooled
             PgError::fatal("08P01", "query_timeout")
         } else if in_transaction {
