@@ -1814,3 +1814,74 @@ async fn state_that_pins_is_made_on_the_primary() {
         .expect("the query after a pin on a replica was never answered");
     assert_ne!(port, primary.to_string());
 }
+
+/// pgx's CopyFrom goes on sending rows after the server refused one, then CopyDone: those
+/// arrive after the failed COPY's ReadyForQuery gave the server back, and PostgreSQL ignores
+/// them. The unit behind them (a Query, or extended messages up to a Query, with no Sync)
+/// must still be routed and answered: pgmux waited for a Sync that never came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_messages_after_a_failed_copy_do_not_hold_back_what_follows() {
+    use common::raw::{error_code, login, msg, query, read_msg, until_ready};
+    use std::io::Write;
+    let cluster = PgCluster::shared_with_replicas();
+    let px = start(cluster, "", "consistency = \"eventual\"");
+    warm_up(&px, cluster).await;
+    let c = connect(&px, "app").await;
+    c.simple_query("CREATE TABLE IF NOT EXISTS stray_copy (a int NOT NULL, s text NOT NULL)")
+        .await
+        .unwrap();
+    // the reads below must find the table on whichever replica they reach
+    for r in cluster.replicas() {
+        wait_until_async("the table on the replica", WAIT, || async {
+            r.try_psql("app", "SELECT 1 FROM stray_copy LIMIT 1")
+                .is_ok()
+        })
+        .await;
+    }
+    let (mut s, _) = login(px.port, "app", "app");
+    let tags = |m: &[(u8, Vec<u8>)]| String::from_utf8(m.iter().map(|m| m.0).collect()).unwrap();
+    for round in 0..3 {
+        s.write_all(&query("COPY stray_copy (a, s) FROM STDIN"))
+            .unwrap();
+        let mut got = Vec::new();
+        while let Some(m) = read_msg(&mut s) {
+            let done = m.0 == b'G';
+            got.push(m);
+            if done {
+                break;
+            }
+        }
+        assert_eq!(tags(&got), "G", "round {round}: {got:?}");
+        s.write_all(&msg(b'd', b"1\t\\N\n")).unwrap();
+        let answers = until_ready(&mut s);
+        assert_eq!(
+            error_code(&answers).as_deref(),
+            Some("23502"),
+            "{answers:?}"
+        );
+        assert_eq!(tags(&answers), "EZ");
+        // the client, unaware, sends the rest of its rows and CopyDone, then reads
+        let mut out = msg(b'd', b"2\tx\n");
+        out.extend(msg(b'c', b""));
+        out.extend(msg(b'f', b"given up\0"));
+        out.extend(query("SELECT count(*) FROM stray_copy WHERE a = 2"));
+        s.write_all(&out).unwrap();
+        // read timeout 30 s: a hang fails here
+        let answers = until_ready(&mut s);
+        assert_eq!(tags(&answers), "TDCZ", "round {round}: {answers:?}");
+        assert_eq!(answers[1].1, b"\0\x01\0\0\0\x010", "nothing was copied");
+
+        // extended messages up to a Query, no Sync: PostgreSQL answers them all
+        let mut out = msg(b'd', b"3\tx\n");
+        out.extend(msg(
+            b'P',
+            b"\0SELECT count(*) FROM stray_copy WHERE a = 3\0\0\0",
+        ));
+        out.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
+        out.extend(msg(b'E', b"\0\0\0\0\0"));
+        out.extend(query("SELECT 1"));
+        s.write_all(&out).unwrap();
+        let answers = until_ready(&mut s);
+        assert_eq!(tags(&answers), "12DCTDCZ", "round {round}: {answers:?}");
+    }
+}

@@ -105,15 +105,14 @@ fn big_bind_named(rest: &[u8]) -> bool {
 /// work not all seen is primary work).
 const UNIT_WAIT_LIMIT: usize = 1 << 20;
 
-/// Whether the unit at the front of `buf` can be routed: a Query or FunctionCall, or
-/// extended messages up to a Sync or Flush (a client waits for answers only after one).
+/// Whether the unit at the front of `buf` can be routed: extended messages up to a Sync,
+/// Flush, Query or FunctionCall (a client waits for answers only after one; PostgreSQL
+/// answers a Query sent behind unsynced extended messages too).
 fn unit_complete(buf: &[u8]) -> bool {
     let mut at = 0;
     while let Some(head) = buf.get(at..at + 5) {
-        match head[0] {
-            b'S' | b'H' => return true,
-            b'Q' | b'F' if at == 0 => return true,
-            _ => {}
+        if matches!(head[0], b'S' | b'H' | b'Q' | b'F') {
+            return true;
         }
         at += 1 + u32::from_be_bytes([head[1], head[2], head[3], head[4]]).max(4) as usize;
     }
@@ -551,6 +550,9 @@ impl Relay {
                 }
             }
             if server.is_none() {
+                if matches!(self.c2s.buf.first(), Some(b'd' | b'c' | b'f')) {
+                    self.drop_stray_copy();
+                }
                 if self.tracker.is_none() && self.c2s.buf.first() == Some(&b'P') {
                     // a Parse may be answered without a server (`answer_prepare_alone`)
                     if let Some(how) = self.tracking {
@@ -603,14 +605,41 @@ impl Relay {
         if let Err(e) = check_header(head, self.max_message) {
             return Some(Event::Protocol(e));
         }
-        if head[0] == b'X' {
-            self.flow.terminated = true;
-            return Some(Event::Terminated);
+        match head[0] {
+            b'X' => {
+                self.flow.terminated = true;
+                return Some(Event::Terminated);
+            }
+            // the rest of a stray CopyData (`drop_stray_copy`) has yet to arrive
+            b'd' | b'c' | b'f' => return None,
+            _ => {}
         }
         if self.whole_units && !unit_complete(&self.c2s.buf) {
             return None;
         }
         Some(Event::NeedServer)
+    }
+
+    /// CopyData, CopyDone and CopyFail with no server attached belong to no COPY (one keeps
+    /// its server until its ReadyForQuery): PostgreSQL would ignore them, and so does pgmux
+    /// rather than take a server for them. pgx goes on sending rows after the server refused
+    /// one; those must not hold back the unit that follows either. A message not all here
+    /// yet stays, for the next pass.
+    #[cold]
+    fn drop_stray_copy(&mut self) {
+        while let Some(head) = self.c2s.buf.get(..5) {
+            if !matches!(head[0], b'd' | b'c' | b'f')
+                || check_header(head, self.max_message).is_err()
+            {
+                return;
+            }
+            let total = 1 + u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+            if self.c2s.buf.len() < total {
+                self.c2s.reserve_for(total);
+                return;
+            }
+            self.c2s.consume_unscanned(total);
+        }
     }
 
     /// A Flush or a Sync with no server attached has nothing to flush or end: PostgreSQL
