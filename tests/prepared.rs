@@ -458,6 +458,56 @@ fn deallocate_and_discard_free_names_as_on_postgresql() {
     });
 }
 
+/// `DEALLOCATE name` between transactions while the client still holds its server: after
+/// a failed COPY whose next CopyData was half sent at the error's ReadyForQuery (pgx goes on
+/// sending rows), the server stays until that ends; a pinned client (a temporary table)
+/// keeps it. PostgreSQL frees the name. The server knows the statement by pgmux's name: the
+/// DEALLOCATE passed on to it failed (26000, pgx's statement cache after a refused row).
+#[test]
+fn deallocate_between_transactions_on_a_kept_server() {
+    use common::raw::{msg, query};
+    let script = |s: &mut std::net::TcpStream| {
+        let mut out = vec![batch(
+            s,
+            &[query(
+                "CREATE TABLE IF NOT EXISTS dealloc_copy (a int NOT NULL); \
+                 ALTER TABLE dealloc_copy OWNER TO app",
+            )],
+        )];
+        out.push(batch(s, &[parse("s1", "select 1"), sync()]));
+        // a refused row, and the start of the next CopyData in the same write
+        let next = msg(b'd', b"2\n3\n");
+        out.push(batch(
+            s,
+            &[
+                query("COPY dealloc_copy (a) FROM STDIN"),
+                msg(b'd', b"\\N\n"),
+                next[..6].to_vec(),
+            ],
+        ));
+        // the rest of it and CopyDone, which PostgreSQL ignores, then the DEALLOCATE
+        out.push(batch(
+            s,
+            &[next[6..].to_vec(), msg(b'c', b""), query("DEALLOCATE s1")],
+        ));
+        out.push(batch(s, &run("s1")));
+        out.push(batch(s, &[parse("s1", "select 2"), sync()]));
+        out.push(batch(s, &run("s1")));
+        out.push(batch(s, &[query("CREATE TEMP TABLE dealloc_pin (a int)")]));
+        out.push(batch(s, &[parse("s2", "select 3"), sync()]));
+        out.push(batch(s, &[query("DEALLOCATE s2")]));
+        out.push(batch(s, &run("s2")));
+        out.push(batch(s, &[parse("s2", "select 4"), sync()]));
+        out.push(batch(s, &run("s2")));
+        out
+    };
+    same_as_postgresql("prepdeallockept", 2, script, |expected| {
+        assert_eq!(expected[2], ["G", "E23502", "ZI"], "{expected:?}");
+        assert_eq!(expected[3], ["C", "ZI"], "{expected:?}");
+        assert_eq!(expected[4], ["E26000", "ZI"], "{expected:?}");
+    });
+}
+
 /// Every answer to a pipeline ending in `syncs` ReadyForQuery messages, as `batch` shows them.
 fn pipeline(s: &mut std::net::TcpStream, msgs: &[Vec<u8>], syncs: usize) -> Vec<String> {
     let mut out = batch(s, msgs);

@@ -752,7 +752,14 @@ impl Relay {
                         text,
                     );
                     if let (Some(name), Some(t)) = (dealloc, self.tracker.as_mut()) {
-                        t.answer_deallocate(name.as_bytes(), start, &mut self.c2s, &mut self.s2c);
+                        let in_block = self.flow.status == b'T';
+                        t.answer_deallocate(
+                            name.as_bytes(),
+                            start,
+                            &mut self.c2s,
+                            &mut self.s2c,
+                            in_block,
+                        );
                         continue;
                     }
                     if transaction_mode {
@@ -1187,11 +1194,14 @@ impl Relay {
     }
 }
 
-/// A simple query that only deallocates one of the client's statements, inside a transaction
-/// block with nothing else in flight (so the status pgmux answers with is known) and the
+/// A simple query that only deallocates one of the client's statements, with a server
+/// attached and nothing else in flight (so the status pgmux answers with is known) and the
 /// server's output at a message boundary (so the answer can go in): pgmux answers it
-/// (`Tracker::answer_deallocate`). Between transactions no server is attached and
-/// `Tracker::answer_deallocate_alone` answers it.
+/// (`Tracker::answer_deallocate`), since the server knows the statement by pgmux's name.
+/// Inside a transaction block; or between transactions, where the server stays attached to a
+/// pinned client, or after a failed COPY whose client is still sending rows (pgx), until
+/// its next ReadyForQuery. A detached client's is answered by
+/// `Tracker::answer_deallocate_alone`.
 fn deallocation_to_answer(
     flow: &Flow,
     tracker: Option<&Tracker>,
@@ -1199,7 +1209,12 @@ fn deallocation_to_answer(
     text: &str,
 ) -> Option<String> {
     let t = tracker?;
-    if flow.status != b'T' || flow.pending != 0 || !s2c_at_boundary || !t.is_settled() {
+    let known_status = match flow.status {
+        b'T' => flow.pending == 0,
+        b'I' => flow.quiet(),
+        _ => false,
+    };
+    if !known_status || !s2c_at_boundary || !t.is_settled() {
         return None;
     }
     // most statements of a transaction: not one that can start with DEALLOCATE

@@ -811,13 +811,15 @@ impl Tracker {
     }
 
     /// `DEALLOCATE name` (at `c2s.buf[start..c2s.scanned]`) of one of the client's
-    /// statements, inside a transaction block with nothing in flight: answered by pgmux.
+    /// statements, with a server attached and nothing in flight: answered by pgmux, with
+    /// the server's transaction status (`in_block`: in a transaction block, else idle).
     pub fn answer_deallocate(
         &mut self,
         name: &[u8],
         start: usize,
         c2s: &mut Channel,
         s2c: &mut Channel,
+        in_block: bool,
     ) {
         let before = self.stmts.remove(name);
         self.name_changed(name, before);
@@ -828,7 +830,10 @@ impl Tracker {
         c2s.seal(start);
         c2s.skip(end - start);
         s2c.insert(Bytes::from_static(DEALLOCATE_COMPLETE));
-        s2c.insert(Bytes::from_static(READY_IN_TRANSACTION));
+        s2c.insert(Bytes::from_static(match in_block {
+            true => READY_IN_TRANSACTION,
+            false => READY_IDLE,
+        }));
     }
 
     /// `DEALLOCATE ALL` or `DISCARD ALL`: the client's names are gone, as they would be on
