@@ -10,18 +10,27 @@
 //! with SQL), Go's pgx v4 (its prepare and describe caches, no cache, simple protocol,
 //! batches, COPY). Each script checks results, not only the absence of errors. Each runs
 //! twice: against a primary alone, and with reads split off to two streaming replicas.
+//! Their error paths too: COPYs refused early in a large stream or given up by the client,
+//! batches, pipelines and executemany failing in the middle, cancels and statement_timeout
+//! on reads and COPY TO, connections closed in the middle of a statement; after the pgx,
+//! psycopg, asyncpg and pgjdbc scripts every server is back in the pool and nothing they
+//! abandoned still runs (`assert_nothing_left`).
 //! LISTEN/NOTIFY (asyncpg, psycopg) runs through pgmux in session mode.
 //! `.ci/run` installs the drivers; tests/drivers/ holds the scripts.
 
 mod common;
 
-use common::{PgCluster, Pgmux};
+use common::probe::Console;
+use common::{wait_until, PgCluster, Pgmux};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 const CLIENTS: &str = "20";
+
+/// A deadline for waits on a condition; never reached when all is well.
+const WAIT: Duration = Duration::from_secs(60);
 
 fn start() -> Pgmux {
     let pg = PgCluster::shared();
@@ -62,13 +71,13 @@ macro_rules! both_topologies {
     ($alone:ident, $split:ident, $check:ident) => {
         #[test]
         fn $alone() {
-            $check(&start());
+            $check(&start(), PgCluster::shared());
         }
 
         #[test]
         fn $split() {
             let px = start_split();
-            $check(&px);
+            $check(&px, PgCluster::shared_with_replicas());
             assert_replicas_served();
         }
     };
@@ -77,9 +86,51 @@ macro_rules! both_topologies {
 fn config(port: u16, database_extra: &str) -> String {
     format!(
         "[pgmux]\nlisten_port = {{port}}\npool_mode = \"transaction\"\ndefault_pool_size = 3\nauth_type = \"scram-sha-256\"\n\
+         admin_users = [\"admin\"]\n\
          [[users]]\nname = \"app\"\npassword = \"secret\"\n\
+         [[users]]\nname = \"admin\"\npassword = \"secret\"\n\
          [[databases]]\nname = \"app\"\nhost = \"127.0.0.1\"\nport = {port}\n{database_extra}"
     )
+}
+
+/// After a driver has gone, having abandoned statements (closed its connection in the middle
+/// of one, or timed one out): every server it was lent is back in the pool, none left with a
+/// session that lost its client, and nothing it marked with `marker` still runs on a server
+/// (pgmux cancelled what its client left behind).
+fn assert_nothing_left(px: &Pgmux, cluster: &PgCluster, marker: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let console = Console::connect(px, "admin", Some("secret")).await;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let pools = console.show("SHOW POOLS").await;
+            let app: Vec<_> = pools.iter().filter(|r| r["database"] == "app").collect();
+            let back = app.iter().all(|r| {
+                r["sv_active"] == "0" && r["cl_active"] == "0" && r["cl_waiting"] == "0"
+            });
+            if !app.is_empty() && back {
+                break;
+            }
+            if Instant::now() > deadline {
+                let clients = console.show("SHOW CLIENTS").await;
+                let servers = console.show("SHOW SERVERS").await;
+                panic!("servers not back in the pool: {app:?}\nclients: {clients:?}\nservers: {servers:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let running = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' \
+         AND query LIKE '%{marker}%' AND pid <> pg_backend_pid()"
+    );
+    for server in std::iter::once(cluster.primary()).chain(cluster.replicas()) {
+        wait_until("no abandoned statement running", WAIT, || {
+            server.psql("postgres", &running) == "0"
+        });
+    }
 }
 
 fn drivers_dir() -> PathBuf {
@@ -141,6 +192,7 @@ fn psycopg3_on(px: &Pgmux, cluster: &PgCluster, topology: &str) {
         .arg(px.conn_str("app", "app", Some("secret")))
         .args([CLIENTS, topology]);
     run(cmd, "clients ok");
+    assert_nothing_left(px, cluster, "psycopg_check_abandoned");
 }
 
 /// asyncpg_check.py's tables and types.
@@ -167,6 +219,7 @@ fn asyncpg_caches_cursors_copies_and_pools_through_replicas() {
 fn asyncpg_on(px: &Pgmux, cluster: &PgCluster, topology: &str) {
     python_schema(cluster, ASYNCPG_SCHEMA);
     run_asyncpg("asyncpg_check.py", px, topology);
+    assert_nothing_left(px, cluster, "apg_abandoned");
 }
 
 /// Runs `sql` as app on `cluster`'s primary (the objects it creates are app's) and waits
@@ -262,7 +315,7 @@ both_topologies!(
     node_postgres_named_queries_on
 );
 
-fn node_postgres_named_queries_on(px: &Pgmux) {
+fn node_postgres_named_queries_on(px: &Pgmux, _cluster: &PgCluster) {
     let mut cmd = Command::new("node");
     cmd.arg("node_pg_check.js")
         .arg(format!("postgresql://app:secret@127.0.0.1:{}/app", px.port))
@@ -273,7 +326,9 @@ fn node_postgres_named_queries_on(px: &Pgmux) {
 #[test]
 fn pgjdbc_query_modes_batches_cursors_copy_and_cancels() {
     pgjdbc_tables(PgCluster::shared());
-    pgjdbc_check(&start(), "alone");
+    let px = start();
+    pgjdbc_check(&px, "alone");
+    assert_nothing_left(&px, PgCluster::shared(), "jdbc_check_abandoned");
 }
 
 #[test]
@@ -281,6 +336,11 @@ fn pgjdbc_query_modes_batches_cursors_copy_and_cancels_through_replicas() {
     pgjdbc_tables(PgCluster::shared_with_replicas());
     let px = start_split();
     pgjdbc_check(&px, "split");
+    assert_nothing_left(
+        &px,
+        PgCluster::shared_with_replicas(),
+        "jdbc_check_abandoned",
+    );
     assert_replicas_served();
 }
 
@@ -325,7 +385,7 @@ both_topologies!(
     php_pdo_deallocates_with_sql_on
 );
 
-fn php_pdo_deallocates_with_sql_on(px: &Pgmux) {
+fn php_pdo_deallocates_with_sql_on(px: &Pgmux, _cluster: &PgCluster) {
     let mut cmd = Command::new("php");
     cmd.arg("pdo_check.php")
         .arg(format!("pgsql:host=127.0.0.1;port={};dbname=app", px.port))
@@ -339,11 +399,12 @@ both_topologies!(
     pgx_statement_caches_batches_and_copy_on
 );
 
-fn pgx_statement_caches_batches_and_copy_on(px: &Pgmux) {
+fn pgx_statement_caches_batches_and_copy_on(px: &Pgmux, cluster: &PgCluster) {
     let mut cmd = Command::new(pgx_check_binary());
     cmd.arg(px.conn_str("app", "app", Some("secret")))
         .arg(CLIENTS);
     run(cmd, "clients ok");
+    assert_nothing_left(px, cluster, "pgx_abandoned");
 }
 
 /// tests/drivers/pgx_check.go, built once per run. In GOPATH mode, against the sources of

@@ -8,9 +8,9 @@
 // jsonb, uuid, float8, nulls) read back through ResultSetMetaData, generated keys, batches
 // (one of them failing), fetch sizes (suspended portals, cursors left half read), transactions
 // (savepoints, a failed statement, autosave, isolation levels), errors, COPY in and out (a bad
-// row, a CopyFail), DatabaseMetaData, and the settings its startup packet or its first queries
-// made (application_name, extra_float_digits, options=-c search_path, TimeZone), checked again
-// after everything else. Beside them: read-only connections (readOnlyMode=always and the
+// row, one early in a large stream, a CopyFail), DatabaseMetaData, and the settings its
+// startup packet or its first queries made (application_name, extra_float_digits, options=-c
+// search_path, TimeZone), checked again after everything else. Beside them: read-only connections (readOnlyMode=always and the
 // default), cancels (setQueryTimeout, Statement.cancel from another thread) and a churn of
 // short-lived connections. Every result is checked; any wrong one exits non-zero.
 // SPLIT says whether pgmux splits reads off to replicas: read-only transactions must then run
@@ -854,6 +854,15 @@ public class JdbcCheck {
             () -> cm.copyIn("COPY jdbc_copy (c, n, s) FROM STDIN", new StringReader(copyRows(id, 300, 310) + id + "\tx\ty\n")));
         usable(c, id, "a failed COPY");
         eq(300L, count(c, "SELECT count(*) FROM jdbc_copy WHERE c = ?", id), "rows after a failed COPY");
+
+        // a bad row early in a large stream: refused while pgjdbc is still sending
+        for (int round = 0; round < 2; round++) {
+            String bigBad = copyRows(id, 1000, 1003) + id + "\tx\ty\n" + copyRows(id, 1003, 21000);
+            expect("22P02", "a large COPY with a bad row early",
+                () -> cm.copyIn("COPY jdbc_copy (c, n, s) FROM STDIN", new StringReader(bigBad)));
+            usable(c, id, "a large COPY refused early");
+        }
+        eq(300L, count(c, "SELECT count(*) FROM jdbc_copy WHERE c = ?", id), "rows after failed large COPYs");
 
         // the client gives up: pgjdbc sends CopyFail
         CopyIn in = cm.copyIn("COPY jdbc_copy (c, n, s) FROM STDIN");

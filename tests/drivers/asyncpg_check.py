@@ -13,7 +13,12 @@ number, runs:
   - set_type_codec (json, jsonb), a custom enum and a composite type (asyncpg introspects
     pg_type through pgmux), arrays of them;
   - errors with their sqlstate (42601, 23505, 22012, 42P01), the connection usable after;
-  - a query cut short by timeout= (asyncpg sends a CancelRequest), the connection usable after.
+  - a query cut short by timeout= (asyncpg sends a CancelRequest), the connection usable after;
+  - error paths: executemany failing in the middle (atomic: none of it kept), then one whose
+    writes must reach the primary; a large copy_records_to_table refused early; a COPY whose
+    source fails (asyncpg sends CopyFail); COPY TO and a read cut short by timeout= and by
+    statement_timeout; a connection closed (terminate()) in the middle of a statement marked
+    apg_abandoned, which tests/drivers.rs checks no server still runs.
 A read-only transaction on a connection that has not written runs on a replica when reads are
 split. Then an asyncpg pool shared by many tasks: its reset on release (`SELECT
 pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;`) must undo a session setting.
@@ -36,6 +41,8 @@ HOST, PORT, USER, PASSWORD, DB, CLIENTS, TOPOLOGY = sys.argv[1:8]
 CLIENTS = int(CLIENTS)
 SPLIT = TOPOLOGY == "split"
 CACHE_SIZES = [3, 100, 0]
+# the check each client is in, told if the run outlives its deadline
+STEP = {}
 
 
 def connect(**kw):
@@ -264,6 +271,81 @@ async def check_timeout(conn, i):
         assert await conn.fetchval("SELECT $1::text", "in a transaction") == "in a transaction"
 
 
+async def check_error_paths(conn, i):
+    k0 = 8000
+    rows = [(i, k0 + k, "many") for k in range(50)]
+    rows[25] = (i, k0 + 3, "dup")
+    try:
+        await conn.executemany("INSERT INTO py_apg_items (c, k, v) VALUES ($1, $2, $3)", rows)
+    except asyncpg.UniqueViolationError:
+        pass
+    else:
+        raise AssertionError("executemany took a duplicate")
+    assert await conn.fetchval("SELECT count(*) FROM py_apg_items WHERE c = $1 AND k >= $2", i, k0) == 0
+    await conn.executemany(
+        "INSERT INTO py_apg_items (c, k, v) VALUES ($1, $2, $3)", [(i, k0 + k, "many") for k in range(5)]
+    )
+    assert await conn.fetchval("SELECT count(*) FROM py_apg_items WHERE c = $1 AND k >= $2", i, k0) == 5
+    await conn.execute("DELETE FROM py_apg_items WHERE c = $1 AND k >= $2", i, k0)
+
+    # a duplicate early in a large COPY: refused while asyncpg is still sending
+    base = -(i * 100000 + 1)
+    records = [(base - k,) for k in range(20000)]
+    records[5] = (base - 3,)
+    try:
+        await conn.copy_records_to_table("py_apg_uniq", records=records)
+    except asyncpg.UniqueViolationError:
+        pass
+    else:
+        raise AssertionError("the duplicate key went in")
+
+    # the source fails half way: asyncpg sends CopyFail
+    async def source():
+        for k in range(2000):
+            yield f"{base - k}\n".encode()
+        raise KeyError("client gives up")
+
+    try:
+        await conn.copy_to_table("py_apg_uniq", source=source())
+    except (KeyError, asyncpg.QueryCanceledError):
+        pass
+    else:
+        raise AssertionError("a COPY whose source failed went through")
+    assert await conn.fetchval("SELECT count(*) FROM py_apg_uniq WHERE id <= $1 AND id > $2", base, base - 100000) == 0
+
+    # timeout= and statement_timeout end a COPY TO and a read (a replica's when split)
+    slow_copy = "SELECT g, pg_sleep(0.001) FROM generate_series(1, 100000) g"
+    try:
+        await conn.copy_from_query(slow_copy, output=io.BytesIO(), timeout=0.3)
+    except asyncio.TimeoutError:
+        pass
+    else:
+        raise AssertionError("a slow COPY TO outlived its timeout")
+    assert await conn.fetchval("SELECT $1::int * 7", i) == i * 7
+    await conn.execute("SET statement_timeout = '150ms'")
+    for run in (lambda: conn.fetchval("SELECT pg_sleep(60)"), lambda: conn.copy_from_query(slow_copy, output=io.BytesIO())):
+        try:
+            await run()
+        except asyncpg.QueryCanceledError:
+            pass
+        else:
+            raise AssertionError("a statement outlived statement_timeout")
+    await conn.execute("RESET statement_timeout")
+    assert await conn.fetchval("SHOW statement_timeout") == "0"
+
+    # a connection closed under a running statement: pgmux must cancel it and free the server
+    for sql in ("SELECT pg_sleep(15) /* apg_abandoned */", "SELECT pg_sleep(15) /* pgmux:primary */ /* apg_abandoned */"):
+        other = await connect()
+        # without arguments, a simple Query: written as soon as the task first runs
+        task = asyncio.ensure_future(other.execute(sql))
+        await asyncio.sleep(0)
+        other.terminate()
+        try:
+            await task
+        except Exception:
+            pass
+
+
 async def check_read_only(i):
     """A read-only transaction on a connection that has not written: a replica when split."""
     conn = await connect()
@@ -280,11 +362,12 @@ async def worker(i):
     conn = await connect(statement_cache_size=cache)
     try:
         checks = [check_cache, check_prepare, check_executemany, check_cursors, check_copy]
-        checks += [check_transactions, check_codecs, check_errors]
+        checks += [check_transactions, check_codecs, check_errors, check_error_paths]
         # a quarter of the clients: each timeout holds one of the pool's few servers meanwhile
         if i % 4 == 0:
             checks.append(check_timeout)
         for check in checks:
+            STEP[i] = check.__name__
             try:
                 await check(conn, i)
             except Exception as e:
@@ -311,7 +394,13 @@ async def pool_task(pool, i):
 
 
 async def main():
+    async def watchdog():
+        await asyncio.sleep(140)
+        print(f"still running after 140 s: {STEP}", flush=True)
+
+    watch = asyncio.ensure_future(watchdog())
     results = await asyncio.gather(*(worker(i) for i in range(CLIENTS)), return_exceptions=True)
+    watch.cancel()
     errors = [f"client {i}: {r!r}" for i, r in enumerate(results) if isinstance(r, BaseException)]
     if not errors:
         pool = await asyncpg.create_pool(

@@ -14,8 +14,13 @@
 // in the middle), explicit transactions (committed, rolled back, failed), COPY (pgx sends its
 // CopyData without waiting for CopyInResponse), its own named statements (deallocated with a
 // quoted name), errors that must leave the connection usable, many rows streamed; then a
-// pgxpool runs many goroutines on a few connections. Every result is checked; exits
-// non-zero on any wrong result or error. The tables are dropped and created here.
+// pgxpool runs many goroutines on a few connections. Error paths: large COPYs refused early
+// (pgx's writer goroutine still sending after its CopyDone) or failed by the source
+// (CopyFail), batches failing part way and one whose write must reach the primary,
+// CancelRequest and statement_timeout on a read and a COPY TO, and connections pgx closes in
+// the middle of a statement (a context deadline, a COPY TO whose writer fails). Every result
+// is checked; exits non-zero on any wrong result or error. The tables are dropped and created
+// here.
 // Usage: pgx_check CONNSTRING CLIENTS
 package main
 
@@ -23,6 +28,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"strconv"
 	"sync"
@@ -43,6 +49,10 @@ const (
 	copyRows = 500
 	// rows streamed from generate_series
 	streamRows = 20000
+	// rows of the COPYs the server refuses early, so pgx is still sending when it does
+	bigCopyRows = 20000
+	// a deadline for waits on a condition (a cancel taking effect); never reached when all is well
+	waitLimit = 60 * time.Second
 )
 
 var modes = []string{"prepare", "describe", "simple", "nocache"}
@@ -153,6 +163,10 @@ func worker(ctx context.Context, connStr string, i int) error {
 		{"transactions", transactions},
 		{"batches", batches},
 		{"copy", copyFrom},
+		{"copy failures", copyFailures},
+		{"batch failures", batchFailures},
+		{"cancels and timeouts", cancelsAndTimeouts},
+		{"abandoned connections", func(ctx context.Context, _ *pgx.Conn, i int) error { return abandoned(ctx, cfg, i) }},
 		{"named statements", named},
 		{"own rows", ownRows},
 	}
@@ -638,4 +652,339 @@ func pool(ctx context.Context, connStr string, clients int) error {
 		return err
 	}
 	return nil
+}
+
+// copyRowsSource yields rows (i, n, "s") for n from 0; a nil s at badAt (refused by the
+// server), or an error of its own at failAt (pgx then sends CopyFail); -1 for neither. With
+// endless it never ends: only the context stops it.
+type copyRowsSource struct {
+	i, n, rows, badAt, failAt int
+	endless                   bool
+}
+
+var errGiveUp = errors.New("the client gives up")
+
+func (s *copyRowsSource) Next() bool {
+	if s.n == s.failAt || (!s.endless && s.n >= s.rows) {
+		return false
+	}
+	s.n++
+	return true
+}
+
+func (s *copyRowsSource) Values() ([]interface{}, error) {
+	n := s.n - 1
+	if n == s.badAt {
+		return []interface{}{s.i, -n, nil}, nil
+	}
+	return []interface{}{s.i, -n, "bad copy"}, nil
+}
+
+func (s *copyRowsSource) Err() error {
+	if s.failAt >= 0 && s.n == s.failAt {
+		return errGiveUp
+	}
+	return nil
+}
+
+func ownCopied(ctx context.Context, c *pgx.Conn, i int) error {
+	var count int
+	if err := c.QueryRow(ctx, "SELECT count(*) FROM "+copyT+" WHERE c = $1", i).Scan(&count); err != nil || count != copyRows {
+		return fmt.Errorf("%d copied rows, %v", count, err)
+	}
+	return nil
+}
+
+// copyFailures: COPYs that fail part way, the connection usable after each and nothing of
+// them in the table.
+func copyFailures(ctx context.Context, c *pgx.Conn, i int) error {
+	cols := []string{"c", "n", "s"}
+	// a bad row early in a large stream: pgx's writer goroutine is still sending CopyData
+	// when the error comes back, and goes on after its CopyDone
+	for round := 0; round < 3; round++ {
+		src := &copyRowsSource{i: i, rows: bigCopyRows, badAt: 3 + round*50, failAt: -1}
+		_, err := c.CopyFrom(ctx, pgx.Identifier{copyT}, cols, src)
+		if e := wantCode(err, "23502", "a bad row early in a large COPY"); e != nil {
+			return e
+		}
+		if err := usable(ctx, c, i, "a large COPY refused early"); err != nil {
+			return err
+		}
+	}
+	// the source fails half way: pgx sends CopyFail, PostgreSQL answers 57014
+	src := &copyRowsSource{i: i, rows: bigCopyRows, badAt: -1, failAt: bigCopyRows / 2}
+	_, err := c.CopyFrom(ctx, pgx.Identifier{copyT}, cols, src)
+	if e := wantCode(err, "57014", "a COPY the client fails"); e != nil {
+		return e
+	}
+	if err := usable(ctx, c, i, "CopyFail"); err != nil {
+		return err
+	}
+	// the same in a transaction: it fails, a rollback ends it, and a write after it is one
+	tx, err := c.Begin(ctx)
+	if err != nil {
+		return err
+	}
+	src = &copyRowsSource{i: i, rows: bigCopyRows, badAt: 7, failAt: -1}
+	_, err = tx.CopyFrom(ctx, pgx.Identifier{copyT}, cols, src)
+	if e := wantCode(err, "23502", "a bad row in a COPY in a transaction"); e != nil {
+		tx.Rollback(ctx)
+		return e
+	}
+	_, err = tx.Exec(ctx, "SELECT 1")
+	if e := wantCode(err, "25P02", "a statement after a failed COPY in a transaction"); e != nil {
+		tx.Rollback(ctx)
+		return e
+	}
+	if err := tx.Rollback(ctx); err != nil {
+		return err
+	}
+	if err := ownCopied(ctx, c, i); err != nil {
+		return fmt.Errorf("after failed COPYs: %w", err)
+	}
+	// COPY TO cut short by statement_timeout while rows are flowing
+	if _, err := c.Exec(ctx, "SET statement_timeout = '200ms'"); err != nil {
+		return err
+	}
+	var out countingWriter
+	_, err = c.PgConn().CopyTo(ctx, &out, "COPY (SELECT g, pg_sleep(0.0005) FROM generate_series(1, 1000000) g) TO STDOUT")
+	if e := wantCode(err, "57014", "COPY TO past statement_timeout"); e != nil {
+		return e
+	}
+	if _, err := c.Exec(ctx, "RESET statement_timeout"); err != nil {
+		return err
+	}
+	var timeout string
+	if err := c.QueryRow(ctx, "SHOW statement_timeout").Scan(&timeout); err != nil || timeout != "0" {
+		return fmt.Errorf("statement_timeout after RESET: %q, %v", timeout, err)
+	}
+	return usable(ctx, c, i, "COPY TO past statement_timeout")
+}
+
+type countingWriter struct{ n int }
+
+func (w *countingWriter) Write(p []byte) (int, error) {
+	w.n += len(p)
+	return len(p), nil
+}
+
+// batchFailures: a batch that fails part way is one implicit transaction, all of it undone;
+// a batch with a write behind a read runs whole on the primary.
+func batchFailures(ctx context.Context, c *pgx.Conn, i int) error {
+	insert := "INSERT INTO " + items + " (c, k, v) VALUES ($1, $2, $3)"
+	for _, failAt := range []int{1, 2, 3} {
+		b := &pgx.Batch{}
+		b.Queue("SELECT count(*) FROM "+items+" WHERE c = $1", i)
+		queued := 1
+		for q := 1; q <= 4; q++ {
+			if q == failAt {
+				b.Queue("SELECT 10 / $1::int", 0)
+			} else {
+				b.Queue(insert, i, 400+q, "batch failure")
+			}
+			queued++
+		}
+		br := c.SendBatch(ctx, b)
+		var n int
+		if err := br.QueryRow().Scan(&n); err != nil || n != itemsPerClient {
+			br.Close()
+			return fmt.Errorf("count ahead of a failing batch: %d, %v", n, err)
+		}
+		var failed error
+		for q := 1; q < queued; q++ {
+			if _, err := br.Exec(); err != nil && failed == nil {
+				failed = err
+			}
+		}
+		br.Close()
+		if e := wantCode(failed, "22012", fmt.Sprintf("a batch failing at %d", failAt)); e != nil {
+			return e
+		}
+		if n, err := countOwn(ctx, c, i); err != nil || n != itemsPerClient {
+			return fmt.Errorf("after a batch failing at %d: %d own rows, %v", failAt, n, err)
+		}
+	}
+	// reads ahead of a write and a read behind it: the primary runs all of it
+	b := &pgx.Batch{}
+	b.Queue("SELECT $1::int", i)
+	b.Queue(insert+" RETURNING pg_is_in_recovery()", i, 500, "batch write")
+	b.Queue("DELETE FROM "+items+" WHERE c = $1 AND k = $2", i, 500)
+	b.Queue("SELECT pg_is_in_recovery()")
+	br := c.SendBatch(ctx, b)
+	var got int
+	var replica, replica2 bool
+	if err := br.QueryRow().Scan(&got); err != nil || got != i {
+		br.Close()
+		return fmt.Errorf("read ahead of a write in a batch: %d, %v", got, err)
+	}
+	if err := br.QueryRow().Scan(&replica); err != nil || replica {
+		br.Close()
+		return fmt.Errorf("write in a batch on a replica (%v), %v", replica, err)
+	}
+	if tag, err := br.Exec(); err != nil || tag.String() != "DELETE 1" {
+		br.Close()
+		return fmt.Errorf("delete in a batch: %q, %v", tag, err)
+	}
+	if err := br.QueryRow().Scan(&replica2); err != nil || replica2 {
+		br.Close()
+		return fmt.Errorf("read behind a write in a batch on a replica (%v), %v", replica2, err)
+	}
+	if err := br.Close(); err != nil {
+		return err
+	}
+	// a failed transaction rolled back; reads and writes after it go where they belong
+	tx, err := c.Begin(ctx)
+	if err != nil {
+		return err
+	}
+	if _, err := tx.Exec(ctx, insert, i, 501, "rolled back"); err != nil {
+		return err
+	}
+	_, err = tx.Exec(ctx, insert, i, 0, "dup")
+	if e := wantCode(err, "23505", "a duplicate in a transaction"); e != nil {
+		tx.Rollback(ctx)
+		return e
+	}
+	if err := tx.Rollback(ctx); err != nil {
+		return err
+	}
+	var onReplica bool
+	if err := c.QueryRow(ctx, insert+" RETURNING pg_is_in_recovery()", i, 502, "after").Scan(&onReplica); err != nil || onReplica {
+		return fmt.Errorf("a write after a failed transaction: on a replica %v, %v", onReplica, err)
+	}
+	if _, err := c.Exec(ctx, "DELETE FROM "+items+" WHERE c = $1 AND k = $2", i, 502); err != nil {
+		return err
+	}
+	if n, err := countOwn(ctx, c, i); err != nil || n != itemsPerClient {
+		return fmt.Errorf("after batch failures: %d own rows, %v", n, err)
+	}
+	return nil
+}
+
+// cancelUntilDone sends CancelRequests until run returns: the statement may not have reached
+// its server when one arrives.
+func cancelUntilDone(ctx context.Context, c *pgx.Conn, run func() error) error {
+	done := make(chan error, 1)
+	go func() { done <- run() }()
+	deadline := time.After(waitLimit)
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case err := <-done:
+			return err
+		case <-tick.C:
+			if err := c.PgConn().CancelRequest(ctx); err != nil {
+				return fmt.Errorf("cancel request: %w", err)
+			}
+		case <-deadline:
+			return errors.New("the cancel did not end the statement")
+		}
+	}
+}
+
+// cancelsAndTimeouts: pgx's CancelRequest and statement_timeout end a read (a replica's,
+// when reads are split) and a COPY TO; the connection is usable after each.
+func cancelsAndTimeouts(ctx context.Context, c *pgx.Conn, i int) error {
+	err := cancelUntilDone(ctx, c, func() error {
+		var x string
+		return c.QueryRow(ctx, "SELECT pg_sleep(60)::text").Scan(&x)
+	})
+	if e := wantCode(err, "57014", "a cancelled read"); e != nil {
+		return e
+	}
+	if err := usable(ctx, c, i, "a cancelled read"); err != nil {
+		return err
+	}
+	err = cancelUntilDone(ctx, c, func() error {
+		_, err := c.PgConn().CopyTo(ctx, io.Discard, "COPY (SELECT g, pg_sleep(0.001) FROM generate_series(1, 100000) g) TO STDOUT")
+		return err
+	})
+	if e := wantCode(err, "57014", "a cancelled COPY TO"); e != nil {
+		return e
+	}
+	if err := usable(ctx, c, i, "a cancelled COPY TO"); err != nil {
+		return err
+	}
+	if _, err := c.Exec(ctx, "SET statement_timeout = '100ms'"); err != nil {
+		return err
+	}
+	var x string
+	err = c.QueryRow(ctx, "SELECT pg_sleep(60)::text").Scan(&x)
+	if e := wantCode(err, "57014", "a read past statement_timeout"); e != nil {
+		return e
+	}
+	if _, err := c.Exec(ctx, "RESET statement_timeout"); err != nil {
+		return err
+	}
+	return usable(ctx, c, i, "a read past statement_timeout")
+}
+
+// abandoned: pgx closes its connection mid-statement when the context ends (after a
+// CancelRequest and a Terminate), or when COPY TO's writer fails: on connections of their
+// own, each statement marked pgx_abandoned so tests/drivers.rs can check that none is left
+// running on any server.
+func abandoned(ctx context.Context, cfg *pgx.ConnConfig, i int) error {
+	type attempt struct {
+		what string
+		run  func(context.Context, *pgx.Conn) error
+	}
+	attempts := []attempt{
+		{"a read past its context's deadline", func(ctx context.Context, c *pgx.Conn) error {
+			var x string
+			return c.QueryRow(ctx, "SELECT pg_sleep(15)::text /* pgx_abandoned */").Scan(&x)
+		}},
+		{"a statement on the primary past its context's deadline", func(ctx context.Context, c *pgx.Conn) error {
+			_, err := c.Exec(ctx, "SELECT pg_sleep(15), $1::int /* pgmux:primary */ /* pgx_abandoned */", i)
+			return err
+		}},
+		{"a COPY FROM past its context's deadline", func(ctx context.Context, c *pgx.Conn) error {
+			src := &copyRowsSource{i: i, badAt: -1, failAt: -1, endless: true}
+			_, err := c.CopyFrom(ctx, pgx.Identifier{copyT}, []string{"c", "n", "s"}, src)
+			return err
+		}},
+		{"a COPY TO whose writer fails half way", func(ctx context.Context, c *pgx.Conn) error {
+			_, err := c.PgConn().CopyTo(ctx, &failingWriter{after: 100000},
+				"COPY (SELECT g, repeat('x', 20) FROM generate_series(1, 2000000) g) TO STDOUT /* pgx_abandoned */")
+			return err
+		}},
+	}
+	for _, a := range attempts {
+		c, err := pgx.ConnectConfig(ctx, cfg)
+		if err != nil {
+			return fmt.Errorf("connect: %w", err)
+		}
+		short, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+		if a.what == "a COPY TO whose writer fails half way" {
+			short = ctx
+		}
+		err = a.run(short, c)
+		cancel()
+		if err == nil {
+			c.Close(ctx)
+			return fmt.Errorf("%s: no error", a.what)
+		}
+		if !c.IsClosed() {
+			// the deadline passed before pgx sent anything (its connection is then safe to
+			// keep): it must still work
+			err = usable(ctx, c, i, a.what)
+			c.Close(ctx)
+			if err != nil {
+				return err
+			}
+			continue
+		}
+		<-c.PgConn().CleanupDone()
+	}
+	return nil
+}
+
+type failingWriter struct{ n, after int }
+
+func (w *failingWriter) Write(p []byte) (int, error) {
+	w.n += len(p)
+	if w.n > w.after {
+		return 0, errors.New("the writer gives up")
+	}
+	return len(p), nil
 }

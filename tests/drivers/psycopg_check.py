@@ -17,7 +17,11 @@ or None (never prepared), by client number; half the clients in autocommit:
   - cancel() / cancel_safe() of a pg_sleep (57014), the connection usable after;
   - notices from RAISE NOTICE in a DO block;
   - errors with their sqlstate (42601, 23505, 22012), the connection usable after;
-  - a read-only transaction (on a replica when reads are split).
+  - a read-only transaction (on a replica when reads are split);
+  - error paths: a large COPY refused early (psycopg still sending), a COPY TO the client
+    abandons half way (psycopg cancels it), statement_timeout ending a read and a COPY TO,
+    a pipeline failing in the middle with writes in it (none of them kept), then a pipeline
+    whose write must reach the primary, a failed transaction and a write after it.
 Then AsyncConnections, all at once under asyncio.gather, and a psycopg_pool ConnectionPool
 shared by many threads. Every result is checked; exits non-zero on any wrong result or error.
 The tables py_psy_items (c int, k int, v text, PRIMARY KEY (c, k)), py_psy_copy (c int, k int,
@@ -418,6 +422,101 @@ def check_errors(conn, i):
     end(conn)
 
 
+def check_error_paths(conn, i):
+    # a duplicate early in a large COPY: the server refuses it while psycopg still sends
+    base = -(i * 100000 + 1)
+    try:
+        with conn.cursor() as cur:
+            with cur.copy("COPY py_psy_uniq (id) FROM STDIN") as copy:
+                for k in range(20000):
+                    copy.write_row((base - (3 if k == 5 else k),))
+    except errors.UniqueViolation:
+        pass
+    else:
+        raise AssertionError("the duplicate key went in")
+    if not conn.autocommit:
+        conn.rollback()
+    assert conn.execute("SELECT count(*) FROM py_psy_uniq WHERE id <= %s AND id > %s", (base, base - 100000)).fetchone() == (0,)
+    end(conn)
+
+    # COPY TO abandoned half way: psycopg sends a cancel and reads what is left
+    got = 0
+    try:
+        with conn.cursor() as cur:
+            with cur.copy("COPY (SELECT g FROM generate_series(1, 3000000) g) TO STDOUT") as copy:
+                for _ in copy:
+                    got += 1
+                    if got == 50:
+                        raise KeyError("client gives up")
+    except KeyError:
+        pass
+    if not conn.autocommit:
+        conn.rollback()
+    assert conn.execute("SELECT %s::int + 3", (i,)).fetchone() == (i + 3,)
+    end(conn)
+
+    # statement_timeout ends a read (a replica's when reads are split) and a COPY TO
+    conn.execute("SET statement_timeout = '150ms'")
+    end(conn)
+    for stmt in ("SELECT pg_sleep(60)", "COPY (SELECT g, pg_sleep(0.001) FROM generate_series(1, 100000) g) TO STDOUT"):
+        try:
+            with conn.cursor() as cur:
+                if stmt.startswith("COPY"):
+                    with cur.copy(stmt) as copy:
+                        for _ in copy:
+                            pass
+                else:
+                    cur.execute(stmt)
+        except errors.QueryCanceled:
+            pass
+        else:
+            raise AssertionError(f"{stmt} outlived statement_timeout")
+        if not conn.autocommit:
+            conn.rollback()
+    conn.execute("RESET statement_timeout")
+    end(conn)
+    assert conn.execute("SHOW statement_timeout").fetchone() == ("0",)
+    end(conn)
+
+    # a pipeline failing in the middle, with writes before and after the failure: none kept
+    k0 = 7000
+    try:
+        with conn.pipeline():
+            conn.execute("SELECT count(*) FROM py_psy_items WHERE c = %s", (i,))
+            conn.execute("INSERT INTO py_psy_items VALUES (%s, %s, 'pipelined')", (i, k0))
+            conn.execute("SELECT 1 / %s::int", (0,))
+            conn.execute("INSERT INTO py_psy_items VALUES (%s, %s, 'pipelined')", (i, k0 + 1))
+    except (errors.DivisionByZero, errors.PipelineAborted):
+        pass
+    else:
+        raise AssertionError("no error from the failing pipeline")
+    if not conn.autocommit:
+        conn.rollback()
+    # a read first, fetched before the write behind it is sent: the write reaches the primary
+    with conn.pipeline():
+        cur = conn.execute("SELECT count(*) FROM py_psy_items WHERE c = %s AND k >= %s", (i, k0))
+        assert cur.fetchone() == (0,), "a write of the failed pipeline was kept"
+        cur = conn.execute("INSERT INTO py_psy_items VALUES (%s, %s, 'pipelined') RETURNING pg_is_in_recovery()", (i, k0 + 2))
+    assert cur.fetchone() == (False,), "the write ran on a replica"
+    end(conn)
+
+    # a failed transaction rolled back; a write after it goes to the primary, a read sees it
+    try:
+        with conn.transaction():
+            conn.execute("INSERT INTO py_psy_items VALUES (%s, %s, 'lost')", (i, k0 + 3))
+            conn.execute("INSERT INTO py_psy_items VALUES (%s, %s, 'dup')", (i, k0 + 2))
+    except errors.UniqueViolation:
+        pass
+    assert conn.execute(
+        "INSERT INTO py_psy_items VALUES (%s, %s, 'after') RETURNING pg_is_in_recovery()", (i, k0 + 4)
+    ).fetchone() == (False,)
+    end(conn)
+    got = conn.execute("SELECT k FROM py_psy_items WHERE c = %s AND k >= %s ORDER BY k", (i, k0)).fetchall()
+    assert got == [(k0 + 2,), (k0 + 4,)], got
+    conn.execute("DELETE FROM py_psy_items WHERE c = %s AND k >= %s", (i, k0))
+    end(conn)
+
+
 def check_read_only(i):
     """A read-only transaction on a connection that has not written: a replica when split."""
     with psycopg.connect(DSN) as conn:
@@ -442,6 +541,7 @@ def worker(i):
             check_transactions,
             check_notices,
             check_errors,
+            check_error_paths,
         ):
             try:
                 check(conn, i)
