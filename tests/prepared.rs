@@ -403,6 +403,31 @@ fn a_statement_name_in_use_is_refused_as_postgresql_refuses_it() {
     });
 }
 
+/// A statement parsed, run and closed in one unit whose Parse fails: the server skips the
+/// Close, and the name is free, as it was before the Parse (pgmux put the failed statement
+/// back under the name, and the next Parse of it was refused or ran the old text).
+/// Found by tests/differential.rs.
+#[test]
+fn a_close_skipped_after_its_failed_parse_leaves_the_name_free() {
+    use common::raw::msg;
+    let script = |s: &mut std::net::TcpStream| {
+        let close = || msg(b'C', b"Ss2\0");
+        vec![
+            batch(
+                s,
+                &[parse("s2", "selec 1"), bind("s2"), exec(), close(), sync()],
+            ),
+            batch(s, &[parse("s2", "select 2"), bind("s2"), exec(), sync()]),
+            batch(s, &[bind("s2"), exec(), close(), sync()]),
+            batch(s, &[parse("s2", ""), bind("s2"), exec(), sync()]),
+        ]
+    };
+    same_as_postgresql("prepclosed", 1, script, |expected| {
+        assert_eq!(expected[0], ["E42601", "ZI"], "{expected:?}");
+        assert_eq!(expected[1], ["1", "2", "D2", "C", "ZI"], "{expected:?}");
+    });
+}
+
 /// `DEALLOCATE ALL`, `DISCARD ALL` (also as a named prepared statement, as pgjdbc runs it)
 /// and `DEALLOCATE name` (between transactions and inside a transaction block) free the client's statement names as PostgreSQL does (drivers such as
 /// PHP's PDO and Rails deallocate with SQL), so the names can be prepared again; a refused

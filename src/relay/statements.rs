@@ -906,6 +906,9 @@ impl Tracker {
     /// that Sync arrives, what the client sends meanwhile. Queries and FunctionCalls on the
     /// way are skipped too (PostgreSQL ignores every message but Sync): counted in `skipped`.
     fn failed(&mut self, server: &mut ServerStatements) {
+        // statements whose Parse did not take effect: a skipped Close of one (the client
+        // parsed, used and closed it in one go) leaves the name free, not defined by it
+        let mut undone: Vec<Arc<StmtDef>> = Vec::new();
         while let Some(front) = self.expect.front() {
             if matches!(front, Expect::Ready) {
                 break;
@@ -918,15 +921,17 @@ impl Tracker {
                     server.forget(d.id);
                     if let Some(name) = name {
                         self.undefine(&name, &d);
+                        undone.push(d);
                     }
                 }
                 Some(Expect::ParseAnswered { name, def } | Expect::ParseProbe { name, def }) => {
-                    self.undefine(&name, &def)
+                    self.undefine(&name, &def);
+                    undone.push(def);
                 }
                 Some(Expect::Closed {
                     name,
                     def: Some(def),
-                }) => {
+                }) if !undone.iter().any(|u| Arc::ptr_eq(u, &def)) => {
                     let before = self.stmts.insert(&name, def);
                     self.name_changed(&name, before);
                 }
