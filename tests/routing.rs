@@ -1885,3 +1885,42 @@ async fn copy_messages_after_a_failed_copy_do_not_hold_back_what_follows() {
         assert_eq!(tags(&answers), "12DCTDCZ", "round {round}: {answers:?}");
     }
 }
+
+/// A pipelining client sends a read up to a Flush and, without waiting for its answer, more
+/// statements before the Sync. When the read fails, PostgreSQL skips them on their way to the
+/// Sync. pgmux used to end the flushed read before the replica's answer had come and route
+/// what followed on its own: the client got a second error (below), or a write PostgreSQL
+/// would have skipped was made on the primary. It now waits for the read's answers before it
+/// decides. Found by tests/differential.rs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_pipelined_behind_a_failed_flushed_read_are_skipped() {
+    use common::raw::{login, msg, until_ready};
+    use std::io::Write;
+    let cluster = PgCluster::shared_with_replicas();
+    let (px, _c) = flushed_copy_scene(cluster, "", "").await;
+    let (mut s, _) = login(px.port, "app", "app");
+    let tags = |m: &[(u8, Vec<u8>)]| String::from_utf8(m.iter().map(|m| m.0).collect()).unwrap();
+    for round in 0..3 {
+        // refused when bound (a constant 1/0 is folded when planned)
+        let mut out = exec("SELECT 1/0");
+        out.extend(msg(b'H', b""));
+        let mut rest = exec("SELECT * FROM flushed_copy_no_such_table");
+        rest.extend(msg(b'S', b""));
+        // all reads, all at once: the unit goes to a replica
+        s.write_all(&[out.clone(), rest.clone()].concat()).unwrap();
+        let answers = until_ready(&mut s);
+        assert_eq!(tags(&answers), "1EZ", "round {round}: {answers:?}");
+        assert_eq!(common::raw::error_code(&answers).as_deref(), Some("22012"));
+        // a write sent right behind the flushed read
+        s.write_all(&out).unwrap();
+        let mut write = exec("INSERT INTO flushed_copy VALUES (-5, 0)");
+        write.extend(rest);
+        s.write_all(&write).unwrap();
+        let answers = until_ready(&mut s);
+        assert_eq!(tags(&answers), "1EZ", "round {round}: {answers:?}");
+    }
+    let written = cluster
+        .primary()
+        .psql("app", "SELECT count(*) FROM flushed_copy WHERE a = -5");
+    assert_eq!(written, "0", "a skipped INSERT ran");
+}

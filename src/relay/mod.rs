@@ -689,6 +689,15 @@ impl Relay {
                     next = head[0];
                 }
                 if matches!(next, b'Q' | b'P' | b'B') && self.flushed_read_open() {
+                    if self
+                        .tracker
+                        .as_ref()
+                        .is_some_and(|t| !t.is_settled() && !t.is_skipping())
+                    {
+                        // the read's answers are on their way: if it failed, PostgreSQL
+                        // skips what follows to the Sync, which must then stay with it
+                        return Ok(());
+                    }
                     match self.starts_own_statement(next) {
                         Some(true) => {
                             self.end_flushed_read(server.statements);
