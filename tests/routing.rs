@@ -1924,3 +1924,34 @@ async fn statements_pipelined_behind_a_failed_flushed_read_are_skipped() {
         .psql("app", "SELECT count(*) FROM flushed_copy WHERE a = -5");
     assert_eq!(written, "0", "a skipped INSERT ran");
 }
+
+/// A read unit that fails before a Query in it, without a Sync: PostgreSQL skips the Query
+/// (it owes no ReadyForQuery) and everything after it up to the client's next Sync. pgmux
+/// held what followed back, to be routed on its own once the replica went back; but the
+/// replica, waiting for a Sync, never went back: the client hung. Found by
+/// tests/differential.rs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_after_a_failed_read_before_a_query_reaches_its_replica() {
+    use common::raw::{error_code, login, msg, query, until_ready};
+    use std::io::Write;
+    let cluster = PgCluster::shared_with_replicas();
+    let (px, _c) = flushed_copy_scene(cluster, "", "").await;
+    let (mut s, _) = login(px.port, "app", "app");
+    let tags = |m: &[(u8, Vec<u8>)]| String::from_utf8(m.iter().map(|m| m.0).collect()).unwrap();
+    for round in 0..3 {
+        let mut out = exec("SELECT * FROM flushed_copy_no_such_table");
+        out.extend(query("SELECT 1"));
+        s.write_all(&out).unwrap();
+        // the client, seeing no ReadyForQuery, goes on with an extended unit
+        let mut out = exec("SELECT 2");
+        out.extend(msg(b'S', b""));
+        s.write_all(&out).unwrap();
+        // read timeout 30 s: a hang fails here
+        let answers = until_ready(&mut s);
+        assert_eq!(tags(&answers), "EZ", "round {round}: {answers:?}");
+        assert_eq!(error_code(&answers).as_deref(), Some("42P01"));
+        s.write_all(&query("SELECT 3")).unwrap();
+        let answers = until_ready(&mut s);
+        assert_eq!(tags(&answers), "TDCZ", "round {round}: {answers:?}");
+    }
+}

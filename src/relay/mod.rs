@@ -146,9 +146,10 @@ pub struct Flow {
     pub terminated: bool,
     /// Last client input or server ReadyForQuery: when idling started.
     pub idle_since: Mono,
-    /// COPY FROM STDIN bookkeeping: the server ignores Syncs while it is in copy-in mode.
-    last_was_execute: bool,
-    syncs_since_execute: u32,
+    /// COPY FROM STDIN bookkeeping: the server ignores Syncs while it is in copy-in mode,
+    /// started by a Query or an Execute. Syncs sent since the last of those (before a
+    /// CopyDone or CopyFail): ignored if it turns out to start a COPY.
+    syncs_since_start: u32,
     copy_done_sent: bool,
     copy_in: bool,
 }
@@ -336,8 +337,7 @@ impl Relay {
                 status: b'I',
                 terminated: false,
                 idle_since,
-                last_was_execute: false,
-                syncs_since_execute: 0,
+                syncs_since_start: 0,
                 copy_done_sent: false,
                 copy_in: false,
             },
@@ -423,8 +423,7 @@ impl Relay {
         f.unsynced = false;
         f.status = b'I';
         f.terminated = false;
-        f.last_was_execute = false;
-        f.syncs_since_execute = 0;
+        f.syncs_since_start = 0;
         f.copy_done_sent = false;
         f.copy_in = false;
         self.own_sync = false;
@@ -675,8 +674,14 @@ impl Relay {
         let transaction_mode = self.transaction_mode;
         loop {
             let ch = &mut self.c2s;
-            if self.one_unit && self.units > 0 && ch.scanner.at_boundary() {
-                // the routed unit is sent whole; what follows waits to be routed itself
+            if self.one_unit
+                && self.units > 0
+                && ch.scanner.at_boundary()
+                && !self.tracker.as_ref().is_some_and(Tracker::is_skipping)
+            {
+                // the routed unit is sent whole; what follows waits to be routed itself.
+                // Unless the unit failed before a Query in it (which the server skipped): the
+                // server skips what follows up to a Sync, which it must be sent
                 return Ok(());
             }
             let mut big_bind = false;
@@ -971,7 +976,11 @@ impl Relay {
                 // as a Sync would: PostgreSQL commits that unit's implicit transaction with
                 // its own, and answers one ReadyForQuery
                 f.unsynced = false;
-                f.last_was_execute = false;
+                if tag == b'Q' {
+                    // it may start a COPY FROM STDIN
+                    f.syncs_since_start = 0;
+                    f.copy_done_sent = false;
+                }
                 let fp = if tag == b'Q' {
                     self.keys.take_query()
                 } else {
@@ -985,15 +994,14 @@ impl Relay {
                 self.units += 1;
                 f.unsynced = false;
                 if !f.copy_done_sent {
-                    f.syncs_since_execute += 1;
+                    f.syncs_since_start += 1;
                 }
                 self.meter.request(self.keys.sync(), f.idle_since);
             }
             b'E' => {
                 self.keys.execute();
                 f.unsynced = true;
-                f.last_was_execute = true;
-                f.syncs_since_execute = 0;
+                f.syncs_since_start = 0;
                 f.copy_done_sent = false;
             }
             b'H' => {
@@ -1016,17 +1024,15 @@ impl Relay {
         Ok(true)
     }
 
-    /// The server entered COPY FROM STDIN. Started by an Execute, it ignores every Sync that
-    /// arrives before CopyDone or CopyFail: those sent already are owed nothing, and later
-    /// ones are not counted.
+    /// The server entered COPY FROM STDIN, started by the last Query or Execute: it ignores
+    /// every Sync that arrives before CopyDone or CopyFail. Those sent already are owed
+    /// nothing, and later ones are not counted. (A Sync sent during a COPY started by a Query
+    /// was owed a ReadyForQuery that never came: the server never went back to the pool.)
     fn copy_in_started(&mut self) {
         let f = &mut self.flow;
-        if !f.last_was_execute {
-            return;
-        }
-        let ignored = f.syncs_since_execute;
+        let ignored = f.syncs_since_start;
         f.pending = f.pending.saturating_sub(ignored);
-        f.syncs_since_execute = 0;
+        f.syncs_since_start = 0;
         f.copy_in = !f.copy_done_sent;
         self.meter.statements.ignored(ignored);
         if let Some(t) = self.tracker.as_mut() {
