@@ -1923,6 +1923,15 @@ async fn statements_pipelined_behind_a_failed_flushed_read_are_skipped() {
         .primary()
         .psql("app", "SELECT count(*) FROM flushed_copy WHERE a = -5");
     assert_eq!(written, "0", "a skipped INSERT ran");
+    // without a Flush nothing is answered before the Sync, and nothing waits for it: a lone
+    // COMMIT by the extended protocol (a replica's, not retried) hung on the first version
+    for sql in ["COMMIT", "ROLLBACK"] {
+        let mut out = exec(sql);
+        out.extend(msg(b'S', b""));
+        s.write_all(&out).unwrap();
+        let answers = until_ready(&mut s);
+        assert_eq!(tags(&answers), "12NCZ", "{sql}: {answers:?}");
+    }
 }
 
 /// A read unit that fails before a Query in it, without a Sync: PostgreSQL skips the Query

@@ -202,6 +202,8 @@ pub struct Relay {
     /// A PortalSuspended came since the last ReadyForQuery: the client may still fetch more
     /// of that portal, on this server.
     suspended: bool,
+    /// The last client message sent was a Flush: the server answers all that came before it.
+    flushed: bool,
     /// Read/write splitting: an extended-protocol unit is routed once it is whole (its Sync,
     /// or a Flush, has arrived), so a write behind a read in the same unit is seen.
     pub whole_units: bool,
@@ -354,6 +356,7 @@ impl Relay {
             own_sync: false,
             unit_failed: false,
             suspended: false,
+            flushed: false,
             whole_units: false,
             refused: None,
             prescanned: None,
@@ -370,6 +373,7 @@ impl Relay {
         self.own_sync = false;
         self.unit_failed = false;
         self.suspended = false;
+        self.flushed = false;
         if let Some(t) = self.tracker.as_mut() {
             t.attach(statements);
         }
@@ -429,6 +433,7 @@ impl Relay {
         self.own_sync = false;
         self.unit_failed = false;
         self.suspended = false;
+        self.flushed = false;
         // requests in flight on the lost server are counted again when replayed
         self.meter.statements.forget_pending();
     }
@@ -694,10 +699,11 @@ impl Relay {
                     next = head[0];
                 }
                 if matches!(next, b'Q' | b'P' | b'B') && self.flushed_read_open() {
-                    if self
-                        .tracker
-                        .as_ref()
-                        .is_some_and(|t| !t.is_settled() && !t.is_skipping())
+                    if self.flushed
+                        && self
+                            .tracker
+                            .as_ref()
+                            .is_some_and(|t| !t.is_settled() && !t.is_skipping())
                     {
                         // the read's answers are on their way: if it failed, PostgreSQL
                         // skips what follows to the Sync, which must then stay with it
@@ -967,6 +973,7 @@ impl Relay {
     /// Counts a client message; Ok(false) when the server will ignore it (a Sync during
     /// COPY FROM STDIN), so nothing is owed for it.
     fn count_request(&mut self, tag: u8) -> Result<bool, ClientProtocolError> {
+        self.flushed = tag == b'H';
         let f = &mut self.flow;
         match tag {
             b'Q' | b'F' => {
