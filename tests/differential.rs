@@ -108,7 +108,13 @@ static ITEMS: &[Item] = &[
         K::Plain,
         false,
     ),
-    item("SELECT generate_series(1, 5)", Some(5), F::No, K::Plain, false),
+    item(
+        "SELECT generate_series(1, 5)",
+        Some(5),
+        F::No,
+        K::Plain,
+        false,
+    ),
     item(
         "SELECT count(*), coalesce(sum(a), 0), string_agg(s, ',' ORDER BY a, s) FROM {w}",
         Some(1),
@@ -330,7 +336,10 @@ impl Model {
             return Vec::new();
         }
         let keep = tags.len() - upto;
-        let mut out: Vec<u8> = self.unflushed.drain(..self.unflushed.len() - keep).collect();
+        let mut out: Vec<u8> = self
+            .unflushed
+            .drain(..self.unflushed.len() - keep)
+            .collect();
         out.retain(|&t| t != b'N');
         out
     }
@@ -358,7 +367,9 @@ impl Model {
     /// A transaction command runs; a notice goes out for one that does nothing.
     fn transaction(&mut self, kind: Kind, out: &mut Vec<u8>) {
         let idle = self.status == b'I';
-        if (matches!(kind, Kind::Begin | Kind::BeginReadOnly) && !idle) || (kind == Kind::End && idle) {
+        if (matches!(kind, Kind::Begin | Kind::BeginReadOnly) && !idle)
+            || (kind == Kind::End && idle)
+        {
             out.push(b'N');
         }
         match kind {
@@ -906,6 +917,8 @@ fn gen_extended(rng: &mut Rng, model: &Model, out: &mut Vec<Msg>) {
 // Running a case.
 
 type Answer = (u8, Vec<u8>);
+/// A run's answers, and how many came after each batch.
+type Answers = (Vec<Answer>, Vec<usize>);
 
 /// Reads the next message that is not a ParameterStatus.
 fn next(s: &mut TcpStream) -> Option<Answer> {
@@ -968,7 +981,7 @@ fn run(
     batches: &[Batch],
     table: &str,
     counts: Option<&[usize]>,
-) -> Result<(Vec<Answer>, Vec<usize>), (String, Vec<Answer>)> {
+) -> Result<Answers, (String, Vec<Answer>)> {
     let mut answers = Vec::new();
     let mut got_counts = Vec::new();
     for (n, b) in batches.iter().enumerate() {
@@ -1037,7 +1050,11 @@ fn run(
 fn rows(s: &mut TcpStream, sql: &str) -> Vec<String> {
     s.write_all(&common::raw::query(sql)).unwrap();
     let answers = common::raw::until_ready(s);
-    assert_eq!(common::raw::error_code(&answers), None, "{sql}: {answers:?}");
+    assert_eq!(
+        common::raw::error_code(&answers),
+        None,
+        "{sql}: {answers:?}"
+    );
     answers
         .iter()
         .filter(|m| m.0 == b'D')
@@ -1053,7 +1070,6 @@ fn rows(s: &mut TcpStream, sql: &str) -> Vec<String> {
 }
 
 struct Scene {
-    name: &'static str,
     cluster: &'static PgCluster,
     px: Pgmux,
     table: &'static str,
@@ -1094,7 +1110,11 @@ fn scene(name: &'static str) -> Scene {
         _ => (PgCluster::shared(), "session", "diff_w_session", false),
     };
     setup_fixtures(cluster);
-    let split = if split { cluster.split_settings() } else { String::new() };
+    let split = if split {
+        cluster.split_settings()
+    } else {
+        String::new()
+    };
     let px = Pgmux::start(&format!(
         r#"
 [pgmux]
@@ -1115,7 +1135,6 @@ lag_check_interval = 0.1
         cluster.primary().port
     ));
     Scene {
-        name,
         cluster,
         px,
         table,
@@ -1131,9 +1150,11 @@ fn replicas_caught_up(control: &mut TcpStream, replicas: &mut [TcpStream]) {
     let lsn = rows(control, "SELECT pg_current_wal_insert_lsn()").remove(0);
     for r in replicas {
         let sql = format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'");
-        wait_until("a replica to replay the emptied table", Duration::from_secs(60), || {
-            rows(r, &sql) == ["t"]
-        });
+        wait_until(
+            "a replica to replay the emptied table",
+            Duration::from_secs(60),
+            || rows(r, &sql) == ["t"],
+        );
     }
 }
 
@@ -1219,7 +1240,9 @@ fn differential(name: &'static str) {
             p.write_all(&common::raw::query("/* pgmux:primary */ SELECT 1"))
                 .unwrap();
             let answers = common::raw::until_ready(p);
-            if common::raw::error_code(&answers).is_some() || answers.last().map(|m| m.0) != Some(b'Z') {
+            if common::raw::error_code(&answers).is_some()
+                || answers.last().map(|m| m.0) != Some(b'Z')
+            {
                 fail(
                     "the server did not go back to the pool after the case",
                     format!("  the probe got:\n    {}", show_answers(&answers)),
@@ -1245,7 +1268,6 @@ fn read_write_split_answers_as_postgresql() {
 fn session_mode_answers_as_postgresql() {
     differential("session");
 }
-
 
 /// A Sync sent during a COPY FROM STDIN started by a simple Query is ignored by PostgreSQL,
 /// as during one started by an Execute. pgmux counted it as owed a ReadyForQuery that never
@@ -1279,4 +1301,3 @@ fn a_sync_during_a_copy_started_by_a_query_is_owed_nothing() {
         assert_eq!(tags(&answers), "CZ", "round {round}: {answers:?}");
     }
 }
-
