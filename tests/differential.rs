@@ -296,6 +296,10 @@ struct Model {
     open: bool,
     stmts: HashMap<&'static str, usize>,
     unnamed: Option<usize>,
+    /// An unnamed Parse was skipped after an error since the unnamed statement was made:
+    /// PostgreSQL keeps the older statement, pgmux counts the skipped one as made
+    /// (docs/transaction-pooling.md), so the generator binds neither.
+    unnamed_skipped: bool,
     portal: Option<Portal>,
     /// Answers in PostgreSQL's output buffer, not yet flushed (it flushes at a
     /// ReadyForQuery, an error or notice, a CopyInResponse and a Flush).
@@ -314,6 +318,7 @@ impl Model {
             open: false,
             stmts: HashMap::new(),
             unnamed: None,
+            unnamed_skipped: false,
             portal: None,
             unflushed: Vec::new(),
             carried: Vec::new(),
@@ -412,12 +417,14 @@ impl Model {
             return out;
         }
         if self.skipping && !matches!(m, Msg::Sync) {
+            self.unnamed_skipped |= matches!(m, Msg::Parse("", _));
             return out;
         }
         match m {
             Msg::Query(items) => {
                 self.open = false;
                 self.unnamed = None;
+                self.unnamed_skipped = false;
                 self.portal = None;
                 self.query(items, &mut out);
             }
@@ -443,6 +450,7 @@ impl Model {
                 let it = &ITEMS[*i];
                 if name.is_empty() {
                     self.unnamed = None;
+                    self.unnamed_skipped = false;
                 } else if self.stmts.contains_key(name) {
                     return self.err(out);
                 }
@@ -858,7 +866,11 @@ fn gen_extended(rng: &mut Rng, model: &Model, out: &mut Vec<Msg>) {
     for _ in 0..statements {
         let before = out.len();
         // pgx without a statement cache: the unnamed statement of an earlier unit, bound again
-        let rebind = m.unnamed.is_some() && out.is_empty() && rng.chance(20);
+        // (not a COPY FROM STDIN, which only its own flows use)
+        let rebind = m.unnamed.is_some_and(|u| ITEMS[u].kind != Kind::CopyIn)
+            && !m.unnamed_skipped
+            && out.is_empty()
+            && rng.chance(20);
         let mut stmt = "";
         let mut what = m.unnamed;
         if !rebind {

@@ -428,6 +428,35 @@ fn a_close_skipped_after_its_failed_parse_leaves_the_name_free() {
     });
 }
 
+/// PostgreSQL checks a Parse's name only once its text has parsed and been analysed: a name
+/// in use with a text it refuses gets the text's error (42601, 42P01), not 42P05, which pgmux
+/// answered. Found by tests/differential.rs.
+#[test]
+fn a_name_in_use_with_a_bad_text_gets_the_text_error() {
+    let script = |s: &mut std::net::TcpStream| {
+        vec![
+            batch(s, &[parse("s1", "select 1"), sync()]),
+            batch(
+                s,
+                &[
+                    parse("s1", "select * from no_such_table"),
+                    bind("s1"),
+                    exec(),
+                    sync(),
+                ],
+            ),
+            batch(s, &[parse("s1", "selec 1"), sync()]),
+            batch(s, &[parse("s1", "select 2"), sync()]),
+            batch(s, &run("s1")),
+        ]
+    };
+    same_as_postgresql("prepbadtext", 1, script, |expected| {
+        assert_eq!(expected[1], ["E42P01", "ZI"], "{expected:?}");
+        assert_eq!(expected[2], ["E42601", "ZI"], "{expected:?}");
+        assert_eq!(expected[3], ["E42P05", "ZI"], "{expected:?}");
+    });
+}
+
 /// `DEALLOCATE ALL`, `DISCARD ALL` (also as a named prepared statement, as pgjdbc runs it)
 /// and `DEALLOCATE name` (between transactions and inside a transaction block) free the client's statement names as PostgreSQL does (drivers such as
 /// PHP's PDO and Rails deallocate with SQL), so the names can be prepared again; a refused

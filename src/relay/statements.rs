@@ -434,8 +434,10 @@ impl Tracker {
     }
 
     /// PostgreSQL refuses to redefine a named statement (42P05) and skips the rest of the
-    /// batch. pgmux makes the server do exactly that by preparing the client's existing
-    /// statement twice under pgmux's name, and tells the client in its own names.
+    /// batch. pgmux makes the server do exactly that by preparing the client's new text under
+    /// pgmux's name of the existing statement, and tells the client in its own names.
+    /// PostgreSQL checks the name only once the text has parsed: a text it refuses (a syntax
+    /// error, an unknown table) gets that error instead, from the server as from PostgreSQL.
     fn refuse_duplicate(
         &mut self,
         name: &[u8],
@@ -445,11 +447,15 @@ impl Tracker {
         c2s: &mut Channel,
         server: &mut ServerStatements,
     ) {
+        let mut msg = BytesMut::new();
+        let text = prepared::split_parse(&c2s.buf[start + 5..end]).map_or(&[][..], |(_, t)| t);
+        crate::protocol::messages::message(&mut msg, b'P', |b| {
+            prepared::put_server_name(b, existing.id);
+            b.put_slice(text);
+        });
         c2s.seal(start);
         c2s.skip(end - start);
         self.ensure_prepared(existing, c2s, server);
-        let mut msg = BytesMut::new();
-        existing.parse_message(&mut msg);
         c2s.push(msg.freeze());
         let mut error = BytesMut::new();
         crate::protocol::PgError::error(
@@ -665,10 +671,14 @@ impl Tracker {
         let ours = match (tag, front) {
             (b'E', Expect::Ready | Expect::QueryReady) => return,
             (b'E', Expect::Duplicate { error }) => {
-                let (error, end) = (error.clone(), s2c.scanned);
-                s2c.seal(start);
-                s2c.skip(end - start);
-                s2c.push(error);
+                let body = &s2c.buf[start + 5..s2c.scanned];
+                // otherwise the text's own error, which names no statement
+                if crate::protocol::messages::parse_error_fields(body).code == "42P05" {
+                    let (error, end) = (error.clone(), s2c.scanned);
+                    s2c.seal(start);
+                    s2c.skip(end - start);
+                    s2c.push(error);
+                }
                 return self.failed(server);
             }
             (b'E', Expect::Bind { stmt }) if *stmt != 0 => {
