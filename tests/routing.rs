@@ -1964,3 +1964,42 @@ async fn a_sync_after_a_failed_read_before_a_query_reaches_its_replica() {
         assert_eq!(tags(&answers), "TDCZ", "round {round}: {answers:?}");
     }
 }
+
+/// A read fetched with a row limit up to a Flush, its portal suspended, then a write as a
+/// Query: the Query ends the read's implicit transaction and its portals, so nothing can be
+/// fetched from that portal any more, and the write reaches the primary. pgmux kept the unit
+/// on the replica for the portal's sake, where the write failed (25006). Found by
+/// tests/differential.rs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_query_after_a_suspended_flushed_read_reaches_the_primary() {
+    use common::raw::{error_code, login, msg, query, read_msg, until_ready};
+    use std::io::Write;
+    let cluster = PgCluster::shared_with_replicas();
+    let (px, _c) = flushed_copy_scene(cluster, "", "").await;
+    let (primary, _) = ports(cluster);
+    let (mut s, _) = login(px.port, "app", "app");
+    for round in 0..3 {
+        let mut out = msg(b'P', b"\0SELECT generate_series(1, 3)\0\0\0");
+        out.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
+        out.extend(msg(b'E', b"\0\0\0\0\x01"));
+        out.extend(msg(b'H', b""));
+        s.write_all(&out).unwrap();
+        let mut tags = Vec::new();
+        while let Some(m) = read_msg(&mut s) {
+            tags.push(m.0);
+            if m.0 == b's' {
+                break;
+            }
+        }
+        assert_eq!(tags, b"12Ds", "round {round}: one row, then suspended");
+        s.write_all(&query(
+            "INSERT INTO flushed_copy VALUES (-6, inet_server_port()) RETURNING port",
+        ))
+        .unwrap();
+        let answers = until_ready(&mut s);
+        assert_eq!(error_code(&answers), None, "round {round}: {answers:?}");
+        let row = answers.iter().find(|m| m.0 == b'D').expect("a row");
+        let port: u16 = std::str::from_utf8(&row.1[6..]).unwrap().parse().unwrap();
+        assert_eq!(port, primary, "round {round}");
+    }
+}

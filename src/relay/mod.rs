@@ -698,7 +698,7 @@ impl Relay {
                     check_header(head, self.max_message)?;
                     next = head[0];
                 }
-                if matches!(next, b'Q' | b'P' | b'B') && self.flushed_read_open() {
+                if matches!(next, b'Q' | b'P' | b'B') && self.flushed_read_open(next) {
                     if self.flushed
                         && self
                             .tracker
@@ -898,8 +898,10 @@ impl Relay {
     /// and nothing failed or was left half-fetched (asyncpg prepares a `SELECT` of the table
     /// this way before its `COPY ... FROM STDIN`; psycopg's pipeline mode flushes to fetch a
     /// result before it sends the next statement). A new statement now (`starts_own_statement`)
-    /// would run on the replica as part of that unit.
-    fn flushed_read_open(&self) -> bool {
+    /// would run on the replica as part of that unit. A portal left suspended may still be
+    /// fetched from, unless the next message is a Query (`next`), which ends the read's
+    /// implicit transaction and its portals with it.
+    fn flushed_read_open(&self, next: u8) -> bool {
         let f = &self.flow;
         self.one_unit
             && self.units == 0
@@ -907,7 +909,7 @@ impl Relay {
             && f.pending == 0
             && !f.copy_in
             && !self.unit_failed
-            && !self.suspended
+            && (!self.suspended || next == b'Q')
             && !self.own_sync
             && !self.retry.is_armed()
             && self.session.pin.is_none()
