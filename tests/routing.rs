@@ -1914,10 +1914,22 @@ async fn statements_pipelined_behind_a_failed_flushed_read_are_skipped() {
         // a write sent right behind the flushed read
         s.write_all(&out).unwrap();
         let mut write = exec("INSERT INTO flushed_copy VALUES (-5, 0)");
-        write.extend(rest);
+        write.extend(rest.clone());
         s.write_all(&write).unwrap();
         let answers = until_ready(&mut s);
         assert_eq!(tags(&answers), "1EZ", "round {round}: {answers:?}");
+        // the read fails in an Execute sent after the client's Flush, which nothing flushes
+        let mut out = msg(
+            b'P',
+            b"\0SELECT 1/(g - g) FROM generate_series(1, 2) g\0\0\0",
+        );
+        out.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
+        out.extend(msg(b'H', b""));
+        out.extend(msg(b'E', b"\0\0\0\0\0"));
+        out.extend(rest);
+        s.write_all(&out).unwrap();
+        let answers = until_ready(&mut s);
+        assert_eq!(tags(&answers), "12EZ", "round {round}: {answers:?}");
     }
     let written = cluster
         .primary()

@@ -202,7 +202,8 @@ pub struct Relay {
     /// A PortalSuspended came since the last ReadyForQuery: the client may still fetch more
     /// of that portal, on this server.
     suspended: bool,
-    /// The last client message sent was a Flush: the server answers all that came before it.
+    /// The last message sent was a Flush (the client's, or pgmux's to learn how a flushed
+    /// read ended): the server answers all that came before it.
     flushed: bool,
     /// Read/write splitting: an extended-protocol unit is routed once it is whole (its Sync,
     /// or a Flush, has arrived), so a write behind a read in the same unit is seen.
@@ -699,14 +700,19 @@ impl Relay {
                     next = head[0];
                 }
                 if matches!(next, b'Q' | b'P' | b'B') && self.flushed_read_open(next) {
-                    if self.flushed
-                        && self
-                            .tracker
-                            .as_ref()
-                            .is_some_and(|t| !t.is_settled() && !t.is_skipping())
+                    if self
+                        .tracker
+                        .as_ref()
+                        .is_some_and(|t| !t.is_settled() && !t.is_skipping())
                     {
-                        // the read's answers are on their way: if it failed, PostgreSQL
-                        // skips what follows to the Sync, which must then stay with it
+                        // the read's answers are owed: if it failed, PostgreSQL skips what
+                        // follows to the Sync, which must then stay with it. What came after
+                        // the client's last Flush is answered only at a Flush: pgmux sends
+                        // one of its own (it adds no answer)
+                        if !self.flushed {
+                            self.c2s.insert(Bytes::from_static(FLUSH));
+                            self.flushed = true;
+                        }
                         return Ok(());
                     }
                     match self.starts_own_statement(next) {
