@@ -205,6 +205,9 @@ pub struct Relay {
     /// The last message sent was a Flush (the client's, or pgmux's to learn how a flushed
     /// read ended): the server answers all that came before it.
     flushed: bool,
+    /// The client sent a Flush since its last Sync, Query or FunctionCall: it may have read
+    /// answers and sent more after them (a batch's request never has one).
+    client_flushed: bool,
     /// Read/write splitting: an extended-protocol unit is routed once it is whole (its Sync,
     /// or a Flush, has arrived), so a write behind a read in the same unit is seen.
     pub whole_units: bool,
@@ -358,6 +361,7 @@ impl Relay {
             unit_failed: false,
             suspended: false,
             flushed: false,
+            client_flushed: false,
             whole_units: false,
             refused: None,
             prescanned: None,
@@ -375,6 +379,7 @@ impl Relay {
         self.unit_failed = false;
         self.suspended = false;
         self.flushed = false;
+        self.client_flushed = false;
         if let Some(t) = self.tracker.as_mut() {
             t.attach(statements);
         }
@@ -435,6 +440,7 @@ impl Relay {
         self.unit_failed = false;
         self.suspended = false;
         self.flushed = false;
+        self.client_flushed = false;
         // requests in flight on the lost server are counted again when replayed
         self.meter.statements.forget_pending();
     }
@@ -700,10 +706,11 @@ impl Relay {
                     next = head[0];
                 }
                 if matches!(next, b'Q' | b'P' | b'B') && self.flushed_read_open(next) {
-                    if self
-                        .tracker
-                        .as_ref()
-                        .is_some_and(|t| !t.is_settled() && !t.is_skipping())
+                    if self.client_flushed
+                        && self
+                            .tracker
+                            .as_ref()
+                            .is_some_and(|t| !t.is_settled() && !t.is_skipping())
                     {
                         // the read's answers are owed: if it failed, PostgreSQL skips what
                         // follows to the Sync, which must then stay with it. What came after
@@ -982,6 +989,11 @@ impl Relay {
     /// COPY FROM STDIN), so nothing is owed for it.
     fn count_request(&mut self, tag: u8) -> Result<bool, ClientProtocolError> {
         self.flushed = tag == b'H';
+        match tag {
+            b'H' => self.client_flushed = true,
+            b'S' | b'Q' | b'F' => self.client_flushed = false,
+            _ => {}
+        }
         let f = &mut self.flow;
         match tag {
             b'Q' | b'F' => {
