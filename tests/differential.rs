@@ -301,6 +301,9 @@ struct Model {
     /// (docs/transaction-pooling.md), so the generator binds neither.
     unnamed_skipped: bool,
     portal: Option<Portal>,
+    /// A row limit suspended a portal since the last Sync (even if it was fetched to the end
+    /// since: pgmux does not tell which portal a later CommandComplete ends).
+    suspended: bool,
     /// Answers in PostgreSQL's output buffer, not yet flushed (it flushes at a
     /// ReadyForQuery, an error or notice, a CopyInResponse and a Flush).
     unflushed: Vec<u8>,
@@ -320,6 +323,7 @@ impl Model {
             unnamed: None,
             unnamed_skipped: false,
             portal: None,
+            suspended: false,
             unflushed: Vec::new(),
             carried: Vec::new(),
         }
@@ -423,6 +427,7 @@ impl Model {
         match m {
             Msg::Query(items) => {
                 self.open = false;
+                self.suspended = false;
                 self.unnamed = None;
                 self.unnamed_skipped = false;
                 self.portal = None;
@@ -430,6 +435,7 @@ impl Model {
             }
             Msg::FunctionCall => {
                 self.open = false;
+                self.suspended = false;
                 self.portal = None;
                 if self.status == b'E' {
                     out.push(b'E');
@@ -440,6 +446,7 @@ impl Model {
             }
             Msg::Sync => {
                 self.skipping = false;
+                self.suspended = false;
                 self.open = false;
                 self.portal = None;
                 self.ready(&mut out);
@@ -531,6 +538,7 @@ impl Model {
                             p.left = 0;
                         } else {
                             out.push(b's');
+                            self.suspended = true;
                             p.left -= max;
                         }
                         self.portal = Some(p);
@@ -733,11 +741,11 @@ fn writes_behind_read_only_end(model: &Model, msgs: &[Msg]) -> bool {
 }
 
 /// Whether `msgs` write in an extended-protocol unit whose read was flushed in an earlier
-/// batch with its portal suspended by a row limit. Under read/write splitting the unit stays on
+/// batch after a row limit suspended its portal (fetched to the end since, or not). Under read/write splitting the unit stays on
 /// the replica (the client may fetch more of that portal: docs/routing.md), where a write fails
 /// (25006). pgmux's documented behaviour, left out of the comparison.
 fn writes_behind_suspended_read(model: &Model, msgs: &[Msg]) -> bool {
-    if !model.open || model.skipping || !model.portal.is_some_and(|p| p.left > 0) {
+    if !model.open || model.skipping || !model.suspended {
         return false;
     }
     msgs.iter().any(|m| match m {
