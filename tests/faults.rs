@@ -519,8 +519,10 @@ async fn slow_reader_of_a_huge_result_is_held_back() {
     s.settled().await;
 }
 
-/// Clients that vanish mid-COPY, mid-transaction and mid-extended-batch: nothing they did is
-/// committed, and the server is closed rather than lent to the next client.
+/// Clients that vanish mid-COPY (with or without a Terminate first, as pgx sends when a
+/// context deadline cuts its CopyFrom short), mid-transaction and mid-extended-batch: nothing
+/// they did is committed, and the server is closed rather than lent to the next client. (After
+/// the Terminate pgmux waited for the server's answer, which in COPY FROM STDIN never comes.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vanishing_clients_leave_nothing_half_done() {
     let s = Scene::start("flt_vanish").await;
@@ -534,6 +536,7 @@ async fn vanishing_clients_leave_nothing_half_done() {
     let cases: Vec<(&str, Vec<u8>, u8)> = vec![
         // (what, bytes, the message to wait for before vanishing)
         ("mid-COPY", raw::query("COPY t FROM STDIN"), b'G'),
+        ("mid-COPY, Terminate", raw::query("COPY t FROM STDIN"), b'G'),
         (
             "mid-transaction",
             raw::query("BEGIN; INSERT INTO t VALUES (2)"),
@@ -557,6 +560,9 @@ async fn vanishing_clients_leave_nothing_half_done() {
             if wait_for == b'G' {
                 // some rows, then gone without CopyDone
                 c.write_all(&raw::msg(b'd', b"1\n2\n3\n")).unwrap();
+                if what.ends_with("Terminate") {
+                    c.write_all(&raw::msg(b'X', b"")).unwrap();
+                }
             }
             // gone without Terminate
         })

@@ -208,6 +208,9 @@ pub struct Relay {
     /// The client sent a Flush since its last Sync, Query or FunctionCall: it may have read
     /// answers and sent more after them (a batch's request never has one).
     client_flushed: bool,
+    /// The server is in COPY FROM STDIN (CopyInResponse came; no CopyDone, CopyFail or
+    /// ReadyForQuery since): it answers nothing until the client's data ends.
+    copy_from_client: bool,
     /// Read/write splitting: an extended-protocol unit is routed once it is whole (its Sync,
     /// or a Flush, has arrived), so a write behind a read in the same unit is seen.
     pub whole_units: bool,
@@ -362,6 +365,7 @@ impl Relay {
             suspended: false,
             flushed: false,
             client_flushed: false,
+            copy_from_client: false,
             whole_units: false,
             refused: None,
             prescanned: None,
@@ -380,6 +384,7 @@ impl Relay {
         self.suspended = false;
         self.flushed = false;
         self.client_flushed = false;
+        self.copy_from_client = false;
         if let Some(t) = self.tracker.as_mut() {
             t.attach(statements);
         }
@@ -441,6 +446,7 @@ impl Relay {
         self.suspended = false;
         self.flushed = false;
         self.client_flushed = false;
+        self.copy_from_client = false;
         // requests in flight on the lost server are counted again when replayed
         self.meter.statements.forget_pending();
     }
@@ -595,7 +601,13 @@ impl Relay {
                     self.s2c.shrink_if_empty();
                     self.c2s.shrink_if_empty();
                 }
-            } else if self.flow.terminated && self.c2s.ready_len() == 0 && self.flow.pending == 0 {
+            } else if self.flow.terminated
+                && (self.copy_from_client || (self.c2s.ready_len() == 0 && self.flow.pending == 0))
+            {
+                // A Terminate in the middle of COPY FROM STDIN ends it, on PostgreSQL with an
+                // error (pgx sends one when a context deadline cuts its CopyFrom short): the
+                // server would wait for data that never comes, and pgmux for its answer.
+                // The session ends with the server owing its answer: it is closed.
                 return Poll::Ready(Event::Terminated);
             }
             if !progress {
@@ -1043,6 +1055,7 @@ impl Relay {
             b'c' | b'f' => {
                 f.copy_done_sent = true;
                 f.copy_in = false;
+                self.copy_from_client = false;
             }
             b'd' => {}
             // refused before scanning (`check_header`); kept so that no path forwards one
@@ -1166,6 +1179,7 @@ impl Relay {
             };
             if tag == b'G' {
                 self.copy_in_started();
+                self.copy_from_client = true;
             }
             if tag == b's' {
                 self.suspended = true;
@@ -1201,6 +1215,7 @@ impl Relay {
                 }
                 self.unit_failed = false;
                 self.suspended = false;
+                self.copy_from_client = false;
                 self.flow.pending = self.flow.pending.saturating_sub(1);
                 if self.flow.quiet() {
                     // the unit is answered in full: it goes to the client now
