@@ -115,9 +115,20 @@ fn assert_nothing_left(px: &Pgmux, cluster: &PgCluster, marker: &str) {
                 break;
             }
             if Instant::now() > deadline {
-                let clients = console.show("SHOW CLIENTS").await;
+                let busy: Vec<String> = std::iter::once(cluster.primary())
+                    .chain(cluster.replicas())
+                    .map(|s| {
+                        s.psql(
+                            "postgres",
+                            "SELECT string_agg(pid || ' ' || state || ' ' || coalesce(wait_event, '') \
+                             || ' ' || left(query, 120), ' | ') FROM pg_stat_activity \
+                             WHERE usename = 'app' AND state <> 'idle'",
+                        )
+                    })
+                    .collect();
                 let servers = console.show("SHOW SERVERS").await;
-                panic!("servers not back in the pool: {app:?}\nclients: {clients:?}\nservers: {servers:?}");
+                let lent: Vec<_> = servers.iter().filter(|r| !r["link"].is_empty()).collect();
+                panic!("servers not back in the pool: {app:?}\nlent: {lent:?}\nbusy: {busy:?}");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
