@@ -1886,6 +1886,36 @@ async fn copy_messages_after_a_failed_copy_do_not_hold_back_what_follows() {
     }
 }
 
+/// A unit routed to a replica as a lone ROLLBACK or COMMIT (class Transaction, no retry
+/// armed) is sent whole: with no Flush from the client it is no flushed read, so a Bind of a
+/// named statement after its Parse is not a statement of its own. pgmux ended the "read"
+/// with a Sync of its own after the Parse: PostgreSQL's 42P05 for a Parse of a name in use no
+/// longer skipped the Bind and Execute, which ran the old statement on another server.
+/// Found by tests/differential.rs (seed 2894).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_rollback_parse_on_a_replica_keeps_its_unit_whole() {
+    use common::raw::{error_code, login, msg, until_ready};
+    use std::io::Write;
+    let cluster = PgCluster::shared_with_replicas();
+    let (px, _c) = flushed_copy_scene(cluster, "", "").await;
+    let (mut s, _) = login(px.port, "app", "app");
+    let tags = |m: &[(u8, Vec<u8>)]| String::from_utf8(m.iter().map(|m| m.0).collect()).unwrap();
+    let mut out = msg(b'P', b"s1\0SELECT 1\0\0\0");
+    out.extend(msg(b'S', b""));
+    s.write_all(&out).unwrap();
+    assert_eq!(tags(&until_ready(&mut s)), "1Z");
+    for round in 0..3 {
+        let mut out = msg(b'P', b"s1\0ROLLBACK\0\0\0");
+        out.extend(msg(b'B', b"\0s1\0\0\0\0\0\0\0"));
+        out.extend(msg(b'E', b"\0\0\0\0\0"));
+        out.extend(msg(b'S', b""));
+        s.write_all(&out).unwrap();
+        let answers = until_ready(&mut s);
+        assert_eq!(tags(&answers), "EZ", "round {round}: {answers:?}");
+        assert_eq!(error_code(&answers).as_deref(), Some("42P05"));
+    }
+}
+
 /// A pipelining client sends a read up to a Flush and, without waiting for its answer, more
 /// statements before the Sync. When the read fails, PostgreSQL skips them on their way to the
 /// Sync. pgmux used to end the flushed read before the replica's answer had come and route

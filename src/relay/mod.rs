@@ -718,11 +718,10 @@ impl Relay {
                     next = head[0];
                 }
                 if matches!(next, b'Q' | b'P' | b'B') && self.flushed_read_open(next) {
-                    if self.client_flushed
-                        && self
-                            .tracker
-                            .as_ref()
-                            .is_some_and(|t| !t.is_settled() && !t.is_skipping())
+                    if self
+                        .tracker
+                        .as_ref()
+                        .is_some_and(|t| !t.is_settled() && !t.is_skipping())
                     {
                         // the read's answers are owed: if it failed, PostgreSQL skips what
                         // follows to the Sync, which must then stay with it. What came after
@@ -928,7 +927,10 @@ impl Relay {
     /// implicit transaction and its portals with it.
     fn flushed_read_open(&self, next: u8) -> bool {
         let f = &self.flow;
+        // without the client's Flush the unit is still being sent: a lone COMMIT or
+        // ROLLBACK (not a read, so no retry is armed) goes on to its Bind and Sync
         self.one_unit
+            && self.client_flushed
             && self.units == 0
             && f.unsynced
             && f.pending == 0
