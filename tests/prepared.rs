@@ -428,6 +428,37 @@ fn a_close_skipped_after_its_failed_parse_leaves_the_name_free() {
     });
 }
 
+/// asyncpg's statement cache parses a text under a new name and closes the old name of the
+/// same text in one batch. When an error earlier in the batch skips both, the closed name still exists on
+/// PostgreSQL. pgmux shares definitions by text and took the skipped Parse's definition for
+/// the closed statement's: it forgot the name, and the next Bind of it got 26000.
+#[test]
+fn a_close_skipped_beside_a_skipped_parse_of_the_same_text_keeps_its_name() {
+    let script = |s: &mut std::net::TcpStream| {
+        let close = || common::raw::msg(b'C', b"Sa\0");
+        vec![
+            batch(s, &[parse("a", "select 1"), sync()]),
+            batch(
+                s,
+                &[
+                    parse("", "select 1/0"),
+                    bind(""),
+                    exec(),
+                    parse("b", "select 1"),
+                    close(),
+                    sync(),
+                ],
+            ),
+            batch(s, &run("a")),
+            batch(s, &run("b")),
+        ]
+    };
+    same_as_postgresql("prepclosedsame", 1, script, |expected| {
+        assert_eq!(expected[1], ["1", "E22012", "ZI"], "{expected:?}");
+        assert_eq!(expected[2][..3], ["2", "D1", "C"], "{expected:?}");
+    });
+}
+
 /// PostgreSQL checks a Parse's name only once its text has parsed and been analysed: a name
 /// in use with a text it refuses gets the text's error (42601, 42P01), not 42P05, which pgmux
 /// answered. Found by tests/differential.rs.

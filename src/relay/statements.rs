@@ -917,8 +917,10 @@ impl Tracker {
     /// way are skipped too (PostgreSQL ignores every message but Sync): counted in `skipped`.
     fn failed(&mut self, server: &mut ServerStatements) {
         // statements whose Parse did not take effect: a skipped Close of one (the client
-        // parsed, used and closed it in one go) leaves the name free, not defined by it
-        let mut undone: Vec<Arc<StmtDef>> = Vec::new();
+        // parsed, used and closed it in one go) leaves the name free, not defined by it.
+        // By name and definition: definitions are shared by text, and a driver may close
+        // one name and parse the same text under another in the same batch (asyncpg)
+        let mut undone: Vec<(Box<[u8]>, Arc<StmtDef>)> = Vec::new();
         while let Some(front) = self.expect.front() {
             if matches!(front, Expect::Ready) {
                 break;
@@ -931,17 +933,20 @@ impl Tracker {
                     server.forget(d.id);
                     if let Some(name) = name {
                         self.undefine(&name, &d);
-                        undone.push(d);
+                        undone.push((name, d));
                     }
                 }
                 Some(Expect::ParseAnswered { name, def } | Expect::ParseProbe { name, def }) => {
                     self.undefine(&name, &def);
-                    undone.push(def);
+                    undone.push((name, def));
                 }
                 Some(Expect::Closed {
                     name,
                     def: Some(def),
-                }) if !undone.iter().any(|u| Arc::ptr_eq(u, &def)) => {
+                }) if !undone
+                    .iter()
+                    .any(|(n, u)| *n == name && Arc::ptr_eq(u, &def)) =>
+                {
                     let before = self.stmts.insert(&name, def);
                     self.name_changed(&name, before);
                 }
