@@ -1883,6 +1883,31 @@ async fn copy_messages_after_a_failed_copy_do_not_hold_back_what_follows() {
         s.write_all(&out).unwrap();
         let answers = until_ready(&mut s);
         assert_eq!(tags(&answers), "12DCTDCZ", "round {round}: {answers:?}");
+
+        // psycopg and asyncpg stop at the server's error, with no CopyDone or CopyFail: the
+        // Syncs that follow are answered (pgmux took them for Syncs the COPY ignores)
+        s.write_all(&query("COPY stray_copy (a, s) FROM STDIN"))
+            .unwrap();
+        assert_eq!(read_msg(&mut s).map(|m| m.0), Some(b'G'));
+        s.write_all(&msg(b'd', b"1\t\\N\n")).unwrap();
+        let answers = until_ready(&mut s);
+        assert_eq!(
+            error_code(&answers).as_deref(),
+            Some("23502"),
+            "{answers:?}"
+        );
+        for _ in 0..2 {
+            let mut out = msg(b'P', b"\0SELECT count(*) FROM stray_copy WHERE a = 1\0\0\0");
+            out.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
+            out.extend(msg(b'E', b"\0\0\0\0\0"));
+            out.extend(msg(b'S', b""));
+            out.extend(query("SELECT 1"));
+            s.write_all(&out).unwrap();
+            let answers = until_ready(&mut s);
+            assert_eq!(tags(&answers), "12DCZ", "round {round}: {answers:?}");
+            let answers = until_ready(&mut s);
+            assert_eq!(tags(&answers), "TDCZ", "round {round}: {answers:?}");
+        }
     }
 }
 

@@ -385,6 +385,8 @@ impl Relay {
         self.flushed = false;
         self.client_flushed = false;
         self.copy_from_client = false;
+        // no COPY runs on a server just lent
+        self.flow.copy_in = false;
         if let Some(t) = self.tracker.as_mut() {
             t.attach(statements);
         }
@@ -1182,6 +1184,12 @@ impl Relay {
             if tag == b'G' {
                 self.copy_in_started();
                 self.copy_from_client = true;
+            } else if matches!(tag, b'E' | b'Z') && self.copy_from_client {
+                // the COPY failed (or ended): the client may stop sending its data without
+                // CopyDone or CopyFail (psycopg, asyncpg), and the Syncs it sends from now on
+                // are answered
+                self.copy_from_client = false;
+                self.flow.copy_in = false;
             }
             if tag == b's' {
                 self.suspended = true;
