@@ -289,6 +289,9 @@ struct Model {
     /// 'I', 'T' or 'E', as the server has it now (an implicit transaction counts as 'I').
     status: u8,
     read_only: bool,
+    /// A read-only transaction ended since the last ReadyForQuery `I`: under read/write
+    /// splitting its replica serves the client until then (`writes_behind_read_only_end`).
+    read_only_ended: bool,
     /// An extended-protocol message failed: everything up to the next Sync is ignored.
     skipping: bool,
     copy: CopyMode,
@@ -316,6 +319,7 @@ impl Model {
         Model {
             status: b'I',
             read_only: false,
+            read_only_ended: false,
             skipping: false,
             copy: CopyMode::No,
             open: false,
@@ -368,6 +372,8 @@ impl Model {
 
     fn ready(&mut self, out: &mut Vec<u8>) {
         if self.status == b'I' {
+            // a BEGIN before it stays on that replica, its whole transaction
+            self.read_only_ended = false;
             self.read_only = false;
         }
         out.push(b'Z');
@@ -390,6 +396,7 @@ impl Model {
             }
             Kind::End => {
                 self.status = b'I';
+                self.read_only_ended |= self.read_only;
                 self.read_only = false;
             }
             _ => {}
@@ -717,12 +724,13 @@ fn gen_case(seed: u64) -> Vec<Batch> {
 /// same batch. Under read/write splitting such a transaction has a replica until its
 /// ReadyForQuery `I` (docs/routing.md): what is pipelined behind its COMMIT goes there too,
 /// and a write fails (25006) where PostgreSQL, on the primary, would make it. pgmux's
-/// documented behaviour, left out of the comparison.
+/// documented behaviour, left out of the comparison. So is a write in a later batch before
+/// that ReadyForQuery (the COMMIT sent up to a Flush), and in a transaction begun there.
 fn writes_behind_read_only_end(model: &Model, msgs: &[Msg]) -> bool {
-    if !model.read_only {
+    if !model.read_only && !model.read_only_ended {
         return false;
     }
-    let mut ended = false;
+    let mut ended = model.read_only_ended;
     for m in msgs {
         let items: Vec<usize> = match m {
             Msg::Query(items) => items.clone(),
