@@ -1911,6 +1911,62 @@ async fn copy_messages_after_a_failed_copy_do_not_hold_back_what_follows() {
     }
 }
 
+/// A flushed read whose portal a row limit suspended keeps its replica up to its Sync (the
+/// client may fetch more), and a BEGIN sent there opens the transaction on that replica. The
+/// client must keep the replica for that transaction: pgmux held its next Query back, to be
+/// routed on its own once the replica went back, which it never does in a transaction (the
+/// client hung). Found by tests/differential.rs (seed 30239).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_begun_behind_a_suspended_read_keeps_its_replica() {
+    use common::raw::{login, msg, query, read_msg, until_ready};
+    use std::io::Write;
+    let cluster = PgCluster::shared_with_replicas();
+    let (px, _c) = flushed_copy_scene(cluster, "", "").await;
+    let (_, replicas) = ports(cluster);
+    let (mut s, _) = login(px.port, "app", "app");
+    let tags = |m: &[(u8, Vec<u8>)]| String::from_utf8(m.iter().map(|m| m.0).collect()).unwrap();
+    for round in 0..3 {
+        let mut out = msg(b'P', b"\0SELECT g FROM generate_series(1, 3) g\0\0\0");
+        out.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
+        out.extend(msg(b'E', b"\0\0\0\0\x01"));
+        out.extend(msg(b'H', b""));
+        s.write_all(&out).unwrap();
+        let mut got = Vec::new();
+        while let Some(m) = read_msg(&mut s) {
+            let done = m.0 == b's';
+            got.push(m);
+            if done {
+                break;
+            }
+        }
+        assert_eq!(tags(&got), "12Ds", "round {round}: {got:?}");
+        let mut out = msg(b'P', b"\0BEGIN\0\0\0");
+        out.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
+        out.extend(msg(b'E', b"\0\0\0\0\0"));
+        out.extend(msg(b'S', b""));
+        s.write_all(&out).unwrap();
+        let answers = until_ready(&mut s);
+        assert_eq!(tags(&answers), "12CZ", "round {round}: {answers:?}");
+        assert_eq!(answers[3].1, b"T");
+        // read timeout 30 s: a hang fails here
+        s.write_all(&query("SELECT inet_server_port()")).unwrap();
+        let answers = until_ready(&mut s);
+        assert_eq!(tags(&answers), "TDCZ", "round {round}: {answers:?}");
+        let port: u16 = std::str::from_utf8(&answers[1].1[6..])
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            replicas.contains(&port),
+            "the transaction's replica: {port}"
+        );
+        s.write_all(&query("ROLLBACK")).unwrap();
+        let answers = until_ready(&mut s);
+        assert_eq!(tags(&answers), "CZ", "round {round}: {answers:?}");
+        assert_eq!(answers[1].1, b"I");
+    }
+}
+
 /// A unit routed to a replica as a lone ROLLBACK or COMMIT (class Transaction, no retry
 /// armed) is sent whole: with no Flush from the client it is no flushed read, so a Bind of a
 /// named statement after its Parse is not a statement of its own. pgmux ended the "read"

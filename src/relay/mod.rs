@@ -1245,10 +1245,14 @@ impl Relay {
                     self.session.reset_seen = false;
                     return Some(Event::Release);
                 }
-                if self.one_unit && self.session.pin.is_some() && self.flow.quiet() {
-                    // pinned by the unit it was lent for: the client keeps this server for
-                    // what follows, which waited to be routed on its own and would
-                    // otherwise wait for good
+                if self.one_unit
+                    && (self.session.pin.is_some() || self.flow.status != b'I')
+                    && self.flow.quiet()
+                {
+                    // pinned by the unit it was lent for, or left in a transaction by it (a
+                    // BEGIN in a unit that stayed on its replica, behind a suspended portal):
+                    // the client keeps this server for what follows, which waited to be
+                    // routed on its own and would otherwise wait for good
                     self.one_unit = false;
                 }
                 if self.transaction_mode && self.session.reset_seen && self.server_clean() {
