@@ -1839,18 +1839,11 @@ async fn copy_messages_after_a_failed_copy_do_not_hold_back_what_follows() {
         .await;
     }
     let (mut s, _) = login(px.port, "app", "app");
-    let tags = |m: &[(u8, Vec<u8>)]| String::from_utf8(m.iter().map(|m| m.0).collect()).unwrap();
+    use common::raw::tags;
     for round in 0..3 {
         s.write_all(&query("COPY stray_copy (a, s) FROM STDIN"))
             .unwrap();
-        let mut got = Vec::new();
-        while let Some(m) = read_msg(&mut s) {
-            let done = m.0 == b'G';
-            got.push(m);
-            if done {
-                break;
-            }
-        }
+        let got = common::raw::until_tag(&mut s, b'G');
         assert_eq!(tags(&got), "G", "round {round}: {got:?}");
         s.write_all(&msg(b'd', b"1\t\\N\n")).unwrap();
         let answers = until_ready(&mut s);
@@ -1918,27 +1911,20 @@ async fn copy_messages_after_a_failed_copy_do_not_hold_back_what_follows() {
 /// client hung). Found by tests/differential.rs (seed 30239).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_begun_behind_a_suspended_read_keeps_its_replica() {
-    use common::raw::{login, msg, query, read_msg, until_ready};
+    use common::raw::{login, msg, query, until_ready};
     use std::io::Write;
     let cluster = PgCluster::shared_with_replicas();
     let (px, _c) = flushed_copy_scene(cluster, "", "").await;
     let (_, replicas) = ports(cluster);
     let (mut s, _) = login(px.port, "app", "app");
-    let tags = |m: &[(u8, Vec<u8>)]| String::from_utf8(m.iter().map(|m| m.0).collect()).unwrap();
+    use common::raw::tags;
     for round in 0..3 {
         let mut out = msg(b'P', b"\0SELECT g FROM generate_series(1, 3) g\0\0\0");
         out.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
         out.extend(msg(b'E', b"\0\0\0\0\x01"));
         out.extend(msg(b'H', b""));
         s.write_all(&out).unwrap();
-        let mut got = Vec::new();
-        while let Some(m) = read_msg(&mut s) {
-            let done = m.0 == b's';
-            got.push(m);
-            if done {
-                break;
-            }
-        }
+        let got = common::raw::until_tag(&mut s, b's');
         assert_eq!(tags(&got), "12Ds", "round {round}: {got:?}");
         let mut out = msg(b'P', b"\0BEGIN\0\0\0");
         out.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
@@ -1980,7 +1966,7 @@ async fn a_lone_rollback_parse_on_a_replica_keeps_its_unit_whole() {
     let cluster = PgCluster::shared_with_replicas();
     let (px, _c) = flushed_copy_scene(cluster, "", "").await;
     let (mut s, _) = login(px.port, "app", "app");
-    let tags = |m: &[(u8, Vec<u8>)]| String::from_utf8(m.iter().map(|m| m.0).collect()).unwrap();
+    use common::raw::tags;
     let mut out = msg(b'P', b"s1\0SELECT 1\0\0\0");
     out.extend(msg(b'S', b""));
     s.write_all(&out).unwrap();
@@ -2010,7 +1996,7 @@ async fn statements_pipelined_behind_a_failed_flushed_read_are_skipped() {
     let cluster = PgCluster::shared_with_replicas();
     let (px, _c) = flushed_copy_scene(cluster, "", "").await;
     let (mut s, _) = login(px.port, "app", "app");
-    let tags = |m: &[(u8, Vec<u8>)]| String::from_utf8(m.iter().map(|m| m.0).collect()).unwrap();
+    use common::raw::tags;
     for round in 0..3 {
         // refused when bound (a constant 1/0 is folded when planned)
         let mut out = exec("SELECT 1/0");
@@ -2069,7 +2055,7 @@ async fn a_sync_after_a_failed_read_before_a_query_reaches_its_replica() {
     let cluster = PgCluster::shared_with_replicas();
     let (px, _c) = flushed_copy_scene(cluster, "", "").await;
     let (mut s, _) = login(px.port, "app", "app");
-    let tags = |m: &[(u8, Vec<u8>)]| String::from_utf8(m.iter().map(|m| m.0).collect()).unwrap();
+    use common::raw::tags;
     for round in 0..3 {
         let mut out = exec("SELECT * FROM flushed_copy_no_such_table");
         out.extend(query("SELECT 1"));

@@ -62,15 +62,25 @@ pub fn read_msg(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
 
 /// Messages up to and including the next ReadyForQuery (or until EOF).
 pub fn until_ready(s: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
+    until_tag(s, b'Z')
+}
+
+/// Messages up to and including the next one of type `tag` (or until EOF).
+pub fn until_tag(s: &mut TcpStream, tag: u8) -> Vec<(u8, Vec<u8>)> {
     let mut out = Vec::new();
     while let Some(m) = read_msg(s) {
-        let done = m.0 == b'Z';
+        let done = m.0 == tag;
         out.push(m);
         if done {
             break;
         }
     }
     out
+}
+
+/// The message types of `msgs`, as a string ("12DCZ").
+pub fn tags(msgs: &[(u8, Vec<u8>)]) -> String {
+    msgs.iter().map(|m| m.0 as char).collect()
 }
 
 /// Every message until the peer closes.
