@@ -745,6 +745,9 @@ fn keep_restart_only(old: &Config, new: &mut Config) {
         listen_addr,
         listen_port,
         so_reuseport,
+        workers,
+        unix_socket_dir,
+        unix_socket_mode,
         metrics_listen_addr,
         metrics_listen_port,
         log_level,
@@ -845,4 +848,47 @@ fn server_check(g: &crate::config::General) -> Option<crate::pool::ServerCheck> 
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use toml::Value;
+
+    fn pgmux_table(c: &Config) -> toml::Table {
+        match Value::try_from(&c.pgmux) {
+            Ok(Value::Table(t)) => t,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Every [pgmux] key that SHOW CONFIG calls restart-only keeps its running value on a
+    /// reload, whatever the file says now.
+    #[test]
+    fn a_reload_keeps_every_restart_only_setting() {
+        let old = Config::parse("[pgmux]\n", "old").unwrap();
+        let mut changed = pgmux_table(&old);
+        for key in RESTART_ONLY {
+            let v = changed.get_mut(*key).unwrap_or_else(|| panic!("{key}"));
+            *v = match v {
+                Value::Boolean(b) => Value::Boolean(!*b),
+                Value::Integer(i) => Value::Integer(*i + 1),
+                Value::String(_) if *key == "log_level" => Value::String("debug".into()),
+                Value::String(_) if *key == "log_format" => Value::String("json".into()),
+                Value::String(_) if *key == "unix_socket_mode" => Value::String("0700".into()),
+                Value::String(_) if *key == "unix_socket_dir" => Value::String("/tmp".into()),
+                Value::String(s) => Value::String(format!("{s}1")),
+                other => panic!("{key}: {other:?}"),
+            };
+        }
+        let text = format!("[pgmux]\n{}", toml::to_string(&changed).unwrap());
+        let mut new = Config::parse(&text, "new").unwrap();
+        let file = pgmux_table(&new);
+        keep_restart_only(&old, &mut new);
+        let (before, after) = (pgmux_table(&old), pgmux_table(&new));
+        for key in RESTART_ONLY {
+            assert_ne!(file.get(*key), before.get(*key), "{key} was not changed");
+            assert_eq!(after.get(*key), before.get(*key), "{key}");
+        }
+    }
 }
