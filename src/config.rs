@@ -94,6 +94,8 @@ pub struct General {
     pub so_reuseport: bool,
     /// Threads serving clients: 0 one per core, 1 a single thread (PgBouncer's model).
     pub workers: u32,
+    /// Run pgmux's threads under Linux's SCHED_BATCH policy (`sched`).
+    pub sched_batch: bool,
     /// Directory of a Unix socket `.s.PGSQL.<listen_port>` for local clients; empty: none.
     pub unix_socket_dir: String,
     /// Its permissions, in octal as PgBouncer writes them.
@@ -215,6 +217,7 @@ impl Default for General {
             max_client_conn: 10_000,
             so_reuseport: false,
             workers: 0,
+            sched_batch: true,
             unix_socket_dir: String::new(),
             unix_socket_mode: "0777".into(),
             max_db_connections: 0,

@@ -24,6 +24,7 @@ pub mod queries;
 pub mod relay;
 pub mod router;
 pub mod run;
+pub mod sched;
 pub mod server;
 pub mod sockopts;
 pub mod spares;

@@ -55,6 +55,13 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     pgmux::logging::init(&config);
+    if config.pgmux.sched_batch {
+        if let Err(e) = pgmux::sched::use_batch_policy() {
+            tracing::warn!(
+                "sched_batch: cannot use SCHED_BATCH ({e}); running under the default policy"
+            );
+        }
+    }
     let runtime = match runtime(config.pgmux.workers).enable_all().build() {
         Ok(r) => r,
         Err(e) => {

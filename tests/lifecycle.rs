@@ -216,6 +216,41 @@ async fn workers_sets_the_threads_and_one_thread_serves_everything() {
     assert_eq!(threads(px.pid()), 1);
 }
 
+/// Scheduling policy of each thread of a process (field 41 of /proc/PID/task/TID/stat:
+/// 0 SCHED_OTHER, 3 SCHED_BATCH).
+fn policies(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|t| {
+            let stat = std::fs::read_to_string(t.unwrap().path().join("stat")).unwrap();
+            let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+            after_name.split(' ').nth(41 - 3).unwrap().parse().unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sched_batch_puts_the_threads_that_serve_under_sched_batch() {
+    let pg = PgCluster::shared();
+    let config = |line: &str| {
+        format!(
+            "[pgmux]\nlisten_port = {{port}}\nauth_type = \"trust\"\nworkers = 2\n{line}\n\
+             [[users]]\nname = \"postgres\"\n[[databases]]\n\
+             name = \"app\"\nhost = \"127.0.0.1\"\nport = {}\n",
+            pg.primary().port
+        )
+    };
+    for (line, policy) in [("", 3), ("sched_batch = false", 0)] {
+        let px = Pgmux::start(&config(line));
+        let c = connect(&px.conn_str("postgres", "app", None)).await;
+        let r = c.query_one("SELECT 1::int", &[]).await.unwrap();
+        assert_eq!(r.get::<_, i32>(0), 1);
+        let seen = policies(px.pid());
+        assert!(seen.len() >= 3, "main thread and two workers: {seen:?}");
+        assert!(seen.iter().all(|p| *p == policy), "{line:?}: {seen:?}");
+    }
+}
+
 /// At shutdown_timeout a client still inside a transaction is told why it is closed (FATAL
 /// 57P01, as PostgreSQL's own shutdown tells it), not just cut off; its transaction is rolled
 /// back.

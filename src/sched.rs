@@ -1,0 +1,51 @@
+//! The CPU scheduling policy of pgmux's threads (`sched_batch`).
+//!
+//! A pooler wakes another process with nearly every send: the server backend it hands a
+//! query to, the client it answers. Under Linux's default policy the woken process often
+//! preempts pgmux at once, so pgmux is switched out after each send and back in for the next
+//! event, one event per turn. `SCHED_BATCH` tells the kernel the thread is throughput-bound:
+//! it is not preempted by the tasks it wakes, so it runs each turn of its event loop to the
+//! end, with every event that became ready meanwhile (docs/performance.md). Any user may
+//! choose it for its own threads; threads started later inherit it, so it is set once, first
+//! thing in `main`.
+
+use std::io;
+
+/// Puts the calling thread (and the threads it starts from now on) under `SCHED_BATCH`.
+#[cfg(target_os = "linux")]
+pub fn use_batch_policy() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param for the call.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Other systems have no such policy: pgmux runs under the default one.
+#[cfg(not(target_os = "linux"))]
+pub fn use_batch_policy() -> io::Result<()> {
+    Ok(())
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_thread_and_those_it_starts_run_under_sched_batch() {
+        let policy = std::thread::spawn(|| {
+            use_batch_policy().expect("SCHED_BATCH is open to any user");
+            std::thread::spawn(|| unsafe { libc::sched_getscheduler(0) })
+                .join()
+                .unwrap()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(policy, libc::SCHED_BATCH);
+        // the test harness's own thread is untouched
+        assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_OTHER);
+    }
+}
