@@ -45,6 +45,7 @@
 #                        sockets, and both proxies reach PostgreSQL through its socket (the
 #                        memory and busy-client rows stay on TCP: pgmux-load speaks TCP)
 #   BATCH_SIZE=16        pgmux's `server_batch_size` (0: no batches)
+#   SCHED_BATCH=true     pgmux's `sched_batch` (false: the default scheduling policy)
 #   LOG_LEVEL=info       pgmux's log_level (the default configuration's; RUST_LOG overrides it)
 #
 # Usage: benches/compare.sh            (as root or a user that can run PostgreSQL; root runs
@@ -180,6 +181,7 @@ unix_socket_dir = "$(sockets_or_empty "$DIR/mux")"
 pool_mode = "transaction"
 default_pool_size = $POOL_SIZE
 server_batch_size = $BATCH_SIZE
+sched_batch = ${SCHED_BATCH:-true}
 max_client_conn = $MAX_CLIENTS
 auth_type = "trust"
 log_level = "${LOG_LEVEL:-info}"
@@ -338,7 +340,7 @@ print_table() {
   echo
   echo "pgmux vs PgBouncer $(pgbouncer --version | head -n 1 | awk '{print $2}') vs direct PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}'):" \
        "pgbench -T $T -j $JOBS (median of $REPEAT round(s)), scale $SCALE, transaction mode, pool size $POOL_SIZE, $(nproc) cores," \
-       "$([ "$SOCKETS" = 1 ] && echo "Unix sockets" || echo "TCP on 127.0.0.1"), pgmux workers = $WORKERS"
+       "$([ "$SOCKETS" = 1 ] && echo "Unix sockets" || echo "TCP on 127.0.0.1"), pgmux workers = $WORKERS, sched_batch = ${SCHED_BATCH:-true}"
   echo
   echo "| workload | direct | PgBouncer | pgmux | pgmux/PgBouncer |"
   echo "|---|---|---|---|---|"
