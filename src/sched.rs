@@ -1,13 +1,12 @@
 //! The CPU scheduling policy of pgmux's threads (`sched_batch`).
 //!
-//! A pooler wakes another process with nearly every send: the server backend it hands a
-//! query to, the client it answers. Under Linux's default policy the woken process often
-//! preempts pgmux at once, so pgmux is switched out after each send and back in for the next
-//! event, one event per turn. `SCHED_BATCH` tells the kernel the thread is throughput-bound:
-//! it is not preempted by the tasks it wakes, so it runs each turn of its event loop to the
-//! end, with every event that became ready meanwhile (docs/performance.md). Any user may
-//! choose it for its own threads; threads started later inherit it, so it is set once, first
-//! thing in `main`.
+//! Under Linux's default policy a woken thread may preempt the task running on its core at
+//! once. pgmux is woken by nearly every message, so on a busy machine it took the core for
+//! each event alone, one turn of its loop per event, and the switches cost more than the
+//! work (docs/performance.md). A woken `SCHED_BATCH` thread does not preempt: it runs when
+//! the running task's turn ends, by which time more of its sockets are ready, and handles
+//! them all in one turn. Any user may choose the policy for its own threads; threads started
+//! later inherit it, so it is set once, first thing in `main`.
 
 use std::io;
 
