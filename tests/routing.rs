@@ -1383,7 +1383,7 @@ async fn session_commands_do_not_hold_reads_on_the_primary() {
 /// the client waiting forever for the server that would not go back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_query_after_a_flushed_unit_ends_it() {
-    use common::raw::{error_code, login, msg, query, read_msg, until_ready};
+    use common::raw::{error_code, login, msg, query, tags, until_ready, until_tag};
     use std::io::Write;
     let cluster = PgCluster::shared_with_replicas();
     let px = start(cluster, "", "consistency = \"eventual\"");
@@ -1395,30 +1395,20 @@ async fn a_query_after_a_flushed_unit_ends_it() {
         out.extend(msg(b'H', b""));
         out
     };
-    let until = |s: &mut std::net::TcpStream, tag: u8| {
-        let mut got = Vec::new();
-        while let Some(m) = read_msg(s) {
-            let done = m.0 == tag;
-            got.push(m.0);
-            if done {
-                break;
-            }
-        }
-        got
-    };
+    let until = |s: &mut std::net::TcpStream, tag: u8| tags(&until_tag(s, tag));
     for round in 0..3 {
         s.write_all(&describe(&format!("d{round}"), "SELECT 1"))
             .unwrap();
-        assert_eq!(until(&mut s, b'T'), b"1tT", "round {round}: the Describe");
+        assert_eq!(until(&mut s, b'T'), "1tT", "round {round}: the Describe");
         s.write_all(&query("SELECT 2")).unwrap();
         let answers = until_ready(&mut s);
         assert_eq!(error_code(&answers), None, "{answers:?}");
         // read timeout 30 s: a hang fails here
         s.write_all(&describe(&format!("e{round}"), "SELECT 11"))
             .unwrap();
-        assert_eq!(until(&mut s, b'T'), b"1tT", "round {round}: the next unit");
+        assert_eq!(until(&mut s, b'T'), "1tT", "round {round}: the next unit");
         s.write_all(&msg(b'S', b"")).unwrap();
-        assert_eq!(until(&mut s, b'Z'), b"Z", "round {round}: its Sync");
+        assert_eq!(until(&mut s, b'Z'), "Z", "round {round}: its Sync");
     }
 }
 
@@ -1430,7 +1420,7 @@ async fn a_query_after_a_flushed_unit_ends_it() {
 /// same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_after_a_flushed_read_reaches_the_primary() {
-    use common::raw::{error_code, login, msg, query, read_msg, until_ready};
+    use common::raw::{error_code, login, msg, query, tags, until_ready, until_tag};
     use std::io::Write;
     let cluster = PgCluster::shared_with_replicas();
     let (px, _c) = flushed_copy_scene(cluster, "", "").await;
@@ -1444,17 +1434,6 @@ async fn a_write_after_a_flushed_read_reaches_the_primary() {
         .await;
     }
     let (mut s, _) = login(px.port, "app", "app");
-    let until = |s: &mut std::net::TcpStream, tag: u8| {
-        let mut got = Vec::new();
-        while let Some(m) = read_msg(s) {
-            let done = m.0 == tag;
-            got.push(m);
-            if done {
-                break;
-            }
-        }
-        got
-    };
     let describe_port = |s: &mut std::net::TcpStream| {
         let mut out = msg(
             b'P',
@@ -1463,21 +1442,21 @@ async fn a_write_after_a_flushed_read_reaches_the_primary() {
         out.extend(msg(b'D', b"S\0"));
         out.extend(msg(b'H', b""));
         s.write_all(&out).unwrap();
-        let got: Vec<u8> = until(s, b'T').iter().map(|m| m.0).collect();
-        assert_eq!(got, b"1tT", "the Describe, answered from the Flush");
+        let got = tags(&until_tag(s, b'T'));
+        assert_eq!(got, "1tT", "the Describe, answered from the Flush");
     };
     for round in 0..3 {
         describe_port(&mut s);
         s.write_all(&query("COPY flushed_copy (a) FROM STDIN"))
             .unwrap();
-        let got = until(&mut s, b'G');
+        let got = until_tag(&mut s, b'G');
         assert_eq!(error_code(&got), None, "round {round}: {got:?}");
         let mut out = msg(b'd', format!("{round}\n").as_bytes());
         out.extend(msg(b'c', b""));
         s.write_all(&out).unwrap();
         let answers = until_ready(&mut s);
-        let tags: Vec<u8> = answers.iter().map(|m| m.0).collect();
-        assert_eq!(tags, b"CZ", "round {round}: {answers:?}");
+        let got_tags = tags(&answers);
+        assert_eq!(got_tags, "CZ", "round {round}: {answers:?}");
         assert_eq!(answers[0].1, b"COPY 1\0");
 
         describe_port(&mut s);
@@ -1487,8 +1466,11 @@ async fn a_write_after_a_flushed_read_reaches_the_primary() {
         .unwrap();
         let answers = until_ready(&mut s);
         assert_eq!(error_code(&answers), None, "{answers:?}");
-        let tags: Vec<u8> = answers.iter().map(|m| m.0).collect();
-        assert_eq!(tags, b"TDCZ", "one ReadyForQuery, the Query's: {answers:?}");
+        let got_tags = tags(&answers);
+        assert_eq!(
+            got_tags, "TDCZ",
+            "one ReadyForQuery, the Query's: {answers:?}"
+        );
         let row = &answers[1].1;
         let port: u16 = std::str::from_utf8(&row[6..]).unwrap().parse().unwrap();
         assert_eq!(port, primary, "round {round}");
@@ -1498,10 +1480,10 @@ async fn a_write_after_a_flushed_read_reaches_the_primary() {
         let mut out = exec("SELECT inet_server_port()");
         out.extend(msg(b'H', b""));
         s.write_all(&out).unwrap();
-        let got = until(&mut s, b'C');
-        let tags: Vec<u8> = got.iter().map(|m| m.0).collect();
+        let got = until_tag(&mut s, b'C');
+        let got_tags = tags(&got);
         assert_eq!(
-            tags, b"12DC",
+            got_tags, "12DC",
             "round {round}: the read, up to its Flush: {got:?}"
         );
         let port: u16 = std::str::from_utf8(&got[2].1[6..])
@@ -1518,8 +1500,11 @@ async fn a_write_after_a_flushed_read_reaches_the_primary() {
         s.write_all(&out).unwrap();
         let answers = until_ready(&mut s);
         assert_eq!(error_code(&answers), None, "{answers:?}");
-        let tags: Vec<u8> = answers.iter().map(|m| m.0).collect();
-        assert_eq!(tags, b"12DCZ", "one ReadyForQuery, the Sync's: {answers:?}");
+        let got_tags = tags(&answers);
+        assert_eq!(
+            got_tags, "12DCZ",
+            "one ReadyForQuery, the Sync's: {answers:?}"
+        );
         let port: u16 = std::str::from_utf8(&answers[2].1[6..])
             .unwrap()
             .parse()
@@ -1533,8 +1518,8 @@ async fn a_write_after_a_flushed_read_reaches_the_primary() {
         out.extend(msg(b'E', b"c\0\0\0\0\x01"));
         out.extend(msg(b'H', b""));
         s.write_all(&out).unwrap();
-        let tags: Vec<u8> = until(&mut s, b's').iter().map(|m| m.0).collect();
-        assert_eq!(tags, b"12Ds", "one row, then suspended");
+        let got_tags = tags(&until_tag(&mut s, b's'));
+        assert_eq!(got_tags, "12Ds", "one row, then suspended");
         let mut out = exec("SELECT 7");
         out.extend(msg(b'E', b"c\0\0\0\0\0"));
         out.extend(msg(b'S', b""));
@@ -1545,15 +1530,15 @@ async fn a_write_after_a_flushed_read_reaches_the_primary() {
             None,
             "the portal is still there: {answers:?}"
         );
-        let tags: Vec<u8> = answers.iter().map(|m| m.0).collect();
-        assert_eq!(tags, b"12DCDDCZ", "{answers:?}");
+        let got_tags = tags(&answers);
+        assert_eq!(got_tags, "12DCDDCZ", "{answers:?}");
 
         // a read Query after a flushed read is still answered, by a replica
         describe_port(&mut s);
         s.write_all(&query("SELECT inet_server_port()")).unwrap();
         let answers = until_ready(&mut s);
-        let tags: Vec<u8> = answers.iter().map(|m| m.0).collect();
-        assert_eq!(tags, b"TDCZ", "{answers:?}");
+        let got_tags = tags(&answers);
+        assert_eq!(got_tags, "TDCZ", "{answers:?}");
         let port: u16 = std::str::from_utf8(&answers[1].1[6..])
             .unwrap()
             .parse()
@@ -1565,7 +1550,7 @@ async fn a_write_after_a_flushed_read_reaches_the_primary() {
     let mut out = exec("SELECT inet_server_port()");
     out.extend(msg(b'H', b""));
     s.write_all(&out).unwrap();
-    let got = until(&mut s, b'C');
+    let got = until_tag(&mut s, b'C');
     let port: u16 = std::str::from_utf8(&got[2].1[6..])
         .unwrap()
         .parse()
@@ -1591,10 +1576,24 @@ async fn a_write_after_a_flushed_read_reaches_the_primary() {
 
 /// Parse, Bind and Execute of `sql` (unnamed statement and portal, no parameters, all rows).
 fn exec(sql: &str) -> Vec<u8> {
+    execute_rows(sql, 0)
+}
+
+/// `exec` fetching one row, then a Flush: a flushed read whose portal the row limit
+/// suspends (answered `12Ds` when the query has more rows).
+fn first_row_flushed(sql: &str) -> Vec<u8> {
+    let mut out = execute_rows(sql, 1);
+    out.extend(common::raw::msg(b'H', b""));
+    out
+}
+
+fn execute_rows(sql: &str, max_rows: u32) -> Vec<u8> {
     use common::raw::msg;
     let mut out = msg(b'P', format!("\0{sql}\0\0\0").as_bytes());
     out.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
-    out.extend(msg(b'E', b"\0\0\0\0\0"));
+    let mut execute = vec![0];
+    execute.extend(max_rows.to_be_bytes());
+    out.extend(msg(b'E', &execute));
     out
 }
 
@@ -1694,7 +1693,7 @@ fn insert_port(s: &mut std::net::TcpStream, tail: &[u8]) -> Result<u16, String> 
 /// `Transaction`) ends its unit there the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_flush_or_rollback_does_not_keep_a_replica() {
-    use common::raw::{login, msg, read_msg};
+    use common::raw::{login, msg, until_tag};
     use std::io::Write;
     let cluster = PgCluster::shared_with_replicas();
     let (px, _c) = flushed_copy_scene(cluster, "", "").await;
@@ -1709,11 +1708,7 @@ async fn a_lone_flush_or_rollback_does_not_keep_a_replica() {
         out.extend(msg(b'H', b""));
         s.write_all(&out).unwrap();
         // ParseComplete, BindComplete, then the WARNING (no transaction) and the tag
-        while let Some(m) = read_msg(&mut s) {
-            if m.0 == b'C' {
-                break;
-            }
-        }
+        until_tag(&mut s, b'C');
         let port = insert_port(&mut s, &msg(b'S', b""));
         assert_eq!(port, Ok(primary), "round {round}: after a flushed ROLLBACK");
     }
@@ -1890,9 +1885,7 @@ async fn copy_messages_after_a_failed_copy_do_not_hold_back_what_follows() {
             "{answers:?}"
         );
         for _ in 0..2 {
-            let mut out = msg(b'P', b"\0SELECT count(*) FROM stray_copy WHERE a = 1\0\0\0");
-            out.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
-            out.extend(msg(b'E', b"\0\0\0\0\0"));
+            let mut out = exec("SELECT count(*) FROM stray_copy WHERE a = 1");
             out.extend(msg(b'S', b""));
             out.extend(query("SELECT 1"));
             s.write_all(&out).unwrap();
@@ -1919,16 +1912,11 @@ async fn a_transaction_begun_behind_a_suspended_read_keeps_its_replica() {
     let (mut s, _) = login(px.port, "app", "app");
     use common::raw::tags;
     for round in 0..3 {
-        let mut out = msg(b'P', b"\0SELECT g FROM generate_series(1, 3) g\0\0\0");
-        out.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
-        out.extend(msg(b'E', b"\0\0\0\0\x01"));
-        out.extend(msg(b'H', b""));
-        s.write_all(&out).unwrap();
+        s.write_all(&first_row_flushed("SELECT g FROM generate_series(1, 3) g"))
+            .unwrap();
         let got = common::raw::until_tag(&mut s, b's');
         assert_eq!(tags(&got), "12Ds", "round {round}: {got:?}");
-        let mut out = msg(b'P', b"\0BEGIN\0\0\0");
-        out.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
-        out.extend(msg(b'E', b"\0\0\0\0\0"));
+        let mut out = exec("BEGIN");
         out.extend(msg(b'S', b""));
         s.write_all(&out).unwrap();
         let answers = until_ready(&mut s);
@@ -2081,26 +2069,17 @@ async fn a_sync_after_a_failed_read_before_a_query_reaches_its_replica() {
 /// tests/differential.rs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_query_after_a_suspended_flushed_read_reaches_the_primary() {
-    use common::raw::{error_code, login, msg, query, read_msg, until_ready};
+    use common::raw::{error_code, login, query, tags, until_ready, until_tag};
     use std::io::Write;
     let cluster = PgCluster::shared_with_replicas();
     let (px, _c) = flushed_copy_scene(cluster, "", "").await;
     let (primary, _) = ports(cluster);
     let (mut s, _) = login(px.port, "app", "app");
     for round in 0..3 {
-        let mut out = msg(b'P', b"\0SELECT generate_series(1, 3)\0\0\0");
-        out.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
-        out.extend(msg(b'E', b"\0\0\0\0\x01"));
-        out.extend(msg(b'H', b""));
-        s.write_all(&out).unwrap();
-        let mut tags = Vec::new();
-        while let Some(m) = read_msg(&mut s) {
-            tags.push(m.0);
-            if m.0 == b's' {
-                break;
-            }
-        }
-        assert_eq!(tags, b"12Ds", "round {round}: one row, then suspended");
+        s.write_all(&first_row_flushed("SELECT generate_series(1, 3)"))
+            .unwrap();
+        let got = tags(&until_tag(&mut s, b's'));
+        assert_eq!(got, "12Ds", "round {round}: one row, then suspended");
         s.write_all(&query(
             "INSERT INTO flushed_copy VALUES (-6, inet_server_port()) RETURNING port",
         ))
