@@ -452,13 +452,17 @@ fn openssl(args: &[&str]) {
 
 /// An X.509 v1 certificate `STEM.crt` (and `STEM.key`) for `cn`, signed by the test CA the
 /// way `openssl x509 -req` signs by default (PostgreSQL's manual recipe): no extensions.
+/// Tests run in parallel in one PKI directory: each call has its own copy of the CA's key
+/// and its own serial file (a shared `ca.srl` was read by one openssl while another wrote it).
 fn v1_cert(stem: &str, cn: &str) {
     let pki = pki();
-    std::fs::write(pki.path("ca.key"), pki.ca_key.serialize_pem()).unwrap();
-    let (key, csr, crt) = (
+    let ca_key = format!("{stem}-ca.key");
+    std::fs::write(pki.path(&ca_key), pki.ca_key.serialize_pem()).unwrap();
+    let (key, csr, crt, serial) = (
         format!("{stem}.key"),
         format!("{stem}.csr"),
         format!("{stem}.crt"),
+        format!("{stem}.srl"),
     );
     let subject = format!("/CN={cn}");
     openssl(&[
@@ -484,7 +488,9 @@ fn v1_cert(stem: &str, cn: &str) {
         "-CA",
         "ca.pem",
         "-CAkey",
-        "ca.key",
+        &ca_key,
+        "-CAserial",
+        &serial,
         "-CAcreateserial",
         "-days",
         "2",
@@ -528,10 +534,11 @@ fn a_certificate_that_does_not_verify_is_ignored_and_logged() {
     );
     let px = start("prefer", true);
     for name in ["v1", "foreign"] {
-        for key in [format!("{name}.key"), "ca.key".to_string()] {
+        {
+            // libpq refuses a client key that others may read
             use std::os::unix::fs::PermissionsExt;
             let perms = std::fs::Permissions::from_mode(0o600);
-            std::fs::set_permissions(pki.path(&key), perms).unwrap();
+            std::fs::set_permissions(pki.path(&format!("{name}.key")), perms).unwrap();
         }
         let with_cert = |user: &str| {
             conninfo(
