@@ -12,11 +12,12 @@
 //! pipeline's: a slow query holds up the ones behind it in its batch (they waited in line
 //! anyway), and a client that stops reading its answer holds up those behind it.
 
-use crate::cancel::Cancel;
+use crate::cancel::{Cancel, CancelTarget};
 use crate::endpoint::ServerAddr;
 use crate::params::Params;
 use crate::pool::PooledConn;
 use crate::prepared::{self, ServerStatements};
+use crate::protocol::messages::parse_error_fields;
 use crate::router::effects::Effects;
 use crate::stats::ClientInfo;
 use bytes::{Bytes, BytesMut};
@@ -88,8 +89,8 @@ pub fn eligible(buf: &[u8], mut effects: impl FnMut(&str) -> Effects) -> bool {
 /// What a client in a batch is lent instead of a server.
 pub struct Seat {
     pub pipe: Pipe,
-    /// The request as the batch sent it: sent again elsewhere if the batch's server is lost
-    /// before it runs (`Pipe::never_ran`).
+    /// The request as the batch sent it: sent again if it did not take effect
+    /// (`Pipe::unrun`).
     pub request: Bytes,
     /// The server's id and address, for the client's statistics.
     pub conn_id: u64,
@@ -124,10 +125,21 @@ struct SlotState {
     chunk: Option<Bytes>,
     client_gone: bool,
     batch_gone: bool,
-    /// The batch ended before the server started this request.
-    never_ran: bool,
+    /// The request did not take effect and is to be sent again.
+    unrun: Option<Unrun>,
     client: Option<Waker>,
     batch: Option<Waker>,
+}
+
+/// Why a batched request is sent again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unrun {
+    /// The batch's server was lost before it started the request: PostgreSQL runs a
+    /// pipeline's requests in turn, so it never ran.
+    ServerLost,
+    /// A cancel meant for a request ahead of it in the batch reached the server while it ran
+    /// (`Exposure`): it failed before any statement of it completed, and was rolled back.
+    CancelledForAnother,
 }
 
 enum Side {
@@ -157,10 +169,9 @@ impl Slot {
         other.into_iter().for_each(Waker::wake);
     }
 
-    /// The batch's server was lost before it started this request: PostgreSQL runs a
-    /// pipeline's requests in turn, so it never ran.
-    fn close_never_ran(&self) {
-        self.state().never_ran = true;
+    /// The request is to be sent again, its answer (if any) dropped.
+    fn close_unrun(&self, why: Unrun) {
+        self.state().unrun = Some(why);
         self.close(Side::Batch);
     }
 
@@ -199,9 +210,10 @@ impl Slot {
 }
 
 impl Pipe {
-    /// The batch ended, its server lost, before the server started this client's request.
-    pub fn never_ran(&self) -> bool {
-        self.slot.state().never_ran
+    /// Whether, and why, the client's request is to be sent again: the batch ended its part
+    /// without an answer.
+    pub fn unrun(&self) -> Option<Unrun> {
+        self.slot.state().unrun
     }
 }
 
@@ -338,13 +350,14 @@ pub async fn drive(mut conn: PooledConn, batch: Batch) {
     // the place whose answer comes now
     let mut at = 0;
     let mut begun = Begun::default();
+    let mut exposure = Exposure::new(conn.cancel_target());
     let lost = match conn.stream.write_all(&out).await {
         Err(e) => Err(e),
         Ok(()) => {
             if let Some(first) = places.first() {
                 begun.watch(runs_now(&conn, &first.client));
             }
-            relay_answers(&mut conn, &places, &mut at, &mut begun).await
+            relay_answers(&mut conn, &places, &mut at, &mut begun, &mut exposure).await
         }
     };
     begun.seen();
@@ -359,7 +372,7 @@ pub async fn drive(mut conn: PooledConn, batch: Batch) {
                 places.len().saturating_sub(at + 1)
             );
             for p in places.iter().skip(at + 1) {
-                p.slot.close_never_ran();
+                p.slot.close_unrun(Unrun::ServerLost);
             }
         }
     }
@@ -443,6 +456,7 @@ async fn relay_answers(
     places: &[Place],
     at: &mut usize,
     begun: &mut Begun,
+    exposure: &mut Exposure,
 ) -> io::Result<bool> {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut scan = Split::default();
@@ -461,7 +475,12 @@ async fn relay_answers(
             Some(SplitStep::Ready) => {
                 let answer = buf.split_to(scan.take()).freeze();
                 let idle = answer.last() == Some(&b'I');
-                deliver(place, answer).await;
+                if idle && exposure.hit(&answer) {
+                    tracing::debug!("a batched request was cancelled for another: sent again");
+                    place.slot.close_unrun(Unrun::CancelledForAnother);
+                } else {
+                    deliver(place, answer).await;
+                }
                 place.client.cancel.set_target(None);
                 if !idle {
                     // A request that stood alone to the lexer opened a transaction block: the
@@ -473,6 +492,7 @@ async fn relay_answers(
                 }
                 *at += 1;
                 if let Some(next) = places.get(*at) {
+                    exposure.place_starts();
                     begun.watch(runs_now(conn, &next.client));
                     if !buf.is_empty() {
                         // its answer is here already
@@ -481,10 +501,13 @@ async fn relay_answers(
                 }
             }
             None => {
-                // all buffered is walked: what belongs to this answer goes now, then more
-                let n = scan.take();
-                if n > 0 {
-                    deliver(place, buf.split_to(n).freeze()).await;
+                // all buffered is walked: what belongs to this answer goes now (unless it is
+                // kept back), then more
+                if !exposure.keeps_back(scan.walked) {
+                    let n = scan.take();
+                    if n > 0 {
+                        deliver(place, buf.split_to(n).freeze()).await;
+                    }
                 }
                 buf.reserve(READ_CHUNK);
                 if conn.stream.read_buf(&mut buf).await? == 0 {
@@ -496,6 +519,78 @@ async fn relay_answers(
     }
     // anything more is not an answer to the batch
     Ok(clean && buf.is_empty())
+}
+
+/// How much of an exposed place's answer is kept back at most: a larger one goes on as it
+/// comes (and is no longer sent again).
+const KEEP_BACK: usize = 64 * 1024;
+
+/// Whether another client's cancel may have reached the request answering now.
+///
+/// The server runs a batch's requests back to back, ahead of pgmux reading their answers:
+/// a cancel sent while pgmux still reads the answer of one request may reach the backend
+/// once it runs the next. PostgreSQL cancels whatever statement runs when the signal lands,
+/// so that request, another client's, would fail for a cancel it never asked for. Once some
+/// cancel was begun on the server during the batch, each request that starts after it is
+/// exposed: its answer is kept back (up to [`KEEP_BACK`]), and if it ends in a cancel
+/// (57014) before any of its statements completed, and its own client asked for none, it is
+/// sent again instead (`Unrun::CancelledForAnother`): the failed implicit transaction left
+/// nothing behind.
+struct Exposure {
+    flight: CancelTarget,
+    /// Cancels begun on the server when the batch started.
+    at_batch: u32,
+    /// Cancels begun when the current request started: any more are its own client's.
+    at_place: u32,
+    keeping: bool,
+}
+
+impl Exposure {
+    fn new(flight: CancelTarget) -> Exposure {
+        let n = flight.begun();
+        Exposure {
+            flight,
+            at_batch: n,
+            at_place: n,
+            keeping: false,
+        }
+    }
+
+    /// The next request starts (called before its client's cancels go to the server, and
+    /// after the previous client's can no longer: `set_target` takes the same lock as
+    /// `start_cancel`).
+    fn place_starts(&mut self) {
+        self.at_place = self.flight.begun();
+        self.keeping = self.at_place != self.at_batch;
+    }
+
+    /// Whether the `walked` bytes of the current answer stay back for now.
+    fn keeps_back(&mut self, walked: usize) -> bool {
+        self.keeping &= walked <= KEEP_BACK;
+        self.keeping
+    }
+
+    /// The current request's whole answer, kept back, shows a cancel it did not ask for.
+    fn hit(&self, answer: &[u8]) -> bool {
+        self.keeping && self.flight.begun() == self.at_place && cancelled_before_completing(answer)
+    }
+}
+
+/// Whether an answer's first error is a cancel (57014) and no statement completed before it.
+fn cancelled_before_completing(mut answer: &[u8]) -> bool {
+    while let Some(head) = answer.get(..5) {
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let Some(body) = answer.get(5..1 + len).filter(|_| len >= 4) else {
+            return false;
+        };
+        match head[0] {
+            b'C' => return false,
+            b'E' => return parse_error_fields(body).code == "57014",
+            _ => {}
+        }
+        answer = &answer[1 + len..];
+    }
+    false
 }
 
 /// A client that left drops its answer.

@@ -37,6 +37,9 @@ pub struct CancelFlight {
     /// libpq 17 sends it (some managed services accept nothing else).
     pub tls_host: Option<Arc<str>>,
     pending: AtomicU32,
+    /// Cancels begun on this server ever: a batch compares counts to tell whether one was
+    /// aimed at a request ahead of the one running (`batch::Exposure`).
+    begun: AtomicU32,
     /// A cancel failed or timed out: whether it reached the backend is unknown.
     failed: AtomicBool,
     settled: Notify,
@@ -57,6 +60,7 @@ impl CancelFlight {
             secret,
             tls_host: None,
             pending: AtomicU32::new(0),
+            begun: AtomicU32::new(0),
             failed: AtomicBool::new(false),
             settled: Notify::new(),
         }
@@ -69,6 +73,7 @@ impl CancelFlight {
     }
 
     fn begin(self: &Arc<Self>) -> InFlight {
+        self.begun.fetch_add(1, Ordering::AcqRel);
         self.pending.fetch_add(1, Ordering::AcqRel);
         InFlight {
             flight: self.clone(),
@@ -85,6 +90,11 @@ impl CancelFlight {
             tls_host: self.tls_host.clone(),
             in_flight: self.begin(),
         }
+    }
+
+    /// How many cancels were begun on this server so far.
+    pub fn begun(&self) -> u32 {
+        self.begun.load(Ordering::Acquire)
     }
 
     /// Some cancel is on its way.

@@ -369,21 +369,28 @@ async fn a_cancel_reaches_the_batched_query_running_now() {
     s.console.wait_idle("batch_cancel", 1).await;
 }
 
-/// A cancel for a query that waits behind another in its batch is sent when that query
-/// starts: the query ahead is held on an advisory lock (taken straight on PostgreSQL) while
-/// the cancel comes, then released.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cancel_for_a_query_queued_in_its_batch_reaches_it_when_it_runs() {
+/// A client of `db` straight on PostgreSQL, for the advisory locks that hold a batch's
+/// queries where a test wants them.
+async fn straight(db: &str) -> Client {
     let pg = PgCluster::shared();
-    let s = start("batch_qcancel", 16).await;
-    let (ahead, queued) = (s.client().await, s.client().await);
-    let (locker, conn) = tokio_postgres::connect(
-        &conn_str(pg.primary().port, "app", "batch_qcancel", Some("secret")),
+    let (c, conn) = tokio_postgres::connect(
+        &conn_str(pg.primary().port, "app", db, Some("secret")),
         NoTls,
     )
     .await
     .expect("connect straight to PostgreSQL");
     tokio::spawn(conn);
+    c
+}
+
+/// A cancel for a query that waits behind another in its batch is sent when that query
+/// starts: the query ahead is held on an advisory lock (taken straight on PostgreSQL) while
+/// the cancel comes, then released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_for_a_query_queued_in_its_batch_reaches_it_when_it_runs() {
+    let s = start("batch_qcancel", 16).await;
+    let (ahead, queued) = (s.client().await, s.client().await);
+    let locker = straight("batch_qcancel").await;
     locker
         .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(42)")
         .await
@@ -409,6 +416,67 @@ async fn a_cancel_for_a_query_queued_in_its_batch_reaches_it_when_it_runs() {
     assert_eq!(e.code().map(|c| c.code()), Some("57014"), "{e}");
     assert!(first.await.unwrap().1.is_ok());
     s.console.wait_idle("batch_qcancel", 1).await;
+}
+
+/// A cancel goes to the server while pgmux reads the answer of the request it is meant for;
+/// PostgreSQL, which runs a batch's requests back to back, may run the next one by then,
+/// another client's. Here the cancel is one asked while its quick query waited in the batch,
+/// sent when pgmux sees that query start. pgmux is stopped (SIGSTOP) while PostgreSQL answers
+/// the query ahead and the quick one and goes on to the request behind them, which waits on
+/// an advisory lock: so the cancel lands on that request. It must not fail for a cancel its
+/// client never asked for: it is sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_that_reaches_the_request_behind_its_own_does_not_fail_it() {
+    let s = start("batch_xcancel", 16).await;
+    let (ahead, asker, behind) = (s.client().await, s.client().await, s.client().await);
+    let locker = straight("batch_xcancel").await;
+    locker
+        .batch_execute("SELECT pg_advisory_lock(42), pg_advisory_lock(43)")
+        .await
+        .unwrap();
+    let holder = hold(&s).await;
+    let token = asker.cancel_token();
+    let first = spawn_simple(ahead, "SELECT pg_advisory_xact_lock(42)");
+    s.wait_waiting(1).await;
+    let quick = spawn_simple(asker, "SELECT 'quick'");
+    s.wait_waiting(2).await;
+    const BEHIND: &str = "SELECT pg_advisory_xact_lock(43) AS behind";
+    let victim = spawn_simple(behind, BEHIND);
+    s.wait_waiting(3).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    running("batch_xcancel", "SELECT pg_advisory_xact_lock(42)").await;
+    assert_eq!(s.batches(), (1.0, 3.0));
+    // kept until pgmux sees the quick query start, then sent
+    token.cancel_query(NoTls).await.unwrap();
+    wait_until_async("pgmux took the cancel", WAIT, || async {
+        s.px.log().contains("cancel request served")
+    })
+    .await;
+    s.px.signal(libc::SIGSTOP);
+    locker
+        .batch_execute("SELECT pg_advisory_unlock(42)")
+        .await
+        .unwrap();
+    running("batch_xcancel", BEHIND).await;
+    s.px.signal(libc::SIGCONT);
+    assert!(first.await.unwrap().1.is_ok());
+    assert_eq!(rows(&quick.await.unwrap().1.unwrap()), vec![vec!["quick"]]);
+    // either its client got the cancel's error, or pgmux sent the request again
+    wait_until_async("the cancel reached the request behind", WAIT, || async {
+        victim.is_finished() || s.px.log().contains("CancelledForAnother")
+    })
+    .await;
+    locker
+        .batch_execute("SELECT pg_advisory_unlock(43)")
+        .await
+        .unwrap();
+    let answer = victim
+        .await
+        .unwrap()
+        .1
+        .expect("not failed by another's cancel");
+    assert_eq!(rows(&answer), vec![vec![""]]);
+    s.console.wait_idle("batch_xcancel", 1).await;
 }
 
 /// A server lost in the middle of a batch fails the request it was running, as it fails any

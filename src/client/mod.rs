@@ -6,7 +6,7 @@
 pub mod login;
 
 use crate::app::{App, Shutdown};
-use crate::batch::{self, Seat, Ticket};
+use crate::batch::{self, Seat, Ticket, Unrun};
 use crate::clock::Mono;
 use crate::config::PoolMode;
 use crate::endpoint::{ClientAddr, ClientSocket};
@@ -483,7 +483,12 @@ impl Session {
                     Event::ServerFailed(e) => format!("server failed: {e}"),
                     _ => "server closed the connection".to_string(),
                 };
-                if self.replay(&why) || self.send_again_unrun() {
+                // a request cancelled for another client is sent again as it is: its server
+                // did not fail
+                if self.send_again_unrun(Unrun::CancelledForAnother)
+                    || self.replay(&why)
+                    || self.send_again_unrun(Unrun::ServerLost)
+                {
                     // routed again as soon as the session loop polls the relay
                     return None;
                 }
@@ -671,19 +676,20 @@ impl Session {
         replayed
     }
 
-    /// The client's request waited in a batch whose server was lost before it ran: it goes
-    /// back in line, as if just sent, instead of failing with the server.
-    fn send_again_unrun(&mut self) -> bool {
+    /// The client's request in a batch did not take effect, for the reason given: its
+    /// server was lost before it ran, or a cancel meant for a request ahead of it reached it.
+    /// It goes back in line, as if just sent, instead of failing.
+    fn send_again_unrun(&mut self, why: Unrun) -> bool {
         let Some(relay) = self.relay.as_deref_mut() else {
             return false;
         };
-        let Some(seat) = self.seat.take_if(|s| s.pipe.never_ran()) else {
+        let Some(seat) = self.seat.take_if(|s| s.pipe.unrun() == Some(why)) else {
             return false;
         };
         relay.put_back(&seat.request);
         self.login.client.set_cancel_target(None);
         self.login.client.idle();
-        debug!(db = %self.login.db(), "batch's server lost before it ran this request: in line again");
+        debug!(db = %self.login.db(), "batched request did not take effect ({why:?}): in line again");
         true
     }
 
