@@ -608,6 +608,12 @@ impl ClientInfo {
         self.cancel.start_cancel(self.cancel.secret)
     }
 
+    /// Takes a cancel asked while the client waited and not acted on yet.
+    pub fn take_cancel_asked(&self) -> bool {
+        // the common case (nothing asked) costs one load, not a swap
+        self.cancel_asked.load(Ordering::Acquire) && self.cancel_asked.swap(false, Ordering::AcqRel)
+    }
+
     /// Forgets a cancel asked before the wait that is about to begin.
     pub fn forget_cancel(&self) {
         self.cancel_asked.store(false, Ordering::Relaxed);

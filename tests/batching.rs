@@ -11,7 +11,7 @@ mod common;
 
 use common::probe::{metric, scrape, Console};
 use common::raw;
-use common::{conn_str, free_port, wait_until_async, PgCluster, Pgmux};
+use common::{cancel_and_wait, conn_str, free_port, wait_until_async, PgCluster, Pgmux};
 use std::io::Write;
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -447,11 +447,7 @@ async fn a_cancel_that_reaches_the_request_behind_its_own_does_not_fail_it() {
     running("batch_xcancel", "SELECT pg_advisory_xact_lock(42)").await;
     assert_eq!(s.batches(), (1.0, 3.0));
     // kept until pgmux sees the quick query start, then sent
-    token.cancel_query(NoTls).await.unwrap();
-    wait_until_async("pgmux took the cancel", WAIT, || async {
-        s.px.log().contains("cancel request served")
-    })
-    .await;
+    cancel_and_wait(&token, s.px.port).await;
     s.px.signal(libc::SIGSTOP);
     locker
         .batch_execute("SELECT pg_advisory_unlock(42)")

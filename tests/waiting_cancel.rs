@@ -284,6 +284,80 @@ async fn a_write_waiting_for_the_primary_is_cancelled_at_once() {
     assert_eq!(n, 1, "the cancelled write ran");
 }
 
+/// A PostgreSQL backend stopped (SIGSTOP) until dropped, continued then: a test that fails
+/// midway must not leave the shared cluster with a backend that cannot shut down.
+struct Stopped(i32);
+
+impl Stopped {
+    fn stop(pid: i32) -> Stopped {
+        // SAFETY: kill(2) on a backend of the test's own cluster
+        assert_eq!(
+            unsafe { libc::kill(pid, libc::SIGSTOP) },
+            0,
+            "stop backend {pid}"
+        );
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: as above
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// A cancel that comes while a server is being handed to the client, after its wait and
+/// before its request goes (pgmux brings the server's settings in step with the client's, a
+/// round trip, first): the request must still be cancelled, not run. The server's backend is
+/// stopped during that step, so the cancel comes then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_while_a_server_is_handed_over_cancels_the_request() {
+    let db = "wcancel_handoff";
+    let s = start(db, 0).await;
+    let pg = PgCluster::shared();
+    // the pool's only server (start_on used it): its backend, idle with default settings
+    let pid: i32 = pg
+        .psql(
+            pg.primary(),
+            "postgres",
+            &format!(
+                "SELECT pid FROM pg_stat_activity WHERE datname = '{db}' AND usename = 'app' \
+                 AND backend_type = 'client backend'"
+            ),
+        )
+        .parse()
+        .expect("one server backend");
+    let mut other: tokio_postgres::Config = s.url.parse().unwrap();
+    other.application_name("handed_over");
+    let (client, conn) = other.connect(NoTls).await.expect("connect through pgmux");
+    tokio::spawn(conn);
+    let token = client.cancel_token();
+    let stopped = Stopped::stop(pid);
+    let sleeping = tokio::spawn(async move {
+        let r = client.simple_query("SELECT pg_sleep(60)").await;
+        (client, r)
+    });
+    // the server taken, its application_name being set: the client still counts as waiting
+    wait_until_async("the server handed over", WAIT, || async {
+        s.console
+            .pool(db)
+            .await
+            .is_some_and(|p| p["cl_waiting"] == 1 && p["sv_idle"] == 0)
+    })
+    .await;
+    cancel_and_wait(&token, s.px.port).await;
+    drop(stopped);
+    let (client, r) = answered(sleeping).await;
+    let e = r.expect_err("the request was cancelled");
+    assert_eq!(code(&e), Some("57014"), "{e}");
+    let after = client
+        .simple_query("SELECT current_setting('application_name')")
+        .await;
+    assert_eq!(one_value(&after.unwrap()).as_deref(), Some("handed_over"));
+    s.console.wait_idle(db, 1).await;
+}
+
 /// A client waiting for RESUME (the pool paused) is cancelled in line too, and works after
 /// RESUME.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

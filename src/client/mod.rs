@@ -865,8 +865,29 @@ impl Session {
         if let Some(relay) = self.relay.as_deref_mut() {
             relay.flow.idle_since = now;
         }
+        if let Some(len) = cancellable.filter(|_| self.cancelled_in_hand_off(&conn)) {
+            // none of the request reached the server: answered as one cancelled in line
+            conn.release();
+            self.answer_cancelled(len);
+            return Ok(());
+        }
         self.attached(conn, waiting_since, now);
         Ok(())
+    }
+
+    /// Points the client's cancels at the server it is being lent, and says whether a cancel
+    /// came before that: from the end of the wait to here (its settings brought in step on
+    /// the server, a round trip) the client still counts as waiting with no server, so such a
+    /// cancel was kept for the wait (`ask_cancel`), which is over. Its request is still all
+    /// here. A cancel after this goes to the server.
+    fn cancelled_in_hand_off(&self, conn: &PooledConn) -> bool {
+        let client = &self.login.client;
+        client.set_cancel_target(Some(conn.cancel_target()));
+        if !client.info().take_cancel_asked() {
+            return false;
+        }
+        client.set_cancel_target(None);
+        true
     }
 
     /// Answers the request at the front of the input, cancelled while it waited for a
