@@ -475,13 +475,15 @@ async fn relay_answers(
             Some(SplitStep::Ready) => {
                 let answer = buf.split_to(scan.take()).freeze();
                 let idle = answer.last() == Some(&b'I');
+                // before the client can see its answer: after it, the client may be lent
+                // another server for its next request and point its cancels there
+                place.client.cancel.set_target(None);
                 if idle && exposure.hit(&answer) {
                     tracing::debug!("a batched request was cancelled for another: sent again");
                     place.slot.close_unrun(Unrun::CancelledForAnother);
                 } else {
                     deliver(place, answer).await;
                 }
-                place.client.cancel.set_target(None);
                 if !idle {
                     // A request that stood alone to the lexer opened a transaction block: the
                     // requests behind it ran inside it, and closing the server undoes them,
