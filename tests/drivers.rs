@@ -14,7 +14,8 @@
 //! batches, pipelines and executemany failing in the middle, cancels and statement_timeout
 //! on reads and COPY TO, connections closed in the middle of a statement; after the pgx,
 //! psycopg, asyncpg and pgjdbc scripts every server is back in the pool and nothing they
-//! abandoned still runs (`assert_nothing_left`).
+//! abandoned still runs (`assert_nothing_left`). asyncpg clients cancelling short sleeps that
+//! wait in batches with others' `SELECT 1`: no bystander is ever cancelled.
 //! LISTEN/NOTIFY (asyncpg, psycopg) runs through pgmux in session mode.
 //! `.ci/run` installs the drivers; tests/drivers/ holds the scripts.
 
@@ -252,32 +253,35 @@ fn python_listen_notify_in_session_mode() {
         .replace("default_pool_size = 3", "default_pool_size = 6");
     let px = Pgmux::start(&session);
     // four listeners and a notifier, each holding one of the 6 servers for its session
-    let mut cmd = Command::new("python3");
-    cmd.arg("python_listen_check.py").args([
-        "127.0.0.1",
-        &px.port.to_string(),
-        "app",
-        "secret",
-        "app",
-        "4",
-    ]);
-    run(cmd, "clients ok");
+    run_python("python_listen_check.py", &px, &["4"]);
 }
 
 /// An asyncpg script, given HOST PORT USER PASSWORD DATABASE CLIENTS TOPOLOGY (`alone` or
 /// `split`).
 fn run_asyncpg(script: &str, px: &Pgmux, topology: &str) {
+    run_python(script, px, &[CLIENTS, topology]);
+}
+
+/// A Python script given HOST PORT USER PASSWORD DATABASE (app's, through `px`) and `rest`,
+/// run to its end, which must say "clients ok".
+fn run_python(script: &str, px: &Pgmux, rest: &[&str]) {
     let mut cmd = Command::new("python3");
-    cmd.arg(script).args([
-        "127.0.0.1",
-        &px.port.to_string(),
-        "app",
-        "secret",
-        "app",
-        CLIENTS,
-        topology,
-    ]);
+    cmd.arg(script)
+        .args(["127.0.0.1", &px.port.to_string(), "app", "secret", "app"])
+        .args(rest);
     run(cmd, "clients ok");
+}
+
+/// Cancels among batches: asyncpg clients time out short sleeps (a CancelRequest each, some
+/// reaching the server as the query ends and the next of its batch runs) while others run
+/// `SELECT 1`, which must never be cancelled (tests/drivers/asyncpg_cancel_storm.py). Then
+/// every server is back, none still running a sleep.
+#[test]
+fn asyncpg_cancels_reach_no_bystander_in_a_batch() {
+    let pg = PgCluster::shared();
+    let px = Pgmux::start(&config(pg.primary().port, ""));
+    run_python("asyncpg_cancel_storm.py", &px, &["10"]);
+    assert_nothing_left(&px, pg, "pg_sleep(0.02)");
 }
 
 /// asyncpg's `copy_records_to_table` prepares a `SELECT` of the table (a read, so a
