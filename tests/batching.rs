@@ -477,7 +477,8 @@ async fn a_cancel_that_reaches_the_request_behind_its_own_does_not_fail_it() {
 
 /// A server lost in the middle of a batch fails the request it was running, as it fails any
 /// client's; the requests behind it never ran (PostgreSQL runs a pipeline in turn) and are
-/// sent again on another server: a write among them is done once.
+/// sent again on another server: a write among them is done once. One whose client cancelled
+/// it while it waited is answered as cancelled instead, and never runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_lost_mid_batch_fails_the_running_request_and_sends_the_rest_again() {
     let pg = PgCluster::shared();
@@ -489,6 +490,7 @@ async fn a_server_lost_mid_batch_fails_the_running_request_and_sends_the_rest_ag
     );
     let sleeper = s.client().await;
     let behind = [s.client().await, s.client().await, s.client().await];
+    let token = behind[1].cancel_token();
     let holder = hold(&s).await;
     let slow = spawn_simple(sleeper, "SELECT pg_sleep(60)");
     s.wait_waiting(1).await;
@@ -505,6 +507,8 @@ async fn a_server_lost_mid_batch_fails_the_running_request_and_sends_the_rest_ag
     holder.batch_execute("COMMIT").await.unwrap();
     let pid = running("batch_lost", "SELECT pg_sleep(60)").await;
     assert_eq!(s.batches(), (1.0, 4.0));
+    // kept for the second insert, which waits in the batch, until it runs: it never does
+    cancel_and_wait(&token, s.px.port).await;
     pg.psql(
         pg.primary(),
         "postgres",
@@ -513,25 +517,30 @@ async fn a_server_lost_mid_batch_fails_the_running_request_and_sends_the_rest_ag
     let e = slow.await.unwrap().1.expect_err("the running query fails");
     assert_eq!(e.code().map(|c| c.code()), Some("57P01"), "{e}");
     let mut answers = Vec::new();
-    for h in handles {
+    for (i, h) in handles.into_iter().enumerate() {
         let (c, r) = h.await.unwrap();
-        answers.push(rows(
-            &r.expect("a request behind the lost one is sent again"),
-        ));
+        if i == 1 {
+            let e = r.expect_err("the request cancelled while it waited is not sent again");
+            assert_eq!(e.code().map(|c| c.code()), Some("57014"), "{e}");
+        } else {
+            answers.push(rows(
+                &r.expect("a request behind the lost one is sent again"),
+            ));
+        }
         // and the client goes on
         assert_eq!(
             rows(&c.simple_query("SELECT 'on'").await.unwrap()),
             vec![vec!["on"]]
         );
     }
-    assert_eq!(answers[2], vec![vec!["behind"]]);
+    assert_eq!(answers[1], vec![vec!["behind"]]);
     assert_eq!(
         pg.psql(
             pg.primary(),
             "batch_lost",
             "SELECT string_agg(n::text, ',' ORDER BY n) FROM lost_t"
         ),
-        "1,2"
+        "1"
     );
     s.console.wait_idle("batch_lost", 1).await;
 }

@@ -678,7 +678,8 @@ impl Session {
 
     /// The client's request in a batch did not take effect, for the reason given: its
     /// server was lost before it ran, or a cancel meant for a request ahead of it reached it.
-    /// It goes back in line, as if just sent, instead of failing.
+    /// It goes back in line, as if just sent, instead of failing; or, if its client cancelled
+    /// it meanwhile (a cancel kept for when it ran), it is answered as cancelled.
     fn send_again_unrun(&mut self, why: Unrun) -> bool {
         let Some(relay) = self.relay.as_deref_mut() else {
             return false;
@@ -689,6 +690,11 @@ impl Session {
         relay.put_back(&seat.request);
         self.login.client.set_cancel_target(None);
         self.login.client.idle();
+        if self.login.client.info().take_cancel_asked() {
+            // cancelled while it waited in the batch, for when it ran: it never did
+            self.answer_cancelled(seat.request.len());
+            return true;
+        }
         debug!(db = %self.login.db(), "batched request did not take effect ({why:?}): in line again");
         true
     }
