@@ -334,18 +334,13 @@ async fn a_client_that_stops_reading_holds_up_its_batch_only_until_it_leaves() {
 
 /// Waits until PostgreSQL runs `sql` for this database, and returns its backend's pid.
 async fn running(db: &str, sql: &str) -> String {
-    started(db, sql, "state = 'active'").await
-}
-
-/// The backend of `db` that started `sql` (`state`: an SQL condition on its state then).
-async fn started(db: &str, sql: &str, state: &str) -> String {
     let pg = PgCluster::shared();
     let q = format!(
-        "SELECT pid FROM pg_stat_activity WHERE datname = '{db}' AND {state} \
+        "SELECT pid FROM pg_stat_activity WHERE datname = '{db}' AND state = 'active' \
          AND query = '{sql}'"
     );
     let mut pid = String::new();
-    wait_until_async(&format!("{sql} started"), WAIT, || {
+    wait_until_async(&format!("{sql} running"), WAIT, || {
         pid = pg.psql(pg.primary(), "postgres", &q);
         let found = !pid.is_empty();
         async move { found }
@@ -372,6 +367,19 @@ async fn a_cancel_reaches_the_batched_query_running_now() {
     assert_eq!(e.code().map(|c| c.code()), Some("57014"), "{e}");
     assert_eq!(rows(&fast.await.unwrap().1.unwrap()), vec![vec!["next"]]);
     s.console.wait_idle("batch_cancel", 1).await;
+}
+
+/// Every thread of process `pid` is stopped (state `T` in /proc).
+fn stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // the state follows the command name, which is in parentheses
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('T'))
+    })
 }
 
 /// A client of `db` straight on PostgreSQL, for the advisory locks that hold a batch's
@@ -454,13 +462,14 @@ async fn a_cancel_that_reaches_the_request_behind_its_own_does_not_fail_it() {
     // kept until pgmux sees the quick query start, then sent
     cancel_and_wait(&token, s.px.port).await;
     s.px.signal(libc::SIGSTOP);
+    // a process stops once each of its threads has taken the signal, which under load may
+    // be after kill(2) returned
+    wait_until_async("pgmux stopped", WAIT, || async { stopped(s.px.pid()) }).await;
     locker
         .batch_execute("SELECT pg_advisory_unlock(42)")
         .await
         .unwrap();
-    // running, or already ended by the cancel (its answer waits for pgmux): under load
-    // PostgreSQL may act on the cancel only once the backend has moved on to it
-    started("batch_xcancel", BEHIND, "true").await;
+    running("batch_xcancel", BEHIND).await;
     s.px.signal(libc::SIGCONT);
     assert!(first.await.unwrap().1.is_ok());
     assert_eq!(rows(&quick.await.unwrap().1.unwrap()), vec![vec!["quick"]]);
