@@ -199,9 +199,17 @@ name = "bench"
 host = "$(server_host)"
 port = $PG_PORT
 EOF
-  "$PGMUX" --config "$DIR/pgmux.toml" </dev/null >>"$DIR/log/pgmux.log" 2>&1 &
+  # In a session of its own, as PgBouncer's -d gives it and a service manager gives any
+  # daemon. Linux groups the tasks of one session for CPU fairness (autogroup): left in this
+  # script's session, pgmux would share one share of the CPU with pgbench and pgmux-load,
+  # and PostgreSQL's backends (each a session of its own) would be scheduled around the
+  # group, with stalls of 100 ms and more (docs/performance.md). This script runs without job
+  # control, so setsid execs in place and $! is pgmux's pid.
+  setsid "$PGMUX" --config "$DIR/pgmux.toml" </dev/null >>"$DIR/log/pgmux.log" 2>&1 &
   PGMUX_PID=$!
   wait_port "$PGMUX_PORT" "$PGMUX_PID" pgmux "$DIR/log/pgmux.log"
+  [ "$(ps -o sid= -p "$PGMUX_PID" | tr -d ' ')" = "$PGMUX_PID" ] \
+    || die "pgmux (pid $PGMUX_PID) did not get a session of its own"
   log "pgmux (pid $PGMUX_PID) on 127.0.0.1:$PGMUX_PORT"
 }
 
@@ -259,6 +267,10 @@ median() {  # median FORMAT NUMBERS...: their median ("failed" if any run failed
 # settle: every per-run list becomes its median
 settle() {
   local k
+  # each round's figures first, so a median can be told from the spread behind it
+  for k in $(printf '%s\n' "${!TPS[@]}" | sort); do
+    log "rounds $k: TPS ${TPS[$k]}| CPU ${CPU[$k]:-- }| user ${USR[$k]:-- }"
+  done
   for k in "${!TPS[@]}"; do TPS[$k]=$(median %.0f ${TPS[$k]}); done
   for k in "${!CPU[@]}"; do CPU[$k]=$(median %.1f ${CPU[$k]}); done
   for k in "${!USR[@]}"; do USR[$k]=$(median %.1f ${USR[$k]}); done
