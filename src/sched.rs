@@ -6,7 +6,9 @@
 //! work (docs/performance.md). A woken `SCHED_BATCH` thread does not preempt: it runs when
 //! the running task's turn ends, by which time more of its sockets are ready, and handles
 //! them all in one turn. Any user may choose the policy for its own threads; threads started
-//! later inherit it, so it is set once, first thing in `main`.
+//! later inherit it, so it is set once, first thing in `main`. The gain was large where
+//! pgmux shared its session (its autogroup's one share of the CPU) with the load, and small
+//! where it ran in a session of its own (docs/performance.md).
 
 use std::io;
 
