@@ -14,7 +14,7 @@ use crate::router::effects::PinReason;
 use prometheus::{Histogram, HistogramOpts};
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::task::Waker;
 use std::time::{Duration, SystemTime};
@@ -514,6 +514,9 @@ pub struct ClientInfo {
     cancel_asked: AtomicBool,
     /// Its query is in a batch, behind another client's (`batch::drive`).
     batch_queued: AtomicBool,
+    /// CancelRequests with its key so far (wrapping): a request sent again after its server
+    /// failed is answered as cancelled if one came since it was first sent (`relay::retry`).
+    cancels: AtomicU16,
     /// The session's task, woken by KILL, a safe shutdown and a cancel while it waits. Kept
     /// once registered (waking does not take it), so the session registers once rather than
     /// at every poll: two atomic read-modify-writes per poll of every session otherwise.
@@ -606,6 +609,11 @@ impl ClientInfo {
             return None;
         }
         self.cancel.start_cancel(self.cancel.secret)
+    }
+
+    /// CancelRequests with its key so far (wrapping).
+    pub fn cancels(&self) -> u16 {
+        self.cancels.load(Ordering::Acquire)
     }
 
     /// Takes a cancel asked while the client waited and not acted on yet.
@@ -751,6 +759,9 @@ impl ClientRegistry {
     /// whose query waits behind another in a batch, the cancel is kept until it runs.
     pub fn cancel(&self, pid: i32, secret: i32) -> Option<Cancel> {
         let client = self.lock().by_pid.get(&pid)?.0.clone();
+        if client.cancel.matches(secret) {
+            client.cancels.fetch_add(1, Ordering::AcqRel);
+        }
         let cancel = client.cancel.start_cancel(secret);
         if cancel.is_some() || !client.cancel.matches(secret) {
             return cancel;
@@ -799,6 +810,7 @@ impl ClientRegistry {
             pinned: AtomicU8::new(0),
             killed: AtomicBool::new(false),
             cancel_asked: AtomicBool::new(false),
+            cancels: AtomicU16::new(0),
             batch_queued: AtomicBool::new(false),
             waker: Mutex::new(None),
         });

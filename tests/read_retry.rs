@@ -7,11 +7,12 @@ mod common;
 
 use common::faults::{Fault, FaultRelay};
 use common::probe::Console;
-use common::{wait_until_async, PgCluster, Pgmux};
+use common::{cancel_and_wait, wait_until_async, PgCluster, Pgmux};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -272,6 +273,44 @@ impl Seen {
     fn on(&self, port: u16) -> u64 {
         self.ports.lock().unwrap().get(&port).copied().unwrap_or(0)
     }
+}
+
+/// A read whose client cancelled it while it was on its replica, and whose replica then
+/// failed, is answered as cancelled (57014), not sent again elsewhere. The cancel reaches the
+/// replica's postmaster (new connections pass the relay) while the request itself waits in a
+/// stalled path, so the backend had nothing to cancel; then the replica's connection is reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_cancelled_before_its_replica_fails_is_answered_cancelled_not_sent_again() {
+    let cluster = PgCluster::shared_with_replicas();
+    let primary = cluster.primary().port;
+    let replica = cluster.replicas()[0].port;
+    let relay = FaultRelay::start(replica);
+    let px = Pgmux::start(&config(primary, &[relay.port()], ""));
+    let admin = Console::connect(&px, "postgres", None).await;
+    let c = connect(&px).await;
+    wait_until_async("reads to reach the replica", WAIT, || async {
+        port_of(&c).await.unwrap() == replica
+    })
+    .await;
+
+    relay.set_all(Fault::Stall);
+    relay.set_new(Fault::Pass);
+    let reader = connect(&px).await;
+    let token = reader.cancel_token();
+    let q = tokio::spawn(async move { port_of(&reader).await.map(|p| (p, reader)) });
+    let relay_port = relay.port().to_string();
+    holds_active_server(&admin, &relay_port, "the read to hold a replica connection").await;
+    cancel_and_wait(&token, px.port).await;
+    relay.set_all(Fault::Reset);
+    let got = q.await.unwrap();
+    relay.clear();
+    match got {
+        Ok((p, _)) => panic!("the cancelled read was sent again and answered by {p}"),
+        Err(e) => assert_eq!(e.code(), Some(&SqlState::QUERY_CANCELED), "{e}"),
+    }
+    // the others go on
+    let p = port_of(&c).await.expect("a read after it");
+    assert!(p == primary || p == replica, "{p}");
 }
 
 /// A read that takes long enough (20 ms, interrupted by a shutdown) for the stop to find

@@ -763,6 +763,13 @@ impl Session {
         // a cancel sent before this wait began was for nothing running (PostgreSQL ignores it)
         client.forget_cancel();
         let cancellable = cancellable_request(&relay.c2s);
+        if let (true, Some(len)) = (
+            relay.retry.cancelled_since_sent(client.info().cancels()),
+            cancellable,
+        ) {
+            self.answer_cancelled(len);
+            return Ok(());
+        }
         let checkout = async {
             match (taken, route) {
                 (Some(c), _) => Ok(Some(Lease::Conn(c))),
@@ -840,6 +847,9 @@ impl Session {
             if let (true, Some(why), Some(r)) = (retryable, failed, self.route.as_mut()) {
                 // nothing was sent for the client yet: route its work again
                 r.server_failed(&why);
+                if let Some(relay) = self.relay.as_deref_mut() {
+                    relay.retry.route_again();
+                }
                 drop(conn);
                 self.login.client.idle();
                 return Ok(());

@@ -19,6 +19,11 @@ pub const HOLD_LIMIT: usize = 32 * 1024;
 #[derive(Default)]
 pub struct Retry {
     armed: bool,
+    /// The request was put back to be routed again (`take`, `route_again`).
+    replayed: bool,
+    /// The client's count of CancelRequests when the request began its wait for a server
+    /// (`stats::ClientInfo::cancels`).
+    cancels_at_send: u16,
     /// Every client byte since the server was attached (the buffered unit, then any more).
     request: BytesMut,
 }
@@ -72,7 +77,26 @@ impl Retry {
             return None;
         }
         self.armed = false;
+        self.replayed = true;
         Some(self.request.split())
+    }
+
+    /// The request's server failed before it was lent (its settings could not be brought in
+    /// step): the request goes back to be routed again.
+    pub fn route_again(&mut self) {
+        self.replayed = true;
+    }
+
+    /// The request at the front of the client's input begins its wait for a server, and
+    /// `cancels` is its client's count of CancelRequests now. True if it is one sent before
+    /// whose client asked a cancel since: the cancel went to the server that failed, or
+    /// came while the request went back, when the client had no server and was not waiting,
+    /// so it was kept nowhere. Either way it was meant for this request, which is then
+    /// answered as cancelled rather than run again.
+    pub fn cancelled_since_sent(&mut self, cancels: u16) -> bool {
+        let cancelled = std::mem::take(&mut self.replayed) && cancels != self.cancels_at_send;
+        self.cancels_at_send = cancels;
+        cancelled
     }
 }
 
@@ -125,5 +149,30 @@ mod tests {
         assert!(!r.is_armed(), "an oversized request is not kept");
         r.arm(&vec![0; REQUEST_LIMIT + 1]);
         assert!(!r.is_armed());
+    }
+
+    #[test]
+    fn only_a_cancel_since_a_replayed_request_was_sent_cancels_it() {
+        let mut r = Retry::default();
+        assert!(!r.cancelled_since_sent(0), "a new request");
+        assert!(
+            !r.cancelled_since_sent(1),
+            "a cancel before a new request is not for it"
+        );
+        r.arm(b"Q");
+        r.take().unwrap();
+        assert!(!r.cancelled_since_sent(1), "sent again, no cancel since");
+        r.arm(b"Q");
+        r.take().unwrap();
+        assert!(
+            r.cancelled_since_sent(2),
+            "a cancel while it ran or went back"
+        );
+        assert!(!r.cancelled_since_sent(3), "the next request is a new one");
+        r.route_again();
+        assert!(
+            r.cancelled_since_sent(4),
+            "its server failed before it was lent"
+        );
     }
 }
