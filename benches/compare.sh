@@ -208,7 +208,8 @@ EOF
   setsid "$PGMUX" --config "$DIR/pgmux.toml" </dev/null >>"$DIR/log/pgmux.log" 2>&1 &
   PGMUX_PID=$!
   wait_port "$PGMUX_PORT" "$PGMUX_PID" pgmux "$DIR/log/pgmux.log"
-  [ "$(ps -o sid= -p "$PGMUX_PID" | tr -d ' ')" = "$PGMUX_PID" ] \
+  # the session id is the 6th field of /proc/PID/stat (the 4th after the command name)
+  [ "$(sed 's/.*) //' "/proc/$PGMUX_PID/stat" | awk '{print $4}')" = "$PGMUX_PID" ] \
     || die "pgmux (pid $PGMUX_PID) did not get a session of its own"
   log "pgmux (pid $PGMUX_PID) on 127.0.0.1:$PGMUX_PORT"
 }
