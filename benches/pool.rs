@@ -66,6 +66,7 @@ fn settings(size: u32) -> PoolSettings {
         lifetime: None,
         check: None,
         batch_size: 0,
+        gather: None,
     }
 }
 

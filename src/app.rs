@@ -836,6 +836,8 @@ pub fn pool_settings(config: &Config, db: &Database, user: &str) -> PoolSettings
         lifetime: g.server_lifetime.get(),
         check: server_check(g),
         batch_size: if batches { g.server_batch_size } else { 0 },
+        gather: (g.server_batch_gather_ms > 0)
+            .then(|| Duration::from_millis(g.server_batch_gather_ms)),
     }
 }
 

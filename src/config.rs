@@ -129,6 +129,10 @@ pub struct General {
     /// Transaction mode: when a server comes free, up to this many waiting clients whose
     /// request is one standalone simple query get it sent together (`batch`); 0 or 1: off.
     pub server_batch_size: u32,
+    /// Batches on: for this many milliseconds after a pool ran out of servers, such
+    /// requests that come together go to one idle server in one write, rather than one
+    /// each (`pool::State::gathers`); 0: never.
+    pub server_batch_gather_ms: u64,
     pub shutdown_timeout: Seconds,
     pub max_message_size: u32,
     pub max_startup_parameters: u32,
@@ -241,6 +245,7 @@ impl Default for General {
             server_reset_query: "DISCARD ALL".into(),
             server_reset_query_always: false,
             server_batch_size: 16,
+            server_batch_gather_ms: 1000,
             shutdown_timeout: Seconds(30.0),
             max_message_size: 256 * 1024 * 1024,
             max_startup_parameters: 64,

@@ -80,6 +80,21 @@ pub struct PoolSettings {
     /// server_batch_size: most waiting clients' queries sent to a server in one write;
     /// below 2, none are batched.
     pub batch_size: u32,
+    /// server_batch_gather_ms (None when 0): for this long after the pool last ran out of
+    /// servers, requests a batch may take that come in one turn of the runtime go to an idle
+    /// server together (`State::gathers`).
+    pub gather: Option<Duration>,
+}
+
+/// What `Pool::try_checkout` found.
+pub enum TryCheckout {
+    /// An idle server, lent.
+    Lent(PooledConn),
+    /// The pool is under pressure: a request a batch may take gathers with others in
+    /// `checkout_or_batch`; any other asks again with `gather` false.
+    Gather,
+    /// Nothing to lend at once: `checkout_or_batch` waits, opens or checks one.
+    Wait,
 }
 
 /// A server idle at least `delay` runs `query` before it is lent (PgBouncer's
@@ -162,6 +177,30 @@ struct State {
     /// The first failure of the current outage (cleared by a success): checkouts hold
     /// through a restart only while the outage is younger than server_login_retry.
     down_since: Option<Instant>,
+    /// When a checkout last found no server to lend and had to wait in line.
+    exhausted_at: Option<Mono>,
+}
+
+impl State {
+    /// Servers lent to clients or batches now.
+    fn lent(&self) -> u32 {
+        self.open
+            .saturating_sub(self.idle.len() as u32 + self.connecting + self.being_canceled)
+    }
+
+    /// Whether a request a batch may take should gather with others for an idle server
+    /// rather than take one of its own: the pool ran out of servers within
+    /// server_batch_gather_ms, so its clients send more requests at a time than it has
+    /// servers, and sending those that come together in one write spares the servers a
+    /// wake-up each. Some server must be lent (a lone client is never held up) and one must
+    /// be idle (or the request waits in line anyway). The window is long enough to span the
+    /// stretches in which gathering itself keeps servers free.
+    fn gathers(&self, now: Mono) -> bool {
+        let (Some(window), Some(at)) = (self.hot.gather, self.exhausted_at) else {
+            return false;
+        };
+        !self.idle.is_empty() && self.lent() > 0 && !now.at_least(at, window)
+    }
 }
 
 /// What a checkout and a release read of `Pool::settings`, copied into `State` when they
@@ -174,6 +213,8 @@ struct Hot {
     /// pool_size + reserve_pool_size: beyond it, released connections close.
     max_open: u32,
     batch_size: u32,
+    /// server_batch_gather_ms, when batches are on.
+    gather: Option<Duration>,
 }
 
 impl Hot {
@@ -183,12 +224,21 @@ impl Hot {
             check_delay: s.check.as_ref().map(|k| k.delay),
             max_open: s.size + s.reserve_size,
             batch_size: s.batch_size,
+            gather: s.gather.filter(|_| s.batch_size >= 2),
         }
     }
 
     /// Past server_lifetime at `now`.
     fn too_old(&self, c: &ServerConn, now: Mono) -> bool {
         self.lifetime.is_some_and(|l| now.at_least(c.created, l))
+    }
+
+    /// An idle server that may be lent without a check query and is not past its lifetime.
+    fn lendable(&self, c: &ServerConn, now: Mono) -> bool {
+        let check_due = self
+            .check_delay
+            .is_some_and(|d| now.at_least(c.last_used, d));
+        !check_due && !self.too_old(c, now)
     }
 }
 
@@ -618,8 +668,14 @@ impl Pool {
         loop {
             let grant = match self.take(deadline, in_line_only, &mut ticket)? {
                 Ok(g) => g,
-                Err(rx) => {
+                Err((rx, gathered)) => {
                     let mut line = InLine { pool: self, rx };
+                    if gathered {
+                        // every client whose request came in this turn of the runtime
+                        // joins the line first; then idle servers take them in batches
+                        tokio::task::yield_now().await;
+                        self.serve_idle();
+                    }
                     let granted = tokio::select! {
                         g = &mut line.rx => g,
                         _ = &mut cancel => match line.leave() {
@@ -673,31 +729,68 @@ impl Pool {
     /// paused, not past server_lifetime, no check query due, not broken. None sends the
     /// caller to `checkout`, which handles everything else (and waits). `now`: the caller's
     /// reading of the clock, a moment ago.
-    pub fn try_checkout(self: &Arc<Self>, now: Mono) -> Option<PooledConn> {
+    /// `gather`: the caller's request may be one a batch takes (`TryCheckout::Gather`).
+    pub fn try_checkout(self: &Arc<Self>, now: Mono, gather: bool) -> TryCheckout {
         if self.is_paused() {
-            return None;
+            return TryCheckout::Wait;
         }
         let c = {
             let mut s = lock(&self.state);
             if s.closed {
-                return None;
+                return TryCheckout::Wait;
             }
-            let c = s.idle.pop()?;
-            let check_due = s
-                .hot
-                .check_delay
-                .is_some_and(|d| now.at_least(c.last_used, d));
-            if check_due || s.hot.too_old(&c, now) {
+            if gather && s.gathers(now) {
+                return TryCheckout::Gather;
+            }
+            let Some(c) = s.idle.pop() else {
+                return TryCheckout::Wait;
+            };
+            if !s.hot.lendable(&c, now) {
                 s.idle.push(c);
-                return None;
+                return TryCheckout::Wait;
             }
             c
         };
         if c.is_broken() {
             self.discard(c);
-            return None;
+            return TryCheckout::Wait;
         }
-        Some(self.guard(c))
+        TryCheckout::Lent(self.guard(c))
+    }
+
+    /// Lends idle servers to the clients in line, a batch to each where they offered their
+    /// queries (`put`): after requests gathered for a turn of the runtime (`take`). A server
+    /// due its check query goes alone to the first in line, whose checkout runs the check.
+    fn serve_idle(self: &Arc<Self>) {
+        // a PAUSE meanwhile: `put` would keep the server idle, and this would take it again
+        while !self.is_paused() {
+            let mut s = lock(&self.state);
+            if s.waiters.is_empty() {
+                return;
+            }
+            let Some(mut c) = s.idle.pop() else { return };
+            let now = Mono::now();
+            if s.hot.lendable(&c, now) || s.hot.too_old(&c, now) {
+                drop(s);
+                // `put` closes one past its lifetime
+                match c.is_broken() {
+                    true => self.discard(c),
+                    false => self.put(c),
+                }
+                continue;
+            }
+            loop {
+                let Some(w) = s.waiters.pop_front() else {
+                    s.idle.push(c);
+                    return;
+                };
+                match w.tx.send(Grant::Conn(c)) {
+                    Ok(()) => break,
+                    Err(Grant::Conn(back)) => c = back,
+                    Err(_) => unreachable!("sent a connection"),
+                }
+            }
+        }
     }
 
     /// Whether server_check_query is due on `c` (idle since server_check_delay).
@@ -764,7 +857,7 @@ impl Pool {
         deadline: Option<Instant>,
         in_line_only: bool,
         ticket: &mut Option<Ticket>,
-    ) -> Result<Result<Grant, oneshot::Receiver<Grant>>, PoolError> {
+    ) -> Result<Result<Grant, (oneshot::Receiver<Grant>, bool)>, PoolError> {
         let mut expired = Vec::new();
         let mut s = lock(&self.state);
         if s.closed {
@@ -773,7 +866,8 @@ impl Pool {
         let now = Mono::now();
         let size = self.settings.load().size;
         let mut found = None;
-        while let Some(c) = s.idle.pop() {
+        let gather = ticket.is_some() && s.gathers(now);
+        while let Some(c) = (!gather).then(|| s.idle.pop()).flatten() {
             if s.hot.too_old(&c, now) {
                 s.open -= 1;
                 s.servers.remove(&c.id);
@@ -785,10 +879,11 @@ impl Pool {
         }
         let r = if let Some(c) = found {
             Ok(Grant::Conn(c))
-        } else if s.open < size && !in_line_only {
+        } else if s.open < size && !in_line_only && !gather {
             s.open += 1;
             Ok(Grant::Slot)
         } else {
+            // gathering, it joins the line though a server is idle (and is not opened one)
             let (tx, rx) = oneshot::channel();
             let settings = self.settings.load();
             let reserve_at = match (settings.reserve_size, settings.reserve_timeout) {
@@ -801,7 +896,10 @@ impl Pool {
                 reserve_at,
                 ticket: ticket.take(),
             });
-            Err(rx)
+            if !gather {
+                s.exhausted_at = Some(now);
+            }
+            Err((rx, gather))
         };
         drop(s);
         expired.into_iter().for_each(close);
@@ -1330,6 +1428,7 @@ mod tests {
             lifetime: None,
             check: None,
             batch_size: 0,
+            gather: None,
         };
         let target = ServerTarget {
             host: "127.0.0.1".into(),

@@ -5,7 +5,8 @@
 //! and a server that dies mid-batch must leave the pool as it was.
 //!
 //! Every test makes the line deterministically: a pool of one server, held by a client in a
-//! transaction until the waiting clients show in SHOW POOLS, then released.
+//! transaction until the waiting clients show in SHOW POOLS, then released. The gathering
+//! tests (`server_batch_gather_ms`) stop pgmux while two requests reach it instead.
 
 mod common;
 
@@ -27,6 +28,11 @@ struct Setup {
 }
 
 async fn start(db: &str, batch_size: u32) -> Setup {
+    start_with(db, batch_size, "default_pool_size = 1").await
+}
+
+/// `start` with other settings (`extra`, which sets the pool size).
+async fn start_with(db: &str, batch_size: u32, extra: &str) -> Setup {
     let pg = PgCluster::shared();
     pg.create_database(db, "app");
     let metrics_port = free_port();
@@ -37,8 +43,8 @@ listen_port = {{port}}
 auth_type = "trust"
 metrics_listen_port = {metrics_port}
 admin_users = ["admin"]
-default_pool_size = 1
 server_batch_size = {batch_size}
+{extra}
 [[users]]
 name = "app"
 password = "secret"
@@ -590,4 +596,122 @@ async fn a_begin_after_a_comment_ended_by_a_carriage_return_is_not_batched() {
         "1"
     );
     assert_eq!(s.batches(), (0.0, 0.0));
+}
+
+/// Gathering (`server_batch_gather_ms`): two requests that come in one turn of pgmux's
+/// runtime. pgmux is stopped (SIGSTOP) while both reach its sockets, so that it sees them
+/// together when it goes on; one thread (`workers = 1`), so both clients' tasks run in that
+/// turn. The pool has three servers: one held in a transaction, two idle.
+struct Gathering {
+    s: Setup,
+    holder: std::net::TcpStream,
+}
+
+impl Gathering {
+    /// `pressure`: a client waits in line once (the pool ran out of servers) before the
+    /// two idle servers are left; otherwise they are opened and left without any wait.
+    async fn start(db: &str, pressure: bool) -> Gathering {
+        // a window no test outlasts: the pressure of the setup holds for the whole test
+        let extra = "default_pool_size = 3\nworkers = 1\nserver_batch_gather_ms = 3600000";
+        let s = start_with(db, 16, extra).await;
+        let mut held: Vec<_> = (0..3).map(|_| raw_login(&s)).collect();
+        for c in &mut held {
+            c.write_all(&raw::query("BEGIN")).unwrap();
+            raw::until_ready(c);
+        }
+        if pressure {
+            let mut waiter = raw_login(&s);
+            waiter.write_all(&raw::query("SELECT 'waited'")).unwrap();
+            s.wait_waiting(1).await;
+            held[0].write_all(&raw::query("COMMIT")).unwrap();
+            raw::until_ready(&mut held[0]);
+            let msgs = raw::until_ready(&mut waiter);
+            assert!(raw::error_code(&msgs).is_none(), "{msgs:?}");
+        }
+        for c in &mut held[..2] {
+            c.write_all(&raw::query("COMMIT")).unwrap();
+            raw::until_ready(c);
+        }
+        let holder = held.pop().unwrap();
+        wait_until_async("two idle servers", WAIT, || async {
+            s.console
+                .pool(db)
+                .await
+                .is_some_and(|p| p["sv_idle"] == 2 && p["sv_active"] == 1)
+        })
+        .await;
+        Gathering { s, holder }
+    }
+
+    /// The backend pids that answer two clients' `SELECT pg_backend_pid()`, sent while
+    /// pgmux is stopped.
+    async fn two_together(&mut self) -> (String, String) {
+        let s = &self.s;
+        let mut two = [raw_login(s), raw_login(s)];
+        s.px.signal(libc::SIGSTOP);
+        wait_until_async("pgmux stopped", WAIT, || async { stopped(s.px.pid()) }).await;
+        for c in &mut two {
+            c.write_all(&raw::query("SELECT pg_backend_pid()")).unwrap();
+        }
+        let ports: Vec<u16> = two.iter().map(|c| c.local_addr().unwrap().port()).collect();
+        wait_until_async("both requests at pgmux's sockets", WAIT, || async {
+            ports.iter().all(|&p| queued_at(s.px.addr().port(), p))
+        })
+        .await;
+        s.px.signal(libc::SIGCONT);
+        let [a, b] = two.map(|mut c| {
+            let msgs = raw::until_ready(&mut c);
+            let row = msgs.iter().find(|(t, _)| *t == b'D').expect("a row");
+            // DataRow: column count (2 bytes), length (4), the text
+            String::from_utf8_lossy(&row.1[6..]).into_owned()
+        });
+        (a, b)
+    }
+
+    async fn finish(mut self, db: &str) {
+        self.holder.write_all(&raw::query("COMMIT")).unwrap();
+        raw::until_ready(&mut self.holder);
+        self.s.console.wait_idle(db, 1).await;
+    }
+}
+
+/// Whether the connection from local port `client` to pgmux's `port` has bytes pgmux has
+/// not read yet (/proc/net/tcp, pgmux's side: local `port`, remote `client`, rx_queue > 0).
+fn queued_at(port: u16, client: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let (local, remote) = (format!(":{port:04X}"), format!(":{client:04X}"));
+    table.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 4
+            && f[1].ends_with(&local)
+            && f[2].ends_with(&remote)
+            && f[4]
+                .split_once(':')
+                .is_some_and(|(_, rx)| u64::from_str_radix(rx, 16).unwrap_or(0) > 0)
+    })
+}
+
+/// Under pressure (the pool ran out of servers a moment ago), two requests that come
+/// together go to one idle server in one write, though two are idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_come_together_under_pressure_go_to_one_idle_server() {
+    let mut g = Gathering::start("batch_gather", true).await;
+    let before = g.s.batches();
+    let (a, b) = g.two_together().await;
+    assert_eq!(a, b, "one server answered both");
+    let after = g.s.batches();
+    assert_eq!((after.0 - before.0, after.1 - before.1), (1.0, 2.0));
+    g.finish("batch_gather").await;
+}
+
+/// Without pressure (the pool never ran out of servers), two requests that come together
+/// take an idle server each: gathering never holds up a pool that has servers to spare.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_come_together_without_pressure_take_a_server_each() {
+    let mut g = Gathering::start("batch_spread", false).await;
+    let before = g.s.batches();
+    let (a, b) = g.two_together().await;
+    assert_ne!(a, b, "each had a server of its own");
+    assert_eq!(g.s.batches(), before);
+    g.finish("batch_spread").await;
 }

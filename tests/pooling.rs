@@ -594,6 +594,7 @@ async fn waiters_are_served_first_in_first_out() {
         lifetime: None,
         check: None,
         batch_size: 0,
+        gather: None,
     };
     let pool = Pool::new("app".into(), "postgres".into(), target, settings, None);
     let held = pool.checkout().await.unwrap();

@@ -12,7 +12,7 @@ use crate::config::PoolMode;
 use crate::endpoint::{ClientAddr, ClientSocket};
 use crate::logging::{ClientTag, WithClient};
 use crate::params;
-use crate::pool::{Lease, PoolError, PooledConn};
+use crate::pool::{Lease, PoolError, PooledConn, TryCheckout};
 use crate::protocol::{messages, PgError};
 use crate::relay::statements::Tracker;
 use crate::relay::{Event, Relay, ServerSide, Tracking};
@@ -436,7 +436,7 @@ impl Session {
                 // outside the await, so the task keeps no room for what it captures)
                 let attaching = self
                     .attach_now()
-                    .map(|(since, conn)| Box::pin(self.attach(since, conn)));
+                    .map(|(since, conn, ticket)| Box::pin(self.attach(since, conn, ticket)));
                 match OptionFuture::from(attaching).await {
                     Some(Err(AttachError::Refused(e))) => return Some(e),
                     Some(Err(AttachError::Left)) => return None,
@@ -715,16 +715,32 @@ impl Session {
     /// the client's settings and due no check; otherwise returns when the client started
     /// waiting, and the server already taken if it only needs its settings brought in step,
     /// for `attach`.
-    fn attach_now(&mut self) -> Option<(Mono, Option<PooledConn>)> {
+    /// The request's batch ticket goes along when it was made here (`Some`), to gather
+    /// with others (`TryCheckout::Gather`).
+    #[allow(clippy::type_complexity)]
+    fn attach_now(&mut self) -> Option<(Mono, Option<PooledConn>, Option<Option<Ticket>>)> {
         let waiting_since = self.login.client.waiting();
         if self.route.is_some() {
-            return Some((waiting_since, None));
+            return Some((waiting_since, None, None));
         }
-        let Some(conn) = self.login.pool.try_checkout(waiting_since) else {
-            return Some((waiting_since, None));
+        let pool = &self.login.pool;
+        let conn = match pool.try_checkout(waiting_since, true) {
+            TryCheckout::Lent(conn) => conn,
+            TryCheckout::Wait => return Some((waiting_since, None, None)),
+            TryCheckout::Gather => {
+                let relay = self.relay.as_deref_mut();
+                let ticket = relay.and_then(|r| batch_ticket(r, &self.login));
+                if ticket.is_some() {
+                    return Some((waiting_since, None, Some(ticket)));
+                }
+                match pool.try_checkout(waiting_since, false) {
+                    TryCheckout::Lent(conn) => conn,
+                    _ => return Some((waiting_since, None, Some(None))),
+                }
+            }
         };
         if !in_step(&conn, &self.login.wants) {
-            return Some((waiting_since, Some(conn)));
+            return Some((waiting_since, Some(conn), None));
         }
         // lent at once: the wait began and ended at this reading of the clock
         self.attached(conn, waiting_since, waiting_since);
@@ -735,6 +751,7 @@ impl Session {
         &mut self,
         waiting_since: Mono,
         taken: Option<PooledConn>,
+        ticket: Option<Option<Ticket>>,
     ) -> Result<(), AttachError> {
         self.relay_mut();
         let Session {
@@ -757,7 +774,7 @@ impl Session {
         }
         let (pool, client) = (&login.pool, &login.client);
         let ticket = match (&taken, &route) {
-            (None, None) => batch_ticket(&mut *relay, login),
+            (None, None) => ticket.unwrap_or_else(|| batch_ticket(&mut *relay, login)),
             _ => None,
         };
         // a cancel sent before this wait began was for nothing running (PostgreSQL ignores it)
