@@ -726,10 +726,10 @@ impl Pool {
     }
 
     /// The most recently used idle connection, when one is ready to lend right now: not
-    /// paused, not past server_lifetime, no check query due, not broken. None sends the
+    /// paused, not past server_lifetime, no check query due, not broken. `Wait` sends the
     /// caller to `checkout`, which handles everything else (and waits). `now`: the caller's
-    /// reading of the clock, a moment ago.
-    /// `gather`: the caller's request may be one a batch takes (`TryCheckout::Gather`).
+    /// reading of the clock, a moment ago; `gather`: the caller's request may be one a batch
+    /// takes (`TryCheckout::Gather`).
     pub fn try_checkout(self: &Arc<Self>, now: Mono, gather: bool) -> TryCheckout {
         if self.is_paused() {
             return TryCheckout::Wait;

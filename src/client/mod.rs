@@ -715,8 +715,9 @@ impl Session {
     /// the client's settings and due no check; otherwise returns when the client started
     /// waiting, and the server already taken if it only needs its settings brought in step,
     /// for `attach`.
-    /// The request's batch ticket goes along when it was made here (`Some`), to gather
-    /// with others (`TryCheckout::Gather`).
+    ///
+    /// Under pressure the request's batch ticket is made here and goes along (`Some`), to
+    /// gather with others (`TryCheckout::Gather`); `None` leaves it to `attach`.
     #[allow(clippy::type_complexity)]
     fn attach_now(&mut self) -> Option<(Mono, Option<PooledConn>, Option<Option<Ticket>>)> {
         let waiting_since = self.login.client.waiting();
