@@ -1033,6 +1033,29 @@ async fn pgmux_settings_are_honoured_in_every_form() {
     assert!(!ok && err.contains("pgmux.route must be"), "{err}");
 }
 
+/// Waits until a replica of `cluster` runs a query whose text ends with `marker`.
+fn wait_running_on_a_replica(cluster: &PgCluster, marker: &str) {
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%{marker}' \
+         AND state = 'active' AND pid <> pg_backend_pid()"
+    );
+    wait_until("the read to run on a replica", WAIT, || {
+        cluster
+            .replicas()
+            .iter()
+            .any(|r| cluster.psql(r, "postgres", &sql) == "1")
+    });
+}
+
+/// The port in the first row of an answer (`inet_server_port()`): the server that ran it.
+fn port_of(msgs: &[(u8, Vec<u8>)]) -> u16 {
+    let (_, row) = msgs
+        .iter()
+        .find(|(t, _)| *t == b'D')
+        .unwrap_or_else(|| panic!("no row: {:?}", common::raw::error_code(msgs)));
+    String::from_utf8_lossy(&row[6..]).parse().unwrap()
+}
+
 /// A client that pipelines a write behind a read already running on a replica (libpq
 /// pipeline mode, pgx batches): the write waits for the read's end and is routed on its own,
 /// to the primary, instead of following the read to the replica (25006 there).
@@ -1055,27 +1078,11 @@ async fn a_write_pipelined_behind_a_replica_read_goes_to_the_primary() {
         "SELECT inet_server_port() FROM pg_sleep(2) /*pipelined read*/",
     ))
     .unwrap();
-    wait_until("the read to run on a replica", WAIT, || {
-        cluster.replicas().iter().any(|r| {
-            cluster.psql(
-                r,
-                "postgres",
-                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%/*pipelined read*/' \
-                 AND state = 'active' AND pid <> pg_backend_pid()",
-            ) == "1"
-        })
-    });
+    wait_running_on_a_replica(cluster, "/*pipelined read*/");
     s.write_all(&query(
         "INSERT INTO rw_pipe (port) VALUES (inet_server_port()) RETURNING port",
     ))
     .unwrap();
-    let port_of = |msgs: &[(u8, Vec<u8>)]| -> u16 {
-        let (_, row) = msgs
-            .iter()
-            .find(|(t, _)| *t == b'D')
-            .unwrap_or_else(|| panic!("no row: {:?}", error_code(msgs)));
-        String::from_utf8_lossy(&row[6..]).parse().unwrap()
-    };
     let read = until_ready(&mut s);
     assert!(replicas.contains(&port_of(&read)), "{read:?}");
     let write = until_ready(&mut s);
@@ -2095,4 +2102,49 @@ async fn a_write_query_after_a_suspended_flushed_read_reaches_the_primary() {
         let port: u16 = std::str::from_utf8(&row.1[6..]).unwrap().parse().unwrap();
         assert_eq!(port, primary, "round {round}");
     }
+}
+
+/// A client that pipelines a write behind a read-only transaction (libpq pipeline mode, pgx
+/// batches), sent while the transaction runs on a replica: the transaction's statements go
+/// one at a time, and the write, which comes after its COMMIT, is routed on its own, to the
+/// primary, instead of following the transaction to the replica (25006 there). (Sent in one
+/// write with the transaction, the write would take it all to the primary.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_pipelined_behind_a_read_only_transaction_goes_to_the_primary() {
+    use common::raw::{error_code, login, query, until_ready};
+    use std::io::Write;
+    // its own cluster: its write, behind a long read, must not make the shared replicas lag
+    // under other tests' first reads
+    let cluster = &PgCluster::start(2);
+    let px = start(cluster, "", "consistency = \"eventual\"");
+    warm_up(&px, cluster).await;
+    let (primary, replicas) = ports(cluster);
+    let c = connect(&px, "app").await;
+    c.simple_query("CREATE TABLE IF NOT EXISTS ro_pipe (id serial PRIMARY KEY, port int)")
+        .await
+        .unwrap();
+    let (mut s, _) = login(px.port, "app", "app");
+    let mut transaction = Vec::new();
+    for sql in [
+        "BEGIN READ ONLY",
+        "SELECT inet_server_port() FROM pg_sleep(2) /*read-only pipeline*/",
+        "COMMIT",
+    ] {
+        transaction.extend(query(sql));
+    }
+    s.write_all(&transaction).unwrap();
+    wait_running_on_a_replica(cluster, "/*read-only pipeline*/");
+    s.write_all(&query(
+        "INSERT INTO ro_pipe (port) VALUES (inet_server_port()) RETURNING port",
+    ))
+    .unwrap();
+    let begin = until_ready(&mut s);
+    assert_eq!(error_code(&begin), None);
+    let read = until_ready(&mut s);
+    assert!(replicas.contains(&port_of(&read)), "{read:?}");
+    let commit = until_ready(&mut s);
+    assert_eq!(error_code(&commit), None);
+    let write = until_ready(&mut s);
+    assert_eq!(error_code(&write), None, "the write failed");
+    assert_eq!(port_of(&write), primary);
 }

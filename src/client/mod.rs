@@ -943,6 +943,10 @@ impl Session {
     fn attached(&mut self, conn: PooledConn, waiting_since: Mono, now: Mono) {
         let retryable = self.route.as_ref().is_some_and(|r| r.retryable());
         let one_unit = self.route.as_ref().is_some_and(|r| r.serves_one_unit());
+        let at_a_time = self
+            .route
+            .as_ref()
+            .is_some_and(|r| r.serves_one_at_a_time());
         self.login
             .client
             .set_cancel_target(Some(conn.cancel_target()));
@@ -961,6 +965,9 @@ impl Session {
         client.active_at(waiting_since, now, conn.id, &mut relay.meter);
         if one_unit {
             relay.serve_one_unit();
+        }
+        if at_a_time {
+            relay.serve_unit_at_a_time();
         }
         if retryable {
             relay.arm_retry();

@@ -192,6 +192,11 @@ pub struct Relay {
     /// unit's end stays unscanned until the server goes back, to be routed on its own (a
     /// pipelined write must not reach the replica).
     one_unit: bool,
+    /// The server (a replica) serves a read-only transaction: a unit is scanned only once
+    /// the one before it is answered, so that what follows the transaction's end (the
+    /// server's ReadyForQuery `I`) stays unscanned, to be routed on its own once the server
+    /// goes back. Pipelined, a write behind the COMMIT would reach the replica (25006).
+    unit_at_a_time: bool,
     /// Units (Query, Sync, FunctionCall) scanned since the server was attached.
     units: u32,
     /// pgmux sent a Sync of its own to end a flushed read unit (`end_flushed_read`): the
@@ -359,6 +364,7 @@ impl Relay {
             keys: keys::Keys::default(),
             retry: retry::Retry::default(),
             one_unit: false,
+            unit_at_a_time: false,
             units: 0,
             own_sync: false,
             unit_failed: false,
@@ -378,6 +384,7 @@ impl Relay {
     pub fn attached(&mut self, statements: &ServerStatements) {
         self.flow.status = b'I';
         self.one_unit = false;
+        self.unit_at_a_time = false;
         self.units = 0;
         self.own_sync = false;
         self.unit_failed = false;
@@ -395,6 +402,11 @@ impl Relay {
     /// The server just attached serves only the unit it was routed for (`one_unit`).
     pub fn serve_one_unit(&mut self) {
         self.one_unit = true;
+    }
+
+    /// The server just attached takes one unit at a time (`unit_at_a_time`).
+    pub fn serve_unit_at_a_time(&mut self) {
+        self.unit_at_a_time = true;
     }
 
     /// Arms the retry of the unit about to be sent (a replica read): only when nothing is
@@ -708,6 +720,15 @@ impl Relay {
                 // the routed unit is sent whole; what follows waits to be routed itself.
                 // Unless the unit failed before a Query in it (which the server skipped): the
                 // server skips what follows up to a Sync, which it must be sent
+                return Ok(());
+            }
+            if self.unit_at_a_time
+                && self.flow.pending > 0
+                && !self.flow.copy_in
+                && ch.scanner.at_boundary()
+            {
+                // scanned again at the answer's ReadyForQuery, or routed anew if that ended
+                // the transaction (a COPY's data goes on: its answer waits for it)
                 return Ok(());
             }
             let mut big_bind = false;

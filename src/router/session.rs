@@ -237,6 +237,11 @@ pub struct RouteState {
     /// a lone COMMIT, ROLLBACK or Sync): what the client sends after that unit is routed on
     /// its own (`Relay::serve_one_unit`).
     one_unit: bool,
+    /// The server lent now is a replica serving a read-only transaction (`BEGIN READ
+    /// ONLY`): each unit goes once the one before is answered, so that what the client
+    /// pipelines after the transaction's end is routed on its own
+    /// (`Relay::serve_unit_at_a_time`).
+    one_at_a_time: bool,
     /// The client's `default_transaction_isolation` is serializable: a hot standby refuses
     /// every statement then (0A000), so its reads go to the primary.
     pub serializable: bool,
@@ -271,6 +276,7 @@ impl RouteState {
             lease: None,
             retryable: false,
             one_unit: false,
+            one_at_a_time: false,
             serializable: false,
         }
     }
@@ -290,6 +296,11 @@ impl RouteState {
         self.one_unit && self.lease.is_some()
     }
 
+    /// Whether the server lent now takes one unit at a time (see `one_at_a_time`).
+    pub fn serves_one_at_a_time(&self) -> bool {
+        self.one_at_a_time && self.lease.is_some()
+    }
+
     /// Whether `buf` (complete client messages) holds nothing but autocommit reads.
     pub fn is_read(&self, buf: &[u8], stmts: Option<&ClientStatements>) -> bool {
         !self.session_mode
@@ -307,6 +318,7 @@ impl RouteState {
     pub fn server_failed(&mut self, why: &str) {
         self.retryable = false;
         self.one_unit = false;
+        self.one_at_a_time = false;
         let Some((lease, _)) = self.lease.take() else {
             return;
         };
@@ -354,6 +366,7 @@ impl RouteState {
     pub fn released(&mut self) {
         self.retryable = false;
         self.one_unit = false;
+        self.one_at_a_time = false;
         let Some((lease, may_write)) = self.lease.take() else {
             return;
         };
@@ -408,6 +421,7 @@ impl RouteState {
                 self.retryable = class == Class::Read && target == Target::Replica;
                 self.one_unit =
                     target == Target::Replica && matches!(class, Class::Read | Class::Transaction);
+                self.one_at_a_time = target == Target::Replica && class == Class::BeginReadOnly;
                 Ok(Some(conn))
             }
             Err(e) => {
