@@ -610,10 +610,11 @@ struct Gathering {
 impl Gathering {
     /// `pressure`: a client waits in line once (the pool ran out of servers) before the
     /// two idle servers are left; otherwise they are opened and left without any wait.
-    async fn start(db: &str, pressure: bool) -> Gathering {
-        // a window no test outlasts: the pressure of the setup holds for the whole test
-        let extra = "default_pool_size = 3\nworkers = 1\nserver_batch_gather_ms = 3600000";
-        let s = start_with(db, 16, extra).await;
+    /// `gather_ms`: server_batch_gather_ms, a window no test outlasts unless 0 (off).
+    async fn start(db: &str, pressure: bool, gather_ms: u64) -> Gathering {
+        let extra =
+            format!("default_pool_size = 3\nworkers = 1\nserver_batch_gather_ms = {gather_ms}");
+        let s = start_with(db, 16, &extra).await;
         let mut held: Vec<_> = (0..3).map(|_| raw_login(&s)).collect();
         for c in &mut held {
             c.write_all(&raw::query("BEGIN")).unwrap();
@@ -695,7 +696,7 @@ fn queued_at(port: u16, client: u16) -> bool {
 /// together go to one idle server in one write, though two are idle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_that_come_together_under_pressure_go_to_one_idle_server() {
-    let mut g = Gathering::start("batch_gather", true).await;
+    let mut g = Gathering::start("batch_gather", true, 3_600_000).await;
     let before = g.s.batches();
     let (a, b) = g.two_together().await;
     assert_eq!(a, b, "one server answered both");
@@ -708,10 +709,27 @@ async fn requests_that_come_together_under_pressure_go_to_one_idle_server() {
 /// take an idle server each: gathering never holds up a pool that has servers to spare.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_that_come_together_without_pressure_take_a_server_each() {
-    let mut g = Gathering::start("batch_spread", false).await;
+    spread(
+        Gathering::start("batch_spread", false, 3_600_000).await,
+        "batch_spread",
+    )
+    .await;
+}
+
+/// `server_batch_gather_ms = 0`: under pressure too, each takes an idle server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_gathering_off_requests_under_pressure_take_a_server_each() {
+    spread(
+        Gathering::start("batch_nogather", true, 0).await,
+        "batch_nogather",
+    )
+    .await;
+}
+
+async fn spread(mut g: Gathering, db: &str) {
     let before = g.s.batches();
     let (a, b) = g.two_together().await;
     assert_ne!(a, b, "each had a server of its own");
     assert_eq!(g.s.batches(), before);
-    g.finish("batch_spread").await;
+    g.finish(db).await;
 }
