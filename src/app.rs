@@ -178,6 +178,7 @@ pub struct SessionLimits {
     max_message_size: AtomicUsize,
     max_prepared_statements: AtomicUsize,
     server_reset_query_always: AtomicBool,
+    defer_begin: AtomicBool,
 }
 
 impl SessionLimits {
@@ -188,6 +189,7 @@ impl SessionLimits {
             .store(g.max_prepared_statements as usize, Ordering::Relaxed);
         self.server_reset_query_always
             .store(g.server_reset_query_always, Ordering::Relaxed);
+        self.defer_begin.store(g.defer_begin, Ordering::Relaxed);
     }
 
     pub fn max_message_size(&self) -> usize {
@@ -200,6 +202,10 @@ impl SessionLimits {
 
     pub fn server_reset_query_always(&self) -> bool {
         self.server_reset_query_always.load(Ordering::Relaxed)
+    }
+
+    pub fn defer_begin(&self) -> bool {
+        self.defer_begin.load(Ordering::Relaxed)
     }
 }
 

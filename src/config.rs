@@ -133,6 +133,9 @@ pub struct General {
     /// requests that come together go to one idle server in one write, rather than one
     /// each (`pool::State::gathers`); 0: never.
     pub server_batch_gather_ms: u64,
+    /// Transaction mode: a client's lone BEGIN is answered by pgmux and sent to a server
+    /// with the client's next request (`relay::begin`), so it takes no server of its own.
+    pub defer_begin: bool,
     pub shutdown_timeout: Seconds,
     pub max_message_size: u32,
     pub max_startup_parameters: u32,
@@ -246,6 +249,7 @@ impl Default for General {
             server_reset_query_always: false,
             server_batch_size: 16,
             server_batch_gather_ms: 1000,
+            defer_begin: true,
             shutdown_timeout: Seconds(30.0),
             max_message_size: 256 * 1024 * 1024,
             max_startup_parameters: 64,

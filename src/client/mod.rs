@@ -337,6 +337,7 @@ impl Session {
         relay.tracking = Tracking::when(transaction_mode, self.app.statements, max_prepared);
         relay.meter = Meter::new(self.login.pool.stats.clone());
         relay.whole_units = self.route.is_some();
+        relay.defers_begin = transaction_mode && limits.defer_begin();
         if transaction_mode && startup_temp_path(&self.login.wants) {
             relay.session.pin = Some(PinReason::TempObject);
             relay.session.startup_pin = relay.session.pin;
@@ -369,7 +370,9 @@ impl Session {
         let limits = &self.app.limits;
         let max_prepared = r.tracking.map_or(0, |t| t.max_prepared);
         let current = r.max_message == limits.max_message_size()
-            && (!r.transaction_mode || max_prepared == limits.max_prepared_statements());
+            && (!r.transaction_mode
+                || (max_prepared == limits.max_prepared_statements()
+                    && r.defers_begin == limits.defer_begin()));
         if current && self.kept.is_none() {
             self.kept = KeptRelay::take();
         }
@@ -606,10 +609,13 @@ impl Session {
                 .map(|t| (self.parked.idle_since + t).instant());
         };
         let attached = self.has_server();
+        let in_transaction = self.relay.as_deref().is_some_and(|r| r.begin_answered);
         let timeout = match attached {
             // a request unanswered since the client last sent: query_timeout
             true if !f.quiet() => g.query(),
             true if f.status != b'I' => g.idle_transaction(),
+            // in the transaction of a BEGIN pgmux answered, which waits for the next request
+            false if in_transaction => g.idle_transaction(),
             _ => g.client_idle(),
         };
         let idle = timeout.map(|t| (f.idle_since + t).instant());
@@ -632,7 +638,8 @@ impl Session {
         }
         let flow = self.relay.as_deref().map(|r| &r.flow);
         let busy = self.has_server() && flow.is_some_and(|f| !f.quiet());
-        let in_transaction = self.has_server() && flow.is_some_and(|f| f.status != b'I');
+        let in_transaction = (self.has_server() && flow.is_some_and(|f| f.status != b'I'))
+            || self.relay.as_deref().is_some_and(|r| r.begin_answered);
         Some(if busy {
             // which server did not answer: a slow or stalled host shows in the log
             let server = (self.server.as_ref().map(|c| c.addr))
@@ -780,7 +787,9 @@ impl Session {
         };
         // a cancel sent before this wait began was for nothing running (PostgreSQL ignores it)
         client.forget_cancel();
-        let cancellable = cancellable_request(&relay.c2s);
+        // behind a BEGIN pgmux answered, a cancelled request would leave its transaction
+        // failed, which no server knows of yet: it is sent, and runs
+        let cancellable = cancellable_request(&relay.c2s).filter(|_| !relay.begin_answered);
         if let (true, Some(len)) = (
             relay.retry.cancelled_since_sent(client.info().cancels()),
             cancellable,

@@ -90,6 +90,14 @@ impl Channel {
         self.scanned -= n;
     }
 
+    /// Drops the scanned bytes from `start` (the start of a message pgmux answers in its
+    /// own way, or not at all) to the scanned position.
+    pub fn drop_scanned_from(&mut self, start: usize) {
+        let end = self.scanned;
+        self.seal(start);
+        self.skip(end - start);
+    }
+
     /// Inserts a message at the scanned position, which must be a message boundary.
     pub fn insert(&mut self, msg: Bytes) {
         self.seal(self.scanned);

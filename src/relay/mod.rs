@@ -6,6 +6,7 @@
 //! `HIGH_WATER` bytes unwritten, so a slow reader holds back its writer instead of growing
 //! pgmux's memory.
 
+mod begin;
 pub mod channel;
 mod keys;
 pub mod retry;
@@ -232,6 +233,11 @@ pub struct Relay {
     pub quiet_wanted: bool,
     /// The pin the session shows (SHOW CLIENTS), set with `quiet_wanted`.
     pub pin_shown: Option<PinReason>,
+    /// Transaction mode with `defer_begin`: a lone BEGIN is answered by pgmux (`begin`).
+    pub defers_begin: bool,
+    /// pgmux answered the BEGIN at the front of the client's input: it waits there for the
+    /// client's next request, and the server's answer to it is not the client's.
+    pub begin_answered: bool,
 }
 
 /// Session state a transaction-mode client left on its server.
@@ -377,6 +383,8 @@ impl Relay {
             prescanned: None,
             quiet_wanted: true,
             pin_shown: None,
+            defers_begin: false,
+            begin_answered: false,
         }
     }
 
@@ -608,6 +616,14 @@ impl Relay {
                     // the answer goes out on the next pass
                     continue;
                 }
+                if self.defers_begin
+                    && !self.begin_answered
+                    && !self.flow.terminated
+                    && self.answer_lone_begin()
+                {
+                    // the answer goes out on the next pass
+                    continue;
+                }
                 if let Some(ev) = self.detached_input() {
                     return Poll::Ready(ev);
                 }
@@ -651,10 +667,34 @@ impl Relay {
             b'd' | b'c' | b'f' => return None,
             _ => {}
         }
+        if self.begin_answered {
+            // the BEGIN pgmux answered waits for what the client sends next
+            let after = begin::front_len(&self.c2s.buf)?;
+            match self.c2s.buf.get(after) {
+                None => return None,
+                Some(b'X') => {
+                    // a transaction of nothing, ended with the session
+                    self.flow.terminated = true;
+                    return Some(Event::Terminated);
+                }
+                Some(_) => {}
+            }
+        }
         if self.whole_units && !unit_complete(&self.c2s.buf) {
             return None;
         }
         Some(Event::NeedServer)
+    }
+
+    /// The client's input is a lone plain BEGIN (`begin`): pgmux answers it and keeps it
+    /// for the server of the client's next request. Returns whether it answered.
+    fn answer_lone_begin(&mut self) -> bool {
+        let Some(answer) = begin::lone_begin_answer(&self.c2s.buf) else {
+            return false;
+        };
+        self.s2c.insert(answer);
+        self.begin_answered = true;
+        true
     }
 
     /// CopyData, CopyDone and CopyFail with no server attached belong to no COPY (one keeps
@@ -1202,6 +1242,27 @@ impl Relay {
                     )));
                 }
             };
+            if self.begin_answered {
+                match tag {
+                    // the first answer the server gives is the BEGIN's, already answered
+                    b'C' => {
+                        self.s2c.drop_scanned_from(start);
+                        continue;
+                    }
+                    // a BEGIN refused by a server in no transaction: what followed it may
+                    // have run outside the transaction its client believes it is in
+                    b'E' => {
+                        let body = &self.s2c.buf[start + 5..self.s2c.scanned];
+                        let e = crate::protocol::messages::parse_error_fields(body);
+                        return Some(Event::ServerFailed(format!(
+                            "BEGIN refused: {}: {}",
+                            e.code, e.message
+                        )));
+                    }
+                    _ => {}
+                }
+            }
+            let begin_ready = tag == b'Z' && std::mem::take(&mut self.begin_answered);
             if tag == b'G' {
                 self.copy_in_started();
                 self.copy_from_client = true;
@@ -1221,6 +1282,10 @@ impl Relay {
             }
             if let Some(t) = self.tracker.as_mut() {
                 t.server_message(tag, start, &mut self.s2c, server.statements);
+                if begin_ready {
+                    // before answers of pgmux's due after it go in behind it
+                    self.s2c.drop_scanned_from(start);
+                }
                 t.answer_ready(&mut self.s2c);
                 let skipped = t.take_skipped();
                 if skipped > 0 {
@@ -1232,16 +1297,15 @@ impl Relay {
                     // the server waits for the client's Sync
                     self.flow.unsynced = true;
                 }
+            } else if begin_ready {
+                self.s2c.drop_scanned_from(start);
             }
             if tag == b'Z' {
                 // the answer to pgmux's own Sync, the last thing the server was sent (so no
                 // answer of pgmux's was put in behind it)
-                let own = self.own_sync && self.flow.pending == 1;
+                let own = !begin_ready && self.own_sync && self.flow.pending == 1;
                 if own {
-                    let ch = &mut self.s2c;
-                    let end = ch.scanned;
-                    ch.seal(start);
-                    ch.skip(end - start);
+                    self.s2c.drop_scanned_from(start);
                     self.own_sync = false;
                 }
                 self.unit_failed = false;

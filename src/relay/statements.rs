@@ -674,9 +674,8 @@ impl Tracker {
                 let body = &s2c.buf[start + 5..s2c.scanned];
                 // otherwise the text's own error, which names no statement
                 if crate::protocol::messages::parse_error_fields(body).code == "42P05" {
-                    let (error, end) = (error.clone(), s2c.scanned);
-                    s2c.seal(start);
-                    s2c.skip(end - start);
+                    let error = error.clone();
+                    s2c.drop_scanned_from(start);
                     s2c.push(error);
                 }
                 return self.failed(server);
@@ -688,9 +687,7 @@ impl Tracker {
                     self.outdated(stmt);
                 }
                 if let Some(error) = self.in_client_names(body, stmt) {
-                    let end = s2c.scanned;
-                    s2c.seal(start);
-                    s2c.skip(end - start);
+                    s2c.drop_scanned_from(start);
                     s2c.push(error);
                 }
                 return self.failed(server);
@@ -725,9 +722,7 @@ impl Tracker {
         };
         self.expect.pop_front();
         if ours {
-            let end = s2c.scanned;
-            s2c.seal(start);
-            s2c.skip(end - start);
+            s2c.drop_scanned_from(start);
         }
     }
 

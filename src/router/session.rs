@@ -430,8 +430,9 @@ impl RouteState {
                     .refused
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 match unit {
-                    // the whole unit is here: answer it and keep the session
-                    Some(len) if e.severity == "ERROR" => {
+                    // the whole unit is here: answer it and keep the session (not behind a
+                    // BEGIN pgmux answered: the client's transaction would fail unseen)
+                    Some(len) if e.severity == "ERROR" && !relay.begin_answered => {
                         relay.c2s.consume_unscanned(len);
                         let mut out = BytesMut::new();
                         e.encode(&mut out);
