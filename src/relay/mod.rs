@@ -621,6 +621,11 @@ impl Relay {
                     && !self.flow.terminated
                     && self.answer_lone_begin()
                 {
+                    if self.quiet_wanted {
+                        // the session's idle timeout is now idle_transaction_timeout's; the
+                        // answer goes out at its next poll
+                        return Poll::Ready(Event::Quiet);
+                    }
                     // the answer goes out on the next pass
                     continue;
                 }
