@@ -320,6 +320,7 @@ fn bad_messages_after_login_close_only_that_client() {
     for bytes in [
         msg(b'Q', b"SELECT 1;\0")[..8].to_vec(),
         msg(b'Q', b"BEGIN\0"),
+        msg(b'Q', b"BEGIN; SELECT 1\0"),
     ] {
         let mut s = logged_in(&px, db);
         s.write_all(&bytes).unwrap();

@@ -104,10 +104,11 @@ impl Setup {
     }
 }
 
-/// A client holding the pool's only server inside a transaction.
+/// A client holding the pool's only server inside a transaction (a lone BEGIN takes none:
+/// `defer_begin`).
 async fn hold(s: &Setup) -> Client {
     let holder = s.client().await;
-    holder.batch_execute("BEGIN").await.unwrap();
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
     holder
 }
 
@@ -301,7 +302,7 @@ fn raw_login(s: &Setup) -> std::net::TcpStream {
 async fn a_client_that_stops_reading_holds_up_its_batch_only_until_it_leaves() {
     let s = start("batch_stalled", 16).await;
     let mut holder = raw_login(&s);
-    holder.write_all(&raw::query("BEGIN")).unwrap();
+    holder.write_all(&raw::query("BEGIN; SELECT 1")).unwrap();
     raw::until_ready(&mut holder);
     // its answer (tens of megabytes) fills every buffer on the way, and it never reads it
     let mut stalled = raw_login(&s);
@@ -617,7 +618,7 @@ impl Gathering {
         let s = start_with(db, 16, &extra).await;
         let mut held: Vec<_> = (0..3).map(|_| raw_login(&s)).collect();
         for c in &mut held {
-            c.write_all(&raw::query("BEGIN")).unwrap();
+            c.write_all(&raw::query("BEGIN; SELECT 1")).unwrap();
             raw::until_ready(c);
         }
         if pressure {

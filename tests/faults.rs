@@ -267,7 +267,8 @@ async fn server_stalled_mid_query_holds_only_its_client() {
     let (mut stuck, _) = tokio::task::spawn_blocking(move || raw::login(port, "app", &db))
         .await
         .unwrap();
-    stuck.write_all(&raw::query("BEGIN")).unwrap();
+    // a statement after the BEGIN: a lone BEGIN takes no server (`defer_begin`)
+    stuck.write_all(&raw::query("BEGIN; SELECT 1")).unwrap();
     let mut stuck = tokio::task::spawn_blocking(move || {
         raw::until_ready(&mut stuck);
         stuck
@@ -338,7 +339,7 @@ async fn stalled_primary_write_hits_query_timeout() {
     };
 
     let c = s.client().await;
-    c.simple_query("BEGIN").await.unwrap();
+    c.simple_query("BEGIN; SELECT 1").await.unwrap();
     let ids = s.relay.conn_ids();
     assert_eq!(ids.len(), 1, "one server, the writer's");
     s.relay.set_conn(ids[0], Fault::Stall);
