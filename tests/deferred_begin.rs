@@ -8,6 +8,7 @@
 mod common;
 
 use common::probe::Console;
+use common::raw;
 use common::{wait_until_async, PgCluster, Pgmux};
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -348,4 +349,63 @@ async fn idle_transaction_timeout_applies_from_a_deferred_begin() {
         .unwrap();
     let e = ended.expect_err("the session ended without an error");
     assert_eq!(e.code().map(|c| c.code()), Some("25P03"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deallocate_right_after_a_deferred_begin_is_answered_in_its_transaction() {
+    // pgx evicts a cached statement with a DEALLOCATE right after its BEGIN: the server
+    // knows the statement by pgmux's name, so pgmux answers it, as it does between
+    // transactions
+    let db = "defer_dealloc";
+    let px = start(db, 2, "");
+    let port = px.addr().port();
+    tokio::task::spawn_blocking(move || {
+        let (mut s, _) = raw::login(port, "app", db);
+        let parse = |name: &str, sql: &str| {
+            let body = [name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat();
+            raw::msg(b'P', &body)
+        };
+        let run = |name: &str| {
+            let bind = [b"\0", name.as_bytes(), b"\0\0\0\0\0\0\0"].concat();
+            [
+                raw::msg(b'B', &bind),
+                raw::msg(b'E', b"\0\0\0\0\0"),
+                raw::msg(b'S', b""),
+            ]
+            .concat()
+        };
+        let status = |msgs: &[(u8, Vec<u8>)]| msgs.last().unwrap().1[0];
+        s.write_all(
+            &[
+                parse("evicted", "SELECT 41 + 1"),
+                parse("kept", "SELECT 43 - 1"),
+                raw::msg(b'S', b""),
+            ]
+            .concat(),
+        )
+        .unwrap();
+        assert_eq!(raw::tags(&raw::until_ready(&mut s)), "11Z");
+        s.write_all(&raw::query("BEGIN")).unwrap();
+        let m = raw::until_ready(&mut s);
+        assert_eq!((raw::tags(&m).as_str(), status(&m)), ("CZ", b'T'));
+        s.write_all(&raw::query("DEALLOCATE evicted")).unwrap();
+        let m = raw::until_ready(&mut s);
+        assert_eq!((raw::tags(&m).as_str(), status(&m)), ("CZ", b'T'), "{m:?}");
+        s.write_all(&run("kept")).unwrap();
+        let m = raw::until_ready(&mut s);
+        assert_eq!(
+            (raw::tags(&m).as_str(), status(&m)),
+            ("2DCZ", b'T'),
+            "{m:?}"
+        );
+        s.write_all(&run("evicted")).unwrap();
+        let m = raw::until_ready(&mut s);
+        assert_eq!(raw::error_code(&m).as_deref(), Some("26000"), "{m:?}");
+        assert_eq!(status(&m), b'E');
+        s.write_all(&raw::query("ROLLBACK")).unwrap();
+        let m = raw::until_ready(&mut s);
+        assert_eq!(status(&m), b'I');
+    })
+    .await
+    .unwrap();
 }

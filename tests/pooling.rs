@@ -183,7 +183,7 @@ async fn query_wait_timeout_errors_the_waiter_and_the_pool_recovers() {
     let db = "muxwait";
     let px = start(db, "default_pool_size = 1\nquery_wait_timeout = 0.5", "");
     let holder = connect(&px, db).await.unwrap();
-    holder.simple_query("BEGIN").await.unwrap();
+    holder.simple_query("BEGIN; SELECT 1").await.unwrap();
     let waiter = connect(&px, db).await.unwrap();
     let err = tokio::time::timeout(WAIT, waiter.simple_query("SELECT 1"))
         .await
@@ -444,7 +444,7 @@ async fn server_idle_timeout_and_min_pool_size() {
     let clients: Vec<_> = futures_util::future::join_all((0..4).map(|_| connect(&px2, db2))).await;
     let txs: Vec<_> = clients.into_iter().map(|c| c.unwrap()).collect();
     for c in &txs {
-        c.simple_query("BEGIN").await.unwrap();
+        c.simple_query("BEGIN; SELECT 1").await.unwrap();
     }
     assert_eq!(server_conns(db2), 4);
     for c in &txs {
@@ -462,7 +462,7 @@ async fn reserve_pool_serves_a_client_that_waited() {
         "",
     );
     let a = connect(&px, db).await.unwrap();
-    a.simple_query("BEGIN").await.unwrap();
+    a.simple_query("BEGIN; SELECT 1").await.unwrap();
     let b = connect(&px, db).await.unwrap();
     // served from the reserve while a still holds the only regular connection
     let served = tokio::time::timeout(WAIT, b.simple_query("SELECT 'reserve'"))
@@ -486,8 +486,8 @@ async fn max_db_connections_bounds_all_pools_of_a_database() {
         .await
         .unwrap();
     tokio::spawn(conn);
-    a.simple_query("BEGIN").await.unwrap();
-    p.simple_query("BEGIN").await.unwrap();
+    a.simple_query("BEGIN; SELECT 1").await.unwrap();
+    p.simple_query("BEGIN; SELECT 1").await.unwrap();
     assert_eq!(server_conns(db), 2);
     let a2 = connect(&px, db).await.unwrap();
     let waiting =
@@ -738,7 +738,7 @@ async fn a_lone_sync_is_answered_without_a_server() {
         "",
     );
     let holder = connect(&px, db).await.unwrap();
-    holder.batch_execute("BEGIN").await.unwrap();
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
     let (mut s, _) = login(px.port, "app", db);
     s.write_all(&[msg(b'S', b""), msg(b'H', b""), msg(b'S', b"")].concat())
         .unwrap();

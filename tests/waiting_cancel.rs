@@ -129,7 +129,7 @@ async fn a_query_waiting_for_a_server_is_cancelled_at_once() {
     for (batch_size, db) in [(16, "wcancel_batch"), (0, "wcancel_plain")] {
         let s = start(db, batch_size).await;
         let holder = s.client().await;
-        holder.batch_execute("BEGIN").await.unwrap();
+        holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
 
         let simple = s.client().await;
         let token = simple.cancel_token();
@@ -193,7 +193,7 @@ async fn a_cancel_for_an_unfinished_unit_or_an_idle_client_does_nothing() {
     // nothing runs: no error later either (the cancel acted on before the next query)
     cancel_and_wait(&idle.cancel_token(), s.px.port).await;
     let holder = s.client().await;
-    holder.batch_execute("BEGIN").await.unwrap();
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
     let token = idle.cancel_token();
     let waiting = tokio::spawn(async move {
         let r = idle.simple_query("SELECT 'after'").await;
@@ -204,7 +204,7 @@ async fn a_cancel_for_an_unfinished_unit_or_an_idle_client_does_nothing() {
     let (idle, r) = waiting.await.unwrap();
     assert_eq!(one_value(&r.unwrap()).as_deref(), Some("after"));
     // a cancel sent while the client was idle did not linger to hit this later wait
-    holder.batch_execute("BEGIN").await.unwrap();
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
     let waiting = tokio::spawn(async move { idle.simple_query("SELECT 'later'").await });
     s.wait_waiting(1).await;
     holder.batch_execute("COMMIT").await.unwrap();
@@ -216,7 +216,7 @@ async fn a_cancel_for_an_unfinished_unit_or_an_idle_client_does_nothing() {
 
     // Parse, Bind, Execute without their Sync: the cancel finds no whole request to end
     let (mut unit, (pid, secret)) = raw::login(s.px.port, "app", "wcancel_idle");
-    holder.batch_execute("BEGIN").await.unwrap();
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
     let mut head = raw::msg(b'P', b"\0SELECT 'unit'\0\0\0");
     head.extend(raw::msg(b'B', b"\0\0\0\0\0\0\0\0"));
     head.extend(raw::msg(b'E', b"\0\0\0\0\0"));
@@ -395,7 +395,7 @@ async fn pause_holds_the_clients_already_in_line() {
     for (batch_size, db) in [(16, "wpause_line_batch"), (0, "wpause_line_plain")] {
         let s = start(db, batch_size).await;
         let holder = s.client().await;
-        holder.batch_execute("BEGIN").await.unwrap();
+        holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
         let mut line = Vec::new();
         for i in 0..3 {
             let c = s.client().await;

@@ -110,6 +110,18 @@ impl Channel {
         self.buf.advance(n);
     }
 
+    /// Drops `n` bytes not yet scanned from `at` on (a message pgmux answered itself, behind
+    /// one it keeps).
+    pub fn remove_unscanned(&mut self, at: usize, n: usize) {
+        if at == 0 {
+            return self.consume_unscanned(n);
+        }
+        debug_assert!(self.scanned == 0 && self.scanner.at_boundary());
+        let mut rest = self.buf.split_off(at);
+        rest.advance(n);
+        self.buf.unsplit(rest);
+    }
+
     /// Everything ready is dropped (the reader is gone).
     pub fn discard_ready(&mut self) {
         self.out.clear();

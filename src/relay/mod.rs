@@ -599,11 +599,24 @@ impl Relay {
                     }
                 }
                 if let Some(t) = self.tracker.as_mut() {
+                    // Behind a BEGIN pgmux answered, what it answers alone is looked for
+                    // behind it (pgx deallocates an evicted statement right after its BEGIN:
+                    // sent with it, the server would not know the client's name).
+                    let at = match self.begin_answered {
+                        true => begin::front_len(&self.c2s.buf).unwrap_or(0),
+                        false => 0,
+                    };
                     // most passes here have no input: skip the calls, not only their work
                     if !self.flow.terminated
-                        && self.c2s.buf.len() > 5
-                        && (t.answer_prepare_alone(&mut self.c2s, &mut self.s2c, wants)
-                            || t.answer_deallocate_alone(&mut self.c2s, &mut self.s2c))
+                        && self.c2s.buf.len() > at + 5
+                        && ((at == 0
+                            && t.answer_prepare_alone(&mut self.c2s, &mut self.s2c, wants))
+                            || t.answer_deallocate_alone(
+                                &mut self.c2s,
+                                &mut self.s2c,
+                                at,
+                                self.begin_answered,
+                            ))
                     {
                         self.meter.count_prepared(std::mem::take(&mut t.counts));
                         continue;

@@ -783,9 +783,17 @@ impl Tracker {
     /// Without a server: a simple Query that only deallocates one of the client's statements
     /// (`DEALLOCATE name`, as PHP's PDO and Rails send) is answered by pgmux, since the
     /// server knows the statement under pgmux's name, and other clients may share it.
-    /// Returns whether the query was consumed.
-    pub fn answer_deallocate_alone(&mut self, c2s: &mut Channel, s2c: &mut Channel) -> bool {
-        let Some(head) = c2s.buf.get(..6).filter(|h| h[0] == b'Q') else {
+    /// The query is the message at `at` of the client's input: 0, or right behind a BEGIN
+    /// pgmux answered (`relay::begin`), in whose transaction block (`in_block`) it is
+    /// answered. Returns whether the query was consumed.
+    pub fn answer_deallocate_alone(
+        &mut self,
+        c2s: &mut Channel,
+        s2c: &mut Channel,
+        at: usize,
+        in_block: bool,
+    ) -> bool {
+        let Some(head) = c2s.buf.get(at..at + 6).filter(|h| h[0] == b'Q') else {
             return false;
         };
         // runs for every query that arrives between transactions: most are not one
@@ -796,7 +804,7 @@ impl Tracker {
             return false;
         }
         let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        let Some(body) = c2s.buf.get(5..1 + len.max(4)) else {
+        let Some(body) = c2s.buf.get(at + 5..at + 1 + len.max(4)) else {
             return false;
         };
         let Some(name) = crate::router::effects::deallocated_name(prepared::query_text(body))
@@ -810,8 +818,11 @@ impl Tracker {
         // a simple Query drops the unnamed statement on PostgreSQL (no server is attached)
         self.stmts.drop_unnamed();
         s2c.insert(Bytes::from_static(DEALLOCATE_COMPLETE));
-        s2c.insert(Bytes::from_static(READY_IDLE));
-        c2s.consume_unscanned(1 + len);
+        s2c.insert(Bytes::from_static(match in_block {
+            true => READY_IN_TRANSACTION,
+            false => READY_IDLE,
+        }));
+        c2s.remove_unscanned(at, 1 + len);
         true
     }
 
