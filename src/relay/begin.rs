@@ -63,6 +63,14 @@ fn plain_begin(text: &[u8]) -> Option<Begin> {
     }
 }
 
+/// Messages up to this long are waited for whole behind an answered BEGIN.
+const SHORT: usize = 4096;
+
+/// `buf` starts with a message of at most `SHORT` bytes that is not all there yet.
+pub fn short_and_cut(buf: &[u8]) -> bool {
+    front_len(buf).is_none_or(|n| n <= SHORT && n > buf.len())
+}
+
 /// The length of the whole message at the front of `buf`, if its header is there.
 pub fn front_len(buf: &[u8]) -> Option<usize> {
     let h = buf.get(..5)?;
@@ -126,6 +134,17 @@ mod tests {
         let mut parse = query("BEGIN");
         parse[0] = b'P';
         assert!(lone_begin_answer(&parse).is_none());
+    }
+
+    #[test]
+    fn a_short_message_not_all_here_is_waited_for() {
+        let q = query("DEALLOCATE lrupsc_1_2");
+        assert!(short_and_cut(&q[..3]), "not even its header");
+        assert!(short_and_cut(&q[..q.len() - 1]));
+        assert!(!short_and_cut(&q), "all here");
+        let mut long = vec![b'Q'];
+        long.extend_from_slice(&(SHORT as u32 + 10).to_be_bytes());
+        assert!(!short_and_cut(&long), "a long one goes on as it comes");
     }
 
     #[test]

@@ -688,13 +688,16 @@ impl Relay {
         if self.begin_answered {
             // the BEGIN pgmux answered waits for what the client sends next
             let after = begin::front_len(&self.c2s.buf)?;
-            match self.c2s.buf.get(after) {
+            let next = &self.c2s.buf[after.min(self.c2s.buf.len())..];
+            match next.first() {
                 None => return None,
                 Some(b'X') => {
                     // a transaction of nothing, ended with the session
                     self.flow.terminated = true;
                     return Some(Event::Terminated);
                 }
+                // a short Query not all here yet may be one pgmux answers (a DEALLOCATE)
+                Some(b'Q') if begin::short_and_cut(next) => return None,
                 Some(_) => {}
             }
         }
