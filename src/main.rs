@@ -42,6 +42,7 @@ fn runtime(workers: u32) -> tokio::runtime::Builder {
 }
 
 fn main() -> ExitCode {
+    pgmux::alloc::configure();
     let args = Args::parse();
     let config = match Config::load(&args.config) {
         Ok(c) => c,
