@@ -409,3 +409,42 @@ async fn a_deallocate_right_after_a_deferred_begin_is_answered_in_its_transactio
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_message_behind_a_deferred_begin_is_refused_and_harms_no_one() {
+    let db = "defer_malformed";
+    let px = start(db, 1, "");
+    let console = Console::connect(&px, "postgres", None).await;
+    let port = px.addr().port();
+    for bad in [
+        // a length below the header's own four bytes
+        vec![b'Q', 0, 0, 0, 2],
+        // a length past max_message_size
+        vec![b'Q', 0x7f, 0xff, 0xff, 0xff],
+    ] {
+        let msgs = tokio::task::spawn_blocking(move || {
+            let (mut s, _) = raw::login(port, "app", db);
+            s.write_all(&raw::query("BEGIN")).unwrap();
+            let m = raw::until_ready(&mut s);
+            assert_eq!(m.last().unwrap().1[0], b'T');
+            s.write_all(&bad).unwrap();
+            raw::until_eof(&mut s)
+        })
+        .await
+        .unwrap();
+        assert_eq!(raw::error_code(&msgs).as_deref(), Some("08P01"), "{msgs:?}");
+    }
+    // the pool's one server is whole and in no transaction: the next client is served
+    console.wait_idle(db, 0).await;
+    let c = connect(&px, db).await;
+    assert_eq!(one(&c, "SELECT 1").await, "1");
+    assert_eq!(
+        one(
+            &c,
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND state LIKE 'idle in%'"
+        )
+        .await,
+        "0"
+    );
+}
